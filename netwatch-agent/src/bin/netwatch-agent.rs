@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", netwatch::capture::EBPF_OBJECT.len());
+}

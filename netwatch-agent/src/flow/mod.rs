@@ -1,0 +1,1 @@
+//! Flow records: one per denied flow, Hubble-shaped.

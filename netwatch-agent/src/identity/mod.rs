@@ -1,0 +1,1 @@
+//! Identity: IP and cgroup -> pod, workload, service, node.

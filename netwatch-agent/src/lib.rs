@@ -1,0 +1,20 @@
+//! netwatch, the library behind the `netwatch-agent` daemon and the
+//! `netwatch` CLI.
+//!
+//! Data flows one way, one module per stage:
+//!
+//! ```text
+//! kernel hooks -> capture -> flow -> identity + policy -> export
+//! ```
+//!
+//! - [`capture`]: load and attach the eBPF programs, read the ring buffer and
+//!   the in-kernel tables, decode drop reasons from the running kernel.
+//! - [`flow`]: merge kernel signals into one record per denied flow.
+//! - [`manifests`]: Kubernetes manifests (YAML files) as typed objects.
+//! - [`policy`]: exact NetworkPolicy semantics: verdicts, explanations, fixes.
+//! - [`identity`]: IP and cgroup -> pod, workload, service, node.
+pub mod capture;
+pub mod flow;
+pub mod identity;
+pub mod manifests;
+pub mod policy;

@@ -1,0 +1,1 @@
+//! Kubernetes manifests (YAML files and directories) as typed objects.

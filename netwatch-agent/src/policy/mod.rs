@@ -1,0 +1,1 @@
+//! Exact networking.k8s.io/v1 NetworkPolicy semantics.

@@ -1,0 +1,287 @@
+//! `tp_btf/kfree_skb`: every skb the kernel frees as dropped, with the
+//! kernel's own reason.
+//!
+//! Rust eBPF has no CO-RE relocations, so the offsets of the `sk_buff`,
+//! `net_device`, `net` and `sock_common` fields read here are computed by the
+//! agent from the running kernel's BTF and set as globals before load.
+//! Per drop: one filter lookup, a few probe reads, one hash update; only the
+//! first drop of a (flow, reason) reaches user space as an event.
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    programs::BtfTracePointContext,
+};
+use netwatch_common::{
+    DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, REASON_FILTER_LEN, event_kind, loss,
+};
+
+use crate::{
+    atomic::atomic_add,
+    emit,
+    maps::{DROPS, NETNS_ALLOW, REASON_FILTER, count_loss},
+};
+
+// Field offsets in bytes, from BTF (see the agent's capture::offsets).
+#[unsafe(no_mangle)]
+static SKB_HEAD: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_NETWORK_HEADER: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_PROTOCOL: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_LEN: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_DEV: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_SK: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static DEV_IFINDEX: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static DEV_ND_NET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static NET_NS_INUM: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SOCK_NET: Global<u32> = Global::new(0);
+/// 1 when the tracepoint passes a drop reason (kernels >= 5.17).
+#[unsafe(no_mangle)]
+static HAS_REASON: Global<u32> = Global::new(0);
+/// Set by the agent once the offsets above are filled in; 0 keeps the
+/// program inert rather than reading garbage.
+#[unsafe(no_mangle)]
+static OFFSETS_READY: Global<u32> = Global::new(0);
+/// 1: count only drops in network namespaces listed in NETNS_ALLOW.
+#[unsafe(no_mangle)]
+static FILTER_NETNS: Global<u32> = Global::new(0);
+
+const EEXIST: i32 = 17;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// `skb->network_header` when it was never set.
+const HEADER_UNSET: u16 = 0xffff;
+
+#[inline(always)]
+fn at<T>(base: *const u8, off: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).ok() }
+}
+
+#[inline(always)]
+pub fn on_kfree_skb(ctx: &BtfTracePointContext) {
+    let _ = try_on_kfree_skb(ctx);
+}
+
+fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
+    if OFFSETS_READY.load() == 0 {
+        return None;
+    }
+    // kfree_skb(skb, location, reason[, rx_sk]); the enum sits in a u64 slot.
+    let reason = if HAS_REASON.load() != 0 {
+        ctx.arg::<u64>(2) as u32
+    } else {
+        0
+    };
+    if reason >= REASON_FILTER_LEN || REASON_FILTER.get(reason).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    let skb: *const u8 = ctx.arg(0);
+
+    let dev: *const u8 = at(skb, SKB_DEV.load())?;
+    let (ifindex, net) = if dev.is_null() {
+        // Locally generated packets can be freed before a device is set:
+        // take the namespace from the socket instead.
+        let sk: *const u8 = at(skb, SKB_SK.load())?;
+        let net: *const u8 = if sk.is_null() {
+            core::ptr::null()
+        } else {
+            at(sk, SOCK_NET.load())?
+        };
+        (0u32, net)
+    } else {
+        let ifindex: i32 = at(dev, DEV_IFINDEX.load())?;
+        (ifindex as u32, at::<*const u8>(dev, DEV_ND_NET.load())?)
+    };
+    let netns: u32 = if net.is_null() {
+        0
+    } else {
+        at(net, NET_NS_INUM.load())?
+    };
+    if FILTER_NETNS.load() != 0 {
+        // SAFETY: read-only lookup.
+        unsafe { NETNS_ALLOW.get(&netns) }?;
+    }
+
+    let protocol = u16::from_be(at::<u16>(skb, SKB_PROTOCOL.load())?);
+    let head: *const u8 = at(skb, SKB_HEAD.load())?;
+    let nh: u16 = at(skb, SKB_NETWORK_HEADER.load())?;
+    if head.is_null() || nh == HEADER_UNSET {
+        return None;
+    }
+    let ip = head.wrapping_add(usize::from(nh));
+    let (key, tcp_flags) = match protocol {
+        ETH_P_IP => parse_ipv4(ip)?,
+        ETH_P_IPV6 => parse_ipv6(ip)?,
+        _ => return None,
+    };
+    let len: u32 = at(skb, SKB_LEN.load())?;
+    record(key, reason, len, tcp_flags, ifindex, netns);
+    Some(())
+}
+
+/// The flow and TCP flags of an IPv4 packet whose header starts at `ip`.
+#[inline(always)]
+fn parse_ipv4(ip: *const u8) -> Option<(FlowKey, u8)> {
+    let hdr: [u8; 20] = at(ip, 0)?;
+    if hdr[0] >> 4 != 4 || hdr[0] & 0x0f < 5 {
+        count_loss(loss::MALFORMED);
+        return None;
+    }
+    let mut key = FlowKey {
+        proto: hdr[9],
+        ip_version: IP_V4,
+        ..FlowKey::default()
+    };
+    key.src_addr[..4].copy_from_slice(&hdr[12..16]);
+    key.dst_addr[..4].copy_from_slice(&hdr[16..20]);
+    let first_fragment = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff == 0;
+    let mut flags = 0;
+    if first_fragment {
+        let l4 = ip.wrapping_add(usize::from(hdr[0] & 0x0f) * 4);
+        flags = fill_l4(l4, &mut key);
+    }
+    Some((key, flags))
+}
+
+/// The flow and TCP flags of an IPv6 packet, walking up to four extension
+/// headers (hop-by-hop, routing, fragment, destination options).
+#[inline(always)]
+fn parse_ipv6(ip: *const u8) -> Option<(FlowKey, u8)> {
+    let hdr: [u8; 40] = at(ip, 0)?;
+    if hdr[0] >> 4 != 6 {
+        count_loss(loss::MALFORMED);
+        return None;
+    }
+    let mut key = FlowKey {
+        ip_version: IP_V6,
+        ..FlowKey::default()
+    };
+    key.src_addr.copy_from_slice(&hdr[8..24]);
+    key.dst_addr.copy_from_slice(&hdr[24..40]);
+    let mut next = hdr[6];
+    let mut off: u32 = 40;
+    let mut has_l4 = true;
+    for _ in 0..4 {
+        match next {
+            0 | 43 | 60 => {
+                let ext: [u8; 2] = at(ip, off)?;
+                next = ext[0];
+                off += (u32::from(ext[1]) + 1) * 8;
+            }
+            44 => {
+                let ext: [u8; 4] = at(ip, off)?;
+                next = ext[0];
+                off += 8;
+                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                    has_l4 = false;
+                }
+            }
+            _ => break,
+        }
+    }
+    key.proto = next;
+    let mut flags = 0;
+    if has_l4 {
+        flags = fill_l4(ip.wrapping_add(off as usize), &mut key);
+    }
+    Some((key, flags))
+}
+
+/// Fill ports (or ICMP type/code) from the L4 header at `l4`; return the TCP
+/// flags byte (0 for other protocols). A short read leaves the ports zero.
+#[inline(always)]
+fn fill_l4(l4: *const u8, key: &mut FlowKey) -> u8 {
+    match key.proto {
+        IPPROTO_TCP => {
+            if let Some(h) = at::<[u8; 14]>(l4, 0) {
+                key.src_port = u16::from_be_bytes([h[0], h[1]]);
+                key.dst_port = u16::from_be_bytes([h[2], h[3]]);
+                return h[13];
+            }
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            if let Some(h) = at::<[u8; 4]>(l4, 0) {
+                key.src_port = u16::from_be_bytes([h[0], h[1]]);
+                key.dst_port = u16::from_be_bytes([h[2], h[3]]);
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            if let Some(h) = at::<[u8; 2]>(l4, 0) {
+                key.src_port = u16::from(h[0]);
+                key.dst_port = u16::from(h[1]);
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+/// Count the drop in the drop table; report the first one of a (flow, reason).
+#[inline(always)]
+fn record(flow: FlowKey, reason: u32, len: u32, tcp_flags: u8, ifindex: u32, netns: u32) {
+    let key = DropKey {
+        flow,
+        reason,
+        _pad: 0,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if add(&key, len, tcp_flags, now) {
+        return;
+    }
+    let stats = DropStats {
+        packets: 1,
+        bytes: u64::from(len),
+        first_ns: now,
+        last_ns: now,
+        ifindex,
+        netns,
+        tcp_flags,
+        _pad: [0; 7],
+    };
+    match DROPS.insert(&key, &stats, u64::from(BPF_NOEXIST)) {
+        Ok(()) => emit::send(loss::RINGBUF_DROP, |e| {
+            e.ts_ns = now;
+            e.flow = flow;
+            e.reason = reason;
+            e.ifindex = ifindex;
+            e.netns = netns;
+            e.bytes = len;
+            e.count = 1;
+            e.kind = event_kind::DROP;
+            e.tcp_flags = tcp_flags;
+        }),
+        // Another CPU created the entry between our lookup and insert.
+        Err(e) if e == -EEXIST => {
+            add(&key, len, tcp_flags, now);
+        }
+        Err(_) => count_loss(loss::TABLE_DROPS),
+    }
+}
+
+/// Add one packet to an existing entry; false when there is none.
+#[inline(always)]
+fn add(key: &DropKey, len: u32, tcp_flags: u8, now: u64) -> bool {
+    let Some(p) = DROPS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: p points at a live map value; the counters use atomic adds so
+    // concurrent drops on several CPUs are all counted.
+    unsafe {
+        atomic_add(&mut (*p).packets, 1);
+        atomic_add(&mut (*p).bytes, u64::from(len));
+        (*p).last_ns = now;
+        (*p).tcp_flags |= tcp_flags;
+    }
+    true
+}

@@ -1,0 +1,55 @@
+//! netwatch's kernel programs: entry points only. Each hook's logic lives in
+//! its own module; every map is in `maps`.
+#![no_std]
+#![no_main]
+// BPF's `lock add` instruction, for exact counters shared between CPUs.
+#![feature(asm_experimental_arch)]
+
+mod atomic;
+mod drops;
+mod emit;
+mod maps;
+mod sockops;
+mod tc;
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, classifier, sock_ops},
+    programs::{BtfTracePointContext, SockOpsContext, TcContext},
+};
+use netwatch_common::direction;
+
+/// TC ingress on the host side of a pod interface: packets leaving the pod.
+#[classifier]
+pub fn netwatch_from_pod(ctx: TcContext) -> i32 {
+    tc::observe(&ctx, direction::FROM_POD)
+}
+
+/// TC egress on the host side of a pod interface: packets entering the pod.
+#[classifier]
+pub fn netwatch_to_pod(ctx: TcContext) -> i32 {
+    tc::observe(&ctx, direction::TO_POD)
+}
+
+/// Every dropped skb, with the kernel's drop reason.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn netwatch_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    drops::on_kfree_skb(&ctx);
+    0
+}
+
+/// TCP connect outcomes by socket and cgroup.
+#[sock_ops]
+pub fn netwatch_sock_ops(ctx: SockOpsContext) -> u32 {
+    sockops::on_sock_ops(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// kfree_skb and bpf_probe_read_kernel need a GPL-compatible license.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

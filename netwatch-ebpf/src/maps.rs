@@ -1,0 +1,58 @@
+//! Every map of netwatch's kernel programs, with its bound.
+//!
+//! Tables are plain (preallocated) hash maps, not LRU: when one is full the
+//! insert fails and the loss is counted, instead of an old entry vanishing
+//! unnoticed. User space removes entries once it has reported them. The agent
+//! may resize any of them at load time (`EbpfLoader::map_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use netwatch_common::{
+    DropKey, DropStats, FlowKey, PairKey, PendingConn, REASON_FILTER_LEN, SockConn, loss,
+};
+
+/// New dropped flows and connection state changes, in order, to user space.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Dropped flows by (flow, kernel drop reason), with exact counters.
+#[map]
+pub static DROPS: HashMap<DropKey, DropStats> = HashMap::with_max_entries(16384, 0);
+
+/// Handshakes (TCP SYN, DNS query, SCTP INIT) seen on pod interfaces and not
+/// answered yet, keyed by the initiator's flow.
+#[map]
+pub static PENDING: HashMap<FlowKey, PendingConn> = HashMap::with_max_entries(16384, 0);
+
+/// Connecting sockets (sock_ops), keyed by the socket's flow.
+#[map]
+pub static SOCKS: HashMap<FlowKey, SockConn> = HashMap::with_max_entries(16384, 0);
+
+/// (client, server, port) pairs whose completed handshake was reported, with
+/// the time of the report. A cache: an evicted entry is only reported again.
+#[map]
+pub static REPORTED: LruHashMap<PairKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU loss counters, indexed by `netwatch_common::loss`.
+#[map]
+pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
+
+/// Which kernel drop reasons are counted: 1 at a reason's index counts it.
+#[map]
+pub static REASON_FILTER: Array<u8> = Array::with_max_entries(REASON_FILTER_LEN, 0);
+
+/// Network namespaces (by inode number) whose drops count, when the
+/// `FILTER_NETNS` global is set.
+#[map]
+pub static NETNS_ALLOW: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Count one lost or untracked event.
+#[inline(always)]
+pub fn count_loss(index: u32) {
+    if let Some(counter) = LOSSES.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer while this program runs here.
+        unsafe { *counter += 1 };
+    }
+}
