@@ -10,10 +10,12 @@
 //! - [`capture`]: load and attach the eBPF programs, read the ring buffer and
 //!   the in-kernel tables, decode drop reasons from the running kernel.
 //! - [`flow`]: merge kernel signals into one record per denied flow.
+//! - [`cluster`]: the Kubernetes objects netwatch works from, one snapshot type.
 //! - [`manifests`]: Kubernetes manifests (YAML files) as typed objects.
 //! - [`policy`]: exact NetworkPolicy semantics: verdicts, explanations, fixes.
 //! - [`identity`]: IP and cgroup -> pod, workload, service, node.
 pub mod capture;
+pub mod cluster;
 pub mod flow;
 pub mod identity;
 pub mod manifests;

@@ -1,0 +1,31 @@
+//! The Kubernetes objects netwatch works from, in one snapshot.
+//!
+//! Both sources produce the same [`ClusterSnapshot`]: [`crate::manifests`]
+//! (YAML files, standalone mode and `netwatch explain`) and the API server's
+//! watchers ([`crate::identity`]). The policy engine and the identity cache are
+//! built from it, so they always agree on what the cluster looks like.
+
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+    batch::v1::{CronJob, Job},
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+
+/// Every object kind netwatch reads, as typed Kubernetes objects.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSnapshot {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub network_policies: Vec<NetworkPolicy>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+    pub deployments: Vec<Deployment>,
+    pub replica_sets: Vec<ReplicaSet>,
+    pub stateful_sets: Vec<StatefulSet>,
+    pub daemon_sets: Vec<DaemonSet>,
+    pub jobs: Vec<Job>,
+    pub cron_jobs: Vec<CronJob>,
+}
