@@ -19,8 +19,13 @@
 //! flow's time, and [`CgroupIndex::resolve`] + [`IdentityCache::pod_by_uid`]
 //! for sockets; every few seconds [`IdentityCache::expire`].
 
+pub mod cache;
 pub mod cgroup;
 pub mod endpoint;
 
+pub use cache::{
+    CacheStats, ContainerInfo, ContainerPortInfo, IdentityCache, IdentityConfig, IpResolution,
+    PodIdentity, ServiceIdentity, ServicePortInfo, ServiceReadiness,
+};
 pub use cgroup::{CgroupDriver, CgroupError, CgroupIndex, ContainerRuntime, PodCgroup, QosClass};
 pub use endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
