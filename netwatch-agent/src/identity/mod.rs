@@ -22,6 +22,7 @@
 pub mod cache;
 pub mod cgroup;
 pub mod endpoint;
+pub mod kube;
 
 pub use cache::{
     CacheStats, ContainerInfo, ContainerPortInfo, IdentityCache, IdentityConfig, IpResolution,
@@ -29,3 +30,4 @@ pub use cache::{
 };
 pub use cgroup::{CgroupDriver, CgroupError, CgroupIndex, ContainerRuntime, PodCgroup, QosClass};
 pub use endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
+pub use kube::{KubeSnapshots, KubeSourceError, KubeWatchConfig};
