@@ -1,1 +1,97 @@
-//! Exact networking.k8s.io/v1 NetworkPolicy semantics.
+//! Exact networking.k8s.io/v1 NetworkPolicy semantics: verdicts, the
+//! policies behind them, near misses, the smallest fix, and lint.
+//!
+//! Build a [`PolicyEngine`] from a [`ClusterSnapshot`](crate::cluster::ClusterSnapshot),
+//! then ask it about flows:
+//!
+//! ```no_run
+//! # use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Protocol};
+//! # let snapshot = netwatch::cluster::ClusterSnapshot::default();
+//! let engine = PolicyEngine::new(&snapshot, EngineOptions::default())?;
+//! let from: Peer = "prod/web-1".parse()?;
+//! let to: Peer = "prod/api-0".parse()?;
+//! let verdict = engine.evaluate(&from, &to, 8080, Protocol::Tcp);
+//! println!("{}: {}", verdict.verdict, verdict.sentence());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The rules, as the API defines them:
+//! - A pod is isolated for ingress (egress) when a policy of its namespace
+//!   selects it and has Ingress (Egress) in its effective policyTypes. A
+//!   direction allows a flow when the pod is not isolated there, or when any
+//!   rule of any selecting policy matches. A flow needs both directions.
+//! - policyTypes defaults to Ingress, plus Egress when there are egress rules;
+//!   an explicit list wins.
+//! - A missing rule list and an empty one are the same (nothing matches); a
+//!   rule without peers matches every peer, without ports every port.
+//! - Peers: podSelector alone (the policy's namespace), namespaceSelector alone
+//!   (every pod of the matching namespaces), both in one peer (AND), separate
+//!   peers (OR), ipBlock with except. Whether an ipBlock also matches pod IPs
+//!   differs between CNIs: [`EngineOptions::ipblock_matches_pods`].
+//! - Ports: number, `endPort` range, or name resolved against the destination
+//!   pod's container ports (name and protocol; unresolved matches nothing);
+//!   protocol defaults to TCP.
+//! - Addresses no pod has (nodes, the world) are matched by ipBlocks only.
+
+mod cache;
+mod evaluate;
+mod explain;
+mod lint;
+mod matrix;
+mod model;
+mod selector;
+mod suggest;
+
+pub use cache::{CacheStats, IdentityKey, VerdictCache, VerdictKey};
+pub use evaluate::{
+    DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, Peer, PeerSyntaxError,
+    PolicyDecision, PolicyEngine, Verdict,
+};
+pub use lint::{Finding, LintCheck, LintOptions, Severity, lint, lint_with};
+pub use matrix::{MatrixEntry, connectivity_matrix};
+pub use model::{
+    BUILT_IN_NAMESPACES, Direction, FieldProblem, NAMESPACE_NAME_LABEL, PolicyRef, Protocol,
+    UnknownProtocol,
+};
+pub use selector::{CompiledSelector, LabelRequirement, Labels};
+pub use suggest::{Suggestion, render_suggestion, suggest};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+/// Errors of the policy engine.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A NetworkPolicy the API server would refuse.
+    #[error("NetworkPolicy {policy}: {problem}")]
+    InvalidPolicy {
+        policy: PolicyRef,
+        problem: FieldProblem,
+    },
+    /// A pod name the snapshot does not have.
+    #[error(
+        "pod {namespace}/{name} is not in the manifests ({known}); check the name, or ask about a pod that does not exist yet as {namespace}:key=value,..."
+    )]
+    UnknownPod {
+        namespace: String,
+        name: String,
+        known: String,
+    },
+    /// No policy can be suggested for this flow.
+    #[error("cannot suggest a policy: {0}")]
+    Suggest(String),
+}
+
+/// Checks a NetworkPolicy as the API server would; the error names the field
+/// (`spec.ingress[0].from[1].ipBlock.cidr`) and how to fix it.
+pub fn check_network_policy(policy: &NetworkPolicy) -> Result<(), FieldProblem> {
+    model::compile_policy(policy).map(|_| ())
+}
+
+/// Checks what the engine reads of a pod (IPs, container ports, label keys).
+pub fn check_pod(pod: &Pod) -> Result<(), FieldProblem> {
+    match model::read_pod(pod).2.into_iter().next() {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
+}
