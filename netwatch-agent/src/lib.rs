@@ -14,7 +14,9 @@
 //! - [`manifests`]: Kubernetes manifests (YAML files) as typed objects.
 //! - [`policy`]: exact NetworkPolicy semantics: verdicts, explanations, fixes.
 //! - [`identity`]: IP and cgroup -> pod, workload, service, node.
+//! - [`cli`]: the `netwatch` command line (`explain`, `lint`): arguments and output.
 pub mod capture;
+pub mod cli;
 pub mod cluster;
 pub mod flow;
 pub mod identity;

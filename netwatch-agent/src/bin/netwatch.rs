@@ -1,1 +1,40 @@
-fn main() {}
+//! `netwatch`: the command line. Parses, dispatches to [`netwatch::cli`],
+//! and turns errors into one line on stderr with exit code 2.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use netwatch::cli;
+
+/// netwatch: why Kubernetes pod flows are denied, and what to change.
+#[derive(Debug, Parser)]
+#[command(name = "netwatch", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Explain(cli::explain::ExplainArgs),
+    Lint(cli::lint::LintArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    cli::init_logging();
+    let result = match &args.command {
+        Command::Explain(a) => cli::explain::run(a),
+        Command::Lint(a) => cli::lint::run(a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = e.exit_code();
+            if code != 0 {
+                eprintln!("netwatch: {e}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}

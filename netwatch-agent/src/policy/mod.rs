@@ -53,7 +53,7 @@ pub use model::{
     BUILT_IN_NAMESPACES, Direction, FieldProblem, NAMESPACE_NAME_LABEL, PolicyRef, Protocol,
     UnknownProtocol,
 };
-pub use selector::{CompiledSelector, LabelRequirement, Labels};
+pub use selector::{CompiledSelector, LabelRequirement, Labels, render_labels};
 pub use suggest::{Suggestion, render_suggestion, suggest};
 
 use k8s_openapi::api::core::v1::Pod;
