@@ -10,6 +10,8 @@
 //! - [`capture`]: load and attach the eBPF programs, read the ring buffer and
 //!   the in-kernel tables, decode drop reasons from the running kernel.
 //! - [`flow`]: merge kernel signals into one record per denied flow.
+//! - [`export`]: the flow log.
+//! - [`daemon`]: the agent's main loop wiring the stages together.
 //! - [`cluster`]: the Kubernetes objects netwatch works from, one snapshot type.
 //! - [`manifests`]: Kubernetes manifests (YAML files) as typed objects.
 //! - [`policy`]: exact NetworkPolicy semantics: verdicts, explanations, fixes.
@@ -18,6 +20,8 @@
 pub mod capture;
 pub mod cli;
 pub mod cluster;
+pub mod daemon;
+pub mod export;
 pub mod flow;
 pub mod identity;
 pub mod manifests;

@@ -107,7 +107,10 @@ fn send(key: &FlowKey, conn: &SockConn, kind: u8) {
 fn flow_of(ctx: &SockOpsContext) -> Option<FlowKey> {
     let mut key = FlowKey {
         src_port: ctx.local_port() as u16,
-        dst_port: u16::from_be(ctx.remote_port() as u16),
+        // remote_port is the big-endian port shifted into the upper half on
+        // little-endian kernels (the kernel's ctx rewrite); reading the whole
+        // u32 as big-endian yields the port on either endianness.
+        dst_port: u32::from_be(ctx.remote_port()) as u16,
         proto: IPPROTO_TCP,
         ..FlowKey::default()
     };

@@ -1,1 +1,139 @@
-fn main() {}
+//! `cargo xtask`: netwatch's developer and CI tasks.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use xtask::lab::{self, Lab, LabSpec};
+
+mod setup;
+mod test;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "netwatch's developer and CI tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine needs (Debian packages, nightly rust-src,
+    /// bpf-linker). Idempotent; run as root.
+    Setup,
+    /// Set up, build, and run every test (unit, kernel, end-to-end). Run as root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build a lab node from a scenario file and keep it up until Ctrl-C.
+    Lab {
+        /// Scenario file (YAML: nodes, pods, nftables rules).
+        scenario: Option<PathBuf>,
+        /// Tear down after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Only remove what crashed labs left behind, then exit.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Runs inside lab pods (listeners and probes); not for direct use.
+    #[command(hide = true)]
+    LabHelper {
+        #[command(subcommand)]
+        what: Helper,
+    },
+}
+
+#[derive(Subcommand)]
+enum Helper {
+    Serve {
+        #[arg(long)]
+        listen: String,
+    },
+    Probe {
+        #[arg(long)]
+        json: String,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Test { args } => test::test(&args),
+        Task::Lab { scenario, duration, cleanup } => run_lab(scenario, duration, cleanup),
+        Task::LabHelper { what } => helper(what),
+    }
+}
+
+fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> Result<()> {
+    if cleanup {
+        let n = lab::sweep_stale();
+        eprintln!("lab: removed {n} leftovers of crashed labs");
+        return Ok(());
+    }
+    let Some(path) = scenario else {
+        bail!("give a scenario file: cargo xtask lab SCENARIO.yaml (or --cleanup)");
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let spec: LabSpec =
+        serde_yaml::from_str(&text).with_context(|| format!("{}: not a lab scenario", path.display()))?;
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let helper = std::env::current_exe()?;
+    let lab = Lab::up(&spec, &helper)?;
+    eprintln!("lab {} is up:", lab.id);
+    for n in &lab.nodes {
+        eprintln!("  node {}: netns {} cgroup {}", n.name, n.netns, n.cgroup_root.display());
+    }
+    for p in &lab.pods {
+        eprintln!("  pod {} ip {} netns {} interface {} cgroup {}", p.spec.id(), p.spec.ip, p.netns, p.host_if, p.cgroup.display());
+    }
+    eprintln!("Ctrl-C tears it down.");
+    let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
+    while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(lab);
+    eprintln!("lab: torn down");
+    Ok(())
+}
+
+fn helper(what: Helper) -> Result<()> {
+    match what {
+        Helper::Serve { listen } => {
+            let spec = lab::PodSpec {
+                name: "helper".into(),
+                namespace: "lab".into(),
+                node: String::new(),
+                ip: std::net::Ipv4Addr::UNSPECIFIED,
+                ipv6: None,
+                listen: listen.split(',').map(str::to_string).collect(),
+                uid: None,
+                host_network: false,
+            };
+            let listeners = spec.listeners().map_err(anyhow::Error::msg)?;
+            lab::serve::serve(&listeners)?;
+            Ok(())
+        }
+        Helper::Probe { json } => {
+            let probe: lab::Probe = serde_json::from_str(&json)?;
+            println!("{}", serde_json::to_string(&lab::probe::run(&probe))?);
+            Ok(())
+        }
+    }
+}

@@ -1,4 +1,15 @@
-//! The kernel side seen from user space: loading, attaching, reading.
+//! The kernel side seen from user space: load the programs ([`load`]), find
+//! pod interfaces and attach to them ([`attach`]), read the ring buffer
+//! ([`events`]) and the in-kernel tables ([`tables`]); name drop reasons from
+//! the running kernel ([`reasons`]) and read struct offsets from its BTF
+//! ([`offsets`]).
+
+pub mod attach;
+pub mod events;
+pub mod load;
+pub mod offsets;
+pub mod reasons;
+pub mod tables;
 
 /// The eBPF object built by build.rs from netwatch-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));

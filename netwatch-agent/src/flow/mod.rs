@@ -1,1 +1,4 @@
-//! Flow records: one per denied flow, Hubble-shaped.
+//! Flow records: kernel signals merged into one Hubble-shaped record per
+//! denied flow ([`assemble`], [`record`]).
+pub mod assemble;
+pub mod record;

@@ -1,0 +1,368 @@
+//! Loading netwatch's eBPF object into the kernel and attaching the hooks
+//! that do not depend on interfaces: `tp_btf/kfree_skb` and `sock_ops`.
+//!
+//! Each hook is optional: when one cannot be attached (no BTF, cgroup v1
+//! only, ...) the agent says why in one line and keeps capturing with the
+//! others. Only a failure to load anything at all is fatal.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, CgroupAttachMode, SchedClassifier, SockOps},
+};
+use netwatch_common::{DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN, SockConn};
+use tracing::{info, warn};
+
+use super::{
+    EBPF_OBJECT,
+    offsets::{KernelOffsets, OffsetError},
+    reasons::{DropReasons, ReasonError},
+};
+
+/// How the kernel side is set up.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Kernel BTF (offsets and drop reason names).
+    pub btf_path: PathBuf,
+    /// `--drop-reasons` (see [`DropReasons::parse_filter`]).
+    pub drop_reasons: String,
+    /// cgroup v2 directory to attach `sock_ops` to; `None` skips it.
+    pub cgroup_root: Option<PathBuf>,
+    /// Count only drops in this agent's network namespace (and the ones
+    /// added with [`KernelCapture::allow_netns`]): for several lab nodes on one
+    /// kernel. Off on a real node, where the whole kernel is the node's.
+    pub own_netns_only: bool,
+    /// A completed handshake of the same (client, server, port) is reported
+    /// at most once per this interval.
+    pub established_report_interval: Duration,
+    /// Entries of each flow table (drops, pending handshakes, sockets).
+    pub table_entries: u32,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            btf_path: PathBuf::from(super::offsets::VMLINUX_BTF),
+            drop_reasons: "default".into(),
+            cgroup_root: None,
+            own_netns_only: false,
+            established_report_interval: Duration::from_secs(60),
+            table_entries: 16384,
+            ring_buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Errors loading the kernel side.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "loading eBPF programs failed: {0}. netwatch needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
+         (or root) and a kernel >= 5.8 with BPF enabled"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF object has no {0}: the agent and its embedded programs do not match (rebuild)")]
+    Missing(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(transparent)]
+    Reasons(#[from] ReasonError),
+    #[error("--ring-buffer-bytes {0} must be a power of two of at least 4096")]
+    RingBufferSize(u32),
+}
+
+/// Which hooks are live, and why the others are not.
+#[derive(Clone, Debug)]
+pub struct HookStatus {
+    pub kfree_skb: Result<(), String>,
+    pub sock_ops: Result<(), String>,
+}
+
+/// The loaded object: programs, their links, and the maps the agent reads.
+pub struct KernelCapture {
+    ebpf: Ebpf,
+    pub reasons: DropReasons,
+    pub hooks: HookStatus,
+    /// Inode number of this process's network namespace.
+    pub own_netns: u32,
+}
+
+/// Maps handed to the reading side of the agent.
+pub struct KernelMaps {
+    pub events: RingBuf<MapData>,
+    pub drops: BpfHashMap<MapData, DropKey, DropStats>,
+    pub pending: BpfHashMap<MapData, FlowKey, PendingConn>,
+    pub socks: BpfHashMap<MapData, FlowKey, SockConn>,
+    pub losses: PerCpuArray<MapData, u64>,
+}
+
+pub const TC_FROM_POD: &str = "netwatch_from_pod";
+pub const TC_TO_POD: &str = "netwatch_to_pod";
+const KFREE_SKB: &str = "netwatch_kfree_skb";
+const SOCK_OPS: &str = "netwatch_sock_ops";
+
+impl KernelCapture {
+    /// Load the programs, attach `kfree_skb` and `sock_ops`, and hand out
+    /// the maps. TC programs are loaded here and attached per interface by
+    /// [`super::attach`].
+    pub fn load(config: &CaptureConfig) -> Result<(KernelCapture, KernelMaps), LoadError> {
+        if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < 4096 {
+            return Err(LoadError::RingBufferSize(config.ring_buffer_bytes));
+        }
+        raise_memlock_limit();
+
+        // Offsets and reason names come from the same BTF; without it the
+        // drop hook stays off and everything else still works.
+        let kernel = KernelOffsets::from_btf_file(&config.btf_path);
+        let aya_btf = Btf::parse_file(&config.btf_path, aya::Endianness::default()).ok();
+        let (offsets, reasons, mut kfree_status) = match &kernel {
+            Ok((offsets, btf)) => match DropReasons::from_btf(btf) {
+                Ok(reasons) => (Some(*offsets), reasons, Ok(())),
+                Err(e) => (Some(*offsets), DropReasons::default(), Err(e.to_string())),
+            },
+            Err(e) => (None, DropReasons::default(), Err(off_msg(e))),
+        };
+        let filter = if reasons.is_empty() {
+            BTreeSet::new()
+        } else {
+            reasons.parse_filter(&config.drop_reasons)?
+        };
+        let own_netns = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino() as u32)
+            .unwrap_or(0);
+
+        let o = offsets.unwrap_or_default();
+        let ready: u32 = offsets.is_some().into();
+        let has_reason: u32 = o.has_reason.into();
+        let filter_netns: u32 = config.own_netns_only.into();
+        let interval_ns = config.established_report_interval.as_nanos() as u64;
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(aya_btf.as_ref())
+            .override_global("SKB_HEAD", &o.skb_head, true)
+            .override_global("SKB_NETWORK_HEADER", &o.skb_network_header, true)
+            .override_global("SKB_PROTOCOL", &o.skb_protocol, true)
+            .override_global("SKB_LEN", &o.skb_len, true)
+            .override_global("SKB_DEV", &o.skb_dev, true)
+            .override_global("SKB_SK", &o.skb_sk, true)
+            .override_global("DEV_IFINDEX", &o.dev_ifindex, true)
+            .override_global("DEV_ND_NET", &o.dev_nd_net, true)
+            .override_global("NET_NS_INUM", &o.net_ns_inum, true)
+            .override_global("SOCK_NET", &o.sock_net, true)
+            .override_global("HAS_REASON", &has_reason, true)
+            .override_global("OFFSETS_READY", &ready, true)
+            .override_global("FILTER_NETNS", &filter_netns, true)
+            .override_global("REPORT_INTERVAL_NS", &interval_ns, true)
+            .map_max_entries("DROPS", config.table_entries)
+            .map_max_entries("PENDING", config.table_entries)
+            .map_max_entries("SOCKS", config.table_entries)
+            .map_max_entries("REPORTED", config.table_entries)
+            .map_max_entries("EVENTS", config.ring_buffer_bytes);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
+
+        // Reason filter and namespace filter before any hook runs.
+        {
+            let map = ebpf.map_mut("REASON_FILTER").ok_or(LoadError::Missing("REASON_FILTER"))?;
+            let mut arr: Array<&mut MapData, u8> =
+                Array::try_from(map).map_err(|source| LoadError::Map { name: "REASON_FILTER", source })?;
+            for v in filter.iter().filter(|v| **v < REASON_FILTER_LEN) {
+                arr.set(*v, 1u8, 0)
+                    .map_err(|source| LoadError::Map { name: "REASON_FILTER", source })?;
+            }
+        }
+        let mut capture = KernelCapture {
+            ebpf,
+            reasons,
+            hooks: HookStatus {
+                kfree_skb: Err("not attached yet".into()),
+                sock_ops: Err("not attached yet".into()),
+            },
+            own_netns,
+        };
+        if config.own_netns_only {
+            capture.allow_netns(own_netns)?;
+        }
+
+        for name in [TC_FROM_POD, TC_TO_POD] {
+            let prog: &mut SchedClassifier = capture
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Missing("TC program"))?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            prog.load().map_err(|source| LoadError::Program { name, source })?;
+        }
+
+        if kfree_status.is_ok() {
+            kfree_status = capture.attach_kfree_skb(aya_btf.as_ref());
+        }
+        if let Err(why) = &kfree_status {
+            warn!("drop capture (kfree_skb) is off: {why}");
+        } else {
+            info!(reasons = filter.len(), "drop capture (tp_btf/kfree_skb) attached");
+        }
+        capture.hooks.kfree_skb = kfree_status;
+
+        capture.hooks.sock_ops = match &config.cgroup_root {
+            None => Err("no cgroup v2 root given (--cgroup-root)".into()),
+            Some(root) => capture.attach_sock_ops(root),
+        };
+        match &capture.hooks.sock_ops {
+            Ok(()) => info!(cgroup = ?config.cgroup_root, "socket capture (sock_ops) attached"),
+            Err(why) => warn!("socket capture (sock_ops) is off: {why}"),
+        }
+
+        let maps = capture.take_maps()?;
+        Ok((capture, maps))
+    }
+
+    fn attach_kfree_skb(&mut self, btf: Option<&Btf>) -> Result<(), String> {
+        let btf = btf.ok_or("kernel BTF could not be parsed for program loading")?;
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(KFREE_SKB)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load("kfree_skb", btf).map_err(|e| verifier_msg("kfree_skb", &e))?;
+        prog.attach().map_err(|e| format!("attaching tp_btf/kfree_skb: {}", chain(&e)))?;
+        Ok(())
+    }
+
+    fn attach_sock_ops(&mut self, root: &Path) -> Result<(), String> {
+        let cgroup = File::open(root).map_err(|e| {
+            format!("cannot open cgroup root {}: {e}; set --cgroup-root to the cgroup v2 mount", root.display())
+        })?;
+        let prog: &mut SockOps = self
+            .ebpf
+            .program_mut(SOCK_OPS)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load().map_err(|e| verifier_msg("sock_ops", &e))?;
+        // On kernels >= 5.7 aya attaches through a bpf_link, which always
+        // coexists with other programs (a CNI's own sock_ops) and rejects any
+        // attach flag: so `Single` (no flag), not `AllowMultiple`.
+        prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| {
+            format!(
+                "attaching sock_ops to {}: {}; it must be a cgroup v2 directory \
+                 (hybrid hosts mount cgroup v2 at /sys/fs/cgroup/unified)",
+                root.display(),
+                chain(&e)
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Count drops in network namespace `inum` too (with `own_netns_only`).
+    pub fn allow_netns(&mut self, inum: u32) -> Result<(), LoadError> {
+        let map = self.ebpf.map_mut("NETNS_ALLOW").ok_or(LoadError::Missing("NETNS_ALLOW"))?;
+        let mut m: BpfHashMap<&mut MapData, u32, u8> =
+            BpfHashMap::try_from(map).map_err(|source| LoadError::Map { name: "NETNS_ALLOW", source })?;
+        m.insert(inum, 1, 0)
+            .map_err(|source| LoadError::Map { name: "NETNS_ALLOW", source })
+    }
+
+    /// The TC program for one direction, for [`super::attach`].
+    pub fn classifier(&mut self, name: &'static str) -> Option<&mut SchedClassifier> {
+        self.ebpf.program_mut(name)?.try_into().ok()
+    }
+
+    fn take_maps(&mut self) -> Result<KernelMaps, LoadError> {
+        fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+        where
+            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+        {
+            let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+            T::try_from(map).map_err(|source| LoadError::Map { name, source })
+        }
+        Ok(KernelMaps {
+            events: take(&mut self.ebpf, "EVENTS")?,
+            drops: take(&mut self.ebpf, "DROPS")?,
+            pending: take(&mut self.ebpf, "PENDING")?,
+            socks: take(&mut self.ebpf, "SOCKS")?,
+            losses: take(&mut self.ebpf, "LOSSES")?,
+        })
+    }
+}
+
+fn off_msg(e: &OffsetError) -> String {
+    e.to_string()
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A program-load error in one line, with the verifier's last words when the
+/// verifier said no.
+fn verifier_msg(hook: &str, e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let last = verifier_log
+                .to_string()
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .to_string();
+            format!("the kernel refused the {hook} program: {io_error} ({last})")
+        }
+        other => format!("loading the {hook} program: {}", chain(other)),
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Best effort.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (only matters on kernels < 5.11)");
+    }
+}
+
+/// The cgroup v2 mount of this host: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn detect_cgroup2_root() -> Option<PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    for candidate in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let Ok(c) = std::ffi::CString::new(candidate) else { continue };
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and out-pointer.
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC {
+            return Some(PathBuf::from(candidate));
+        }
+    }
+    None
+}

@@ -1,0 +1,2 @@
+//! Exporters: where flow records go ([`flowlog`]).
+pub mod flowlog;

@@ -1,0 +1,668 @@
+//! Flow assembly: kernel signals in, one record per denied flow out.
+//!
+//! Signals about one conversation (its drops under each reason, an
+//! unanswered handshake, a refusal, the connecting socket) are merged by flow
+//! key. A flow the node dropped and that later timed out stays one DROPPED
+//! flow that says how many SYNs it cost. The first record of a flow goes out
+//! at once; later ones at most every `update_interval` per flow, and a final
+//! one when the flow has been quiet for `idle_timeout`.
+//!
+//! Time is passed in explicitly, so everything here is deterministic.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, SystemTime},
+};
+
+use netwatch_common::{
+    DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, PendingConn, pending_kind, tcp_flags,
+};
+
+use super::record::{
+    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, Ports, TcpFlags, Verdict,
+};
+use crate::{
+    capture::{
+        events::{Direction, KernelEvent, Refusal, addresses},
+        reasons::DropReasons,
+    },
+    identity::Endpoint,
+};
+
+/// Tuning of the assembler.
+#[derive(Clone, Debug)]
+pub struct AssemblerConfig {
+    pub node_name: String,
+    /// Minimum time between two records of one flow after the first.
+    pub update_interval: Duration,
+    /// A flow with no new signal for this long gets its final record.
+    pub idle_timeout: Duration,
+    /// How long a handshake may go unanswered before it counts as timed out
+    /// (used in summaries; the scan itself lives with the table reader).
+    pub connect_timeout: Duration,
+    /// Flows tracked at once; beyond it the quietest flow is finalised early.
+    pub max_flows: usize,
+}
+
+impl Default for AssemblerConfig {
+    fn default() -> Self {
+        AssemblerConfig {
+            node_name: String::new(),
+            update_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+            max_flows: 65536,
+        }
+    }
+}
+
+/// One signal for the assembler.
+#[derive(Clone, Debug)]
+pub enum Signal {
+    Kernel(KernelEvent),
+    /// Exact counters of one (flow, reason) from the kernel's drop table.
+    /// Also how a drop whose ring buffer event was lost still becomes a flow.
+    DropCounts { key: DropKey, stats: DropStats, first: SystemTime, last: SystemTime },
+    /// A handshake older than the connect timeout, from the pending table.
+    Unanswered { flow: FlowKey, pending: PendingConn, first: SystemTime, last: SystemTime },
+}
+
+#[derive(Clone, Debug, Default)]
+struct DropCounters {
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+struct ActiveFlow {
+    uuid: String,
+    key: FlowKey,
+    verdict: Verdict,
+    drops: BTreeMap<u32, DropCounters>,
+    reply_dropped: bool,
+    tcp_flags: u8,
+    attempts: u64,
+    attempt_bytes: u64,
+    refusal: Option<Refusal>,
+    timed_out: bool,
+    is_dns: bool,
+    first_seen: SystemTime,
+    last_seen: SystemTime,
+    last_change: SystemTime,
+    ifindex: u32,
+    direction: Direction,
+    points: BTreeSet<&'static str>,
+    cgroup_id: Option<u64>,
+    dirty: bool,
+    last_emitted: SystemTime,
+}
+
+/// Merges signals into flows and decides when records go out.
+pub struct FlowAssembler {
+    config: AssemblerConfig,
+    flows: HashMap<FlowKey, ActiveFlow>,
+    /// cgroups of connecting sockets seen before any other signal of their flow.
+    socket_cgroups: HashMap<FlowKey, (u64, SystemTime)>,
+    /// Flows finalised early because `max_flows` was reached.
+    pub evicted: u64,
+}
+
+/// What the assembler wants done after a tick.
+#[derive(Debug, Default)]
+pub struct TickOutput {
+    pub records: Vec<FlowRecord>,
+    /// Kernel drop-table entries of finished flows, to remove.
+    pub finished_drop_keys: Vec<DropKey>,
+}
+
+impl FlowAssembler {
+    pub fn new(config: AssemblerConfig) -> FlowAssembler {
+        FlowAssembler {
+            config,
+            flows: HashMap::new(),
+            socket_cgroups: HashMap::new(),
+            evicted: 0,
+        }
+    }
+
+    pub fn active_flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Take one signal; returns the records to emit now (first records).
+    pub fn handle(&mut self, signal: Signal, now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> Vec<FlowRecord> {
+        let mut out = Vec::new();
+        match signal {
+            Signal::Kernel(KernelEvent::Drop { time, flow, reason, ifindex, bytes, tcp_flags, .. }) => {
+                let (key, reply) = orient(&flow, tcp_flags);
+                let f = self.flow_for(key, Verdict::Dropped, time);
+                f.reply_dropped |= reply;
+                f.tcp_flags |= tcp_flags;
+                f.points.insert("kfree_skb");
+                if f.ifindex == 0 {
+                    f.ifindex = ifindex;
+                    f.direction = Direction::FromPod;
+                }
+                let c = f.drops.entry(reason).or_default();
+                // The event carries the first packet; the table scan brings exact totals.
+                if c.packets == 0 {
+                    c.packets = 1;
+                    c.bytes = u64::from(bytes);
+                }
+                f.verdict = Verdict::Dropped;
+                touch(f, time);
+            }
+            Signal::DropCounts { key, stats, first, last } => {
+                let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
+                let f = self.flow_for(fkey, Verdict::Dropped, first);
+                let c = f.drops.entry(key.reason).or_default();
+                if c.packets != stats.packets || c.bytes != stats.bytes {
+                    c.packets = stats.packets;
+                    c.bytes = stats.bytes;
+                    f.reply_dropped |= reply;
+                    f.tcp_flags |= stats.tcp_flags;
+                    f.points.insert("kfree_skb");
+                    if f.ifindex == 0 {
+                        f.ifindex = stats.ifindex;
+                        f.direction = Direction::FromPod;
+                    }
+                    f.verdict = Verdict::Dropped;
+                    if first < f.first_seen {
+                        f.first_seen = first;
+                    }
+                    touch(f, last);
+                }
+            }
+            Signal::Unanswered { flow, pending, first, last } => {
+                let f = self.flow_for(flow, Verdict::TimedOut, first);
+                f.timed_out = true;
+                f.attempts = f.attempts.max(pending.packets);
+                f.attempt_bytes = f.attempt_bytes.max(pending.bytes);
+                f.points.insert("tc");
+                f.is_dns |= pending.kind == pending_kind::DNS_QUERY;
+                if pending.kind == pending_kind::TCP_SYN {
+                    f.tcp_flags |= tcp_flags::SYN;
+                }
+                if f.ifindex == 0 {
+                    f.ifindex = pending.ifindex;
+                    f.direction = Direction::from(pending.direction);
+                }
+                touch(f, last);
+            }
+            Signal::Kernel(KernelEvent::Refused { time, flow, how, ifindex, direction, attempts }) => {
+                let f = self.flow_for(flow, Verdict::Refused, time);
+                f.refusal = Some(how);
+                f.attempts = f.attempts.max(u64::from(attempts));
+                f.points.insert("tc");
+                if flow.proto == IPPROTO_TCP {
+                    f.tcp_flags |= tcp_flags::SYN;
+                }
+                if f.ifindex == 0 {
+                    f.ifindex = ifindex;
+                    f.direction = direction;
+                }
+                if f.verdict == Verdict::TimedOut {
+                    f.verdict = Verdict::Refused;
+                }
+                touch(f, time);
+            }
+            Signal::Kernel(KernelEvent::SockRetransmit { time, flow, cgroup_id }) => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    if f.cgroup_id.is_none() {
+                        f.cgroup_id = Some(cgroup_id);
+                        f.points.insert("sock_ops");
+                        touch(f, time);
+                    }
+                } else {
+                    self.socket_cgroups.insert(flow, (cgroup_id, time));
+                }
+            }
+            Signal::Kernel(KernelEvent::SockFailed { time, flow, cgroup_id, retransmits }) => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.cgroup_id = Some(cgroup_id);
+                    f.points.insert("sock_ops");
+                    touch(f, time);
+                } else if retransmits > 0 {
+                    // A connect the pod interfaces never saw (a hostNetwork pod,
+                    // the node itself): the socket is the only witness.
+                    let f = self.flow_for(flow, Verdict::TimedOut, time);
+                    f.timed_out = true;
+                    f.attempts = u64::from(retransmits) + 1;
+                    f.tcp_flags |= tcp_flags::SYN;
+                    f.cgroup_id = Some(cgroup_id);
+                    f.points.insert("sock_ops");
+                    touch(f, time);
+                }
+                self.socket_cgroups.remove(&flow);
+            }
+            // Completed handshakes are for policy attribution, not denied flows.
+            Signal::Kernel(KernelEvent::Established { .. }) => {}
+        }
+        // Emit first records immediately.
+        let keys: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.dirty && f.last_emitted == SystemTime::UNIX_EPOCH)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(cg) = self.socket_cgroups.remove(&k) {
+                if let Some(f) = self.flows.get_mut(&k) {
+                    f.cgroup_id.get_or_insert(cg.0);
+                    f.points.insert("sock_ops");
+                }
+            }
+            if let Some(f) = self.flows.get_mut(&k) {
+                out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
+                f.dirty = false;
+                f.last_emitted = now;
+            }
+        }
+        self.enforce_bound(now, reasons, ifnames, &mut out);
+        out
+    }
+
+    /// Rate-limited updates and final records of quiet flows.
+    pub fn tick(&mut self, now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> TickOutput {
+        let mut out = TickOutput::default();
+        let mut finished = Vec::new();
+        for (k, f) in self.flows.iter_mut() {
+            let quiet = now.duration_since(f.last_change).unwrap_or_default() >= self.config.idle_timeout;
+            if quiet {
+                if f.dirty {
+                    out.records.push(render(f, &self.config, reasons, ifnames, Lifecycle::Final));
+                }
+                finished.push(*k);
+            } else if f.dirty
+                && now.duration_since(f.last_emitted).unwrap_or_default() >= self.config.update_interval
+            {
+                out.records.push(render(f, &self.config, reasons, ifnames, Lifecycle::Update));
+                f.dirty = false;
+                f.last_emitted = now;
+            }
+        }
+        for k in finished {
+            if let Some(f) = self.flows.remove(&k) {
+                out.finished_drop_keys.extend(drop_keys(&f));
+            }
+        }
+        let horizon = self.config.idle_timeout;
+        self.socket_cgroups
+            .retain(|_, (_, t)| now.duration_since(*t).unwrap_or_default() < horizon);
+        out
+    }
+
+    /// Final records for every flow (at shutdown).
+    pub fn finish_all(&mut self, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> Vec<FlowRecord> {
+        let mut out = Vec::new();
+        for (_, f) in self.flows.drain() {
+            if f.dirty {
+                out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
+            }
+        }
+        out
+    }
+
+    fn flow_for(&mut self, key: FlowKey, verdict: Verdict, time: SystemTime) -> &mut ActiveFlow {
+        self.flows.entry(key).or_insert_with(|| ActiveFlow {
+            uuid: new_uuid(),
+            key,
+            verdict,
+            drops: BTreeMap::new(),
+            reply_dropped: false,
+            tcp_flags: 0,
+            attempts: 0,
+            attempt_bytes: 0,
+            refusal: None,
+            timed_out: false,
+            is_dns: is_dns(&key),
+            first_seen: time,
+            last_seen: time,
+            last_change: time,
+            ifindex: 0,
+            direction: Direction::Unknown,
+            points: BTreeSet::new(),
+            cgroup_id: None,
+            dirty: true,
+            last_emitted: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    fn enforce_bound(&mut self, _now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>, out: &mut Vec<FlowRecord>) {
+        while self.flows.len() > self.config.max_flows {
+            let Some(k) = self.flows.iter().min_by_key(|(_, f)| f.last_change).map(|(k, _)| *k) else {
+                break;
+            };
+            if let Some(f) = self.flows.remove(&k) {
+                if f.dirty {
+                    out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
+                }
+                self.evicted += 1;
+            }
+        }
+    }
+}
+
+fn touch(f: &mut ActiveFlow, time: SystemTime) {
+    f.dirty = true;
+    if time > f.last_seen {
+        f.last_seen = time;
+    }
+    if time > f.last_change {
+        f.last_change = time;
+    }
+}
+
+/// The initiator's orientation of a dropped packet's flow, and whether the
+/// packet was a reply (a SYN-ACK, or a DNS answer).
+fn orient(flow: &FlowKey, tcp: u8) -> (FlowKey, bool) {
+    let syn_ack = tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK;
+    let dns_answer = (flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_TCP) && flow.src_port == 53 && flow.dst_port != 53;
+    if syn_ack || dns_answer {
+        (flow.reversed(), true)
+    } else {
+        (*flow, false)
+    }
+}
+
+fn is_dns(key: &FlowKey) -> bool {
+    (key.proto == IPPROTO_UDP || key.proto == IPPROTO_TCP) && key.dst_port == 53
+}
+
+fn drop_keys(f: &ActiveFlow) -> Vec<DropKey> {
+    let mut keys = Vec::new();
+    for reason in f.drops.keys() {
+        for flow in [f.key, f.key.reversed()] {
+            keys.push(DropKey { flow, reason: *reason, _pad: 0 });
+        }
+    }
+    keys
+}
+
+fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The refusal's name in records.
+pub fn refusal_name(r: &Refusal) -> String {
+    match r {
+        Refusal::TcpReset => "TCP_RESET".into(),
+        Refusal::SctpAbort => "SCTP_ABORT".into(),
+        Refusal::IcmpUnreachable { icmp_type, code } => {
+            let v6 = *icmp_type == 1;
+            let what = match (v6, code) {
+                (false, 0) => "NET_UNREACHABLE",
+                (false, 1) => "HOST_UNREACHABLE",
+                (false, 2) => "PROTOCOL_UNREACHABLE",
+                (false, 3) => "PORT_UNREACHABLE",
+                (false, 9) | (false, 10) | (false, 13) => "ADMIN_PROHIBITED",
+                (true, 0) => "NO_ROUTE",
+                (true, 1) => "ADMIN_PROHIBITED",
+                (true, 3) => "ADDRESS_UNREACHABLE",
+                (true, 4) => "PORT_UNREACHABLE",
+                (true, 5) | (true, 6) => "POLICY_REJECTED",
+                _ => "UNREACHABLE",
+            };
+            format!("{}_{what}", if v6 { "ICMPV6" } else { "ICMP" })
+        }
+    }
+}
+
+fn render(
+    f: &ActiveFlow,
+    config: &AssemblerConfig,
+    reasons: &DropReasons,
+    ifnames: &dyn Fn(u32) -> Option<String>,
+    lifecycle: Lifecycle,
+) -> FlowRecord {
+    let (src, dst) = addresses(&f.key);
+    let flags = TcpFlags::from_bits(f.tcp_flags);
+    let ports = Ports {
+        source_port: f.key.src_port,
+        destination_port: f.key.dst_port,
+        flags: None,
+    };
+    let l4 = match f.key.proto {
+        IPPROTO_TCP => L4::Tcp(Ports { flags: Some(flags.clone()), ..ports }),
+        IPPROTO_UDP => L4::Udp(ports),
+        IPPROTO_SCTP => L4::Sctp(ports),
+        IPPROTO_ICMP => L4::Icmpv4(Icmp { icmp_type: f.key.src_port as u8, code: f.key.dst_port as u8 }),
+        IPPROTO_ICMPV6 => L4::Icmpv6(Icmp { icmp_type: f.key.src_port as u8, code: f.key.dst_port as u8 }),
+        other => L4::Other { protocol: other },
+    };
+    let has_ports = l4.ports().is_some();
+    let (packets, bytes) = if f.drops.is_empty() {
+        (f.attempts, f.attempt_bytes)
+    } else {
+        f.drops.values().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    };
+    // The main reason: the one that dropped the most packets.
+    let main_reason = f.drops.iter().max_by_key(|(_, c)| c.packets).map(|(r, _)| *r);
+    let drop_reason_desc = main_reason.map(|r| reasons.name(r));
+    let drop_reasons = if f.drops.len() > 1 {
+        f.drops.keys().map(|r| reasons.name(*r)).collect()
+    } else {
+        Vec::new()
+    };
+    let summary = summary(f, &l4, &flags, packets, config);
+    let event_type = match (f.verdict, main_reason) {
+        (Verdict::Dropped, Some(r)) => EventType { kind: 1, sub_type: r as i32 },
+        _ => EventType { kind: 4, sub_type: 0 },
+    };
+    let traffic_direction = match f.direction {
+        // Seen leaving a pod, or its connect never answered: the source's egress.
+        Direction::FromPod | Direction::ToPod => "EGRESS",
+        Direction::Unknown => "TRAFFIC_DIRECTION_UNKNOWN",
+    };
+    FlowRecord {
+        time: f.last_seen.into(),
+        uuid: f.uuid.clone(),
+        verdict: f.verdict,
+        drop_reason_desc: if f.verdict == Verdict::Dropped { drop_reason_desc } else { None },
+        ip: IpInfo {
+            source: src,
+            destination: dst,
+            ip_version: if f.key.ip_version == IP_V4 { "IPv4".into() } else { "IPv6".into() },
+        },
+        l4,
+        source: Endpoint::unresolved(src, has_ports.then_some(f.key.src_port)),
+        destination: Endpoint::unresolved(dst, has_ports.then_some(f.key.dst_port)),
+        flow_type: "L3_L4".into(),
+        node_name: config.node_name.clone(),
+        event_type,
+        traffic_direction: traffic_direction.into(),
+        is_reply: f.reply_dropped && f.attempts == 0 && !f.drops.is_empty() && f.tcp_flags & tcp_flags::SYN == 0,
+        interface: (f.ifindex != 0).then(|| Interface {
+            index: f.ifindex,
+            name: ifnames(f.ifindex).unwrap_or_default(),
+        }),
+        summary,
+        egress_allowed_by: Vec::new(),
+        ingress_allowed_by: Vec::new(),
+        egress_denied_by: Vec::new(),
+        ingress_denied_by: Vec::new(),
+        lifecycle,
+        packets,
+        bytes,
+        first_seen: f.first_seen.into(),
+        last_seen: f.last_seen.into(),
+        drop_reasons,
+        refusal: f.refusal.as_ref().map(refusal_name),
+        timed_out: f.timed_out,
+        is_dns: f.is_dns,
+        observation_points: f.points.iter().map(|s| s.to_string()).collect(),
+        cgroup_id: f.cgroup_id,
+        explanation: None,
+        near_misses: Vec::new(),
+        unenriched: false,
+    }
+}
+
+fn summary(f: &ActiveFlow, l4: &L4, flags: &TcpFlags, packets: u64, config: &AssemblerConfig) -> String {
+    let mut s = match l4 {
+        L4::Tcp(_) => format!("TCP Flags: {}", flags.names().join(", ")),
+        L4::Icmpv4(i) | L4::Icmpv6(i) => format!("{} type {} code {}", l4.protocol_name(), i.icmp_type, i.code),
+        other => other.protocol_name(),
+    };
+    if f.is_dns {
+        s = format!("DNS query ({s})");
+    }
+    match f.verdict {
+        Verdict::Dropped => {
+            if f.timed_out {
+                s.push_str(&format!("; {packets} packets dropped, never answered"));
+            }
+        }
+        Verdict::TimedOut => s.push_str(&format!(
+            "; {} attempt{} unanswered for {}s",
+            f.attempts,
+            if f.attempts == 1 { "" } else { "s" },
+            config.connect_timeout.as_secs()
+        )),
+        Verdict::Refused => {
+            if let Some(r) = &f.refusal {
+                s.push_str(&format!("; refused with {}", refusal_name(r)));
+            }
+        }
+        Verdict::PolicyNotEnforced => {}
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netwatch_common::IP_V4;
+
+    fn reasons() -> DropReasons {
+        DropReasons::from_pairs([(12, "SKB_DROP_REASON_NETFILTER_DROP".to_string())])
+    }
+
+    fn key(sport: u16, dport: u16, proto: u8) -> FlowKey {
+        let mut k = FlowKey { src_port: sport, dst_port: dport, proto, ip_version: IP_V4, ..FlowKey::default() };
+        k.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        k
+    }
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
+    }
+
+    fn no_names(_: u32) -> Option<String> {
+        None
+    }
+
+    fn drop_event(k: FlowKey, at: SystemTime) -> Signal {
+        Signal::Kernel(KernelEvent::Drop { time: at, flow: k, reason: 12, ifindex: 7, netns: 1, bytes: 60, tcp_flags: tcp_flags::SYN })
+    }
+
+    #[test]
+    fn first_drop_is_emitted_at_once_with_reason_name() {
+        let mut a = FlowAssembler::new(AssemblerConfig { node_name: "n1".into(), ..Default::default() });
+        let out = a.handle(drop_event(key(40000, 8080, IPPROTO_TCP), t(0)), t(0), &reasons(), &no_names);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!(r.verdict, Verdict::Dropped);
+        assert_eq!(r.drop_reason_desc.as_deref(), Some("NETFILTER_DROP"));
+        assert_eq!(r.lifecycle, Lifecycle::New);
+        assert_eq!(r.l4, L4::Tcp(Ports { source_port: 40000, destination_port: 8080, flags: Some(TcpFlags { syn: true, ..Default::default() }) }));
+        assert_eq!(r.node_name, "n1");
+        assert_eq!(r.summary, "TCP Flags: SYN");
+    }
+
+    #[test]
+    fn drop_then_timeout_is_one_dropped_flow_with_exact_counts() {
+        let cfg = AssemblerConfig { update_interval: Duration::from_secs(5), idle_timeout: Duration::from_secs(30), ..Default::default() };
+        let mut a = FlowAssembler::new(cfg);
+        let k = key(40000, 8080, IPPROTO_TCP);
+        let first = a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names);
+        let uuid = first[0].uuid.clone();
+        // Table scan: three SYNs dropped.
+        let stats = DropStats { packets: 3, bytes: 180, tcp_flags: tcp_flags::SYN, ifindex: 7, ..DropStats::default() };
+        a.handle(Signal::DropCounts { key: DropKey { flow: k, reason: 12, _pad: 0 }, stats, first: t(0), last: t(3) }, t(3), &reasons(), &no_names);
+        let pending = PendingConn { packets: 3, bytes: 180, kind: pending_kind::TCP_SYN, ..PendingConn::default() };
+        let none = a.handle(Signal::Unanswered { flow: k, pending, first: t(0), last: t(3) }, t(4), &reasons(), &no_names);
+        assert!(none.is_empty(), "no second first-record");
+        // Rate limit: nothing before update_interval, an update after.
+        assert!(a.tick(t(4), &reasons(), &no_names).records.is_empty());
+        let upd = a.tick(t(6), &reasons(), &no_names).records;
+        assert_eq!(upd.len(), 1);
+        let r = &upd[0];
+        assert_eq!((r.uuid.as_str(), r.verdict, r.packets, r.bytes, r.timed_out), (uuid.as_str(), Verdict::Dropped, 3, 180, true));
+        assert_eq!(r.lifecycle, Lifecycle::Update);
+        // Quiet: forgotten, kernel entries handed back for removal.
+        let fin = a.tick(t(40), &reasons(), &no_names);
+        assert!(fin.records.is_empty(), "nothing changed since the update");
+        assert!(fin.finished_drop_keys.iter().any(|d| d.flow == k && d.reason == 12));
+        assert_eq!(a.active_flows(), 0);
+    }
+
+    #[test]
+    fn unanswered_handshake_alone_is_timed_out() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40001, 53, IPPROTO_UDP);
+        let pending = PendingConn { packets: 2, bytes: 120, kind: pending_kind::DNS_QUERY, direction: netwatch_common::direction::FROM_POD, ifindex: 4, ..PendingConn::default() };
+        let out = a.handle(Signal::Unanswered { flow: k, pending, first: t(0), last: t(1) }, t(4), &reasons(), &no_names);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::TimedOut);
+        assert!(out[0].is_dns);
+        assert_eq!(out[0].packets, 2);
+        assert_eq!(out[0].drop_reason_desc, None);
+        assert_eq!(out[0].traffic_direction, "EGRESS");
+        assert!(out[0].summary.starts_with("DNS query (UDP)"), "{}", out[0].summary);
+    }
+
+    #[test]
+    fn rst_is_refused_and_icmp_codes_are_named() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40002, 9, IPPROTO_TCP);
+        let out = a.handle(Signal::Kernel(KernelEvent::Refused { time: t(0), flow: k, how: Refusal::TcpReset, ifindex: 3, direction: Direction::ToPod, attempts: 1 }), t(0), &reasons(), &no_names);
+        assert_eq!(out[0].verdict, Verdict::Refused);
+        assert_eq!(out[0].refusal.as_deref(), Some("TCP_RESET"));
+        assert_eq!(refusal_name(&Refusal::IcmpUnreachable { icmp_type: 3, code: 3 }), "ICMP_PORT_UNREACHABLE");
+        assert_eq!(refusal_name(&Refusal::IcmpUnreachable { icmp_type: 1, code: 1 }), "ICMPV6_ADMIN_PROHIBITED");
+    }
+
+    #[test]
+    fn socket_cgroup_joins_the_flow_seen_later() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40003, 80, IPPROTO_TCP);
+        a.handle(Signal::Kernel(KernelEvent::SockRetransmit { time: t(1), flow: k, cgroup_id: 4242 }), t(1), &reasons(), &no_names);
+        let out = a.handle(drop_event(k, t(0)), t(1), &reasons(), &no_names);
+        assert_eq!(out[0].cgroup_id, Some(4242));
+        assert!(out[0].observation_points.contains(&"sock_ops".to_string()));
+    }
+
+    #[test]
+    fn lost_ring_buffer_event_is_recovered_from_the_table() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40004, 443, IPPROTO_TCP);
+        let stats = DropStats { packets: 5, bytes: 300, tcp_flags: tcp_flags::SYN, ..DropStats::default() };
+        let out = a.handle(Signal::DropCounts { key: DropKey { flow: k, reason: 12, _pad: 0 }, stats, first: t(0), last: t(2) }, t(2), &reasons(), &no_names);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].verdict, out[0].packets), (Verdict::Dropped, 5));
+    }
+
+    #[test]
+    fn reply_drop_merges_into_the_initiators_flow() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40005, 80, IPPROTO_TCP);
+        a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names);
+        let synack = Signal::Kernel(KernelEvent::Drop { time: t(1), flow: k.reversed(), reason: 12, ifindex: 7, netns: 1, bytes: 60, tcp_flags: tcp_flags::SYN | tcp_flags::ACK });
+        let out = a.handle(synack, t(1), &reasons(), &no_names);
+        assert!(out.is_empty(), "same flow, no new first record");
+        assert_eq!(a.active_flows(), 1);
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut a = FlowAssembler::new(AssemblerConfig { max_flows: 2, ..Default::default() });
+        for p in 0..5 {
+            a.handle(drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))), t(u64::from(p)), &reasons(), &no_names);
+        }
+        assert_eq!(a.active_flows(), 2);
+        assert_eq!(a.evicted, 3);
+    }
+}

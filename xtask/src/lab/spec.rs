@@ -1,0 +1,91 @@
+//! What a lab is made of: nodes, pods and the rules the node's firewall
+//! applies. Serialisable, so a scenario file can hold it.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// A whole lab.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabSpec {
+    pub nodes: Vec<NodeSpec>,
+    pub pods: Vec<PodSpec>,
+}
+
+/// One lab node: a network namespace standing in for a node's root
+/// namespace, with its own cgroup root.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Raw nftables ruleset (`nft -f` syntax) loaded into the node.
+    #[serde(default)]
+    pub nftables: Option<String>,
+    /// Extra `ip route add` arguments in the node, e.g. `blackhole 10.99.0.0/16`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+}
+
+/// One lab pod: a network namespace behind a veth whose host side is named
+/// as Calico names it, a /32 (and /128) route on the node, and a cgroup
+/// shaped like kubelet's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+    /// Ports with listeners, `8080/tcp` or `53/udp` (UDP 53 answers DNS).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Kubernetes pod UID (random when absent).
+    #[serde(default)]
+    pub uid: Option<String>,
+    /// Runs in the node's network namespace (hostNetwork: true), still in
+    /// its own pod cgroup.
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+impl PodSpec {
+    /// `namespace/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// (port, protocol) listeners, validated.
+    pub fn listeners(&self) -> Result<Vec<(u16, Proto)>, String> {
+        self.listen
+            .iter()
+            .map(|l| {
+                let (port, proto) = l.split_once('/').unwrap_or((l.as_str(), "tcp"));
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| format!("pod {}: listen {l:?}: port must be a number 1-65535", self.id()))?;
+                let proto = match proto.to_ascii_lowercase().as_str() {
+                    "tcp" => Proto::Tcp,
+                    "udp" => Proto::Udp,
+                    other => return Err(format!("pod {}: listen {l:?}: protocol {other:?} (tcp or udp)", self.id())),
+                };
+                Ok((port, proto))
+            })
+            .collect()
+    }
+}
+
+/// Transport protocol of a listener or probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}

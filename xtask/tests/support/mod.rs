@@ -1,0 +1,192 @@
+//! Shared harness of the end-to-end tests: build a lab, run the real agent
+//! in a lab node, read what it reported the way a user would.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xtask::lab::{Lab, LabSpec};
+
+/// The xtask binary (runs listeners and probes inside lab pods).
+pub fn helper() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xtask"))
+}
+
+/// target/<profile>/<name>, next to this test's own deps/ directory.
+pub fn target_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p netwatch-agent --bins`; `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn lab(spec_yaml: &str) -> Lab {
+    let spec: LabSpec = serde_yaml::from_str(spec_yaml).expect("lab spec");
+    Lab::up(&spec, &helper()).expect("lab up (are you root?)")
+}
+
+/// A netwatch-agent running in a lab node; killed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub flow_log: PathBuf,
+    pub stderr_log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Start the agent in `node` and wait until it has attached to
+    /// `interfaces` pod interfaces.
+    pub fn start(lab: &Lab, node: &str, interfaces: usize, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flow_log = dir.path().join("flows.jsonl");
+        let stderr_log = dir.path().join("agent.log");
+        let n = lab.node(node).expect("node");
+        let cgroup_root = n.cgroup_root.to_string_lossy().into_owned();
+        let flow_log_arg = flow_log.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--node-name",
+            node,
+            "--flow-log",
+            &flow_log_arg,
+            "--interfaces",
+            "cali*",
+            "--cgroup-root",
+            &cgroup_root,
+            "--own-netns-only",
+            "--connect-timeout",
+            "1",
+            "--update-interval",
+            "1",
+            "--idle-timeout",
+            "3",
+            "--log",
+            "info",
+        ];
+        args.extend_from_slice(extra);
+        let stderr = fs::File::create(&stderr_log).expect("agent log");
+        let child = lab
+            .on_node(node, &target_binary("netwatch-agent"))
+            .expect("node")
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start netwatch-agent");
+        let mut agent = Agent { child: Some(child), flow_log, stderr_log, _dir: dir };
+        agent.wait_for_log(|log| log.matches("attached TC classifiers").count() >= interfaces && log.contains("capturing"));
+        agent
+    }
+
+    /// The agent's stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&mut self, ready: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if ready(&log) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("netwatch-agent exited ({status}) before it was ready:\n{log}");
+                }
+            }
+            assert!(Instant::now() < deadline, "netwatch-agent not ready after 30 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Flow log lines so far.
+    pub fn lines(&self) -> Vec<Value> {
+        fs::read_to_string(&self.flow_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow log line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// Wait until a flow log line satisfies `pred`; panic with the log after `timeout`.
+    pub fn wait_for_flow(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| pred(&l["flow"])) {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching flow after {timeout:?}; flow log:\n{}\nagent log:\n{}",
+                fs::read_to_string(&self.flow_log).unwrap_or_default(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, wait for exit (final records are written), return the log lines.
+    pub fn stop(&mut self) -> Vec<Value> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "agent exited with {status}:\n{}", self.log());
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("agent did not stop within 10 s of SIGTERM:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.lines()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Records (the `flow` objects) matching `pred`, in log order.
+pub fn records<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+    lines.iter().map(|l| &l["flow"]).filter(|f| pred(f)).collect()
+}
+
+/// Distinct flow uuids among `records`.
+pub fn uuids(records: &[&Value]) -> Vec<String> {
+    let mut v: Vec<String> = records.iter().filter_map(|r| r["uuid"].as_str().map(str::to_string)).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Does a flow record go to `ip:port`?
+pub fn to(ip: &str, port: u16) -> impl Fn(&Value) -> bool {
+    let ip = ip.to_string();
+    move |f: &Value| {
+        f["IP"]["destination"] == ip.as_str()
+            && ["TCP", "UDP", "SCTP"].iter().any(|p| f["l4"][p]["destination_port"] == port)
+    }
+}
