@@ -12,6 +12,7 @@
 //! [`ServiceIdentity`]), so the cache stays small next to the snapshot.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt,
     net::IpAddr,
@@ -345,6 +346,15 @@ impl Tenure {
     }
 }
 
+/// A live pod, with the resourceVersion it was built from.
+#[derive(Clone, Debug)]
+struct PodEntry {
+    pod: Arc<PodIdentity>,
+    resource_version: Option<String>,
+    /// The update that last saw it.
+    seen: u64,
+}
+
 #[derive(Clone, Debug)]
 struct Tombstone {
     pod: Arc<PodIdentity>,
@@ -388,7 +398,9 @@ struct SliceSummary {
 pub struct IdentityCache {
     config: IdentityConfig,
     /// Live pods by key (UID, or `namespace/name` without one).
-    pods: HashMap<String, Arc<PodIdentity>>,
+    pods: HashMap<String, PodEntry>,
+    /// Bumped by every update, to find the pods a snapshot no longer has.
+    generation: u64,
     /// Live pods by namespace, then name.
     pods_by_name: HashMap<String, HashMap<String, Arc<PodIdentity>>>,
     /// Pods that vanished, by key, until they expire.
@@ -436,37 +448,107 @@ impl IdentityCache {
             .collect();
 
         let owners = Owners::from_snapshot(snapshot);
-        let mut pods: HashMap<String, Arc<PodIdentity>> =
-            HashMap::with_capacity(snapshot.pods.len());
-        for pod in &snapshot.pods {
-            if let Some(identity) = pod_identity(pod, &owners) {
-                let identity = Arc::new(identity);
-                pods.insert(identity.key(), identity);
-            }
-        }
-        self.update_pods(pods, now);
+        self.update_pods(&snapshot.pods, &owners, now);
         self.update_services(snapshot);
         self.update_nodes(snapshot);
         self.expire(now);
     }
 
-    fn update_pods(&mut self, pods: HashMap<String, Arc<PodIdentity>>, now: SystemTime) {
+    fn update_pods(&mut self, snapshot_pods: &[Pod], owners: &Owners<'_>, now: SystemTime) {
         let grace = self.config.tombstone_grace;
-        // Vanished pods become tombstones.
-        for (key, old) in self.pods.drain() {
-            if !pods.contains_key(&key) {
-                let expires = now + grace;
-                self.expiry.push_back((expires, Expiring::Pod(key.clone())));
-                self.tombstones.insert(key, Tombstone { pod: old, expires });
+        self.generation += 1;
+        let generation = self.generation;
+
+        // Refresh the live pods. An object whose resourceVersion is unchanged
+        // is the same object: keep its identity and only re-derive the
+        // workload (its ReplicaSet or Job may have arrived since), so a
+        // steady cluster costs a lookup per pod, not a rebuild.
+        let mut changed: Vec<Arc<PodIdentity>> = Vec::new();
+        for pod in snapshot_pods {
+            let meta = &pod.metadata;
+            let Some(name) = meta.name.as_deref() else {
+                continue;
+            };
+            let namespace = namespace_of(meta);
+            let key: Cow<'_, str> = match meta.uid.as_deref() {
+                Some(uid) if !uid.is_empty() => Cow::Borrowed(uid),
+                _ => Cow::Owned(format!("{namespace}/{name}")),
+            };
+            let version = meta.resource_version.as_deref();
+            if let Some(entry) = self.pods.get_mut(key.as_ref())
+                && version.is_some()
+                && entry.resource_version.as_deref() == version
+            {
+                entry.seen = generation;
+                let workload = owners.workload_of(namespace, meta);
+                let current = entry
+                    .pod
+                    .workload
+                    .as_ref()
+                    .map(|w| (w.name.as_str(), w.kind.as_str()));
+                if workload != current {
+                    let mut refreshed = PodIdentity::clone(&entry.pod);
+                    refreshed.workload = workload.map(owned_workload);
+                    entry.pod = Arc::new(refreshed);
+                    changed.push(Arc::clone(&entry.pod));
+                }
+                continue;
             }
+            let Some(identity) = pod_identity(pod, owners) else {
+                continue;
+            };
+            let identity = Arc::new(identity);
+            changed.push(Arc::clone(&identity));
+            self.pods.insert(
+                key.into_owned(),
+                PodEntry {
+                    pod: identity,
+                    resource_version: version.map(str::to_owned),
+                    seen: generation,
+                },
+            );
         }
+
+        // Vanished pods become tombstones.
+        let vanished: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, entry)| entry.seen != generation)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in vanished {
+            let Some(entry) = self.pods.remove(&key) else {
+                continue;
+            };
+            let old = entry.pod;
+            if let Some(names) = self.pods_by_name.get_mut(&old.namespace) {
+                if names.get(&old.name).is_some_and(|p| Arc::ptr_eq(p, &old)) {
+                    names.remove(&old.name);
+                }
+                if names.is_empty() {
+                    self.pods_by_name.remove(&old.namespace);
+                }
+            }
+            let expires = now + grace;
+            self.expiry.push_back((expires, Expiring::Pod(key.clone())));
+            self.tombstones.insert(key, Tombstone { pod: old, expires });
+        }
+        for pod in changed {
+            self.tombstones.remove(&pod.key());
+            self.pods_by_name
+                .entry(pod.namespace.clone())
+                .or_default()
+                .insert(pod.name.clone(), pod);
+        }
+
         // Which pod holds each IP now. Two live pods claiming one IP is a
         // transient of the API (the old one not yet marked finished): the one
         // that started last holds it.
+        let pods = &self.pods;
         let mut holders: HashMap<IpAddr, (&String, &Arc<PodIdentity>)> =
             HashMap::with_capacity(pods.len());
-        for (key, pod) in &pods {
-            self.tombstones.remove(key);
+        for (key, entry) in pods {
+            let pod = &entry.pod;
             if !pod.holds_ips() {
                 continue;
             }
@@ -483,9 +565,13 @@ impl IdentityCache {
         for (ip, tenures) in &mut self.tenures {
             for tenure in tenures.iter_mut().filter(|t| t.end.is_none()) {
                 match holders.get(ip) {
-                    Some((key, pod)) if **key == tenure.key => tenure.pod = Arc::clone(pod),
+                    Some((key, pod)) if **key == tenure.key => {
+                        if !Arc::ptr_eq(&tenure.pod, pod) {
+                            tenure.pod = Arc::clone(pod);
+                        }
+                    }
                     _ => {
-                        let last_seen = pods.get(&tenure.key).unwrap_or(&tenure.pod);
+                        let last_seen = pods.get(&tenure.key).map_or(&tenure.pod, |e| &e.pod);
                         let end = last_seen
                             .deletion
                             .map_or(now, |d| d.min(now))
@@ -525,16 +611,6 @@ impl IdentityCache {
             });
             tenures.sort_by_key(|t| t.start);
         }
-
-        let mut by_name: HashMap<String, HashMap<String, Arc<PodIdentity>>> = HashMap::new();
-        for pod in pods.values() {
-            by_name
-                .entry(pod.namespace.clone())
-                .or_default()
-                .insert(pod.name.clone(), Arc::clone(pod));
-        }
-        self.pods_by_name = by_name;
-        self.pods = pods;
     }
 
     fn update_services(&mut self, snapshot: &ClusterSnapshot) {
@@ -641,7 +717,12 @@ impl IdentityCache {
         }
         // A hostNetwork pod's IP is its node's: this names nodes that have no
         // Node object in the snapshot (standalone manifests).
-        for pod in self.pods.values().filter(|p| p.host_network) {
+        for pod in self
+            .pods
+            .values()
+            .map(|e| &e.pod)
+            .filter(|p| p.host_network)
+        {
             if let Some(node) = &pod.node_name {
                 for ip in &pod.ips {
                     node_ips.entry(*ip).or_insert_with(|| node.clone());
@@ -766,6 +847,7 @@ impl IdentityCache {
     pub fn pod_by_uid(&self, uid: &str) -> Option<&PodIdentity> {
         self.pods
             .get(uid)
+            .map(|e| &e.pod)
             .or_else(|| self.tombstones.get(uid).map(|t| &t.pod))
             .map(|p| &**p)
     }
@@ -791,7 +873,7 @@ impl IdentityCache {
 
     /// All live pods.
     pub fn pods(&self) -> impl Iterator<Item = &PodIdentity> {
-        self.pods.values().map(|p| &**p)
+        self.pods.values().map(|e| &*e.pod)
     }
 
     /// Whether the pod runs on this agent's node.
@@ -983,16 +1065,17 @@ impl<'a> Owners<'a> {
     /// `<deployment>-<pod-template-hash>` and labels their pods with that
     /// hash, so stripping `-<hash>` gives the Deployment. A ReplicaSet
     /// without that suffix is reported as a ReplicaSet.
-    fn workload_of(&self, namespace: &str, meta: &ObjectMeta) -> Option<Workload> {
+    fn workload_of<'s>(
+        &'s self,
+        namespace: &str,
+        meta: &'s ObjectMeta,
+    ) -> Option<(&'s str, &'s str)> {
         let owner = controller_of(meta)?;
-        let workload = |owner: &OwnerReference| Workload {
-            name: owner.name.clone(),
-            kind: owner.kind.clone(),
-        };
-        match owner.kind.as_str() {
+        let workload = |owner: &'s OwnerReference| (owner.name.as_str(), owner.kind.as_str());
+        Some(match owner.kind.as_str() {
             "ReplicaSet" => match self.replica_sets.get(&(namespace, owner.name.as_str())) {
-                Some(Some(parent)) => Some(workload(parent)),
-                Some(None) => Some(workload(owner)),
+                Some(Some(parent)) => workload(parent),
+                Some(None) => workload(owner),
                 None => {
                     let hash = meta.labels.as_ref().and_then(|l| l.get(POD_TEMPLATE_HASH));
                     let deployment = hash.and_then(|hash| {
@@ -1002,21 +1085,25 @@ impl<'a> Owners<'a> {
                             .and_then(|rest| rest.strip_suffix('-'))
                             .filter(|name| !name.is_empty())
                     });
-                    Some(match deployment {
-                        Some(name) => Workload {
-                            name: name.to_owned(),
-                            kind: "Deployment".to_owned(),
-                        },
+                    match deployment {
+                        Some(name) => (name, "Deployment"),
                         None => workload(owner),
-                    })
+                    }
                 }
             },
             "Job" => match self.jobs.get(&(namespace, owner.name.as_str())) {
-                Some(Some(parent)) => Some(workload(parent)),
-                _ => Some(workload(owner)),
+                Some(Some(parent)) => workload(parent),
+                _ => workload(owner),
             },
-            _ => Some(workload(owner)),
-        }
+            _ => workload(owner),
+        })
+    }
+}
+
+fn owned_workload((name, kind): (&str, &str)) -> Workload {
+    Workload {
+        name: name.to_owned(),
+        kind: kind.to_owned(),
     }
 }
 
@@ -1143,7 +1230,7 @@ fn pod_identity(pod: &Pod, owners: &Owners<'_>) -> Option<PodIdentity> {
     Some(PodIdentity {
         uid: meta.uid.clone().unwrap_or_default(),
         identity: pod_identity_number(&namespace, &labels),
-        workload: owners.workload_of(&namespace, meta),
+        workload: owners.workload_of(&namespace, meta).map(owned_workload),
         node_name: spec.and_then(|s| s.node_name.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ips,
@@ -1905,5 +1992,124 @@ mod tests {
         // A manifest pod without a UID still resolves, with no UID in the record.
         let ep = cache.endpoint(ip("10.0.0.4"), None, t(0));
         assert_eq!((ep.pod_name.as_str(), ep.pod_uid.as_str()), ("web", ""));
+    }
+}
+
+#[cfg(test)]
+mod incremental_tests {
+    //! `update` reuses identities of unchanged objects; these check that what
+    //! changes still shows.
+    use super::*;
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use serde_json::json;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn pod(name: &str, uid: &str, version: &str, labels: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "prod", "uid": uid, "resourceVersion": version,
+                "labels": labels,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-rs", "uid": "r", "controller": true}]},
+            "spec": {"containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        }))
+        .unwrap()
+    }
+
+    fn snapshot(pods: Vec<Pod>, replica_sets: Vec<ReplicaSet>) -> ClusterSnapshot {
+        ClusterSnapshot {
+            pods,
+            replica_sets,
+            ..ClusterSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn an_owner_arriving_later_updates_an_unchanged_pod() {
+        let mut cache = IdentityCache::default();
+        let web = pod("web-1", "u1", "7", json!({"app": "web"}));
+        cache.update(&snapshot(vec![web.clone()], vec![]), at(0));
+        assert_eq!(
+            cache
+                .pod_by_uid("u1")
+                .and_then(|p| p.workload.clone())
+                .map(|w| w.kind),
+            Some("ReplicaSet".to_owned())
+        );
+        let rs: ReplicaSet = serde_json::from_value(json!({
+            "metadata": {"name": "web-rs", "namespace": "prod",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "d", "controller": true}]},
+            "spec": {"selector": {}}
+        }))
+        .unwrap();
+        cache.update(&snapshot(vec![web], vec![rs]), at(1));
+        let workload = cache
+            .pod_by_name("prod", "web-1")
+            .and_then(|p| p.workload.clone());
+        assert_eq!(
+            workload,
+            Some(Workload {
+                name: "web".into(),
+                kind: "Deployment".into()
+            })
+        );
+        let ep = cache.endpoint("10.0.0.1".parse().unwrap(), None, at(2));
+        assert_eq!(ep.workloads[0].kind, "Deployment");
+    }
+
+    #[test]
+    fn a_new_resource_version_rebuilds_the_pod() {
+        let mut cache = IdentityCache::default();
+        cache.update(
+            &snapshot(vec![pod("web-1", "u1", "7", json!({"app": "web"}))], vec![]),
+            at(0),
+        );
+        cache.update(
+            &snapshot(
+                vec![pod(
+                    "web-1",
+                    "u1",
+                    "8",
+                    json!({"app": "web", "tier": "front"}),
+                )],
+                vec![],
+            ),
+            at(1),
+        );
+        let labels = &cache.pod_by_name("prod", "web-1").unwrap().labels;
+        assert_eq!(labels.get("tier").map(String::as_str), Some("front"));
+        let ep = cache.endpoint("10.0.0.1".parse().unwrap(), None, at(2));
+        assert!(
+            ep.labels.contains(&"k8s:tier=front".to_owned()),
+            "{:?}",
+            ep.labels
+        );
+    }
+
+    #[test]
+    fn a_recreated_pod_of_the_same_name_replaces_the_old_one() {
+        let mut cache = IdentityCache::default();
+        cache.update(
+            &snapshot(vec![pod("db-0", "old", "1", json!({}))], vec![]),
+            at(0),
+        );
+        cache.update(
+            &snapshot(vec![pod("db-0", "new", "2", json!({}))], vec![]),
+            at(1),
+        );
+        assert_eq!(
+            cache.pod_by_name("prod", "db-0").map(|p| p.uid.as_str()),
+            Some("new")
+        );
+        assert_eq!(
+            cache.pod_by_uid("old").map(|p| p.uid.as_str()),
+            Some("old"),
+            "tombstone"
+        );
+        cache.update(&snapshot(vec![], vec![]), at(2));
+        assert!(cache.pod_by_name("prod", "db-0").is_none());
+        assert_eq!(cache.pods().count(), 0);
     }
 }

@@ -433,22 +433,34 @@ fn strip_meta(meta: &mut ObjectMeta) {
 }
 
 /// Keeps a pod's identity: labels, owners, node, host network, IPs,
-/// container names and ports, phase, the Ready condition, and, for pods on
-/// `local_node` only, container IDs.
+/// container ports (merged into one container entry), phase, the Ready
+/// condition, and, for pods on `local_node` only, container names and IDs
+/// (`status.containerStatuses`).
 pub fn strip_pod(pod: &mut Pod, local_node: Option<&str>) {
     strip_meta(&mut pod.metadata);
     let spec = pod.spec.take().unwrap_or_default();
     let is_local = local_node.is_some() && spec.node_name.as_deref() == local_node;
+    // A typed container spec is 2 KB even when empty, and netwatch needs
+    // only the ports (named ports resolve pod-wide): keep one entry, named
+    // after the first container, carrying every container's ports, and none
+    // when the pod declares no port. Container names of local pods come from
+    // their statuses.
+    let first_name = spec.containers.first().map(|c| c.name.clone());
+    let ports: Vec<_> = spec
+        .containers
+        .into_iter()
+        .flat_map(|c| c.ports.unwrap_or_default())
+        .collect();
+    let containers = match first_name {
+        Some(name) if !ports.is_empty() => vec![Container {
+            name,
+            ports: Some(ports),
+            ..Container::default()
+        }],
+        _ => Vec::new(),
+    };
     pod.spec = Some(PodSpec {
-        containers: spec
-            .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports,
-                ..Container::default()
-            })
-            .collect(),
+        containers,
         node_name: spec.node_name,
         host_network: spec.host_network,
         ..PodSpec::default()
@@ -544,7 +556,9 @@ mod tests {
             "spec": {
                 "nodeName": "node-a",
                 "containers": [{"name": "web", "image": "nginx", "env": [{"name": "A", "value": "b"}],
-                                "ports": [{"name": "http", "containerPort": 80}]}],
+                                "ports": [{"name": "http", "containerPort": 80}]},
+                               {"name": "sidecar", "image": "envoy", "ports": [{"name": "admin", "containerPort": 9901}]},
+                               {"name": "log", "image": "fluent-bit"}],
                 "volumes": [{"name": "v", "emptyDir": {}}]
             },
             "status": {
@@ -563,11 +577,14 @@ mod tests {
         assert!(json["metadata"].get("managedFields").is_none());
         assert_eq!(json["metadata"]["labels"]["app"], "web");
         assert_eq!(json["metadata"]["ownerReferences"][0]["name"], "web-5d4f");
+        // Every container's ports, in one entry.
         assert_eq!(
-            json["spec"]["containers"][0]["ports"][0]["containerPort"],
-            80
+            json["spec"]["containers"],
+            serde_json::json!([{"name": "web", "ports": [
+                {"name": "http", "containerPort": 80},
+                {"name": "admin", "containerPort": 9901}
+            ]}])
         );
-        assert!(json["spec"]["containers"][0].get("image").is_none());
         assert!(json["spec"].get("volumes").is_none());
         assert_eq!(json["status"]["conditions"].as_array().unwrap().len(), 1);
         assert_eq!(
