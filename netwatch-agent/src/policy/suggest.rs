@@ -217,9 +217,9 @@ fn policy_for(
     let (name, spec) = match direction {
         Direction::Ingress => (
             format!(
-                "{}-ingress-from-{}-{port}-{}",
-                short_name(workloads, subject),
+                "allow-{}-to-{}-{port}-{}-ingress",
                 short_name(workloads, other),
+                short_name(workloads, subject),
                 protocol.as_str()
             ),
             NetworkPolicySpec {
@@ -234,7 +234,7 @@ fn policy_for(
         ),
         Direction::Egress => (
             format!(
-                "{}-egress-to-{}-{port}-{}",
+                "allow-{}-to-{}-{port}-{}-egress",
                 short_name(workloads, subject),
                 short_name(workloads, other),
                 protocol.as_str()
