@@ -54,7 +54,8 @@ fn pod(name: &str, ip: &str) -> Value {
             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4096)},
             "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
         },
-        "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox", "command": ["sleep", "1d"]}]},
+        "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox", "command": ["sleep", "1d"],
+                                                         "ports": [{"name": "http", "containerPort": 8080}]}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                    "conditions": [{"type": "Ready", "status": "True"}]}
     })
@@ -232,7 +233,10 @@ async fn watchers_list_watch_relist_after_410_and_recover_from_403() {
     let alpha = &first.pods[0];
     assert!(alpha.metadata.annotations.is_none());
     assert!(alpha.metadata.managed_fields.is_none());
-    assert_eq!(alpha.spec.as_ref().unwrap().containers[0].image, None);
+    let container = &alpha.spec.as_ref().unwrap().containers[0];
+    assert_eq!(container.image, None);
+    assert_eq!(container.command, None);
+    assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
     assert_eq!(alpha.metadata.labels.as_ref().unwrap()["app"], "alpha");
     let service = first.services[0].spec.as_ref().unwrap();
     assert_eq!(service.cluster_ip.as_deref(), Some("10.96.0.20"));

@@ -23,6 +23,7 @@ pub mod cache;
 pub mod cgroup;
 pub mod endpoint;
 pub mod kube;
+pub mod source;
 
 pub use cache::{
     CacheStats, ContainerInfo, ContainerPortInfo, IdentityCache, IdentityConfig, IpResolution,
@@ -31,3 +32,4 @@ pub use cache::{
 pub use cgroup::{CgroupDriver, CgroupError, CgroupIndex, ContainerRuntime, PodCgroup, QosClass};
 pub use endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
 pub use kube::{KubeSnapshots, KubeSourceError, KubeWatchConfig};
+pub use source::{SnapshotFeed, SnapshotSource, SourceError};
