@@ -232,6 +232,12 @@ impl KernelCapture {
             Err(why) => warn!("socket capture (sock_ops) is off: {why}"),
         }
 
+        let ids: Vec<String> = capture
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| p.info().ok().map(|i| format!("{name}={}", i.id())))
+            .collect();
+        info!(programs = %ids.join(","), "eBPF programs loaded (they go away when the agent exits)");
         let maps = capture.take_maps()?;
         Ok((capture, maps))
     }

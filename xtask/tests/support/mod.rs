@@ -53,15 +53,11 @@ impl Agent {
         let n = lab.node(node).expect("node");
         let cgroup_root = n.cgroup_root.to_string_lossy().into_owned();
         let flow_log_arg = flow_log.to_string_lossy().into_owned();
-        let mut args = vec![
-            "--node-name",
-            node,
-            "--flow-log",
-            &flow_log_arg,
-            "--interfaces",
-            "cali*",
-            "--cgroup-root",
-            &cgroup_root,
+        let mut args = vec!["--node-name", node, "--flow-log", &flow_log_arg, "--interfaces", "cali*"];
+        if !extra.contains(&"--cgroup-root") {
+            args.extend_from_slice(&["--cgroup-root", &cgroup_root]);
+        }
+        args.extend_from_slice(&[
             "--own-netns-only",
             "--connect-timeout",
             "1",
@@ -71,7 +67,7 @@ impl Agent {
             "3",
             "--log",
             "info",
-        ];
+        ]);
         args.extend_from_slice(extra);
         let stderr = fs::File::create(&stderr_log).expect("agent log");
         let child = lab

@@ -1,0 +1,143 @@
+//! End-to-end: the agent in hostile environments. It says what is missing
+//! and how to fix it, in one line, never panics, keeps capturing what it can,
+//! and leaves nothing in the kernel when it exits.
+
+mod support;
+
+use std::{
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use support::{Agent, lab, target_binary, to};
+use xtask::lab::{Outcome, Probe};
+
+const LAB: &str = r#"
+nodes: [ { name: node-1 } ]
+pods:
+  - { name: web, namespace: prod, node: node-1, ip: 10.244.1.2 }
+  - { name: api, namespace: prod, node: node-1, ip: 10.244.1.3, listen: ["8080/tcp"] }
+"#;
+
+fn refused_flow_is_reported(lab: &xtask::lab::Lab, agent: &Agent) {
+    let r = lab.probe("prod/web", &Probe::tcp("10.244.1.3:7777".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::Refused);
+    let f = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.3", 7777));
+    assert_eq!(f["flow"]["verdict"], "REFUSED");
+}
+
+/// Program ids the agent logged at start.
+fn program_ids(log: &str) -> Vec<u32> {
+    let line = log.lines().find(|l| l.contains("eBPF programs loaded")).expect("programs line");
+    let list = line.split("programs=").nth(1).expect("programs=").split_whitespace().next().unwrap_or("");
+    list.split(',').filter_map(|kv| kv.split('=').nth(1)?.parse().ok()).collect()
+}
+
+fn program_exists(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn without_kernel_btf_it_warns_once_and_keeps_capturing_with_tc() {
+    let lab = lab(LAB);
+    let mut agent = Agent::start(&lab, "node-1", 2, &["--btf", "/nonexistent/vmlinux"]);
+    let log = agent.log();
+    let warning: Vec<&str> = log.lines().filter(|l| l.contains("drop capture (kfree_skb) is off")).collect();
+    assert_eq!(warning.len(), 1, "{log}");
+    assert!(warning[0].contains("/nonexistent/vmlinux") && warning[0].contains("CONFIG_DEBUG_INFO_BTF"), "{}", warning[0]);
+    refused_flow_is_reported(&lab, &agent);
+    agent.stop();
+    assert!(!agent.log().contains("panicked"));
+}
+
+#[test]
+fn without_privileges_it_exits_with_one_line_naming_the_capabilities() {
+    let out = Command::new(target_binary("netwatch-agent"))
+        .args(["--duration", "1", "--cgroup-root", "none"])
+        .env("NO_COLOR", "1")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run agent as nobody");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(last.starts_with("netwatch-agent: ") && last.contains("CAP_BPF") && last.contains("root"), "{stderr}");
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let out = Command::new(target_binary("netwatch-agent"))
+        .args(["--drop-reasons", "default,NETFILTER_DROPP", "--duration", "1"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NETFILTER_DROPP") && stderr.contains("this kernel knows"), "{stderr}");
+
+    let out = Command::new(target_binary("netwatch-agent")).args(["--interfaces", "cali[", "--duration", "1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --interfaces pattern \"cali[\""));
+}
+
+#[test]
+fn a_cgroup_root_that_is_not_cgroup_v2_turns_off_only_the_socket_hook() {
+    let lab = lab(LAB);
+    let mut agent = Agent::start(&lab, "node-1", 2, &["--cgroup-root", "/tmp"]);
+    let log = agent.log();
+    assert!(log.lines().any(|l| l.contains("socket capture (sock_ops) is off") && l.contains("/tmp")), "{log}");
+    refused_flow_is_reported(&lab, &agent);
+    agent.stop();
+}
+
+#[test]
+fn interfaces_vanishing_mid_attach_do_not_stop_the_agent() {
+    let lab = lab(LAB);
+    let agent = Agent::start(&lab, "node-1", 2, &[]);
+    let netns = lab.node("node-1").unwrap().netns.clone();
+    for i in 0..40 {
+        let name = format!("calix{i:04}");
+        let _ = Command::new("ip")
+            .args(["-n", &netns, "link", "add", &name, "type", "veth", "peer", "name", &format!("peer{i:04}")])
+            .status();
+        let _ = Command::new("ip").args(["-n", &netns, "link", "set", &name, "up"]).status();
+        let _ = Command::new("ip").args(["-n", &netns, "link", "del", &name]).status();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    refused_flow_is_reported(&lab, &agent);
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("forgot interface interface=calix"), "vanished interfaces are forgotten:\n{log}");
+}
+
+#[test]
+fn nothing_is_left_in_the_kernel_after_sigterm_or_sigkill() {
+    let lab = lab(LAB);
+    // A clean stop.
+    let mut agent = Agent::start(&lab, "node-1", 2, &[]);
+    let ids = program_ids(&agent.log());
+    assert_eq!(ids.len(), 4, "TC from/to pod, kfree_skb, sock_ops");
+    assert!(ids.iter().all(|id| program_exists(*id)));
+    agent.stop();
+    assert!(ids.iter().all(|id| !program_exists(*id)), "programs (and so their links) are gone after exit");
+    // Killed without a chance to clean up: the links are fd-based, so the
+    // kernel drops them with the process.
+    let agent = Agent::start(&lab, "node-1", 2, &[]);
+    let ids = program_ids(&agent.log());
+    drop(agent); // SIGKILL
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ids.iter().all(|id| !program_exists(*id)), "programs are gone after SIGKILL");
+    // And no qdisc was added to the pod interfaces (tcx needs none).
+    let netns = &lab.node("node-1").unwrap().netns;
+    let qdiscs = String::from_utf8(Command::new("ip").args(["-n", netns, "-j", "qdisc", "show"]).output().unwrap().stdout).unwrap();
+    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+}
