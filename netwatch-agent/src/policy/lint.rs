@@ -387,9 +387,12 @@ impl Linter<'_> {
                 .map(|&p| engine.policies[p as usize].reference.to_string())
                 .collect();
             let pod_names: Vec<String> = pods.iter().map(|(i, _)| pod_label(engine, *i)).collect();
-            let missing: BTreeSet<Protocol> =
-                pods.iter().flat_map(|(_, m)| m.iter().copied()).collect();
-            let missing: Vec<String> = missing.iter().map(|p| format!("53/{p}")).collect();
+            // UDP first: it is what DNS uses until an answer is too large.
+            let missing: Vec<String> = [Protocol::Udp, Protocol::Tcp]
+                .into_iter()
+                .filter(|p| pods.iter().any(|(_, m)| m.contains(p)))
+                .map(|p| format!("53/{p}"))
+                .collect();
             let verb = if refs.len() == 1 {
                 "isolates"
             } else {
