@@ -409,7 +409,8 @@ fn hint(error: &watcher::Error) -> &'static str {
     match code {
         401 => "the service account token was rejected; check the agent's credentials",
         403 => {
-            "grant netwatch's service account list and watch on this kind (see the ClusterRole in deploy/)"
+            "grant netwatch's service account list and watch on this kind cluster-wide (a ClusterRole \
+             bound to it)"
         }
         410 => "the watch fell too far behind; re-listing",
         _ => "capture continues; flows are enriched again once the API answers",
