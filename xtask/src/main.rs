@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::lab::{self, Lab, LabSpec};
 
+mod bench;
 mod setup;
 mod test;
 
@@ -30,6 +31,22 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Measure what netwatch costs: datapath throughput with and without the
+    /// agent (iperf3 in the lab), then the criterion benchmarks. Run as root.
+    Bench {
+        /// Alternating with/without pairs (after one warm-up pair).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Only the datapath benchmark.
+        #[arg(long, conflicts_with = "criterion_only")]
+        datapath_only: bool,
+        /// Only the criterion benchmarks.
+        #[arg(long)]
+        criterion_only: bool,
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
@@ -72,6 +89,12 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
         Task::Test { args } => test::test(&args),
+        Task::Bench { runs, seconds, datapath_only, criterion_only } => bench::bench(&bench::BenchOptions {
+            runs,
+            seconds,
+            datapath: !criterion_only,
+            criterion: !datapath_only,
+        }),
         Task::Lab { scenario, duration, cleanup } => run_lab(scenario, duration, cleanup),
         Task::LabHelper { what } => helper(what),
     }

@@ -1,0 +1,219 @@
+//! `cargo xtask bench`: what netwatch costs.
+//!
+//! Datapath: TCP throughput between two lab pods (iperf3) with and without
+//! the agent attached, runs alternating A B A B ..., the median of the
+//! pairwise with/without ratios reported (the machine's speed drifts; pairs
+//! cancel most of it). While the agent runs, the kernel's own BPF statistics
+//! give each program's cost per packet. Then the criterion benchmarks of the
+//! policy engine and the identity cache (`cargo bench -p netwatch-agent`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use xtask::lab::{Lab, LabSpec, NodeSpec, PodSpec};
+
+pub struct BenchOptions {
+    pub runs: usize,
+    pub seconds: u64,
+    pub datapath: bool,
+    pub criterion: bool,
+}
+
+pub fn bench(opts: &BenchOptions) -> Result<()> {
+    crate::setup::setup()?;
+    if opts.datapath {
+        datapath(opts)?;
+    }
+    if opts.criterion {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!("bench: cargo bench -p netwatch-agent");
+        if !Command::new(cargo).args(["bench", "-p", "netwatch-agent"]).status()?.success() {
+            bail!("cargo bench failed");
+        }
+    }
+    Ok(())
+}
+
+fn cargo_build_release() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if !Command::new(cargo).args(["build", "--release", "-p", "netwatch-agent", "--bin", "netwatch-agent"]).status()?.success() {
+        bail!("building the agent failed");
+    }
+    let meta = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
+    let target = v["target_directory"].as_str().context("cargo metadata: target_directory")?;
+    Ok(Path::new(target).join("release/netwatch-agent"))
+}
+
+fn datapath(opts: &BenchOptions) -> Result<()> {
+    let agent_bin = cargo_build_release()?;
+    let spec = LabSpec {
+        nodes: vec![NodeSpec { name: "node-1".into(), ..NodeSpec::default() }],
+        pods: ["client", "server"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| PodSpec {
+                name: (*name).into(),
+                namespace: "bench".into(),
+                node: "node-1".into(),
+                ip: format!("10.244.9.{}", i + 2).parse().expect("address"),
+                ipv6: None,
+                listen: Vec::new(),
+                uid: None,
+                host_network: false,
+            })
+            .collect(),
+    };
+    let lab = Lab::up(&spec, &std::env::current_exe()?)?;
+    let server = lab.pod("bench/server")?;
+    let mut iperf_server = Guard(
+        lab.in_pod(server, Path::new("iperf3"))
+            .args(["-s", "-B", "10.244.9.3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = &mut iperf_server;
+
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut per_packet = Vec::new();
+    let _ = Command::new("sysctl").args(["-qw", "kernel.bpf_stats_enabled=1"]).status();
+    // One warm-up run of each, not counted.
+    for round in 0..=opts.runs {
+        let a = throughput(&lab, opts.seconds)?;
+        let agent = start_agent(&lab, &agent_bin)?;
+        let ids = agent.1.clone();
+        let before = prog_stats(&ids);
+        let b = throughput(&lab, opts.seconds)?;
+        let after = prog_stats(&ids);
+        drop(agent);
+        if round == 0 {
+            continue;
+        }
+        eprintln!("bench: run {round}: without {:.2} Gbit/s, with {:.2} Gbit/s", a / 1e9, b / 1e9);
+        without.push(a);
+        with.push(b);
+        if let (Some((t0, c0)), Some((t1, c1))) = (before, after) {
+            if c1 > c0 {
+                per_packet.push((t1 - t0) as f64 / (c1 - c0) as f64);
+            }
+        }
+    }
+    let _ = Command::new("sysctl").args(["-qw", "kernel.bpf_stats_enabled=0"]).status();
+    drop(iperf_server);
+    drop(lab);
+
+    let ratios: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w / wo).collect();
+    let md = |v: &[f64]| median(v);
+    println!("## Datapath overhead\n");
+    println!("Command: `cargo xtask bench --runs {} --seconds {}` (iperf3 TCP between two lab pods on one node, {} alternating pairs after one warm-up pair)\n", opts.runs, opts.seconds, opts.runs);
+    println!("| figure | min | median | max |");
+    println!("| --- | --- | --- | --- |");
+    println!("| without agent (Gbit/s) | {:.2} | {:.2} | {:.2} |", min(&without) / 1e9, md(&without) / 1e9, max(&without) / 1e9);
+    println!("| with agent (Gbit/s) | {:.2} | {:.2} | {:.2} |", min(&with) / 1e9, md(&with) / 1e9, max(&with) / 1e9);
+    println!("| with / without (pairwise) | {:.3} | {:.3} | {:.3} |", min(&ratios), md(&ratios), max(&ratios));
+    if !per_packet.is_empty() {
+        println!("| TC classifier cost (ns per packet, kernel bpf_stats) | {:.0} | {:.0} | {:.0} |", min(&per_packet), md(&per_packet), max(&per_packet));
+    }
+    println!("\nTarget: median with/without >= 0.99.");
+    Ok(())
+}
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The agent attached to the lab node, and the ids of its TC programs.
+fn start_agent(lab: &Lab, bin: &Path) -> Result<(Guard, Vec<u32>)> {
+    let log = std::env::temp_dir().join(format!("netwatch-bench-{}.log", std::process::id()));
+    let child = lab
+        .on_node("node-1", bin)?
+        .args(["--node-name", "node-1", "--interfaces", "cali*", "--own-netns-only", "--flow-log", "/dev/null", "--cgroup-root", "none"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let guard = Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.matches("attached TC classifiers").count() >= 2 {
+            let ids = text
+                .lines()
+                .find(|l| l.contains("eBPF programs loaded"))
+                .and_then(|l| l.split("programs=").nth(1))
+                .map(|s| {
+                    s.split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .split(',')
+                        .filter(|kv| kv.contains("_pod="))
+                        .filter_map(|kv| kv.split('=').nth(1)?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            return Ok((guard, ids));
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not attach within 20 s:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Total (run_time_ns, run_cnt) of the given programs.
+fn prog_stats(ids: &[u32]) -> Option<(u64, u64)> {
+    let mut total = (0, 0);
+    for id in ids {
+        let out = Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "-j"]).output().ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        // Absent until the program has run at least once.
+        total.0 += v["run_time_ns"].as_u64().unwrap_or(0);
+        total.1 += v["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// Bits per second of one iperf3 run from client to server.
+fn throughput(lab: &Lab, seconds: u64) -> Result<f64> {
+    let client = lab.pod("bench/client")?;
+    let out = lab
+        .in_pod(client, Path::new("iperf3"))
+        .args(["-c", "10.244.9.3", "-t", &seconds.to_string(), "-J"])
+        .output()
+        .context("running iperf3 -c")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 reported no throughput: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
