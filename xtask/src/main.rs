@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use xtask::lab::{self, Lab, LabSpec};
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 
@@ -31,6 +32,13 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run netwatch on this machine against a lab node whose firewall drops
+    /// pod traffic; shows the denied flows live. Run as root; Ctrl-C stops it.
+    Demo {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
     },
     /// Measure what netwatch costs: datapath throughput with and without the
     /// agent (iperf3 in the lab), then the criterion benchmarks. Run as root.
@@ -85,10 +93,23 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// Ctrl-C and SIGTERM set STOP; the task then cleans up and exits.
+fn install_stop_handler() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
         Task::Test { args } => test::test(&args),
+        Task::Demo { duration } => {
+            install_stop_handler();
+            demo::demo(duration, &STOP)
+        }
         Task::Bench { runs, seconds, datapath_only, criterion_only } => bench::bench(&bench::BenchOptions {
             runs,
             seconds,
@@ -112,11 +133,7 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let spec: LabSpec =
         serde_yaml::from_str(&text).with_context(|| format!("{}: not a lab scenario", path.display()))?;
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    install_stop_handler();
     let helper = std::env::current_exe()?;
     let lab = Lab::up(&spec, &helper)?;
     eprintln!("lab {} is up:", lab.id);
