@@ -25,7 +25,7 @@ use crate::{
         load::{CaptureConfig, KernelCapture, LoadError},
         tables::{KernelTables, Losses},
     },
-    export::flowlog::{FlowLogError, FlowLogTarget, FlowLogWriter},
+    export::{ExportConfig, ExportError, Exporters, KernelStats},
     flow::{
         assemble::{AssemblerConfig, FlowAssembler, Signal},
         record::FlowRecord,
@@ -37,7 +37,7 @@ use crate::{
 pub struct DaemonConfig {
     pub node_name: String,
     pub interfaces: Vec<String>,
-    pub flow_log: FlowLogTarget,
+    pub export: ExportConfig,
     pub connect_timeout: Duration,
     pub update_interval: Duration,
     pub idle_timeout: Duration,
@@ -55,7 +55,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Attach(#[from] AttachError),
     #[error(transparent)]
-    FlowLog(#[from] FlowLogError),
+    Export(#[from] ExportError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -63,7 +63,7 @@ pub enum DaemonError {
 /// Run until stopped. Capture starts before anything else is ready.
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let patterns = InterfacePatterns::new(&config.interfaces)?;
-    let mut flow_log = FlowLogWriter::open(&config.flow_log)?;
+    let mut outputs = Exporters::start(&config.export).await?;
     let (mut capture, maps) = KernelCapture::load(&config.capture)?;
     let (mut tables, ring) = KernelTables::new(maps);
     let mut reader = EventReader::new(ring)?;
@@ -107,7 +107,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
                 let now = SystemTime::now();
                 for e in events.drain(..) {
-                    emit(&mut flow_log, assembler.handle(Signal::Kernel(e), now, &capture.reasons, &|i| attacher.name_of(i).map(str::to_string)));
+                    emit(&mut outputs, assembler.handle(Signal::Kernel(e), now, &capture.reasons, &|i| attacher.name_of(i).map(str::to_string)));
                 }
             }
             Some(change) = link_rx.recv() => {
@@ -121,10 +121,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 let now = SystemTime::now();
                 let names = |i: u32| attacher.name_of(i).map(str::to_string);
                 for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-                    emit(&mut flow_log, assembler.handle(s, now, &capture.reasons, &names));
+                    emit(&mut outputs, assembler.handle(s, now, &capture.reasons, &names));
                 }
                 let out = assembler.tick(now, &capture.reasons, &names);
-                emit(&mut flow_log, out.records);
+                emit(&mut outputs, out.records);
                 for k in &out.finished_drop_keys {
                     tables.remove_drop(k);
                 }
@@ -134,9 +134,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     }
                     last_losses = l;
                 }
-                if let Err(e) = flow_log.flush() {
-                    error!("{e}");
-                }
+                outputs.kernel_stats(&KernelStats {
+                    losses: last_losses,
+                    attached_interfaces: attacher.len(),
+                    undecodable_events: reader.undecodable,
+                    evicted_flows: assembler.evicted,
+                });
+                outputs.flush();
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -148,10 +152,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let names = |i: u32| attacher.name_of(i).map(str::to_string);
     let now = SystemTime::now();
     for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-        emit(&mut flow_log, assembler.handle(s, now, &capture.reasons, &names));
+        emit(&mut outputs, assembler.handle(s, now, &capture.reasons, &names));
     }
-    emit(&mut flow_log, assembler.finish_all(&capture.reasons, &names));
-    flow_log.flush()?;
+    emit(&mut outputs, assembler.finish_all(&capture.reasons, &names));
+    outputs.flush();
     link_task.abort();
     if let Ok(l) = tables.losses() {
         info!(lost = l.total_lost(), "kernel losses over the agent's life");
@@ -161,11 +165,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn emit(log: &mut FlowLogWriter, records: Vec<FlowRecord>) {
+fn emit(out: &mut Exporters, records: Vec<FlowRecord>) {
     for r in records {
-        if let Err(e) = log.write(&r) {
-            error!("{e}");
-        }
+        out.publish(&r);
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Parser;
 use netwatch::{
     capture::load::{CaptureConfig, detect_cgroup2_root},
     daemon::{self, DaemonConfig},
-    export::flowlog::FlowLogTarget,
+    export::{ExportConfig, flowlog::FlowLogTarget},
 };
 
 /// netwatch's node agent: reports every pod flow this node drops, that times
@@ -114,7 +114,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = DaemonConfig {
         node_name,
         interfaces: args.interfaces,
-        flow_log: args.flow_log,
+        export: ExportConfig { flow_log: args.flow_log },
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         update_interval: secs(args.update_interval, "update-interval")?,
         idle_timeout: secs(args.idle_timeout, "idle-timeout")?,
