@@ -171,6 +171,8 @@ pub trait SnapshotKind:
 macro_rules! snapshot_kinds {
     ($($kind:ident => $field:ident),* $(,)?) => {
         /// A watcher event of any kind netwatch reads.
+        // Unboxed: most events are pods, the largest variant, anyway.
+        #[allow(clippy::large_enum_variant)]
         #[derive(Debug)]
         pub enum ObjectEvent {
             $($kind(Event<$kind>),)*
