@@ -1,21 +1,65 @@
 //! Exporters: everything that leaves the agent goes through [`Exporters`]:
-//! the flow log ([`flowlog`]) today; metrics, the live observe API and
-//! Kubernetes Events plug in here too.
+//!
+//! - [`flowlog`]: the flow log, Hubble's export shape, stdout or a rotated
+//!   file, with allow/deny [`filter`]s;
+//! - [`metrics`]: Prometheus metrics on `/metrics`, with `/healthz` and
+//!   `/readyz`;
+//! - [`server`]: the observe API behind `netwatch observe` and `netwatch top`;
+//! - [`events`]: Kubernetes `PacketDrop` Events (opt-in).
+//!
+//! None of them can stall the capture loop: the flow log and events are
+//! written by their own thread and task behind bounded queues, observe
+//! clients have bounded queues, and whatever does not fit is counted.
 
+pub mod events;
+pub mod filter;
 pub mod flowlog;
+pub mod metrics;
+pub mod server;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use crate::{capture::tables::Losses, flow::record::FlowRecord};
-use flowlog::{FlowLogError, FlowLogTarget, FlowLogWriter};
+use events::{EventsConfig, PacketDropEvents};
+use filter::FilterSet;
+use flowlog::{FlowLog, FlowLogConfig, FlowLogError, FlowLogTarget};
+use metrics::{MetricsConfig, MetricsError, MetricsRegistry};
+use server::{ApiConfig, ObserveHub, ObserveServer, ServerError};
 
 /// How the exporters are set up (from the agent's flags).
 #[derive(Clone, Debug)]
 pub struct ExportConfig {
+    /// This node's name (observe API status, Kubernetes Events).
+    pub node_name: String,
     pub flow_log: FlowLogTarget,
+    /// Rotate the flow log file at this size (0: never).
+    pub flow_log_max_size_bytes: u64,
+    /// Rotated flow log files kept.
+    pub flow_log_max_backups: usize,
+    /// Which records the flow log writes.
+    pub flow_log_filters: FilterSet,
+    /// Where `/metrics`, `/healthz`, `/readyz` listen (`None`: off).
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics: MetricsConfig,
+    /// The observe API (socket and/or loopback TCP).
+    pub api: ApiConfig,
+    /// Kubernetes `PacketDrop` Events (`None`: off).
+    pub kubernetes_events: Option<EventsConfig>,
 }
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        ExportConfig { flow_log: FlowLogTarget::Stdout }
+        ExportConfig {
+            node_name: String::new(),
+            flow_log: FlowLogTarget::Stdout,
+            flow_log_max_size_bytes: 10 * 1024 * 1024,
+            flow_log_max_backups: 5,
+            flow_log_filters: FilterSet::default(),
+            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9965))),
+            metrics: MetricsConfig::default(),
+            api: ApiConfig::default(),
+            kubernetes_events: None,
+        }
     }
 }
 
@@ -24,6 +68,14 @@ impl Default for ExportConfig {
 pub enum ExportError {
     #[error(transparent)]
     FlowLog(#[from] FlowLogError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(
+        "--kubernetes-events: cannot reach the Kubernetes API (in-cluster config or kubeconfig): {0}"
+    )]
+    Kube(#[from] kube::Error),
 }
 
 /// What the kernel side reports about itself, for export.
@@ -40,32 +92,138 @@ pub struct KernelStats {
 
 /// The agent's outputs.
 pub struct Exporters {
-    flow_log: FlowLogWriter,
+    metrics: MetricsRegistry,
+    flow_log: FlowLog,
+    hub: Option<Arc<ObserveHub>>,
+    server: Option<ObserveServer>,
+    events: Option<PacketDropEvents>,
+    /// Where metrics are served (the bound port when port 0 was asked).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Exporters {
     /// Open every output. Must be called within the tokio runtime.
     pub async fn start(config: &ExportConfig) -> Result<Exporters, ExportError> {
-        Ok(Exporters { flow_log: FlowLogWriter::open(&config.flow_log)? })
+        let metrics = MetricsRegistry::new(config.metrics.clone())?;
+        let flow_log = FlowLog::start(
+            &FlowLogConfig {
+                target: config.flow_log.clone(),
+                max_size_bytes: config.flow_log_max_size_bytes,
+                max_backups: config.flow_log_max_backups,
+                filters: config.flow_log_filters.clone(),
+                ..FlowLogConfig::default()
+            },
+            metrics.flow_log.clone(),
+        )?;
+        let metrics_addr = match config.metrics_addr {
+            Some(addr) => {
+                let bound = metrics::serve(
+                    addr,
+                    metrics.registry().clone(),
+                    metrics.health.clone(),
+                    metrics.ready_refresher(),
+                )
+                .await?;
+                tracing::info!(addr = %bound, "metrics listening on http://{bound}/metrics (also /healthz, /readyz)");
+                Some(bound)
+            }
+            None => None,
+        };
+        let (hub, server) = if config.api.socket.is_some() || config.api.tcp.is_some() {
+            let hub = Arc::new(ObserveHub::new(
+                &config.api,
+                &config.node_name,
+                metrics.observer_dropped.clone(),
+                metrics.observer_clients.clone(),
+            ));
+            let server = ObserveServer::start(&config.api, hub.clone()).await?;
+            (Some(hub), Some(server))
+        } else {
+            (None, None)
+        };
+        let events = match &config.kubernetes_events {
+            Some(ec) => {
+                let client = kube::Client::try_default().await?;
+                tracing::info!(
+                    "posting PacketDrop Kubernetes Events (at most one per flow per {:?})",
+                    ec.interval
+                );
+                Some(PacketDropEvents::start(
+                    client,
+                    &config.node_name,
+                    ec.clone(),
+                    metrics.kube_events.clone(),
+                ))
+            }
+            None => None,
+        };
+        Ok(Exporters {
+            metrics,
+            flow_log,
+            hub,
+            server,
+            events,
+            metrics_addr,
+        })
     }
 
-    /// One flow record, to every output.
+    /// One flow record, to every output. Never waits on a reader.
     pub fn publish(&mut self, record: &FlowRecord) {
-        if let Err(e) = self.flow_log.write(record) {
-            tracing::error!("{e}");
+        self.metrics.observe(record);
+        if let Some(events) = &mut self.events {
+            events.observe(record, Instant::now());
+        }
+        let shared = Arc::new(record.clone());
+        self.flow_log.write(&shared);
+        if let Some(hub) = &self.hub {
+            hub.publish(&shared);
         }
     }
 
     /// The kernel side's counters, refreshed every tick.
-    pub fn kernel_stats(&mut self, _stats: &KernelStats) {}
+    pub fn kernel_stats(&mut self, stats: &KernelStats) {
+        self.metrics.kernel_stats(stats);
+    }
 
-    /// Whether the agent is ready (capturing and, when configured, enriched).
-    pub fn set_ready(&mut self, _ready: bool) {}
+    /// Whether the agent is ready: the daemon calls it once capture runs
+    /// (`true` when there is no identity source to wait for, else `false`)
+    /// and with `true` when identity has synced. `/readyz` and
+    /// `netwatch_ready` say not ready until then.
+    pub fn set_ready(&mut self, ready: bool) {
+        self.metrics.health.set_capturing(true);
+        self.metrics.health.set_enrichment_ready(ready);
+    }
 
-    /// Flush buffered output (every tick and at shutdown).
-    pub fn flush(&mut self) {
-        if let Err(e) = self.flow_log.flush() {
-            tracing::error!("{e}");
-        }
+    /// A pod was deleted: metric series naming it go after the grace period.
+    pub fn pod_deleted(&mut self, namespace: &str, pod: &str) {
+        self.metrics.pod_deleted(namespace, pod);
+    }
+
+    /// Flush buffered output (every tick and at shutdown). The flow log
+    /// writer flushes by itself whenever its queue runs empty, so this only
+    /// matters for outputs added later.
+    pub fn flush(&mut self) {}
+
+    /// Stop: write what the flow log has queued (waiting a few seconds at
+    /// most) and remove the observe socket.
+    pub fn close(&mut self) {
+        self.flow_log.close(std::time::Duration::from_secs(5));
+        self.server = None;
+    }
+
+    /// The metrics, for tests and benchmarks.
+    pub fn metrics(&self) -> &MetricsRegistry {
+        &self.metrics
+    }
+
+    /// The observe API's ring and followers, when it is on.
+    pub fn observe_hub(&self) -> Option<&Arc<ObserveHub>> {
+        self.hub.as_ref()
+    }
+}
+
+impl Drop for Exporters {
+    fn drop(&mut self) {
+        self.close();
     }
 }

@@ -1,0 +1,1261 @@
+//! Prometheus metrics: what the agent counts, and the `/metrics`,
+//! `/healthz` and `/readyz` endpoints.
+//!
+//! Counters stay exact although a flow is reported several times (NEW,
+//! UPDATE, FINAL records of one `uuid`): a flow is counted once, on its
+//! first record, and packets and bytes are counted as the increase between
+//! records of the same flow.
+//!
+//! The context labels (`source_*`, `destination_*`) are configurable, as
+//! Hubble's `sourceContext` / `destinationContext` are. A cap bounds the
+//! number of context series: past it, new label sets are folded into one
+//! series whose context labels are `_other` (totals stay exact) and counted
+//! in `netwatch_metrics_series_overflow_total`. Series naming a deleted pod
+//! are removed after a grace period, as Hubble does.
+
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use super::KernelStats;
+use crate::{
+    flow::record::{FlowRecord, Lifecycle, Verdict},
+    identity::Endpoint,
+};
+
+/// Errors configuring or serving metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "{flag}: unknown context {value:?}; valid: namespace, workload, pod, app, port (comma-separated), or none"
+    )]
+    UnknownContext { flag: &'static str, value: String },
+    #[error(
+        "{flag}: `port` is only valid in --metrics-destination-context (source ports are ephemeral)"
+    )]
+    SourcePort { flag: &'static str },
+    #[error("{flag}: {value:?} is listed twice")]
+    DuplicateContext { flag: &'static str, value: String },
+    #[error(
+        "--metrics-addr {value:?}: {reason}; expected HOST:PORT, :PORT or none (e.g. 0.0.0.0:9965, :9965, 127.0.0.1:0)"
+    )]
+    BadAddr { value: String, reason: String },
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registering metric: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// One dimension of a flow end that can become a label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ContextLabel {
+    /// The pod's namespace.
+    Namespace,
+    /// The first owning workload's name (e.g. the Deployment), else the
+    /// reserved identity (`world`, `host`, ...).
+    Workload,
+    /// The pod's name (high cardinality: series of deleted pods are removed
+    /// after the grace period).
+    Pod,
+    /// The `app` (or `app.kubernetes.io/name`) label.
+    App,
+    /// The destination port (destination context only).
+    Port,
+}
+
+impl ContextLabel {
+    fn name(self) -> &'static str {
+        match self {
+            ContextLabel::Namespace => "namespace",
+            ContextLabel::Workload => "workload",
+            ContextLabel::Pod => "pod",
+            ContextLabel::App => "app",
+            ContextLabel::Port => "port",
+        }
+    }
+
+    /// Parse a context list: `namespace,workload,port`, or `none`. Hubble's
+    /// `|` separator is accepted too; each dimension becomes its own label.
+    pub fn parse_list(
+        flag: &'static str,
+        s: &str,
+        destination: bool,
+    ) -> Result<Vec<ContextLabel>, MetricsError> {
+        let s = s.trim();
+        if s.is_empty() || s == "none" {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for item in s.split([',', '|']).map(str::trim) {
+            let c = match item.to_ascii_lowercase().as_str() {
+                "namespace" => ContextLabel::Namespace,
+                "workload" | "workload-name" => ContextLabel::Workload,
+                "pod" | "pod-name" => ContextLabel::Pod,
+                "app" => ContextLabel::App,
+                "port" => ContextLabel::Port,
+                _ => {
+                    return Err(MetricsError::UnknownContext {
+                        flag,
+                        value: item.to_string(),
+                    });
+                }
+            };
+            if c == ContextLabel::Port && !destination {
+                return Err(MetricsError::SourcePort { flag });
+            }
+            if out.contains(&c) {
+                return Err(MetricsError::DuplicateContext {
+                    flag,
+                    value: item.to_string(),
+                });
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    fn value(self, ep: &Endpoint, port: Option<u16>) -> String {
+        match self {
+            ContextLabel::Namespace => ep.namespace.clone(),
+            ContextLabel::Workload => match ep.workloads.first() {
+                Some(w) => w.name.clone(),
+                None => ep
+                    .reserved_identity()
+                    .map(|r| r.name().to_string())
+                    .unwrap_or_default(),
+            },
+            ContextLabel::Pod => ep.pod_name.clone(),
+            ContextLabel::App => ep
+                .labels
+                .iter()
+                .find_map(|l| {
+                    l.strip_prefix("k8s:app=")
+                        .or_else(|| l.strip_prefix("k8s:app.kubernetes.io/name="))
+                })
+                .unwrap_or_default()
+                .to_string(),
+            ContextLabel::Port => port.map(|p| p.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Parse `--metrics-addr`: `HOST:PORT`, `:PORT` (all addresses) or `none`.
+pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, MetricsError> {
+    let s = s.trim();
+    if s == "none" || s.is_empty() {
+        return Ok(None);
+    }
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|e| MetricsError::BadAddr {
+            value: s.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// How metrics are labelled and bounded.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    pub source_context: Vec<ContextLabel>,
+    pub destination_context: Vec<ContextLabel>,
+    /// At most this many context series (label sets) across the flow metrics.
+    pub max_series: usize,
+    /// Series naming a deleted pod are removed this long after it goes.
+    pub deleted_pod_grace: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            source_context: vec![ContextLabel::Namespace, ContextLabel::Workload],
+            destination_context: vec![
+                ContextLabel::Namespace,
+                ContextLabel::Workload,
+                ContextLabel::Port,
+            ],
+            max_series: 10_000,
+            deleted_pod_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The label value of context series refused by the cardinality cap.
+pub const OVERFLOW_LABEL: &str = "_other";
+
+/// The flow metrics that carry context labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum FlowMetric {
+    Drops,
+    DropBytes,
+    DeniedFlows,
+    DnsFailures,
+}
+
+/// Everything the agent exports to Prometheus, and the bookkeeping that
+/// keeps counters exact and bounded.
+pub struct MetricsRegistry {
+    registry: Registry,
+    config: MetricsConfig,
+    context_names: Vec<String>,
+    drops: IntCounterVec,
+    drop_bytes: IntCounterVec,
+    denied_flows: IntCounterVec,
+    policy_denials: IntCounterVec,
+    dns_failures: IntCounterVec,
+    lost_events: IntCounterVec,
+    unenriched: IntCounter,
+    attached: IntGauge,
+    ready_gauge: IntGauge,
+    evicted_flows: IntCounter,
+    series_overflow: IntCounter,
+    /// Records the observe API could not deliver to a slow client.
+    pub observer_dropped: IntCounter,
+    /// Clients following the observe API.
+    pub observer_clients: IntGauge,
+    /// Flow log counters.
+    pub flow_log: super::flowlog::FlowLogCounters,
+    /// Kubernetes Events by outcome.
+    pub kube_events: IntCounterVec,
+    /// Per-flow state, by uuid, until its FINAL record.
+    flows: HashMap<String, FlowState>,
+    /// Context series in use: label values -> pods they name.
+    series: HashMap<(FlowMetric, Vec<String>), SeriesPods>,
+    context_series: usize,
+    /// Deleted pods whose series go at the deadline.
+    pending_removals: Vec<(Instant, String, String)>,
+    last_losses: HashMap<&'static str, u64>,
+    last_undecodable: u64,
+    last_evicted: u64,
+    /// Shared with the HTTP endpoints.
+    pub health: Arc<Health>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct SeriesPods {
+    source: Option<(String, String)>,
+    destination: Option<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct FlowState {
+    packets: u64,
+    bytes: u64,
+    counted_policies: HashSet<(bool, String, String)>,
+    unenriched_counted: bool,
+}
+
+/// Flows tracked for exact deltas at most; the assembler tracks 65,536.
+const MAX_TRACKED_FLOWS: usize = 262_144;
+
+/// Liveness and readiness, shared with the HTTP server.
+#[derive(Debug)]
+pub struct Health {
+    capturing: AtomicBool,
+    enrichment_ready: AtomicBool,
+    /// Last main-loop tick, seconds since the epoch.
+    last_tick: AtomicU64,
+    /// The main loop is considered stuck after this long without a tick.
+    pub stall_after: Duration,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            capturing: AtomicBool::new(false),
+            enrichment_ready: AtomicBool::new(false),
+            last_tick: AtomicU64::new(now_secs()),
+            stall_after: Duration::from_secs(30),
+        }
+    }
+
+    /// Ready: capturing, and identity synced when the agent waits for it.
+    pub fn ready(&self) -> bool {
+        self.capturing.load(Ordering::Relaxed) && self.enrichment_ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_capturing(&self, v: bool) {
+        self.capturing.store(v, Ordering::Relaxed);
+    }
+
+    pub fn set_enrichment_ready(&self, v: bool) {
+        self.enrichment_ready.store(v, Ordering::Relaxed);
+    }
+
+    fn tick(&self) {
+        self.last_tick.store(now_secs(), Ordering::Relaxed);
+    }
+
+    /// Seconds since the main loop last ticked.
+    pub fn since_tick(&self) -> u64 {
+        now_secs().saturating_sub(self.last_tick.load(Ordering::Relaxed))
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn direction_label(r: &FlowRecord) -> &'static str {
+    if r.traffic_direction.eq_ignore_ascii_case("ingress") {
+        "ingress"
+    } else if r.traffic_direction.eq_ignore_ascii_case("egress") {
+        "egress"
+    } else {
+        "unknown"
+    }
+}
+
+impl MetricsRegistry {
+    /// Register every metric.
+    pub fn new(config: MetricsConfig) -> Result<MetricsRegistry, MetricsError> {
+        let registry = Registry::new();
+        let mut context_names: Vec<String> = config
+            .source_context
+            .iter()
+            .map(|c| format!("source_{}", c.name()))
+            .collect();
+        context_names.extend(
+            config
+                .destination_context
+                .iter()
+                .map(|c| format!("destination_{}", c.name())),
+        );
+        let ctx: Vec<&str> = context_names.iter().map(String::as_str).collect();
+        let with_ctx = |first: &[&'static str]| -> Vec<&str> {
+            first.iter().copied().chain(ctx.iter().copied()).collect()
+        };
+
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, MetricsError> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+
+        let drops = counter_vec(
+            "netwatch_drops_total",
+            "Packets of denied flows the node dropped, by kernel drop reason.",
+            &with_ctx(&["reason", "protocol", "direction"]),
+        )?;
+        let drop_bytes = counter_vec(
+            "netwatch_drop_bytes_total",
+            "Bytes (IP length) of the packets counted in netwatch_drops_total.",
+            &with_ctx(&["reason", "protocol", "direction"]),
+        )?;
+        let denied_flows = counter_vec(
+            "netwatch_denied_flows_total",
+            "Distinct denied flows, by verdict (DROPPED, TIMED_OUT, REFUSED, POLICY_NOT_ENFORCED).",
+            &with_ctx(&["verdict", "protocol"]),
+        )?;
+        let policy_denials = counter_vec(
+            "netwatch_policy_denials_total",
+            "Denied flows attributed to a NetworkPolicy, by the denying policy and the side it isolates.",
+            &["direction", "policy_namespace", "policy"],
+        )?;
+        let dns_failures = counter_vec(
+            "netwatch_dns_failures_total",
+            "DNS queries (port 53) dropped, unanswered or refused, counted once per flow.",
+            &with_ctx(&["verdict"]),
+        )?;
+        let lost_events = counter_vec(
+            "netwatch_lost_events_total",
+            "Events the agent could not deliver or track, by where they were lost.",
+            &["source"],
+        )?;
+        let unenriched = counter(
+            "netwatch_unenriched_flows_total",
+            "Flows reported before identity (pod, namespace) could be resolved.",
+        )?;
+        let attached = gauge(
+            "netwatch_attached_interfaces",
+            "Pod interfaces with the agent's TC classifiers attached.",
+        )?;
+        let ready_gauge = gauge(
+            "netwatch_ready",
+            "1 when the agent is capturing and, if configured, identity is synced.",
+        )?;
+        let evicted_flows = counter(
+            "netwatch_evicted_flows_total",
+            "Flows finalised early because the agent's flow table was full.",
+        )?;
+        let series_overflow = counter(
+            "netwatch_metrics_series_overflow_total",
+            "Observations folded into the `_other` context series because --metrics-max-series was reached.",
+        )?;
+        let observer_dropped = counter(
+            "netwatch_observer_dropped_records_total",
+            "Records not delivered to an observe client that did not keep up.",
+        )?;
+        let observer_clients = gauge(
+            "netwatch_observer_clients",
+            "Clients following flows over the observe API.",
+        )?;
+        let flow_log = super::flowlog::FlowLogCounters {
+            written: counter(
+                "netwatch_flow_log_records_total",
+                "Records written to the flow log.",
+            )?,
+            dropped: counter(
+                "netwatch_flow_log_dropped_records_total",
+                "Records lost by the flow log: its writer was behind (slow or full disk) or a write failed.",
+            )?,
+            write_errors: counter(
+                "netwatch_flow_log_write_errors_total",
+                "Failed writes to the flow log.",
+            )?,
+            filtered: counter(
+                "netwatch_flow_log_filtered_records_total",
+                "Records the flow log's allow/deny filters kept out.",
+            )?,
+        };
+        let kube_events = counter_vec(
+            "netwatch_kubernetes_events_total",
+            "PacketDrop Kubernetes Events by outcome: posted, rate_limited, dropped (queue full), failed (API error).",
+            &["result"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "netwatch_build_info",
+                "Always 1; labels say which netwatch and which kernel.",
+            ),
+            &["version", "kernel"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), &kernel])
+            .set(1);
+        for (source, _) in crate::capture::tables::Losses::default().by_source() {
+            lost_events.with_label_values(&[source]).reset();
+        }
+        lost_events
+            .with_label_values(&["undecodable_events"])
+            .reset();
+        for result in ["posted", "rate_limited", "dropped", "failed"] {
+            kube_events.with_label_values(&[result]).reset();
+        }
+
+        Ok(MetricsRegistry {
+            registry,
+            config,
+            context_names,
+            drops,
+            drop_bytes,
+            denied_flows,
+            policy_denials,
+            dns_failures,
+            lost_events,
+            unenriched,
+            attached,
+            ready_gauge,
+            evicted_flows,
+            series_overflow,
+            observer_dropped,
+            observer_clients,
+            flow_log,
+            kube_events,
+            flows: HashMap::new(),
+            series: HashMap::new(),
+            context_series: 0,
+            pending_removals: Vec::new(),
+            last_losses: HashMap::new(),
+            last_undecodable: 0,
+            last_evicted: 0,
+            health: Arc::new(Health::new()),
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.ready_gauge.set(i64::from(self.health.ready()));
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, to serve or to gather from.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Names of the context labels, in order.
+    pub fn context_label_names(&self) -> &[String] {
+        &self.context_names
+    }
+
+    fn context(&self, r: &FlowRecord) -> (Vec<String>, SeriesPods) {
+        let (sport, dport) = match r.l4.ports() {
+            Some(p) => (Some(p.source_port), Some(p.destination_port)),
+            None => (None, None),
+        };
+        let mut values = Vec::with_capacity(self.context_names.len());
+        values.extend(
+            self.config
+                .source_context
+                .iter()
+                .map(|c| c.value(&r.source, sport)),
+        );
+        values.extend(
+            self.config
+                .destination_context
+                .iter()
+                .map(|c| c.value(&r.destination, dport)),
+        );
+        let pod = |ep: &Endpoint| {
+            (!ep.pod_name.is_empty()).then(|| (ep.namespace.clone(), ep.pod_name.clone()))
+        };
+        let pods = SeriesPods {
+            source: if self.config.source_context.contains(&ContextLabel::Pod) {
+                pod(&r.source)
+            } else {
+                None
+            },
+            destination: if self.config.destination_context.contains(&ContextLabel::Pod) {
+                pod(&r.destination)
+            } else {
+                None
+            },
+        };
+        (values, pods)
+    }
+
+    /// Label values for `metric` with `first` labels and the context,
+    /// folded into `_other` when the cap refuses a new series.
+    fn labels(
+        &mut self,
+        metric: FlowMetric,
+        first: &[&str],
+        ctx: &[String],
+        pods: &SeriesPods,
+    ) -> Vec<String> {
+        let mut values: Vec<String> = first
+            .iter()
+            .map(|s| s.to_string())
+            .chain(ctx.iter().cloned())
+            .collect();
+        if ctx.is_empty() {
+            return values;
+        }
+        let key = (metric, values.clone());
+        if self.series.contains_key(&key) {
+            return values;
+        }
+        if self.context_series >= self.config.max_series {
+            self.series_overflow.inc();
+            for v in values.iter_mut().skip(first.len()) {
+                *v = OVERFLOW_LABEL.to_string();
+            }
+            return values;
+        }
+        self.context_series += 1;
+        self.series.insert(key, pods.clone());
+        values
+    }
+
+    /// Count one flow record.
+    pub fn observe(&mut self, r: &FlowRecord) {
+        let first_record = !self.flows.contains_key(&r.uuid);
+        if first_record && self.flows.len() >= MAX_TRACKED_FLOWS {
+            // Should not happen (the assembler holds fewer flows); forget the
+            // oldest knowledge rather than grow: counts of those flows'
+            // later records may then be counted again.
+            self.flows.clear();
+        }
+        let state = self.flows.entry(r.uuid.clone()).or_default();
+        let d_packets = r.packets.saturating_sub(state.packets);
+        let d_bytes = r.bytes.saturating_sub(state.bytes);
+        state.packets = state.packets.max(r.packets);
+        state.bytes = state.bytes.max(r.bytes);
+        let new_policies: Vec<(bool, String, String)> = r
+            .egress_denied_by
+            .iter()
+            .map(|p| (false, p.namespace.clone(), p.name.clone()))
+            .chain(
+                r.ingress_denied_by
+                    .iter()
+                    .map(|p| (true, p.namespace.clone(), p.name.clone())),
+            )
+            .filter(|k| state.counted_policies.insert(k.clone()))
+            .collect();
+        let count_unenriched = r.unenriched && !state.unenriched_counted;
+        state.unenriched_counted |= r.unenriched;
+        if r.lifecycle == Lifecycle::Final {
+            self.flows.remove(&r.uuid);
+        }
+
+        let (ctx, pods) = self.context(r);
+        let protocol = r.l4.protocol_name();
+        let direction = direction_label(r);
+        if r.verdict == Verdict::Dropped && (d_packets > 0 || d_bytes > 0) {
+            let reason = r.drop_reason_desc.as_deref().unwrap_or("UNKNOWN");
+            let l = self.labels(
+                FlowMetric::Drops,
+                &[reason, &protocol, direction],
+                &ctx,
+                &pods,
+            );
+            let l: Vec<&str> = l.iter().map(String::as_str).collect();
+            self.drops.with_label_values(&l).inc_by(d_packets);
+            let l = self.labels(
+                FlowMetric::DropBytes,
+                &[reason, &protocol, direction],
+                &ctx,
+                &pods,
+            );
+            let l: Vec<&str> = l.iter().map(String::as_str).collect();
+            self.drop_bytes.with_label_values(&l).inc_by(d_bytes);
+        }
+        if first_record {
+            let l = self.labels(
+                FlowMetric::DeniedFlows,
+                &[r.verdict.as_str(), &protocol],
+                &ctx,
+                &pods,
+            );
+            let l: Vec<&str> = l.iter().map(String::as_str).collect();
+            self.denied_flows.with_label_values(&l).inc();
+            if r.is_dns {
+                let l = self.labels(FlowMetric::DnsFailures, &[r.verdict.as_str()], &ctx, &pods);
+                let l: Vec<&str> = l.iter().map(String::as_str).collect();
+                self.dns_failures.with_label_values(&l).inc();
+            }
+        }
+        for (ingress, ns, name) in new_policies {
+            self.policy_denials
+                .with_label_values(&[if ingress { "ingress" } else { "egress" }, &ns, &name])
+                .inc();
+        }
+        if count_unenriched {
+            self.unenriched.inc();
+        }
+    }
+
+    /// The kernel side's counters (cumulative), every tick; also runs the
+    /// removal of deleted pods' series that are due.
+    pub fn kernel_stats(&mut self, stats: &KernelStats) {
+        self.health.tick();
+        for (source, total) in stats.losses.by_source() {
+            let last = self.last_losses.entry(source).or_insert(0);
+            if total > *last {
+                self.lost_events
+                    .with_label_values(&[source])
+                    .inc_by(total - *last);
+            }
+            *last = total;
+        }
+        if stats.undecodable_events > self.last_undecodable {
+            self.lost_events
+                .with_label_values(&["undecodable_events"])
+                .inc_by(stats.undecodable_events - self.last_undecodable);
+        }
+        self.last_undecodable = stats.undecodable_events;
+        if stats.evicted_flows > self.last_evicted {
+            self.evicted_flows
+                .inc_by(stats.evicted_flows - self.last_evicted);
+        }
+        self.last_evicted = stats.evicted_flows;
+        self.attached.set(stats.attached_interfaces as i64);
+        self.expire(Instant::now());
+    }
+
+    /// A pod was deleted: its series go after the grace period.
+    pub fn pod_deleted(&mut self, namespace: &str, pod: &str) {
+        self.pending_removals.push((
+            Instant::now() + self.config.deleted_pod_grace,
+            namespace.to_string(),
+            pod.to_string(),
+        ));
+    }
+
+    /// Remove the series of deleted pods whose grace period ended by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        if self.pending_removals.is_empty() {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = self
+            .pending_removals
+            .drain(..)
+            .partition(|(t, _, _)| *t <= now);
+        self.pending_removals = later;
+        if due.is_empty() {
+            return;
+        }
+        let gone: HashSet<(String, String)> =
+            due.into_iter().map(|(_, ns, pod)| (ns, pod)).collect();
+        let names = |p: &Option<(String, String)>| p.as_ref().is_some_and(|p| gone.contains(p));
+        let doomed: Vec<(FlowMetric, Vec<String>)> = self
+            .series
+            .iter()
+            .filter(|(_, pods)| names(&pods.source) || names(&pods.destination))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in doomed {
+            let vec = match key.0 {
+                FlowMetric::Drops => &self.drops,
+                FlowMetric::DropBytes => &self.drop_bytes,
+                FlowMetric::DeniedFlows => &self.denied_flows,
+                FlowMetric::DnsFailures => &self.dns_failures,
+            };
+            let l: Vec<&str> = key.1.iter().map(String::as_str).collect();
+            let _ = vec.remove_label_values(&l);
+            self.series.remove(&key);
+            self.context_series = self.context_series.saturating_sub(1);
+        }
+    }
+
+    /// Context series currently exported.
+    pub fn context_series(&self) -> usize {
+        self.context_series
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `addr`; returns the bound
+/// address (the port is chosen by the kernel when `addr` has port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    health: Arc<Health>,
+    ready_gauge_refresh: Arc<dyn Fn() + Send + Sync>,
+) -> Result<SocketAddr, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("metrics endpoint: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let registry = registry.clone();
+            let health = health.clone();
+            let refresh = ready_gauge_refresh.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        refresh();
+                        let resp = respond(req.uri().path(), &registry, &health);
+                        async move { Ok::<_, Infallible>(resp) }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                // A scraper that stalls gets cut off rather than holding a task.
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn respond(path: &str, registry: &Registry, health: &Health) -> Response<Full<Bytes>> {
+    match path {
+        "/metrics" => {
+            let mut buf = Vec::new();
+            let encoder = TextEncoder::new();
+            match encoder.encode(&registry.gather(), &mut buf) {
+                Ok(()) => text(StatusCode::OK, encoder.format_type(), buf),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("encoding metrics: {e}\n"),
+                ),
+            }
+        }
+        "/healthz" => {
+            let since = health.since_tick();
+            if since <= health.stall_after.as_secs() {
+                text(StatusCode::OK, "text/plain", "ok\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("main loop has not ticked for {since} s\n"),
+                )
+            }
+        }
+        "/readyz" => {
+            if health.ready() {
+                text(StatusCode::OK, "text/plain", "ready\n")
+            } else if !health.capturing.load(Ordering::Relaxed) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: capture is not running yet\n",
+                )
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: waiting for identity (pods, namespaces) to sync\n",
+                )
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz or /readyz\n",
+        ),
+    }
+}
+
+impl MetricsRegistry {
+    /// A closure that refreshes `netwatch_ready` from the health state before
+    /// a scrape.
+    pub fn ready_refresher(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let gauge = self.ready_gauge.clone();
+        let health = self.health.clone();
+        Arc::new(move || gauge.set(i64::from(health.ready())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::filter::tests::record;
+    use serde_json::json;
+
+    fn value(reg: &MetricsRegistry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        for fam in reg.registry().gather() {
+            if fam.name() != name {
+                continue;
+            }
+            for m in fam.get_metric() {
+                let ls: HashMap<&str, &str> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                if labels.iter().all(|(k, v)| ls.get(k) == Some(v)) {
+                    let c = m.get_counter();
+                    let g = m.get_gauge();
+                    return Some(
+                        if fam.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                            c.get_value()
+                        } else {
+                            g.get_value()
+                        },
+                    );
+                }
+            }
+        }
+        None
+    }
+
+    fn series(reg: &MetricsRegistry, name: &str) -> usize {
+        reg.registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .map(|f| f.get_metric().len())
+            .sum()
+    }
+
+    #[test]
+    fn packets_and_bytes_are_the_increase_between_records_of_one_flow() {
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        m.observe(&record(
+            json!({"lifecycle": "NEW", "packets": 1, "bytes": 60}),
+        ));
+        m.observe(&record(
+            json!({"lifecycle": "UPDATE", "packets": 3, "bytes": 180}),
+        ));
+        m.observe(&record(
+            json!({"lifecycle": "FINAL", "packets": 4, "bytes": 240}),
+        ));
+        let l = [
+            ("reason", "NETFILTER_DROP"),
+            ("protocol", "TCP"),
+            ("direction", "ingress"),
+            ("source_namespace", "prod"),
+            ("source_workload", "web"),
+            ("destination_namespace", "prod"),
+            ("destination_workload", "api"),
+            ("destination_port", "8080"),
+        ];
+        assert_eq!(value(&m, "netwatch_drops_total", &l), Some(4.0));
+        assert_eq!(value(&m, "netwatch_drop_bytes_total", &l), Some(240.0));
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_denied_flows_total",
+                &[("verdict", "DROPPED"), ("destination_workload", "api")]
+            ),
+            Some(1.0)
+        );
+        // A second flow of the same pair counts as a second flow.
+        m.observe(&record(json!({"uuid": "u-2", "packets": 2, "bytes": 120})));
+        assert_eq!(
+            value(&m, "netwatch_denied_flows_total", &[("verdict", "DROPPED")]),
+            Some(2.0)
+        );
+        assert_eq!(value(&m, "netwatch_drops_total", &l), Some(6.0));
+    }
+
+    #[test]
+    fn timed_out_and_refused_flows_are_denied_flows_not_drops() {
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        m.observe(&record(
+            json!({"uuid": "t", "verdict": "TIMED_OUT", "drop_reason_desc": null, "packets": 3}),
+        ));
+        m.observe(&record(json!({"uuid": "r", "verdict": "REFUSED", "drop_reason_desc": null, "refusal": "TCP_RESET"})));
+        assert_eq!(series(&m, "netwatch_drops_total"), 0);
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_denied_flows_total",
+                &[("verdict", "TIMED_OUT")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&m, "netwatch_denied_flows_total", &[("verdict", "REFUSED")]),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn policy_denials_dns_failures_and_unenriched_flows_are_counted_once_per_flow() {
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        let deny =
+            json!([{"name": "default-deny-all", "namespace": "prod", "kind": "NetworkPolicy"}]);
+        let dns = json!({"uuid": "d", "is_dns": true, "l4": {"UDP": {"source_port": 40000, "destination_port": 53}}});
+        m.observe(&record(
+            json!({"uuid": "p", "ingress_denied_by": deny.clone()}),
+        ));
+        m.observe(&record(
+            json!({"uuid": "p", "lifecycle": "UPDATE", "packets": 5, "ingress_denied_by": deny}),
+        ));
+        m.observe(&record(dns.clone()));
+        m.observe(&record(
+            json!({"uuid": "d", "lifecycle": "FINAL", "is_dns": true}),
+        ));
+        m.observe(&record(json!({"uuid": "x", "unenriched": true})));
+        m.observe(&record(
+            json!({"uuid": "x", "unenriched": true, "lifecycle": "UPDATE"}),
+        ));
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_policy_denials_total",
+                &[
+                    ("direction", "ingress"),
+                    ("policy_namespace", "prod"),
+                    ("policy", "default-deny-all")
+                ]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_dns_failures_total",
+                &[("verdict", "DROPPED"), ("destination_port", "53")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(value(&m, "netwatch_unenriched_flows_total", &[]), Some(1.0));
+    }
+
+    #[test]
+    fn context_labels_follow_the_configuration() {
+        let config = MetricsConfig {
+            source_context: ContextLabel::parse_list("--metrics-source-context", "app,pod", false)
+                .unwrap(),
+            destination_context: ContextLabel::parse_list(
+                "--metrics-destination-context",
+                "none",
+                true,
+            )
+            .unwrap(),
+            ..MetricsConfig::default()
+        };
+        let mut m = MetricsRegistry::new(config).unwrap();
+        assert_eq!(m.context_label_names(), ["source_app", "source_pod"]);
+        m.observe(&record(json!({})));
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("source_app", "web"), ("source_pod", "web-7f9c")]
+            ),
+            Some(3.0)
+        );
+        let text = m.render();
+        assert!(!text.contains("destination_namespace"), "{text}");
+        // Reserved identities name the workload.
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        m.observe(&record(json!({"destination": {"identity": 2, "labels": ["reserved:world"], "namespace": null, "pod_name": null, "workloads": null}})));
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[
+                    ("destination_workload", "world"),
+                    ("destination_namespace", "")
+                ]
+            ),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn bad_context_names_the_flag_and_lists_valid_values() {
+        let e = ContextLabel::parse_list("--metrics-source-context", "namespace,colour", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--metrics-source-context")
+                && e.contains("namespace, workload, pod, app, port"),
+            "{e}"
+        );
+        let e = ContextLabel::parse_list("--metrics-source-context", "port", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("only valid in --metrics-destination-context"),
+            "{e}"
+        );
+        assert!(
+            ContextLabel::parse_list(
+                "--metrics-destination-context",
+                "namespace|workload|port",
+                true
+            )
+            .is_ok()
+        );
+        assert!(
+            ContextLabel::parse_list("--metrics-destination-context", "pod,pod", true).is_err()
+        );
+    }
+
+    #[test]
+    fn the_cap_folds_new_series_into_other_and_keeps_totals_exact() {
+        let config = MetricsConfig {
+            max_series: 3,
+            ..MetricsConfig::default()
+        };
+        let mut m = MetricsRegistry::new(config).unwrap();
+        // Each flow to a different pod port is a new label set for
+        // drops, drop bytes and denied flows: 3 series per flow.
+        for port in 1..=10u16 {
+            m.observe(&record(json!({"uuid": format!("u{port}"), "l4": {"TCP": {"source_port": 40000, "destination_port": port}}})));
+        }
+        assert_eq!(m.context_series(), 3);
+        assert_eq!(
+            value(&m, "netwatch_drops_total", &[("destination_port", "1")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("destination_port", OVERFLOW_LABEL)]
+            ),
+            Some(27.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_denied_flows_total",
+                &[("destination_port", OVERFLOW_LABEL)]
+            ),
+            Some(9.0)
+        );
+        assert_eq!(
+            value(&m, "netwatch_metrics_series_overflow_total", &[]),
+            Some(27.0)
+        );
+        assert!(series(&m, "netwatch_drops_total") <= 2);
+    }
+
+    #[test]
+    fn series_of_deleted_pods_go_after_the_grace_period() {
+        let config = MetricsConfig {
+            destination_context: vec![ContextLabel::Namespace, ContextLabel::Pod],
+            deleted_pod_grace: Duration::from_secs(60),
+            ..MetricsConfig::default()
+        };
+        let mut m = MetricsRegistry::new(config).unwrap();
+        m.observe(&record(json!({"uuid": "a"})));
+        m.observe(&record(
+            json!({"uuid": "b", "destination": {"pod_name": "api-other"}}),
+        ));
+        assert_eq!(series(&m, "netwatch_drops_total"), 2);
+        m.pod_deleted("prod", "api-5d4e");
+        m.expire(Instant::now() + Duration::from_secs(30));
+        assert_eq!(
+            series(&m, "netwatch_drops_total"),
+            2,
+            "still in its grace period"
+        );
+        m.expire(Instant::now() + Duration::from_secs(61));
+        assert_eq!(series(&m, "netwatch_drops_total"), 1);
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("destination_pod", "api-other")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("destination_pod", "api-5d4e")]
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn kernel_losses_are_exported_as_increases_by_source() {
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        let mut stats = KernelStats {
+            attached_interfaces: 4,
+            ..KernelStats::default()
+        };
+        stats.losses.0[0] = 5;
+        m.kernel_stats(&stats);
+        stats.losses.0[0] = 7;
+        stats.undecodable_events = 2;
+        m.kernel_stats(&stats);
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_lost_events_total",
+                &[("source", "ringbuf_drops")]
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_lost_events_total",
+                &[("source", "undecodable_events")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_lost_events_total",
+                &[("source", "table_full_drops")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(value(&m, "netwatch_attached_interfaces", &[]), Some(4.0));
+    }
+
+    #[test]
+    fn exposition_follows_naming_conventions() {
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        m.observe(&record(json!({})));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE netwatch_drops_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE netwatch_attached_interfaces gauge"));
+        assert!(text.contains("netwatch_build_info{kernel="));
+        for fam in m.registry().gather() {
+            let name = fam.name();
+            assert!(name.starts_with("netwatch_"), "{name}");
+            if fam.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn metrics_addr_accepts_port_only_and_none() {
+        assert_eq!(
+            parse_metrics_addr(":9965").unwrap(),
+            Some("0.0.0.0:9965".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:0").unwrap(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(parse_metrics_addr("none").unwrap(), None);
+        let e = parse_metrics_addr("localhost").unwrap_err().to_string();
+        assert!(e.contains("--metrics-addr") && e.contains(":9965"), "{e}");
+    }
+
+    #[test]
+    fn health_endpoints_report_capture_and_identity() {
+        let h = Health::new();
+        let reg = Registry::new();
+        assert_eq!(
+            respond("/readyz", &reg, &h).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        h.set_capturing(true);
+        assert_eq!(
+            respond("/readyz", &reg, &h).status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "identity not synced"
+        );
+        h.set_enrichment_ready(true);
+        assert_eq!(respond("/readyz", &reg, &h).status(), StatusCode::OK);
+        assert_eq!(respond("/healthz", &reg, &h).status(), StatusCode::OK);
+        h.last_tick.store(now_secs() - 120, Ordering::Relaxed);
+        assert_eq!(
+            respond("/healthz", &reg, &h).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(respond("/nope", &reg, &h).status(), StatusCode::NOT_FOUND);
+    }
+}
