@@ -9,6 +9,7 @@ use netwatch::{
     daemon::{self, DaemonConfig},
     export::{ExportConfig, flowlog::FlowLogTarget},
 };
+use export_flags::ExportArgs;
 
 /// netwatch's node agent: reports every pod flow this node drops, that times
 /// out or that is refused, as one JSON line per flow.
@@ -29,9 +30,13 @@ struct Args {
     #[arg(long = "interfaces", value_name = "GLOB")]
     interfaces: Vec<String>,
 
-    /// Where flow records go: `stdout` or a file path (appended).
-    #[arg(long, default_value = "stdout", value_name = "stdout|PATH")]
+    /// Where flow records go: `stdout`, a file path (appended, rotated by
+    /// --flow-log-max-size-mb), or `none`.
+    #[arg(long, default_value = "stdout", value_name = "stdout|PATH|none")]
     flow_log: FlowLogTarget,
+
+    #[command(flatten)]
+    export: ExportArgs,
 
     /// A TCP SYN (or DNS query, SCTP INIT) unanswered for this many seconds
     /// is TIMED_OUT.
@@ -112,9 +117,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => detect_cgroup2_root(),
     };
     let config = DaemonConfig {
+        export: args.export.config(args.flow_log, &node_name)?,
         node_name,
         interfaces: args.interfaces,
-        export: ExportConfig { flow_log: args.flow_log },
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         update_interval: secs(args.update_interval, "update-interval")?,
         idle_timeout: secs(args.idle_timeout, "idle-timeout")?,
@@ -142,4 +147,137 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown-node".into())
+}
+
+/// The exporters' flags: metrics, flow log, observe API, Kubernetes Events.
+mod export_flags {
+    use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+    use super::ExportConfig;
+    use netwatch::export::{
+        events::EventsConfig,
+        filter::{FilterSet, FlowFilter},
+        flowlog::FlowLogTarget,
+        metrics::{ContextLabel, MetricsConfig, parse_metrics_addr},
+        server::ApiConfig,
+    };
+
+    #[derive(Debug, clap::Args)]
+    #[command(next_help_heading = "Exporters")]
+    pub struct ExportArgs {
+        /// Rotate the flow log file when it reaches this size (MiB); the old
+        /// file becomes PATH.1, PATH.1 becomes PATH.2, ... 0 never rotates.
+        #[arg(long, default_value_t = 10, value_name = "MIB")]
+        flow_log_max_size_mb: u64,
+
+        /// Rotated flow log files kept (PATH.1 ... PATH.N).
+        #[arg(long, default_value_t = 5, value_name = "N")]
+        flow_log_max_backups: usize,
+
+        /// Write only records matching this filter; repeat to allow more
+        /// (any may match). Keys are `netwatch observe`'s filter flags:
+        /// verdict, namespace, from-/to-namespace, pod, from-/to-pod, label,
+        /// from-/to-label, ip, from-/to-ip, port, from-/to-port, protocol,
+        /// reason, traffic-direction. Example: 'verdict=DROPPED,TIMED_OUT namespace=prod'
+        #[arg(long, value_name = "FILTER")]
+        flow_log_allow: Vec<String>,
+
+        /// Never write records matching this filter; repeat for more.
+        /// Example: 'to-port=53 verdict=TIMED_OUT'
+        #[arg(long, value_name = "FILTER")]
+        flow_log_deny: Vec<String>,
+
+        /// Serve /metrics, /healthz and /readyz here: HOST:PORT, :PORT, or
+        /// `none`. Port 0 picks a free port (the log says which).
+        #[arg(long, default_value = "0.0.0.0:9965", value_name = "ADDR")]
+        metrics_addr: String,
+
+        /// Labels of the flow metrics naming the source: a comma-separated
+        /// list of namespace, workload, pod, app, or `none`.
+        #[arg(long, default_value = "namespace,workload", value_name = "LIST")]
+        metrics_source_context: String,
+
+        /// Labels naming the destination: namespace, workload, pod, app,
+        /// port, or `none`.
+        #[arg(long, default_value = "namespace,workload,port", value_name = "LIST")]
+        metrics_destination_context: String,
+
+        /// At most this many labelled series across the flow metrics; past
+        /// it, new label sets are counted under `_other` (and in
+        /// netwatch_metrics_series_overflow_total).
+        #[arg(long, default_value_t = 10_000, value_name = "N")]
+        metrics_max_series: usize,
+
+        /// Seconds after a pod is deleted that the series naming it are removed.
+        #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+        metrics_deleted_pod_grace: f64,
+
+        /// The observe API's Unix socket (what `netwatch observe` and
+        /// `netwatch top` connect to), or `none`.
+        #[arg(long, default_value = netwatch::export::server::DEFAULT_SOCKET, value_name = "PATH|none")]
+        api_socket: String,
+
+        /// Also serve the observe API on TCP, loopback only (e.g. 127.0.0.1:4245;
+        /// port 0 picks a free port).
+        #[arg(long, value_name = "ADDR")]
+        api_addr: Option<SocketAddr>,
+
+        /// Recent records kept for `netwatch observe --last/--since`.
+        #[arg(long, default_value_t = 4096, value_name = "N")]
+        observe_buffer: usize,
+
+        /// Post a Warning `PacketDrop` Kubernetes Event on the source pod of
+        /// dropped flows (needs `create` on `events`).
+        #[arg(long)]
+        kubernetes_events: bool,
+
+        /// At most one Event per flow (source pod, destination, port) per this many seconds.
+        #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+        kubernetes_events_interval: f64,
+    }
+
+    impl ExportArgs {
+        pub fn config(self, flow_log: FlowLogTarget, node_name: &str) -> anyhow::Result<ExportConfig> {
+            let filters = |flag: &str, list: &[String]| -> anyhow::Result<Vec<FlowFilter>> {
+                list.iter()
+                    .map(|f| FlowFilter::parse_expr(f).map_err(|e| anyhow::anyhow!("--{flag} {f:?}: {e}")))
+                    .collect()
+            };
+            let secs = |v: f64, flag: &str| {
+                Duration::try_from_secs_f64(v).map_err(|_| anyhow::anyhow!("--{flag} {v}: must be a positive number of seconds"))
+            };
+            Ok(ExportConfig {
+                node_name: node_name.to_string(),
+                flow_log,
+                flow_log_max_size_bytes: self.flow_log_max_size_mb.saturating_mul(1024 * 1024),
+                flow_log_max_backups: self.flow_log_max_backups,
+                flow_log_filters: FilterSet {
+                    allow: filters("flow-log-allow", &self.flow_log_allow)?,
+                    deny: filters("flow-log-deny", &self.flow_log_deny)?,
+                },
+                metrics_addr: parse_metrics_addr(&self.metrics_addr)?,
+                metrics: MetricsConfig {
+                    source_context: ContextLabel::parse_list("--metrics-source-context", &self.metrics_source_context, false)?,
+                    destination_context: ContextLabel::parse_list(
+                        "--metrics-destination-context",
+                        &self.metrics_destination_context,
+                        true,
+                    )?,
+                    max_series: self.metrics_max_series,
+                    deleted_pod_grace: secs(self.metrics_deleted_pod_grace, "metrics-deleted-pod-grace")?,
+                },
+                api: ApiConfig {
+                    socket: (self.api_socket != "none").then(|| PathBuf::from(&self.api_socket)),
+                    tcp: self.api_addr,
+                    buffer_records: self.observe_buffer.max(1),
+                    ..ApiConfig::default()
+                },
+                kubernetes_events: self
+                    .kubernetes_events
+                    .then(|| secs(self.kubernetes_events_interval, "kubernetes-events-interval"))
+                    .transpose()?
+                    .map(|interval| EventsConfig { interval, ..EventsConfig::default() }),
+            })
+        }
+    }
 }
