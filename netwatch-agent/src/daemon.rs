@@ -3,13 +3,20 @@
 //!
 //! ```text
 //! ring buffer ──► KernelEvent ─┐
-//! link events ──► TC attach    ├─► FlowAssembler ──► records ──► flow log
-//! ticker ──► table scans ──────┘   (drop counts, unanswered handshakes)
+//! link events ──► TC attach    ├─► FlowAssembler ──► records ──► Attribution ──► Exporters
+//! ticker ──► table scans ──────┘   (drop counts,      (identity, policy)
+//!                                   unanswered handshakes)
+//! snapshots (manifests / API) ──────────────────────────────────► Attribution
 //! ```
+//!
+//! Capture starts before the cluster's identities are known: records wait at
+//! most `identity_wait` for the first complete snapshot, then go out
+//! unenriched (marked and counted).
 
 use std::{
+    collections::VecDeque,
     path::PathBuf,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::{
@@ -19,18 +26,33 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    attribution::{Attribution, AttributionConfig},
     capture::{
         attach::{AttachError, InterfacePatterns, LinkChange, TcAttacher, watch_links},
-        events::{EventReader, KernelClock, monotonic_ns},
+        events::{EventReader, KernelClock, KernelEvent, monotonic_ns},
         load::{CaptureConfig, KernelCapture, LoadError},
         tables::{KernelTables, Losses},
     },
     export::{ExportConfig, ExportError, Exporters, KernelStats},
     flow::{
         assemble::{AssemblerConfig, FlowAssembler, Signal},
-        record::FlowRecord,
+        record::{FlowRecord, L4},
     },
+    identity::{KubeWatchConfig, SnapshotFeed, SnapshotSource, SourceError},
 };
+use netwatch_common::{FlowKey, IP_V4, IP_V6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+/// Where the cluster's identities and policies come from.
+#[derive(Clone, Debug, Default)]
+pub enum IdentitySource {
+    /// None: flows are reported by address only.
+    #[default]
+    None,
+    /// Standalone: manifest files, reloaded when they change.
+    Manifests(Vec<PathBuf>),
+    /// The API server: in-cluster config, or this kubeconfig.
+    Kube { kubeconfig: Option<PathBuf> },
+}
 
 /// Everything the daemon needs to run.
 #[derive(Clone, Debug)]
@@ -44,7 +66,10 @@ pub struct DaemonConfig {
     pub capture: CaptureConfig,
     /// Stop after this long (tests, demos); `None` runs until SIGINT/SIGTERM.
     pub run_for: Option<Duration>,
-    pub manifests: Vec<PathBuf>,
+    pub identity: IdentitySource,
+    pub attribution: AttributionConfig,
+    /// How long records wait for the first complete snapshot.
+    pub identity_wait: Duration,
 }
 
 /// Why the daemon could not start or had to stop.
@@ -56,8 +81,72 @@ pub enum DaemonError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot set up the Kubernetes client: {0}; give --kubeconfig PATH, run in a pod, or use --manifests")]
+    Kube(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+async fn start_identity(source: &IdentitySource, node_name: &str) -> Result<Option<SnapshotFeed>, DaemonError> {
+    let source = match source {
+        IdentitySource::None => return Ok(None),
+        IdentitySource::Manifests(paths) => SnapshotSource::manifests(paths.clone()),
+        IdentitySource::Kube { kubeconfig } => {
+            let config = match kubeconfig {
+                Some(path) => {
+                    let kc = kube::config::Kubeconfig::read_from(path)
+                        .map_err(|e| DaemonError::Kube(format!("reading {}: {e}", path.display())))?;
+                    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                        .await
+                        .map_err(|e| DaemonError::Kube(e.to_string()))?
+                }
+                None => kube::Config::infer().await.map_err(|e| DaemonError::Kube(e.to_string()))?,
+            };
+            let client = kube::Client::try_from(config).map_err(|e| DaemonError::Kube(e.to_string()))?;
+            SnapshotSource::kube(
+                client,
+                KubeWatchConfig { node_name: Some(node_name.to_string()), ..KubeWatchConfig::default() },
+            )
+        }
+    };
+    Ok(Some(source.start().await?))
+}
+
+/// Records waiting for the cluster's identities.
+struct WaitingRoom {
+    records: VecDeque<(Instant, FlowRecord)>,
+    limit: usize,
+}
+
+/// The client's flow key of a record (the socket's view: before DNAT).
+fn client_key(r: &FlowRecord) -> Option<FlowKey> {
+    let (proto, ports) = match &r.l4 {
+        L4::Tcp(p) => (IPPROTO_TCP, p),
+        L4::Udp(p) => (IPPROTO_UDP, p),
+        L4::Sctp(p) => (IPPROTO_SCTP, p),
+        _ => return None,
+    };
+    let (dst, dport) = match &r.original_destination {
+        Some(o) => (o.ip, o.port),
+        None => (r.ip.destination, ports.destination_port),
+    };
+    let mut k = FlowKey { src_port: ports.source_port, dst_port: dport, proto, ..FlowKey::default() };
+    match (r.ip.source, dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            k.ip_version = IP_V4;
+            k.src_addr[..4].copy_from_slice(&s.octets());
+            k.dst_addr[..4].copy_from_slice(&d.octets());
+        }
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            k.ip_version = IP_V6;
+            k.src_addr = s.octets();
+            k.dst_addr = d.octets();
+        }
+        _ => return None,
+    }
+    Some(k)
 }
 
 /// Run until stopped. Capture starts before anything else is ready.
@@ -68,6 +157,21 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let (mut tables, ring) = KernelTables::new(maps);
     let mut reader = EventReader::new(ring)?;
     let mut attacher = TcAttacher::new(patterns);
+    // Capture runs from here on; identities fill in when they arrive.
+    let mut feed = start_identity(&config.identity, &config.node_name).await?;
+    let mut attribution = Attribution::new(config.attribution.clone());
+    let mut waiting = WaitingRoom { records: VecDeque::new(), limit: 100_000 };
+    let mut ready_open = true;
+    let mut last_expire = Instant::now();
+    match feed.as_mut() {
+        None => warn!("no identity source (--manifests or --kubeconfig, or run in a pod): flows are reported by address only"),
+        // The channel's first value counts as seen: apply it now.
+        Some(f) => {
+            let snapshot = f.snapshots.borrow_and_update().clone();
+            let complete = *f.ready.borrow_and_update();
+            attribution.update(&snapshot, complete, SystemTime::now());
+        }
+    }
 
     let (link_tx, mut link_rx) = mpsc::channel::<LinkChange>(1024);
     let link_task = tokio::spawn(async move {
@@ -97,6 +201,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut events = Vec::with_capacity(256);
     let mut last_losses = Losses::default();
     info!(node = %config.node_name, "netwatch-agent capturing");
+    // Ready once capturing, when there is no identity source to wait for.
+    outputs.set_ready(feed.is_none());
 
     loop {
         let sleep_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -106,12 +212,53 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     error!("reading the ring buffer: {e}");
                 }
                 let now = SystemTime::now();
+                let names = |i: u32| attacher.name_of(i).map(str::to_string);
                 for e in events.drain(..) {
-                    emit(&mut outputs, assembler.handle(Signal::Kernel(e), now, &capture.reasons, &|i| attacher.name_of(i).map(str::to_string)));
+                    if let KernelEvent::Established { time, flow, ifindex, direction } = e {
+                        if attribution.is_synced() {
+                            let mut r = assembler.established_record(flow, time, ifindex, direction, &capture.reasons, &names);
+                            r.cgroup_id = tables.connect_cgroup(&flow);
+                            if let Some(r) = attribution.not_enforced(r, now) {
+                                outputs.publish(&r);
+                            }
+                        }
+                        continue;
+                    }
+                    let records = assembler.handle(Signal::Kernel(e), now, &capture.reasons, &names);
+                    route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
                 }
             }
             Some(change) = link_rx.recv() => {
                 attacher.apply(&mut capture, change);
+            }
+            Some(changed) = async {
+                match feed.as_mut() {
+                    Some(f) => Some(tokio::select! {
+                        r = f.snapshots.changed() => r.is_ok(),
+                        // A closed readiness channel just means readiness is final.
+                        Ok(()) = f.ready.changed(), if ready_open => true,
+                        else => true,
+                    }),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(f) = feed.as_ref() {
+                    ready_open = f.ready.has_changed().is_ok();
+                }
+                if let Some(f) = feed.as_mut() {
+                    if !changed {
+                        error!("the identity source stopped; keeping the last snapshot");
+                        feed = None;
+                    } else {
+                        let snapshot = f.snapshots.borrow_and_update().clone();
+                        let complete = *f.ready.borrow_and_update();
+                        attribution.update(&snapshot, complete, SystemTime::now());
+                        if attribution.is_synced() {
+                            release(&mut waiting, &mut attribution, &tables, &mut outputs);
+                            outputs.set_ready(true);
+                        }
+                    }
+                }
             }
             _ = ticker.tick() => {
                 if clock_sampled.elapsed() > Duration::from_secs(60) {
@@ -121,10 +268,22 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 let now = SystemTime::now();
                 let names = |i: u32| attacher.name_of(i).map(str::to_string);
                 for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-                    emit(&mut outputs, assembler.handle(s, now, &capture.reasons, &names));
+                    let records = assembler.handle(s, now, &capture.reasons, &names);
+                    route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
                 }
                 let out = assembler.tick(now, &capture.reasons, &names);
-                emit(&mut outputs, out.records);
+                route(out.records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
+                // Records that waited long enough for identities go out as they are.
+                while waiting.records.front().is_some_and(|(t, _)| t.elapsed() >= config.identity_wait) {
+                    if let Some((_, mut r)) = waiting.records.pop_front() {
+                        r.unenriched = true;
+                        outputs.publish(&r);
+                    }
+                }
+                if last_expire.elapsed() > Duration::from_secs(5) {
+                    attribution.expire(now);
+                    last_expire = Instant::now();
+                }
                 for k in &out.finished_drop_keys {
                     tables.remove_drop(k);
                 }
@@ -152,9 +311,15 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let names = |i: u32| attacher.name_of(i).map(str::to_string);
     let now = SystemTime::now();
     for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-        emit(&mut outputs, assembler.handle(s, now, &capture.reasons, &names));
+        let records = assembler.handle(s, now, &capture.reasons, &names);
+        route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
     }
-    emit(&mut outputs, assembler.finish_all(&capture.reasons, &names));
+    let records = assembler.finish_all(&capture.reasons, &names);
+    route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
+    for (_, mut r) in waiting.records.drain(..) {
+        r.unenriched = true;
+        outputs.publish(&r);
+    }
     outputs.flush();
     link_task.abort();
     if let Ok(l) = tables.losses() {
@@ -165,10 +330,40 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn emit(out: &mut Exporters, records: Vec<FlowRecord>) {
-    for r in records {
+/// Enrich and publish records, or park them until identities arrive.
+fn route(
+    records: Vec<FlowRecord>,
+    attribution: &mut Attribution,
+    waiting: &mut WaitingRoom,
+    tables: &KernelTables,
+    out: &mut Exporters,
+    has_source: bool,
+) {
+    for mut r in records {
+        if r.cgroup_id.is_none() {
+            r.cgroup_id = client_key(&r).and_then(|k| tables.connect_cgroup(&k));
+        }
+        if has_source && !attribution.is_synced() {
+            if waiting.records.len() >= waiting.limit {
+                if let Some((_, mut old)) = waiting.records.pop_front() {
+                    old.unenriched = true;
+                    out.publish(&old);
+                }
+            }
+            waiting.records.push_back((Instant::now(), r));
+            continue;
+        }
+        if has_source {
+            attribution.enrich(&mut r);
+        }
         out.publish(&r);
     }
+}
+
+/// Identities arrived: enrich and publish everything that waited.
+fn release(waiting: &mut WaitingRoom, attribution: &mut Attribution, tables: &KernelTables, out: &mut Exporters) {
+    let parked: Vec<FlowRecord> = waiting.records.drain(..).map(|(_, r)| r).collect();
+    route(parked, attribution, waiting, tables, out, true);
 }
 
 /// Read the kernel tables: exact drop counts, and handshakes unanswered for

@@ -17,6 +17,7 @@
 //! - [`policy`]: exact NetworkPolicy semantics: verdicts, explanations, fixes.
 //! - [`identity`]: IP and cgroup -> pod, workload, service, node.
 //! - [`cli`]: the `netwatch` command line (`explain`, `lint`): arguments and output.
+pub mod attribution;
 pub mod capture;
 pub mod cli;
 pub mod cluster;

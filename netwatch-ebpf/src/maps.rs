@@ -30,6 +30,12 @@ pub static PENDING: HashMap<FlowKey, PendingConn> = HashMap::with_max_entries(16
 #[map]
 pub static SOCKS: HashMap<FlowKey, SockConn> = HashMap::with_max_entries(16384, 0);
 
+/// cgroup of the process behind each recent connect(), by the socket's flow.
+/// A cache (LRU): it lets user space name the client of a connection after
+/// the socket table has forgotten it (established ones especially).
+#[map]
+pub static CONNECT_CGROUPS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
 /// (client, server, port) pairs whose completed handshake was reported, with
 /// the time of the report. A cache: an evicted entry is only reported again.
 #[map]

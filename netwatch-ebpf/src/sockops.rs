@@ -10,7 +10,7 @@ use netwatch_common::{FlowKey, IP_V4, IP_V6, IPPROTO_TCP, SockConn, event_kind, 
 
 use crate::{
     emit,
-    maps::{SOCKS, count_loss},
+    maps::{CONNECT_CGROUPS, SOCKS, count_loss},
 };
 
 // UAPI values (include/uapi/linux/bpf.h, include/net/tcp_states.h).
@@ -53,6 +53,7 @@ fn try_on_sock_ops(ctx: &SockOpsContext) -> Option<()> {
             if SOCKS.insert(&key, &conn, 0).is_err() {
                 count_loss(loss::TABLE_SOCKS);
             }
+            let _ = CONNECT_CGROUPS.insert(&key, &conn.cgroup_id, 0);
         }
         ACTIVE_ESTABLISHED_CB => {
             let _ = SOCKS.remove(&key);

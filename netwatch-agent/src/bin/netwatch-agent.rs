@@ -5,8 +5,10 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use netwatch::{
+    attribution::AttributionConfig,
     capture::load::{CaptureConfig, detect_cgroup2_root},
-    daemon::{self, DaemonConfig},
+    daemon::{self, DaemonConfig, IdentitySource},
+    policy::EngineOptions,
     export::{ExportConfig, flowlog::FlowLogTarget},
 };
 use export_flags::ExportArgs;
@@ -78,6 +80,37 @@ struct Args {
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", value_name = "PATH")]
     btf: PathBuf,
 
+    /// Standalone mode: Kubernetes manifests (files or directories: Namespaces,
+    /// Pods, Services, NetworkPolicies, workloads) to name pods and judge
+    /// policies with, reloaded when they change. Without it the agent watches
+    /// the API server (in a pod, or with --kubeconfig).
+    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with = "kubeconfig")]
+    manifests: Vec<PathBuf>,
+
+    /// Kubeconfig for the API server [default: in-cluster config when in a pod].
+    #[arg(long, env = "KUBECONFIG", value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Seconds a flow waits for the first complete view of the cluster before
+    /// it goes out unenriched (marked `unenriched`, and counted).
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    identity_wait: f64,
+
+    /// Seconds a deleted pod still names flows from its old IP.
+    #[arg(long, default_value_t = 300.0, value_name = "SECS")]
+    tombstone_grace: f64,
+
+    /// Whether NetworkPolicy ipBlocks also match pod IPs (Calico: true,
+    /// Cilium: false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    ipblock_matches_pods: bool,
+
+    /// A connection the NetworkPolicies deny but that was established is
+    /// reported (POLICY_NOT_ENFORCED) at most once per this many seconds per
+    /// (source, destination, port) identity.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    not_enforced_interval: f64,
+
     /// Stop after this many seconds (for scripts and tests).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -116,6 +149,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => Some(PathBuf::from(dir)),
         None => detect_cgroup2_root(),
     };
+    let identity = if !args.manifests.is_empty() {
+        IdentitySource::Manifests(args.manifests)
+    } else if args.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        IdentitySource::Kube { kubeconfig: args.kubeconfig }
+    } else {
+        IdentitySource::None
+    };
+    let attribution = AttributionConfig {
+        node_name: node_name.clone(),
+        engine: EngineOptions { ipblock_matches_pods: args.ipblock_matches_pods },
+        cgroup_root: cgroup_root.clone(),
+        tombstone_grace: secs(args.tombstone_grace, "tombstone-grace")?,
+        not_enforced_interval: secs(args.not_enforced_interval, "not-enforced-interval")?,
+    };
     let config = DaemonConfig {
         export: args.export.config(args.flow_log, &node_name)?,
         node_name,
@@ -133,7 +180,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..CaptureConfig::default()
         },
         run_for: args.duration.map(|d| secs(d, "duration")).transpose()?,
-        manifests: Vec::new(),
+        identity,
+        attribution,
+        identity_wait: secs(args.identity_wait, "identity-wait")?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -113,6 +113,7 @@ pub struct KernelMaps {
     pub drops: BpfHashMap<MapData, DropKey, DropStats>,
     pub pending: BpfHashMap<MapData, FlowKey, PendingConn>,
     pub socks: BpfHashMap<MapData, FlowKey, SockConn>,
+    pub connect_cgroups: BpfHashMap<MapData, FlowKey, u64>,
     pub losses: PerCpuArray<MapData, u64>,
 }
 
@@ -177,6 +178,7 @@ impl KernelCapture {
             .map_max_entries("PENDING", config.table_entries)
             .map_max_entries("SOCKS", config.table_entries)
             .map_max_entries("REPORTED", config.table_entries)
+            .map_max_entries("CONNECT_CGROUPS", config.table_entries)
             .map_max_entries("EVENTS", config.ring_buffer_bytes);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
 
@@ -307,6 +309,7 @@ impl KernelCapture {
             drops: take(&mut self.ebpf, "DROPS")?,
             pending: take(&mut self.ebpf, "PENDING")?,
             socks: take(&mut self.ebpf, "SOCKS")?,
+            connect_cgroups: take(&mut self.ebpf, "CONNECT_CGROUPS")?,
             losses: take(&mut self.ebpf, "LOSSES")?,
         })
     }

@@ -50,6 +50,7 @@ pub struct KernelTables {
     drops: BpfHashMap<MapData, DropKey, DropStats>,
     pending: BpfHashMap<MapData, FlowKey, PendingConn>,
     socks: BpfHashMap<MapData, FlowKey, SockConn>,
+    connect_cgroups: BpfHashMap<MapData, FlowKey, u64>,
     losses: PerCpuArray<MapData, u64>,
 }
 
@@ -60,8 +61,8 @@ fn err(table: &'static str) -> impl Fn(MapError) -> TableError {
 impl KernelTables {
     /// Split the maps: the ring buffer goes to the event reader.
     pub fn new(maps: KernelMaps) -> (KernelTables, aya::maps::RingBuf<MapData>) {
-        let KernelMaps { events, drops, pending, socks, losses } = maps;
-        (KernelTables { drops, pending, socks, losses }, events)
+        let KernelMaps { events, drops, pending, socks, connect_cgroups, losses } = maps;
+        (KernelTables { drops, pending, socks, connect_cgroups, losses }, events)
     }
 
     /// Every dropped flow the kernel is counting.
@@ -94,6 +95,12 @@ impl KernelTables {
     /// still connecting.
     pub fn socket(&self, key: &FlowKey) -> Option<SockConn> {
         self.socks.get(key, 0).ok()
+    }
+
+    /// The cgroup of the process that opened the connection `key` (client
+    /// first), while the kernel's recent-connects cache remembers it.
+    pub fn connect_cgroup(&self, key: &FlowKey) -> Option<u64> {
+        self.connect_cgroups.get(key, 0).ok()
     }
 
     /// Forget sockets that started connecting before `before_ns` (monotonic)

@@ -20,7 +20,7 @@ use netwatch_common::{
 };
 
 use super::record::{
-    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, Ports, TcpFlags, Verdict,
+    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, OriginalDestination, Ports, TcpFlags, Verdict,
 };
 use crate::{
     capture::{
@@ -80,6 +80,12 @@ struct ActiveFlow {
     key: FlowKey,
     verdict: Verdict,
     drops: BTreeMap<u32, DropCounters>,
+    /// Kernel drop-table keys that fed this flow (to remove when it ends).
+    drop_keys: BTreeSet<(FlowKey, u32)>,
+    /// Destination as the client addressed it (a service IP, before DNAT),
+    /// and as the node forwarded it (after DNAT), when they differ.
+    pre_nat_dst: Option<([u8; 16], u16)>,
+    post_nat_dst: Option<([u8; 16], u16)>,
     reply_dropped: bool,
     tcp_flags: u8,
     attempts: u64,
@@ -102,6 +108,11 @@ struct ActiveFlow {
 pub struct FlowAssembler {
     config: AssemblerConfig,
     flows: HashMap<FlowKey, ActiveFlow>,
+    /// Flows by the client's end of the connection (address, source port,
+    /// protocol): a connection keeps its source port through DNAT, so the
+    /// SYN seen at the client's interface (to a service IP) and its drop in
+    /// the node's firewall (to the backend) meet here.
+    by_client: HashMap<ClientEnd, FlowKey>,
     /// cgroups of connecting sockets seen before any other signal of their flow.
     socket_cgroups: HashMap<FlowKey, (u64, SystemTime)>,
     /// Flows finalised early because `max_flows` was reached.
@@ -121,6 +132,7 @@ impl FlowAssembler {
         FlowAssembler {
             config,
             flows: HashMap::new(),
+            by_client: HashMap::new(),
             socket_cgroups: HashMap::new(),
             evicted: 0,
         }
@@ -136,7 +148,8 @@ impl FlowAssembler {
         match signal {
             Signal::Kernel(KernelEvent::Drop { time, flow, reason, ifindex, bytes, tcp_flags, .. }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
-                let f = self.flow_for(key, Verdict::Dropped, time);
+                let f = self.locate(key, NatSide::Post, Verdict::Dropped, time);
+                f.drop_keys.insert((flow, reason));
                 f.reply_dropped |= reply;
                 f.tcp_flags |= tcp_flags;
                 f.points.insert("kfree_skb");
@@ -155,7 +168,8 @@ impl FlowAssembler {
             }
             Signal::DropCounts { key, stats, first, last } => {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
-                let f = self.flow_for(fkey, Verdict::Dropped, first);
+                let f = self.locate(fkey, NatSide::Post, Verdict::Dropped, first);
+                f.drop_keys.insert((key.flow, key.reason));
                 let c = f.drops.entry(key.reason).or_default();
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
@@ -175,7 +189,8 @@ impl FlowAssembler {
                 }
             }
             Signal::Unanswered { flow, pending, first, last } => {
-                let f = self.flow_for(flow, Verdict::TimedOut, first);
+                let side = NatSide::of(Direction::from(pending.direction));
+                let f = self.locate(flow, side, Verdict::TimedOut, first);
                 f.timed_out = true;
                 f.attempts = f.attempts.max(pending.packets);
                 f.attempt_bytes = f.attempt_bytes.max(pending.bytes);
@@ -191,7 +206,8 @@ impl FlowAssembler {
                 touch(f, last);
             }
             Signal::Kernel(KernelEvent::Refused { time, flow, how, ifindex, direction, attempts }) => {
-                let f = self.flow_for(flow, Verdict::Refused, time);
+                // Answers reach the client reverse-NATed: its own view.
+                let f = self.locate(flow, NatSide::Pre, Verdict::Refused, time);
                 f.refusal = Some(how);
                 f.attempts = f.attempts.max(u64::from(attempts));
                 f.points.insert("tc");
@@ -201,9 +217,6 @@ impl FlowAssembler {
                 if f.ifindex == 0 {
                     f.ifindex = ifindex;
                     f.direction = direction;
-                }
-                if f.verdict == Verdict::TimedOut {
-                    f.verdict = Verdict::Refused;
                 }
                 touch(f, time);
             }
@@ -226,7 +239,7 @@ impl FlowAssembler {
                 } else if retransmits > 0 {
                     // A connect the pod interfaces never saw (a hostNetwork pod,
                     // the node itself): the socket is the only witness.
-                    let f = self.flow_for(flow, Verdict::TimedOut, time);
+                    let f = self.locate(flow, NatSide::Pre, Verdict::TimedOut, time);
                     f.timed_out = true;
                     f.attempts = u64::from(retransmits) + 1;
                     f.tcp_flags |= tcp_flags::SYN;
@@ -284,6 +297,7 @@ impl FlowAssembler {
         }
         for k in finished {
             if let Some(f) = self.flows.remove(&k) {
+                self.by_client.remove(&ClientEnd::of(&f.key));
                 out.finished_drop_keys.extend(drop_keys(&f));
             }
         }
@@ -296,6 +310,7 @@ impl FlowAssembler {
     /// Final records for every flow (at shutdown).
     pub fn finish_all(&mut self, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> Vec<FlowRecord> {
         let mut out = Vec::new();
+        self.by_client.clear();
         for (_, f) in self.flows.drain() {
             if f.dirty {
                 out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
@@ -304,12 +319,72 @@ impl FlowAssembler {
         out
     }
 
+    /// A one-record flow for a completed handshake the NetworkPolicies deny
+    /// (`POLICY_NOT_ENFORCED`); `key` is the client's flow.
+    pub fn established_record(
+        &self,
+        key: FlowKey,
+        time: SystemTime,
+        ifindex: u32,
+        direction: Direction,
+        reasons: &DropReasons,
+        ifnames: &dyn Fn(u32) -> Option<String>,
+    ) -> FlowRecord {
+        let mut f = new_flow(key, Verdict::PolicyNotEnforced, time);
+        f.attempts = 1;
+        f.ifindex = ifindex;
+        f.direction = direction;
+        f.points.insert("tc");
+        if key.proto == IPPROTO_TCP {
+            f.tcp_flags = tcp_flags::SYN | tcp_flags::ACK;
+        }
+        render(&f, &self.config, reasons, ifnames, Lifecycle::New)
+    }
+
+    /// The flow a signal about `key` belongs to: the same key, or the same
+    /// connection seen on the other side of DNAT; created when new.
+    fn locate(&mut self, key: FlowKey, side: NatSide, verdict: Verdict, time: SystemTime) -> &mut ActiveFlow {
+        let mut target = key;
+        if !self.flows.contains_key(&key) {
+            if let Some(existing) = self.by_client.get(&ClientEnd::of(&key)) {
+                let close_in_time = self.flows.get(existing).is_some_and(|f| {
+                    time.duration_since(f.last_change).unwrap_or_default() <= self.config.idle_timeout
+                });
+                if close_in_time && has_ports(&key) {
+                    target = *existing;
+                }
+            }
+        }
+        if !self.flows.contains_key(&target) && has_ports(&key) {
+            self.by_client.insert(ClientEnd::of(&key), key);
+        }
+        let f = self.flow_for(target, verdict, time);
+        let dst = (key.dst_addr, key.dst_port);
+        match side {
+            NatSide::Pre => {
+                f.pre_nat_dst.get_or_insert(dst);
+            }
+            NatSide::Post => {
+                f.post_nat_dst.get_or_insert(dst);
+            }
+        }
+        f
+    }
+
     fn flow_for(&mut self, key: FlowKey, verdict: Verdict, time: SystemTime) -> &mut ActiveFlow {
-        self.flows.entry(key).or_insert_with(|| ActiveFlow {
+        self.flows.entry(key).or_insert_with(|| new_flow(key, verdict, time))
+    }
+}
+
+fn new_flow(key: FlowKey, verdict: Verdict, time: SystemTime) -> ActiveFlow {
+        ActiveFlow {
             uuid: new_uuid(),
             key,
             verdict,
             drops: BTreeMap::new(),
+            drop_keys: BTreeSet::new(),
+            pre_nat_dst: None,
+            post_nat_dst: None,
             reply_dropped: false,
             tcp_flags: 0,
             attempts: 0,
@@ -326,8 +401,10 @@ impl FlowAssembler {
             cgroup_id: None,
             dirty: true,
             last_emitted: SystemTime::UNIX_EPOCH,
-        })
-    }
+        }
+}
+
+impl FlowAssembler {
 
     fn enforce_bound(&mut self, _now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>, out: &mut Vec<FlowRecord>) {
         while self.flows.len() > self.config.max_flows {
@@ -335,6 +412,7 @@ impl FlowAssembler {
                 break;
             };
             if let Some(f) = self.flows.remove(&k) {
+                self.by_client.remove(&ClientEnd::of(&f.key));
                 if f.dirty {
                     out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
                 }
@@ -342,6 +420,43 @@ impl FlowAssembler {
             }
         }
     }
+}
+
+/// Which side of the node's DNAT a signal saw a destination on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NatSide {
+    /// As the client addressed it: its own interface (TC from the pod),
+    /// answers delivered back to it, its socket.
+    Pre,
+    /// As forwarded: the node's firewall (kfree_skb), the server's interface.
+    Post,
+}
+
+impl NatSide {
+    fn of(direction: Direction) -> NatSide {
+        match direction {
+            Direction::ToPod => NatSide::Post,
+            _ => NatSide::Pre,
+        }
+    }
+}
+
+/// The client's end of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ClientEnd {
+    addr: [u8; 16],
+    port: u16,
+    proto: u8,
+}
+
+impl ClientEnd {
+    fn of(key: &FlowKey) -> ClientEnd {
+        ClientEnd { addr: key.src_addr, port: key.src_port, proto: key.proto }
+    }
+}
+
+fn has_ports(key: &FlowKey) -> bool {
+    matches!(key.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) && key.src_port != 0
 }
 
 fn touch(f: &mut ActiveFlow, time: SystemTime) {
@@ -371,13 +486,7 @@ fn is_dns(key: &FlowKey) -> bool {
 }
 
 fn drop_keys(f: &ActiveFlow) -> Vec<DropKey> {
-    let mut keys = Vec::new();
-    for reason in f.drops.keys() {
-        for flow in [f.key, f.key.reversed()] {
-            keys.push(DropKey { flow, reason: *reason, _pad: 0 });
-        }
-    }
-    keys
+    f.drop_keys.iter().map(|(flow, reason)| DropKey { flow: *flow, reason: *reason, _pad: 0 }).collect()
 }
 
 fn new_uuid() -> String {
@@ -409,6 +518,22 @@ pub fn refusal_name(r: &Refusal) -> String {
     }
 }
 
+/// The verdict from everything seen: an active refusal (RST, ICMP
+/// unreachable, ABORT) is what the client experienced, so it wins over the
+/// drop that produced it (a firewall REJECT both drops and answers); then a
+/// drop on this node; else the handshake simply went unanswered.
+fn verdict_of(f: &ActiveFlow) -> Verdict {
+    if f.verdict == Verdict::PolicyNotEnforced {
+        Verdict::PolicyNotEnforced
+    } else if f.refusal.is_some() {
+        Verdict::Refused
+    } else if !f.drops.is_empty() {
+        Verdict::Dropped
+    } else {
+        Verdict::TimedOut
+    }
+}
+
 fn render(
     f: &ActiveFlow,
     config: &AssemblerConfig,
@@ -416,11 +541,24 @@ fn render(
     ifnames: &dyn Fn(u32) -> Option<String>,
     lifecycle: Lifecycle,
 ) -> FlowRecord {
-    let (src, dst) = addresses(&f.key);
+    // The destination as forwarded when known (the backend), else as
+    // addressed; the addressed one is kept as `original_destination`.
+    let mut key = f.key;
+    let mut original = None;
+    if let Some((addr, port)) = f.post_nat_dst {
+        if let Some(pre) = f.pre_nat_dst.filter(|p| *p != (addr, port)) {
+            let mut pre_key = f.key;
+            (pre_key.dst_addr, pre_key.dst_port) = pre;
+            original = Some(OriginalDestination { ip: addresses(&pre_key).1, port: pre.1 });
+        }
+        (key.dst_addr, key.dst_port) = (addr, port);
+    }
+    let f_key = key;
+    let (src, dst) = addresses(&f_key);
     let flags = TcpFlags::from_bits(f.tcp_flags);
     let ports = Ports {
-        source_port: f.key.src_port,
-        destination_port: f.key.dst_port,
+        source_port: f_key.src_port,
+        destination_port: f_key.dst_port,
         flags: None,
     };
     let l4 = match f.key.proto {
@@ -445,29 +583,35 @@ fn render(
     } else {
         Vec::new()
     };
-    let summary = summary(f, &l4, &flags, packets, config);
-    let event_type = match (f.verdict, main_reason) {
+    let verdict = verdict_of(f);
+    let summary = summary(f, verdict, &l4, &flags, packets, config);
+    let event_type = match (verdict, main_reason) {
         (Verdict::Dropped, Some(r)) => EventType { kind: 1, sub_type: r as i32 },
         _ => EventType { kind: 4, sub_type: 0 },
     };
-    let traffic_direction = match f.direction {
-        // Seen leaving a pod, or its connect never answered: the source's egress.
-        Direction::FromPod | Direction::ToPod => "EGRESS",
-        Direction::Unknown => "TRAFFIC_DIRECTION_UNKNOWN",
+    let traffic_direction = match (verdict, f.direction) {
+        // A handshake completed into the server's pod: its ingress.
+        (Verdict::PolicyNotEnforced, _) => "INGRESS",
+        // Seen leaving a pod, or its connect never answered: the source's
+        // egress, until policy attribution says which side denies.
+        (_, Direction::FromPod | Direction::ToPod) => "EGRESS",
+        (_, Direction::Unknown) => "TRAFFIC_DIRECTION_UNKNOWN",
     };
     FlowRecord {
         time: f.last_seen.into(),
         uuid: f.uuid.clone(),
-        verdict: f.verdict,
-        drop_reason_desc: if f.verdict == Verdict::Dropped { drop_reason_desc } else { None },
+        verdict,
+        // Also on a REFUSED flow whose refusal came with a drop (a REJECT).
+        drop_reason_desc,
         ip: IpInfo {
             source: src,
             destination: dst,
             ip_version: if f.key.ip_version == IP_V4 { "IPv4".into() } else { "IPv6".into() },
         },
         l4,
-        source: Endpoint::unresolved(src, has_ports.then_some(f.key.src_port)),
-        destination: Endpoint::unresolved(dst, has_ports.then_some(f.key.dst_port)),
+        source: Endpoint::unresolved(src, has_ports.then_some(f_key.src_port)),
+        destination: Endpoint::unresolved(dst, has_ports.then_some(f_key.dst_port)),
+        original_destination: original,
         flow_type: "L3_L4".into(),
         node_name: config.node_name.clone(),
         event_type,
@@ -499,7 +643,7 @@ fn render(
     }
 }
 
-fn summary(f: &ActiveFlow, l4: &L4, flags: &TcpFlags, packets: u64, config: &AssemblerConfig) -> String {
+fn summary(f: &ActiveFlow, verdict: Verdict, l4: &L4, flags: &TcpFlags, packets: u64, config: &AssemblerConfig) -> String {
     let mut s = match l4 {
         L4::Tcp(_) => format!("TCP Flags: {}", flags.names().join(", ")),
         L4::Icmpv4(i) | L4::Icmpv6(i) => format!("{} type {} code {}", l4.protocol_name(), i.icmp_type, i.code),
@@ -508,7 +652,7 @@ fn summary(f: &ActiveFlow, l4: &L4, flags: &TcpFlags, packets: u64, config: &Ass
     if f.is_dns {
         s = format!("DNS query ({s})");
     }
-    match f.verdict {
+    match verdict {
         Verdict::Dropped => {
             if f.timed_out {
                 s.push_str(&format!("; {packets} packets dropped, never answered"));
@@ -525,7 +669,7 @@ fn summary(f: &ActiveFlow, l4: &L4, flags: &TcpFlags, packets: u64, config: &Ass
                 s.push_str(&format!("; refused with {}", refusal_name(r)));
             }
         }
-        Verdict::PolicyNotEnforced => {}
+        Verdict::PolicyNotEnforced => s.push_str("; connection established"),
     }
     s
 }
@@ -654,6 +798,35 @@ mod tests {
         let out = a.handle(synack, t(1), &reasons(), &no_names);
         assert!(out.is_empty(), "same flow, no new first record");
         assert_eq!(a.active_flows(), 1);
+    }
+
+    #[test]
+    fn connection_seen_before_and_after_dnat_is_one_flow() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        // The client's SYN to the service IP goes unanswered at its interface...
+        let mut svc = key(40006, 80, IPPROTO_TCP);
+        svc.dst_addr[..4].copy_from_slice(&[10, 96, 0, 10]);
+        let pending = PendingConn { packets: 2, kind: pending_kind::TCP_SYN, direction: netwatch_common::direction::FROM_POD, ..PendingConn::default() };
+        a.handle(Signal::Unanswered { flow: svc, pending, first: t(0), last: t(1) }, t(3), &reasons(), &no_names);
+        // ...and the node's firewall dropped it after DNAT, to the backend pod.
+        let mut backend = key(40006, 8080, IPPROTO_TCP);
+        backend.dst_addr[..4].copy_from_slice(&[10, 0, 0, 9]);
+        a.handle(drop_event(backend, t(0)), t(3), &reasons(), &no_names);
+        assert_eq!(a.active_flows(), 1, "one connection, one flow");
+        let out = a.finish_all(&reasons(), &no_names);
+        let r = &out[0];
+        assert_eq!((r.verdict, r.ip.destination.to_string()), (Verdict::Dropped, "10.0.0.9".to_string()));
+        let orig = r.original_destination.as_ref().expect("the address the client used");
+        assert_eq!((orig.ip.to_string(), orig.port), ("10.96.0.10".to_string(), 80));
+        assert_eq!(r.l4.ports().map(|p| p.destination_port), Some(8080));
+    }
+
+    #[test]
+    fn a_denied_handshake_that_completed_is_one_record() {
+        let a = FlowAssembler::new(AssemblerConfig::default());
+        let r = a.established_record(key(40007, 5432, IPPROTO_TCP), t(0), 3, Direction::ToPod, &reasons(), &no_names);
+        assert_eq!((r.verdict, r.lifecycle, r.traffic_direction.as_str()), (Verdict::PolicyNotEnforced, Lifecycle::New, "INGRESS"));
+        assert!(r.summary.contains("SYN, ACK"));
     }
 
     #[test]

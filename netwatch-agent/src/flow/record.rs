@@ -187,6 +187,13 @@ impl L4 {
     }
 }
 
+/// Where a client sent a flow before the node translated its destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginalDestination {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
 /// Hubble's `event_type`: 1 is a drop (sub_type: the drop reason), 4 a trace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventType {
@@ -245,6 +252,11 @@ pub struct FlowRecord {
     pub l4: L4,
     pub source: Endpoint,
     pub destination: Endpoint,
+    /// netwatch: the address and port the client connected to, when the node
+    /// translated it (a service's cluster IP before DNAT); `IP.destination`
+    /// and `l4` then hold the backend the packets went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_destination: Option<OriginalDestination>,
     #[serde(rename = "Type")]
     pub flow_type: String,
     pub node_name: String,

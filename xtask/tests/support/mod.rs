@@ -53,7 +53,12 @@ impl Agent {
         let n = lab.node(node).expect("node");
         let cgroup_root = n.cgroup_root.to_string_lossy().into_owned();
         let flow_log_arg = flow_log.to_string_lossy().into_owned();
+        // Each agent its own observe socket: tests run side by side.
+        let api_socket = dir.path().join("api.sock").to_string_lossy().into_owned();
         let mut args = vec!["--node-name", node, "--flow-log", &flow_log_arg, "--interfaces", "cali*"];
+        if !extra.contains(&"--api-socket") {
+            args.extend_from_slice(&["--api-socket", &api_socket]);
+        }
         if !extra.contains(&"--cgroup-root") {
             args.extend_from_slice(&["--cgroup-root", &cgroup_root]);
         }

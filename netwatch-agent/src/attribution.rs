@@ -1,0 +1,353 @@
+//! Identity and policy attribution: a flow record's endpoints, services and
+//! the NetworkPolicies behind its verdict.
+//!
+//! Every record the assembler emits passes through [`Attribution::enrich`]:
+//!
+//! - endpoints come from the [`IdentityCache`] at the flow's time (so a
+//!   reused IP names the pod that held it then); the client is named by its
+//!   socket's cgroup when sock_ops saw it, which is what names hostNetwork
+//!   pods that share the node's IP;
+//! - a flow addressed to a service's cluster IP names the service, and a
+//!   refused or unanswered one to a service without ready endpoints says so;
+//! - the [`PolicyEngine`] (through the [`VerdictCache`]) names the policies
+//!   that deny it, or says that NetworkPolicy does not explain the drop.
+//!
+//! Completed handshakes go through [`Attribution::not_enforced`]: one that
+//! the policies deny means the CNI does not enforce them for that pair.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tracing::{debug, warn};
+
+use crate::{
+    cluster::ClusterSnapshot,
+    flow::record::{FlowRecord, L4, PolicyRef as HubblePolicy, Verdict},
+    identity::{
+        CgroupIndex, Endpoint, IdentityCache, IdentityConfig, IpResolution, PodIdentity,
+        ServiceReadiness,
+    },
+    policy::{
+        self, EngineOptions, FlowVerdict, Peer, PolicyEngine, Protocol, VerdictCache, VerdictKey,
+    },
+};
+
+/// How attribution is set up.
+#[derive(Clone, Debug)]
+pub struct AttributionConfig {
+    pub node_name: String,
+    pub engine: EngineOptions,
+    /// cgroup v2 root to resolve socket cgroups under; `None` skips it.
+    pub cgroup_root: Option<PathBuf>,
+    pub tombstone_grace: Duration,
+    /// A (source, destination, port, protocol) identity pair is reported as
+    /// POLICY_NOT_ENFORCED at most once per this interval.
+    pub not_enforced_interval: Duration,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        AttributionConfig {
+            node_name: String::new(),
+            engine: EngineOptions::default(),
+            cgroup_root: None,
+            tombstone_grace: Duration::from_secs(300),
+            not_enforced_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The sentence for a drop the policies allow.
+pub const NOT_EXPLAINED: &str =
+    "not explained by NetworkPolicy: look at the CNI, host firewall or cloud security groups";
+
+/// Identity and policy state of the agent.
+pub struct Attribution {
+    config: AttributionConfig,
+    identity: IdentityCache,
+    cgroups: Option<CgroupIndex>,
+    engine: Option<Arc<PolicyEngine>>,
+    verdicts: VerdictCache,
+    /// Whether a complete snapshot has arrived.
+    synced: bool,
+    not_enforced_seen: HashMap<VerdictKey, SystemTime>,
+    /// The last policy error, logged once per change.
+    policy_error: Option<String>,
+}
+
+impl Attribution {
+    pub fn new(config: AttributionConfig) -> Attribution {
+        let identity = IdentityCache::new(IdentityConfig {
+            node_name: Some(config.node_name.clone()).filter(|n| !n.is_empty()),
+            tombstone_grace: config.tombstone_grace,
+            ..IdentityConfig::default()
+        });
+        let cgroups = config.cgroup_root.clone().map(CgroupIndex::new);
+        Attribution {
+            config,
+            identity,
+            cgroups,
+            engine: None,
+            verdicts: VerdictCache::default(),
+            synced: false,
+            not_enforced_seen: HashMap::new(),
+            policy_error: None,
+        }
+    }
+
+    /// Whether a complete view of the cluster has arrived.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// A new snapshot: rebuild identities and the policy engine. `complete`
+    /// says whether the source has listed everything once.
+    pub fn update(&mut self, snapshot: &ClusterSnapshot, complete: bool, now: SystemTime) {
+        self.identity.update(snapshot, now);
+        match PolicyEngine::new(snapshot, self.config.engine) {
+            Ok(engine) => {
+                self.engine = Some(Arc::new(engine));
+                self.verdicts.clear();
+                self.policy_error = None;
+            }
+            Err(e) => {
+                // Keep judging with the last good policies; say why once.
+                let msg = e.to_string();
+                if self.policy_error.as_deref() != Some(msg.as_str()) {
+                    warn!("NetworkPolicies not updated, the previous ones stay in use: {msg}");
+                    self.policy_error = Some(msg);
+                }
+            }
+        }
+        self.synced |= complete;
+    }
+
+    /// Forget tombstones and rate-limit state past their time.
+    pub fn expire(&mut self, now: SystemTime) {
+        self.identity.expire(now);
+        let interval = self.config.not_enforced_interval;
+        self.not_enforced_seen
+            .retain(|_, t| now.duration_since(*t).unwrap_or_default() < interval);
+    }
+
+    /// Fill in endpoints, service and policy attribution of a record.
+    pub fn enrich(&mut self, r: &mut FlowRecord) {
+        let at: SystemTime = r.first_seen.into();
+        let sport = r.source.port;
+        let dport = r.destination.port;
+        let (src_ip, dst_ip) = (r.ip.source, r.ip.destination);
+
+        let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
+        r.source = match &client_pod {
+            Some(pod) => pod.endpoint(Some(src_ip), sport),
+            None => self.identity.endpoint(src_ip, sport, at),
+        };
+        r.destination = self.identity.endpoint(dst_ip, dport, at);
+
+        // The service the client addressed, before DNAT or on its own.
+        let protocol = l4_protocol(&r.l4);
+        let addressed = r
+            .original_destination
+            .as_ref()
+            .map(|o| (o.ip, Some(o.port)))
+            .unwrap_or((dst_ip, dport));
+        let service = match self.identity.resolve(addressed.0, addressed.1, at) {
+            IpResolution::Service(s) => Some(s.clone()),
+            _ => None,
+        };
+        if let Some(s) = &service {
+            r.destination.service = Some(s.service.clone());
+            if r.destination.namespace.is_empty() {
+                r.destination.namespace = s.service.namespace.clone();
+            }
+        }
+
+        // A refused or unanswered connect to a service with no ready endpoint:
+        // the classic failing readiness probe, not a policy.
+        if matches!(r.verdict, Verdict::Refused | Verdict::TimedOut) {
+            if let (Some(_), Some(port), Some(proto)) = (&service, addressed.1, protocol) {
+                if let Some(readiness @ ServiceReadiness::NoReadyEndpoints { .. }) =
+                    self.identity.service_readiness(addressed.0, port, ip_protocol(proto))
+                {
+                    r.explanation = Some(readiness.to_string());
+                    return;
+                }
+            }
+        }
+
+        let (Some(engine), Some(proto), Some(port)) = (self.engine.clone(), protocol, dport) else {
+            return;
+        };
+        // A flow still addressed to a service IP has no known backend: the
+        // policies apply to backends, so there is nothing to judge yet.
+        if service.is_some() && r.original_destination.is_none() && matches!(r.destination.pod_name.as_str(), "") {
+            return;
+        }
+        let from = self.peer(&engine, &r.source, client_pod.as_ref(), src_ip, at);
+        let to = self.peer(&engine, &r.destination, None, dst_ip, at);
+        let verdict = self.verdicts.evaluate(&engine, &from, &to, port, proto);
+        apply_verdict(r, &verdict);
+    }
+
+    /// A completed handshake (`r` from the assembler's one-shot record):
+    /// the record back if the policies deny it, rate-limited per identity
+    /// pair; `None` when they allow it or it was reported recently.
+    pub fn not_enforced(&mut self, mut r: FlowRecord, now: SystemTime) -> Option<FlowRecord> {
+        let engine = self.engine.clone()?;
+        let proto = l4_protocol(&r.l4)?;
+        let port = r.destination.port?;
+        self.enrich_endpoints_only(&mut r);
+        let at: SystemTime = r.first_seen.into();
+        let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
+        let from = self.peer(&engine, &r.source, client_pod.as_ref(), r.ip.source, at);
+        let to = self.peer(&engine, &r.destination, None, r.ip.destination, at);
+        let key = engine.verdict_key(&from, &to, port, proto);
+        let verdict = self.verdicts.evaluate(&engine, &from, &to, port, proto);
+        if verdict.verdict != policy::Verdict::Denied {
+            return None;
+        }
+        if let Some(t) = self.not_enforced_seen.get(&key) {
+            if now.duration_since(*t).unwrap_or_default() < self.config.not_enforced_interval {
+                return None;
+            }
+        }
+        self.not_enforced_seen.insert(key, now);
+        apply_verdict(&mut r, &verdict);
+        r.verdict = Verdict::PolicyNotEnforced;
+        r.explanation = Some(format!(
+            "{}; yet the connection was established: the CNI does not enforce NetworkPolicy for this \
+             pair{}",
+            verdict.sentence(),
+            if client_pod.as_ref().is_some_and(|p| p.host_network) {
+                " (the client is a hostNetwork pod, whose traffic counts as the node's)"
+            } else {
+                ""
+            }
+        ));
+        Some(r)
+    }
+
+    /// Endpoints only (for records whose verdict is decided elsewhere).
+    fn enrich_endpoints_only(&mut self, r: &mut FlowRecord) {
+        let at: SystemTime = r.first_seen.into();
+        let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
+        r.source = match &client_pod {
+            Some(pod) => pod.endpoint(Some(r.ip.source), r.source.port),
+            None => self.identity.endpoint(r.ip.source, r.source.port, at),
+        };
+        r.destination = self.identity.endpoint(r.ip.destination, r.destination.port, at);
+    }
+
+    /// The pod whose container owns a cgroup.
+    fn pod_for_cgroup(&mut self, cgroup_id: u64) -> Option<PodIdentity> {
+        let index = self.cgroups.as_mut()?;
+        let uid = match index.resolve(cgroup_id) {
+            Ok(Some(c)) => c.pod_uid.clone(),
+            Ok(None) => return None,
+            Err(e) => {
+                debug!("cgroup {cgroup_id}: {e}");
+                return None;
+            }
+        };
+        self.identity.pod_by_uid(&uid).cloned()
+    }
+
+    /// How the engine should see one end of a flow.
+    fn peer(
+        &self,
+        engine: &PolicyEngine,
+        endpoint: &Endpoint,
+        socket_pod: Option<&PodIdentity>,
+        ip: IpAddr,
+        at: SystemTime,
+    ) -> Peer {
+        // hostNetwork pods' traffic is the node's: policies see its address.
+        if socket_pod.is_some_and(|p| p.host_network) {
+            return Peer::Ip(ip);
+        }
+        if endpoint.pod_name.is_empty() {
+            return Peer::Ip(ip);
+        }
+        let pod = Peer::Pod {
+            namespace: endpoint.namespace.clone(),
+            name: endpoint.pod_name.clone(),
+        };
+        if engine.check_peer(&pod).is_ok() {
+            return pod;
+        }
+        // A pod deleted since (a tombstone): judge it by what it was.
+        match self.identity.pod_at(ip, at) {
+            Some(p) => Peer::Hypothetical {
+                namespace: p.namespace.clone(),
+                labels: p.labels.clone(),
+            },
+            None => Peer::Ip(ip),
+        }
+    }
+}
+
+fn l4_protocol(l4: &L4) -> Option<Protocol> {
+    match l4 {
+        L4::Tcp(_) => Some(Protocol::Tcp),
+        L4::Udp(_) => Some(Protocol::Udp),
+        L4::Sctp(_) => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+fn ip_protocol(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => netwatch_common::IPPROTO_TCP,
+        Protocol::Udp => netwatch_common::IPPROTO_UDP,
+        Protocol::Sctp => netwatch_common::IPPROTO_SCTP,
+    }
+}
+
+fn hubble_policies(refs: &[policy::PolicyRef]) -> Vec<HubblePolicy> {
+    refs.iter()
+        .map(|p| HubblePolicy {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            kind: "NetworkPolicy".into(),
+            ..HubblePolicy::default()
+        })
+        .collect()
+}
+
+/// Write a policy verdict into a record.
+fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
+    r.egress_allowed_by = hubble_policies(&v.egress.allowed_by);
+    r.ingress_allowed_by = hubble_policies(&v.ingress.allowed_by);
+    r.egress_denied_by = hubble_policies(&v.egress.denied_by);
+    r.ingress_denied_by = hubble_policies(&v.ingress.denied_by);
+    r.near_misses = v
+        .egress
+        .near_misses
+        .iter()
+        .map(|m| format!("egress: {m}"))
+        .chain(v.ingress.near_misses.iter().map(|m| format!("ingress: {m}")))
+        .collect();
+    if v.verdict == policy::Verdict::Denied {
+        r.explanation = Some(v.sentence());
+        // The side whose policy denies: the destination's ingress first, as
+        // it is where most default-deny outages bite.
+        if v.ingress.verdict == policy::Verdict::Denied {
+            r.traffic_direction = "INGRESS".into();
+        } else {
+            r.traffic_direction = "EGRESS".into();
+        }
+    } else if r.verdict == Verdict::Dropped {
+        r.explanation = Some(NOT_EXPLAINED.into());
+    } else if r.verdict == Verdict::TimedOut {
+        r.explanation = Some(
+            "NetworkPolicy allows this flow: the packets were lost elsewhere (another node's \
+             firewall, a route, or the peer is down)"
+                .into(),
+        );
+    }
+}
