@@ -1,13 +1,14 @@
 //! Why a flow is denied, in words: the near misses of each selecting policy
 //! and the one-sentence summary.
 
+use std::fmt::Write;
 use std::net::IpAddr;
 
 use super::evaluate::{EndpointKind, Flow, FlowVerdict, PolicyEngine, Resolved, Verdict};
 use super::model::{
     Direction, NAMESPACE_NAME_LABEL, NamespaceScope, PeerMatcher, PolicyRef, PolicyRule, PortSpec,
 };
-use super::selector::{CompiledSelector, render_labels};
+use super::selector::CompiledSelector;
 
 /// What the other end is called from the point of view of `direction`.
 fn role(direction: Direction) -> &'static str {
@@ -19,7 +20,8 @@ fn role(direction: Direction) -> &'static str {
 
 /// One line per rule of `policy` in `direction` (or one saying it has none),
 /// describing what matched and what did not. Only called for policies that
-/// do not allow the flow.
+/// do not allow the flow. Each line is written into one buffer: this runs
+/// for every denied flow the agent reports.
 pub(crate) fn near_misses(
     engine: &PolicyEngine,
     policy: u32,
@@ -38,92 +40,103 @@ pub(crate) fn near_misses(
         .iter()
         .enumerate()
         .map(|(i, rule)| {
-            format!(
-                "{} {direction} rule {}: {}",
-                p.reference,
-                i + 1,
-                rule_miss(engine, &p.reference, rule, direction, flow)
-            )
+            let mut line = String::with_capacity(256);
+            let _ = write!(line, "{} {direction} rule {}: ", p.reference, i + 1);
+            rule_miss(&mut line, engine, &p.reference, rule, direction, flow);
+            line
         })
         .collect()
 }
 
 fn rule_miss(
+    out: &mut String,
     engine: &PolicyEngine,
     policy: &PolicyRef,
     rule: &PolicyRule,
     direction: Direction,
     flow: &Flow<'_>,
-) -> String {
+) {
     let other = flow.other(direction);
     let who = role(direction);
-    let peers = if rule.peers.is_empty() {
-        format!(
-            "every {who} matches (no {} list)",
-            if direction == Direction::Ingress {
-                "from"
-            } else {
-                "to"
-            }
-        )
+    if rule.peers.is_empty() {
+        let list = if direction == Direction::Ingress {
+            "from"
+        } else {
+            "to"
+        };
+        let _ = write!(out, "every {who} matches (no {list} list)");
     } else if let Some(peer) = rule
         .peers
         .iter()
         .find(|m| engine.peer_matches(&policy.namespace, m, other, flow.family_hint))
     {
-        format!("peer {peer} matches the {who}")
+        let _ = write!(out, "peer {peer} matches the {who}");
     } else {
-        rule.peers
-            .iter()
-            .map(|m| peer_miss(engine, &policy.namespace, m, other, who, flow.family_hint))
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let traffic = format!("{}/{}", flow.port, flow.protocol);
-    let ports = if rule.ports.is_empty() {
-        "every port matches (no ports list)".to_string()
+        for (i, m) in rule.peers.iter().enumerate() {
+            if i > 0 {
+                out.push_str("; ");
+            }
+            peer_miss(
+                out,
+                engine,
+                &policy.namespace,
+                m,
+                other,
+                who,
+                flow.family_hint,
+            );
+        }
+    }
+    out.push_str("; ");
+    if rule.ports.is_empty() {
+        out.push_str("every port matches (no ports list)");
     } else if let Some(m) = rule
         .ports
         .iter()
         .find(|m| PolicyEngine::port_matches(m, &flow.destination, flow.port, flow.protocol))
     {
-        format!("port {traffic} matches {m}")
+        let _ = write!(out, "port {}/{} matches {m}", flow.port, flow.protocol);
     } else {
-        let listed: Vec<String> = rule
-            .ports
-            .iter()
-            .map(|m| match &m.port {
-                PortSpec::Named(name) => match flow
+        let _ = write!(out, "port {}/{} not in [", flow.port, flow.protocol);
+        for (i, m) in rule.ports.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{m}");
+            if let PortSpec::Named(name) = &m.port {
+                let resolved = flow
                     .destination
                     .pod
-                    .and_then(|(_, pod)| pod.named_port(name, m.protocol))
-                {
-                    Some(n) => format!("{m} (= {n} on the destination)"),
-                    None if flow.destination.kind == EndpointKind::Pod => {
-                        format!(
-                            "{m} (the destination has no {} container port named {name})",
-                            m.protocol
-                        )
-                    }
-                    None => format!("{m} (named ports only resolve on pods with container ports)"),
-                },
-                _ => m.to_string(),
-            })
-            .collect();
-        format!("port {traffic} not in [{}]", listed.join(", "))
-    };
-    format!("{peers}; {ports}")
+                    .and_then(|(_, pod)| pod.named_port(name, m.protocol));
+                let _ = match resolved {
+                    Some(n) => write!(out, " (= {n} on the destination)"),
+                    None if flow.destination.kind == EndpointKind::Pod => write!(
+                        out,
+                        " (the destination has no {} container port named {name})",
+                        m.protocol
+                    ),
+                    None => write!(
+                        out,
+                        " (named ports only resolve on pods with container ports)"
+                    ),
+                };
+            }
+        }
+        out.push(']');
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn peer_miss(
+    out: &mut String,
     engine: &PolicyEngine,
     policy_namespace: &str,
     peer: &PeerMatcher,
     end: &Resolved<'_>,
     who: &str,
     hint: Option<IpAddr>,
-) -> String {
-    match peer {
+) {
+    let _ = match peer {
         PeerMatcher::Pods {
             namespaces,
             pods,
@@ -131,80 +144,116 @@ fn peer_miss(
         } => {
             let Some(ns) = &end.namespace else {
                 let ip = end.given_ip.map(|ip| ip.to_string()).unwrap_or_default();
-                return format!("peer {peer} selects pods, and the {who} {ip} is not a pod");
+                let _ = write!(
+                    out,
+                    "peer {peer} selects pods, and the {who} {ip} is not a pod"
+                );
+                return;
             };
             match namespaces {
+                NamespaceScope::PolicyNamespace if ns.name != policy_namespace => write!(
+                    out,
+                    "peer podSelector {pods} only selects pods in namespace {policy_namespace}, and the {who} is in {}",
+                    ns.name
+                ),
                 NamespaceScope::PolicyNamespace => {
-                    if ns.name != policy_namespace {
-                        format!(
-                            "peer podSelector {pods} only selects pods in namespace {policy_namespace}, and the {who} is in {}",
-                            ns.name
-                        )
-                    } else {
-                        labels_miss(&format!("peer podSelector {pods}"), pods, end, who)
-                    }
+                    let _ = write!(out, "peer podSelector {pods}");
+                    labels_miss(out, pods, end, who);
+                    Ok(())
                 }
-                NamespaceScope::Selector(ns_selector) => {
-                    if !ns_selector.matches(&ns.labels) {
-                        if engine.model.namespaces_matching(ns_selector).is_empty() {
-                            return format!(
-                                "namespaceSelector {ns_selector} matches no namespace{}",
-                                namespace_hint(engine, ns_selector)
-                            );
-                        }
-                        format!(
-                            "namespaceSelector {ns_selector} does not match {who} namespace {} labels {} ({})",
-                            ns.name,
-                            render_labels(&ns.labels),
-                            ns_selector.mismatches(&ns.labels).join(", ")
-                        )
-                    } else if *pod_selector_given {
-                        labels_miss(
-                            &format!(
-                                "namespaceSelector {ns_selector} matches namespace {}, but podSelector {pods}",
-                                ns.name
-                            ),
-                            pods,
-                            end,
-                            who,
-                        )
-                    } else {
-                        // Unreachable in practice: a matching namespace with no
-                        // podSelector matches; say what we know.
-                        format!("peer {peer} matches")
+                NamespaceScope::Selector(ns_selector) if !ns_selector.matches(&ns.labels) => {
+                    if !engine
+                        .model
+                        .namespaces
+                        .iter()
+                        .any(|n| ns_selector.matches(&n.labels))
+                    {
+                        let _ = write!(out, "namespaceSelector {ns_selector} matches no namespace");
+                        out.push_str(&namespace_hint(engine, ns_selector));
+                        return;
                     }
+                    let _ = write!(
+                        out,
+                        "namespaceSelector {ns_selector} does not match {who} namespace {} labels ",
+                        ns.name
+                    );
+                    write_labels(out, &ns.labels);
+                    out.push_str(" (");
+                    write_mismatches(out, ns_selector, &ns.labels);
+                    out.push(')');
+                    Ok(())
                 }
+                NamespaceScope::Selector(ns_selector) if *pod_selector_given => {
+                    let _ = write!(
+                        out,
+                        "namespaceSelector {ns_selector} matches namespace {}, but podSelector {pods}",
+                        ns.name
+                    );
+                    labels_miss(out, pods, end, who);
+                    Ok(())
+                }
+                // A matching namespace without a podSelector matches; only
+                // reached if called for a peer that matched.
+                NamespaceScope::Selector(_) => write!(out, "peer {peer} matches"),
             }
         }
         PeerMatcher::IpBlock(block) => match engine.block_address(end, hint) {
             Some(ip) => match block.excepted_by(ip) {
-                Some(except) if block.cidr.contains(&ip) => {
-                    format!(
-                        "peer ipBlock {block}: the {who} IP {ip} is in {} but excepted by {except}",
-                        block.cidr
-                    )
-                }
-                _ => format!("peer ipBlock {block} does not contain the {who} IP {ip}"),
+                Some(except) if block.cidr.contains(&ip) => write!(
+                    out,
+                    "peer ipBlock {block}: the {who} IP {ip} is in {} but excepted by {except}",
+                    block.cidr
+                ),
+                _ => write!(
+                    out,
+                    "peer ipBlock {block} does not contain the {who} IP {ip}"
+                ),
             },
             None if end.kind == EndpointKind::Pod
                 && !engine.options.ipblock_matches_pods
                 && end.address(hint).is_some() =>
             {
-                format!(
+                write!(
+                    out,
                     "peer ipBlock {block} is not applied to pod IPs (--ipblock-matches-pods=false), and the {who} is a pod"
                 )
             }
-            None => format!("peer ipBlock {block} cannot match the {who}: it has no IP"),
+            None => write!(
+                out,
+                "peer ipBlock {block} cannot match the {who}: it has no IP"
+            ),
         },
-    }
+    };
 }
 
-fn labels_miss(what: &str, selector: &CompiledSelector, end: &Resolved<'_>, who: &str) -> String {
-    format!(
-        "{what} does not match {who} labels {} ({})",
-        render_labels(&end.labels),
-        selector.mismatches(&end.labels).join(", ")
-    )
+/// ` does not match source labels {app: web} (missing tier=frontend)`.
+fn labels_miss(out: &mut String, selector: &CompiledSelector, end: &Resolved<'_>, who: &str) {
+    let _ = write!(out, " does not match {who} labels ");
+    write_labels(out, &end.labels);
+    out.push_str(" (");
+    write_mismatches(out, selector, &end.labels);
+    out.push(')');
+}
+
+fn write_labels(out: &mut String, labels: &super::selector::Labels) {
+    out.push('{');
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(k);
+        out.push_str(": ");
+        out.push_str(v);
+    }
+    out.push('}');
+}
+
+fn write_mismatches(
+    out: &mut String,
+    selector: &CompiledSelector,
+    labels: &super::selector::Labels,
+) {
+    selector.write_mismatches(labels, out);
 }
 
 /// ` (kube-system has kubernetes.io/metadata.name=kube-system)` when the

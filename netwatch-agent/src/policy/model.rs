@@ -71,6 +71,25 @@ impl Protocol {
     /// All three, in the order the API lists them.
     pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
+    /// The IP protocol number: 6, 17, 132.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol of an IP protocol number, if NetworkPolicy can name it.
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
     /// The API's spelling: `TCP`, `UDP`, `SCTP`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -142,9 +161,21 @@ impl fmt::Display for PolicyRef {
 pub struct IpBlockMatcher {
     pub cidr: IpNet,
     pub except: Vec<IpNet>,
+    /// `10.0.0.0/8 except 10.1.0.0/16`, made once for explanations.
+    text: String,
 }
 
 impl IpBlockMatcher {
+    /// A block of `cidr` minus `except`.
+    pub fn new(cidr: IpNet, except: Vec<IpNet>) -> Self {
+        let mut text = cidr.to_string();
+        if !except.is_empty() {
+            let listed: Vec<String> = except.iter().map(ToString::to_string).collect();
+            text = format!("{text} except {}", listed.join(", "));
+        }
+        Self { cidr, except, text }
+    }
+
     /// Whether `ip` is in the CIDR and in none of the exceptions.
     #[inline]
     pub fn matches(&self, ip: IpAddr) -> bool {
@@ -159,12 +190,7 @@ impl IpBlockMatcher {
 
 impl fmt::Display for IpBlockMatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.cidr)?;
-        if !self.except.is_empty() {
-            let except: Vec<String> = self.except.iter().map(ToString::to_string).collect();
-            write!(f, " except {}", except.join(", "))?;
-        }
-        Ok(())
+        f.write_str(&self.text)
     }
 }
 
@@ -489,7 +515,7 @@ fn compile_ip_block(block: &IPBlock, path: &str) -> Result<IpBlockMatcher, Field
         }
         except.push(net);
     }
-    Ok(IpBlockMatcher { cidr, except })
+    Ok(IpBlockMatcher::new(cidr, except))
 }
 
 fn compile_port(port: &NetworkPolicyPort, path: &str) -> Result<PortMatcher, FieldProblem> {
@@ -1115,5 +1141,9 @@ mod tests {
         assert!("icmp".parse::<Protocol>().is_err());
         assert_eq!(Protocol::from_api("udp"), None);
         assert_eq!(Protocol::Udp.to_string(), "UDP");
+        for p in Protocol::ALL {
+            assert_eq!(Protocol::from_number(p.number()), Some(p));
+        }
+        assert_eq!(Protocol::from_number(1), None);
     }
 }

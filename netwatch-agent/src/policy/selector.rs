@@ -38,27 +38,32 @@ impl LabelRequirement {
         }
     }
 
-    /// Why `labels` fails this requirement, in a few words.
-    fn mismatch(&self, labels: &Labels) -> String {
-        match self {
+    /// Why `labels` fails this requirement, in a few words, into `out`.
+    fn write_mismatch(&self, labels: &Labels, out: &mut String) {
+        use std::fmt::Write;
+        let _ = match self {
             Self::Equals { key, value } => match labels.get(key) {
-                None => format!("missing {key}={value}"),
-                Some(actual) => format!("{key}={actual}, not {value}"),
+                None => write!(out, "missing {key}={value}"),
+                Some(actual) => write!(out, "{key}={actual}, not {value}"),
             },
             Self::In { key, values } => match labels.get(key) {
-                None => format!("missing {key} (needs {key} in ({}))", values.join(", ")),
-                Some(actual) => format!("{key}={actual} not in ({})", values.join(", ")),
+                None => write!(
+                    out,
+                    "missing {key} (needs {key} in ({}))",
+                    values.join(", ")
+                ),
+                Some(actual) => write!(out, "{key}={actual} not in ({})", values.join(", ")),
             },
             Self::NotIn { key, values } => {
                 let actual = labels.get(key).map(String::as_str).unwrap_or_default();
-                format!("{key}={actual} is in ({})", values.join(", "))
+                write!(out, "{key}={actual} is in ({})", values.join(", "))
             }
-            Self::Exists { key } => format!("missing label {key}"),
+            Self::Exists { key } => write!(out, "missing label {key}"),
             Self::DoesNotExist { key } => {
                 let actual = labels.get(key).map(String::as_str).unwrap_or_default();
-                format!("has {key}={actual}")
+                write!(out, "has {key}={actual}")
             }
-        }
+        };
     }
 }
 
@@ -76,12 +81,27 @@ impl fmt::Display for LabelRequirement {
 
 /// A validated label selector. An empty selector matches everything, as in
 /// the API (`podSelector: {}` selects every pod of the namespace).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledSelector {
     requirements: Vec<LabelRequirement>,
+    /// The rendered form, made once: explanations print it for every
+    /// denied flow.
+    text: String,
+}
+
+impl Default for CompiledSelector {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl CompiledSelector {
+    fn new(requirements: Vec<LabelRequirement>) -> Self {
+        let inner: Vec<String> = requirements.iter().map(ToString::to_string).collect();
+        let text = format!("{{{}}}", inner.join(", "));
+        Self { requirements, text }
+    }
+
     /// The selector that matches everything.
     pub fn everything() -> Self {
         Self::default()
@@ -89,15 +109,15 @@ impl CompiledSelector {
 
     /// A selector of exact `matchLabels`.
     pub fn from_labels(labels: &Labels) -> Self {
-        Self {
-            requirements: labels
+        Self::new(
+            labels
                 .iter()
                 .map(|(k, v)| LabelRequirement::Equals {
                     key: k.clone(),
                     value: v.clone(),
                 })
                 .collect(),
-        }
+        )
     }
 
     /// Validates and compiles `selector`; `field` is its path in the object
@@ -119,7 +139,7 @@ impl CompiledSelector {
             let path = format!("{field}.matchExpressions[{i}]");
             requirements.push(compile_expression(expr, &path)?);
         }
-        Ok(Self { requirements })
+        Ok(Self::new(requirements))
     }
 
     /// Whether `labels` satisfies every requirement.
@@ -144,8 +164,27 @@ impl CompiledSelector {
         self.requirements
             .iter()
             .filter(|r| !r.matches(labels))
-            .map(|r| r.mismatch(labels))
+            .map(|r| {
+                let mut s = String::new();
+                r.write_mismatch(labels, &mut s);
+                s
+            })
             .collect()
+    }
+
+    /// [`CompiledSelector::mismatches`] joined with `, `, written into `out`.
+    pub fn write_mismatches(&self, labels: &Labels, out: &mut String) {
+        for (i, r) in self
+            .requirements
+            .iter()
+            .filter(|r| !r.matches(labels))
+            .enumerate()
+        {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            r.write_mismatch(labels, out);
+        }
     }
 
     /// Values this selector requires for `key` through `Equals` or `In`
@@ -164,14 +203,7 @@ impl CompiledSelector {
 impl fmt::Display for CompiledSelector {
     /// `{app: web, env in (prod, staging), !canary}`; `{}` for everything.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("{")?;
-        for (i, r) in self.requirements.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{r}")?;
-        }
-        f.write_str("}")
+        f.write_str(&self.text)
     }
 }
 
