@@ -83,8 +83,8 @@ pub enum DaemonError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("cannot set up the Kubernetes client: {0}; give --kubeconfig PATH, run in a pod, or use --manifests")]
-    Kube(String),
+    #[error("{0}; give --kubeconfig PATH, run in a pod, or use --manifests")]
+    Kube(#[from] crate::identity::KubeSourceError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -94,17 +94,7 @@ async fn start_identity(source: &IdentitySource, node_name: &str) -> Result<Opti
         IdentitySource::None => return Ok(None),
         IdentitySource::Manifests(paths) => SnapshotSource::manifests(paths.clone()),
         IdentitySource::Kube { kubeconfig } => {
-            let config = match kubeconfig {
-                Some(path) => {
-                    let kc = kube::config::Kubeconfig::read_from(path)
-                        .map_err(|e| DaemonError::Kube(format!("reading {}: {e}", path.display())))?;
-                    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                        .await
-                        .map_err(|e| DaemonError::Kube(e.to_string()))?
-                }
-                None => kube::Config::infer().await.map_err(|e| DaemonError::Kube(e.to_string()))?,
-            };
-            let client = kube::Client::try_from(config).map_err(|e| DaemonError::Kube(e.to_string()))?;
+            let client = crate::identity::kube::client(kubeconfig.as_deref()).await?;
             SnapshotSource::kube(
                 client,
                 KubeWatchConfig { node_name: Some(node_name.to_string()), ..KubeWatchConfig::default() },

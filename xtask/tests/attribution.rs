@@ -264,3 +264,50 @@ fn a_refusal_by_a_service_without_ready_endpoints_says_so() {
     assert_eq!(f["explanation"], "service prod/payment has no ready endpoints");
     assert!(f.get("ingress_denied_by").is_none(), "not a policy drop");
 }
+
+#[test]
+fn with_the_api_server_unreachable_capture_goes_on_and_records_go_out_unenriched() {
+    let lab = lab(LAB);
+    let dir = tempfile::tempdir().unwrap();
+    // A kubeconfig whose API server refuses every connection.
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [ { name: c, cluster: { server: \"https://127.0.0.1:9\", insecure-skip-tls-verify: true } } ]\n\
+         users: [ { name: u, user: { token: t } } ]\ncontexts: [ { name: x, context: { cluster: c, user: u } } ]\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let mut agent = Agent::start(&lab, "node-1", 4, &["--kubeconfig", kubeconfig.to_str().unwrap(), "--identity-wait", "1"]);
+    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut);
+    // Reported by address after the identity wait, marked.
+    let f = agent.wait_for_flow(Duration::from_secs(4), to("10.244.1.5", 9090));
+    assert_eq!(f["flow"]["verdict"], "DROPPED");
+    assert_eq!(f["flow"]["unenriched"], true);
+    assert!(f["flow"]["source"].get("pod_name").is_none());
+    let lines = agent.stop();
+    assert!(lines.iter().all(|l| l["flow"]["unenriched"] == true), "nothing could be enriched");
+    assert!(!agent.log().contains("panicked"));
+}
+
+#[test]
+fn manifests_are_reloaded_when_they_change() {
+    let lab = lab(LAB);
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("cluster.yaml");
+    // First without the default-deny policy: the drop is not NetworkPolicy's.
+    let without_deny = MANIFESTS.replace("name: default-deny-all", "name: unrelated").replace("podSelector: {}, policyTypes: [ Ingress ]", "podSelector: { matchLabels: { app: nothing } }, policyTypes: [ Ingress ]");
+    std::fs::write(&manifests, &without_deny).unwrap();
+    let mut agent = Agent::start(&lab, "node-1", 4, &["--manifests", manifests.to_str().unwrap(), "--idle-timeout", "1"]);
+    lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1))).unwrap();
+    let first = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.3", 8080));
+    assert!(first["flow"]["explanation"].as_str().unwrap().starts_with("not explained by NetworkPolicy"), "{first:#}");
+    // Apply the policy (as `kubectl apply` would): the next flow is attributed to it.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&manifests, MANIFESTS).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1))).unwrap();
+    let second = agent.wait_for_flow(Duration::from_secs(3), |f| to("10.244.1.3", 8080)(f) && f["uuid"] != first["flow"]["uuid"] && f["lifecycle"] == "NEW");
+    assert_eq!(names(&second["flow"]["ingress_denied_by"]), vec!["prod/default-deny-all"]);
+    agent.stop();
+}

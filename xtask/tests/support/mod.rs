@@ -55,24 +55,25 @@ impl Agent {
         let flow_log_arg = flow_log.to_string_lossy().into_owned();
         // Each agent its own observe socket: tests run side by side.
         let api_socket = dir.path().join("api.sock").to_string_lossy().into_owned();
-        let mut args = vec!["--node-name", node, "--flow-log", &flow_log_arg, "--interfaces", "cali*"];
-        if !extra.contains(&"--api-socket") {
-            args.extend_from_slice(&["--api-socket", &api_socket]);
+        // Defaults for tests; any of them can be overridden through `extra`.
+        let defaults: [(&str, &str); 10] = [
+            ("--node-name", node),
+            ("--flow-log", &flow_log_arg),
+            ("--interfaces", "cali*"),
+            ("--api-socket", &api_socket),
+            ("--cgroup-root", &cgroup_root),
+            ("--connect-timeout", "1"),
+            ("--update-interval", "1"),
+            ("--idle-timeout", "3"),
+            ("--metrics-addr", "none"),
+            ("--log", "info"),
+        ];
+        let mut args: Vec<&str> = vec!["--own-netns-only"];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend_from_slice(&[flag, value]);
+            }
         }
-        if !extra.contains(&"--cgroup-root") {
-            args.extend_from_slice(&["--cgroup-root", &cgroup_root]);
-        }
-        args.extend_from_slice(&[
-            "--own-netns-only",
-            "--connect-timeout",
-            "1",
-            "--update-interval",
-            "1",
-            "--idle-timeout",
-            "3",
-            "--log",
-            "info",
-        ]);
         args.extend_from_slice(extra);
         let stderr = fs::File::create(&stderr_log).expect("agent log");
         let child = lab
