@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     Explain(cli::explain::ExplainArgs),
     Lint(cli::lint::LintArgs),
+    Observe(cli::observe::ObserveArgs),
+    Top(cli::top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +28,8 @@ fn main() -> ExitCode {
     let result = match &args.command {
         Command::Explain(a) => cli::explain::run(a),
         Command::Lint(a) => cli::lint::run(a),
+        Command::Observe(a) => cli::observe::run(a),
+        Command::Top(a) => cli::top::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

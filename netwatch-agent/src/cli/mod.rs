@@ -4,6 +4,8 @@
 
 pub mod explain;
 pub mod lint;
+pub mod observe;
+pub mod top;
 
 use crate::manifests::ManifestError;
 use crate::policy::PolicyError;
