@@ -115,17 +115,27 @@ impl Exporters {
             },
             metrics.flow_log.clone(),
         )?;
+        // A port that cannot be bound leaves metrics off, loudly: capture and
+        // the flow log go on (and Prometheus sees the target down).
         let metrics_addr = match config.metrics_addr {
             Some(addr) => {
-                let bound = metrics::serve(
+                match metrics::serve(
                     addr,
                     metrics.registry().clone(),
                     metrics.health.clone(),
                     metrics.ready_refresher(),
                 )
-                .await?;
-                tracing::info!(addr = %bound, "metrics listening on http://{bound}/metrics (also /healthz, /readyz)");
-                Some(bound)
+                .await
+                {
+                    Ok(bound) => {
+                        tracing::info!(addr = %bound, "metrics listening on http://{bound}/metrics (also /healthz, /readyz)");
+                        Some(bound)
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}; metrics are off (--metrics-addr)");
+                        None
+                    }
+                }
             }
             None => None,
         };

@@ -282,61 +282,82 @@ pub struct ObserveServer {
 
 impl ObserveServer {
     /// Bind the socket and/or TCP address and serve `hub` on them.
+    ///
+    /// A non-loopback TCP address is refused. A socket or port that cannot
+    /// be bound (in use, no permission) is logged and left off: capture and
+    /// the other outputs matter more than the live tail.
     pub async fn start(
         config: &ApiConfig,
         hub: Arc<ObserveHub>,
     ) -> Result<ObserveServer, ServerError> {
+        if let Some(addr) = config.tcp {
+            if !addr.ip().is_loopback() {
+                return Err(ServerError::NotLoopback { addr });
+            }
+        }
         let mut server = ObserveServer {
             socket: None,
             tcp_addr: None,
             tasks: Vec::new(),
         };
         if let Some(path) = &config.socket {
-            let listener = bind_unix(path).await?;
-            server.socket = Some(path.clone());
-            tracing::info!(socket = %path.display(), "observe API listening");
-            let hub = hub.clone();
-            server.tasks.push(tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, _)) => {
-                            tokio::spawn(serve_client(stream, hub.clone()));
+            match bind_unix(path).await {
+                Ok(listener) => {
+                    server.socket = Some(path.clone());
+                    tracing::info!(socket = %path.display(), "observe API listening on {}", path.display());
+                    let hub = hub.clone();
+                    server.tasks.push(tokio::spawn(async move {
+                        loop {
+                            match listener.accept().await {
+                                Ok((stream, _)) => {
+                                    tokio::spawn(serve_client(stream, hub.clone()));
+                                }
+                                Err(e) => {
+                                    tracing::warn!("observe API: accept failed: {e}");
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                            }
                         }
-                        Err(e) => {
-                            tracing::warn!("observe API: accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
+                    }));
                 }
-            }));
+                Err(e) => tracing::error!("{e}; the observe API socket is off (--api-socket)"),
+            }
         }
         if let Some(addr) = config.tcp {
-            if !addr.ip().is_loopback() {
-                return Err(ServerError::NotLoopback { addr });
-            }
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Tcp { addr, source })?;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| ServerError::Tcp { addr, source })?;
-            server.tcp_addr = Some(bound);
-            tracing::info!(addr = %bound, "observe API listening on TCP");
-            server.tasks.push(tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, _)) => {
-                            tokio::spawn(serve_client(stream, hub.clone()));
+            let bound = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l.local_addr().map(|a| (l, a)),
+                Err(e) => Err(e),
+            };
+            match bound {
+                Ok((listener, bound)) => {
+                    server.tcp_addr = Some(bound);
+                    tracing::info!(addr = %bound, "observe API listening on tcp://{bound}");
+                    server.tasks.push(tokio::spawn(async move {
+                        loop {
+                            match listener.accept().await {
+                                Ok((stream, _)) => {
+                                    tokio::spawn(serve_client(stream, hub.clone()));
+                                }
+                                Err(e) => {
+                                    tracing::warn!("observe API: accept failed: {e}");
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                            }
                         }
-                        Err(e) => {
-                            tracing::warn!("observe API: accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
+                    }));
                 }
-            }));
+                Err(source) => tracing::error!(
+                    "{}; the observe API on TCP is off (--api-addr)",
+                    ServerError::Tcp { addr, source }
+                ),
+            }
         }
         Ok(server)
+    }
+
+    /// The socket it listens on, if binding it worked.
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
     }
 }
 

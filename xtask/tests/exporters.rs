@@ -1,0 +1,565 @@
+//! End-to-end: the exporters of a real agent in a lab node, read the way a
+//! user reads them: `/metrics` scraped over HTTP after known drops, the flow
+//! log, `netwatch observe` and `netwatch top` against the live agent, a real
+//! Prometheus server scraping the agent until the drop alert fires, and
+//! promtool on the shipped rules.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{Agent, lab, records, target_binary, to, uuids};
+use xtask::lab::{Lab, Outcome, Probe};
+
+const LAB: &str = r#"
+nodes:
+  - name: node-1
+    nftables: |
+      table inet lab {
+        chain forward {
+          type filter hook forward priority 0; policy accept;
+          ip daddr 10.244.1.3 tcp dport 8080 counter drop comment "drop-api"
+          ip daddr 10.244.1.4 udp dport 53 counter drop comment "drop-dns"
+        }
+      }
+pods:
+  - { name: web, namespace: prod, node: node-1, ip: 10.244.1.2 }
+  - { name: api, namespace: prod, node: node-1, ip: 10.244.1.3, listen: ["8080/tcp", "9090/tcp"] }
+  - { name: dns, namespace: kube-system, node: node-1, ip: 10.244.1.4, listen: ["53/udp"] }
+"#;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// An agent with its metrics on a kernel-chosen port and its observe API on
+/// a socket of its own (tests run side by side).
+struct ExportingAgent {
+    agent: Agent,
+    socket: PathBuf,
+    metrics: SocketAddr,
+    netns: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ExportingAgent {
+    fn start(lab: &Lab, extra: &[&str]) -> ExportingAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("netwatch.sock");
+        let socket_arg = socket.to_string_lossy().into_owned();
+        let mut args = vec!["--metrics-addr", "127.0.0.1:0", "--api-socket", &socket_arg];
+        args.extend_from_slice(extra);
+        let mut agent = Agent::start(lab, "node-1", 3, &args);
+        agent.wait_for_log(|l| l.contains("metrics listening on http://") && l.contains("observe API listening"));
+        let log = agent.log();
+        let at = log.find("metrics listening on http://").unwrap() + "metrics listening on http://".len();
+        let metrics: SocketAddr = log[at..].split('/').next().unwrap().parse().expect("metrics address in the log");
+        assert_ne!(metrics.port(), 0);
+        let netns = lab.node("node-1").unwrap().netns.clone();
+        ExportingAgent { agent, socket, metrics, netns, _dir: dir }
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.netns, self.metrics, path)
+    }
+
+    /// The value of the sample of `name` whose labels include `labels`
+    /// (summed over the samples that match).
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        sample(&body, name, labels)
+    }
+
+    fn observe(&self, args: &[&str]) -> std::process::Output {
+        Command::new(target_binary("netwatch"))
+            .arg("observe")
+            .args(["--server", self.socket.to_str().unwrap()])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run netwatch observe")
+    }
+}
+
+/// Sum of the samples of `name` whose labels include `want`.
+fn sample(exposition: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric, labels) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let labels: HashMap<&str, &str> = labels
+            .split("\",")
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim_matches(','), v.trim_matches('"')))
+            .collect();
+        if want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().unwrap();
+        }
+    }
+    total
+}
+
+/// A plain HTTP GET from inside a network namespace (where the agent and
+/// Prometheus listen on 127.0.0.1).
+fn http_get(netns: &str, addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(netns, addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path} in {netns}: {e}"))
+}
+
+fn try_http_get(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let netns = netns.to_string();
+    let path = path.to_string();
+    std::thread::spawn(move || -> Result<(u16, String), String> {
+        enter_netns(&netns);
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+        let status: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no HTTP status")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, dechunk(&body, &text)))
+    })
+    .join()
+    .map_err(|_| "HTTP thread panicked".to_string())?
+}
+
+/// hyper answers small bodies in one piece, large ones chunked.
+fn dechunk(body: &str, whole: &str) -> String {
+    if !whole.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+/// Move this thread into a lab node's network namespace.
+fn enter_netns(netns: &str) {
+    let path = CString::new(format!("/run/netns/{netns}")).unwrap();
+    // SAFETY: plain syscalls on a path we own; setns affects only this thread.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        assert!(fd >= 0, "open {netns}: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::setns(fd, libc::CLONE_NEWNET), 0, "setns {netns}: {}", std::io::Error::last_os_error());
+        libc::close(fd);
+    }
+}
+
+fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One dropped TCP flow (to 8080), one refused (to 7777), one dropped DNS query.
+fn make_denied_flows(lab: &Lab) {
+    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
+    let r = lab.probe("prod/web", &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+}
+
+#[test]
+fn metrics_count_known_drops_exactly() {
+    let lab = lab(LAB);
+    let a = ExportingAgent::start(&lab, &[]);
+    make_denied_flows(&lab);
+    let syns = lab.nft_counter("node-1", "drop-api").unwrap();
+    let queries = lab.nft_counter("node-1", "drop-dns").unwrap();
+    assert!(syns >= 2 && queries >= 1, "{syns} {queries}");
+    let to_api = [("reason", "NETFILTER_DROP"), ("protocol", "TCP"), ("destination_port", "8080")];
+    // Later records of the flow carry the last retransmissions.
+    wait_until(Duration::from_secs(15), "drops to 8080 equal the firewall's counter", || {
+        (a.metric("netwatch_drops_total", &to_api) == Some(syns as f64)).then_some(())
+    });
+    assert_eq!(a.metric("netwatch_drop_bytes_total", &to_api), Some(syns as f64 * 60.0), "SYNs with options are 60 bytes");
+    let to_dns = [("reason", "NETFILTER_DROP"), ("protocol", "UDP"), ("destination_port", "53")];
+    wait_until(Duration::from_secs(15), "DNS drops", || {
+        (a.metric("netwatch_drops_total", &to_dns) == Some(queries as f64)).then_some(())
+    });
+    // One flow each, though each flow had several records.
+    let lines = a.agent.lines();
+    assert!(records(&lines, to("10.244.1.3", 8080)).len() >= 2, "NEW and later records: {lines:#?}");
+    assert_eq!(a.metric("netwatch_denied_flows_total", &[("verdict", "DROPPED"), ("destination_port", "8080")]), Some(1.0));
+    assert_eq!(a.metric("netwatch_denied_flows_total", &[("verdict", "REFUSED"), ("destination_port", "7777")]), Some(1.0));
+    assert_eq!(a.metric("netwatch_denied_flows_total", &[("verdict", "DROPPED")]), Some(2.0));
+    assert_eq!(a.metric("netwatch_dns_failures_total", &[("verdict", "DROPPED")]), Some(1.0));
+    assert_eq!(a.metric("netwatch_attached_interfaces", &[]), Some(3.0));
+    assert_eq!(a.metric("netwatch_lost_events_total", &[]), Some(0.0));
+    assert_eq!(a.metric("netwatch_observer_dropped_records_total", &[]), Some(0.0));
+    assert!(a.metric("netwatch_flow_log_records_total", &[]).unwrap() >= 3.0);
+    let (_, body) = a.get("/metrics");
+    assert!(body.contains("# TYPE netwatch_drops_total counter"), "{body}");
+    assert!(body.contains("netwatch_build_info{kernel="), "{body}");
+    assert_eq!(a.get("/healthz").0, 200);
+    assert_eq!(a.get("/readyz"), (200, "ready\n".to_string()), "standalone without identity: ready once capturing");
+    assert_eq!(a.get("/nope").0, 404);
+}
+
+#[test]
+fn flow_log_is_hubble_shaped_and_filtered_by_allow_and_deny_lists() {
+    let lab = lab(LAB);
+    let mut a = ExportingAgent::start(&lab, &["--flow-log-allow", "verdict=DROPPED,REFUSED", "--flow-log-deny", "to-port=53"]);
+    make_denied_flows(&lab);
+    a.agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 7777));
+    wait_until(Duration::from_secs(10), "the DNS flow filtered out", || {
+        a.metric("netwatch_flow_log_filtered_records_total", &[]).filter(|n| *n >= 1.0)
+    });
+    let lines = a.agent.stop();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        // Hubble's export shape: flow, node_name, time.
+        assert_eq!(l["node_name"], "node-1", "{l}");
+        assert!(l["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+        let f = &l["flow"];
+        assert!(["DROPPED", "REFUSED"].contains(&f["verdict"].as_str().unwrap()), "{f}");
+        assert_ne!(f["l4"]["UDP"]["destination_port"], 53, "denied by --flow-log-deny: {f}");
+        assert_eq!(f["IP"]["source"], "10.244.1.2");
+        assert_eq!(f["Type"], "L3_L4");
+    }
+    assert_eq!(uuids(&records(&lines, to("10.244.1.3", 8080))).len(), 1);
+    assert_eq!(uuids(&records(&lines, to("10.244.1.3", 7777))).len(), 1);
+    assert!(records(&lines, to("10.244.1.4", 53)).is_empty());
+    // The socket goes with the agent.
+    assert!(!a.socket.exists());
+}
+
+#[test]
+fn observe_shows_the_last_flows_filtered_by_the_agent() {
+    let lab = lab(LAB);
+    let a = ExportingAgent::start(&lab, &[]);
+    make_denied_flows(&lab);
+    a.agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.4", 53));
+
+    let json_lines = |out: &std::process::Output| -> Vec<Value> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+    };
+    // --verdict: only the refused flow.
+    let lines = json_lines(&a.observe(&["--verdict", "REFUSED", "-o", "json"]));
+    assert!(!lines.is_empty());
+    assert!(lines.iter().all(|l| l["flow"]["verdict"] == "REFUSED" && l["flow"]["l4"]["TCP"]["destination_port"] == 7777), "{lines:#?}");
+    // --protocol and --port; --from-ip.
+    let lines = json_lines(&a.observe(&["--protocol", "udp", "--port", "53", "--from-ip", "10.244.1.0/24", "-o", "json"]));
+    assert!(!lines.is_empty() && lines.iter().all(|l| l["flow"]["l4"]["UDP"]["destination_port"] == 53), "{lines:#?}");
+    // --to-ip with --to-port that nothing matches: nothing.
+    let lines = json_lines(&a.observe(&["--to-ip", "10.244.1.4", "--to-port", "8080", "-o", "json"]));
+    assert!(lines.is_empty(), "{lines:#?}");
+    // --last 1: exactly one, the newest.
+    let all = json_lines(&a.observe(&["-o", "json", "--last", "100"]));
+    let last = json_lines(&a.observe(&["-o", "json", "--last", "1"]));
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0], *all.last().unwrap());
+    // --since in the future: nothing; --since 10m: everything.
+    assert_eq!(json_lines(&a.observe(&["-o", "json", "--since", "10m"])).len(), all.len());
+    // --reason.
+    let lines = json_lines(&a.observe(&["--reason", "TCP_RESET", "-o", "json"]));
+    assert!(!lines.is_empty() && lines.iter().all(|l| l["flow"]["refusal"] == "TCP_RESET"));
+
+    // Compact: one line per record, readable.
+    let out = a.observe(&["--to-port", "8080"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().expect("a compact line");
+    assert!(first.contains(" 10.244.1.2:") && first.contains(" -> 10.244.1.3:8080 TCP SYN DROPPED (NETFILTER_DROP)"), "{text}");
+    assert!(!text.contains('\x1b'), "no colour when not a terminal");
+    // Table: a header, then rows.
+    let out = a.observe(&["--to-port", "8080", "-o", "table"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().next().unwrap().starts_with("TIME") && text.contains("NETFILTER_DROP"), "{text}");
+
+    // Bad input: a clear error naming the flag and the valid values.
+    let out = a.observe(&["--verdict", "FORWARDED"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--verdict") && err.contains("DROPPED, TIMED_OUT, REFUSED, POLICY_NOT_ENFORCED"), "{err}");
+    let out = a.observe(&["--protocol", "http"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcp, udp, sctp"), "{out:?}");
+    let out = Command::new(target_binary("netwatch")).args(["observe", "--server", "/nonexistent/netwatch.sock"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent at unix:///nonexistent/netwatch.sock"), "{out:?}");
+}
+
+/// A child process killed when the guard goes.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn observe_follow_streams_new_flows_as_they_happen() {
+    let lab = lab(LAB);
+    let a = ExportingAgent::start(&lab, &[]);
+    // A flow before following: not shown (no --last with -f).
+    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::Refused);
+    a.agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 7777));
+    let mut child = ChildGuard(
+        Command::new(target_binary("netwatch"))
+            .args(["observe", "--server", a.socket.to_str().unwrap(), "-f", "-o", "json", "--to-ip", "10.244.1.3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Following: wait until the agent counts the client, then make a new flow.
+    wait_until(Duration::from_secs(5), "the follower is registered", || {
+        a.metric("netwatch_observer_clients", &[]).filter(|n| *n == 1.0)
+    });
+    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(1))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut);
+    // A flow to elsewhere is filtered out by the agent.
+    let _ = lab.probe("prod/web", &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(1))).unwrap();
+    let line = rx.recv_timeout(Duration::from_secs(5)).expect("a live record within 5 s");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["flow"]["l4"]["TCP"]["destination_port"], 8080, "the new flow, not the earlier one: {line}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let v: Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["flow"]["IP"]["destination"], "10.244.1.3", "the agent filtered: {l}");
+    }
+    // A vanished client is forgotten at the next record.
+    drop(child);
+    let _ = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(1))).unwrap();
+    wait_until(Duration::from_secs(5), "the follower is gone", || {
+        a.metric("netwatch_observer_clients", &[]).filter(|n| *n == 0.0)
+    });
+}
+
+#[test]
+fn top_groups_denied_flows_with_counts() {
+    let lab = lab(LAB);
+    let a = ExportingAgent::start(&lab, &[]);
+    make_denied_flows(&lab);
+    let syns = lab.nft_counter("node-1", "drop-api").unwrap();
+    // Wait for the last retransmission to be reported.
+    wait_until(Duration::from_secs(15), "drops reported", || {
+        (a.metric("netwatch_drops_total", &[("destination_port", "8080")]) == Some(syns as f64)).then_some(())
+    });
+    let out = Command::new(target_binary("netwatch"))
+        .args(["top", "--server", a.socket.to_str().unwrap(), "--iterations", "1", "--interval", "0.5", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let rows = v["rows"].as_array().unwrap();
+    let api = rows
+        .iter()
+        .find(|r| r["destination"] == "10.244.1.3" && r["port"] == 8080)
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!((api["source"].as_str(), api["verdict"].as_str(), api["reason"].as_str()), (Some("10.244.1.2"), Some("DROPPED"), Some("NETFILTER_DROP")));
+    assert_eq!((api["flows"].as_u64(), api["packets"].as_u64()), (Some(1), Some(syns)));
+    assert!(rows.iter().any(|r| r["verdict"] == "REFUSED" && r["reason"] == "TCP_RESET"));
+    assert_eq!(v["node_name"], "node-1");
+    // The table form, as on-call reads it.
+    let out = Command::new(target_binary("netwatch"))
+        .args(["observe", "--summary", "--server", a.socket.to_str().unwrap(), "--verdict", "DROPPED"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SOURCE") && text.contains("8080/TCP") && !text.contains("TCP_RESET"), "{text}");
+}
+
+/// Prometheus running in the lab node's namespace; killed when dropped.
+struct PrometheusServer {
+    _child: ChildGuard,
+    addr: SocketAddr,
+    netns: String,
+    _dir: tempfile::TempDir,
+}
+
+impl PrometheusServer {
+    fn start(lab: &Lab, target: SocketAddr, rules: &Path) -> PrometheusServer {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\nscrape_configs:\n  - job_name: netwatch-agent\n    static_configs:\n      - targets: ['{target}']\n",
+                rules.display()
+            ),
+        )
+        .unwrap();
+        let addr: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        let log = fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = lab
+            .on_node("node-1", Path::new("/usr/bin/prometheus"))
+            .unwrap()
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus (cargo xtask setup installs it)");
+        let netns = lab.node("node-1").unwrap().netns.clone();
+        let p = PrometheusServer { _child: ChildGuard(child), addr, netns, _dir: dir };
+        wait_until(Duration::from_secs(30), "prometheus ready", || {
+            try_http_get(&p.netns, p.addr, "/-/ready").ok().filter(|(s, _)| *s == 200)
+        });
+        p
+    }
+
+    fn api(&self, path: &str) -> Value {
+        let (status, body) = http_get(&self.netns, self.addr, path);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus")
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_the_drop_alert_fires() {
+    let lab = lab(LAB);
+    let a = ExportingAgent::start(&lab, &[]);
+    // The shipped rules, with the 1 minute `for` of the drop alert cut to 5 s
+    // to keep the test short (promtool tests the shipped timing).
+    let shipped = fs::read_to_string(deploy_dir().join("netwatch-rules.yaml")).unwrap();
+    let marker = "      - alert: NetwatchPolicyDrops";
+    let (head, rest) = shipped.split_at(shipped.find(marker).expect("the drop alert"));
+    let rules = format!("{head}{}", rest.replacen("for: 1m", "for: 5s", 1));
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("netwatch-rules.yaml");
+    fs::write(&rules_path, rules).unwrap();
+    let prom = PrometheusServer::start(&lab, a.metrics, &rules_path);
+
+    // Denied traffic keeps coming, as in an incident.
+    let stop = Arc::new(AtomicBool::new(false));
+    let helper = support::helper();
+    let web = lab.pod("prod/web").unwrap().clone();
+    let probes = {
+        let stop = stop.clone();
+        let cmd = move || lab_probe_cmd(&helper, &web);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let _ = cmd().status();
+            }
+        })
+    };
+    let firing = wait_until(Duration::from_secs(90), "NetwatchPolicyDrops firing in Prometheus", || {
+        let v = prom.api("/api/v1/alerts");
+        v["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|al| al["labels"]["alertname"] == "NetwatchPolicyDrops" && al["state"] == "firing")
+            .cloned()
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = probes.join();
+    assert_eq!(firing["labels"]["reason"], "NETFILTER_DROP", "{firing:#}");
+    assert_eq!(firing["labels"]["severity"], "warning");
+    assert!(firing["annotations"]["summary"].as_str().unwrap().contains("packets/s (NETFILTER_DROP)"), "{firing:#}");
+    // Prometheus holds the agent's counter, labelled as the agent exports it.
+    let q = prom.api("/api/v1/query?query=sum%20by%20(destination_port)%20(netwatch_drops_total)");
+    let result = q["data"]["result"].as_array().unwrap();
+    assert!(result.iter().any(|r| r["metric"]["destination_port"] == "8080"), "{q:#}");
+    let up = prom.api("/api/v1/query?query=up%7Bjob%3D%22netwatch-agent%22%7D");
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up:#}");
+    // The agent is ready, so the not-ready alert is not firing.
+    let alerts = prom.api("/api/v1/alerts");
+    assert!(!alerts["data"]["alerts"].as_array().unwrap().iter().any(|al| al["labels"]["alertname"] == "NetwatchAgentNotReady"), "{alerts:#}");
+}
+
+/// One short TCP probe to the dropped port from the web pod.
+fn lab_probe_cmd(helper: &Path, web: &xtask::lab::LabPod) -> Command {
+    let probe = serde_json::to_string(&Probe::tcp(addr("10.244.1.3:8080"), Duration::from_millis(1500))).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &web.netns])
+        .arg(helper)
+        .args(["lab-helper", "probe", "--json", &probe])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+#[test]
+fn promtool_checks_and_unit_tests_the_shipped_rules() {
+    let dir = deploy_dir();
+    let out = Command::new("promtool").arg("check").arg("rules").arg(dir.join("netwatch-rules.yaml")).output().expect("promtool");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("promtool").current_dir(&dir).args(["test", "rules", "netwatch-rules.test.yaml"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
+    // The dashboard is valid JSON and queries only metrics the agent exports.
+    let dash: Value = serde_json::from_str(&fs::read_to_string(dir.join("../grafana/netwatch-dashboard.json")).unwrap()).unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 8);
+    let known = [
+        "netwatch_drops_total",
+        "netwatch_denied_flows_total",
+        "netwatch_dns_failures_total",
+        "netwatch_policy_denials_total",
+        "netwatch_lost_events_total",
+        "netwatch_flow_log_dropped_records_total",
+        "netwatch_observer_dropped_records_total",
+        "netwatch_unenriched_flows_total",
+        "netwatch_ready",
+    ];
+    for e in &exprs {
+        for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("netwatch_")) {
+            assert!(known.contains(&word), "dashboard queries {word}, which the agent does not export: {e}");
+        }
+    }
+}
