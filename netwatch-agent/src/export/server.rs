@@ -652,12 +652,16 @@ mod tests {
         let server = ObserveServer::start(&config, h.clone()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
-        let err = ObserveServer::start(&config, h.clone())
-            .await
-            .err()
-            .unwrap()
-            .to_string();
+        // A second agent on the same socket runs without it.
+        let err = bind_unix(&path).await.err().unwrap().to_string();
         assert!(err.contains("in use"), "{err}");
+        let second = ObserveServer::start(&config, h.clone()).await.unwrap();
+        assert!(second.socket().is_none());
+        drop(second);
+        assert!(
+            path.exists(),
+            "the second agent leaves the first one's socket alone"
+        );
         let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
         c.write_all(b"{\"last\": 1}\n").await.unwrap();
         let lines = read_lines(&mut c, 3).await;
