@@ -13,8 +13,11 @@
 //! panic, and (for `cargo xtask lab`) on Ctrl-C. Labs whose process died
 //! without cleaning up are swept by the next one.
 
+pub mod enforce;
+pub mod manifests;
 pub mod probe;
 pub mod serve;
+pub mod services;
 pub mod spec;
 pub mod system;
 
@@ -29,6 +32,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use enforce::{Direction, EnforceOptions, LabCluster, PodPlacement};
+pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
 pub use spec::{LabSpec, NodeSpec, PodSpec, Proto};
 pub use system::LabError;
@@ -302,6 +307,13 @@ impl Lab {
     /// Load an nftables ruleset into a node.
     pub fn nft(&self, node: &str, ruleset: &str) -> Result<(), LabError> {
         let netns = &self.node(node)?.netns;
+        run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], Some(ruleset)).map(|_| ())
+    }
+
+    /// Load an nftables ruleset into a pod's own network namespace (a
+    /// firewall inside the pod, as a sidecar's init container sets up).
+    pub fn nft_in_pod(&self, pod: &str, ruleset: &str) -> Result<(), LabError> {
+        let netns = &self.pod(pod)?.netns;
         run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], Some(ruleset)).map(|_| ())
     }
 

@@ -1,0 +1,423 @@
+//! The lab's own Kubernetes manifest loader: YAML (or JSON) files and
+//! directories, multi-document, `kind: List` and `<Kind>List`, into typed
+//! k8s-openapi objects. Only the kinds the lab acts on are kept (Namespaces,
+//! Nodes, Pods, Services, EndpointSlices, NetworkPolicies); others
+//! (Deployments, ReplicaSets, ...) are skipped silently: they matter to the
+//! agent, not to the lab. Independent of the agent's loader on purpose.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_yaml::{Mapping, Value};
+
+use super::spec::{LabSpec, NodeSpec, PodSpec};
+
+/// Errors loading manifests or turning them into a lab.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}, {document}: {detail}")]
+    Document { file: String, document: String, detail: String },
+    /// `place` is `<file>, document <n>`, `object` is `<Kind> <namespace>/<name>`.
+    #[error("{place} ({object}): field `{field}`: {detail}")]
+    Field { place: String, object: String, field: String, detail: String },
+    #[error("Pod {pod}: `{field}`: {detail}")]
+    Pod { pod: String, field: String, detail: String },
+}
+
+/// The objects of a set of manifests, in the order they were read.
+#[derive(Clone, Debug, Default)]
+pub struct Manifests {
+    pub namespaces: Vec<Namespace>,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub network_policies: Vec<NetworkPolicy>,
+}
+
+impl Manifests {
+    /// Load a file, or every `*.yaml`, `*.yml` and `*.json` under a directory
+    /// (recursively, in name order).
+    pub fn load(path: &Path) -> Result<Manifests, ManifestError> {
+        let mut m = Manifests::default();
+        m.load_into(path)?;
+        Ok(m)
+    }
+
+    fn load_into(&mut self, path: &Path) -> Result<(), ManifestError> {
+        let read_err = |source| ManifestError::Read { path: path.to_path_buf(), source };
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = fs::read_dir(path).map_err(read_err)?.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            for p in entries {
+                let is_manifest = p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+                if p.is_dir() || is_manifest {
+                    self.load_into(&p)?;
+                }
+            }
+            return Ok(());
+        }
+        let text = fs::read_to_string(path).map_err(read_err)?;
+        self.extend(Manifests::parse(&path.display().to_string(), &text)?);
+        Ok(())
+    }
+
+    /// Parse manifests from text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Manifests, ManifestError> {
+        let mut m = Manifests::default();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let document = format!("document {}", i + 1);
+            let value = Value::deserialize(doc).map_err(|e| ManifestError::Document {
+                file: file.into(),
+                document: document.clone(),
+                detail: format!("not valid YAML: {e}"),
+            })?;
+            m.add_value(file, &document, value, None)?;
+        }
+        Ok(m)
+    }
+
+    /// Append another set's objects.
+    pub fn extend(&mut self, other: Manifests) {
+        self.namespaces.extend(other.namespaces);
+        self.nodes.extend(other.nodes);
+        self.pods.extend(other.pods);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.network_policies.extend(other.network_policies);
+    }
+
+    /// `implied` is the (apiVersion, kind) of a `<Kind>List`'s items, which
+    /// the API server leaves out of each item.
+    fn add_value(&mut self, file: &str, document: &str, value: Value, implied: Option<(&Value, &str)>) -> Result<(), ManifestError> {
+        let doc_err = |detail: String| ManifestError::Document { file: file.into(), document: document.into(), detail };
+        let mut map: Mapping = match value {
+            // An empty document (a stray `---`) is no object.
+            Value::Null => return Ok(()),
+            Value::Mapping(m) => m,
+            other => return Err(doc_err(format!("expected a Kubernetes object (a mapping), found {}", kind_of(&other)))),
+        };
+        if let Some((api_version, kind)) = implied {
+            map.entry("apiVersion".into()).or_insert_with(|| api_version.clone());
+            map.entry("kind".into()).or_insert_with(|| kind.into());
+        }
+        let kind = match map.get("kind") {
+            Some(Value::String(k)) => k.clone(),
+            _ => return Err(doc_err("no `kind`: every manifest needs `apiVersion` and `kind` (e.g. `apiVersion: v1`, `kind: Pod`)".into())),
+        };
+        if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
+            let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty()).map(str::to_string);
+            let api_version = map.get("apiVersion").cloned().unwrap_or(Value::Null);
+            let items = match map.remove("items") {
+                Some(Value::Sequence(items)) => items,
+                None | Some(Value::Null) => Vec::new(),
+                Some(other) => return Err(doc_err(format!("`items` must be a list, found {}", kind_of(&other)))),
+            };
+            for (j, item) in items.into_iter().enumerate() {
+                let implied = item_kind.as_deref().map(|k| (&api_version, k));
+                self.add_value(file, &format!("{document}, items[{j}]"), item, implied)?;
+            }
+            return Ok(());
+        }
+        let name = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .map(|n| match map.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+                Some(ns) => format!("{ns}/{n}"),
+                None => n.to_string(),
+            })
+            .unwrap_or_else(|| "(no metadata.name)".into());
+        let expected = match kind.as_str() {
+            "Namespace" | "Node" | "Pod" | "Service" => "v1",
+            "EndpointSlice" => "discovery.k8s.io/v1",
+            "NetworkPolicy" => "networking.k8s.io/v1",
+            _ => return Ok(()),
+        };
+        if let Some(v) = map.get("apiVersion").filter(|v| v.as_str() != Some(expected)) {
+            let found = v.as_str().map_or_else(|| format!("{v:?}"), |s| format!("{s:?}"));
+            return Err(ManifestError::Field {
+                place: format!("{file}, {document}"),
+                object: format!("{kind} {name}"),
+                field: "apiVersion".into(),
+                detail: format!("{found}: the lab reads {kind} as apiVersion {expected}"),
+            });
+        }
+        let value = Value::Mapping(map);
+        let ctx = Ctx { file, document, kind: &kind, name: &name };
+        match kind.as_str() {
+            "Namespace" => self.namespaces.push(ctx.typed(value)?),
+            "Node" => self.nodes.push(ctx.typed(value)?),
+            "Pod" => self.pods.push(ctx.typed(value)?),
+            "Service" => self.services.push(ctx.typed(value)?),
+            "EndpointSlice" => self.endpoint_slices.push(ctx.typed(value)?),
+            "NetworkPolicy" => self.network_policies.push(ctx.typed(value)?),
+            // Workloads, ConfigMaps, RBAC...: not the lab's business (skipped above).
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    document: &'a str,
+    kind: &'a str,
+    name: &'a str,
+}
+
+impl Ctx<'_> {
+    fn typed<T: DeserializeOwned>(&self, value: Value) -> Result<T, ManifestError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            ManifestError::Field {
+                place: format!("{}, {}", self.file, self.document),
+                object: format!("{} {}", self.kind, self.name),
+                field: if field == "." { "(top level)".into() } else { field },
+                detail: e.into_inner().to_string(),
+            }
+        })
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// `namespace/name` of an object.
+pub fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+}
+
+impl LabSpec {
+    /// A lab holding the manifests' pods: each Pod with `spec.nodeName`
+    /// becomes a lab pod on that node, with `status.podIP`/`podIPs` as its
+    /// addresses, its containers' ports as listeners (`8080/tcp`, `53/udp`),
+    /// `metadata.uid` as its UID and `spec.hostNetwork`. Nodes are the Node
+    /// objects (in order), then any other `nodeName` (in order of first use);
+    /// lab node k gets the underlay address 100.64.k.2.
+    ///
+    /// Skipped, with a note each: pods without `spec.nodeName` (unscheduled)
+    /// or in phase Succeeded/Failed, and SCTP ports (the lab has no SCTP
+    /// listener). Pods' NetworkPolicies are not applied here: see
+    /// [`Lab::enforce`](super::Lab::enforce).
+    pub fn from_manifests(m: &Manifests) -> Result<(LabSpec, Vec<String>), ManifestError> {
+        let mut spec = LabSpec::default();
+        let mut notes = Vec::new();
+        let mut node_names: Vec<String> = m.nodes.iter().filter_map(|n| n.metadata.name.clone()).collect();
+        for pod in &m.pods {
+            let id = object_id(&pod.metadata);
+            let pod_err = |field: &str, detail: String| ManifestError::Pod { pod: id.clone(), field: field.into(), detail };
+            let Some(ps) = pod.spec.as_ref() else {
+                notes.push(format!("pod {id}: no spec, not in the lab"));
+                continue;
+            };
+            let Some(node) = ps.node_name.clone() else {
+                notes.push(format!("pod {id}: no spec.nodeName (unscheduled), not in the lab"));
+                continue;
+            };
+            let status = pod.status.clone().unwrap_or_default();
+            if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+                notes.push(format!("pod {id}: phase {}, not in the lab", status.phase.as_deref().unwrap_or("")));
+                continue;
+            }
+            let mut ips: Vec<std::net::IpAddr> = Vec::new();
+            let listed = status.pod_ips.iter().flatten().map(|p| p.ip.clone()).chain(status.pod_ip.clone());
+            for (k, text) in listed.enumerate() {
+                let field = if k < status.pod_ips.as_ref().map_or(0, Vec::len) { format!("status.podIPs[{k}].ip") } else { "status.podIP".into() };
+                let ip = text.parse().map_err(|_| pod_err(&field, format!("{text:?} is not an IP address")))?;
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+            let ip = ips.iter().find_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                _ => None,
+            });
+            let ipv6 = ips.iter().find_map(|ip| match ip {
+                std::net::IpAddr::V6(v6) => Some(*v6),
+                _ => None,
+            });
+            let Some(ip) = ip else {
+                return Err(pod_err(
+                    "status.podIP",
+                    "a lab pod needs an IPv4 address: set status.podIP (and status.podIPs for IPv6)".into(),
+                ));
+            };
+            let mut listen = BTreeSet::new();
+            for (c, container) in ps.containers.iter().enumerate() {
+                for (k, port) in container.ports.iter().flatten().enumerate() {
+                    let field = format!("spec.containers[{c}].ports[{k}]");
+                    let number = u16::try_from(port.container_port)
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| pod_err(&format!("{field}.containerPort"), format!("{} is not a port (1-65535)", port.container_port)))?;
+                    match port.protocol.as_deref().unwrap_or("TCP") {
+                        "TCP" => listen.insert((number, "tcp")),
+                        "UDP" => listen.insert((number, "udp")),
+                        "SCTP" => {
+                            notes.push(format!("pod {id}: {field}: SCTP port {number} has no listener (the lab has no SCTP listener)"));
+                            false
+                        }
+                        other => return Err(pod_err(&format!("{field}.protocol"), format!("{other:?}: use TCP, UDP or SCTP"))),
+                    };
+                }
+            }
+            if !node_names.contains(&node) {
+                node_names.push(node.clone());
+            }
+            spec.pods.push(PodSpec {
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                node,
+                ip,
+                ipv6,
+                listen: listen.into_iter().map(|(p, proto)| format!("{p}/{proto}")).collect(),
+                uid: pod.metadata.uid.clone(),
+                host_network: ps.host_network.unwrap_or(false),
+            });
+        }
+        spec.nodes = node_names.into_iter().map(|name| NodeSpec { name, ..NodeSpec::default() }).collect();
+        Ok((spec, notes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: x, labels: { ns: x } }
+---
+# a comment-only document is skipped
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: web, namespace: x }
+spec: { selector: {}, template: {} }
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: Pod
+    metadata: { name: a, namespace: x, uid: u-a, labels: { pod: a } }
+    spec:
+      nodeName: node-2
+      containers:
+        - name: c
+          image: i
+          ports:
+            - { containerPort: 80, name: serve-80-tcp }
+            - { containerPort: 53, protocol: UDP }
+            - { containerPort: 9, protocol: SCTP }
+    status: { podIP: 10.244.2.2, podIPs: [ { ip: 10.244.2.2 }, { ip: "fd00::2" } ] }
+  - apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: { name: deny, namespace: x }
+    spec: { podSelector: {} }
+---
+apiVersion: v1
+kind: PodList
+items:
+  - metadata: { name: b, namespace: x }
+    spec: { nodeName: node-1, hostNetwork: true, containers: [ { name: c } ] }
+    status: { podIP: 100.64.1.2 }
+  - metadata: { name: pending, namespace: x }
+    spec: { containers: [ { name: c } ] }
+---
+apiVersion: v1
+kind: Node
+metadata: { name: node-1 }
+"#;
+
+    #[test]
+    fn multi_document_lists_and_typed_lists_load_and_other_kinds_are_skipped() {
+        let m = Manifests::parse("cluster.yaml", CLUSTER).unwrap();
+        assert_eq!(m.namespaces.len(), 1);
+        assert_eq!(m.pods.len(), 3);
+        assert_eq!(m.network_policies.len(), 1);
+        assert_eq!(m.nodes.len(), 1);
+        assert_eq!(m.pods[1].metadata.name.as_deref(), Some("b"), "PodList items get their kind implied");
+    }
+
+    #[test]
+    fn a_lab_spec_comes_from_the_pods() {
+        let m = Manifests::parse("cluster.yaml", CLUSTER).unwrap();
+        let (spec, notes) = LabSpec::from_manifests(&m).unwrap();
+        let names: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["node-1", "node-2"], "Node objects first, then nodeNames");
+        let a = &spec.pods[0];
+        assert_eq!((a.id().as_str(), a.node.as_str()), ("x/a", "node-2"));
+        assert_eq!(a.ip.to_string(), "10.244.2.2");
+        assert_eq!(a.ipv6.map(|v| v.to_string()).as_deref(), Some("fd00::2"));
+        assert_eq!(a.listen, ["53/udp", "80/tcp"]);
+        assert_eq!(a.uid.as_deref(), Some("u-a"));
+        assert!(spec.pods[1].host_network);
+        assert_eq!(spec.pods.len(), 2, "the unscheduled pod is not in the lab");
+        assert!(notes.iter().any(|n| n.contains("x/a") && n.contains("SCTP")), "{notes:?}");
+        assert!(notes.iter().any(|n| n.contains("x/pending") && n.contains("nodeName")), "{notes:?}");
+    }
+
+    #[test]
+    fn errors_name_the_file_document_object_and_field() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: { name: x }\n---\napiVersion: v1\nkind: Pod\nmetadata: { name: a, namespace: x }\nspec: { containers: [ { name: c, ports: [ { containerPort: eighty } ] } ] }\n";
+        let e = Manifests::parse("bad.yaml", text).unwrap_err().to_string();
+        assert!(e.starts_with("bad.yaml, document 2 (Pod x/a): field `spec.containers[0].ports[0].containerPort`"), "{e}");
+        let e = Manifests::parse("bad.yaml", "metadata: { name: x }\n").unwrap_err().to_string();
+        assert!(e.contains("document 1") && e.contains("kind"), "{e}");
+        let e = Manifests::parse("bad.yaml", "kind: Pod\n  bad: [\n").unwrap_err().to_string();
+        assert!(e.contains("bad.yaml, document 1: not valid YAML"), "{e}");
+        let e = Manifests::parse("l.yaml", "kind: List\nitems: [ { apiVersion: v2, kind: Pod, metadata: { name: p } } ]\n").unwrap_err().to_string();
+        assert!(e.contains("document 1, items[0] (Pod p): field `apiVersion`: \"v2\""), "{e}");
+    }
+
+    #[test]
+    fn a_pod_without_an_ipv4_address_is_refused_by_name() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: { name: a, namespace: x }\nspec: { nodeName: n, containers: [] }\nstatus: { podIP: not-an-ip }\n";
+        let e = LabSpec::from_manifests(&Manifests::parse("f", text).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("x/a") && e.contains("status.podIP") && e.contains("not an IP"), "{e}");
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: { name: a, namespace: x }\nspec: { nodeName: n, containers: [] }\n";
+        let e = LabSpec::from_manifests(&Manifests::parse("f", text).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("needs an IPv4 address"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_loads_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: { name: b }\n").unwrap();
+        fs::create_dir(dir.path().join("a")).unwrap();
+        fs::write(dir.path().join("a/ns.yml"), "apiVersion: v1\nkind: Namespace\nmetadata: { name: a }\n").unwrap();
+        fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let m = Manifests::load(dir.path()).unwrap();
+        let names: Vec<_> = m.namespaces.iter().filter_map(|n| n.metadata.name.clone()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let e = Manifests::load(&dir.path().join("missing.yaml")).unwrap_err().to_string();
+        assert!(e.contains("missing.yaml"), "{e}");
+    }
+}
