@@ -23,12 +23,13 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     attribution::{Attribution, AttributionConfig},
     capture::{
-        attach::{AttachError, InterfacePatterns, LinkChange, TcAttacher, watch_links},
+        attach::{AttachError, AttachOutcome, InterfacePatterns, LinkChange, TcAttacher, watch_links},
+        netns::NetnsResolver,
         events::{EventReader, KernelClock, KernelEvent, monotonic_ns},
         load::{CaptureConfig, KernelCapture, LoadError},
         tables::{KernelTables, Losses},
@@ -152,6 +153,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut attribution = Attribution::new(config.attribution.clone());
     let mut waiting = WaitingRoom { records: VecDeque::new(), limit: 100_000 };
     let mut ready_open = true;
+    let mut netns_resolver: Option<Option<NetnsResolver>> = None;
     let mut last_expire = Instant::now();
     match feed.as_mut() {
         None => warn!("no identity source (--manifests or --kubeconfig, or run in a pod): flows are reported by address only"),
@@ -219,7 +221,29 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
             }
             Some(change) = link_rx.recv() => {
-                attacher.apply(&mut capture, change);
+                let peer = match &change {
+                    LinkChange::Present { peer_netns, .. } => *peer_netns,
+                    LinkChange::Gone { .. } => None,
+                };
+                let outcome = attacher.apply(&mut capture, change);
+                // With --own-netns-only, the pod's namespace behind this
+                // interface is the node's too.
+                if let (true, AttachOutcome::Attached { name, .. }, Some(nsid)) =
+                    (config.capture.own_netns_only, &outcome, peer)
+                {
+                    let resolver = netns_resolver.get_or_insert_with(|| NetnsResolver::new().ok());
+                    match resolver.as_mut() {
+                        Some(r) => match r.inode_of(nsid).await {
+                            Some(inum) => {
+                                if let Err(e) = capture.allow_netns(inum) {
+                                    warn!(interface = %name, "cannot count drops in the pod's namespace: {e}");
+                                }
+                            }
+                            None => debug!(interface = %name, nsid, "the pod's namespace is not visible; its own drops are not counted"),
+                        },
+                        None => debug!("no netlink socket for namespace ids"),
+                    }
+                }
             }
             Some(changed) = async {
                 match feed.as_mut() {

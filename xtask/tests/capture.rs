@@ -180,3 +180,29 @@ fn ipv6_drop_is_seen() {
     assert_eq!(f["IP"]["source"], "fd00:244:1::2");
     assert_eq!(f["packets"].as_u64(), Some(lab.nft_counter("node-1", "drop-api-v6").unwrap()));
 }
+
+#[test]
+fn with_own_netns_only_a_drop_inside_a_pod_counts_and_another_nodes_does_not() {
+    let lab = lab(TWO_PODS);
+    let other = support::lab(
+        "nodes:\n  - name: node-1\n    nftables: |\n      table inet t {\n        chain f { type filter hook forward priority 0; ip daddr 10.244.1.3 tcp dport 9090 drop; }\n      }\npods:\n  - { name: web, namespace: prod, node: node-1, ip: 10.244.1.2 }\n  - { name: api, namespace: prod, node: node-1, ip: 10.244.1.3, listen: [\"9090/tcp\"] }\n",
+    );
+    let mut agent = Agent::start(&lab, "node-1", 4, &[]);
+    // The pod's own firewall drops its connection to api:9090 on the way out.
+    lab.nft_in_pod(
+        "prod/web",
+        "table inet sidecar {\n  chain out { type filter hook output priority 0; ip daddr 10.244.1.3 tcp dport 9090 counter drop; }\n}\n",
+    )
+    .unwrap();
+    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut);
+    // The same flow dropped on another lab's node (same addresses!) is not ours.
+    let r = other.probe("prod/web", &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut);
+    let lines = agent.stop();
+    let flows = finals(&lines, to("10.244.1.3", 9090));
+    assert_eq!(flows.len(), 1, "ours only: {lines:#?}");
+    assert_eq!(flows[0]["verdict"], "DROPPED");
+    assert_eq!(flows[0]["drop_reason_desc"], "NETFILTER_DROP");
+    assert_eq!(flows[0]["packets"], 2, "two SYNs (1 s connect timeout, 2 s probe), not four");
+}

@@ -38,7 +38,8 @@ pub enum AttachError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkChange {
     /// New or changed (renamed, up/down): attach if the name matches.
-    Present { index: u32, name: String },
+    /// `peer_netns` is the netns id of a veth's other end, when it has one.
+    Present { index: u32, name: String, peer_netns: Option<i32> },
     Gone { index: u32 },
 }
 
@@ -115,10 +116,15 @@ pub async fn watch_links(tx: mpsc::Sender<LinkChange>) -> Result<(), AttachError
 }
 
 fn present(msg: &LinkMessage) -> Option<LinkChange> {
+    let peer_netns = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    });
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(LinkChange::Present {
             index: msg.header.index,
             name: name.clone(),
+            peer_netns,
         }),
         _ => None,
     })
@@ -173,7 +179,7 @@ impl TcAttacher {
     /// Attach to or detach from the interface a link change is about.
     pub fn apply(&mut self, capture: &mut KernelCapture, change: LinkChange) -> AttachOutcome {
         match change {
-            LinkChange::Present { index, name } => {
+            LinkChange::Present { index, name, .. } => {
                 if let Some(a) = self.attached.get(&index) {
                     if a.name == name {
                         return AttachOutcome::Unchanged;

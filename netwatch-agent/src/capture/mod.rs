@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod events;
 pub mod load;
+pub mod netns;
 pub mod offsets;
 pub mod reasons;
 pub mod tables;
