@@ -438,6 +438,11 @@ metadata: { name: remote-scraper, namespace: monitoring }
 spec: { nodeName: node-2, hostNetwork: true, containers: [ { name: c } ] }
 status: { podIP: 100.64.2.2 }
 ---
+apiVersion: v1
+kind: Service
+metadata: { name: nothing-ready, namespace: x }
+spec: { clusterIP: 10.96.0.99, selector: { app: none }, ports: [ { port: 80 } ] }
+---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: { name: deny-all, namespace: x }
@@ -462,6 +467,8 @@ fn traffic_from_the_node_to_its_pods_is_not_policed_by_default() {
     // Police the node's traffic as well.
     lab.enforce(&cluster, &EnforceOptions { police_host_to_pod: true, ..EnforceOptions::default() }).unwrap();
     expect("monitoring/scraper", a_80, Outcome::TimedOut, "with police_host_to_pod the node is policed");
+    let nothing_ready: SocketAddr = "10.96.0.99:80".parse().unwrap();
+    expect("x/a", nothing_ready, Outcome::Refused, "kube-proxy's REJECT comes first, and the node's ICMP error reaches the pod");
     // Back to the default, replacing the ruleset in place.
     lab.enforce(&cluster, &EnforceOptions::default()).unwrap();
     expect("monitoring/scraper", a_80, Outcome::Connected, "reloading restores the default");
@@ -476,7 +483,7 @@ apiVersion: v1
 kind: Pod
 metadata: { name: client, namespace: shop, labels: { role: client } }
 spec: { nodeName: node-1, containers: [ { name: c } ] }
-status: { podIP: 10.244.1.2 }
+status: { podIPs: [ { ip: 10.244.1.2 }, { ip: "fd00:244:1::2" } ] }
 ---
 apiVersion: v1
 kind: Pod
@@ -488,7 +495,7 @@ apiVersion: v1
 kind: Pod
 metadata: { name: web-1, namespace: shop, labels: { app: web } }
 spec: { nodeName: node-1, containers: [ { name: c, ports: [ { name: http, containerPort: 8080 } ] } ] }
-status: { podIP: 10.244.1.10, conditions: [ { type: Ready, status: "True" } ] }
+status: { podIPs: [ { ip: 10.244.1.10 }, { ip: "fd00:244:1::10" } ], conditions: [ { type: Ready, status: "True" } ] }
 ---
 apiVersion: v1
 kind: Pod
@@ -523,7 +530,7 @@ status: { podIP: 100.64.1.2 }
 apiVersion: v1
 kind: Service
 metadata: { name: web, namespace: shop }
-spec: { clusterIP: 10.96.0.20, selector: { app: web }, ports: [ { port: 80, targetPort: http } ] }
+spec: { clusterIP: 10.96.0.20, clusterIPs: [ 10.96.0.20, "fd96::20" ], selector: { app: web }, ports: [ { port: 80, targetPort: http } ] }
 ---
 apiVersion: v1
 kind: Service
@@ -575,6 +582,9 @@ fn services_dnat_to_ready_backends_and_reject_without_any() {
     let (one, two) = (counter("web-1").unwrap(), counter("web-2").unwrap());
     assert!(one > 0 && two > 0, "both ready backends get connections (web-1 {one}, web-2 {two} packets)");
     assert_eq!(one + two, 16, "one allowed SYN per connection, each on its backend's node after DNAT");
+    // IPv6: the cluster IP's family picks the endpoints (web-1 alone has IPv6).
+    let r = lab.probe("shop/client", &Probe::tcp("[fd96::20]:80".parse().unwrap(), Duration::from_secs(3))).unwrap();
+    assert_eq!(r.outcome, Outcome::Connected, "client -> web over IPv6");
     // Policy applies after DNAT: a pod the backends do not accept times out.
     let r = lab.probe("shop/stranger", &Probe::tcp(web, TIMEOUT)).unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut, "stranger -> web is denied at the backend");

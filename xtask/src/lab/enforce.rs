@@ -990,8 +990,9 @@ impl Lab {
     }
 
     /// Compile `cluster`'s NetworkPolicies for every node and load them,
-    /// replacing what an earlier call loaded. Every node is compiled before
-    /// any is loaded, so bad policies change nothing.
+    /// replacing what an earlier call loaded (and so zeroing its counters).
+    /// Every node is compiled before any is loaded, so bad policies change
+    /// nothing. Connections already established stay allowed (conntrack).
     pub fn enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
         let rulesets = self
             .nodes
