@@ -216,7 +216,8 @@ impl LabSpec {
     /// A lab holding the manifests' pods: each Pod with `spec.nodeName`
     /// becomes a lab pod on that node, with `status.podIP`/`podIPs` as its
     /// addresses, its containers' ports as listeners (`8080/tcp`, `53/udp`),
-    /// `metadata.uid` as its UID and `spec.hostNetwork`. Nodes are the Node
+    /// `metadata.uid` as its UID and `spec.hostNetwork` (a hostNetwork pod
+    /// without `status.podIP` gets its node's lab address). Nodes are the Node
     /// objects (in order), then any other `nodeName` (in order of first use);
     /// lab node k gets the underlay address 100.64.k.2.
     ///
@@ -261,7 +262,14 @@ impl LabSpec {
                 std::net::IpAddr::V6(v6) => Some(*v6),
                 _ => None,
             });
-            let Some(ip) = ip else {
+            if !node_names.contains(&node) {
+                node_names.push(node.clone());
+            }
+            let host_network = ps.host_network.unwrap_or(false);
+            // A hostNetwork pod's address is its node's: the lab's k-th node
+            // has 100.64.k.2.
+            let node_ip = || node_names.iter().position(|n| *n == node).and_then(|k| u8::try_from(k + 1).ok()).map(|k| std::net::Ipv4Addr::new(100, 64, k, 2));
+            let Some(ip) = ip.or_else(|| if host_network { node_ip() } else { None }) else {
                 return Err(pod_err(
                     "status.podIP",
                     "a lab pod needs an IPv4 address: set status.podIP (and status.podIPs for IPv6)".into(),
@@ -286,9 +294,6 @@ impl LabSpec {
                     };
                 }
             }
-            if !node_names.contains(&node) {
-                node_names.push(node.clone());
-            }
             spec.pods.push(PodSpec {
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -297,7 +302,7 @@ impl LabSpec {
                 ipv6,
                 listen: listen.into_iter().map(|(p, proto)| format!("{p}/{proto}")).collect(),
                 uid: pod.metadata.uid.clone(),
-                host_network: ps.host_network.unwrap_or(false),
+                host_network,
             });
         }
         spec.nodes = node_names.into_iter().map(|name| NodeSpec { name, ..NodeSpec::default() }).collect();
@@ -347,7 +352,6 @@ kind: PodList
 items:
   - metadata: { name: b, namespace: x }
     spec: { nodeName: node-1, hostNetwork: true, containers: [ { name: c } ] }
-    status: { podIP: 100.64.1.2 }
   - metadata: { name: pending, namespace: x }
     spec: { containers: [ { name: c } ] }
 ---
@@ -379,6 +383,7 @@ metadata: { name: node-1 }
         assert_eq!(a.listen, ["53/udp", "80/tcp"]);
         assert_eq!(a.uid.as_deref(), Some("u-a"));
         assert!(spec.pods[1].host_network);
+        assert_eq!(spec.pods[1].ip.to_string(), "100.64.1.2", "a hostNetwork pod without podIP has its node's address");
         assert_eq!(spec.pods.len(), 2, "the unscheduled pod is not in the lab");
         assert!(notes.iter().any(|n| n.contains("x/a") && n.contains("SCTP")), "{notes:?}");
         assert!(notes.iter().any(|n| n.contains("x/pending") && n.contains("nodeName")), "{notes:?}");
