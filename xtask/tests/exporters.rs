@@ -563,3 +563,170 @@ fn promtool_checks_and_unit_tests_the_shipped_rules() {
         }
     }
 }
+
+const NAMED_LAB: &str = r#"
+nodes:
+  - name: node-1
+    nftables: |
+      table inet cni {
+        chain forward {
+          type filter hook forward priority 0; policy accept;
+          ip daddr 10.244.1.3 tcp dport 8080 counter drop comment "drop-api"
+          ip daddr 10.244.1.4 udp dport 53 counter drop comment "drop-dns"
+        }
+      }
+pods:
+  - { name: web-7f9c4-abcde, namespace: prod, node: node-1, ip: 10.244.1.2 }
+  - { name: api-5d4e8-fghij, namespace: prod, node: node-1, ip: 10.244.1.3, listen: ["8080/tcp"] }
+  - { name: coredns-0, namespace: kube-system, node: node-1, ip: 10.244.1.4, listen: ["53/udp"] }
+"#;
+
+const NAMED_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: prod }
+---
+apiVersion: v1
+kind: Namespace
+metadata: { name: kube-system }
+---
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata:
+  name: web-7f9c4
+  namespace: prod
+  ownerReferences: [ { apiVersion: apps/v1, kind: Deployment, name: web, uid: d1, controller: true } ]
+spec: { selector: { matchLabels: { app: web } } }
+---
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata:
+  name: api-5d4e8
+  namespace: prod
+  ownerReferences: [ { apiVersion: apps/v1, kind: Deployment, name: api, uid: d2, controller: true } ]
+spec: { selector: { matchLabels: { app: api } } }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7f9c4-abcde
+  namespace: prod
+  labels: { app: web }
+  ownerReferences: [ { apiVersion: apps/v1, kind: ReplicaSet, name: web-7f9c4, uid: r1, controller: true } ]
+spec: { nodeName: node-1, containers: [ { name: web, image: web } ] }
+status: { phase: Running, podIP: 10.244.1.2, conditions: [ { type: Ready, status: "True" } ] }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api-5d4e8-fghij
+  namespace: prod
+  labels: { app: api, tier: backend }
+  ownerReferences: [ { apiVersion: apps/v1, kind: ReplicaSet, name: api-5d4e8, uid: r2, controller: true } ]
+spec: { nodeName: node-1, containers: [ { name: api, image: api, ports: [ { containerPort: 8080 } ] } ] }
+status: { phase: Running, podIP: 10.244.1.3, conditions: [ { type: Ready, status: "True" } ] }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: coredns-0
+  namespace: kube-system
+  labels: { k8s-app: kube-dns }
+spec: { nodeName: node-1, containers: [ { name: dns, image: coredns, ports: [ { containerPort: 53, protocol: UDP } ] } ] }
+status: { phase: Running, podIP: 10.244.1.4, conditions: [ { type: Ready, status: "True" } ] }
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: { name: default-deny-all, namespace: prod }
+spec: { podSelector: {}, policyTypes: [ Ingress ] }
+"#;
+
+#[test]
+fn with_pod_identity_observe_filters_by_namespace_pod_and_label_and_metrics_name_workloads_and_policies() {
+    let lab = lab(NAMED_LAB);
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("cluster.yaml");
+    fs::write(&manifests, NAMED_MANIFESTS).unwrap();
+    let a = ExportingAgent::start(
+        &lab,
+        &["--manifests", manifests.to_str().unwrap(), "--metrics-destination-context", "namespace,workload,pod,port"],
+    );
+    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut);
+    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::TimedOut);
+    let named = |port: u16, pod: &'static str| move |f: &Value| to(if port == 53 { "10.244.1.4" } else { "10.244.1.3" }, port)(f) && f["destination"]["pod_name"] == pod;
+    a.agent.wait_for_flow(Duration::from_secs(10), named(8080, "api-5d4e8-fghij"));
+    a.agent.wait_for_flow(Duration::from_secs(10), named(53, "coredns-0"));
+
+    let flows = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["-o", "json", "--last", "100"];
+        all.extend_from_slice(args);
+        let out = a.observe(&all);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone()).collect()
+    };
+    let ports = |fs: &[Value]| -> Vec<u64> {
+        let mut p: Vec<u64> = fs
+            .iter()
+            .filter_map(|f| f["l4"]["TCP"]["destination_port"].as_u64().or(f["l4"]["UDP"]["destination_port"].as_u64()))
+            .collect();
+        p.sort();
+        p.dedup();
+        p
+    };
+    assert_eq!(ports(&flows(&["-n", "kube-system"])), [53]);
+    assert_eq!(ports(&flows(&["--namespace", "prod"])), [53, 8080], "the DNS flow's source is in prod");
+    assert_eq!(ports(&flows(&["--to-namespace", "prod"])), [8080]);
+    assert_eq!(ports(&flows(&["--to-pod", "prod/api-"])), [8080]);
+    assert_eq!(ports(&flows(&["--pod", "prod/web-7f9c4"])), [53, 8080]);
+    assert_eq!(ports(&flows(&["--from-pod", "prod/api-"])), Vec::<u64>::new());
+    assert_eq!(ports(&flows(&["--from-label", "app=web"])), [53, 8080]);
+    assert_eq!(ports(&flows(&["--to-label", "app=api,tier=backend"])), [8080]);
+    assert_eq!(ports(&flows(&["-l", "k8s-app=kube-dns"])), [53]);
+    assert_eq!(ports(&flows(&["--label", "app=nothing"])), Vec::<u64>::new());
+
+    // The compact line names pods and the denying policy.
+    let out = a.observe(&["--to-port", "8080"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.ends_with(
+            " prod/web-7f9c4-abcde -> prod/api-5d4e8-fghij:8080 TCP SYN DROPPED (NETFILTER_DROP) denied by prod/default-deny-all [ingress]"
+        )),
+        "{text}"
+    );
+
+    // Metrics: workloads as context labels, the policy named, counts exact.
+    let syns = lab.nft_counter("node-1", "drop-api").unwrap();
+    let labels = [
+        ("source_namespace", "prod"),
+        ("source_workload", "web"),
+        ("destination_namespace", "prod"),
+        ("destination_workload", "api"),
+        ("destination_pod", "api-5d4e8-fghij"),
+        ("destination_port", "8080"),
+        ("direction", "ingress"),
+    ];
+    wait_until(Duration::from_secs(15), "drops to prod/api named and exact", || {
+        (a.metric("netwatch_drops_total", &labels) == Some(syns as f64)).then_some(())
+    });
+    assert_eq!(
+        a.metric("netwatch_policy_denials_total", &[("direction", "ingress"), ("policy_namespace", "prod"), ("policy", "default-deny-all")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        a.metric("netwatch_dns_failures_total", &[("source_workload", "web"), ("destination_namespace", "kube-system")]),
+        Some(1.0)
+    );
+
+    // top groups by workload.
+    let out = Command::new(target_binary("netwatch"))
+        .args(["top", "--server", a.socket.to_str().unwrap(), "--iterations", "1", "--interval", "0.5", "-o", "json", "-n", "prod"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert!(
+        v["rows"].as_array().unwrap().iter().any(|r| r["source"] == "prod/web" && r["destination"] == "prod/api" && r["port"] == 8080),
+        "{v:#}"
+    );
+}
