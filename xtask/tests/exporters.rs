@@ -730,3 +730,34 @@ fn with_pod_identity_observe_filters_by_namespace_pod_and_label_and_metrics_name
         "{v:#}"
     );
 }
+
+#[test]
+fn bad_exporter_flags_are_named_with_the_valid_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(target_binary("netwatch-agent"))
+            .args(["--duration", "1", "--api-socket", socket.to_str().unwrap(), "--metrics-addr", "none"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    let e = run(&["--metrics-source-context", "namespace,colour"]);
+    assert!(e.contains("--metrics-source-context") && e.contains("namespace, workload, pod, app, port"), "{e}");
+    let e = run(&["--metrics-source-context", "port"]);
+    assert!(e.contains("only valid in --metrics-destination-context"), "{e}");
+    let e = run(&["--flow-log-allow", "verdict=FORWARDED"]);
+    assert!(e.contains("--flow-log-allow") && e.contains("DROPPED, TIMED_OUT, REFUSED, POLICY_NOT_ENFORCED"), "{e}");
+    let e = run(&["--flow-log-deny", "colour=red"]);
+    assert!(e.contains("unknown filter key \"colour\"") && e.contains("from-pod"), "{e}");
+    let e = run(&["--api-addr", "0.0.0.0:4245"]);
+    assert!(e.contains("--api-addr 0.0.0.0:4245") && e.contains("loopback"), "{e}");
+    let out = Command::new(target_binary("netwatch-agent")).args(["--duration", "1", "--metrics-addr", "localhost"]).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--metrics-addr \"localhost\"") && e.contains(":9965"), "{e}");
+}
