@@ -317,13 +317,6 @@ impl Lab {
         run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], Some(ruleset)).map(|_| ())
     }
 
-    /// Load an nftables ruleset into a pod's own network namespace (a
-    /// firewall inside the pod, as a sidecar's init container sets up).
-    pub fn nft_in_pod(&self, pod: &str, ruleset: &str) -> Result<(), LabError> {
-        let netns = &self.pod(pod)?.netns;
-        run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], Some(ruleset)).map(|_| ())
-    }
-
     /// Packets counted by the node's nftables rule whose comment is `comment`.
     pub fn nft_counter(&self, node: &str, comment: &str) -> Result<u64, LabError> {
         let netns = &self.node(node)?.netns;
