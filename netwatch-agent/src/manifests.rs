@@ -55,20 +55,25 @@ pub enum ManifestError {
         message: String,
     },
     /// An object, or one of its fields, is wrong.
-    #[error("{file}: document {document}{item} ({object}): field {field}: {problem}; fix: {fix}")]
-    Invalid {
-        file: String,
-        /// 1-based index of the YAML document in the file.
-        document: usize,
-        /// `, items[3]` inside a `kind: List`, else empty.
-        item: String,
-        /// `NetworkPolicy prod/allow-web`, or what is known of it.
-        object: String,
-        /// Path of the field, e.g. `spec.ingress[0].from[0].ipBlock.cidr`.
-        field: String,
-        problem: String,
-        fix: String,
-    },
+    #[error(transparent)]
+    Invalid(Box<InvalidObject>),
+}
+
+/// An object, or one of its fields, that is wrong: where, what, how to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: document {document}{item} ({object}): field {field}: {problem}; fix: {fix}")]
+pub struct InvalidObject {
+    pub file: String,
+    /// 1-based index of the YAML document in the file.
+    pub document: usize,
+    /// `, items[3]` inside a `kind: List`, else empty.
+    pub item: String,
+    /// `NetworkPolicy prod/allow-web`, or what is known of it.
+    pub object: String,
+    /// Path of the field, e.g. `spec.ingress[0].from[0].ipBlock.cidr`.
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
 }
 
 /// Loads every manifest under `paths` (files, directories, or `-` for
@@ -176,7 +181,7 @@ impl Origin<'_> {
         problem: impl Into<String>,
         fix: impl Into<String>,
     ) -> ManifestError {
-        ManifestError::Invalid {
+        ManifestError::Invalid(Box::new(InvalidObject {
             file: self.file.to_string(),
             document: self.document,
             item: self
@@ -187,7 +192,7 @@ impl Origin<'_> {
             field: field.to_string(),
             problem: problem.into(),
             fix: fix.into(),
-        }
+        }))
     }
 }
 

@@ -150,13 +150,13 @@ impl VerdictCache {
             state.misses += 1;
         }
         let decision = Arc::new(engine.decide_flow(&flow));
-        if let Ok(mut state) = self.state.write() {
-            if state.generation == engine.generation() {
-                if state.entries.len() >= self.capacity {
-                    state.entries.clear();
-                }
-                state.entries.insert(key, decision.clone());
+        if let Ok(mut state) = self.state.write()
+            && state.generation == engine.generation()
+        {
+            if state.entries.len() >= self.capacity {
+                state.entries.clear();
             }
+            state.entries.insert(key, decision.clone());
         }
         engine.flow_verdict(&flow, decision)
     }

@@ -749,11 +749,11 @@ pub(crate) fn read_pod(pod: &Pod) -> (Vec<IpAddr>, Vec<ContainerPortModel>, Vec<
                     ));
                     continue;
                 };
-                if let Some(name) = &port.name {
-                    if let Err(p) = validate_port_name(name, &format!("{path}.name")) {
-                        problems.push(p);
-                        continue;
-                    }
+                if let Some(name) = &port.name
+                    && let Err(p) = validate_port_name(name, &format!("{path}.name"))
+                {
+                    problems.push(p);
+                    continue;
                 }
                 ports.push(ContainerPortModel {
                     name: port.name.clone(),

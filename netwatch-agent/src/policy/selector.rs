@@ -228,9 +228,8 @@ fn compile_expression(
             return Err(FieldProblem::new(
                 format!("{path}.values"),
                 format!("operator {op} needs at least one value"),
-                format!(
-                    "list the values, e.g. `values: [prod]`, or use operator Exists/DoesNotExist"
-                ),
+                "list the values, e.g. `values: [prod]`, or use operator Exists/DoesNotExist"
+                    .to_string(),
             ));
         }
         Ok(())

@@ -455,10 +455,9 @@ impl<'a> Workloads<'a> {
                     .iter()
                     .flatten()
                     .find(|o| o.controller == Some(true))
-            }) {
-                if dep.kind == "Deployment" {
-                    return Some(("Deployment", dep.name.as_str()));
-                }
+            }) && dep.kind == "Deployment"
+            {
+                return Some(("Deployment", dep.name.as_str()));
             }
         }
         Some((owner.kind.as_str(), owner.name.as_str()))
@@ -516,10 +515,10 @@ impl<'a> Workloads<'a> {
     /// same pod, the same controller, or (without controllers) the same
     /// stable labels.
     fn same_workload(&self, target: &Resolved<'_>, candidate: &Resolved<'_>) -> bool {
-        if let (Some((a, _)), Some((b, _))) = (target.pod, candidate.pod) {
-            if a == b {
-                return true;
-            }
+        if let (Some((a, _)), Some((b, _))) = (target.pod, candidate.pod)
+            && a == b
+        {
+            return true;
         }
         match (self.owner_of(target), self.owner_of(candidate)) {
             (Some(a), Some(b)) => a == b,
