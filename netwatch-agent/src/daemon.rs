@@ -267,6 +267,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                         let snapshot = f.snapshots.borrow_and_update().clone();
                         let complete = *f.ready.borrow_and_update();
                         attribution.update(&snapshot, complete, SystemTime::now());
+                        outputs.cluster_pods(&snapshot);
                         if attribution.is_synced() {
                             release(&mut waiting, &mut attribution, &tables, &mut outputs);
                             outputs.set_ready(true);

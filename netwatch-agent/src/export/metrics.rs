@@ -245,6 +245,8 @@ pub struct MetricsRegistry {
     context_series: usize,
     /// Deleted pods whose series go at the deadline.
     pending_removals: Vec<(Instant, String, String)>,
+    /// Pods of the last cluster snapshot (to see deletions).
+    known_pods: Option<HashSet<(String, String)>>,
     last_losses: HashMap<&'static str, u64>,
     last_undecodable: u64,
     last_evicted: u64,
@@ -495,6 +497,7 @@ impl MetricsRegistry {
             series: HashMap::new(),
             context_series: 0,
             pending_removals: Vec::new(),
+            known_pods: None,
             last_losses: HashMap::new(),
             last_undecodable: 0,
             last_evicted: 0,
@@ -702,6 +705,19 @@ impl MetricsRegistry {
             namespace.to_string(),
             pod.to_string(),
         ));
+    }
+
+    /// The pods that exist now: those of the previous call that are gone are
+    /// deleted (their series go after the grace period). The first call only
+    /// records the set.
+    pub fn sync_pods(&mut self, pods: impl IntoIterator<Item = (String, String)>) {
+        let now: HashSet<(String, String)> = pods.into_iter().collect();
+        if let Some(before) = self.known_pods.take() {
+            for (ns, pod) in before.difference(&now) {
+                self.pod_deleted(ns, pod);
+            }
+        }
+        self.known_pods = Some(now);
     }
 
     /// Remove the series of deleted pods whose grace period ended by `now`.
@@ -1157,6 +1173,32 @@ mod tests {
                 &[("destination_pod", "api-5d4e")]
             ),
             None
+        );
+    }
+
+    #[test]
+    fn pods_missing_from_the_next_snapshot_are_deleted() {
+        let config = MetricsConfig {
+            source_context: vec![ContextLabel::Pod],
+            deleted_pod_grace: Duration::ZERO,
+            ..MetricsConfig::default()
+        };
+        let mut m = MetricsRegistry::new(config).unwrap();
+        let pod = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        m.sync_pods([pod("prod", "web-7f9c"), pod("prod", "web-other")]);
+        m.observe(&record(json!({"uuid": "a"})));
+        m.observe(&record(
+            json!({"uuid": "b", "source": {"pod_name": "web-other"}}),
+        ));
+        m.sync_pods([pod("prod", "web-other")]);
+        m.expire(Instant::now() + Duration::from_secs(1));
+        assert_eq!(
+            value(&m, "netwatch_drops_total", &[("source_pod", "web-7f9c")]),
+            None
+        );
+        assert_eq!(
+            value(&m, "netwatch_drops_total", &[("source_pod", "web-other")]),
+            Some(3.0)
         );
     }
 

@@ -209,6 +209,16 @@ impl Exporters {
         self.metrics.pod_deleted(namespace, pod);
     }
 
+    /// The cluster as identity sees it now: pods gone since the previous
+    /// snapshot are [`Exporters::pod_deleted`].
+    pub fn cluster_pods(&mut self, snapshot: &crate::cluster::ClusterSnapshot) {
+        let pods = snapshot
+            .pods
+            .iter()
+            .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)));
+        self.metrics.sync_pods(pods);
+    }
+
     /// Flush buffered output (every tick and at shutdown). The flow log
     /// writer flushes by itself whenever its queue runs empty, so this only
     /// matters for outputs added later.
