@@ -32,7 +32,7 @@ pub(crate) fn near_misses(
     let rules = p.rules(direction).unwrap_or_default();
     if rules.is_empty() {
         return vec![format!(
-            "{} has no {direction} rules: it allows no {direction} traffic to the pods it selects",
+            "{} has no {direction} rules: it allows no {direction} traffic for the pods it selects",
             p.reference
         )];
     }

@@ -253,10 +253,10 @@ fn policy_for(
     let name = dns_label(&name);
     notes.push(match direction {
         Direction::Ingress => format!(
-            "{namespace}/{name}: lets {subject_name} accept {other_name} on {port}/{protocol} (ingress); it allows nothing else"
+            "{namespace}/{name}: lets {subject_name} accept {other_name} on {port}/{protocol} (ingress); other workloads and ports keep their verdicts"
         ),
         Direction::Egress => format!(
-            "{namespace}/{name}: lets {subject_name} send to {other_name} on {port}/{protocol} (egress); it allows nothing else"
+            "{namespace}/{name}: lets {subject_name} send to {other_name} on {port}/{protocol} (egress); other workloads and ports keep their verdicts"
         ),
     });
     Ok(NetworkPolicy {
