@@ -161,8 +161,9 @@ impl ColorChoice {
     }
 }
 
-/// Show denied flows from the agent on this node: the most recent ones,
-/// then (with -f) new ones as they happen.
+/// Show denied flows from this node's agent: the latest, then live with -f
+///
+/// The agent filters; flags are `hubble observe`'s.
 ///
 /// Examples:
 ///   netwatch observe --verdict DROPPED -n prod --last 50

@@ -35,8 +35,10 @@ pub enum TopOutput {
     Json,
 }
 
-/// Show what is denied most right now: denied flows grouped by source,
-/// destination, port and reason, busiest first, refreshed live.
+/// Show what is denied most right now, grouped and refreshed live
+///
+/// Denied flows grouped by source and destination workload, port and
+/// reason, busiest first.
 ///
 /// Examples:
 ///   netwatch top
