@@ -12,6 +12,7 @@ use xtask::lab::{self, Lab, LabSpec};
 
 mod bench;
 mod demo;
+mod deploy;
 mod setup;
 mod test;
 
@@ -67,6 +68,11 @@ enum Task {
         #[arg(long)]
         cleanup: bool,
     },
+    /// The Helm chart and the plain manifests under deploy/: render, check, template.
+    Deploy {
+        #[command(subcommand)]
+        what: deploy::DeployCommand,
+    },
     /// Runs inside lab pods (listeners and probes); not for direct use.
     #[command(hide = true)]
     LabHelper {
@@ -117,6 +123,7 @@ fn main() -> Result<()> {
             criterion: !datapath_only,
         }),
         Task::Lab { scenario, duration, cleanup } => run_lab(scenario, duration, cleanup),
+        Task::Deploy { what } => deploy::run(what),
         Task::LabHelper { what } => helper(what),
     }
 }
