@@ -393,11 +393,20 @@ fn helm_engine() -> Result<PathBuf> {
             std::env::consts::ARCH
         );
     }
-    eprintln!("deploy: installing Helm's engine ({HELM_SDK}, hash-pinned) into {}", dir.display());
     let parent = dir.parent().expect("deploy-tools");
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    // Installed beside and renamed into place, so concurrent runs (tests)
-    // never see half an install.
+    // One install at a time (tests render side by side); the others wait
+    // for it and then find the engine in place.
+    let lock_path = parent.join(".install.lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!("cannot lock {}: {}", lock_path.display(), std::io::Error::last_os_error());
+    }
+    if dir.join("helm_python").join("__init__.py").is_file() {
+        return Ok(dir);
+    }
+    eprintln!("deploy: installing Helm's engine ({HELM_SDK}, hash-pinned) into {}", dir.display());
     let staging = parent.join(format!(".staging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     let requirements = parent.join(format!(".requirements-{}.txt", std::process::id()));
@@ -416,10 +425,9 @@ fn helm_engine() -> Result<PathBuf> {
         let _ = std::fs::remove_dir_all(&staging);
         bail!("pip could not install {HELM_SDK} (PyPI must be reachable once)");
     }
-    if std::fs::rename(&staging, &dir).is_err() {
-        // Another run installed it first.
-        let _ = std::fs::remove_dir_all(&staging);
-    }
+    // Renamed into place: a run killed mid-install leaves no half engine.
+    std::fs::rename(&staging, &dir).with_context(|| format!("moving the Helm engine into {}", dir.display()))?;
+    drop(lock);
     Ok(dir)
 }
 
