@@ -69,6 +69,7 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
                 host_network: false,
             })
             .collect(),
+        world: Vec::new(),
     };
     let lab = Lab::up(&spec, &std::env::current_exe()?)?;
     let server = lab.pod("bench/server")?;

@@ -92,14 +92,15 @@ impl Manifests {
         Ok(m)
     }
 
-    /// Append another set's objects.
+    /// Add another set's objects, as `kubectl apply` would: an object with
+    /// the same kind, namespace and name replaces the one already here.
     pub fn extend(&mut self, other: Manifests) {
-        self.namespaces.extend(other.namespaces);
-        self.nodes.extend(other.nodes);
-        self.pods.extend(other.pods);
-        self.services.extend(other.services);
-        self.endpoint_slices.extend(other.endpoint_slices);
-        self.network_policies.extend(other.network_policies);
+        apply(&mut self.namespaces, other.namespaces, |o| &o.metadata);
+        apply(&mut self.nodes, other.nodes, |o| &o.metadata);
+        apply(&mut self.pods, other.pods, |o| &o.metadata);
+        apply(&mut self.services, other.services, |o| &o.metadata);
+        apply(&mut self.endpoint_slices, other.endpoint_slices, |o| &o.metadata);
+        apply(&mut self.network_policies, other.network_policies, |o| &o.metadata);
     }
 
     /// `implied` is the (apiVersion, kind) of a `<Kind>List`'s items, which
@@ -208,6 +209,18 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// `namespace/name` of an object.
+/// Replace objects of `into` with those of `from` that have the same
+/// namespace and name; append the others.
+fn apply<T>(into: &mut Vec<T>, from: Vec<T>, meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    for object in from {
+        let id = object_id(meta(&object));
+        match into.iter_mut().find(|o| object_id(meta(o)) == id) {
+            Some(existing) => *existing = object,
+            None => into.push(object),
+        }
+    }
+}
+
 pub fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
 }
@@ -424,5 +437,23 @@ metadata: { name: node-1 }
         assert_eq!(names, ["a", "b"]);
         let e = Manifests::load(&dir.path().join("missing.yaml")).unwrap_err().to_string();
         assert!(e.contains("missing.yaml"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod extend_tests {
+    use super::*;
+
+    #[test]
+    fn a_later_object_with_the_same_name_replaces_the_earlier_one() {
+        let pod = |ready: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, namespace: x }}\nstatus: {{ conditions: [ {{ type: Ready, status: \"{ready}\" }} ] }}\n")
+        };
+        let mut m = Manifests::parse("a.yaml", &pod("True")).unwrap();
+        m.extend(Manifests::parse("b.yaml", &(pod("False") + "---\napiVersion: v1\nkind: Pod\nmetadata: { name: q, namespace: x }\n")).unwrap());
+        assert_eq!(m.pods.len(), 2);
+        let p = m.pods.iter().find(|p| p.metadata.name.as_deref() == Some("p")).unwrap();
+        let ready = &p.status.as_ref().unwrap().conditions.as_ref().unwrap()[0].status;
+        assert_eq!(ready, "False");
     }
 }

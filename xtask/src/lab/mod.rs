@@ -124,6 +124,7 @@ impl Lab {
         for p in &spec.pods {
             self.add_pod(p)?;
         }
+        self.add_world_listeners(&spec.world)?;
         for n in &spec.nodes {
             for r in &n.routes {
                 let netns = self.node(&n.name)?.netns.clone();
@@ -253,6 +254,40 @@ impl Lab {
             }
         }
         self.pods.push(pod);
+        Ok(())
+    }
+
+    /// Addresses and listeners on the world router.
+    fn add_world_listeners(&mut self, listeners: &[String]) -> Result<(), LabError> {
+        if listeners.is_empty() {
+            return Ok(());
+        }
+        let mut listen = Vec::new();
+        let mut cmds = Vec::new();
+        for l in listeners {
+            let bad = || LabError::Spec(format!("world listener {l:?}: write ip:port/tcp, e.g. 198.51.100.10:443/tcp"));
+            let (addr, proto) = l.split_once('/').unwrap_or((l.as_str(), "tcp"));
+            let sock: std::net::SocketAddr = addr.parse().map_err(|_| bad())?;
+            let prefix = if sock.is_ipv4() { 32 } else { 128 };
+            let cmd = format!("addr add {}/{prefix} dev lo", sock.ip());
+            if !cmds.contains(&cmd) {
+                cmds.push(cmd);
+            }
+            listen.push(format!("{}/{proto}", sock.port()));
+        }
+        ip_batch(&self.world, &cmds)?;
+        let mut cmd = enter(&self.helper, Some(&self.world), None);
+        cmd.args(["lab-helper", "serve", "--listen", &listen.join(",")]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().map_err(io("starting listeners on the world router"))?;
+        let ready = child.stdout.take().map(|out| {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            line.trim() == "ready"
+        });
+        self.children.push(child);
+        if ready != Some(true) {
+            return Err(LabError::Helper { pod: "world".into(), detail: format!("listeners {listen:?} did not start") });
+        }
         Ok(())
     }
 

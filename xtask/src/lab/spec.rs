@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct LabSpec {
     pub nodes: Vec<NodeSpec>,
     pub pods: Vec<PodSpec>,
+    /// Listeners on the world router, outside every node: `ip:port/tcp` (the
+    /// address is added to the router), e.g. an API server or a host on the
+    /// internet.
+    #[serde(default)]
+    pub world: Vec<String>,
 }
 
 /// One lab node: a network namespace standing in for a node's root
