@@ -264,8 +264,41 @@ struct SeriesPods {
 struct FlowState {
     packets: u64,
     bytes: u64,
-    counted_policies: HashSet<(bool, String, String)>,
+    /// The drop counters this flow counts into.
+    drop_series: Option<DropSeries>,
+    /// Denying policies already counted: (ingress, namespace, name).
+    counted_policies: Vec<(bool, String, String)>,
     unenriched_counted: bool,
+}
+
+/// A flow's drop counters, and what they were chosen by.
+#[derive(Debug)]
+struct DropSeries {
+    reason: Option<String>,
+    identities: (u32, u32),
+    pods: (String, String),
+    packets: IntCounter,
+    bytes: IntCounter,
+}
+
+impl DropSeries {
+    fn new(r: &FlowRecord, packets: IntCounter, bytes: IntCounter) -> DropSeries {
+        DropSeries {
+            reason: r.drop_reason_desc.clone(),
+            identities: (r.source.identity, r.destination.identity),
+            pods: (r.source.pod_name.clone(), r.destination.pod_name.clone()),
+            packets,
+            bytes,
+        }
+    }
+
+    /// Whether `r` would still be labelled the same.
+    fn still_labels(&self, r: &FlowRecord) -> bool {
+        self.reason == r.drop_reason_desc
+            && self.identities == (r.source.identity, r.destination.identity)
+            && self.pods.0 == r.source.pod_name
+            && self.pods.1 == r.destination.pod_name
+    }
 }
 
 /// Flows tracked for exact deltas at most; the assembler tracks 65,536.
@@ -594,79 +627,102 @@ impl MetricsRegistry {
 
     /// Count one flow record.
     pub fn observe(&mut self, r: &FlowRecord) {
-        let first_record = !self.flows.contains_key(&r.uuid);
+        // The flow's state is taken out while it is updated and put back
+        // unless this is its last record.
+        let known = self.flows.get_mut(&r.uuid).map(std::mem::take);
+        let first_record = known.is_none();
         if first_record && self.flows.len() >= MAX_TRACKED_FLOWS {
             // Should not happen (the assembler holds fewer flows); forget the
             // oldest knowledge rather than grow: counts of those flows'
             // later records may then be counted again.
             self.flows.clear();
         }
-        let state = self.flows.entry(r.uuid.clone()).or_default();
+        let mut state = known.unwrap_or_default();
         let d_packets = r.packets.saturating_sub(state.packets);
         let d_bytes = r.bytes.saturating_sub(state.bytes);
         state.packets = state.packets.max(r.packets);
         state.bytes = state.bytes.max(r.bytes);
-        let new_policies: Vec<(bool, String, String)> = r
-            .egress_denied_by
-            .iter()
-            .map(|p| (false, p.namespace.clone(), p.name.clone()))
-            .chain(
-                r.ingress_denied_by
-                    .iter()
-                    .map(|p| (true, p.namespace.clone(), p.name.clone())),
-            )
-            .filter(|k| state.counted_policies.insert(k.clone()))
-            .collect();
-        let count_unenriched = r.unenriched && !state.unenriched_counted;
-        state.unenriched_counted |= r.unenriched;
-        if r.lifecycle == Lifecycle::Final {
-            self.flows.remove(&r.uuid);
-        }
 
-        let (ctx, pods) = self.context(r);
-        let protocol = r.l4.protocol_name();
-        let direction = direction_label(r);
+        let mut ctx: Option<(Vec<String>, SeriesPods)> = None;
         if r.verdict == Verdict::Dropped && (d_packets > 0 || d_bytes > 0) {
-            let reason = r.drop_reason_desc.as_deref().unwrap_or("UNKNOWN");
-            let l = self.labels(
-                FlowMetric::Drops,
-                &[reason, &protocol, direction],
-                &ctx,
-                &pods,
-            );
-            let l: Vec<&str> = l.iter().map(String::as_str).collect();
-            self.drops.with_label_values(&l).inc_by(d_packets);
-            let l = self.labels(
-                FlowMetric::DropBytes,
-                &[reason, &protocol, direction],
-                &ctx,
-                &pods,
-            );
-            let l: Vec<&str> = l.iter().map(String::as_str).collect();
-            self.drop_bytes.with_label_values(&l).inc_by(d_bytes);
+            // Later records of a flow reuse its series unless what labels
+            // them changed (identity arrived late, another drop reason).
+            if !state
+                .drop_series
+                .as_ref()
+                .is_some_and(|d| d.still_labels(r))
+            {
+                let (c, pods) = ctx.get_or_insert_with(|| self.context(r)).clone();
+                let protocol = r.l4.protocol_name();
+                let first = [
+                    r.drop_reason_desc.as_deref().unwrap_or("UNKNOWN"),
+                    &protocol,
+                    direction_label(r),
+                ];
+                let l = self.labels(FlowMetric::Drops, &first, &c, &pods);
+                let packets = self
+                    .drops
+                    .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>());
+                let l = self.labels(FlowMetric::DropBytes, &first, &c, &pods);
+                let bytes = self
+                    .drop_bytes
+                    .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>());
+                state.drop_series = Some(DropSeries::new(r, packets, bytes));
+            }
+            if let Some(d) = &state.drop_series {
+                d.packets.inc_by(d_packets);
+                d.bytes.inc_by(d_bytes);
+            }
         }
         if first_record {
+            let (c, pods) = ctx.get_or_insert_with(|| self.context(r)).clone();
+            let protocol = r.l4.protocol_name();
             let l = self.labels(
                 FlowMetric::DeniedFlows,
                 &[r.verdict.as_str(), &protocol],
-                &ctx,
+                &c,
                 &pods,
             );
-            let l: Vec<&str> = l.iter().map(String::as_str).collect();
-            self.denied_flows.with_label_values(&l).inc();
+            self.denied_flows
+                .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>())
+                .inc();
             if r.is_dns {
-                let l = self.labels(FlowMetric::DnsFailures, &[r.verdict.as_str()], &ctx, &pods);
-                let l: Vec<&str> = l.iter().map(String::as_str).collect();
-                self.dns_failures.with_label_values(&l).inc();
+                let l = self.labels(FlowMetric::DnsFailures, &[r.verdict.as_str()], &c, &pods);
+                self.dns_failures
+                    .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>())
+                    .inc();
             }
         }
-        for (ingress, ns, name) in new_policies {
-            self.policy_denials
-                .with_label_values(&[if ingress { "ingress" } else { "egress" }, &ns, &name])
-                .inc();
+        let denied_by = r
+            .egress_denied_by
+            .iter()
+            .map(|p| (false, p))
+            .chain(r.ingress_denied_by.iter().map(|p| (true, p)));
+        for (ingress, p) in denied_by {
+            let seen = state
+                .counted_policies
+                .iter()
+                .any(|(i, ns, n)| *i == ingress && *ns == p.namespace && *n == p.name);
+            if !seen {
+                state
+                    .counted_policies
+                    .push((ingress, p.namespace.clone(), p.name.clone()));
+                let direction = if ingress { "ingress" } else { "egress" };
+                self.policy_denials
+                    .with_label_values(&[direction, &p.namespace, &p.name])
+                    .inc();
+            }
         }
-        if count_unenriched {
+        if r.unenriched && !state.unenriched_counted {
+            state.unenriched_counted = true;
             self.unenriched.inc();
+        }
+        if r.lifecycle == Lifecycle::Final {
+            self.flows.remove(&r.uuid);
+        } else if let Some(slot) = self.flows.get_mut(&r.uuid) {
+            *slot = state;
+        } else {
+            self.flows.insert(r.uuid.clone(), state);
         }
     }
 
@@ -957,6 +1013,45 @@ mod tests {
             Some(2.0)
         );
         assert_eq!(value(&m, "netwatch_drops_total", &l), Some(6.0));
+    }
+
+    #[test]
+    fn drops_after_identity_arrives_count_under_the_named_series() {
+        let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
+        let anonymous = json!({"identity": 0, "namespace": null, "pod_name": null, "labels": null, "workloads": null});
+        m.observe(&record(json!({"unenriched": true, "packets": 2, "bytes": 120, "source": anonymous.clone(), "destination": anonymous})));
+        m.observe(&record(
+            json!({"lifecycle": "UPDATE", "packets": 5, "bytes": 300}),
+        ));
+        assert_eq!(
+            value(&m, "netwatch_drops_total", &[("destination_workload", "")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("destination_workload", "api")]
+            ),
+            Some(3.0)
+        );
+        // Same labels again: the cached series.
+        m.observe(&record(
+            json!({"lifecycle": "FINAL", "packets": 6, "bytes": 360}),
+        ));
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("destination_workload", "api")]
+            ),
+            Some(4.0)
+        );
+        assert_eq!(
+            value(&m, "netwatch_denied_flows_total", &[]),
+            Some(1.0),
+            "still one flow"
+        );
     }
 
     #[test]
