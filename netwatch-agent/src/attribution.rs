@@ -201,8 +201,14 @@ impl Attribution {
         let engine = self.engine.clone()?;
         let proto = l4_protocol(&r.l4)?;
         let port = r.destination.port?;
-        self.enrich_endpoints_only(&mut r);
         let at: SystemTime = r.first_seen.into();
+        // The client's view of a handshake through a service (to the cluster
+        // IP, before DNAT) is not what the policies judge: the same handshake
+        // seen at the backend (after DNAT) is, and is reported from there.
+        if matches!(self.identity.resolve(r.ip.destination, Some(port), at), IpResolution::Service(_)) {
+            return None;
+        }
+        self.enrich_endpoints_only(&mut r);
         let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), r.ip.source, at);
         let to = self.peer(&engine, &r.destination, None, r.ip.destination, at);

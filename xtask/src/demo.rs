@@ -1,133 +1,196 @@
-//! `cargo xtask demo`: netwatch on a plain Linux machine, no cluster.
+//! `cargo xtask demo`: the prod default-deny outage, replayed on this machine.
 //!
-//! Builds what it needs, brings up a lab node whose firewall drops some pod
-//! traffic, runs the agent there, drives traffic the way an application
-//! would, and shows each denied flow as on-call would see it. Runs until
-//! Ctrl-C (or `--duration`), and always cleans up.
+//! Builds what it needs, brings up a scenario's lab (NetworkPolicies enforced
+//! the way a CNI does, services the way kube-proxy does), runs the agent in
+//! standalone mode with the scenario's manifests, drives the application's
+//! traffic every second, and shows what on-call would see: the live
+//! denied-flow tail (`netwatch observe -f`), why each flow is denied
+//! (`netwatch explain`), the smallest fix (`--suggest`) and the metrics. Then
+//! it applies the fix and shows the denials stop. Runs until Ctrl-C (or
+//! `--duration`), and always cleans up.
 
 use std::{
-    io::{BufRead, BufReader, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::lab::{Lab, LabSpec, Probe};
+use xtask::scenario::{Binaries, Scenario, ScenarioRun, Traffic};
 
-const SPEC: &str = r#"
-nodes:
-  - name: node-1
-    nftables: |
-      table inet demo_firewall {
-        chain forward {
-          type filter hook forward priority 0; policy accept;
-          ip saddr 10.244.1.2 ip daddr 10.244.1.3 tcp dport 8080 counter drop comment "web-to-api"
-          ip daddr 10.244.1.10 udp dport 53 counter drop comment "dns"
-        }
-      }
-pods:
-  - { name: web, namespace: prod, node: node-1, ip: 10.244.1.2 }
-  - { name: api, namespace: prod, node: node-1, ip: 10.244.1.3, listen: ["8080/tcp"] }
-  - { name: db, namespace: prod, node: node-1, ip: 10.244.1.4, listen: ["5432/tcp"] }
-  - { name: coredns, namespace: kube-system, node: node-1, ip: 10.244.1.10, listen: ["53/udp"] }
-"#;
+pub struct DemoOptions {
+    pub scenario: String,
+    pub duration: Option<u64>,
+}
 
-pub fn demo(duration: Option<u64>, stop: &'static AtomicBool) -> Result<()> {
+pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     crate::setup::setup()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
-    let agent_bin = build_agent()?;
-    let spec: LabSpec = serde_yaml::from_str(SPEC)?;
-    let lab = Lab::up(&spec, &std::env::current_exe()?)?;
-    eprintln!("\nlab node-1 is up: prod/web, prod/api:8080, prod/db:5432, kube-system/coredns:53");
-    eprintln!("the node's firewall drops web -> api:8080 and every DNS query to coredns\n");
+    let bins = build()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let dir = root.join(&opts.scenario);
+    if !dir.join("scenario.yaml").exists() {
+        let known: Vec<String> = xtask::scenario::discover(&root)?.into_iter().map(|s| s.name).collect();
+        bail!("no scenario {:?}; the scenarios are: {}", opts.scenario, known.join(", "));
+    }
+    let scenario = Scenario::load(&dir)?;
+    let started = Instant::now();
+    let total = opts.duration.map(Duration::from_secs);
+    let outage_for = total.map(|t| (t / 3).clamp(Duration::from_secs(6), Duration::from_secs(30))).unwrap_or(Duration::from_secs(20));
 
-    let dir = tempfile_dir()?;
-    let flow_log = dir.join("flows.jsonl");
-    let node = lab.node("node-1")?;
-    let mut agent = Guard(
-        lab.on_node("node-1", &agent_bin)?
-            .args(["--node-name", "node-1", "--interfaces", "cali*", "--own-netns-only"])
-            .args(["--connect-timeout", "2", "--flow-log"])
-            .arg(&flow_log)
-            .arg("--cgroup-root")
-            .arg(&node.cgroup_root)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting netwatch-agent")?,
-    );
-    // Pass the agent's log through, and start traffic only once it has
-    // attached to every pod interface.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    if let Some(stderr) = agent.0.stderr.take() {
-        let pods = lab.pods.len();
-        std::thread::spawn(move || {
-            let mut attached = 0;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("{line}");
-                if line.contains("attached TC classifiers") {
-                    attached += 1;
-                    if attached == pods {
-                        let _ = ready_tx.send(());
-                    }
-                }
+    say(&format!("netwatch demo: scenario {}", scenario.name));
+    println!("{}\n", scenario.spec.description.trim());
+    let work = tempdir()?;
+    let mut run = ScenarioRun::start(&scenario, &bins, &work, &[]).context("bringing up the scenario's lab")?;
+    for n in &run.lab.nodes {
+        println!("node {} (network namespace {}), agent running, metrics on 127.0.0.1:9965 inside it", n.name, n.netns);
+    }
+    for p in &run.lab.pods {
+        println!("  pod {:<55} {}", p.spec.id(), p.spec.ip);
+    }
+    let traffic = scenario.phases().into_iter().flat_map(|p| p.traffic).collect::<Vec<_>>();
+    let Some(agent) = run.agents.first() else { bail!("the scenario has no node") };
+    let socket = agent.api_socket.clone();
+    let node = agent.node.clone();
+
+    say("The application's traffic runs every second. What on-call sees (`netwatch observe -f`):");
+    let outcomes = Mutex::new(Vec::new());
+    let phase_stop = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| drive(&run, &traffic, &phase_stop, stop, &outcomes));
+        let mut tail = observe(&bins.netwatch, &socket, true)?;
+        wait(outage_for, stop);
+        let _ = tail.0.kill();
+        let _ = tail.0.wait();
+        phase_stop.store(true, Ordering::SeqCst);
+        Ok(())
+    })?;
+    if stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+
+    say("Why is it denied? (`netwatch explain`)");
+    let denied: Vec<&Traffic> = traffic.iter().filter(|t| !t.expect_reached()).collect();
+    for t in &denied {
+        let (_, _, backend, port) = run.target(t)?;
+        if backend.is_empty() {
+            continue;
+        }
+        let proto = t.engine_protocol();
+        println!("$ netwatch explain --from {} --to {backend} --port {port} --protocol {proto}", t.from);
+        let (_, text) = run.explain(&t.from, &backend, port, proto, &[])?;
+        println!("{}", text.trim_end());
+        println!();
+    }
+
+    let fixable: Vec<&Traffic> = traffic.iter().filter(|t| t.fix).collect();
+    if !fixable.is_empty() {
+        say("The smallest fix (`netwatch explain --suggest`): one policy per denied flow");
+    }
+    let fix_dir = work.join("fix");
+    std::fs::create_dir_all(&fix_dir)?;
+    for (i, t) in fixable.iter().enumerate() {
+        let (_, _, backend, port) = run.target(t)?;
+        let (_, yaml) = run.explain(&t.from, &backend, port, t.engine_protocol(), &["--suggest"])?;
+        println!("{}", yaml.trim_end());
+        std::fs::write(fix_dir.join(format!("fix-{i}.yaml")), &yaml)?;
+    }
+
+    say(&format!("The metrics (`curl 127.0.0.1:9965/metrics` in {node}'s network namespace):"));
+    let metrics = run
+        .lab
+        .on_node(&node, &bins.helper)?
+        .args(["lab-helper", "fetch", "http://127.0.0.1:9965/metrics"])
+        .output()
+        .context("fetching the agent's metrics")?;
+    for line in String::from_utf8_lossy(&metrics.stdout).lines() {
+        if line.starts_with("netwatch_denied_flows_total") || line.starts_with("netwatch_policy_denials_total") || line.starts_with("netwatch_drops_total") {
+            println!("  {line}");
+        }
+    }
+    if fixable.is_empty() || stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+
+    say("Applying the suggested fix (as `kubectl apply` would). The tail from here on:");
+    run.apply(&fix_dir)?;
+    let before = count_denied(&run);
+    let after_for = total.map(|t| t.saturating_sub(started.elapsed()).max(Duration::from_secs(5)));
+    outcomes.lock().map(|mut o| o.clear()).ok();
+    let phase_stop = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| drive(&run, &traffic, &phase_stop, stop, &outcomes));
+        let mut tail = observe(&bins.netwatch, &socket, false)?;
+        match after_for {
+            Some(d) => wait(d, stop),
+            None => {
+                println!("(running until Ctrl-C)");
+                wait(Duration::MAX, stop)
             }
-        });
-    }
-    ready_rx
-        .recv_timeout(Duration::from_secs(30))
-        .context("netwatch-agent did not attach to the pod interfaces within 30 s")?;
-    eprintln!("\n--- denied flows, live (one line per new flow) ---");
-
-    let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
-    let mut offset = 0u64;
-    let mut tick = 0u64;
-    while !stop.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        // The application's traffic: web calls api and looks up names; api
-        // talks to db. Probes run in the background so the tail stays live.
-        let probes: Vec<(&str, Probe)> = vec![
-            ("prod/web", Probe::tcp("10.244.1.3:8080".parse()?, Duration::from_secs(3))),
-            ("prod/web", Probe::dns("10.244.1.10:53".parse()?, Duration::from_secs(2))),
-            ("prod/api", Probe::tcp("10.244.1.4:5432".parse()?, Duration::from_secs(2))),
-        ];
-        if tick % 5 == 0 {
-            std::thread::scope(|s| {
-                for (from, p) in &probes {
-                    let lab = &lab;
-                    s.spawn(move || lab.probe(from, p));
-                }
-                // Print while the probes wait for their timeouts.
-                let until = Instant::now() + Duration::from_secs(1);
-                while Instant::now() < until {
-                    offset = print_new(&flow_log, offset);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            });
         }
-        offset = print_new(&flow_log, offset);
-        std::thread::sleep(Duration::from_secs(1));
-        tick += 1;
-        if let Ok(Some(status)) = agent.0.try_wait() {
-            bail!("netwatch-agent exited: {status}");
-        }
-    }
-    eprintln!("\nstopping: the agent detaches, the lab is removed");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
-    let _ = agent.0.wait();
-    print_new(&flow_log, offset);
-    drop(lab);
-    let _ = std::fs::remove_dir_all(&dir);
+        let _ = tail.0.kill();
+        let _ = tail.0.wait();
+        phase_stop.store(true, Ordering::SeqCst);
+        Ok(())
+    })?;
+    let after = count_denied(&run).saturating_sub(before);
+    let fixed_ok = outcomes
+        .lock()
+        .map(|o| o.iter().filter(|(t, ok): &&(String, bool)| fixable.iter().any(|f| f.label() == *t) && *ok).count())
+        .unwrap_or(0);
+    say(&format!(
+        "After the fix: {after} new denied flow(s); the fixed flows went through {fixed_ok} time(s). Cleaning up."
+    ));
     Ok(())
 }
 
+/// Probe the traffic every second until told to stop.
+fn drive(run: &ScenarioRun, traffic: &[Traffic], phase_stop: &AtomicBool, stop: &AtomicBool, outcomes: &Mutex<Vec<(String, bool)>>) {
+    while !phase_stop.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+        let tick = Instant::now();
+        std::thread::scope(|s| {
+            for t in traffic {
+                s.spawn(move || {
+                    if let Ok(r) = run.probe(t) {
+                        let ok = matches!(r.outcome, xtask::lab::Outcome::Connected | xtask::lab::Outcome::Answered);
+                        if let Ok(mut o) = outcomes.lock() {
+                            o.push((t.label(), ok));
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(rest) = Duration::from_secs(1).checked_sub(tick.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+fn count_denied(run: &ScenarioRun) -> usize {
+    run.agents.iter().map(|a| a.records().iter().filter(|r| r["lifecycle"] == "NEW").count()).sum()
+}
+
 struct Guard(Child);
+
+/// `netwatch observe` on the agent's socket: `-f` (and with `last`, the
+/// recent history first).
+fn observe(netwatch: &Path, socket: &Path, with_history: bool) -> Result<Guard> {
+    let mut cmd = Command::new(netwatch);
+    cmd.arg("observe").arg("--server").arg(socket).arg("-f");
+    if !with_history {
+        cmd.args(["--last", "0"]);
+    }
+    let child = cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit()).spawn().context("running netwatch observe")?;
+    Ok(Guard(child))
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -135,64 +198,33 @@ impl Drop for Guard {
     }
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
+fn wait(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now().checked_add(d);
+    while !stop.load(Ordering::SeqCst) && until.is_none_or(|u| Instant::now() < u) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn say(s: &str) {
+    println!("\n=== {s}");
+}
+
+fn tempdir() -> Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("netwatch-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
 
-fn build_agent() -> Result<PathBuf> {
+/// Build the agent and the CLI; return every binary the run needs.
+fn build() -> Result<Binaries> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("demo: building netwatch-agent");
+    eprintln!("demo: building netwatch-agent and netwatch");
     if !Command::new(&cargo).args(["build", "-p", "netwatch-agent", "--bins"]).status()?.success() {
-        bail!("building netwatch-agent failed");
+        bail!("building netwatch failed");
     }
     let meta = Command::new(&cargo).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
     let v: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
-    let target = v["target_directory"].as_str().context("cargo metadata: target_directory")?;
-    Ok(Path::new(target).join("debug/netwatch-agent"))
-}
-
-/// Print the first record of each new flow in the log after `offset`.
-fn print_new(path: &Path, offset: u64) -> u64 {
-    let Ok(mut f) = std::fs::File::open(path) else { return offset };
-    if f.seek(SeekFrom::Start(offset)).is_err() {
-        return offset;
-    }
-    let mut reader = BufReader::new(f);
-    let mut pos = offset;
-    let mut line = String::new();
-    while let Ok(n) = reader.read_line(&mut line) {
-        if n == 0 || !line.ends_with('\n') {
-            break;
-        }
-        pos += n as u64;
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            let f = &v["flow"];
-            if f["lifecycle"] == "NEW" {
-                println!("{}", compact(f));
-            }
-        }
-        line.clear();
-    }
-    pos
-}
-
-fn compact(f: &serde_json::Value) -> String {
-    let (proto, sport, dport) = ["TCP", "UDP", "SCTP"]
-        .iter()
-        .find_map(|p| f["l4"].get(*p).map(|l| (*p, l["source_port"].clone(), l["destination_port"].clone())))
-        .unwrap_or(("IP", serde_json::Value::Null, serde_json::Value::Null));
-    let reason = f["drop_reason_desc"].as_str().or(f["refusal"].as_str()).unwrap_or("");
-    format!(
-        "{} {}:{} -> {}:{} {} {} {}",
-        f["time"].as_str().unwrap_or("").get(11..23).unwrap_or(""),
-        f["IP"]["source"].as_str().unwrap_or("?"),
-        sport,
-        f["IP"]["destination"].as_str().unwrap_or("?"),
-        dport,
-        proto,
-        f["verdict"].as_str().unwrap_or("?"),
-        if reason.is_empty() { String::new() } else { format!("({reason})") },
-    )
+    let target = PathBuf::from(v["target_directory"].as_str().context("cargo metadata: target_directory")?).join("debug");
+    Ok(Binaries { helper: std::env::current_exe()?, agent: target.join("netwatch-agent"), netwatch: target.join("netwatch") })
 }

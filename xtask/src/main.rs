@@ -37,9 +37,12 @@ enum Task {
     /// Run netwatch on this machine against a lab node whose firewall drops
     /// pod traffic; shows the denied flows live. Run as root; Ctrl-C stops it.
     Demo {
-        /// Stop after this many seconds.
+        /// Stop after this many seconds (the outage gets a third, the fix the rest).
         #[arg(long)]
         duration: Option<u64>,
+        /// Which scenario under scenarios/ to replay.
+        #[arg(long, default_value = "prod-default-deny")]
+        scenario: String,
     },
     /// Measure what netwatch costs: datapath throughput with and without the
     /// agent (iperf3 in the lab), then the criterion benchmarks. Run as root.
@@ -91,6 +94,8 @@ enum Helper {
         #[arg(long)]
         json: String,
     },
+    /// An HTTP GET printed to stdout (inside a lab node: its loopback).
+    Fetch { url: String },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -112,9 +117,9 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
         Task::Test { args } => test::test(&args),
-        Task::Demo { duration } => {
+        Task::Demo { duration, scenario } => {
             install_stop_handler();
-            demo::demo(duration, &STOP)
+            demo::demo(&demo::DemoOptions { scenario, duration }, &STOP)
         }
         Task::Bench { runs, seconds, datapath_only, criterion_only } => bench::bench(&bench::BenchOptions {
             runs,
@@ -175,6 +180,10 @@ fn helper(what: Helper) -> Result<()> {
             };
             let listeners = spec.listeners().map_err(anyhow::Error::msg)?;
             lab::serve::serve(&listeners)?;
+            Ok(())
+        }
+        Helper::Fetch { url } => {
+            print!("{}", lab::probe::http_get(&url)?);
             Ok(())
         }
         Helper::Probe { json } => {

@@ -597,9 +597,30 @@ impl std::fmt::Display for Report {
     }
 }
 
-fn traffic_label(t: &Traffic) -> String {
-    let to = t.to.clone().or(t.to_service.clone().map(|s| format!("service {s}"))).or(t.to_ip.map(|i| i.to_string())).unwrap_or_default();
-    format!("{} -> {to}:{} {:?}", t.from, t.port, t.protocol)
+impl Traffic {
+    /// `from -> to:port PROTOCOL`, for messages.
+    pub fn label(&self) -> String {
+        let to = self
+            .to
+            .clone()
+            .or(self.to_service.clone().map(|s| format!("service {s}")))
+            .or(self.to_ip.map(|i| i.to_string()))
+            .unwrap_or_default();
+        format!("{} -> {to}:{} {:?}", self.from, self.port, self.protocol)
+    }
+
+    /// Whether the client is expected to get through.
+    pub fn expect_reached(&self) -> bool {
+        self.expect.reached()
+    }
+
+    /// The protocol as the policy engine names it.
+    pub fn engine_protocol(&self) -> &'static str {
+        match self.protocol {
+            TrafficProtocol::Tcp => "TCP",
+            TrafficProtocol::Udp | TrafficProtocol::Dns => "UDP",
+        }
+    }
 }
 
 fn policy_names(v: &Value) -> Vec<String> {
@@ -642,6 +663,8 @@ pub fn check(scenario: &Scenario, bins: &Binaries, workdir: &Path) -> Result<Rep
         a.stop();
     }
     explained_drops(&run, &mut report);
+    let expected: Vec<FlowExpectation> = phases.iter().flat_map(|p| p.flows.clone()).collect();
+    no_unexpected_not_enforced(&run, &expected, &mut report);
     Ok(report)
 }
 
@@ -654,17 +677,10 @@ fn probe_all(run: &ScenarioRun, traffic: &[Traffic], phase: &str, report: &mut R
     for (t, r) in traffic.iter().zip(results) {
         let r = r?;
         report.check(t.expect.matches(r.outcome), || {
-            format!("[{phase}] {}: expected {:?}, the client saw {:?} ({})", traffic_label(t), t.expect, r.outcome, r.detail)
+            format!("[{phase}] {}: expected {:?}, the client saw {:?} ({})", t.label(), t.expect, r.outcome, r.detail)
         });
     }
     Ok(())
-}
-
-fn engine_protocol(t: &Traffic) -> &'static str {
-    match t.protocol {
-        TrafficProtocol::Tcp => "TCP",
-        TrafficProtocol::Udp | TrafficProtocol::Dns => "UDP",
-    }
 }
 
 /// Every probe the engine denies was stopped; every probe it allows went
@@ -675,12 +691,12 @@ fn agreement(run: &ScenarioRun, traffic: &[Traffic], phase: &str, report: &mut R
         if backend.is_empty() {
             continue; // a service without ready endpoints: kube-proxy's refusal, not policy
         }
-        let (v, _) = run.explain(&t.from, &backend, port, engine_protocol(t), &["-o", "json"])?;
+        let (v, _) = run.explain(&t.from, &backend, port, t.engine_protocol(), &["-o", "json"])?;
         let denied = v["verdict"] == "DENIED";
         report.check(denied != t.expect.reached(), || {
             format!(
                 "[{phase}] enforcer and engine disagree on {} (backend {backend}:{port}): the engine says {}, the kernel's outcome was {:?}",
-                traffic_label(t),
+                t.label(),
                 v["verdict"],
                 t.expect
             )
@@ -808,6 +824,26 @@ fn explained_drops(run: &ScenarioRun, report: &mut Report) {
     }
 }
 
+/// A POLICY_NOT_ENFORCED record is a security finding: one the scenario
+/// does not expect is a false alarm (or a real hole in the lab's enforcer).
+fn no_unexpected_not_enforced(run: &ScenarioRun, expected: &[FlowExpectation], report: &mut Report) {
+    for a in &run.agents {
+        for f in a.records().into_iter().filter(|f| f["verdict"] == "POLICY_NOT_ENFORCED") {
+            let from = format!("{}/{}", f["source"]["namespace"].as_str().unwrap_or(""), f["source"]["pod_name"].as_str().unwrap_or(""));
+            let wanted = expected.iter().any(|e| e.verdict == "POLICY_NOT_ENFORCED" && e.from == from);
+            report.check(wanted, || {
+                format!(
+                    "unexpected POLICY_NOT_ENFORCED on {}: {from} -> {} {}: {}",
+                    a.node,
+                    f["IP"]["destination"],
+                    f["l4"],
+                    f["explanation"]
+                )
+            });
+        }
+    }
+}
+
 /// Apply `netwatch explain --suggest`'s policies for the fixable traffic:
 /// exactly those flows open, nothing else changes.
 fn check_fix(run: &mut ScenarioRun, fixable: &[Traffic], traffic: &[Traffic], report: &mut Report) -> Result<(), ScenarioError> {
@@ -819,7 +855,7 @@ fn check_fix(run: &mut ScenarioRun, fixable: &[Traffic], traffic: &[Traffic], re
             ports.push(port);
         }
         if t.fix {
-            fixed_pairs.push((t.from.clone(), backend, port, engine_protocol(t)));
+            fixed_pairs.push((t.from.clone(), backend, port, t.engine_protocol()));
         }
     }
     let ports_arg = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
@@ -828,7 +864,7 @@ fn check_fix(run: &mut ScenarioRun, fixable: &[Traffic], traffic: &[Traffic], re
     std::fs::create_dir_all(&fix_dir).map_err(|source| ScenarioError::Read { path: fix_dir.display().to_string(), source })?;
     for (i, t) in fixable.iter().enumerate() {
         let (_, _, backend, port) = run.target(t)?;
-        let (_, yaml) = run.explain(&t.from, &backend, port, engine_protocol(t), &["--suggest"])?;
+        let (_, yaml) = run.explain(&t.from, &backend, port, t.engine_protocol(), &["--suggest"])?;
         std::fs::write(fix_dir.join(format!("fix-{i}.yaml")), yaml)
             .map_err(|source| ScenarioError::Read { path: fix_dir.display().to_string(), source })?;
     }

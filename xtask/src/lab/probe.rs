@@ -113,6 +113,21 @@ fn udp_exchange(to: SocketAddr, timeout_ms: u64, payload: &[u8]) -> (Outcome, u3
     }
 }
 
+/// A plain HTTP/1.0 GET of `http://host:port/path`; the body.
+pub fn http_get(url: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let bad = || std::io::Error::new(ErrorKind::InvalidInput, format!("{url}: expected http://host:port/path"));
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let addr: SocketAddr = host.parse().map_err(|_| bad())?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(resp))
+}
+
 /// A DNS query for `probe.netwatch.lab` A.
 pub fn dns_query(id: u16) -> Vec<u8> {
     let mut q = Vec::with_capacity(40);
