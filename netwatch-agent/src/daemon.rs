@@ -143,8 +143,10 @@ fn client_key(r: &FlowRecord) -> Option<FlowKey> {
 /// Run until stopped. Capture starts before anything else is ready.
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let patterns = InterfacePatterns::new(&config.interfaces)?;
-    let mut outputs = Exporters::start(&config.export).await?;
+    // The kernel side first: it is what needs privileges, so a missing
+    // capability is the first thing an operator hears about.
     let (mut capture, maps) = KernelCapture::load(&config.capture)?;
+    let mut outputs = Exporters::start(&config.export).await?;
     let (mut tables, ring) = KernelTables::new(maps);
     let mut reader = EventReader::new(ring)?;
     let mut attacher = TcAttacher::new(patterns);

@@ -147,7 +147,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cgroup_root = match args.cgroup_root.as_deref() {
         Some("none") => None,
         Some(dir) => Some(PathBuf::from(dir)),
-        None => detect_cgroup2_root(),
+        None => {
+            let detected = detect_cgroup2_root();
+            if detected.is_some() && netwatch::capture::load::in_private_cgroup_namespace() {
+                tracing::warn!(
+                    "this process is at the root of a private cgroup namespace: the cgroup mount it sees \
+                     is its own, so socket capture would see only its own sockets; mount the node's \
+                     cgroup v2 root and pass --cgroup-root (the Helm chart does)"
+                );
+            }
+            detected
+        }
     };
     let identity = if !args.manifests.is_empty() {
         IdentitySource::Manifests(args.manifests)

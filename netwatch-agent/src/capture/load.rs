@@ -68,7 +68,8 @@ impl Default for CaptureConfig {
 pub enum LoadError {
     #[error(
         "loading eBPF programs failed: {0}. netwatch needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
-         (or root) and a kernel >= 5.8 with BPF enabled"
+         (or root; on kernels 5.8 to 5.10 also CAP_SYS_RESOURCE, for the memlock limit) and a kernel \
+         >= 5.8 with BPF enabled"
     )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF object has no {0}: the agent and its embedded programs do not match (rebuild)")]
@@ -359,6 +360,16 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (only matters on kernels < 5.11)");
     }
+}
+
+/// Whether this process sits at the root of its own cgroup namespace (as
+/// in a container with a private cgroup namespace): the cgroup mount it
+/// sees is then its own subtree, not the node's, and sock_ops attached there
+/// sees only this container's sockets.
+pub fn in_private_cgroup_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .map(|s| s.lines().any(|l| l.trim() == "0::/"))
+        .unwrap_or(false)
 }
 
 /// The cgroup v2 mount of this host: `/sys/fs/cgroup` on unified hosts,
