@@ -141,3 +141,21 @@ fn nothing_is_left_in_the_kernel_after_sigterm_or_sigkill() {
     let qdiscs = String::from_utf8(Command::new("ip").args(["-n", netns, "-j", "qdisc", "show"]).output().unwrap().stdout).unwrap();
     assert!(!qdiscs.contains("clsact"), "{qdiscs}");
 }
+
+#[test]
+fn inside_a_private_cgroup_namespace_the_guessed_cgroup_root_is_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    // The agent in its own cgroup namespace, as in a pod without the node's
+    // cgroup mount: what it would auto-detect is its own subtree.
+    let out = Command::new("unshare")
+        .arg("--cgroup")
+        .arg(target_binary("netwatch-agent"))
+        .args(["--duration", "1", "--metrics-addr", "none", "--interfaces", "nomatch*", "--api-socket"])
+        .arg(&socket)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("private cgroup namespace") && stderr.contains("--cgroup-root"), "{stderr}");
+}
