@@ -453,11 +453,10 @@ fn endpoint_name(ep: &Endpoint, ip: IpAddr) -> String {
     if !ep.pod_name.is_empty() {
         return format!("{}/{}", ep.namespace, ep.pod_name);
     }
-    let ip = match ip {
+    match ip {
         IpAddr::V6(v6) => format!("[{v6}]"),
         IpAddr::V4(v4) => v4.to_string(),
-    };
-    ip
+    }
 }
 
 fn reserved_suffix(ep: &Endpoint) -> String {
@@ -513,10 +512,8 @@ fn policies_text(r: &FlowRecord) -> String {
 fn ends(r: &FlowRecord) -> (String, String) {
     let ports = r.l4.ports();
     let mut src = endpoint_name(&r.source, r.ip.source);
-    if r.source.pod_name.is_empty() {
-        if let Some(p) = ports {
-            src.push_str(&format!(":{}", p.source_port));
-        }
+    if let Some(p) = ports.filter(|_| r.source.pod_name.is_empty()) {
+        src.push_str(&format!(":{}", p.source_port));
     }
     src.push_str(&reserved_suffix(&r.source));
     let mut dst = endpoint_name(&r.destination, r.ip.destination);

@@ -176,10 +176,12 @@ impl PodPattern {
         if ep.pod_name.is_empty() {
             return false;
         }
-        if let Some(ns) = &self.namespace {
-            if &ep.namespace != ns {
-                return false;
-            }
+        if self
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| *ns != ep.namespace)
+        {
+            return false;
         }
         ep.pod_name.starts_with(&self.name_prefix)
     }
@@ -320,7 +322,7 @@ impl EndpointMatch {
     }
 
     fn matches(&self, ep: &Endpoint, ip: IpAddr, port: Option<u16>) -> bool {
-        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| *n == ep.namespace))
+        (self.namespaces.is_empty() || self.namespaces.contains(&ep.namespace))
             && (self.pods.is_empty() || self.pods.iter().any(|p| p.matches(ep)))
             && (self.labels.is_empty() || self.labels.iter().any(|l| l.matches(ep)))
             && (self.ips.is_empty() || self.ips.iter().any(|n| n.contains(&ip)))

@@ -290,10 +290,8 @@ impl ObserveServer {
         config: &ApiConfig,
         hub: Arc<ObserveHub>,
     ) -> Result<ObserveServer, ServerError> {
-        if let Some(addr) = config.tcp {
-            if !addr.ip().is_loopback() {
-                return Err(ServerError::NotLoopback { addr });
-            }
+        if let Some(addr) = config.tcp.filter(|a| !a.ip().is_loopback()) {
+            return Err(ServerError::NotLoopback { addr });
         }
         let mut server = ObserveServer {
             socket: None,
