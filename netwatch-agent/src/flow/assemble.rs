@@ -113,6 +113,8 @@ pub struct FlowAssembler {
     /// SYN seen at the client's interface (to a service IP) and its drop in
     /// the node's firewall (to the backend) meet here.
     by_client: HashMap<ClientEnd, FlowKey>,
+    /// Flows created by the signal being handled, whose first record is due.
+    fresh: Vec<FlowKey>,
     /// cgroups of connecting sockets seen before any other signal of their flow.
     socket_cgroups: HashMap<FlowKey, (u64, SystemTime)>,
     /// Flows finalised early because `max_flows` was reached.
@@ -133,6 +135,7 @@ impl FlowAssembler {
             config,
             flows: HashMap::new(),
             by_client: HashMap::new(),
+            fresh: Vec::new(),
             socket_cgroups: HashMap::new(),
             evicted: 0,
         }
@@ -252,13 +255,9 @@ impl FlowAssembler {
             // Completed handshakes are for policy attribution, not denied flows.
             Signal::Kernel(KernelEvent::Established { .. }) => {}
         }
-        // Emit first records immediately.
-        let keys: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.dirty && f.last_emitted == SystemTime::UNIX_EPOCH)
-            .map(|(k, _)| *k)
-            .collect();
+        // Emit first records immediately: only flows this signal created, so
+        // the cost per signal does not grow with the number of active flows.
+        let keys = std::mem::take(&mut self.fresh);
         for k in keys {
             if let Some(cg) = self.socket_cgroups.remove(&k) {
                 if let Some(f) = self.flows.get_mut(&k) {
@@ -372,7 +371,11 @@ impl FlowAssembler {
     }
 
     fn flow_for(&mut self, key: FlowKey, verdict: Verdict, time: SystemTime) -> &mut ActiveFlow {
-        self.flows.entry(key).or_insert_with(|| new_flow(key, verdict, time))
+        let fresh = &mut self.fresh;
+        self.flows.entry(key).or_insert_with(|| {
+            fresh.push(key);
+            new_flow(key, verdict, time)
+        })
     }
 }
 

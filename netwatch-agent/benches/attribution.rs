@@ -1,0 +1,144 @@
+//! Resolution plus attribution per new flow, at cluster scale: 10,000 pods
+//! and 2,000 NetworkPolicies (50 namespaces of 200 pods and 40 policies),
+//! what the agent does for every record it emits.
+//!
+//! `cargo bench -p netwatch-agent --bench attribution`
+
+use std::{
+    hint::black_box,
+    time::{Duration, SystemTime},
+};
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use netwatch::{
+    attribution::{Attribution, AttributionConfig},
+    capture::{events::KernelEvent, reasons::DropReasons},
+    cluster::ClusterSnapshot,
+    flow::{
+        assemble::{AssemblerConfig, FlowAssembler, Signal},
+        record::FlowRecord,
+    },
+    manifests,
+};
+use netwatch_common::{FlowKey, IP_V4, IPPROTO_TCP, tcp_flags};
+
+#[path = "support/heap.rs"]
+mod heap;
+use heap::live_bytes;
+
+const NAMESPACES: usize = 50;
+const PODS_PER_NAMESPACE: usize = 200;
+const POLICIES_PER_NAMESPACE: usize = 40;
+const APPS: usize = 20;
+
+fn pod_ip(ns: usize, i: usize) -> [u8; 4] {
+    [10, ns as u8, (i / 250) as u8, (i % 250 + 1) as u8]
+}
+
+/// The cluster as manifest text, loaded by the real loader.
+fn cluster() -> ClusterSnapshot {
+    let mut docs = Vec::new();
+    for n in 0..NAMESPACES {
+        docs.push(format!(
+            r#"{{"apiVersion":"v1","kind":"Namespace","metadata":{{"name":"ns-{n}","labels":{{"team":"t{}"}}}}}}"#,
+            n % 10
+        ));
+        for i in 0..PODS_PER_NAMESPACE {
+            let [a, b, c, d] = pod_ip(n, i);
+            docs.push(format!(
+                r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"app-{app}-{i}","namespace":"ns-{n}","uid":"u-{n}-{i}","labels":{{"app":"app-{app}","tier":"t{tier}"}}}},"spec":{{"nodeName":"node-{node}","containers":[{{"name":"c","ports":[{{"name":"http","containerPort":8080}}]}}]}},"status":{{"phase":"Running","podIP":"{a}.{b}.{c}.{d}","conditions":[{{"type":"Ready","status":"True"}}]}}}}"#,
+                app = i % APPS,
+                tier = i % 3,
+                node = i % 100,
+            ));
+        }
+        docs.push(format!(
+            r#"{{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{{"name":"default-deny","namespace":"ns-{n}"}},"spec":{{"podSelector":{{}},"policyTypes":["Ingress","Egress"]}}}}"#
+        ));
+        for p in 1..POLICIES_PER_NAMESPACE {
+            let app = p % APPS;
+            let from = (p + 1) % APPS;
+            docs.push(format!(
+                r#"{{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{{"name":"allow-{p}","namespace":"ns-{n}"}},"spec":{{"podSelector":{{"matchLabels":{{"app":"app-{app}"}}}},"ingress":[{{"from":[{{"podSelector":{{"matchLabels":{{"app":"app-{from}"}}}}}},{{"namespaceSelector":{{"matchLabels":{{"team":"t{t}"}}}},"podSelector":{{"matchExpressions":[{{"key":"tier","operator":"In","values":["t1","t2"]}}]}}}}],"ports":[{{"port":"http"}},{{"port":9000,"endPort":9100}}]}}],"egress":[{{"to":[{{"ipBlock":{{"cidr":"10.0.0.0/8","except":["10.{n}.0.0/16"]}}}}],"ports":[{{"port":443}}]}}]}}}}"#,
+                t = p % 10,
+            ));
+        }
+    }
+    manifests::load_str("synthetic.json", &format!("{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}", docs.join(",")))
+        .expect("synthetic manifests")
+}
+
+/// A DROPPED record from pod (ns, i) to pod (ns2, j):8080, as the assembler
+/// makes it.
+fn record(reasons: &DropReasons, from: (usize, usize), to: (usize, usize), sport: u16) -> FlowRecord {
+    // A fresh assembler: records of one client port would be one connection.
+    let mut assembler = FlowAssembler::new(AssemblerConfig::default());
+    let mut k = FlowKey { src_port: sport, dst_port: 8080, proto: IPPROTO_TCP, ip_version: IP_V4, ..FlowKey::default() };
+    k.src_addr[..4].copy_from_slice(&pod_ip(from.0, from.1));
+    k.dst_addr[..4].copy_from_slice(&pod_ip(to.0, to.1));
+    let now = SystemTime::now();
+    let drop = KernelEvent::Drop { time: now, flow: k, reason: 12, ifindex: 3, netns: 1, bytes: 60, tcp_flags: tcp_flags::SYN };
+    assembler.handle(Signal::Kernel(drop), now, reasons, &|_| None).pop().expect("a first record")
+}
+
+fn benches(c: &mut Criterion) {
+    let before = live_bytes();
+    let snapshot = cluster();
+    let with_snapshot = live_bytes();
+    let mut attribution = Attribution::new(AttributionConfig { node_name: "node-1".into(), ..AttributionConfig::default() });
+    let start = std::time::Instant::now();
+    attribution.update(&snapshot, true, SystemTime::now());
+    let build = start.elapsed();
+    let with_attribution = live_bytes();
+    let mib = |b: isize| b as f64 / 1048576.0;
+    eprintln!(
+        "heap: snapshot of {} pods and {} policies (as loaded from manifests) {:.1} MiB; identity cache + policy engine {:.1} MiB; one update {:.0} ms",
+        snapshot.pods.len(),
+        snapshot.network_policies.len(),
+        mib(with_snapshot - before),
+        mib(with_attribution - with_snapshot),
+        build.as_secs_f64() * 1000.0,
+    );
+
+    let reasons = DropReasons::from_pairs([(12, "SKB_DROP_REASON_NETFILTER_DROP".to_string())]);
+    let mut group = c.benchmark_group("attribution");
+    group.measurement_time(Duration::from_secs(5));
+
+    // Pairs of distinct identities (3,000 label sets, 9 million pairs): the
+    // verdict cache almost always misses.
+    let mut n = 0usize;
+    group.bench_function("enrich new flow, cold verdict cache (10k pods, 2k policies)", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                let from = (n % NAMESPACES, (n * 7) % PODS_PER_NAMESPACE);
+                let to = ((n / 3) % NAMESPACES, (n * 13) % PODS_PER_NAMESPACE);
+                record(&reasons, from, to, 10_000 + (n % 50_000) as u16)
+            },
+            |mut r| {
+                attribution.enrich(&mut r);
+                black_box(r)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // Replicas of the same workloads: the verdict comes from the cache.
+    let mut m = 0usize;
+    group.bench_function("enrich new flow, warm verdict cache (10k pods, 2k policies)", |b| {
+        b.iter_batched(
+            || {
+                m += 1;
+                record(&reasons, (1, (m * APPS) % PODS_PER_NAMESPACE), (2, (m * APPS + 1) % PODS_PER_NAMESPACE), 20_000 + (m % 40_000) as u16)
+            },
+            |mut r| {
+                attribution.enrich(&mut r);
+                black_box(r)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(attribution_benches, benches);
+criterion_main!(attribution_benches);
