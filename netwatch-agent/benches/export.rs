@@ -211,6 +211,20 @@ fn benches(c: &mut Criterion) {
             i += 1;
         })
     });
+    let quiet_dir = tempfile::tempdir().expect("tempdir");
+    let mut quiet = rt
+        .block_on(Exporters::start(&ExportConfig {
+            flow_log: FlowLogTarget::Off,
+            ..config(quiet_dir.path())
+        }))
+        .expect("exporters");
+    c.bench_function("publish, flow log off (metrics + observe ring)", |b| {
+        b.iter(|| {
+            quiet.publish(&records[i % records.len()]);
+            i += 1;
+        })
+    });
+    quiet.close();
     let hub = exporters.observe_hub().expect("observe on").clone();
     let _followers: Vec<_> = (0..4)
         .map(|_| {
