@@ -761,3 +761,26 @@ fn bad_exporter_flags_are_named_with_the_valid_values() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("--metrics-addr \"localhost\"") && e.contains(":9965"), "{e}");
 }
+
+#[test]
+fn an_unbindable_socket_or_port_turns_off_only_that_output() {
+    let lab = lab(LAB);
+    // Something else holds a port in the node's namespace.
+    let netns = lab.node("node-1").unwrap().netns.clone();
+    let squatter = std::thread::spawn(move || {
+        enter_netns(&netns);
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    })
+    .join()
+    .unwrap();
+    let taken = squatter.local_addr().unwrap().to_string();
+    let mut agent = Agent::start(&lab, "node-1", 3, &["--metrics-addr", &taken, "--api-socket", "/proc/netwatch/netwatch.sock"]);
+    let log = agent.log();
+    assert!(log.contains(&format!("cannot listen for metrics on {taken}")) && log.contains("metrics are off (--metrics-addr)"), "{log}");
+    assert!(log.contains("cannot listen on /proc/netwatch/netwatch.sock") && log.contains("--api-socket"), "{log}");
+    // Capture and the flow log go on.
+    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2))).unwrap();
+    assert_eq!(r.outcome, Outcome::Refused);
+    agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 7777));
+    agent.stop();
+}
