@@ -307,6 +307,12 @@ fn observe_shows_the_last_flows_filtered_by_the_agent() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().next().unwrap().starts_with("TIME") && text.contains("NETFILTER_DROP"), "{text}");
 
+    // On a terminal (a pty from script(1)), the verdict is coloured.
+    let cmd = format!("{} observe --server {} --to-port 8080", target_binary("netwatch").display(), a.socket.display());
+    let out = Command::new("script").args(["-qec", &cmd, "/dev/null"]).env_remove("NO_COLOR").output().expect("script(1)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\x1b[31mDROPPED\x1b[0m (NETFILTER_DROP)"), "{text:?}");
+
     // Bad input: a clear error naming the flag and the valid values.
     let out = a.observe(&["--verdict", "FORWARDED"]);
     assert_eq!(out.status.code(), Some(2));
