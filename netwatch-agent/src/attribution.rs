@@ -340,12 +340,13 @@ fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
         .collect();
     if v.verdict == policy::Verdict::Denied {
         r.explanation = Some(v.sentence());
-        // The side whose policy denies: the destination's ingress first, as
-        // it is where most default-deny outages bite.
-        if v.ingress.verdict == policy::Verdict::Denied {
-            r.traffic_direction = "INGRESS".into();
-        } else {
+        // The side whose policy stops the packet: a CNI checks the source's
+        // egress before the destination's ingress, so when both deny the
+        // drop happens at egress.
+        if v.egress.verdict == policy::Verdict::Denied {
             r.traffic_direction = "EGRESS".into();
+        } else {
+            r.traffic_direction = "INGRESS".into();
         }
     } else if r.verdict == Verdict::Dropped {
         r.explanation = Some(NOT_EXPLAINED.into());

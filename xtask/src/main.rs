@@ -62,7 +62,8 @@ enum Task {
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
-        /// Scenario file (YAML: nodes, pods, nftables rules).
+        /// A scenario folder (scenarios/NAME: its policies enforced, an agent
+        /// per node), or a lab spec file (YAML: nodes, pods, nftables rules).
         scenario: Option<PathBuf>,
         /// Tear down after this many seconds instead of waiting for Ctrl-C.
         #[arg(long)]
@@ -140,8 +141,11 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
         return Ok(());
     }
     let Some(path) = scenario else {
-        bail!("give a scenario file: cargo xtask lab SCENARIO.yaml (or --cleanup)");
+        bail!("give a scenario: cargo xtask lab scenarios/NAME (or a lab spec file; or --cleanup)");
     };
+    if path.join("scenario.yaml").exists() {
+        return run_scenario_lab(&path, duration);
+    }
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let spec: LabSpec =
         serde_yaml::from_str(&text).with_context(|| format!("{}: not a lab scenario", path.display()))?;
@@ -161,6 +165,47 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(lab);
+    eprintln!("lab: torn down");
+    Ok(())
+}
+
+/// A scenario's lab with its policies enforced and an agent per node, up
+/// until Ctrl-C, for poking at by hand.
+fn run_scenario_lab(dir: &std::path::Path, duration: Option<u64>) -> Result<()> {
+    install_stop_handler();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if !std::process::Command::new(&cargo).args(["build", "-p", "netwatch-agent", "--bins"]).status()?.success() {
+        bail!("building netwatch failed");
+    }
+    let target = std::env::current_exe()?.parent().map(PathBuf::from).context("target directory")?;
+    let bins = xtask::scenario::Binaries {
+        helper: std::env::current_exe()?,
+        agent: target.join("netwatch-agent"),
+        netwatch: target.join("netwatch"),
+    };
+    let scenario = xtask::scenario::Scenario::load(dir)?;
+    let work = std::env::temp_dir().join(format!("netwatch-lab-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let run = xtask::scenario::ScenarioRun::start(&scenario, &bins, &work, &[])?;
+    eprintln!("scenario {} is up (policies enforced, services proxied):", scenario.name);
+    for n in &run.lab.nodes {
+        eprintln!("  node {}: netns {}", n.name, n.netns);
+    }
+    for p in &run.lab.pods {
+        eprintln!("  pod {:<50} {:<15} netns {}", p.spec.id(), p.spec.ip, p.netns);
+    }
+    for a in &run.agents {
+        eprintln!("  agent on {}: flow log {}, log {}", a.node, a.flow_log.display(), a.log.display());
+        eprintln!("    netwatch observe --server {} -f", a.api_socket.display());
+    }
+    eprintln!("  manifests the agents read: {}", run.manifests_dir.display());
+    eprintln!("Try `ip netns exec <pod netns> nc -zv <ip> <port>`. Ctrl-C tears it down.");
+    let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
+    while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(run);
+    let _ = std::fs::remove_dir_all(&work);
     eprintln!("lab: torn down");
     Ok(())
 }

@@ -216,6 +216,9 @@ pub struct FlowExpectation {
     pub ingress_denied_by: Option<Vec<String>>,
     #[serde(default)]
     pub near_miss_contains: Option<String>,
+    /// `traffic_direction`: the side whose policy stopped it.
+    #[serde(default)]
+    pub direction: Option<String>,
     #[serde(default)]
     pub explanation: Option<String>,
     /// The agent that reports it (default: the first node).
@@ -789,6 +792,9 @@ fn check_flows(run: &ScenarioRun, flows: &[FlowExpectation], phase: &str, report
                 let got = policy_names(&f[field]);
                 report.check(got == want, || format!("{label}: {field} {got:?} (expected {want:?})"));
             }
+        }
+        if let Some(d) = &e.direction {
+            report.check(f["traffic_direction"] == d.as_str(), || format!("{label}: traffic_direction {} (expected {d})", f["traffic_direction"]));
         }
         if let Some(needle) = &e.near_miss_contains {
             let misses = f["near_misses"].to_string();
