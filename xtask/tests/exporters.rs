@@ -790,3 +790,53 @@ fn an_unbindable_socket_or_port_turns_off_only_that_output() {
     agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 7777));
     agent.stop();
 }
+
+#[test]
+fn a_follower_that_stops_reading_loses_records_and_capture_goes_on() {
+    let lab = lab(LAB);
+    let a = ExportingAgent::start(&lab, &[]);
+    // A client that asks to follow everything, then reads nothing.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    stalled.write_all(b"{\"follow\": true}\n").unwrap();
+    wait_until(Duration::from_secs(5), "the follower is registered", || {
+        a.metric("netwatch_observer_clients", &[]).filter(|n| *n == 1.0)
+    });
+    // 2,000 DNS flows (2,000 source ports) to the resolver the node drops.
+    const FLOWS: usize = 2000;
+    let web = lab.pod("prod/web").unwrap().netns.clone();
+    std::thread::spawn(move || {
+        enter_netns(&web);
+        let query = xtask::lab::probe::dns_query(7);
+        let sockets: Vec<std::net::UdpSocket> = (0..FLOWS).map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap()).collect();
+        for s in &sockets {
+            s.send_to(&query, "10.244.1.4:53").unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    // Every flow is counted although one client is stuck.
+    wait_until(Duration::from_secs(30), "all DNS flows counted", || {
+        (a.metric("netwatch_denied_flows_total", &[("destination_port", "53")]) == Some(FLOWS as f64)).then_some(())
+    });
+    let dropped = wait_until(Duration::from_secs(30), "records dropped to the stalled client", || {
+        a.metric("netwatch_observer_dropped_records_total", &[]).filter(|n| *n > 0.0)
+    });
+    assert_eq!(a.metric("netwatch_lost_events_total", &[]), Some(0.0));
+    wait_until(Duration::from_secs(30), "the flow log has every flow", || {
+        (uuids(&records(&a.agent.lines(), to("10.244.1.4", 53))).len() == FLOWS).then_some(())
+    });
+    assert_eq!(a.metric("netwatch_flow_log_dropped_records_total", &[]), Some(0.0));
+    // When the client reads again, it is told how many it lost.
+    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut told = None;
+    for line in BufReader::new(&stalled).lines() {
+        let Ok(line) = line else { break };
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if let Some(n) = v["lost_records"].as_u64() {
+            told = Some(n);
+            break;
+        }
+    }
+    let told = told.expect("a lost_records line");
+    assert!(told as f64 >= dropped, "told {told}, the agent counted {dropped}");
+}
