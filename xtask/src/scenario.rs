@@ -803,6 +803,74 @@ fn check_flows(run: &ScenarioRun, flows: &[FlowExpectation], phase: &str, report
         if let Some(x) = &e.explanation {
             report.check(f["explanation"] == x.as_str(), || format!("{label}: explanation {} (expected {x:?})", f["explanation"]));
         }
+        check_observe(run, agent, e, f, &label, report)?;
+        check_metrics(run, &node, e, f, &label, report)?;
+    }
+    Ok(())
+}
+
+/// On-call's view: `netwatch observe` with the filters they would type finds
+/// the flow.
+fn check_observe(run: &ScenarioRun, agent: &NodeAgent, e: &FlowExpectation, f: &Value, label: &str, report: &mut Report) -> Result<(), ScenarioError> {
+    let port = e.port.to_string();
+    let out = Command::new(&run.bins.netwatch)
+        .arg("observe")
+        .arg("--server")
+        .arg(&agent.api_socket)
+        .args(["-o", "json", "--last", "10000", "--verdict", &e.verdict, "--from-pod", &e.from, "--to-port", &port])
+        .output()
+        .map_err(|err| ScenarioError::Agent(format!("running netwatch observe: {err}")))?;
+    let uuid = f["uuid"].as_str().unwrap_or("");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let found = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|l| l["flow"]["uuid"] == uuid);
+    report.check(out.status.success() && found, || {
+        format!(
+            "{label}: `netwatch observe --verdict {} --from-pod {} --to-port {port}` does not show it ({}): {}",
+            e.verdict,
+            e.from,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Ok(())
+}
+
+/// The alerting view: the agent's metrics count the flow, and each denying
+/// policy.
+fn check_metrics(run: &ScenarioRun, node: &str, e: &FlowExpectation, f: &Value, label: &str, report: &mut Report) -> Result<(), ScenarioError> {
+    let out = run
+        .lab
+        .on_node(node, &run.bins.helper)?
+        .args(["lab-helper", "fetch", "http://127.0.0.1:9965/metrics"])
+        .output()
+        .map_err(|err| ScenarioError::Agent(format!("fetching metrics on {node}: {err}")))?;
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let (from_ns, _) = e.from.split_once('/').unwrap_or(("", ""));
+    let counted = |name: &str, labels: &[String]| {
+        metrics.lines().any(|l| {
+            l.starts_with(name)
+                && labels.iter().all(|want| l.contains(want.as_str()))
+                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 1.0)
+        })
+    };
+    let flow_labels = vec![format!("verdict=\"{}\"", e.verdict), format!("source_namespace=\"{from_ns}\"")];
+    report.check(counted("netwatch_denied_flows_total{", &flow_labels), || {
+        format!("{label}: netwatch_denied_flows_total has no series with {flow_labels:?} >= 1")
+    });
+    for (field, direction) in [("egress_denied_by", "egress"), ("ingress_denied_by", "ingress")] {
+        for p in f[field].as_array().into_iter().flatten() {
+            let want = vec![
+                format!("direction=\"{direction}\""),
+                format!("policy=\"{}\"", p["name"].as_str().unwrap_or("")),
+                format!("policy_namespace=\"{}\"", p["namespace"].as_str().unwrap_or("")),
+            ];
+            report.check(counted("netwatch_policy_denials_total{", &want), || {
+                format!("{label}: netwatch_policy_denials_total has no series with {want:?} >= 1")
+            });
+        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ fn run(name: &str) {
     let bins = Binaries { helper: helper(), agent: target_binary("netwatch-agent"), netwatch: target_binary("netwatch") };
     let work = tempfile::tempdir().expect("tempdir");
     let report = check(&scenario, &bins, work.path()).unwrap_or_else(|e| panic!("scenario {name} could not run: {e}"));
+    eprintln!("{report}");
     assert!(report.checks > 0, "scenario {name} checked nothing");
     assert!(report.is_clean(), "{report}");
 }
