@@ -803,17 +803,7 @@ fn a_follower_that_stops_reading_loses_records_and_capture_goes_on() {
     });
     // 2,000 DNS flows (2,000 source ports) to the resolver the node drops.
     const FLOWS: usize = 2000;
-    let web = lab.pod("prod/web").unwrap().netns.clone();
-    std::thread::spawn(move || {
-        enter_netns(&web);
-        let query = xtask::lab::probe::dns_query(7);
-        let sockets: Vec<std::net::UdpSocket> = (0..FLOWS).map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap()).collect();
-        for s in &sockets {
-            s.send_to(&query, "10.244.1.4:53").unwrap();
-        }
-    })
-    .join()
-    .unwrap();
+    dns_flows(&lab, FLOWS);
     // Every flow is counted although one client is stuck.
     wait_until(Duration::from_secs(30), "all DNS flows counted", || {
         (a.metric("netwatch_denied_flows_total", &[("destination_port", "53")]) == Some(FLOWS as f64)).then_some(())
@@ -839,4 +829,69 @@ fn a_follower_that_stops_reading_loses_records_and_capture_goes_on() {
     }
     let told = told.expect("a lost_records line");
     assert!(told as f64 >= dropped, "told {told}, the agent counted {dropped}");
+}
+
+/// A tmpfs mounted for the test; unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: usize) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "netwatch-test", dir.path().to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", self.dir.path().to_str().unwrap()]).status();
+    }
+}
+
+/// Send one DNS query from each of `n` source ports of the web pod to the
+/// resolver the node drops: `n` denied flows.
+fn dns_flows(lab: &Lab, n: usize) {
+    let web = lab.pod("prod/web").unwrap().netns.clone();
+    std::thread::spawn(move || {
+        enter_netns(&web);
+        let query = xtask::lab::probe::dns_query(7);
+        let sockets: Vec<std::net::UdpSocket> = (0..n).map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap()).collect();
+        for s in &sockets {
+            s.send_to(&query, "10.244.1.4:53").unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn a_full_disk_loses_flow_log_lines_counted_exactly_and_capture_goes_on() {
+    let lab = lab(LAB);
+    let disk = SmallDisk::mount(16 * 1024);
+    let path = disk.dir.path().join("flows.jsonl");
+    let a = ExportingAgent::start(&lab, &["--flow-log", path.to_str().unwrap()]);
+    const FLOWS: usize = 300;
+    dns_flows(&lab, FLOWS);
+    wait_until(Duration::from_secs(30), "all flows counted", || {
+        (a.metric("netwatch_denied_flows_total", &[("destination_port", "53")]) == Some(FLOWS as f64)).then_some(())
+    });
+    let dropped = wait_until(Duration::from_secs(10), "flow log losses counted", || {
+        a.metric("netwatch_flow_log_dropped_records_total", &[]).filter(|n| *n > 0.0)
+    });
+    assert!(a.metric("netwatch_flow_log_write_errors_total", &[]).unwrap() >= 1.0);
+    // Every line counted as written is whole in the file; the rest are counted as lost.
+    let text = fs::read(&path).unwrap();
+    let whole = text.iter().filter(|b| **b == b'\n').count() as f64;
+    let written = a.metric("netwatch_flow_log_records_total", &[]).unwrap();
+    assert_eq!(whole, written);
+    assert!(written + dropped >= FLOWS as f64, "every NEW record is either written or counted lost: {written} + {dropped}");
+    let log = a.agent.log();
+    assert_eq!(log.matches("No space left on device").count(), 1, "reported once: {log}");
 }
