@@ -517,9 +517,30 @@ fn prometheus_scrapes_the_agent_and_the_drop_alert_fires() {
     assert!(result.iter().any(|r| r["metric"]["destination_port"] == "8080"), "{q:#}");
     let up = prom.api("/api/v1/query?query=up%7Bjob%3D%22netwatch-agent%22%7D");
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up:#}");
+    // Every dashboard query is valid PromQL against this Prometheus, and the
+    // drop panels show the lab's drops.
+    let dash: Value = serde_json::from_str(&fs::read_to_string(deploy_dir().join("../grafana/netwatch-dashboard.json")).unwrap()).unwrap();
+    let mut with_data = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap().replace("$namespace", ".*").replace("$__rate_interval", "1m").replace("$__range", "5m");
+            let v = prom.api(&format!("/api/v1/query?query={}", percent_encode(&expr)));
+            assert_eq!(v["status"], "success", "{}: {expr}\n{v:#}", panel["title"]);
+            if !v["data"]["result"].as_array().unwrap().is_empty() {
+                with_data += 1;
+            }
+        }
+    }
+    assert!(with_data >= 4, "dashboard queries returning lab data: {with_data}");
     // The agent is ready, so the not-ready alert is not firing.
     let alerts = prom.api("/api/v1/alerts");
     assert!(!alerts["data"]["alerts"].as_array().unwrap().iter().any(|al| al["labels"]["alertname"] == "NetwatchAgentNotReady"), "{alerts:#}");
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 /// One short TCP probe to the dropped port from the web pod.
