@@ -31,7 +31,11 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     if opts.criterion {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         eprintln!("bench: cargo bench -p netwatch-agent");
-        if !Command::new(cargo).args(["bench", "-p", "netwatch-agent"]).status()?.success() {
+        if !Command::new(cargo)
+            .args(["bench", "-p", "netwatch-agent"])
+            .status()?
+            .success()
+        {
             bail!("cargo bench failed");
         }
     }
@@ -40,21 +44,37 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
 
 fn cargo_build_release() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    if !Command::new(cargo).args(["build", "--release", "-p", "netwatch-agent", "--bin", "netwatch-agent"]).status()?.success() {
+    if !Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "netwatch-agent",
+            "--bin",
+            "netwatch-agent",
+        ])
+        .status()?
+        .success()
+    {
         bail!("building the agent failed");
     }
     let meta = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
-    let target = v["target_directory"].as_str().context("cargo metadata: target_directory")?;
+    let target = v["target_directory"]
+        .as_str()
+        .context("cargo metadata: target_directory")?;
     Ok(Path::new(target).join("release/netwatch-agent"))
 }
 
 fn datapath(opts: &BenchOptions) -> Result<()> {
     let agent_bin = cargo_build_release()?;
     let spec = LabSpec {
-        nodes: vec![NodeSpec { name: "node-1".into(), ..NodeSpec::default() }],
+        nodes: vec![NodeSpec {
+            name: "node-1".into(),
+            ..NodeSpec::default()
+        }],
         pods: ["client", "server"]
             .iter()
             .enumerate()
@@ -87,7 +107,9 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
     let mut without = Vec::new();
     let mut with = Vec::new();
     let mut per_packet = Vec::new();
-    let _ = Command::new("sysctl").args(["-qw", "kernel.bpf_stats_enabled=1"]).status();
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=1"])
+        .status();
     // One warm-up run of each, not counted.
     for round in 0..=opts.runs {
         let a = throughput(&lab, opts.seconds)?;
@@ -100,7 +122,11 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
         if round == 0 {
             continue;
         }
-        eprintln!("bench: run {round}: without {:.2} Gbit/s, with {:.2} Gbit/s", a / 1e9, b / 1e9);
+        eprintln!(
+            "bench: run {round}: without {:.2} Gbit/s, with {:.2} Gbit/s",
+            a / 1e9,
+            b / 1e9
+        );
         without.push(a);
         with.push(b);
         if let (Some((t0, c0)), Some((t1, c1))) = (before, after) {
@@ -109,24 +135,178 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
             }
         }
     }
-    let _ = Command::new("sysctl").args(["-qw", "kernel.bpf_stats_enabled=0"]).status();
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=0"])
+        .status();
     drop(iperf_server);
+    let latencies = first_record_latency(&lab, &agent_bin, 30)?;
     drop(lab);
 
     let ratios: Vec<f64> = with.iter().zip(&without).map(|(w, wo)| w / wo).collect();
     let md = |v: &[f64]| median(v);
     println!("## Datapath overhead\n");
-    println!("Command: `cargo xtask bench --runs {} --seconds {}` (iperf3 TCP between two lab pods on one node, {} alternating pairs after one warm-up pair)\n", opts.runs, opts.seconds, opts.runs);
+    println!(
+        "Command: `cargo xtask bench --runs {} --seconds {}` (iperf3 TCP between two lab pods on one node, {} alternating pairs after one warm-up pair)\n",
+        opts.runs, opts.seconds, opts.runs
+    );
     println!("| figure | min | median | max |");
     println!("| --- | --- | --- | --- |");
-    println!("| without agent (Gbit/s) | {:.2} | {:.2} | {:.2} |", min(&without) / 1e9, md(&without) / 1e9, max(&without) / 1e9);
-    println!("| with agent (Gbit/s) | {:.2} | {:.2} | {:.2} |", min(&with) / 1e9, md(&with) / 1e9, max(&with) / 1e9);
-    println!("| with / without (pairwise) | {:.3} | {:.3} | {:.3} |", min(&ratios), md(&ratios), max(&ratios));
+    println!(
+        "| without agent (Gbit/s) | {:.2} | {:.2} | {:.2} |",
+        min(&without) / 1e9,
+        md(&without) / 1e9,
+        max(&without) / 1e9
+    );
+    println!(
+        "| with agent (Gbit/s) | {:.2} | {:.2} | {:.2} |",
+        min(&with) / 1e9,
+        md(&with) / 1e9,
+        max(&with) / 1e9
+    );
+    println!(
+        "| with / without (pairwise) | {:.3} | {:.3} | {:.3} |",
+        min(&ratios),
+        md(&ratios),
+        max(&ratios)
+    );
     if !per_packet.is_empty() {
-        println!("| TC classifier cost (ns per packet, kernel bpf_stats) | {:.0} | {:.0} | {:.0} |", min(&per_packet), md(&per_packet), max(&per_packet));
+        println!(
+            "| TC classifier cost (ns per packet, kernel bpf_stats) | {:.0} | {:.0} | {:.0} |",
+            min(&per_packet),
+            md(&per_packet),
+            max(&per_packet)
+        );
     }
     println!("\nTarget: median with/without >= 0.99.");
+    println!("\n## First-record latency\n");
+    println!(
+        "Command: `cargo xtask bench` (same run). One UDP datagram dropped by the lab node's nftables per flow, {} flows; time from the kernel's drop timestamp (the record's `first_seen`) to the record being readable in the flow log file.\n",
+        latencies.len()
+    );
+    println!("| figure | min | median | max |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| drop -> NEW record in the flow log (ms) | {:.1} | {:.1} | {:.1} |",
+        min(&latencies),
+        median(&latencies),
+        max(&latencies)
+    );
+    println!("\nTarget: the first record of a flow is out within 100 ms of its first drop.");
     Ok(())
+}
+
+/// Milliseconds from each flow's first drop (kernel time) to its first
+/// record in the flow log.
+fn first_record_latency(lab: &Lab, agent_bin: &Path, samples: usize) -> Result<Vec<f64>> {
+    lab.nft(
+        "node-1",
+        "table inet bench_drop {\n  chain f { type filter hook forward priority 0; udp dport 9999 drop; }\n}\n",
+    )?;
+    let dir = std::env::temp_dir().join(format!("netwatch-bench-latency-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let flow_log = dir.join("flows.jsonl");
+    let log = dir.join("agent.log");
+    let mut agent = Guard(
+        lab.on_node("node-1", agent_bin)?
+            .args([
+                "--node-name",
+                "node-1",
+                "--interfaces",
+                "cali*",
+                "--own-netns-only",
+                "--cgroup-root",
+                "none",
+                "--metrics-addr",
+                "none",
+            ])
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .arg("--flow-log")
+            .arg(&flow_log)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("attached TC classifiers")
+        .count()
+        < 2
+    {
+        if Instant::now() > deadline {
+            bail!("the agent did not attach within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = Vec::new();
+    let mut seen = 0;
+    for _ in 0..samples {
+        let probe = xtask::lab::Probe::udp("10.244.9.3:9999".parse()?, Duration::from_millis(50));
+        // The probe waits for an answer that never comes: send it from another
+        // thread so that the file is watched while it waits.
+        std::thread::scope(|s| -> Result<()> {
+            let sender = s.spawn(|| {
+                lab.probe("bench/client", &probe)
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            });
+            // Poll the file tightly for the next NEW record.
+            let until = Instant::now() + Duration::from_secs(5);
+            loop {
+                let text = std::fs::read_to_string(&flow_log).unwrap_or_default();
+                let news: Vec<serde_json::Value> = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|v| v["flow"]["lifecycle"] == "NEW")
+                    .collect();
+                if news.len() > seen {
+                    let now = std::time::SystemTime::now();
+                    for v in &news[seen..] {
+                        let first = v["flow"]["first_seen"].as_str().unwrap_or("");
+                        if let Some(t) = parse_rfc3339(first) {
+                            if let Ok(d) = now.duration_since(t) {
+                                out.push(d.as_secs_f64() * 1000.0);
+                            }
+                        }
+                    }
+                    seen = news.len();
+                    break;
+                }
+                if Instant::now() > until {
+                    bail!("no record for a dropped datagram within 5 s");
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("the probe thread panicked"))?
+        })?;
+    }
+    let _ = agent.0.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}
+
+/// `2026-11-22T13:17:08.559606911Z` as a SystemTime (UTC, the agent's format).
+fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs = days * 86400 + hh * 3600 + mm * 60 + ss;
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
 }
 
 struct Guard(Child);
@@ -142,7 +322,17 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(Guard, Vec<u32>)> {
     let log = std::env::temp_dir().join(format!("netwatch-bench-{}.log", std::process::id()));
     let child = lab
         .on_node("node-1", bin)?
-        .args(["--node-name", "node-1", "--interfaces", "cali*", "--own-netns-only", "--flow-log", "/dev/null", "--cgroup-root", "none"])
+        .args([
+            "--node-name",
+            "node-1",
+            "--interfaces",
+            "cali*",
+            "--own-netns-only",
+            "--flow-log",
+            "/dev/null",
+            "--cgroup-root",
+            "none",
+        ])
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
@@ -180,7 +370,10 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(Guard, Vec<u32>)> {
 fn prog_stats(ids: &[u32]) -> Option<(u64, u64)> {
     let mut total = (0, 0);
     for id in ids {
-        let out = Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "-j"]).output().ok()?;
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string(), "-j"])
+            .output()
+            .ok()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         // Absent until the program has run at least once.
         total.0 += v["run_time_ns"].as_u64().unwrap_or(0);
@@ -200,7 +393,12 @@ fn throughput(lab: &Lab, seconds: u64) -> Result<f64> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .with_context(|| format!("iperf3 reported no throughput: {}", String::from_utf8_lossy(&out.stdout)))
+        .with_context(|| {
+            format!(
+                "iperf3 reported no throughput: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -217,4 +415,26 @@ fn min(v: &[f64]) -> f64 {
 }
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_timestamps_parse_to_the_right_instant() {
+        let t = parse_rfc3339("2000-03-01T00:00:01.5Z").unwrap();
+        assert_eq!(
+            t.duration_since(std::time::UNIX_EPOCH).unwrap(),
+            Duration::from_millis(951_868_801_500)
+        );
+        let t = parse_rfc3339("2026-11-22T13:17:08.559606911Z").unwrap();
+        assert_eq!(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos(),
+            559_606_911
+        );
+        assert!(parse_rfc3339("yesterday").is_none());
+    }
 }

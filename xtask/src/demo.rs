@@ -37,26 +37,45 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let dir = root.join(&opts.scenario);
     if !dir.join("scenario.yaml").exists() {
-        let known: Vec<String> = xtask::scenario::discover(&root)?.into_iter().map(|s| s.name).collect();
-        bail!("no scenario {:?}; the scenarios are: {}", opts.scenario, known.join(", "));
+        let known: Vec<String> = xtask::scenario::discover(&root)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        bail!(
+            "no scenario {:?}; the scenarios are: {}",
+            opts.scenario,
+            known.join(", ")
+        );
     }
     let scenario = Scenario::load(&dir)?;
     let started = Instant::now();
     let total = opts.duration.map(Duration::from_secs);
-    let outage_for = total.map(|t| (t / 3).clamp(Duration::from_secs(6), Duration::from_secs(30))).unwrap_or(Duration::from_secs(20));
+    let outage_for = total
+        .map(|t| (t / 3).clamp(Duration::from_secs(6), Duration::from_secs(30)))
+        .unwrap_or(Duration::from_secs(20));
 
     say(&format!("netwatch demo: scenario {}", scenario.name));
     println!("{}\n", scenario.spec.description.trim());
     let work = tempdir()?;
-    let mut run = ScenarioRun::start(&scenario, &bins, &work, &[]).context("bringing up the scenario's lab")?;
+    let mut run = ScenarioRun::start(&scenario, &bins, &work, &[])
+        .context("bringing up the scenario's lab")?;
     for n in &run.lab.nodes {
-        println!("node {} (network namespace {}), agent running, metrics on 127.0.0.1:9965 inside it", n.name, n.netns);
+        println!(
+            "node {} (network namespace {}), agent running, metrics on 127.0.0.1:9965 inside it",
+            n.name, n.netns
+        );
     }
     for p in &run.lab.pods {
         println!("  pod {:<55} {}", p.spec.id(), p.spec.ip);
     }
-    let traffic = scenario.phases().into_iter().flat_map(|p| p.traffic).collect::<Vec<_>>();
-    let Some(agent) = run.agents.first() else { bail!("the scenario has no node") };
+    let traffic = scenario
+        .phases()
+        .into_iter()
+        .flat_map(|p| p.traffic)
+        .collect::<Vec<_>>();
+    let Some(agent) = run.agents.first() else {
+        bail!("the scenario has no node")
+    };
     let socket = agent.api_socket.clone();
     let node = agent.node.clone();
 
@@ -84,7 +103,10 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
             continue;
         }
         let proto = t.engine_protocol();
-        println!("$ netwatch explain --from {} --to {backend} --port {port} --protocol {proto}", t.from);
+        println!(
+            "$ netwatch explain --from {} --to {backend} --port {port} --protocol {proto}",
+            t.from
+        );
         let (_, text) = run.explain(&t.from, &backend, port, proto, &[])?;
         println!("{}", text.trim_end());
         println!();
@@ -98,12 +120,15 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     std::fs::create_dir_all(&fix_dir)?;
     for (i, t) in fixable.iter().enumerate() {
         let (_, _, backend, port) = run.target(t)?;
-        let (_, yaml) = run.explain(&t.from, &backend, port, t.engine_protocol(), &["--suggest"])?;
+        let (_, yaml) =
+            run.explain(&t.from, &backend, port, t.engine_protocol(), &["--suggest"])?;
         println!("{}", yaml.trim_end());
         std::fs::write(fix_dir.join(format!("fix-{i}.yaml")), &yaml)?;
     }
 
-    say(&format!("The metrics (`curl 127.0.0.1:9965/metrics` in {node}'s network namespace):"));
+    say(&format!(
+        "The metrics (`curl 127.0.0.1:9965/metrics` in {node}'s network namespace):"
+    ));
     let metrics = run
         .lab
         .on_node(&node, &bins.helper)?
@@ -111,7 +136,10 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
         .output()
         .context("fetching the agent's metrics")?;
     for line in String::from_utf8_lossy(&metrics.stdout).lines() {
-        if line.starts_with("netwatch_denied_flows_total") || line.starts_with("netwatch_policy_denials_total") || line.starts_with("netwatch_drops_total") {
+        if line.starts_with("netwatch_denied_flows_total")
+            || line.starts_with("netwatch_policy_denials_total")
+            || line.starts_with("netwatch_drops_total")
+        {
             println!("  {line}");
         }
     }
@@ -122,7 +150,10 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     say("Applying the suggested fix (as `kubectl apply` would). The tail from here on:");
     run.apply(&fix_dir)?;
     let before = count_denied(&run);
-    let after_for = total.map(|t| t.saturating_sub(started.elapsed()).max(Duration::from_secs(5)));
+    let after_for = total.map(|t| {
+        t.saturating_sub(started.elapsed())
+            .max(Duration::from_secs(5))
+    });
     outcomes.lock().map(|mut o| o.clear()).ok();
     let phase_stop = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
@@ -143,7 +174,11 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     let after = count_denied(&run).saturating_sub(before);
     let fixed_ok = outcomes
         .lock()
-        .map(|o| o.iter().filter(|(t, ok): &&(String, bool)| fixable.iter().any(|f| f.label() == *t) && *ok).count())
+        .map(|o| {
+            o.iter()
+                .filter(|(t, ok): &&(String, bool)| fixable.iter().any(|f| f.label() == *t) && *ok)
+                .count()
+        })
         .unwrap_or(0);
     say(&format!(
         "After the fix: {after} new denied flow(s); the fixed flows went through {fixed_ok} time(s). Cleaning up."
@@ -152,14 +187,23 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
 }
 
 /// Probe the traffic every second until told to stop.
-fn drive(run: &ScenarioRun, traffic: &[Traffic], phase_stop: &AtomicBool, stop: &AtomicBool, outcomes: &Mutex<Vec<(String, bool)>>) {
+fn drive(
+    run: &ScenarioRun,
+    traffic: &[Traffic],
+    phase_stop: &AtomicBool,
+    stop: &AtomicBool,
+    outcomes: &Mutex<Vec<(String, bool)>>,
+) {
     while !phase_stop.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         std::thread::scope(|s| {
             for t in traffic {
                 s.spawn(move || {
                     if let Ok(r) = run.probe(t) {
-                        let ok = matches!(r.outcome, xtask::lab::Outcome::Connected | xtask::lab::Outcome::Answered);
+                        let ok = matches!(
+                            r.outcome,
+                            xtask::lab::Outcome::Connected | xtask::lab::Outcome::Answered
+                        );
                         if let Ok(mut o) = outcomes.lock() {
                             o.push((t.label(), ok));
                         }
@@ -174,7 +218,15 @@ fn drive(run: &ScenarioRun, traffic: &[Traffic], phase_stop: &AtomicBool, stop: 
 }
 
 fn count_denied(run: &ScenarioRun) -> usize {
-    run.agents.iter().map(|a| a.records().iter().filter(|r| r["lifecycle"] == "NEW").count()).sum()
+    run.agents
+        .iter()
+        .map(|a| {
+            a.records()
+                .iter()
+                .filter(|r| r["lifecycle"] == "NEW")
+                .count()
+        })
+        .sum()
 }
 
 struct Guard(Child);
@@ -187,7 +239,11 @@ fn observe(netwatch: &Path, socket: &Path, with_history: bool) -> Result<Guard> 
     if !with_history {
         cmd.args(["--last", "0"]);
     }
-    let child = cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit()).spawn().context("running netwatch observe")?;
+    let child = cmd
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running netwatch observe")?;
     Ok(Guard(child))
 }
 
@@ -220,11 +276,26 @@ fn tempdir() -> Result<PathBuf> {
 fn build() -> Result<Binaries> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("demo: building netwatch-agent and netwatch");
-    if !Command::new(&cargo).args(["build", "-p", "netwatch-agent", "--bins"]).status()?.success() {
+    if !Command::new(&cargo)
+        .args(["build", "-p", "netwatch-agent", "--bins"])
+        .status()?
+        .success()
+    {
         bail!("building netwatch failed");
     }
-    let meta = Command::new(&cargo).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
+    let meta = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()?;
     let v: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
-    let target = PathBuf::from(v["target_directory"].as_str().context("cargo metadata: target_directory")?).join("debug");
-    Ok(Binaries { helper: std::env::current_exe()?, agent: target.join("netwatch-agent"), netwatch: target.join("netwatch") })
+    let target = PathBuf::from(
+        v["target_directory"]
+            .as_str()
+            .context("cargo metadata: target_directory")?,
+    )
+    .join("debug");
+    Ok(Binaries {
+        helper: std::env::current_exe()?,
+        agent: target.join("netwatch-agent"),
+        netwatch: target.join("netwatch"),
+    })
 }

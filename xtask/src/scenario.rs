@@ -237,12 +237,24 @@ pub struct Scenario {
 impl Scenario {
     pub fn load(dir: &Path) -> Result<Scenario, ScenarioError> {
         let path = dir.join("scenario.yaml");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
-        let spec: ScenarioSpec = serde_yaml::from_str(&text)
-            .map_err(|source| ScenarioError::Parse { path: path.display().to_string(), source })?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(Scenario { name, dir: dir.to_path_buf(), spec })
+        let text = std::fs::read_to_string(&path).map_err(|source| ScenarioError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let spec: ScenarioSpec =
+            serde_yaml::from_str(&text).map_err(|source| ScenarioError::Parse {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Scenario {
+            name,
+            dir: dir.to_path_buf(),
+            spec,
+        })
     }
 
     /// The phases to run: the explicit ones, or the top-level one.
@@ -260,7 +272,10 @@ impl Scenario {
     }
 
     fn invalid(&self, detail: impl Into<String>) -> ScenarioError {
-        ScenarioError::Invalid { scenario: self.name.clone(), detail: detail.into() }
+        ScenarioError::Invalid {
+            scenario: self.name.clone(),
+            detail: detail.into(),
+        }
     }
 }
 
@@ -338,10 +353,17 @@ pub struct ScenarioRun {
 impl ScenarioRun {
     /// Build the lab from the scenario's base manifests, enforce, start the
     /// agents. `agent_args` are added to every agent's command line.
-    pub fn start(scenario: &Scenario, bins: &Binaries, workdir: &Path, agent_args: &[String]) -> Result<ScenarioRun, ScenarioError> {
+    pub fn start(
+        scenario: &Scenario,
+        bins: &Binaries,
+        workdir: &Path,
+        agent_args: &[String],
+    ) -> Result<ScenarioRun, ScenarioError> {
         let manifests_dir = workdir.join("manifests");
-        std::fs::create_dir_all(&manifests_dir)
-            .map_err(|source| ScenarioError::Read { path: manifests_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&manifests_dir).map_err(|source| ScenarioError::Read {
+            path: manifests_dir.display().to_string(),
+            source,
+        })?;
         let mut manifests = Manifests::default();
         let mut copied = 0;
         for rel in &scenario.spec.manifests {
@@ -354,7 +376,10 @@ impl ScenarioRun {
         let mut enforcing = BTreeMap::new();
         for n in &scenario.spec.nodes {
             if !spec.nodes.iter().any(|s| s.name == n.name) {
-                spec.nodes.push(crate::lab::NodeSpec { name: n.name.clone(), ..Default::default() });
+                spec.nodes.push(crate::lab::NodeSpec {
+                    name: n.name.clone(),
+                    ..Default::default()
+                });
             }
             enforcing.insert(n.name.clone(), n.enforce);
         }
@@ -362,7 +387,8 @@ impl ScenarioRun {
             enforcing.entry(n.name.clone()).or_insert(true);
         }
         let lab = Lab::up(&spec, &bins.helper)?;
-        let cluster = LabCluster::new(manifests, lab.placements()).map_err(|e| ScenarioError::Enforce(e.to_string()))?;
+        let cluster = LabCluster::new(manifests, lab.placements())
+            .map_err(|e| ScenarioError::Enforce(e.to_string()))?;
         let mut run = ScenarioRun {
             scenario: scenario.clone(),
             lab,
@@ -385,29 +411,45 @@ impl ScenarioRun {
 
     /// (Re)load the enforcer's rules and the service proxy on every node.
     fn enforce(&mut self) -> Result<(), ScenarioError> {
-        self.lab.enforce(&self.cluster, &EnforceOptions::default()).map_err(|e| ScenarioError::Enforce(e.to_string()))?;
+        self.lab
+            .enforce(&self.cluster, &EnforceOptions::default())
+            .map_err(|e| ScenarioError::Enforce(e.to_string()))?;
         // Nodes whose CNI is "not running": no policy table at all.
         for (node, on) in &self.enforcing {
             if !on {
                 self.lab.nft(node, "delete table inet netwatch_policy\n")?;
             }
         }
-        self.lab.proxy_services(&self.cluster).map_err(|e| ScenarioError::Enforce(e.to_string()))?;
+        self.lab
+            .proxy_services(&self.cluster)
+            .map_err(|e| ScenarioError::Enforce(e.to_string()))?;
         Ok(())
     }
 
     fn start_agent(&self, node: &str, extra: &[String]) -> Result<NodeAgent, ScenarioError> {
         let dir = self.workdir.join(node);
-        std::fs::create_dir_all(&dir).map_err(|source| ScenarioError::Read { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| ScenarioError::Read {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let flow_log = dir.join("flows.jsonl");
         let log = dir.join("agent.log");
         let api_socket = dir.join("api.sock");
         let lab_node = self.lab.node(node)?;
-        let stderr = std::fs::File::create(&log).map_err(|source| ScenarioError::Read { path: log.display().to_string(), source })?;
+        let stderr = std::fs::File::create(&log).map_err(|source| ScenarioError::Read {
+            path: log.display().to_string(),
+            source,
+        })?;
         let child = self
             .lab
             .on_node(node, &self.bins.agent)?
-            .args(["--node-name", node, "--own-netns-only", "--interfaces", "cali*"])
+            .args([
+                "--node-name",
+                node,
+                "--own-netns-only",
+                "--interfaces",
+                "cali*",
+            ])
             .arg("--manifests")
             .arg(&self.manifests_dir)
             .arg("--flow-log")
@@ -416,28 +458,53 @@ impl ScenarioRun {
             .arg(&api_socket)
             .arg("--cgroup-root")
             .arg(&lab_node.cgroup_root)
-            .args(["--metrics-addr", "127.0.0.1:9965", "--connect-timeout", "1", "--update-interval", "1", "--idle-timeout", "3"])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:9965",
+                "--connect-timeout",
+                "1",
+                "--update-interval",
+                "1",
+                "--idle-timeout",
+                "3",
+            ])
             .args(extra)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .map_err(|e| ScenarioError::Agent(format!("starting netwatch-agent on {node}: {e}")))?;
-        let mut agent = NodeAgent { node: node.to_string(), child: Some(child), flow_log, log, api_socket };
-        let pods = self.lab.pods.iter().filter(|p| p.spec.node == node && !p.host_if.is_empty()).count();
+        let mut agent = NodeAgent {
+            node: node.to_string(),
+            child: Some(child),
+            flow_log,
+            log,
+            api_socket,
+        };
+        let pods = self
+            .lab
+            .pods
+            .iter()
+            .filter(|p| p.spec.node == node && !p.host_if.is_empty())
+            .count();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
-            if text.contains("capturing") && text.matches("attached TC classifiers").count() >= pods {
+            if text.contains("capturing") && text.matches("attached TC classifiers").count() >= pods
+            {
                 return Ok(agent);
             }
             if let Some(c) = agent.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    return Err(ScenarioError::Agent(format!("netwatch-agent on {node} exited ({status}):\n{text}")));
+                    return Err(ScenarioError::Agent(format!(
+                        "netwatch-agent on {node} exited ({status}):\n{text}"
+                    )));
                 }
             }
             if Instant::now() > deadline {
-                return Err(ScenarioError::Agent(format!("netwatch-agent on {node} not ready after 30 s:\n{text}")));
+                return Err(ScenarioError::Agent(format!(
+                    "netwatch-agent on {node} not ready after 30 s:\n{text}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -449,7 +516,8 @@ impl ScenarioRun {
         let mut manifests = self.cluster.manifests.clone();
         manifests.extend(Manifests::load(path)?);
         self.applied += copy_manifests(path, &self.manifests_dir, self.applied)?;
-        self.cluster = LabCluster::new(manifests, self.lab.placements()).map_err(|e| ScenarioError::Enforce(e.to_string()))?;
+        self.cluster = LabCluster::new(manifests, self.lab.placements())
+            .map_err(|e| ScenarioError::Enforce(e.to_string()))?;
         self.enforce()?;
         // The agents poll their manifests every second.
         std::thread::sleep(Duration::from_millis(2500));
@@ -463,32 +531,59 @@ impl ScenarioRun {
         let pod_ip = |id: &str| -> Result<IpAddr, ScenarioError> {
             self.cluster
                 .pod(id)
-                .and_then(|p| p.ips.iter().copied().find(|ip| ip.is_ipv4() == family_v4).or(p.ips.first().copied()))
-                .ok_or_else(|| self.scenario.invalid(format!("no pod {id} with an address in the manifests")))
+                .and_then(|p| {
+                    p.ips
+                        .iter()
+                        .copied()
+                        .find(|ip| ip.is_ipv4() == family_v4)
+                        .or(p.ips.first().copied())
+                })
+                .ok_or_else(|| {
+                    self.scenario
+                        .invalid(format!("no pod {id} with an address in the manifests"))
+                })
         };
         match (&t.to, &t.to_service, &t.to_ip) {
             (Some(pod), None, None) => Ok((pod_ip(pod)?, t.port, pod.clone(), t.port)),
             (None, None, Some(ip)) => Ok((*ip, t.port, ip.to_string(), t.port)),
             (None, Some(svc), None) => {
-                let frontends = crate::lab::services::frontends(&self.cluster).map_err(|e| ScenarioError::Enforce(e.to_string()))?;
+                let frontends = crate::lab::services::frontends(&self.cluster)
+                    .map_err(|e| ScenarioError::Enforce(e.to_string()))?;
                 let proto = match t.protocol {
                     TrafficProtocol::Tcp => "tcp",
                     TrafficProtocol::Udp | TrafficProtocol::Dns => "udp",
                 };
                 let f = frontends
                     .iter()
-                    .find(|f| f.service == *svc && f.port == t.port && f.protocol.nft() == proto && f.ip.is_ipv4())
-                    .ok_or_else(|| self.scenario.invalid(format!("service {svc} has no {proto} port {}", t.port)))?;
+                    .find(|f| {
+                        f.service == *svc
+                            && f.port == t.port
+                            && f.protocol.nft() == proto
+                            && f.ip.is_ipv4()
+                    })
+                    .ok_or_else(|| {
+                        self.scenario
+                            .invalid(format!("service {svc} has no {proto} port {}", t.port))
+                    })?;
                 // The policies judge the backend: a pod, or an address (the API server).
                 match f.endpoints.first() {
                     Some((ip, port)) => {
-                        let peer = self.cluster.pods.iter().find(|p| p.ips.contains(ip)).map(|p| p.id()).unwrap_or_else(|| ip.to_string());
+                        let peer = self
+                            .cluster
+                            .pods
+                            .iter()
+                            .find(|p| p.ips.contains(ip))
+                            .map(|p| p.id())
+                            .unwrap_or_else(|| ip.to_string());
                         Ok((f.ip, t.port, peer, *port))
                     }
                     None => Ok((f.ip, t.port, String::new(), 0)),
                 }
             }
-            _ => Err(self.scenario.invalid(format!("traffic from {}: give exactly one of to, to_service, to_ip", t.from))),
+            _ => Err(self.scenario.invalid(format!(
+                "traffic from {}: give exactly one of to, to_service, to_ip",
+                t.from
+            ))),
         }
     }
 
@@ -506,12 +601,28 @@ impl ScenarioRun {
     }
 
     /// `netwatch explain` on the current manifests, as JSON.
-    pub fn explain(&self, from: &str, to: &str, port: u16, protocol: &str, extra: &[&str]) -> Result<(Value, String), ScenarioError> {
+    pub fn explain(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: &str,
+        extra: &[&str],
+    ) -> Result<(Value, String), ScenarioError> {
         let out = Command::new(&self.bins.netwatch)
             .arg("explain")
             .arg("--manifests")
             .arg(&self.manifests_dir)
-            .args(["--from", from, "--to", to, "--port", &port.to_string(), "--protocol", protocol])
+            .args([
+                "--from",
+                from,
+                "--to",
+                to,
+                "--port",
+                &port.to_string(),
+                "--protocol",
+                protocol,
+            ])
             .args(extra)
             .output()
             .map_err(|e| ScenarioError::Agent(format!("running netwatch explain: {e}")))?;
@@ -532,7 +643,15 @@ impl ScenarioRun {
             .arg("explain")
             .arg("--manifests")
             .arg(&self.manifests_dir)
-            .args(["--matrix", "--ports", ports, "--protocols", protocols, "-o", "json"])
+            .args([
+                "--matrix",
+                "--ports",
+                ports,
+                "--protocols",
+                protocols,
+                "-o",
+                "json",
+            ])
             .output()
             .map_err(|e| ScenarioError::Agent(format!("running netwatch explain --matrix: {e}")))?;
         Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap_or_default())
@@ -550,9 +669,15 @@ fn copy_manifests(src: &Path, dst: &Path, start: usize) -> Result<usize, Scenari
     collect_files(src, &mut files);
     files.sort();
     for (i, f) in files.iter().enumerate() {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let to = dst.join(format!("{:03}-{name}", start + i));
-        std::fs::copy(f, &to).map_err(|source| ScenarioError::Read { path: f.display().to_string(), source })?;
+        std::fs::copy(f, &to).map_err(|source| ScenarioError::Read {
+            path: f.display().to_string(),
+            source,
+        })?;
     }
     Ok(files.len())
 }
@@ -564,7 +689,10 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) {
                 collect_files(&e.path(), out);
             }
         }
-    } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+    } else if matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    ) {
         out.push(p.to_path_buf());
     }
 }
@@ -592,7 +720,13 @@ impl Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "scenario {}: {} checks, {} failed", self.scenario, self.checks, self.failures.len())?;
+        writeln!(
+            f,
+            "scenario {}: {} checks, {} failed",
+            self.scenario,
+            self.checks,
+            self.failures.len()
+        )?;
         for x in &self.failures {
             writeln!(f, "  FAIL {x}")?;
         }
@@ -629,15 +763,32 @@ impl Traffic {
 fn policy_names(v: &Value) -> Vec<String> {
     let mut names: Vec<String> = v
         .as_array()
-        .map(|a| a.iter().map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or(""))).collect())
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p["namespace"].as_str().unwrap_or(""),
+                        p["name"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
 }
 
 /// Run a whole scenario and report every failed check.
-pub fn check(scenario: &Scenario, bins: &Binaries, workdir: &Path) -> Result<Report, ScenarioError> {
-    let mut report = Report { scenario: scenario.name.clone(), ..Report::default() };
+pub fn check(
+    scenario: &Scenario,
+    bins: &Binaries,
+    workdir: &Path,
+) -> Result<Report, ScenarioError> {
+    let mut report = Report {
+        scenario: scenario.name.clone(),
+        ..Report::default()
+    };
     let mut run = ScenarioRun::start(scenario, bins, workdir, &[])?;
     let phases = scenario.phases();
     let mut fixable = Vec::new();
@@ -672,15 +823,35 @@ pub fn check(scenario: &Scenario, bins: &Binaries, workdir: &Path) -> Result<Rep
 }
 
 /// Probe every traffic item (in parallel) and check its outcome.
-fn probe_all(run: &ScenarioRun, traffic: &[Traffic], phase: &str, report: &mut Report) -> Result<(), ScenarioError> {
+fn probe_all(
+    run: &ScenarioRun,
+    traffic: &[Traffic],
+    phase: &str,
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     let results: Vec<Result<ProbeResult, ScenarioError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = traffic.iter().map(|t| s.spawn(move || run.probe(t))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(ScenarioError::Agent("probe thread panicked".into())))).collect()
+        let handles: Vec<_> = traffic
+            .iter()
+            .map(|t| s.spawn(move || run.probe(t)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ScenarioError::Agent("probe thread panicked".into())))
+            })
+            .collect()
     });
     for (t, r) in traffic.iter().zip(results) {
         let r = r?;
         report.check(t.expect.matches(r.outcome), || {
-            format!("[{phase}] {}: expected {:?}, the client saw {:?} ({})", t.label(), t.expect, r.outcome, r.detail)
+            format!(
+                "[{phase}] {}: expected {:?}, the client saw {:?} ({})",
+                t.label(),
+                t.expect,
+                r.outcome,
+                r.detail
+            )
         });
     }
     Ok(())
@@ -688,13 +859,24 @@ fn probe_all(run: &ScenarioRun, traffic: &[Traffic], phase: &str, report: &mut R
 
 /// Every probe the engine denies was stopped; every probe it allows went
 /// through (unless a service had no ready endpoint to take it).
-fn agreement(run: &ScenarioRun, traffic: &[Traffic], phase: &str, report: &mut Report) -> Result<(), ScenarioError> {
+fn agreement(
+    run: &ScenarioRun,
+    traffic: &[Traffic],
+    phase: &str,
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     for t in traffic.iter().filter(|t| !t.not_enforced) {
         let (_, _, backend, port) = run.target(t)?;
         if backend.is_empty() {
             continue; // a service without ready endpoints: kube-proxy's refusal, not policy
         }
-        let (v, _) = run.explain(&t.from, &backend, port, t.engine_protocol(), &["-o", "json"])?;
+        let (v, _) = run.explain(
+            &t.from,
+            &backend,
+            port,
+            t.engine_protocol(),
+            &["-o", "json"],
+        )?;
         let denied = v["verdict"] == "DENIED";
         report.check(denied != t.expect.reached(), || {
             format!(
@@ -708,25 +890,49 @@ fn agreement(run: &ScenarioRun, traffic: &[Traffic], phase: &str, report: &mut R
     Ok(())
 }
 
-fn check_lint(run: &ScenarioRun, lint: &LintExpectation, phase: &str, report: &mut Report) -> Result<(), ScenarioError> {
+fn check_lint(
+    run: &ScenarioRun,
+    lint: &LintExpectation,
+    phase: &str,
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     let out = Command::new(&run.bins.netwatch)
         .arg("lint")
         .arg("--manifests")
         .arg(&run.manifests_dir)
         .output()
         .map_err(|e| ScenarioError::Agent(format!("running netwatch lint: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    report.check(out.status.code() == Some(1), || format!("[{phase}] netwatch lint should exit 1, exited {:?}:\n{text}", out.status.code()));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    report.check(out.status.code() == Some(1), || {
+        format!(
+            "[{phase}] netwatch lint should exit 1, exited {:?}:\n{text}",
+            out.status.code()
+        )
+    });
     for needle in &lint.findings_contain {
-        report.check(text.contains(needle.as_str()), || format!("[{phase}] netwatch lint does not mention {needle:?}:\n{text}"));
+        report.check(text.contains(needle.as_str()), || {
+            format!("[{phase}] netwatch lint does not mention {needle:?}:\n{text}")
+        });
     }
     Ok(())
 }
 
 /// Find the record a flow expectation describes in its node's flow log.
-fn check_flows(run: &ScenarioRun, flows: &[FlowExpectation], phase: &str, report: &mut Report) -> Result<(), ScenarioError> {
+fn check_flows(
+    run: &ScenarioRun,
+    flows: &[FlowExpectation],
+    phase: &str,
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     for e in flows {
-        let node = e.node.clone().unwrap_or_else(|| run.lab.nodes.first().map(|n| n.name.clone()).unwrap_or_default());
+        let node = e.node.clone().unwrap_or_else(|| {
+            run.lab
+                .nodes
+                .first()
+                .map(|n| n.name.clone())
+                .unwrap_or_default()
+        });
         let Some(agent) = run.agent(&node) else {
             report.check(false, || format!("[{phase}] no agent on node {node}"));
             continue;
@@ -738,70 +944,132 @@ fn check_flows(run: &ScenarioRun, flows: &[FlowExpectation], phase: &str, report
                 f["destination"]["namespace"] == ns && f["destination"]["pod_name"] == pod
             } else if let Some(svc) = &e.to_service {
                 let (ns, name) = svc.split_once('/').unwrap_or(("", svc));
-                f["destination"]["service"]["namespace"] == ns && f["destination"]["service"]["name"] == name
+                f["destination"]["service"]["namespace"] == ns
+                    && f["destination"]["service"]["name"] == name
             } else if let Some(ip) = e.to_ip {
                 f["IP"]["destination"] == ip.to_string().as_str()
             } else {
                 false
             }
         };
-        let port_of = |f: &Value| ["TCP", "UDP", "SCTP"].iter().find_map(|p| f["l4"][p]["destination_port"].as_u64());
+        let port_of = |f: &Value| {
+            ["TCP", "UDP", "SCTP"]
+                .iter()
+                .find_map(|p| f["l4"][p]["destination_port"].as_u64())
+        };
         let candidates: Vec<Value> = agent
             .records()
             .into_iter()
             .filter(|f| f["source"]["namespace"] == from_ns && f["source"]["pod_name"] == from_pod)
             .filter(|f| matches_to(f) && port_of(f) == Some(u64::from(e.port)))
             .filter(|f| f["verdict"] == e.verdict.as_str())
-            .filter(|f| e.protocol.as_ref().is_none_or(|p| f["l4"].get(p.as_str()).is_some()))
+            .filter(|f| {
+                e.protocol
+                    .as_ref()
+                    .is_none_or(|p| f["l4"].get(p.as_str()).is_some())
+            })
             .collect();
         let label = format!(
             "[{phase}] {} flow {} -> {}:{} on {node}",
             e.verdict,
             e.from,
-            e.to.clone().or(e.to_service.clone()).or(e.to_ip.map(|i| i.to_string())).unwrap_or_default(),
+            e.to.clone()
+                .or(e.to_service.clone())
+                .or(e.to_ip.map(|i| i.to_string()))
+                .unwrap_or_default(),
             e.port
         );
         let Some(f) = candidates.last() else {
             let seen: Vec<String> = agent
                 .records()
                 .iter()
-                .map(|f| format!("{} {}/{} -> {} {}/{} {}", f["verdict"], f["source"]["namespace"], f["source"]["pod_name"], f["IP"]["destination"], f["destination"]["namespace"], f["destination"]["pod_name"], f["l4"]))
+                .map(|f| {
+                    format!(
+                        "{} {}/{} -> {} {}/{} {}",
+                        f["verdict"],
+                        f["source"]["namespace"],
+                        f["source"]["pod_name"],
+                        f["IP"]["destination"],
+                        f["destination"]["namespace"],
+                        f["destination"]["pod_name"],
+                        f["l4"]
+                    )
+                })
                 .collect();
-            report.check(false, || format!("{label}: not reported; the agent reported:\n    {}", seen.join("\n    ")));
+            report.check(false, || {
+                format!(
+                    "{label}: not reported; the agent reported:\n    {}",
+                    seen.join("\n    ")
+                )
+            });
             continue;
         };
         if let Some(r) = &e.reason {
-            report.check(f["drop_reason_desc"] == r.as_str(), || format!("{label}: drop reason {} (expected {r})", f["drop_reason_desc"]));
+            report.check(f["drop_reason_desc"] == r.as_str(), || {
+                format!(
+                    "{label}: drop reason {} (expected {r})",
+                    f["drop_reason_desc"]
+                )
+            });
         }
         if let Some(r) = &e.refusal {
-            report.check(f["refusal"] == r.as_str(), || format!("{label}: refusal {} (expected {r})", f["refusal"]));
+            report.check(f["refusal"] == r.as_str(), || {
+                format!("{label}: refusal {} (expected {r})", f["refusal"])
+            });
         }
         if let Some(s) = &e.service {
-            let got = format!("{}/{}", f["destination"]["service"]["namespace"].as_str().unwrap_or(""), f["destination"]["service"]["name"].as_str().unwrap_or(""));
-            report.check(got == *s, || format!("{label}: service {got} (expected {s})"));
+            let got = format!(
+                "{}/{}",
+                f["destination"]["service"]["namespace"]
+                    .as_str()
+                    .unwrap_or(""),
+                f["destination"]["service"]["name"].as_str().unwrap_or("")
+            );
+            report.check(got == *s, || {
+                format!("{label}: service {got} (expected {s})")
+            });
         }
         if let Some(id) = &e.destination_identity {
-            let labels = f["destination"]["labels"].as_array().cloned().unwrap_or_default();
+            let labels = f["destination"]["labels"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             let want = format!("reserved:{id}");
-            report.check(labels.iter().any(|l| l == want.as_str()), || format!("{label}: destination labels {labels:?} lack {want}"));
+            report.check(labels.iter().any(|l| l == want.as_str()), || {
+                format!("{label}: destination labels {labels:?} lack {want}")
+            });
         }
-        for (field, want) in [("egress_denied_by", &e.egress_denied_by), ("ingress_denied_by", &e.ingress_denied_by)] {
+        for (field, want) in [
+            ("egress_denied_by", &e.egress_denied_by),
+            ("ingress_denied_by", &e.ingress_denied_by),
+        ] {
             if let Some(want) = want {
                 let mut want = want.clone();
                 want.sort();
                 let got = policy_names(&f[field]);
-                report.check(got == want, || format!("{label}: {field} {got:?} (expected {want:?})"));
+                report.check(got == want, || {
+                    format!("{label}: {field} {got:?} (expected {want:?})")
+                });
             }
         }
         if let Some(d) = &e.direction {
-            report.check(f["traffic_direction"] == d.as_str(), || format!("{label}: traffic_direction {} (expected {d})", f["traffic_direction"]));
+            report.check(f["traffic_direction"] == d.as_str(), || {
+                format!(
+                    "{label}: traffic_direction {} (expected {d})",
+                    f["traffic_direction"]
+                )
+            });
         }
         if let Some(needle) = &e.near_miss_contains {
             let misses = f["near_misses"].to_string();
-            report.check(misses.contains(needle.as_str()), || format!("{label}: no near miss mentions {needle:?}: {misses}"));
+            report.check(misses.contains(needle.as_str()), || {
+                format!("{label}: no near miss mentions {needle:?}: {misses}")
+            });
         }
         if let Some(x) = &e.explanation {
-            report.check(f["explanation"] == x.as_str(), || format!("{label}: explanation {} (expected {x:?})", f["explanation"]));
+            report.check(f["explanation"] == x.as_str(), || {
+                format!("{label}: explanation {} (expected {x:?})", f["explanation"])
+            });
         }
         check_observe(run, agent, e, f, &label, report)?;
         check_metrics(run, &node, e, f, &label, report)?;
@@ -811,13 +1079,31 @@ fn check_flows(run: &ScenarioRun, flows: &[FlowExpectation], phase: &str, report
 
 /// On-call's view: `netwatch observe` with the filters they would type finds
 /// the flow.
-fn check_observe(run: &ScenarioRun, agent: &NodeAgent, e: &FlowExpectation, f: &Value, label: &str, report: &mut Report) -> Result<(), ScenarioError> {
+fn check_observe(
+    run: &ScenarioRun,
+    agent: &NodeAgent,
+    e: &FlowExpectation,
+    f: &Value,
+    label: &str,
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     let port = e.port.to_string();
     let out = Command::new(&run.bins.netwatch)
         .arg("observe")
         .arg("--server")
         .arg(&agent.api_socket)
-        .args(["-o", "json", "--last", "10000", "--verdict", &e.verdict, "--from-pod", &e.from, "--to-port", &port])
+        .args([
+            "-o",
+            "json",
+            "--last",
+            "10000",
+            "--verdict",
+            &e.verdict,
+            "--from-pod",
+            &e.from,
+            "--to-port",
+            &port,
+        ])
         .output()
         .map_err(|err| ScenarioError::Agent(format!("running netwatch observe: {err}")))?;
     let uuid = f["uuid"].as_str().unwrap_or("");
@@ -840,7 +1126,14 @@ fn check_observe(run: &ScenarioRun, agent: &NodeAgent, e: &FlowExpectation, f: &
 
 /// The alerting view: the agent's metrics count the flow, and each denying
 /// policy.
-fn check_metrics(run: &ScenarioRun, node: &str, e: &FlowExpectation, f: &Value, label: &str, report: &mut Report) -> Result<(), ScenarioError> {
+fn check_metrics(
+    run: &ScenarioRun,
+    node: &str,
+    e: &FlowExpectation,
+    f: &Value,
+    label: &str,
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     let out = run
         .lab
         .on_node(node, &run.bins.helper)?
@@ -853,19 +1146,32 @@ fn check_metrics(run: &ScenarioRun, node: &str, e: &FlowExpectation, f: &Value, 
         metrics.lines().any(|l| {
             l.starts_with(name)
                 && labels.iter().all(|want| l.contains(want.as_str()))
-                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 1.0)
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v >= 1.0)
         })
     };
-    let flow_labels = vec![format!("verdict=\"{}\"", e.verdict), format!("source_namespace=\"{from_ns}\"")];
-    report.check(counted("netwatch_denied_flows_total{", &flow_labels), || {
-        format!("{label}: netwatch_denied_flows_total has no series with {flow_labels:?} >= 1")
-    });
-    for (field, direction) in [("egress_denied_by", "egress"), ("ingress_denied_by", "ingress")] {
+    let flow_labels = vec![
+        format!("verdict=\"{}\"", e.verdict),
+        format!("source_namespace=\"{from_ns}\""),
+    ];
+    report.check(
+        counted("netwatch_denied_flows_total{", &flow_labels),
+        || format!("{label}: netwatch_denied_flows_total has no series with {flow_labels:?} >= 1"),
+    );
+    for (field, direction) in [
+        ("egress_denied_by", "egress"),
+        ("ingress_denied_by", "ingress"),
+    ] {
         for p in f[field].as_array().into_iter().flatten() {
             let want = vec![
                 format!("direction=\"{direction}\""),
                 format!("policy=\"{}\"", p["name"].as_str().unwrap_or("")),
-                format!("policy_namespace=\"{}\"", p["namespace"].as_str().unwrap_or("")),
+                format!(
+                    "policy_namespace=\"{}\"",
+                    p["namespace"].as_str().unwrap_or("")
+                ),
             ];
             report.check(counted("netwatch_policy_denials_total{", &want), || {
                 format!("{label}: netwatch_policy_denials_total has no series with {want:?} >= 1")
@@ -879,8 +1185,12 @@ fn check_metrics(run: &ScenarioRun, node: &str, e: &FlowExpectation, f: &Value, 
 fn explained_drops(run: &ScenarioRun, report: &mut Report) {
     for a in &run.agents {
         for f in a.records() {
-            if f["verdict"] == "DROPPED" && f["drop_reason_desc"] == "NETFILTER_DROP" && f["unenriched"] != true {
-                let denied = f.get("egress_denied_by").is_some() || f.get("ingress_denied_by").is_some();
+            if f["verdict"] == "DROPPED"
+                && f["drop_reason_desc"] == "NETFILTER_DROP"
+                && f["unenriched"] != true
+            {
+                let denied =
+                    f.get("egress_denied_by").is_some() || f.get("ingress_denied_by").is_some();
                 report.check(denied, || {
                     format!(
                         "enforcer and engine disagree: {} dropped {}/{} -> {}/{} ({}) but the engine allows it: {}",
@@ -900,18 +1210,29 @@ fn explained_drops(run: &ScenarioRun, report: &mut Report) {
 
 /// A POLICY_NOT_ENFORCED record is a security finding: one the scenario
 /// does not expect is a false alarm (or a real hole in the lab's enforcer).
-fn no_unexpected_not_enforced(run: &ScenarioRun, expected: &[FlowExpectation], report: &mut Report) {
+fn no_unexpected_not_enforced(
+    run: &ScenarioRun,
+    expected: &[FlowExpectation],
+    report: &mut Report,
+) {
     for a in &run.agents {
-        for f in a.records().into_iter().filter(|f| f["verdict"] == "POLICY_NOT_ENFORCED") {
-            let from = format!("{}/{}", f["source"]["namespace"].as_str().unwrap_or(""), f["source"]["pod_name"].as_str().unwrap_or(""));
-            let wanted = expected.iter().any(|e| e.verdict == "POLICY_NOT_ENFORCED" && e.from == from);
+        for f in a
+            .records()
+            .into_iter()
+            .filter(|f| f["verdict"] == "POLICY_NOT_ENFORCED")
+        {
+            let from = format!(
+                "{}/{}",
+                f["source"]["namespace"].as_str().unwrap_or(""),
+                f["source"]["pod_name"].as_str().unwrap_or("")
+            );
+            let wanted = expected
+                .iter()
+                .any(|e| e.verdict == "POLICY_NOT_ENFORCED" && e.from == from);
             report.check(wanted, || {
                 format!(
                     "unexpected POLICY_NOT_ENFORCED on {}: {from} -> {} {}: {}",
-                    a.node,
-                    f["IP"]["destination"],
-                    f["l4"],
-                    f["explanation"]
+                    a.node, f["IP"]["destination"], f["l4"], f["explanation"]
                 )
             });
         }
@@ -920,7 +1241,12 @@ fn no_unexpected_not_enforced(run: &ScenarioRun, expected: &[FlowExpectation], r
 
 /// Apply `netwatch explain --suggest`'s policies for the fixable traffic:
 /// exactly those flows open, nothing else changes.
-fn check_fix(run: &mut ScenarioRun, fixable: &[Traffic], traffic: &[Traffic], report: &mut Report) -> Result<(), ScenarioError> {
+fn check_fix(
+    run: &mut ScenarioRun,
+    fixable: &[Traffic],
+    traffic: &[Traffic],
+    report: &mut Report,
+) -> Result<(), ScenarioError> {
     let mut ports: Vec<u16> = Vec::new();
     let mut fixed_pairs = Vec::new();
     for t in traffic {
@@ -932,35 +1258,68 @@ fn check_fix(run: &mut ScenarioRun, fixable: &[Traffic], traffic: &[Traffic], re
             fixed_pairs.push((t.from.clone(), backend, port, t.engine_protocol()));
         }
     }
-    let ports_arg = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let ports_arg = ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let before = run.matrix(&ports_arg, "TCP,UDP")?;
     let fix_dir = run.workdir.join("fix");
-    std::fs::create_dir_all(&fix_dir).map_err(|source| ScenarioError::Read { path: fix_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&fix_dir).map_err(|source| ScenarioError::Read {
+        path: fix_dir.display().to_string(),
+        source,
+    })?;
     for (i, t) in fixable.iter().enumerate() {
         let (_, _, backend, port) = run.target(t)?;
-        let (_, yaml) = run.explain(&t.from, &backend, port, t.engine_protocol(), &["--suggest"])?;
-        std::fs::write(fix_dir.join(format!("fix-{i}.yaml")), yaml)
-            .map_err(|source| ScenarioError::Read { path: fix_dir.display().to_string(), source })?;
+        let (_, yaml) =
+            run.explain(&t.from, &backend, port, t.engine_protocol(), &["--suggest"])?;
+        std::fs::write(fix_dir.join(format!("fix-{i}.yaml")), yaml).map_err(|source| {
+            ScenarioError::Read {
+                path: fix_dir.display().to_string(),
+                source,
+            }
+        })?;
     }
     run.apply(&fix_dir)?;
     let after = run.matrix(&ports_arg, "TCP,UDP")?;
-    let key = |e: &Value| (e["from"].to_string(), e["to"].to_string(), e["port"].to_string(), e["protocol"].to_string());
-    let before_map: BTreeMap<_, _> = before.iter().map(|e| (key(e), e["verdict"].clone())).collect();
+    let key = |e: &Value| {
+        (
+            e["from"].to_string(),
+            e["to"].to_string(),
+            e["port"].to_string(),
+            e["protocol"].to_string(),
+        )
+    };
+    let before_map: BTreeMap<_, _> = before
+        .iter()
+        .map(|e| (key(e), e["verdict"].clone()))
+        .collect();
     let mut changed = String::new();
     for e in &after {
         let k = key(e);
         let was = before_map.get(&k);
         if was != Some(&e["verdict"]) {
             let is_fixed = fixed_pairs.iter().any(|(f, b, p, proto)| {
-                e["from"] == f.as_str() && e["to"] == b.as_str() && e["port"] == *p && e["protocol"] == *proto
+                e["from"] == f.as_str()
+                    && e["to"] == b.as_str()
+                    && e["port"] == *p
+                    && e["protocol"] == *proto
             });
             if !is_fixed {
-                let _ = writeln!(changed, "    {} -> {} {}/{}: {:?} -> {}", e["from"], e["to"], e["port"], e["protocol"], was, e["verdict"]);
+                let _ = writeln!(
+                    changed,
+                    "    {} -> {} {}/{}: {:?} -> {}",
+                    e["from"], e["to"], e["port"], e["protocol"], was, e["verdict"]
+                );
             }
         }
     }
-    report.check(changed.is_empty(), || format!("[fix] the suggested policies changed other verdicts:\n{changed}"));
-    report.check(!after.is_empty(), || "[fix] netwatch explain --matrix printed nothing".into());
+    report.check(changed.is_empty(), || {
+        format!("[fix] the suggested policies changed other verdicts:\n{changed}")
+    });
+    report.check(!after.is_empty(), || {
+        "[fix] netwatch explain --matrix printed nothing".into()
+    });
     // The fixed traffic now goes through; the rest is as before.
     let expected: Vec<Traffic> = traffic
         .iter()
@@ -982,7 +1341,10 @@ fn check_fix(run: &mut ScenarioRun, fixable: &[Traffic], traffic: &[Traffic], re
 /// The scenarios under `dir` (each folder with a scenario.yaml), by name.
 pub fn discover(dir: &Path) -> Result<Vec<Scenario>, ScenarioError> {
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|source| ScenarioError::Read { path: dir.display().to_string(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| ScenarioError::Read {
+        path: dir.display().to_string(),
+        source,
+    })?;
     for e in entries.flatten() {
         if e.path().join("scenario.yaml").exists() {
             out.push(Scenario::load(&e.path())?);

@@ -10,7 +10,14 @@ use anyhow::{Context, Result, bail};
 
 /// Debian packages: the lab (iproute2, nftables), the benchmark (iperf3),
 /// diagnostics (bpftool), and the alerting tests (prometheus, promtool).
-pub const PACKAGES: &[&str] = &["iproute2", "nftables", "iperf3", "bpftool", "prometheus", "netcat-openbsd"];
+pub const PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "bpftool",
+    "prometheus",
+    "netcat-openbsd",
+];
 
 /// Where bpf-linker finds libLLVM. Its path is baked into the binary as an
 /// rpath, so it must be stable (not /tmp).
@@ -26,13 +33,19 @@ pub fn setup() -> Result<()> {
 }
 
 fn status(cmd: &mut Command) -> Result<bool> {
-    Ok(cmd.status().with_context(|| format!("running {cmd:?}"))?.success())
+    Ok(cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?
+        .success())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -55,7 +68,10 @@ fn packages() -> Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("setup must install {} and needs root: run it as root", missing.join(" "));
+        bail!(
+            "setup must install {} and needs root: run it as root",
+            missing.join(" ")
+        );
     }
     eprintln!("setup: installing {}", missing.join(" "));
     if !status(Command::new("apt-get").args(["update", "-q"]))? {
@@ -80,13 +96,25 @@ fn rust_src() -> Result<()> {
              --profile minimal --component rust-src)"
         );
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: nightly rust-src present");
         return Ok(());
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
-    if !status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))? {
+    if !status(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))? {
         bail!("rustup component add rust-src --toolchain nightly failed");
     }
     Ok(())
@@ -109,7 +137,8 @@ fn bpf_linker() -> Result<()> {
         .context("cannot tell the nightly toolchain's LLVM version")?
         .to_string();
     let prefix_lib = Path::new(LLVM_PREFIX).join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     let mut linked = false;
     for entry in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
         let entry = entry?;
@@ -125,9 +154,14 @@ fn bpf_linker() -> Result<()> {
         }
     }
     if !linked {
-        bail!("the nightly toolchain at {} ships no libLLVM", lib.display());
+        bail!(
+            "the nightly toolchain at {} ships no libLLVM",
+            lib.display()
+        );
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"
+    );
     let mut install = Command::new("cargo");
     install.env("LLVM_PREFIX", LLVM_PREFIX).args([
         "install",

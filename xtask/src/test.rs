@@ -13,7 +13,13 @@ pub fn test(extra: &[String]) -> Result<()> {
     }
     // The end-to-end tests run the agent binary: build it first.
     cargo(&["build", "--package", "netwatch-agent", "--bins"])?;
-    let mut args = vec!["test", "--workspace", "--exclude", "netwatch-ebpf", "--no-fail-fast"];
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "netwatch-ebpf",
+        "--no-fail-fast",
+    ];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)?;
     Ok(())

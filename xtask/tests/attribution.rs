@@ -155,17 +155,35 @@ spec:
 fn start(lab: &xtask::lab::Lab, dir: &tempfile::TempDir) -> Agent {
     let manifests = dir.path().join("cluster.yaml");
     std::fs::write(&manifests, MANIFESTS).unwrap();
-    Agent::start(lab, "node-1", 4, &["--manifests", manifests.to_str().unwrap()])
+    Agent::start(
+        lab,
+        "node-1",
+        4,
+        &["--manifests", manifests.to_str().unwrap()],
+    )
 }
 
 fn last_of<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> &'a Value {
-    records(lines, pred).into_iter().last().unwrap_or_else(|| panic!("no such record in {lines:#?}"))
+    records(lines, pred)
+        .into_iter()
+        .last()
+        .unwrap_or_else(|| panic!("no such record in {lines:#?}"))
 }
 
 fn names(policies: &Value) -> Vec<String> {
     policies
         .as_array()
-        .map(|a| a.iter().map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or(""))).collect())
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p["namespace"].as_str().unwrap_or(""),
+                        p["name"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -174,7 +192,12 @@ fn a_denied_flow_through_a_service_names_both_pods_workloads_the_service_and_the
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.96.0.20:80".parse().unwrap(), Duration::from_secs(3))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web-7f9c4-abcde",
+            &Probe::tcp("10.96.0.20:80".parse().unwrap(), Duration::from_secs(3)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
     let lines = agent.stop();
     let f = last_of(&lines, to("10.244.1.3", 8080));
@@ -183,17 +206,36 @@ fn a_denied_flow_through_a_service_names_both_pods_workloads_the_service_and_the
     assert_eq!(f["source"]["namespace"], "prod");
     assert_eq!(f["source"]["workloads"][0]["name"], "web");
     assert_eq!(f["source"]["workloads"][0]["kind"], "Deployment");
-    assert!(f["source"]["labels"].as_array().unwrap().iter().any(|l| l == "k8s:app=web"));
+    assert!(
+        f["source"]["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "k8s:app=web")
+    );
     assert_eq!(f["destination"]["pod_name"], "api-5d4e8-fghij");
     assert_eq!(f["destination"]["workloads"][0]["name"], "api");
-    assert_eq!(f["destination"]["service"]["name"], "api", "addressed through the service: {f:#}");
+    assert_eq!(
+        f["destination"]["service"]["name"], "api",
+        "addressed through the service: {f:#}"
+    );
     assert_eq!(f["original_destination"]["ip"], "10.96.0.20");
     assert_eq!(f["original_destination"]["port"], 80);
-    assert_eq!(names(&f["ingress_denied_by"]), vec!["prod/default-deny-all"]);
+    assert_eq!(
+        names(&f["ingress_denied_by"]),
+        vec!["prod/default-deny-all"]
+    );
     assert_eq!(f["traffic_direction"], "INGRESS");
     let why = f["explanation"].as_str().unwrap();
-    assert!(why.contains("prod/default-deny-all") && why.contains("prod/api-5d4e8-fghij"), "{why}");
-    assert_eq!(records(&lines, |r| r["IP"]["destination"] == "10.96.0.20").len(), 0, "one flow, not two");
+    assert!(
+        why.contains("prod/default-deny-all") && why.contains("prod/api-5d4e8-fghij"),
+        "{why}"
+    );
+    assert_eq!(
+        records(&lines, |r| r["IP"]["destination"] == "10.96.0.20").len(),
+        0,
+        "one flow, not two"
+    );
 }
 
 #[test]
@@ -201,14 +243,28 @@ fn a_drop_the_policies_allow_is_said_to_be_outside_networkpolicy() {
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web-7f9c4-abcde",
+            &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
     let lines = agent.stop();
     let f = last_of(&lines, to("10.244.1.5", 9090));
     assert_eq!(f["verdict"], "DROPPED");
-    assert_eq!(names(&f["ingress_allowed_by"]), vec!["prod/allow-metrics-scrape"]);
+    assert_eq!(
+        names(&f["ingress_allowed_by"]),
+        vec!["prod/allow-metrics-scrape"]
+    );
     assert!(f.get("ingress_denied_by").is_none());
-    assert!(f["explanation"].as_str().unwrap().starts_with("not explained by NetworkPolicy"), "{f:#}");
+    assert!(
+        f["explanation"]
+            .as_str()
+            .unwrap()
+            .starts_with("not explained by NetworkPolicy"),
+        "{f:#}"
+    );
 }
 
 #[test]
@@ -216,14 +272,25 @@ fn a_hostnetwork_pod_is_named_by_its_cgroup() {
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab.probe("monitoring/scraper", &Probe::tcp("10.244.1.4:5432".parse().unwrap(), Duration::from_secs(3))).unwrap();
+    let r = lab
+        .probe(
+            "monitoring/scraper",
+            &Probe::tcp("10.244.1.4:5432".parse().unwrap(), Duration::from_secs(3)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
     let lines = agent.stop();
     let f = last_of(&lines, to("10.244.1.4", 5432));
     assert_eq!(f["IP"]["source"], "100.64.1.2", "the node's address");
     let scraper = lab.pod("monitoring/scraper").unwrap();
-    assert_eq!(f["cgroup_id"].as_u64(), Some(std::fs::metadata(&scraper.cgroup).unwrap().ino()));
-    assert_eq!(f["source"]["pod_name"], "scraper", "named by its cgroup, not as the host: {f:#}");
+    assert_eq!(
+        f["cgroup_id"].as_u64(),
+        Some(std::fs::metadata(&scraper.cgroup).unwrap().ino())
+    );
+    assert_eq!(
+        f["source"]["pod_name"], "scraper",
+        "named by its cgroup, not as the host: {f:#}"
+    );
     assert_eq!(f["source"]["namespace"], "monitoring");
     assert_eq!(f["destination"]["pod_name"], "db-0");
     assert_eq!(f["destination"]["workloads"][0]["kind"], "StatefulSet");
@@ -235,8 +302,17 @@ fn an_established_connection_the_policies_deny_is_policy_not_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
     for _ in 0..3 {
-        let r = lab.probe("prod/api-5d4e8-fghij", &Probe::tcp("10.244.1.4:5432".parse().unwrap(), Duration::from_secs(2))).unwrap();
-        assert_eq!(r.outcome, Outcome::Connected, "nothing in the lab enforces the policy");
+        let r = lab
+            .probe(
+                "prod/api-5d4e8-fghij",
+                &Probe::tcp("10.244.1.4:5432".parse().unwrap(), Duration::from_secs(2)),
+            )
+            .unwrap();
+        assert_eq!(
+            r.outcome,
+            Outcome::Connected,
+            "nothing in the lab enforces the policy"
+        );
     }
     let f = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.4", 5432));
     let lines = agent.stop();
@@ -244,9 +320,21 @@ fn an_established_connection_the_policies_deny_is_policy_not_enforced() {
     assert_eq!(f["verdict"], "POLICY_NOT_ENFORCED");
     assert_eq!(f["source"]["pod_name"], "api-5d4e8-fghij");
     assert_eq!(f["destination"]["pod_name"], "db-0");
-    assert_eq!(names(&f["ingress_denied_by"]), vec!["prod/default-deny-all"]);
-    assert!(f["explanation"].as_str().unwrap().contains("does not enforce"));
-    assert_eq!(records(&lines, to("10.244.1.4", 5432)).len(), 1, "rate-limited: one report for three connections");
+    assert_eq!(
+        names(&f["ingress_denied_by"]),
+        vec!["prod/default-deny-all"]
+    );
+    assert!(
+        f["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("does not enforce")
+    );
+    assert_eq!(
+        records(&lines, to("10.244.1.4", 5432)).len(),
+        1,
+        "rate-limited: one report for three connections"
+    );
 }
 
 #[test]
@@ -254,14 +342,22 @@ fn a_refusal_by_a_service_without_ready_endpoints_says_so() {
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.96.0.30:80".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web-7f9c4-abcde",
+            &Probe::tcp("10.96.0.30:80".parse().unwrap(), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Refused);
     let lines = agent.stop();
     let f = last_of(&lines, to("10.96.0.30", 80));
     assert_eq!(f["verdict"], "REFUSED");
     assert_eq!(f["refusal"], "ICMP_PORT_UNREACHABLE");
     assert_eq!(f["destination"]["service"]["name"], "payment");
-    assert_eq!(f["explanation"], "service prod/payment has no ready endpoints");
+    assert_eq!(
+        f["explanation"],
+        "service prod/payment has no ready endpoints"
+    );
     assert!(f.get("ingress_denied_by").is_none(), "not a policy drop");
 }
 
@@ -277,8 +373,23 @@ fn with_the_api_server_unreachable_capture_goes_on_and_records_go_out_unenriched
          users: [ { name: u, user: { token: t } } ]\ncontexts: [ { name: x, context: { cluster: c, user: u } } ]\ncurrent-context: x\n",
     )
     .unwrap();
-    let mut agent = Agent::start(&lab, "node-1", 4, &["--kubeconfig", kubeconfig.to_str().unwrap(), "--identity-wait", "1"]);
-    let r = lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    let mut agent = Agent::start(
+        &lab,
+        "node-1",
+        4,
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--identity-wait",
+            "1",
+        ],
+    );
+    let r = lab
+        .probe(
+            "prod/web-7f9c4-abcde",
+            &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
     // Reported by address after the identity wait, marked.
     let f = agent.wait_for_flow(Duration::from_secs(4), to("10.244.1.5", 9090));
@@ -286,7 +397,10 @@ fn with_the_api_server_unreachable_capture_goes_on_and_records_go_out_unenriched
     assert_eq!(f["flow"]["unenriched"], true);
     assert!(f["flow"]["source"].get("pod_name").is_none());
     let lines = agent.stop();
-    assert!(lines.iter().all(|l| l["flow"]["unenriched"] == true), "nothing could be enriched");
+    assert!(
+        lines.iter().all(|l| l["flow"]["unenriched"] == true),
+        "nothing could be enriched"
+    );
     assert!(!agent.log().contains("panicked"));
 }
 
@@ -296,18 +410,52 @@ fn manifests_are_reloaded_when_they_change() {
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("cluster.yaml");
     // First without the default-deny policy: the drop is not NetworkPolicy's.
-    let without_deny = MANIFESTS.replace("name: default-deny-all", "name: unrelated").replace("podSelector: {}, policyTypes: [ Ingress ]", "podSelector: { matchLabels: { app: nothing } }, policyTypes: [ Ingress ]");
+    let without_deny = MANIFESTS
+        .replace("name: default-deny-all", "name: unrelated")
+        .replace(
+            "podSelector: {}, policyTypes: [ Ingress ]",
+            "podSelector: { matchLabels: { app: nothing } }, policyTypes: [ Ingress ]",
+        );
     std::fs::write(&manifests, &without_deny).unwrap();
-    let mut agent = Agent::start(&lab, "node-1", 4, &["--manifests", manifests.to_str().unwrap(), "--idle-timeout", "1"]);
-    lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1))).unwrap();
+    let mut agent = Agent::start(
+        &lab,
+        "node-1",
+        4,
+        &[
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--idle-timeout",
+            "1",
+        ],
+    );
+    lab.probe(
+        "prod/web-7f9c4-abcde",
+        &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1)),
+    )
+    .unwrap();
     let first = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.3", 8080));
-    assert!(first["flow"]["explanation"].as_str().unwrap().starts_with("not explained by NetworkPolicy"), "{first:#}");
+    assert!(
+        first["flow"]["explanation"]
+            .as_str()
+            .unwrap()
+            .starts_with("not explained by NetworkPolicy"),
+        "{first:#}"
+    );
     // Apply the policy (as `kubectl apply` would): the next flow is attributed to it.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(&manifests, MANIFESTS).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    lab.probe("prod/web-7f9c4-abcde", &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1))).unwrap();
-    let second = agent.wait_for_flow(Duration::from_secs(3), |f| to("10.244.1.3", 8080)(f) && f["uuid"] != first["flow"]["uuid"] && f["lifecycle"] == "NEW");
-    assert_eq!(names(&second["flow"]["ingress_denied_by"]), vec!["prod/default-deny-all"]);
+    lab.probe(
+        "prod/web-7f9c4-abcde",
+        &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1)),
+    )
+    .unwrap();
+    let second = agent.wait_for_flow(Duration::from_secs(3), |f| {
+        to("10.244.1.3", 8080)(f) && f["uuid"] != first["flow"]["uuid"] && f["lifecycle"] == "NEW"
+    });
+    assert_eq!(
+        names(&second["flow"]["ingress_denied_by"]),
+        vec!["prod/default-deny-all"]
+    );
     agent.stop();
 }

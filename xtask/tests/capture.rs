@@ -46,13 +46,21 @@ fn finals<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Valu
 fn nftables_drop_is_one_dropped_flow_with_exact_syn_count_and_the_pods_cgroup() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(3))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(3)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
     // The first record is out quickly: well before the client gives up.
     agent.wait_for_flow(Duration::from_secs(2), to("10.244.1.3", 8080));
     let lines = agent.stop();
     let syns = lab.nft_counter("node-1", "drop-api").unwrap();
-    assert!(syns >= 2, "the kernel retransmitted the SYN at least once: {syns}");
+    assert!(
+        syns >= 2,
+        "the kernel retransmitted the SYN at least once: {syns}"
+    );
 
     let flows = finals(&lines, to("10.244.1.3", 8080));
     assert_eq!(flows.len(), 1, "exactly one flow: {lines:#?}");
@@ -63,7 +71,11 @@ fn nftables_drop_is_one_dropped_flow_with_exact_syn_count_and_the_pods_cgroup() 
     assert_eq!(f["IP"]["ipVersion"], "IPv4");
     assert_eq!(f["l4"]["TCP"]["flags"]["SYN"], true);
     assert!(f["l4"]["TCP"]["source_port"].as_u64().unwrap() > 1024);
-    assert_eq!(f["packets"].as_u64(), Some(syns), "packet count = SYNs the firewall dropped");
+    assert_eq!(
+        f["packets"].as_u64(),
+        Some(syns),
+        "packet count = SYNs the firewall dropped"
+    );
     assert_eq!(f["node_name"], "node-1");
     assert_eq!(f["timed_out"], true, "the same flow also went unanswered");
     // sock_ops recorded the connecting process's cgroup: the pod's container.
@@ -78,14 +90,22 @@ fn nftables_drop_is_one_dropped_flow_with_exact_syn_count_and_the_pods_cgroup() 
 fn blackholed_flow_without_counted_drop_is_timed_out() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab.probe("prod/web", &Probe::tcp(addr("10.99.0.5:80"), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::tcp(addr("10.99.0.5:80"), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
     agent.wait_for_flow(Duration::from_secs(3), to("10.99.0.5", 80));
     let lines = agent.stop();
     let flows = finals(&lines, to("10.99.0.5", 80));
     assert_eq!(flows.len(), 1, "{lines:#?}");
     assert_eq!(flows[0]["verdict"], "TIMED_OUT");
-    assert!(flows[0].get("drop_reason_desc").is_none(), "NOT_SPECIFIED is not counted by default");
+    assert!(
+        flows[0].get("drop_reason_desc").is_none(),
+        "NOT_SPECIFIED is not counted by default"
+    );
     assert!(flows[0]["packets"].as_u64().unwrap() >= 1);
     assert_eq!(flows[0]["traffic_direction"], "EGRESS");
 }
@@ -94,7 +114,12 @@ fn blackholed_flow_without_counted_drop_is_timed_out() {
 fn connect_to_closed_port_is_refused() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
     let f = agent.wait_for_flow(Duration::from_secs(2), to("10.244.1.3", 7777));
     assert_eq!(f["flow"]["verdict"], "REFUSED");
@@ -107,7 +132,12 @@ fn connect_to_closed_port_is_refused() {
 fn dns_query_to_dropped_resolver_is_a_flow_on_53_udp() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab.probe("prod/web", &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
     let lines = {
         agent.wait_for_flow(Duration::from_secs(2), to("10.244.1.4", 53));
@@ -119,7 +149,10 @@ fn dns_query_to_dropped_resolver_is_a_flow_on_53_udp() {
     assert_eq!(f["verdict"], "DROPPED");
     assert_eq!(f["is_dns"], true);
     assert_eq!(f["l4"]["UDP"]["destination_port"], 53);
-    assert_eq!(f["packets"].as_u64(), Some(lab.nft_counter("node-1", "drop-dns").unwrap()));
+    assert_eq!(
+        f["packets"].as_u64(),
+        Some(lab.nft_counter("node-1", "drop-dns").unwrap())
+    );
 }
 
 #[test]
@@ -127,17 +160,35 @@ fn allowed_traffic_gives_no_flow() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
     for _ in 0..3 {
-        let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2))).unwrap();
+        let r = lab
+            .probe(
+                "prod/web",
+                &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2)),
+            )
+            .unwrap();
         assert_eq!(r.outcome, Outcome::Connected, "{r:?}");
-        let r = lab.probe("prod/web", &Probe::dns(addr("10.244.1.5:53"), Duration::from_secs(2))).unwrap();
+        let r = lab
+            .probe(
+                "prod/web",
+                &Probe::dns(addr("10.244.1.5:53"), Duration::from_secs(2)),
+            )
+            .unwrap();
         assert_eq!(r.outcome, Outcome::Answered, "{r:?}");
-        let r = lab.probe("prod/web", &Probe::tcp(addr("[fd00:244:1::3]:9090"), Duration::from_secs(2))).unwrap();
+        let r = lab
+            .probe(
+                "prod/web",
+                &Probe::tcp(addr("[fd00:244:1::3]:9090"), Duration::from_secs(2)),
+            )
+            .unwrap();
         assert_eq!(r.outcome, Outcome::Connected, "{r:?}");
     }
     // Longer than the connect timeout: a missed answer would have shown by now.
     std::thread::sleep(Duration::from_millis(1500));
     let lines = agent.stop();
-    assert!(lines.is_empty(), "allowed traffic produced records: {lines:#?}");
+    assert!(
+        lines.is_empty(),
+        "allowed traffic produced records: {lines:#?}"
+    );
 }
 
 #[test]
@@ -147,7 +198,11 @@ fn ten_thousand_syns_of_one_flow_are_one_flow_with_exact_counts_and_no_losses() 
     let r = lab
         .probe(
             "prod/web",
-            &Probe::SynFlood { from: "10.244.1.2:41000".parse().unwrap(), to: "10.244.1.3:8080".parse().unwrap(), count: 10_000 },
+            &Probe::SynFlood {
+                from: "10.244.1.2:41000".parse().unwrap(),
+                to: "10.244.1.3:8080".parse().unwrap(),
+                count: 10_000,
+            },
         )
         .unwrap();
     assert_eq!((r.outcome, r.sent), (Outcome::Sent, 10_000), "{r:?}");
@@ -156,29 +211,48 @@ fn ten_thousand_syns_of_one_flow_are_one_flow_with_exact_counts_and_no_losses() 
     std::thread::sleep(Duration::from_millis(1500));
     let lines = agent.stop();
     let flows = finals(&lines, to("10.244.1.3", 8080));
-    assert_eq!(flows.len(), 1, "one flow, not one per packet: {} records", lines.len());
+    assert_eq!(
+        flows.len(),
+        1,
+        "one flow, not one per packet: {} records",
+        lines.len()
+    );
     assert_eq!(flows[0]["packets"].as_u64(), Some(10_000));
     assert_eq!(flows[0]["bytes"].as_u64(), Some(10_000 * 40));
     assert_eq!(flows[0]["l4"]["TCP"]["source_port"], 41000);
     let log = agent.log();
-    assert!(log.contains("kernel losses over the agent's life lost=0"), "{log}");
+    assert!(
+        log.contains("kernel losses over the agent's life lost=0"),
+        "{log}"
+    );
 }
 
 #[test]
 fn ipv6_drop_is_seen() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab.probe("prod/web", &Probe::tcp(addr("[fd00:244:1::3]:8080"), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::tcp(addr("[fd00:244:1::3]:8080"), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
     agent.wait_for_flow(Duration::from_secs(2), to("fd00:244:1::3", 8080));
     let lines = agent.stop();
     let flows = finals(&lines, to("fd00:244:1::3", 8080));
     assert_eq!(flows.len(), 1, "{lines:#?}");
     let f = flows[0];
-    assert_eq!((f["verdict"].as_str(), f["drop_reason_desc"].as_str()), (Some("DROPPED"), Some("NETFILTER_DROP")));
+    assert_eq!(
+        (f["verdict"].as_str(), f["drop_reason_desc"].as_str()),
+        (Some("DROPPED"), Some("NETFILTER_DROP"))
+    );
     assert_eq!(f["IP"]["ipVersion"], "IPv6");
     assert_eq!(f["IP"]["source"], "fd00:244:1::2");
-    assert_eq!(f["packets"].as_u64(), Some(lab.nft_counter("node-1", "drop-api-v6").unwrap()));
+    assert_eq!(
+        f["packets"].as_u64(),
+        Some(lab.nft_counter("node-1", "drop-api-v6").unwrap())
+    );
 }
 
 #[test]
@@ -194,15 +268,28 @@ fn with_own_netns_only_a_drop_inside_a_pod_counts_and_another_nodes_does_not() {
         "table inet sidecar {\n  chain out { type filter hook output priority 0; ip daddr 10.244.1.3 tcp dport 9090 counter drop; }\n}\n",
     )
     .unwrap();
-    let r = lab.probe("prod/web", &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
     // The same flow dropped on another lab's node (same addresses!) is not ours.
-    let r = other.probe("prod/web", &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2))).unwrap();
+    let r = other
+        .probe(
+            "prod/web",
+            &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
     let lines = agent.stop();
     let flows = finals(&lines, to("10.244.1.3", 9090));
     assert_eq!(flows.len(), 1, "ours only: {lines:#?}");
     assert_eq!(flows[0]["verdict"], "DROPPED");
     assert_eq!(flows[0]["drop_reason_desc"], "NETFILTER_DROP");
-    assert_eq!(flows[0]["packets"], 2, "two SYNs (1 s connect timeout, 2 s probe), not four");
+    assert_eq!(
+        flows[0]["packets"], 2,
+        "two SYNs (1 s connect timeout, 2 s probe), not four"
+    );
 }

@@ -32,7 +32,10 @@ use serde_json::Value as Json;
 use support::target_binary;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn xtask(args: &[&str]) -> Output {
@@ -59,9 +62,13 @@ fn split_docs(source: &str, text: &str) -> Vec<Doc> {
         if let Some(line) = part.lines().find_map(|l| l.strip_prefix("# Source: ")) {
             current = line.to_string();
         }
-        let yaml: serde_yaml::Value = serde_yaml::from_str(part).unwrap_or_else(|e| panic!("{current}: not YAML: {e}"));
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str(part).unwrap_or_else(|e| panic!("{current}: not YAML: {e}"));
         if !yaml.is_null() {
-            docs.push(Doc { source: current.clone(), yaml });
+            docs.push(Doc {
+                source: current.clone(),
+                yaml,
+            });
         }
     }
     docs
@@ -87,7 +94,10 @@ fn plain_docs() -> Vec<Doc> {
         .iter()
         .flat_map(|f| {
             let text = std::fs::read_to_string(f).unwrap();
-            split_docs(&f.strip_prefix(root()).unwrap().display().to_string(), &format!("\n{text}"))
+            split_docs(
+                &f.strip_prefix(root()).unwrap().display().to_string(),
+                &format!("\n{text}"),
+            )
         })
         .collect()
 }
@@ -99,7 +109,12 @@ fn template(values: &[&str]) -> Vec<Doc> {
         args.extend(["--set", v]);
     }
     let out = xtask(&args);
-    assert!(out.status.success(), "xtask {}:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "xtask {}:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     split_docs("chart", &String::from_utf8(out.stdout).unwrap())
 }
 
@@ -122,7 +137,11 @@ const EVERYTHING_ON: &[&str] = &[
 /// Every rendering the tests look at: the committed plain manifests, the
 /// chart's defaults, and everything on.
 fn all_renderings() -> Vec<(&'static str, Vec<Doc>)> {
-    vec![("deploy/manifests", plain_docs()), ("chart defaults", template(&[])), ("everything on", template(EVERYTHING_ON))]
+    vec![
+        ("deploy/manifests", plain_docs()),
+        ("chart defaults", template(&[])),
+        ("everything on", template(EVERYTHING_ON)),
+    ]
 }
 
 /// The Prometheus Operator's kinds (monitoring.coreos.com/v1), with the
@@ -241,7 +260,12 @@ enum Object {
 /// still be there with the same value, as the API server would keep it.
 fn typed(doc: &Doc) -> Result<Object, String> {
     let json = serde_json::to_value(&doc.yaml).map_err(|e| format!("{}: {e}", doc.source))?;
-    let field = |name: &str| json.get(name).and_then(Json::as_str).unwrap_or("").to_string();
+    let field = |name: &str| {
+        json.get(name)
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     fn strict<T: DeserializeOwned + Serialize>(source: &str, json: &Json) -> Result<T, String> {
         let parsed: T = serde_path_to_error::deserialize(json.clone())
@@ -252,7 +276,10 @@ fn typed(doc: &Doc) -> Result<Object, String> {
         if lost.is_empty() {
             Ok(parsed)
         } else {
-            Err(format!("{source}: fields the Kubernetes API does not have (or changed by it): {}", lost.join(", ")))
+            Err(format!(
+                "{source}: fields the Kubernetes API does not have (or changed by it): {}",
+                lost.join(", ")
+            ))
         }
     }
     let source = format!("{} ({api_version} {kind})", doc.source);
@@ -261,13 +288,25 @@ fn typed(doc: &Doc) -> Result<Object, String> {
         ("v1", "ServiceAccount") => Object::ServiceAccount(strict(&source, &json)?),
         ("v1", "ConfigMap") => Object::ConfigMap(strict(&source, &json)?),
         ("v1", "Service") => Object::Service(strict(&source, &json)?),
-        ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(strict(&source, &json)?),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => Object::ClusterRoleBinding(strict(&source, &json)?),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+            Object::ClusterRole(strict(&source, &json)?)
+        }
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            Object::ClusterRoleBinding(strict(&source, &json)?)
+        }
         ("apps/v1", "DaemonSet") => Object::DaemonSet(Box::new(strict(&source, &json)?)),
-        ("monitoring.coreos.com/v1", "ServiceMonitor") => Object::ServiceMonitor(strict(&source, &json)?),
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+            Object::ServiceMonitor(strict(&source, &json)?)
+        }
         ("monitoring.coreos.com/v1", "PodMonitor") => Object::PodMonitor(strict(&source, &json)?),
-        ("monitoring.coreos.com/v1", "PrometheusRule") => Object::PrometheusRule(strict(&source, &json)?),
-        _ => return Err(format!("{source}: a kind these tests do not know; add its type to `typed`")),
+        ("monitoring.coreos.com/v1", "PrometheusRule") => {
+            Object::PrometheusRule(strict(&source, &json)?)
+        }
+        _ => {
+            return Err(format!(
+                "{source}: a kind these tests do not know; add its type to `typed`"
+            ));
+        }
     })
 }
 
@@ -303,13 +342,31 @@ fn objects(docs: &[Doc]) -> Vec<Object> {
 }
 
 fn daemonset(objects: &[Object]) -> &DaemonSet {
-    let sets: Vec<&DaemonSet> = objects.iter().filter_map(|o| if let Object::DaemonSet(d) = o { Some(&**d) } else { None }).collect();
+    let sets: Vec<&DaemonSet> = objects
+        .iter()
+        .filter_map(|o| {
+            if let Object::DaemonSet(d) = o {
+                Some(&**d)
+            } else {
+                None
+            }
+        })
+        .collect();
     assert_eq!(sets.len(), 1, "one DaemonSet");
     sets[0]
 }
 
 fn cluster_role(objects: &[Object]) -> &ClusterRole {
-    objects.iter().find_map(|o| if let Object::ClusterRole(r) = o { Some(r) } else { None }).expect("a ClusterRole")
+    objects
+        .iter()
+        .find_map(|o| {
+            if let Object::ClusterRole(r) = o {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .expect("a ClusterRole")
 }
 
 fn agent_container(ds: &DaemonSet) -> &Container {
@@ -324,7 +381,11 @@ fn agent_container(ds: &DaemonSet) -> &Container {
 #[test]
 fn the_plain_manifests_are_the_chart_rendered_and_the_chart_carries_the_exporters_files() {
     let out = xtask(&["deploy", "check"]);
-    assert!(out.status.success(), "cargo xtask deploy check:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo xtask deploy check:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -334,7 +395,11 @@ fn a_chart_change_not_rendered_into_the_manifests_fails_the_check_naming_the_fil
     copy_dir(&root().join("deploy/helm/netwatch"), &chart);
     let values = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
     assert!(values.contains("memory: 512Mi"));
-    std::fs::write(chart.join("values.yaml"), values.replace("memory: 512Mi", "memory: 1Gi")).unwrap();
+    std::fs::write(
+        chart.join("values.yaml"),
+        values.replace("memory: 512Mi", "memory: 1Gi"),
+    )
+    .unwrap();
     let rules = chart.join("files/netwatch-rules.yaml");
     let mut text = std::fs::read_to_string(&rules).unwrap();
     text.push_str("# edited in the chart only\n");
@@ -342,9 +407,19 @@ fn a_chart_change_not_rendered_into_the_manifests_fails_the_check_naming_the_fil
     let out = xtask(&["deploy", "check", "--chart", chart.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("05-daemonset.yaml differs from the chart") && stderr.contains("1Gi"), "{stderr}");
-    assert!(stderr.contains("netwatch-rules.yaml is not a copy of deploy/prometheus/netwatch-rules.yaml"), "{stderr}");
-    assert!(stderr.contains("cargo xtask deploy render"), "says how to fix it: {stderr}");
+    assert!(
+        stderr.contains("05-daemonset.yaml differs from the chart") && stderr.contains("1Gi"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("netwatch-rules.yaml is not a copy of deploy/prometheus/netwatch-rules.yaml"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cargo xtask deploy render"),
+        "says how to fix it: {stderr}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -363,18 +438,44 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn the_prometheus_rule_is_the_exporters_rules_and_passes_promtool() {
     let objects = objects(&plain_docs());
-    let rule = objects.iter().find_map(|o| if let Object::PrometheusRule(r) = o { Some(r) } else { None }).expect("PrometheusRule");
+    let rule = objects
+        .iter()
+        .find_map(|o| {
+            if let Object::PrometheusRule(r) = o {
+                Some(r)
+            } else {
+                None
+            }
+        })
+        .expect("PrometheusRule");
     let spec = serde_json::to_value(&rule.spec).unwrap();
-    let source: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(root().join("deploy/prometheus/netwatch-rules.yaml")).unwrap()).unwrap();
-    assert_eq!(spec, serde_json::to_value(&source).unwrap(), "the PrometheusRule's spec is deploy/prometheus/netwatch-rules.yaml");
+    let source: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/netwatch-rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        spec,
+        serde_json::to_value(&source).unwrap(),
+        "the PrometheusRule's spec is deploy/prometheus/netwatch-rules.yaml"
+    );
 
     // promtool reads the spec as a plain rules file; the exporters' unit
     // tests then run against the wrapped copy.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("netwatch-rules.yaml"), serde_yaml::to_string(&rule.spec).unwrap()).unwrap();
-    std::fs::copy(root().join("deploy/prometheus/netwatch-rules.test.yaml"), dir.path().join("netwatch-rules.test.yaml")).unwrap();
-    for args in [["check", "rules", "netwatch-rules.yaml"], ["test", "rules", "netwatch-rules.test.yaml"]] {
+    std::fs::write(
+        dir.path().join("netwatch-rules.yaml"),
+        serde_yaml::to_string(&rule.spec).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("deploy/prometheus/netwatch-rules.test.yaml"),
+        dir.path().join("netwatch-rules.test.yaml"),
+    )
+    .unwrap();
+    for args in [
+        ["check", "rules", "netwatch-rules.yaml"],
+        ["test", "rules", "netwatch-rules.test.yaml"],
+    ] {
         let out = Command::new("promtool")
             .args(args)
             .current_dir(dir.path())
@@ -395,14 +496,32 @@ fn the_dashboard_configmap_holds_the_exporters_dashboard() {
     let objects = objects(&plain_docs());
     let dashboards: Vec<&ConfigMap> = objects
         .iter()
-        .filter_map(|o| if let Object::ConfigMap(c) = o { Some(c) } else { None })
-        .filter(|c| c.metadata.labels.as_ref().is_some_and(|l| l.get("grafana_dashboard").map(String::as_str) == Some("1")))
+        .filter_map(|o| {
+            if let Object::ConfigMap(c) = o {
+                Some(c)
+            } else {
+                None
+            }
+        })
+        .filter(|c| {
+            c.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get("grafana_dashboard").map(String::as_str) == Some("1"))
+        })
         .collect();
-    assert_eq!(dashboards.len(), 1, "one ConfigMap labelled for Grafana's dashboard sidecar");
+    assert_eq!(
+        dashboards.len(),
+        1,
+        "one ConfigMap labelled for Grafana's dashboard sidecar"
+    );
     let data = dashboards[0].data.as_ref().unwrap();
-    let shipped: Json = serde_json::from_str(&data["netwatch-dashboard.json"]).expect("the dashboard is JSON");
-    let source: Json =
-        serde_json::from_str(&std::fs::read_to_string(root().join("deploy/grafana/netwatch-dashboard.json")).unwrap()).unwrap();
+    let shipped: Json =
+        serde_json::from_str(&data["netwatch-dashboard.json"]).expect("the dashboard is JSON");
+    let source: Json = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/netwatch-dashboard.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(shipped, source);
 }
 
@@ -411,11 +530,21 @@ fn the_dashboard_configmap_holds_the_exporters_dashboard() {
 
 #[test]
 fn every_manifest_parses_into_the_kubernetes_api_types_with_no_unknown_fields() {
-    let core = ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Service", "DaemonSet"];
+    let core = [
+        "ServiceAccount",
+        "ConfigMap",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Service",
+        "DaemonSet",
+    ];
     let monitoring = ["Namespace", "ServiceMonitor", "PrometheusRule", "ConfigMap"];
     for (name, docs) in all_renderings() {
         let objects = objects(&docs);
-        let mut kinds: Vec<&str> = docs.iter().map(|d| d.yaml["kind"].as_str().unwrap()).collect();
+        let mut kinds: Vec<&str> = docs
+            .iter()
+            .map(|d| d.yaml["kind"].as_str().unwrap())
+            .collect();
         kinds.sort();
         let mut expected: Vec<&str> = match name {
             "chart defaults" => core.to_vec(),
@@ -435,17 +564,37 @@ fn an_unknown_or_mistyped_field_is_rejected_with_its_path() {
     // A typo k8s-openapi would silently drop on reading.
     let mut typo = ds.yaml.clone();
     typo["spec"]["template"]["spec"]["hostPid"] = serde_yaml::Value::Bool(true);
-    let e = typed(&Doc { source: "typo".into(), yaml: typo }).err().expect("rejected");
+    let e = typed(&Doc {
+        source: "typo".into(),
+        yaml: typo,
+    })
+    .err()
+    .expect("rejected");
     assert!(e.contains(".spec.template.spec.hostPid"), "{e}");
     // A value of the wrong type.
     let mut wrong = ds.yaml.clone();
     wrong["spec"]["template"]["spec"]["hostNetwork"] = serde_yaml::Value::String("yes".into());
-    let e = typed(&Doc { source: "wrong".into(), yaml: wrong }).err().expect("rejected");
+    let e = typed(&Doc {
+        source: "wrong".into(),
+        yaml: wrong,
+    })
+    .err()
+    .expect("rejected");
     assert!(e.contains("spec.template.spec.hostNetwork"), "{e}");
     // An unknown field in a Prometheus Operator object.
-    let mut monitor = docs.iter().find(|d| d.yaml["kind"] == "ServiceMonitor").unwrap().yaml.clone();
+    let mut monitor = docs
+        .iter()
+        .find(|d| d.yaml["kind"] == "ServiceMonitor")
+        .unwrap()
+        .yaml
+        .clone();
     monitor["spec"]["endpoints"][0]["intervall"] = serde_yaml::Value::String("30s".into());
-    let e = typed(&Doc { source: "monitor".into(), yaml: monitor }).err().expect("rejected");
+    let e = typed(&Doc {
+        source: "monitor".into(),
+        yaml: monitor,
+    })
+    .err()
+    .expect("rejected");
     assert!(e.contains("intervall"), "{e}");
 }
 
@@ -455,11 +604,16 @@ fn an_unknown_or_mistyped_field_is_rejected_with_its_path() {
 /// The kinds the agent's identity source watches, as named in its
 /// `snapshot_kinds!` list (netwatch-agent/src/identity/kube.rs).
 fn watched_kinds() -> Vec<String> {
-    let source = std::fs::read_to_string(root().join("netwatch-agent/src/identity/kube.rs")).unwrap();
-    let start = source.find("snapshot_kinds! {").expect("kube.rs lists its kinds in `snapshot_kinds! { ... }`");
+    let source =
+        std::fs::read_to_string(root().join("netwatch-agent/src/identity/kube.rs")).unwrap();
+    let start = source
+        .find("snapshot_kinds! {")
+        .expect("kube.rs lists its kinds in `snapshot_kinds! { ... }`");
     let body = &source[start..][..source[start..].find('}').unwrap()];
-    let kinds: Vec<String> =
-        body.lines().filter_map(|l| l.trim().split_once("=>").map(|(k, _)| k.trim().to_string())).collect();
+    let kinds: Vec<String> = body
+        .lines()
+        .filter_map(|l| l.trim().split_once("=>").map(|(k, _)| k.trim().to_string()))
+        .collect();
     assert!(kinds.len() >= 10, "read {kinds:?} from kube.rs");
     kinds
 }
@@ -482,7 +636,9 @@ fn group_resource(kind: &str) -> (String, String) {
         "DaemonSet" => of::<DaemonSet>(),
         "Job" => of::<Job>(),
         "CronJob" => of::<CronJob>(),
-        other => panic!("the agent now watches {other}: add it to group_resource here and to the chart's ClusterRole"),
+        other => panic!(
+            "the agent now watches {other}: add it to group_resource here and to the chart's ClusterRole"
+        ),
     }
 }
 
@@ -490,11 +646,20 @@ fn group_resource(kind: &str) -> (String, String) {
 fn grants(role: &ClusterRole) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut grants: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for rule in role.rules.as_deref().unwrap_or_default() {
-        assert!(rule.non_resource_urls.is_none() && rule.resource_names.is_none(), "{rule:?}");
+        assert!(
+            rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
+            "{rule:?}"
+        );
         for group in rule.api_groups.as_deref().unwrap_or_default() {
             for resource in rule.resources.as_deref().unwrap_or_default() {
-                assert!(group != "*" && resource != "*" && !rule.verbs.iter().any(|v| v == "*"), "wildcard in {rule:?}");
-                grants.entry((group.clone(), resource.clone())).or_default().extend(rule.verbs.iter().cloned());
+                assert!(
+                    group != "*" && resource != "*" && !rule.verbs.iter().any(|v| v == "*"),
+                    "wildcard in {rule:?}"
+                );
+                grants
+                    .entry((group.clone(), resource.clone()))
+                    .or_default()
+                    .extend(rule.verbs.iter().cloned());
             }
         }
     }
@@ -505,32 +670,64 @@ fn grants(role: &ClusterRole) -> BTreeMap<(String, String), BTreeSet<String>> {
 fn the_cluster_role_grants_list_and_watch_on_exactly_the_kinds_the_agent_watches() {
     let expected: BTreeMap<(String, String), BTreeSet<String>> = watched_kinds()
         .iter()
-        .map(|k| (group_resource(k), ["list", "watch"].map(String::from).into()))
+        .map(|k| {
+            (
+                group_resource(k),
+                ["list", "watch"].map(String::from).into(),
+            )
+        })
         .collect();
-    for (name, docs) in [("deploy/manifests", plain_docs()), ("chart defaults", template(&[]))] {
+    for (name, docs) in [
+        ("deploy/manifests", plain_docs()),
+        ("chart defaults", template(&[])),
+    ] {
         let objects = objects(&docs);
         assert_eq!(grants(cluster_role(&objects)), expected, "{name}");
-        let args = agent_container(daemonset(&objects)).args.clone().unwrap_or_default();
-        assert!(!args.iter().any(|a| a.starts_with("--kubernetes-events")), "{name}: Events are off by default");
+        let args = agent_container(daemonset(&objects))
+            .args
+            .clone()
+            .unwrap_or_default();
+        assert!(
+            !args.iter().any(|a| a.starts_with("--kubernetes-events")),
+            "{name}: Events are off by default"
+        );
     }
 }
 
 #[test]
 fn events_add_only_create_on_events_and_only_when_the_agent_posts_them() {
     // The agent posts core/v1 Events with `create` (export/events.rs).
-    let events_rs = std::fs::read_to_string(root().join("netwatch-agent/src/export/events.rs")).unwrap();
-    assert!(events_rs.contains("core::v1::Event") && events_rs.contains(".create("), "the agent's Events code changed");
-    assert!(!events_rs.contains(".patch(") && !events_rs.contains(".replace("), "the agent now patches Events: grant it");
+    let events_rs =
+        std::fs::read_to_string(root().join("netwatch-agent/src/export/events.rs")).unwrap();
+    assert!(
+        events_rs.contains("core::v1::Event") && events_rs.contains(".create("),
+        "the agent's Events code changed"
+    );
+    assert!(
+        !events_rs.contains(".patch(") && !events_rs.contains(".replace("),
+        "the agent now patches Events: grant it"
+    );
 
     let objects = objects(&template(&["kubernetesEvents.enabled=true"]));
     let mut expected: BTreeMap<(String, String), BTreeSet<String>> = watched_kinds()
         .iter()
-        .map(|k| (group_resource(k), ["list", "watch"].map(String::from).into()))
+        .map(|k| {
+            (
+                group_resource(k),
+                ["list", "watch"].map(String::from).into(),
+            )
+        })
         .collect();
-    expected.insert((String::new(), "events".into()), ["create".to_string()].into());
+    expected.insert(
+        (String::new(), "events".into()),
+        ["create".to_string()].into(),
+    );
     assert_eq!(grants(cluster_role(&objects)), expected);
     let args = agent_container(daemonset(&objects)).args.clone().unwrap();
-    assert!(args.contains(&"--kubernetes-events".to_string()), "{args:?}");
+    assert!(
+        args.contains(&"--kubernetes-events".to_string()),
+        "{args:?}"
+    );
 }
 
 #[test]
@@ -541,17 +738,51 @@ fn the_service_account_is_bound_to_the_role_and_only_the_agent_mounts_its_token(
         let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let namespace = ds.metadata.namespace.clone().unwrap();
         let account = pod.service_account_name.clone().unwrap();
-        let sa = objects.iter().find_map(|o| if let Object::ServiceAccount(s) = o { Some(s) } else { None }).unwrap();
-        assert_eq!((sa.metadata.name.as_ref(), sa.metadata.namespace.as_ref()), (Some(&account), Some(&namespace)), "{name}");
-        assert_eq!(sa.automount_service_account_token, Some(false), "{name}: other pods using the account get no token");
+        let sa = objects
+            .iter()
+            .find_map(|o| {
+                if let Object::ServiceAccount(s) = o {
+                    Some(s)
+                } else {
+                    None
+                }
+            })
+            .unwrap();
+        assert_eq!(
+            (sa.metadata.name.as_ref(), sa.metadata.namespace.as_ref()),
+            (Some(&account), Some(&namespace)),
+            "{name}"
+        );
+        assert_eq!(
+            sa.automount_service_account_token,
+            Some(false),
+            "{name}: other pods using the account get no token"
+        );
         assert_eq!(pod.automount_service_account_token, Some(true), "{name}");
-        let binding = objects.iter().find_map(|o| if let Object::ClusterRoleBinding(b) = o { Some(b) } else { None }).unwrap();
+        let binding = objects
+            .iter()
+            .find_map(|o| {
+                if let Object::ClusterRoleBinding(b) = o {
+                    Some(b)
+                } else {
+                    None
+                }
+            })
+            .unwrap();
         assert_eq!(binding.role_ref.kind, "ClusterRole");
-        assert_eq!(Some(&binding.role_ref.name), cluster_role(&objects).metadata.name.as_ref(), "{name}");
+        assert_eq!(
+            Some(&binding.role_ref.name),
+            cluster_role(&objects).metadata.name.as_ref(),
+            "{name}"
+        );
         let subjects = binding.subjects.as_deref().unwrap();
         assert_eq!(subjects.len(), 1, "{name}");
         assert_eq!(
-            (subjects[0].kind.as_str(), subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+            (
+                subjects[0].kind.as_str(),
+                subjects[0].name.as_str(),
+                subjects[0].namespace.as_deref()
+            ),
             ("ServiceAccount", account.as_str(), Some(namespace.as_str())),
             "{name}"
         );
@@ -564,19 +795,34 @@ fn the_service_account_is_bound_to_the_role_and_only_the_agent_mounts_its_token(
 /// README "Security posture": `nodeKernel` value -> the capabilities documented for it.
 fn documented_capabilities() -> BTreeMap<String, BTreeSet<String>> {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme.split("### Security posture").nth(1).expect("README has a \"### Security posture\" section");
+    let section = readme
+        .split("### Security posture")
+        .nth(1)
+        .expect("README has a \"### Security posture\" section");
     let section = section.split("\n## ").next().unwrap();
     let mut table = BTreeMap::new();
     for row in section.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-        let ticked = |cell: &str| -> Vec<String> { cell.split('`').skip(1).step_by(2).map(String::from).collect() };
-        let (Some(first), Some(last)) = (cells.first(), cells.last()) else { continue };
+        let ticked = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(String::from)
+                .collect()
+        };
+        let (Some(first), Some(last)) = (cells.first(), cells.last()) else {
+            continue;
+        };
         let caps = ticked(last);
         if caps.iter().all(|c| c.starts_with("CAP_")) && !caps.is_empty() {
             table.insert(ticked(first)[0].clone(), caps.into_iter().collect());
         }
     }
-    assert_eq!(table.len(), 3, "the README table of nodeKernel values: {table:?}");
+    assert_eq!(
+        table.len(),
+        3,
+        "the README table of nodeKernel values: {table:?}"
+    );
     table
 }
 
@@ -590,22 +836,72 @@ fn no_container_is_privileged_and_capabilities_are_exactly_the_documented_set() 
         }
         for (name, docs) in renderings {
             let objects = objects(&docs);
-            let pod = daemonset(&objects).spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-            let containers = pod.containers.iter().chain(pod.init_containers.iter().flatten());
+            let pod = daemonset(&objects)
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap();
+            let containers = pod
+                .containers
+                .iter()
+                .chain(pod.init_containers.iter().flatten());
             for c in containers {
-                let sc = c.security_context.as_ref().unwrap_or_else(|| panic!("{name}: {} has no securityContext", c.name));
-                assert_ne!(sc.privileged, Some(true), "{name}: {} is privileged", c.name);
-                assert_eq!(sc.allow_privilege_escalation, Some(false), "{name}: {}", c.name);
-                assert_eq!(sc.read_only_root_filesystem, Some(true), "{name}: {}", c.name);
+                let sc = c
+                    .security_context
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: {} has no securityContext", c.name));
+                assert_ne!(
+                    sc.privileged,
+                    Some(true),
+                    "{name}: {} is privileged",
+                    c.name
+                );
+                assert_eq!(
+                    sc.allow_privilege_escalation,
+                    Some(false),
+                    "{name}: {}",
+                    c.name
+                );
+                assert_eq!(
+                    sc.read_only_root_filesystem,
+                    Some(true),
+                    "{name}: {}",
+                    c.name
+                );
                 let caps = sc.capabilities.as_ref().unwrap();
-                assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]), "{name}: {} drops every capability first", c.name);
-                let added: BTreeSet<String> = caps.add.iter().flatten().map(|c| format!("CAP_{c}")).collect();
-                assert_eq!(added, documented, "{name}: {} adds exactly what README documents for {kernel}", c.name);
+                assert_eq!(
+                    caps.drop.as_deref(),
+                    Some(&["ALL".to_string()][..]),
+                    "{name}: {} drops every capability first",
+                    c.name
+                );
+                let added: BTreeSet<String> = caps
+                    .add
+                    .iter()
+                    .flatten()
+                    .map(|c| format!("CAP_{c}"))
+                    .collect();
+                assert_eq!(
+                    added, documented,
+                    "{name}: {} adds exactly what README documents for {kernel}",
+                    c.name
+                );
             }
             assert_ne!(pod.host_pid, Some(true), "{name}: hostPID");
             assert_ne!(pod.host_ipc, Some(true), "{name}: hostIPC");
-            assert_eq!(pod.host_network, Some(true), "{name}: TC and netlink need the host network namespace");
-            let seccomp = pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.as_str());
+            assert_eq!(
+                pod.host_network,
+                Some(true),
+                "{name}: TC and netlink need the host network namespace"
+            );
+            let seccomp = pod
+                .security_context
+                .as_ref()
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .map(|p| p.type_.as_str());
             assert_eq!(seccomp, Some("RuntimeDefault"), "{name}");
         }
     }
@@ -621,17 +917,33 @@ fn the_only_host_path_is_the_cgroup_v2_root_read_only_and_the_agent_is_pointed_a
             .volumes
             .iter()
             .flatten()
-            .filter_map(|v| v.host_path.as_ref().map(|h| (v.name.as_str(), h.path.as_str())))
+            .filter_map(|v| {
+                v.host_path
+                    .as_ref()
+                    .map(|h| (v.name.as_str(), h.path.as_str()))
+            })
             .collect();
         assert_eq!(host_paths.len(), 1, "{name}: {host_paths:?}");
         let (volume, path) = host_paths[0];
         assert_eq!(path, "/sys/fs/cgroup", "{name}");
         let container = agent_container(ds);
-        let mounts: Vec<_> = container.volume_mounts.iter().flatten().filter(|m| m.name == volume).collect();
+        let mounts: Vec<_> = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.name == volume)
+            .collect();
         assert_eq!(mounts.len(), 1, "{name}");
-        assert_eq!(mounts[0].read_only, Some(true), "{name}: the host cgroup tree is mounted read-only");
+        assert_eq!(
+            mounts[0].read_only,
+            Some(true),
+            "{name}: the host cgroup tree is mounted read-only"
+        );
         let args = container.args.clone().unwrap();
-        assert!(args.contains(&format!("--cgroup-root={}", mounts[0].mount_path)), "{name}: {args:?}");
+        assert!(
+            args.contains(&format!("--cgroup-root={}", mounts[0].mount_path)),
+            "{name}: {args:?}"
+        );
         // No bpffs, tracefs, debugfs or /proc of the host.
         for v in pod.volumes.iter().flatten() {
             assert!(v.host_path.is_none() || v.name == volume, "{name}: {v:?}");
@@ -648,23 +960,54 @@ fn the_daemonset_runs_on_every_node_critical_and_one_node_at_a_time() {
         let pod = spec.template.spec.as_ref().unwrap();
         let tolerations = pod.tolerations.as_deref().unwrap();
         assert!(
-            tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+            tolerations
+                .iter()
+                .any(|t| t.operator.as_deref() == Some("Exists")
+                    && t.key.is_none()
+                    && t.effect.is_none()),
             "{name}: tolerates every taint, control plane included: {tolerations:?}"
         );
-        assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"), "{name}");
-        let rolling = spec.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-node-critical"),
+            "{name}"
+        );
+        let rolling = spec
+            .update_strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .as_ref()
+            .unwrap();
         use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
         assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)), "{name}");
         // A surge pod could never be scheduled: the host-network metrics port is a host port.
         assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)), "{name}");
         let env = agent_container(ds).env.as_deref().unwrap();
-        let node_name = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
-        let field = node_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
-        assert_eq!(field, Some("spec.nodeName"), "{name}: NODE_NAME from the downward API");
+        let node_name = env
+            .iter()
+            .find(|e| e.name == "NODE_NAME")
+            .expect("NODE_NAME");
+        let field = node_name
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(
+            field,
+            Some("spec.nodeName"),
+            "{name}: NODE_NAME from the downward API"
+        );
         let resources = agent_container(ds).resources.as_ref().unwrap();
         for key in ["cpu", "memory"] {
-            assert!(resources.requests.as_ref().unwrap().contains_key(key), "{name}: requests.{key}");
-            assert!(resources.limits.as_ref().unwrap().contains_key(key), "{name}: limits.{key}");
+            assert!(
+                resources.requests.as_ref().unwrap().contains_key(key),
+                "{name}: requests.{key}"
+            );
+            assert!(
+                resources.limits.as_ref().unwrap().contains_key(key),
+                "{name}: limits.{key}"
+            );
         }
     }
 }
@@ -672,11 +1015,28 @@ fn the_daemonset_runs_on_every_node_critical_and_one_node_at_a_time() {
 #[test]
 fn the_plain_manifests_namespace_admits_the_agent_under_pod_security() {
     let objects = objects(&plain_docs());
-    let namespace = objects.iter().find_map(|o| if let Object::Namespace(n) = o { Some(n) } else { None }).expect("a Namespace");
-    assert_eq!(namespace.metadata.name, daemonset(&objects).metadata.namespace);
+    let namespace = objects
+        .iter()
+        .find_map(|o| {
+            if let Object::Namespace(n) = o {
+                Some(n)
+            } else {
+                None
+            }
+        })
+        .expect("a Namespace");
+    assert_eq!(
+        namespace.metadata.name,
+        daemonset(&objects).metadata.namespace
+    );
     let labels = namespace.metadata.labels.clone().unwrap_or_default();
     // `baseline` forbids host networking, hostPath volumes and added capabilities.
-    assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("privileged"));
+    assert_eq!(
+        labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str),
+        Some("privileged")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -684,15 +1044,24 @@ fn the_plain_manifests_namespace_admits_the_agent_under_pod_security() {
 
 /// Every `--flag` of `netwatch-agent --help`.
 fn agent_flags() -> BTreeSet<String> {
-    let out = Command::new(target_binary("netwatch-agent")).arg("--help").output().unwrap();
+    let out = Command::new(target_binary("netwatch-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     let flags: BTreeSet<String> = help
         .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == '<')
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string())
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        })
         .collect();
-    assert!(flags.contains("--metrics-addr") && flags.contains("--help"), "{flags:?}");
+    assert!(
+        flags.contains("--metrics-addr") && flags.contains("--help"),
+        "{flags:?}"
+    );
     flags
 }
 
@@ -702,7 +1071,13 @@ fn resolved_args(objects: &[Object]) -> Vec<String> {
     let container = agent_container(daemonset(objects));
     let config: BTreeMap<String, String> = objects
         .iter()
-        .filter_map(|o| if let Object::ConfigMap(c) = o { c.data.clone() } else { None })
+        .filter_map(|o| {
+            if let Object::ConfigMap(c) = o {
+                c.data.clone()
+            } else {
+                None
+            }
+        })
         .flatten()
         .collect();
     let mut env = BTreeMap::new();
@@ -710,9 +1085,15 @@ fn resolved_args(objects: &[Object]) -> Vec<String> {
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => v.clone(),
             (None, Some(from)) => match (&from.config_map_key_ref, &from.field_ref) {
-                (Some(key), _) => config.get(&key.key).cloned().unwrap_or_else(|| panic!("no ConfigMap key {} for ${}", key.key, var.name)),
+                (Some(key), _) => config
+                    .get(&key.key)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("no ConfigMap key {} for ${}", key.key, var.name)),
                 (None, Some(field)) => format!("<{}>", field.field_path),
-                _ => panic!("{}: an environment source these tests do not resolve", var.name),
+                _ => panic!(
+                    "{}: an environment source these tests do not resolve",
+                    var.name
+                ),
             },
             (None, None) => String::new(),
         };
@@ -727,7 +1108,9 @@ fn resolved_args(objects: &[Object]) -> Vec<String> {
             while let Some(start) = arg.find("$(") {
                 let end = start + arg[start..].find(')').expect("closed $(");
                 let name = &arg[start + 2..end];
-                let value = env.get(name).unwrap_or_else(|| panic!("{arg}: ${name} is not in the container's env"));
+                let value = env
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{arg}: ${name} is not in the container's env"));
                 arg.replace_range(start..=end, value);
             }
             arg
@@ -744,35 +1127,67 @@ fn every_flag_the_daemonset_passes_is_one_the_agent_has() {
         assert!(!args.is_empty(), "{name}");
         for arg in &args {
             let flag = arg.split('=').next().unwrap();
-            assert!(flags.contains(flag), "{name}: {flag} is not in `netwatch-agent --help`");
+            assert!(
+                flags.contains(flag),
+                "{name}: {flag} is not in `netwatch-agent --help`"
+            );
         }
     }
     // And a flag the agent does not have is caught.
     let objects = objects(&template(&["extraArgs={--no-such-flag=1}"]));
-    assert!(resolved_args(&objects).iter().any(|a| !flags.contains(a.split('=').next().unwrap())));
+    assert!(
+        resolved_args(&objects)
+            .iter()
+            .any(|a| !flags.contains(a.split('=').next().unwrap()))
+    );
 }
 
 #[test]
 fn probes_and_monitors_point_at_the_port_the_agent_serves_its_health_on() {
-    let help = String::from_utf8(Command::new(target_binary("netwatch-agent")).arg("--help").output().unwrap().stdout).unwrap();
-    assert!(help.contains("/healthz") && help.contains("/readyz"), "the agent documents its health endpoints");
+    let help = String::from_utf8(
+        Command::new(target_binary("netwatch-agent"))
+            .arg("--help")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        help.contains("/healthz") && help.contains("/readyz"),
+        "the agent documents its health endpoints"
+    );
     for (name, docs) in all_renderings() {
         let objects = objects(&docs);
         let container = agent_container(daemonset(&objects));
         let args = resolved_args(&objects);
-        let addr = args.iter().find_map(|a| a.strip_prefix("--metrics-addr=")).expect("--metrics-addr");
+        let addr = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--metrics-addr="))
+            .expect("--metrics-addr");
         let served: i32 = addr.rsplit(':').next().unwrap().parse().unwrap();
         let ports = container.ports.as_deref().unwrap();
         let port_of = |p: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString| match p {
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => {
-                ports.iter().find(|p| p.name.as_deref() == Some(s.as_str())).map(|p| p.container_port).unwrap_or_else(|| panic!("{name}: no port named {s}"))
-            }
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(s.as_str()))
+                .map(|p| p.container_port)
+                .unwrap_or_else(|| panic!("{name}: no port named {s}")),
         };
-        for (probe, path) in [(&container.liveness_probe, "/healthz"), (&container.readiness_probe, "/readyz")] {
-            let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{name}: {path} probe"));
+        for (probe, path) in [
+            (&container.liveness_probe, "/healthz"),
+            (&container.readiness_probe, "/readyz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{name}: {path} probe"));
             assert_eq!(get.path.as_deref(), Some(path), "{name}");
-            assert_eq!(port_of(&get.port), served, "{name}: {path} probe on the port of --metrics-addr");
+            assert_eq!(
+                port_of(&get.port),
+                served,
+                "{name}: {path} probe on the port of --metrics-addr"
+            );
         }
         for o in &objects {
             match o {
@@ -785,13 +1200,25 @@ fn probes_and_monitors_point_at_the_port_the_agent_serves_its_health_on() {
                 }
                 Object::ServiceMonitor(m) => {
                     for e in &m.spec.endpoints {
-                        assert_eq!(ports.iter().find(|p| p.name.as_deref() == Some(&e.port)).map(|p| p.container_port), Some(served));
+                        assert_eq!(
+                            ports
+                                .iter()
+                                .find(|p| p.name.as_deref() == Some(&e.port))
+                                .map(|p| p.container_port),
+                            Some(served)
+                        );
                     }
                     assert_eq!(m.spec.job_label.as_deref(), Some("app.kubernetes.io/name"));
                 }
                 Object::PodMonitor(m) => {
                     for e in &m.spec.pod_metrics_endpoints {
-                        assert_eq!(ports.iter().find(|p| p.name.as_deref() == Some(&e.port)).map(|p| p.container_port), Some(served));
+                        assert_eq!(
+                            ports
+                                .iter()
+                                .find(|p| p.name.as_deref() == Some(&e.port))
+                                .map(|p| p.container_port),
+                            Some(served)
+                        );
                     }
                     assert_eq!(m.spec.job_label.as_deref(), Some("app.kubernetes.io/name"));
                 }
@@ -799,18 +1226,38 @@ fn probes_and_monitors_point_at_the_port_the_agent_serves_its_health_on() {
             }
         }
         // The job label's value is the job name the alerting rules expect.
-        let labels = daemonset(&objects).spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
-        assert_eq!(labels.get("app.kubernetes.io/name").map(String::as_str), Some("netwatch-agent"), "{name}");
+        let labels = daemonset(&objects)
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        assert_eq!(
+            labels.get("app.kubernetes.io/name").map(String::as_str),
+            Some("netwatch-agent"),
+            "{name}"
+        );
     }
-    let rules = std::fs::read_to_string(root().join("deploy/prometheus/netwatch-rules.yaml")).unwrap();
+    let rules =
+        std::fs::read_to_string(root().join("deploy/prometheus/netwatch-rules.yaml")).unwrap();
     assert!(rules.contains(r#"job="netwatch-agent""#));
 }
 
 /// One HTTP GET on loopback: the status code.
 fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer.split_whitespace().nth(1)?.parse().ok()
@@ -837,7 +1284,11 @@ fn the_agent_started_with_the_daemonsets_arguments_answers_its_probes() {
             }
         })
         .collect();
-    args.extend(["--interfaces=nwdeploytest*".into(), "--flow-log=none".into(), "--duration=20".into()]);
+    args.extend([
+        "--interfaces=nwdeploytest*".into(),
+        "--flow-log=none".into(),
+        "--duration=20".into(),
+    ]);
     let log_path = dir.path().join("agent.log");
     let mut child = Command::new(target_binary("netwatch-agent"))
         .args(&args)
@@ -854,9 +1305,17 @@ fn the_agent_started_with_the_daemonsets_arguments_answers_its_probes() {
     while Instant::now() < deadline && ready != Some(200) {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("netwatch-agent {} exited ({status}):\n{log}", args.join(" "));
+            panic!(
+                "netwatch-agent {} exited ({status}):\n{log}",
+                args.join(" ")
+            );
         }
-        if let Some(port) = log.split("metrics listening on http://127.0.0.1:").nth(1).and_then(|s| s.split('/').next()).and_then(|p| p.parse().ok()) {
+        if let Some(port) = log
+            .split("metrics listening on http://127.0.0.1:")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .and_then(|p| p.parse().ok())
+        {
             health = http_status(port, "/healthz");
             ready = http_status(port, "/readyz");
         }
@@ -865,7 +1324,12 @@ fn the_agent_started_with_the_daemonsets_arguments_answers_its_probes() {
     let _ = child.kill();
     let _ = child.wait();
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    assert_eq!((health, ready), (Some(200), Some(200)), "netwatch-agent {}:\n{log}", args.join(" "));
+    assert_eq!(
+        (health, ready),
+        (Some(200), Some(200)),
+        "netwatch-agent {}:\n{log}",
+        args.join(" ")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -874,7 +1338,10 @@ fn the_agent_started_with_the_daemonsets_arguments_answers_its_probes() {
 #[test]
 fn the_readme_install_section_is_three_command_lines_or_fewer_on_paths_that_exist() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme.split("\n## Install\n").nth(1).expect("README has an \"## Install\" section");
+    let section = readme
+        .split("\n## Install\n")
+        .nth(1)
+        .expect("README has an \"## Install\" section");
     let section = section.split("\n## ").next().unwrap();
     let commands: Vec<&str> = section
         .split("```")
@@ -886,7 +1353,10 @@ fn the_readme_install_section_is_three_command_lines_or_fewer_on_paths_that_exis
         .collect();
     assert!(!commands.is_empty() && commands.len() <= 3, "{commands:?}");
     for path in ["deploy/helm/netwatch", "deploy/manifests/"] {
-        assert!(commands.iter().any(|c| c.contains(path)), "installs from {path}: {commands:?}");
+        assert!(
+            commands.iter().any(|c| c.contains(path)),
+            "installs from {path}: {commands:?}"
+        );
         assert!(root().join(path).exists());
     }
 }
@@ -894,17 +1364,32 @@ fn the_readme_install_section_is_three_command_lines_or_fewer_on_paths_that_exis
 #[test]
 fn the_dockerfile_pins_every_base_image_by_digest_and_copies_what_exists() {
     let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
-    let froms: Vec<&str> = dockerfile.lines().filter(|l| l.starts_with("FROM ")).collect();
+    let froms: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
     assert!(froms.len() >= 2, "a build stage and a runtime stage");
     for from in &froms {
         let image = from.split_whitespace().nth(1).unwrap();
-        let digest = image.split("@sha256:").nth(1).unwrap_or_else(|| panic!("{from}: not pinned by digest"));
-        assert!(digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()), "{from}");
+        let digest = image
+            .split("@sha256:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{from}: not pinned by digest"));
+        assert!(
+            digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+            "{from}"
+        );
     }
-    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from=")) {
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from="))
+    {
         let parts: Vec<&str> = line.split_whitespace().skip(1).collect();
         for source in &parts[..parts.len() - 1] {
-            assert!(root().join(source).exists(), "{line}: {source} is not in the repository");
+            assert!(
+                root().join(source).exists(),
+                "{line}: {source} is not in the repository"
+            );
         }
     }
     // The image runs the agent and carries the CLI the chart's NOTES point at.

@@ -127,12 +127,23 @@ struct Built {
 }
 
 fn build(name: &str) -> (Case, Built) {
-    let path = format!("{}/tests/data/enforce/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
-    let case: Case = serde_yaml::from_str(&std::fs::read_to_string(&path).expect("case file")).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let path = format!(
+        "{}/tests/data/enforce/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let case: Case = serde_yaml::from_str(&std::fs::read_to_string(&path).expect("case file"))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
     let list = serde_yaml::to_string(&serde_yaml::Value::Mapping(
-        [("apiVersion".into(), "v1".into()), ("kind".into(), "List".into()), ("items".into(), serde_yaml::Value::Sequence(case.manifests.clone()))]
-            .into_iter()
-            .collect(),
+        [
+            ("apiVersion".into(), "v1".into()),
+            ("kind".into(), "List".into()),
+            (
+                "items".into(),
+                serde_yaml::Value::Sequence(case.manifests.clone()),
+            ),
+        ]
+        .into_iter()
+        .collect(),
     ))
     .unwrap();
     let text = format!("{}{list}", base_manifests(&case.nodes));
@@ -150,8 +161,10 @@ fn up(origin: &str, text: &str, options: &EnforceOptions) -> Built {
     let (spec, _notes) = LabSpec::from_manifests(&manifests).unwrap_or_else(|e| panic!("{e}"));
     let lab = Lab::up(&spec, &helper()).expect("lab up (are you root?)");
     let cluster = LabCluster::new(manifests, lab.placements()).unwrap_or_else(|e| panic!("{e}"));
-    lab.enforce(&cluster, options).unwrap_or_else(|e| panic!("{e}"));
-    lab.proxy_services(&cluster).unwrap_or_else(|e| panic!("{e}"));
+    lab.enforce(&cluster, options)
+        .unwrap_or_else(|e| panic!("{e}"));
+    lab.proxy_services(&cluster)
+        .unwrap_or_else(|e| panic!("{e}"));
     Built { lab, cluster }
 }
 
@@ -165,7 +178,11 @@ fn probe_for(port: &str, to: SocketAddr, timeout: Duration) -> Probe {
 }
 
 fn allowed_outcome(port: &str) -> Outcome {
-    if port.ends_with("/tcp") || port.starts_with("tcp/") { Outcome::Connected } else { Outcome::Answered }
+    if port.ends_with("/tcp") || port.starts_with("tcp/") {
+        Outcome::Connected
+    } else {
+        Outcome::Answered
+    }
 }
 
 /// One probe to run: who, where, what is expected.
@@ -193,9 +210,15 @@ fn run_jobs(lab: &Lab, jobs: &[Job]) -> Vec<(usize, Outcome)> {
                         *n - 1
                     };
                     let Some(job) = jobs.get(i) else { break };
-                    let mut outcome = lab.probe(&job.from, &probe_for(&job.port, job.to, TIMEOUT)).expect("probe").outcome;
+                    let mut outcome = lab
+                        .probe(&job.from, &probe_for(&job.port, job.to, TIMEOUT))
+                        .expect("probe")
+                        .outcome;
                     if outcome == Outcome::TimedOut && job.expect != Outcome::TimedOut {
-                        outcome = lab.probe(&job.from, &probe_for(&job.port, job.to, RETRY_TIMEOUT)).expect("probe").outcome;
+                        outcome = lab
+                            .probe(&job.from, &probe_for(&job.port, job.to, RETRY_TIMEOUT))
+                            .expect("probe")
+                            .outcome;
                     }
                     results.lock().unwrap()[i] = outcome;
                 }
@@ -203,22 +226,39 @@ fn run_jobs(lab: &Lab, jobs: &[Job]) -> Vec<(usize, Outcome)> {
         }
     });
     let results = results.into_inner().unwrap();
-    results.into_iter().enumerate().filter(|(i, o)| *o != jobs[*i].expect).collect()
+    results
+        .into_iter()
+        .enumerate()
+        .filter(|(i, o)| *o != jobs[*i].expect)
+        .collect()
 }
 
 fn pod_address(lab: &Lab, id: &str, ipv6: bool) -> IpAddr {
     let p = lab.pod(id).unwrap_or_else(|e| panic!("{e}"));
-    if ipv6 { IpAddr::V6(p.spec.ipv6.expect("pod has IPv6")) } else { IpAddr::V4(p.spec.ip) }
+    if ipv6 {
+        IpAddr::V6(p.spec.ipv6.expect("pod has IPv6"))
+    } else {
+        IpAddr::V4(p.spec.ip)
+    }
 }
 
 /// Parse a truth table: (from, to) -> allowed.
 fn parse_table(key: &str, table: &str) -> BTreeMap<(String, String), bool> {
     let mut lines = table.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().expect("header").split_whitespace().skip(1).collect();
+    let header: Vec<&str> = lines
+        .next()
+        .expect("header")
+        .split_whitespace()
+        .skip(1)
+        .collect();
     let mut out = BTreeMap::new();
     for line in lines {
         let cells: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cells.len(), header.len() + 1, "table {key:?}: row {line:?} has the wrong number of cells");
+        assert_eq!(
+            cells.len(),
+            header.len() + 1,
+            "table {key:?}: row {line:?} has the wrong number of cells"
+        );
         for (to, cell) in header.iter().zip(&cells[1..]) {
             match *cell {
                 "." => out.insert((cells[0].to_string(), to.to_string()), true),
@@ -232,9 +272,17 @@ fn parse_table(key: &str, table: &str) -> BTreeMap<(String, String), bool> {
 }
 
 fn render_table(ids: &[String], cell: impl Fn(&str, &str) -> &'static str) -> String {
-    let mut out = format!("      {}\n", ids.iter().map(|i| format!("{i:>4}")).collect::<String>());
+    let mut out = format!(
+        "      {}\n",
+        ids.iter().map(|i| format!("{i:>4}")).collect::<String>()
+    );
     for from in ids {
-        out.push_str(&format!("{from:<6}{}\n", ids.iter().map(|to| format!("{:>4}", cell(from, to))).collect::<String>()));
+        out.push_str(&format!(
+            "{from:<6}{}\n",
+            ids.iter()
+                .map(|to| format!("{:>4}", cell(from, to)))
+                .collect::<String>()
+        ));
     }
     out
 }
@@ -242,12 +290,18 @@ fn render_table(ids: &[String], cell: impl Fn(&str, &str) -> &'static str) -> St
 /// Probe the whole matrix and the case's single probes; fail naming every
 /// flow the kernel treated otherwise than the truth table says.
 fn check(name: &str, case: &Case, lab: &Lab) {
-    let ids: Vec<String> = NAMESPACES.iter().flat_map(|n| PODS.iter().map(move |p| format!("{n}/{p}"))).collect();
+    let ids: Vec<String> = NAMESPACES
+        .iter()
+        .flat_map(|n| PODS.iter().map(move |p| format!("{n}/{p}")))
+        .collect();
     let mut jobs = Vec::new();
     for (key, table) in &case.expect {
         let truth = parse_table(key, table);
         for port in key.split_whitespace() {
-            assert!(PORTS.contains(&port), "{name}: table key {port:?} (use {PORTS:?})");
+            assert!(
+                PORTS.contains(&port),
+                "{name}: table key {port:?} (use {PORTS:?})"
+            );
             let (proto, number) = port.split_once('/').unwrap();
             let number: u16 = number.parse().unwrap();
             for from in &ids {
@@ -255,20 +309,30 @@ fn check(name: &str, case: &Case, lab: &Lab) {
                     if from == to {
                         continue;
                     }
-                    let allowed = *truth.get(&(from.clone(), to.clone())).unwrap_or_else(|| panic!("{name} {port}: no cell for {from} -> {to}"));
+                    let allowed = *truth
+                        .get(&(from.clone(), to.clone()))
+                        .unwrap_or_else(|| panic!("{name} {port}: no cell for {from} -> {to}"));
                     jobs.push(Job {
                         label: format!("{from} -> {to} {port}"),
                         from: from.clone(),
                         to: SocketAddr::new(pod_address(lab, to, false), number),
                         port: format!("{number}/{proto}"),
-                        expect: if allowed { allowed_outcome(port) } else { Outcome::TimedOut },
+                        expect: if allowed {
+                            allowed_outcome(port)
+                        } else {
+                            Outcome::TimedOut
+                        },
                     });
                 }
             }
         }
     }
     let matrix = jobs.len();
-    assert_eq!(matrix, 72 * 4, "{name}: the truth tables must cover every port");
+    assert_eq!(
+        matrix,
+        72 * 4,
+        "{name}: the truth tables must cover every port"
+    );
     for p in &case.probes {
         let (number, _) = p.port.split_once('/').expect("port/proto");
         let to = match p.to.parse::<IpAddr>() {
@@ -276,7 +340,13 @@ fn check(name: &str, case: &Case, lab: &Lab) {
             Err(_) => pod_address(lab, &p.to, p.ipv6),
         };
         jobs.push(Job {
-            label: format!("{} -> {} {}{}", p.from, p.to, p.port, if p.ipv6 { " over IPv6" } else { "" }),
+            label: format!(
+                "{} -> {} {}{}",
+                p.from,
+                p.to,
+                p.port,
+                if p.ipv6 { " over IPv6" } else { "" }
+            ),
             from: p.from.clone(),
             to: SocketAddr::new(to, number.parse().expect("port number")),
             port: p.port.clone(),
@@ -287,12 +357,22 @@ fn check(name: &str, case: &Case, lab: &Lab) {
     if wrong.is_empty() {
         return;
     }
-    let mut report = format!("{name}: {} of {} probes disagree with the truth table:\n", wrong.len(), jobs.len());
+    let mut report = format!(
+        "{name}: {} of {} probes disagree with the truth table:\n",
+        wrong.len(),
+        jobs.len()
+    );
     for (i, got) in &wrong {
-        report.push_str(&format!("  {}: expected {:?}, got {got:?}\n", jobs[*i].label, jobs[*i].expect));
+        report.push_str(&format!(
+            "  {}: expected {:?}, got {got:?}\n",
+            jobs[*i].label, jobs[*i].expect
+        ));
     }
     for port in PORTS {
-        if wrong.iter().any(|(i, _)| *i < matrix && jobs[*i].label.ends_with(port)) {
+        if wrong
+            .iter()
+            .any(|(i, _)| *i < matrix && jobs[*i].label.ends_with(port))
+        {
             let outcome = |from: &str, to: &str| {
                 let label = format!("{from} -> {to} {port}");
                 match jobs.iter().position(|j| j.label == label) {
@@ -304,7 +384,10 @@ fn check(name: &str, case: &Case, lab: &Lab) {
                     }
                 }
             };
-            report.push_str(&format!("what the kernel did on {port}:\n{}", render_table(&ids, outcome)));
+            report.push_str(&format!(
+                "what the kernel did on {port}:\n{}",
+                render_table(&ids, outcome)
+            ));
         }
     }
     panic!("{report}");
@@ -393,16 +476,38 @@ fn two_nodes_each_polices_its_own_pods() {
     // Each node has chains for its own pods only.
     let node1 = enforce::compile(&cluster, "node-1", &options).unwrap();
     let node2 = enforce::compile(&cluster, "node-2", &options).unwrap();
-    assert!(node1.contains("chain egress/x/a") && !node1.contains("chain ingress/y/"), "{node1}");
-    assert!(node2.contains("chain ingress/y/b") && !node2.contains("chain egress/x/"), "{node2}");
+    assert!(
+        node1.contains("chain egress/x/a") && !node1.contains("chain ingress/y/"),
+        "{node1}"
+    );
+    assert!(
+        node2.contains("chain ingress/y/b") && !node2.contains("chain egress/x/"),
+        "{node2}"
+    );
     // The matrix dropped x/a's traffic on node-1, and traffic into y on node-2.
     assert!(lab.policy_drops("x/a", Direction::Egress).unwrap() > 0);
     let before = lab.policy_drops("y/b", Direction::Ingress).unwrap();
-    let r = lab.probe("x/c", &Probe::tcp(SocketAddr::new(pod_address(&lab, "y/b", false), 80), TIMEOUT)).unwrap();
+    let r = lab
+        .probe(
+            "x/c",
+            &Probe::tcp(
+                SocketAddr::new(pod_address(&lab, "y/b", false), 80),
+                TIMEOUT,
+            ),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::TimedOut);
-    assert!(lab.policy_drops("y/b", Direction::Ingress).unwrap() > before, "x/c -> y/b is dropped on y/b's node");
-    let e = lab.nft_counter("node-1", &enforce::drop_comment("y/b", Direction::Ingress)).unwrap_err();
-    assert!(e.to_string().contains("no nftables rule"), "node-1 has no rule for y/b: {e}");
+    assert!(
+        lab.policy_drops("y/b", Direction::Ingress).unwrap() > before,
+        "x/c -> y/b is dropped on y/b's node"
+    );
+    let e = lab
+        .nft_counter("node-1", &enforce::drop_comment("y/b", Direction::Ingress))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("no nftables rule"),
+        "node-1 has no rule for y/b: {e}"
+    );
 }
 
 const HOST_PODS: &str = r#"
@@ -458,20 +563,74 @@ fn traffic_from_the_node_to_its_pods_is_not_policed_by_default() {
         let r = lab.probe(from, &Probe::tcp(to, TIMEOUT)).unwrap();
         assert_eq!(r.outcome, outcome, "{from} -> {to}: {why}");
     };
-    expect("monitoring/scraper", a_80, Outcome::Connected, "the pod's own node is allowed in (API docs, Calico's default)");
-    assert!(lab.nft_counter("node-1", "host to local pods: not policed (police_host_to_pod: false)").unwrap() > 0);
-    expect("monitoring/remote-scraper", a_80, Outcome::TimedOut, "another node is a non-pod address, matched by ipBlocks only");
-    expect("monitoring/b", a_80, Outcome::TimedOut, "x/a is isolated for ingress");
-    expect("monitoring/b", node_exporter, Outcome::Connected, "monitoring/b is not isolated: it reaches its node");
-    expect("x/a", node_exporter, Outcome::TimedOut, "x/a's egress policy applies to its own node too");
+    expect(
+        "monitoring/scraper",
+        a_80,
+        Outcome::Connected,
+        "the pod's own node is allowed in (API docs, Calico's default)",
+    );
+    assert!(
+        lab.nft_counter(
+            "node-1",
+            "host to local pods: not policed (police_host_to_pod: false)"
+        )
+        .unwrap()
+            > 0
+    );
+    expect(
+        "monitoring/remote-scraper",
+        a_80,
+        Outcome::TimedOut,
+        "another node is a non-pod address, matched by ipBlocks only",
+    );
+    expect(
+        "monitoring/b",
+        a_80,
+        Outcome::TimedOut,
+        "x/a is isolated for ingress",
+    );
+    expect(
+        "monitoring/b",
+        node_exporter,
+        Outcome::Connected,
+        "monitoring/b is not isolated: it reaches its node",
+    );
+    expect(
+        "x/a",
+        node_exporter,
+        Outcome::TimedOut,
+        "x/a's egress policy applies to its own node too",
+    );
     // Police the node's traffic as well.
-    lab.enforce(&cluster, &EnforceOptions { police_host_to_pod: true, ..EnforceOptions::default() }).unwrap();
-    expect("monitoring/scraper", a_80, Outcome::TimedOut, "with police_host_to_pod the node is policed");
+    lab.enforce(
+        &cluster,
+        &EnforceOptions {
+            police_host_to_pod: true,
+            ..EnforceOptions::default()
+        },
+    )
+    .unwrap();
+    expect(
+        "monitoring/scraper",
+        a_80,
+        Outcome::TimedOut,
+        "with police_host_to_pod the node is policed",
+    );
     let nothing_ready: SocketAddr = "10.96.0.99:80".parse().unwrap();
-    expect("x/a", nothing_ready, Outcome::Refused, "kube-proxy's REJECT comes first, and the node's ICMP error reaches the pod");
+    expect(
+        "x/a",
+        nothing_ready,
+        Outcome::Refused,
+        "kube-proxy's REJECT comes first, and the node's ICMP error reaches the pod",
+    );
     // Back to the default, replacing the ruleset in place.
     lab.enforce(&cluster, &EnforceOptions::default()).unwrap();
-    expect("monitoring/scraper", a_80, Outcome::Connected, "reloading restores the default");
+    expect(
+        "monitoring/scraper",
+        a_80,
+        Outcome::Connected,
+        "reloading restores the default",
+    );
 }
 
 const SERVICES: &str = r#"
@@ -574,48 +733,123 @@ spec:
 fn services_dnat_to_ready_backends_and_reject_without_any() {
     let Built { lab, .. } = up("services.yaml", SERVICES, &EnforceOptions::default());
     let web: SocketAddr = "10.96.0.20:80".parse().unwrap();
-    let counter = |pod: &str| lab.nft_counter(if pod == "web-1" { "node-1" } else { "node-2" }, &format!("shop/web-from-clients ingress[0].from[0].ports[0] shop/{pod}"));
+    let counter = |pod: &str| {
+        lab.nft_counter(
+            if pod == "web-1" { "node-1" } else { "node-2" },
+            &format!("shop/web-from-clients ingress[0].from[0].ports[0] shop/{pod}"),
+        )
+    };
     for i in 0..16 {
-        let r = lab.probe("shop/client", &Probe::tcp(web, Duration::from_secs(3))).unwrap();
-        assert_eq!(r.outcome, Outcome::Connected, "client -> web, attempt {i}: {r:?}");
+        let r = lab
+            .probe("shop/client", &Probe::tcp(web, Duration::from_secs(3)))
+            .unwrap();
+        assert_eq!(
+            r.outcome,
+            Outcome::Connected,
+            "client -> web, attempt {i}: {r:?}"
+        );
     }
     let (one, two) = (counter("web-1").unwrap(), counter("web-2").unwrap());
-    assert!(one > 0 && two > 0, "both ready backends get connections (web-1 {one}, web-2 {two} packets)");
-    assert!(one + two >= 16, "every connection's SYN passed its backend's ingress rule, on the backend's node, after DNAT ({one} + {two})");
+    assert!(
+        one > 0 && two > 0,
+        "both ready backends get connections (web-1 {one}, web-2 {two} packets)"
+    );
+    assert!(
+        one + two >= 16,
+        "every connection's SYN passed its backend's ingress rule, on the backend's node, after DNAT ({one} + {two})"
+    );
     // IPv6: the cluster IP's family picks the endpoints (web-1 alone has IPv6).
-    let r = lab.probe("shop/client", &Probe::tcp("[fd96::20]:80".parse().unwrap(), Duration::from_secs(3))).unwrap();
+    let r = lab
+        .probe(
+            "shop/client",
+            &Probe::tcp("[fd96::20]:80".parse().unwrap(), Duration::from_secs(3)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Connected, "client -> web over IPv6");
     // Policy applies after DNAT: a pod the backends do not accept times out.
-    let r = lab.probe("shop/stranger", &Probe::tcp(web, TIMEOUT)).unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "stranger -> web is denied at the backend");
+    let r = lab
+        .probe("shop/stranger", &Probe::tcp(web, TIMEOUT))
+        .unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::TimedOut,
+        "stranger -> web is denied at the backend"
+    );
     // From the node (nat output): DNAT too (to web-1 on this node, not
     // policed; or to web-2 on node-2, allowed by the ipBlock).
-    let r = lab.probe("shop/node-agent", &Probe::tcp(web, Duration::from_secs(3))).unwrap();
+    let r = lab
+        .probe("shop/node-agent", &Probe::tcp(web, Duration::from_secs(3)))
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Connected, "node -> web");
     // No ready endpoint: rejected with ICMP port unreachable, from pods and node.
     let payment: SocketAddr = "10.96.0.30:80".parse().unwrap();
     for from in ["shop/client", "shop/node-agent"] {
-        let r = lab.probe(from, &Probe::tcp(payment, Duration::from_secs(3))).unwrap();
-        assert_eq!(r.outcome, Outcome::Refused, "{from} -> payment (no ready endpoint)");
+        let r = lab
+            .probe(from, &Probe::tcp(payment, Duration::from_secs(3)))
+            .unwrap();
+        assert_eq!(
+            r.outcome,
+            Outcome::Refused,
+            "{from} -> payment (no ready endpoint)"
+        );
     }
-    assert!(lab.nft_counter("node-1", "shop/payment 10.96.0.30:80/TCP").unwrap() >= 2, "both attempts went through the REJECT rule");
+    assert!(
+        lab.nft_counter("node-1", "shop/payment 10.96.0.30:80/TCP")
+            .unwrap()
+            >= 2,
+        "both attempts went through the REJECT rule"
+    );
     // EndpointSlices: the ready endpoint answers; a port whose endpoints are
     // all not ready is rejected.
-    let r = lab.probe("shop/client", &Probe::dns("10.96.0.10:53".parse().unwrap(), Duration::from_secs(3))).unwrap();
-    assert_eq!(r.outcome, Outcome::Answered, "DNS through the service to dns-0");
-    let r = lab.probe("shop/client", &Probe::udp("10.96.0.10:54".parse().unwrap(), Duration::from_secs(3))).unwrap();
-    assert_eq!(r.outcome, Outcome::Refused, "port 54's only endpoint is not ready");
+    let r = lab
+        .probe(
+            "shop/client",
+            &Probe::dns("10.96.0.10:53".parse().unwrap(), Duration::from_secs(3)),
+        )
+        .unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::Answered,
+        "DNS through the service to dns-0"
+    );
+    let r = lab
+        .probe(
+            "shop/client",
+            &Probe::udp("10.96.0.10:54".parse().unwrap(), Duration::from_secs(3)),
+        )
+        .unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::Refused,
+        "port 54's only endpoint is not ready"
+    );
 }
 
 #[test]
 fn bad_policies_are_refused_before_anything_is_loaded() {
-    let text = HOST_PODS.replace("policyTypes: [ Ingress, Egress ] }", "policyTypes: [ Ingress ], ingress: [ { ports: [ { port: 80, endPort: 70 } ] } ] }");
+    let text = HOST_PODS.replace(
+        "policyTypes: [ Ingress, Egress ] }",
+        "policyTypes: [ Ingress ], ingress: [ { ports: [ { port: 80, endPort: 70 } ] } ] }",
+    );
     let manifests = Manifests::parse("bad.yaml", &text).unwrap();
     let (spec, _) = LabSpec::from_manifests(&manifests).unwrap();
     let lab = Lab::up(&spec, &helper()).expect("lab up");
     let cluster = LabCluster::new(manifests, lab.placements()).unwrap();
-    let e = lab.enforce(&cluster, &EnforceOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("NetworkPolicy x/deny-all: `spec.ingress[0].ports[0].endPort`: 70 is below port 80"), "{e}");
-    let r = lab.probe("monitoring/b", &Probe::tcp("10.244.1.10:80".parse().unwrap(), TIMEOUT)).unwrap();
+    let e = lab
+        .enforce(&cluster, &EnforceOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "NetworkPolicy x/deny-all: `spec.ingress[0].ports[0].endPort`: 70 is below port 80"
+        ),
+        "{e}"
+    );
+    let r = lab
+        .probe(
+            "monitoring/b",
+            &Probe::tcp("10.244.1.10:80".parse().unwrap(), TIMEOUT),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Connected, "nothing was loaded");
 }

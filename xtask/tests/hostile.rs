@@ -21,7 +21,12 @@ pods:
 "#;
 
 fn refused_flow_is_reported(lab: &xtask::lab::Lab, agent: &Agent) {
-    let r = lab.probe("prod/web", &Probe::tcp("10.244.1.3:7777".parse().unwrap(), Duration::from_secs(2))).unwrap();
+    let r = lab
+        .probe(
+            "prod/web",
+            &Probe::tcp("10.244.1.3:7777".parse().unwrap(), Duration::from_secs(2)),
+        )
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Refused);
     let f = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.3", 7777));
     assert_eq!(f["flow"]["verdict"], "REFUSED");
@@ -29,9 +34,20 @@ fn refused_flow_is_reported(lab: &xtask::lab::Lab, agent: &Agent) {
 
 /// Program ids the agent logged at start.
 fn program_ids(log: &str) -> Vec<u32> {
-    let line = log.lines().find(|l| l.contains("eBPF programs loaded")).expect("programs line");
-    let list = line.split("programs=").nth(1).expect("programs=").split_whitespace().next().unwrap_or("");
-    list.split(',').filter_map(|kv| kv.split('=').nth(1)?.parse().ok()).collect()
+    let line = log
+        .lines()
+        .find(|l| l.contains("eBPF programs loaded"))
+        .expect("programs line");
+    let list = line
+        .split("programs=")
+        .nth(1)
+        .expect("programs=")
+        .split_whitespace()
+        .next()
+        .unwrap_or("");
+    list.split(',')
+        .filter_map(|kv| kv.split('=').nth(1)?.parse().ok())
+        .collect()
 }
 
 fn program_exists(id: u32) -> bool {
@@ -49,9 +65,16 @@ fn without_kernel_btf_it_warns_once_and_keeps_capturing_with_tc() {
     let lab = lab(LAB);
     let mut agent = Agent::start(&lab, "node-1", 2, &["--btf", "/nonexistent/vmlinux"]);
     let log = agent.log();
-    let warning: Vec<&str> = log.lines().filter(|l| l.contains("drop capture (kfree_skb) is off")).collect();
+    let warning: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("drop capture (kfree_skb) is off"))
+        .collect();
     assert_eq!(warning.len(), 1, "{log}");
-    assert!(warning[0].contains("/nonexistent/vmlinux") && warning[0].contains("CONFIG_DEBUG_INFO_BTF"), "{}", warning[0]);
+    assert!(
+        warning[0].contains("/nonexistent/vmlinux") && warning[0].contains("CONFIG_DEBUG_INFO_BTF"),
+        "{}",
+        warning[0]
+    );
     refused_flow_is_reported(&lab, &agent);
     agent.stop();
     assert!(!agent.log().contains("panicked"));
@@ -70,23 +93,39 @@ fn without_privileges_it_exits_with_one_line_naming_the_capabilities() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     let last = stderr.lines().last().unwrap_or("");
-    assert!(last.starts_with("netwatch-agent: ") && last.contains("CAP_BPF") && last.contains("root"), "{stderr}");
+    assert!(
+        last.starts_with("netwatch-agent: ") && last.contains("CAP_BPF") && last.contains("root"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn bad_flags_are_named() {
     let out = Command::new(target_binary("netwatch-agent"))
-        .args(["--drop-reasons", "default,NETFILTER_DROPP", "--duration", "1"])
+        .args([
+            "--drop-reasons",
+            "default,NETFILTER_DROPP",
+            "--duration",
+            "1",
+        ])
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("NETFILTER_DROPP") && stderr.contains("this kernel knows"), "{stderr}");
+    assert!(
+        stderr.contains("NETFILTER_DROPP") && stderr.contains("this kernel knows"),
+        "{stderr}"
+    );
 
-    let out = Command::new(target_binary("netwatch-agent")).args(["--interfaces", "cali[", "--duration", "1"]).output().unwrap();
+    let out = Command::new(target_binary("netwatch-agent"))
+        .args(["--interfaces", "cali[", "--duration", "1"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --interfaces pattern \"cali[\""));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid --interfaces pattern \"cali[\"")
+    );
 }
 
 #[test]
@@ -94,7 +133,11 @@ fn a_cgroup_root_that_is_not_cgroup_v2_turns_off_only_the_socket_hook() {
     let lab = lab(LAB);
     let mut agent = Agent::start(&lab, "node-1", 2, &["--cgroup-root", "/tmp"]);
     let log = agent.log();
-    assert!(log.lines().any(|l| l.contains("socket capture (sock_ops) is off") && l.contains("/tmp")), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("socket capture (sock_ops) is off") && l.contains("/tmp")),
+        "{log}"
+    );
     refused_flow_is_reported(&lab, &agent);
     agent.stop();
 }
@@ -107,16 +150,34 @@ fn interfaces_vanishing_mid_attach_do_not_stop_the_agent() {
     for i in 0..40 {
         let name = format!("calix{i:04}");
         let _ = Command::new("ip")
-            .args(["-n", &netns, "link", "add", &name, "type", "veth", "peer", "name", &format!("peer{i:04}")])
+            .args([
+                "-n",
+                &netns,
+                "link",
+                "add",
+                &name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("peer{i:04}"),
+            ])
             .status();
-        let _ = Command::new("ip").args(["-n", &netns, "link", "set", &name, "up"]).status();
-        let _ = Command::new("ip").args(["-n", &netns, "link", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["-n", &netns, "link", "set", &name, "up"])
+            .status();
+        let _ = Command::new("ip")
+            .args(["-n", &netns, "link", "del", &name])
+            .status();
     }
     std::thread::sleep(Duration::from_millis(500));
     refused_flow_is_reported(&lab, &agent);
     let log = agent.log();
     assert!(!log.contains("panicked"), "{log}");
-    assert!(log.contains("forgot interface interface=calix"), "vanished interfaces are forgotten:\n{log}");
+    assert!(
+        log.contains("forgot interface interface=calix"),
+        "vanished interfaces are forgotten:\n{log}"
+    );
 }
 
 #[test]
@@ -128,17 +189,30 @@ fn nothing_is_left_in_the_kernel_after_sigterm_or_sigkill() {
     assert_eq!(ids.len(), 4, "TC from/to pod, kfree_skb, sock_ops");
     assert!(ids.iter().all(|id| program_exists(*id)));
     agent.stop();
-    assert!(ids.iter().all(|id| !program_exists(*id)), "programs (and so their links) are gone after exit");
+    assert!(
+        ids.iter().all(|id| !program_exists(*id)),
+        "programs (and so their links) are gone after exit"
+    );
     // Killed without a chance to clean up: the links are fd-based, so the
     // kernel drops them with the process.
     let agent = Agent::start(&lab, "node-1", 2, &[]);
     let ids = program_ids(&agent.log());
     drop(agent); // SIGKILL
     std::thread::sleep(Duration::from_millis(300));
-    assert!(ids.iter().all(|id| !program_exists(*id)), "programs are gone after SIGKILL");
+    assert!(
+        ids.iter().all(|id| !program_exists(*id)),
+        "programs are gone after SIGKILL"
+    );
     // And no qdisc was added to the pod interfaces (tcx needs none).
     let netns = &lab.node("node-1").unwrap().netns;
-    let qdiscs = String::from_utf8(Command::new("ip").args(["-n", netns, "-j", "qdisc", "show"]).output().unwrap().stdout).unwrap();
+    let qdiscs = String::from_utf8(
+        Command::new("ip")
+            .args(["-n", netns, "-j", "qdisc", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     assert!(!qdiscs.contains("clsact"), "{qdiscs}");
 }
 
@@ -151,11 +225,22 @@ fn inside_a_private_cgroup_namespace_the_guessed_cgroup_root_is_flagged() {
     let out = Command::new("unshare")
         .arg("--cgroup")
         .arg(target_binary("netwatch-agent"))
-        .args(["--duration", "1", "--metrics-addr", "none", "--interfaces", "nomatch*", "--api-socket"])
+        .args([
+            "--duration",
+            "1",
+            "--metrics-addr",
+            "none",
+            "--interfaces",
+            "nomatch*",
+            "--api-socket",
+        ])
         .arg(&socket)
         .env("NO_COLOR", "1")
         .output()
         .expect("unshare (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("private cgroup namespace") && stderr.contains("--cgroup-root"), "{stderr}");
+    assert!(
+        stderr.contains("private cgroup namespace") && stderr.contains("--cgroup-root"),
+        "{stderr}"
+    );
 }

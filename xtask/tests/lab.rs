@@ -26,15 +26,27 @@ pods:
 
 fn netns_list() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn footprint(id: &str) -> (Vec<String>, Vec<PathBuf>) {
-    let ns = netns_list().into_iter().filter(|n| n.contains(&format!("nwl-{id}-"))).collect();
+    let ns = netns_list()
+        .into_iter()
+        .filter(|n| n.contains(&format!("nwl-{id}-")))
+        .collect();
     let cg = xtask::lab::cgroup2_mount()
         .and_then(|m| std::fs::read_dir(m).ok())
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains(&format!("netwatch-lab-{id}-"))).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(&format!("netwatch-lab-{id}-")))
+                .collect()
+        })
         .unwrap_or_default();
     (ns, cg)
 }
@@ -48,16 +60,54 @@ fn pods_reach_each_other_over_v4_and_v6_and_everything_goes_on_drop() {
     assert_eq!(cg.len(), 1, "one node cgroup root: {cg:?}");
     let a = lab.pod("x/a").unwrap();
     assert!(a.host_if.starts_with("cali") && a.host_if.len() == 15);
-    assert!(a.cgroup.to_string_lossy().contains("kubepods-besteffort-pod"));
+    assert!(
+        a.cgroup
+            .to_string_lossy()
+            .contains("kubepods-besteffort-pod")
+    );
     for (to, probe) in [
-        ("tcp v4", Probe::tcp("10.244.7.2:80".parse().unwrap(), Duration::from_secs(2))),
-        ("tcp v6", Probe::tcp("[fd00:7::2]:80".parse().unwrap(), Duration::from_secs(2))),
+        (
+            "tcp v4",
+            Probe::tcp("10.244.7.2:80".parse().unwrap(), Duration::from_secs(2)),
+        ),
+        (
+            "tcp v6",
+            Probe::tcp("[fd00:7::2]:80".parse().unwrap(), Duration::from_secs(2)),
+        ),
     ] {
-        assert_eq!(lab.probe("x/b", &probe).unwrap().outcome, Outcome::Connected, "{to}");
+        assert_eq!(
+            lab.probe("x/b", &probe).unwrap().outcome,
+            Outcome::Connected,
+            "{to}"
+        );
     }
-    assert_eq!(lab.probe("x/b", &Probe::dns("10.244.7.2:53".parse().unwrap(), Duration::from_secs(2))).unwrap().outcome, Outcome::Answered);
-    assert_eq!(lab.probe("x/b", &Probe::udp("10.244.7.2:81".parse().unwrap(), Duration::from_secs(2))).unwrap().outcome, Outcome::Answered);
-    assert_eq!(lab.probe("x/b", &Probe::tcp("10.244.7.2:82".parse().unwrap(), Duration::from_secs(2))).unwrap().outcome, Outcome::Refused);
+    assert_eq!(
+        lab.probe(
+            "x/b",
+            &Probe::dns("10.244.7.2:53".parse().unwrap(), Duration::from_secs(2))
+        )
+        .unwrap()
+        .outcome,
+        Outcome::Answered
+    );
+    assert_eq!(
+        lab.probe(
+            "x/b",
+            &Probe::udp("10.244.7.2:81".parse().unwrap(), Duration::from_secs(2))
+        )
+        .unwrap()
+        .outcome,
+        Outcome::Answered
+    );
+    assert_eq!(
+        lab.probe(
+            "x/b",
+            &Probe::tcp("10.244.7.2:82".parse().unwrap(), Duration::from_secs(2))
+        )
+        .unwrap()
+        .outcome,
+        Outcome::Refused
+    );
     drop(lab);
     assert_eq!(footprint(&id), (vec![], vec![]));
 }
@@ -80,10 +130,18 @@ fn a_bad_scenario_is_refused_and_leaves_nothing() {
         "nodes: [ { name: n } ]\npods: [ { name: a, node: n, ip: 10.244.8.2, listen: [\"http/tcp\"] } ]",
     )
     .unwrap();
-    let e = xtask::lab::Lab::up(&spec, &helper()).err().expect("bad listen spec");
-    assert!(e.to_string().contains("default/a") && e.to_string().contains("http/tcp"), "{e}");
+    let e = xtask::lab::Lab::up(&spec, &helper())
+        .err()
+        .expect("bad listen spec");
+    assert!(
+        e.to_string().contains("default/a") && e.to_string().contains("http/tcp"),
+        "{e}"
+    );
     let me = format!("nwl-{}-", std::process::id());
-    let left: Vec<String> = netns_list().into_iter().filter(|n| n.starts_with(&me) && n.ends_with("-default-a")).collect();
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&me) && n.ends_with("-default-a"))
+        .collect();
     assert!(left.is_empty(), "{left:?}");
 }
 

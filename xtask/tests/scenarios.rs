@@ -16,9 +16,14 @@ fn scenarios_dir() -> PathBuf {
 
 fn run(name: &str) {
     let scenario = Scenario::load(&scenarios_dir().join(name)).expect("scenario");
-    let bins = Binaries { helper: helper(), agent: target_binary("netwatch-agent"), netwatch: target_binary("netwatch") };
+    let bins = Binaries {
+        helper: helper(),
+        agent: target_binary("netwatch-agent"),
+        netwatch: target_binary("netwatch"),
+    };
     let work = tempfile::tempdir().expect("tempdir");
-    let report = check(&scenario, &bins, work.path()).unwrap_or_else(|e| panic!("scenario {name} could not run: {e}"));
+    let report = check(&scenario, &bins, work.path())
+        .unwrap_or_else(|e| panic!("scenario {name} could not run: {e}"));
     eprintln!("{report}");
     assert!(report.checks > 0, "scenario {name} checked nothing");
     assert!(report.is_clean(), "{report}");
@@ -35,7 +40,11 @@ fn every_scenario_folder_has_a_test() {
         "policy-not-enforced",
         "prod-default-deny",
     ];
-    let found: Vec<String> = discover(&scenarios_dir()).unwrap().into_iter().map(|s| s.name).collect();
+    let found: Vec<String> = discover(&scenarios_dir())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     assert_eq!(found, tested, "add a test below for each new scenario");
 }
 

@@ -49,9 +49,17 @@ const COMMENT_MAX: usize = 127;
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
     #[error("NetworkPolicy {policy}: `{field}`: {detail}")]
-    Policy { policy: String, field: String, detail: String },
+    Policy {
+        policy: String,
+        field: String,
+        detail: String,
+    },
     #[error("Pod {pod}: `{field}`: {detail}")]
-    Pod { pod: String, field: String, detail: String },
+    Pod {
+        pod: String,
+        field: String,
+        detail: String,
+    },
 }
 
 /// Choices where CNIs differ.
@@ -70,7 +78,10 @@ pub struct EnforceOptions {
 
 impl Default for EnforceOptions {
     fn default() -> Self {
-        EnforceOptions { ipblock_matches_pods: true, police_host_to_pod: false }
+        EnforceOptions {
+            ipblock_matches_pods: true,
+            police_host_to_pod: false,
+        }
     }
 }
 
@@ -183,8 +194,12 @@ impl ClusterPod {
     /// The numbers a named port resolves to on this pod for `protocol`
     /// (usually one; none when no container declares it).
     pub fn named_port(&self, name: &str, protocol: L4) -> Vec<u16> {
-        let set: BTreeSet<u16> =
-            self.ports.iter().filter(|p| p.name == name && p.protocol == protocol).map(|p| p.port).collect();
+        let set: BTreeSet<u16> = self
+            .ports
+            .iter()
+            .filter(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+            .collect();
         set.into_iter().collect()
     }
 
@@ -197,7 +212,8 @@ impl ClusterPod {
     /// Policed on `node`: a pod network pod the lab wired there.
     fn local_interface(&self, node: &str) -> Option<&str> {
         let p = self.placement.as_ref()?;
-        (p.node == node && !self.host_network && !p.host_if.is_empty()).then_some(p.host_if.as_str())
+        (p.node == node && !self.host_network && !p.host_if.is_empty())
+            .then_some(p.host_if.as_str())
     }
 }
 
@@ -215,22 +231,34 @@ pub struct LabCluster {
 
 impl LabCluster {
     /// Join manifests and placements (from [`Lab::placements`]).
-    pub fn new(manifests: Manifests, placements: Vec<PodPlacement>) -> Result<LabCluster, EnforceError> {
+    pub fn new(
+        manifests: Manifests,
+        placements: Vec<PodPlacement>,
+    ) -> Result<LabCluster, EnforceError> {
         let mut namespace_labels = BTreeMap::new();
         for ns in &manifests.namespaces {
             if let Some(name) = &ns.metadata.name {
-                namespace_labels.insert(name.clone(), ns.metadata.labels.clone().unwrap_or_default());
+                namespace_labels
+                    .insert(name.clone(), ns.metadata.labels.clone().unwrap_or_default());
             }
         }
         let mut pods = Vec::new();
         for pod in &manifests.pods {
             let id = object_id(&pod.metadata);
-            let err = |field: String, detail: String| EnforceError::Pod { pod: id.clone(), field, detail };
+            let err = |field: String, detail: String| EnforceError::Pod {
+                pod: id.clone(),
+                field,
+                detail,
+            };
             let status = pod.status.clone().unwrap_or_default();
             if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
                 continue;
             }
-            let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let namespace = pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
             let name = pod.metadata.name.clone().unwrap_or_default();
             let spec = pod.spec.clone().unwrap_or_default();
             let mut ports = Vec::new();
@@ -240,21 +268,42 @@ impl LabCluster {
                     let port = u16::try_from(p.container_port)
                         .ok()
                         .filter(|n| *n > 0)
-                        .ok_or_else(|| err(format!("{field}.containerPort"), format!("{} is not a port (1-65535)", p.container_port)))?;
-                    let protocol = L4::from_api(p.protocol.as_deref()).map_err(|d| err(format!("{field}.protocol"), d))?;
-                    ports.push(ContainerPort { name: p.name.clone().unwrap_or_default(), port, protocol });
+                        .ok_or_else(|| {
+                            err(
+                                format!("{field}.containerPort"),
+                                format!("{} is not a port (1-65535)", p.container_port),
+                            )
+                        })?;
+                    let protocol = L4::from_api(p.protocol.as_deref())
+                        .map_err(|d| err(format!("{field}.protocol"), d))?;
+                    ports.push(ContainerPort {
+                        name: p.name.clone().unwrap_or_default(),
+                        port,
+                        protocol,
+                    });
                 }
             }
-            let placement = placements.iter().find(|p| p.namespace == namespace && p.name == name).cloned();
+            let placement = placements
+                .iter()
+                .find(|p| p.namespace == namespace && p.name == name)
+                .cloned();
             let ips = match &placement {
                 Some(p) if !p.ips.is_empty() => p.ips.clone(),
                 _ => {
                     let mut ips = Vec::new();
-                    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.clone()).chain(status.pod_ip.clone());
+                    let listed = status
+                        .pod_ips
+                        .iter()
+                        .flatten()
+                        .map(|p| p.ip.clone())
+                        .chain(status.pod_ip.clone());
                     for text in listed {
-                        let ip: IpAddr = text
-                            .parse()
-                            .map_err(|_| err("status.podIPs".into(), format!("{text:?} is not an IP address")))?;
+                        let ip: IpAddr = text.parse().map_err(|_| {
+                            err(
+                                "status.podIPs".into(),
+                                format!("{text:?} is not an IP address"),
+                            )
+                        })?;
                         if !ips.contains(&ip) {
                             ips.push(ip);
                         }
@@ -262,7 +311,11 @@ impl LabCluster {
                     ips
                 }
             };
-            let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
             pods.push(ClusterPod {
                 namespace,
                 name,
@@ -274,7 +327,11 @@ impl LabCluster {
                 placement,
             });
         }
-        Ok(LabCluster { manifests, pods, namespace_labels })
+        Ok(LabCluster {
+            manifests,
+            pods,
+            namespace_labels,
+        })
     }
 
     /// A pod by `namespace/name`.
@@ -284,7 +341,11 @@ impl LabCluster {
 
     /// A namespace's labels, with the implied `kubernetes.io/metadata.name`.
     pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        let mut labels = self.namespace_labels.get(namespace).cloned().unwrap_or_default();
+        let mut labels = self
+            .namespace_labels
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default();
         labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
         labels
     }
@@ -309,15 +370,33 @@ enum Requirement {
 }
 
 impl Selector {
-    fn parse(sel: Option<&LabelSelector>, err: &dyn Fn(String, String) -> EnforceError, field: &str) -> Result<Selector, EnforceError> {
-        let Some(sel) = sel else { return Ok(Selector::default()) };
-        let labels = sel.match_labels.clone().unwrap_or_default().into_iter().collect();
+    fn parse(
+        sel: Option<&LabelSelector>,
+        err: &dyn Fn(String, String) -> EnforceError,
+        field: &str,
+    ) -> Result<Selector, EnforceError> {
+        let Some(sel) = sel else {
+            return Ok(Selector::default());
+        };
+        let labels = sel
+            .match_labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let mut exprs = Vec::new();
         for (i, r) in sel.match_expressions.iter().flatten().enumerate() {
             let values = r.values.clone().unwrap_or_default();
             let f = format!("{field}.matchExpressions[{i}]");
             let needs_values = |ok: bool, what: &str| {
-                if ok { Ok(()) } else { Err(err(format!("{f}.values"), format!("operator {} {what}", r.operator))) }
+                if ok {
+                    Ok(())
+                } else {
+                    Err(err(
+                        format!("{f}.values"),
+                        format!("operator {} {what}", r.operator),
+                    ))
+                }
             };
             exprs.push(match r.operator.as_str() {
                 "In" => {
@@ -337,7 +416,10 @@ impl Selector {
                     Requirement::DoesNotExist(r.key.clone())
                 }
                 other => {
-                    return Err(err(format!("{f}.operator"), format!("{other:?}: use In, NotIn, Exists or DoesNotExist")));
+                    return Err(err(
+                        format!("{f}.operator"),
+                        format!("{other:?}: use In, NotIn, Exists or DoesNotExist"),
+                    ));
                 }
             });
         }
@@ -357,14 +439,22 @@ impl Selector {
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut parts: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         parts.extend(self.exprs.iter().map(|r| match r {
             Requirement::In(k, vs) => format!("{k} in ({})", vs.join(",")),
             Requirement::NotIn(k, vs) => format!("{k} notin ({})", vs.join(",")),
             Requirement::Exists(k) => k.clone(),
             Requirement::DoesNotExist(k) => format!("!{k}"),
         }));
-        if parts.is_empty() { f.write_str("all") } else { f.write_str(&parts.join(",")) }
+        if parts.is_empty() {
+            f.write_str("all")
+        } else {
+            f.write_str(&parts.join(","))
+        }
     }
 }
 
@@ -386,7 +476,10 @@ impl Cidr {
             return Err(bad());
         }
         // Like the API server, accept host bits and ignore them.
-        Ok(Cidr { addr: mask(addr, len), len })
+        Ok(Cidr {
+            addr: mask(addr, len),
+            len,
+        })
     }
 
     fn contains(&self, ip: IpAddr) -> bool {
@@ -411,11 +504,19 @@ impl fmt::Display for Cidr {
 fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4((u32::from(v4) & m).into())
         }
         IpAddr::V6(v6) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             IpAddr::V6((u128::from(v6) & m).into())
         }
     }
@@ -426,8 +527,14 @@ enum Peer {
     /// A rule without peers: every address.
     Any,
     /// Pods matching `pods` in the namespaces `namespaces` selects.
-    Pods { namespaces: Namespaces, pods: Selector },
-    Block { cidr: Cidr, except: Vec<Cidr> },
+    Pods {
+        namespaces: Namespaces,
+        pods: Selector,
+    },
+    Block {
+        cidr: Cidr,
+        except: Vec<Cidr>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -478,34 +585,66 @@ impl Policy {
 
 fn parse_policy(np: &NetworkPolicy) -> Result<Policy, EnforceError> {
     let id = object_id(&np.metadata);
-    let err = |field: String, detail: String| EnforceError::Policy { policy: id.clone(), field, detail };
+    let err = |field: String, detail: String| EnforceError::Policy {
+        policy: id.clone(),
+        field,
+        detail,
+    };
     let spec = np.spec.clone().unwrap_or_default();
     let selector = Selector::parse(spec.pod_selector.as_ref(), &err, "spec.podSelector")?;
-    let (mut has_ingress, mut has_egress) = (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
+    let (mut has_ingress, mut has_egress) =
+        (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
     if let Some(types) = &spec.policy_types {
         (has_ingress, has_egress) = (false, false);
         for (i, t) in types.iter().enumerate() {
             match t.as_str() {
                 "Ingress" => has_ingress = true,
                 "Egress" => has_egress = true,
-                other => return Err(err(format!("spec.policyTypes[{i}]"), format!("{other:?}: use Ingress or Egress"))),
+                other => {
+                    return Err(err(
+                        format!("spec.policyTypes[{i}]"),
+                        format!("{other:?}: use Ingress or Egress"),
+                    ));
+                }
             }
         }
     }
-    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let ingress = spec
         .ingress
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, r)| parse_rule(&namespace, Direction::Ingress, i, r.from.as_deref(), r.ports.as_deref(), &err))
+        .map(|(i, r)| {
+            parse_rule(
+                &namespace,
+                Direction::Ingress,
+                i,
+                r.from.as_deref(),
+                r.ports.as_deref(),
+                &err,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let egress = spec
         .egress
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, r)| parse_rule(&namespace, Direction::Egress, i, r.to.as_deref(), r.ports.as_deref(), &err))
+        .map(|(i, r)| {
+            parse_rule(
+                &namespace,
+                Direction::Egress,
+                i,
+                r.to.as_deref(),
+                r.ports.as_deref(),
+                &err,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Policy {
         id: id.clone(),
@@ -531,7 +670,15 @@ fn parse_rule(
         list => list
             .iter()
             .enumerate()
-            .map(|(j, p)| parse_peer(namespace, p, &format!("{base}.{}[{j}]", d.peers_field()), err).map(|p| (Some(j), p)))
+            .map(|(j, p)| {
+                parse_peer(
+                    namespace,
+                    p,
+                    &format!("{base}.{}[{j}]", d.peers_field()),
+                    err,
+                )
+                .map(|p| (Some(j), p))
+            })
             .collect::<Result<_, _>>()?,
     };
     let ports = match ports.unwrap_or_default() {
@@ -542,10 +689,19 @@ fn parse_rule(
             .map(|(k, p)| parse_port(p, &format!("{base}.ports[{k}]"), err).map(|p| (Some(k), p)))
             .collect::<Result<_, _>>()?,
     };
-    Ok(Rule { index, peers, ports })
+    Ok(Rule {
+        index,
+        peers,
+        ports,
+    })
 }
 
-fn parse_peer(namespace: &str, p: &NetworkPolicyPeer, field: &str, err: &dyn Fn(String, String) -> EnforceError) -> Result<Peer, EnforceError> {
+fn parse_peer(
+    namespace: &str,
+    p: &NetworkPolicyPeer,
+    field: &str,
+    err: &dyn Fn(String, String) -> EnforceError,
+) -> Result<Peer, EnforceError> {
     match (&p.ip_block, &p.pod_selector, &p.namespace_selector) {
         (Some(block), None, None) => parse_block(block, &format!("{field}.ipBlock"), err),
         (None, None, None) => Err(err(field.into(), "a peer needs podSelector, namespaceSelector or ipBlock".into())),
@@ -560,28 +716,48 @@ fn parse_peer(namespace: &str, p: &NetworkPolicyPeer, field: &str, err: &dyn Fn(
     }
 }
 
-fn parse_block(block: &IPBlock, field: &str, err: &dyn Fn(String, String) -> EnforceError) -> Result<Peer, EnforceError> {
+fn parse_block(
+    block: &IPBlock,
+    field: &str,
+    err: &dyn Fn(String, String) -> EnforceError,
+) -> Result<Peer, EnforceError> {
     let cidr = Cidr::parse(&block.cidr).map_err(|d| err(format!("{field}.cidr"), d))?;
     let mut except = Vec::new();
     for (i, e) in block.except.iter().flatten().enumerate() {
         let f = format!("{field}.except[{i}]");
         let c = Cidr::parse(e).map_err(|d| err(f.clone(), d))?;
         if !cidr.contains_cidr(&c) {
-            return Err(err(f, format!("{c} is not inside cidr {cidr}: except must lie within cidr")));
+            return Err(err(
+                f,
+                format!("{c} is not inside cidr {cidr}: except must lie within cidr"),
+            ));
         }
         except.push(c);
     }
     Ok(Peer::Block { cidr, except })
 }
 
-fn parse_port(p: &NetworkPolicyPort, field: &str, err: &dyn Fn(String, String) -> EnforceError) -> Result<PortMatch, EnforceError> {
-    let l4 = L4::from_api(p.protocol.as_deref()).map_err(|d| err(format!("{field}.protocol"), d))?;
+fn parse_port(
+    p: &NetworkPolicyPort,
+    field: &str,
+    err: &dyn Fn(String, String) -> EnforceError,
+) -> Result<PortMatch, EnforceError> {
+    let l4 =
+        L4::from_api(p.protocol.as_deref()).map_err(|d| err(format!("{field}.protocol"), d))?;
     let number = |n: i32, f: &str| {
-        u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| err(format!("{field}.{f}"), format!("{n} is not a port (1-65535)")))
+        u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+            err(
+                format!("{field}.{f}"),
+                format!("{n} is not a port (1-65535)"),
+            )
+        })
     };
     match (&p.port, p.end_port) {
         (None, None) => Ok(PortMatch::Protocol(l4)),
-        (None, Some(_)) => Err(err(format!("{field}.endPort"), "endPort needs a numeric port".into())),
+        (None, Some(_)) => Err(err(
+            format!("{field}.endPort"),
+            "endPort needs a numeric port".into(),
+        )),
         (Some(IntOrString::Int(n)), end) => {
             let start = number(*n, "port")?;
             let end = match end {
@@ -589,7 +765,10 @@ fn parse_port(p: &NetworkPolicyPort, field: &str, err: &dyn Fn(String, String) -
                 Some(e) => {
                     let e = number(e, "endPort")?;
                     if e < start {
-                        return Err(err(format!("{field}.endPort"), format!("{e} is below port {start}")));
+                        return Err(err(
+                            format!("{field}.endPort"),
+                            format!("{e} is below port {start}"),
+                        ));
                     }
                     e
                 }
@@ -598,10 +777,18 @@ fn parse_port(p: &NetworkPolicyPort, field: &str, err: &dyn Fn(String, String) -
         }
         (Some(IntOrString::String(name)), end) => {
             if end.is_some() {
-                return Err(err(format!("{field}.endPort"), "endPort needs a numeric port, not a named one".into()));
+                return Err(err(
+                    format!("{field}.endPort"),
+                    "endPort needs a numeric port, not a named one".into(),
+                ));
             }
             if name.is_empty() || name.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(err(format!("{field}.port"), format!("{name:?}: a port number is written without quotes; a port name has letters")));
+                return Err(err(
+                    format!("{field}.port"),
+                    format!(
+                        "{name:?}: a port number is written without quotes; a port name has letters"
+                    ),
+                ));
             }
             Ok(PortMatch::Named(l4, name.clone()))
         }
@@ -646,18 +833,40 @@ pub struct NodePolicy {
 
 /// The nftables ruleset (`nft -f` syntax) enforcing `cluster`'s policies on
 /// `node`. Loading it replaces an earlier one atomically.
-pub fn compile(cluster: &LabCluster, node: &str, options: &EnforceOptions) -> Result<String, EnforceError> {
+pub fn compile(
+    cluster: &LabCluster,
+    node: &str,
+    options: &EnforceOptions,
+) -> Result<String, EnforceError> {
     Ok(compile_node(cluster, node, options)?.to_nft())
 }
 
 /// [`compile`], before rendering.
-pub fn compile_node(cluster: &LabCluster, node: &str, options: &EnforceOptions) -> Result<NodePolicy, EnforceError> {
+pub fn compile_node(
+    cluster: &LabCluster,
+    node: &str,
+    options: &EnforceOptions,
+) -> Result<NodePolicy, EnforceError> {
     // Every policy is validated, also those that select no pod here: an error
     // must not depend on where pods happen to run.
-    let policies = cluster.manifests.network_policies.iter().map(parse_policy).collect::<Result<Vec<_>, _>>()?;
-    let mut c = Compiler { cluster, options, sets: Vec::new(), set_keys: BTreeMap::new(), all_pods_needed: false };
-    let mut local: Vec<(&ClusterPod, &str)> =
-        cluster.pods.iter().filter_map(|p| Some((p, p.local_interface(node)?))).collect();
+    let policies = cluster
+        .manifests
+        .network_policies
+        .iter()
+        .map(parse_policy)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut c = Compiler {
+        cluster,
+        options,
+        sets: Vec::new(),
+        set_keys: BTreeMap::new(),
+        all_pods_needed: false,
+    };
+    let mut local: Vec<(&ClusterPod, &str)> = cluster
+        .pods
+        .iter()
+        .filter_map(|p| Some((p, p.local_interface(node)?)))
+        .collect();
     local.sort_by_key(|(p, _)| p.id());
     let mut chains = Vec::new();
     for (pod, host_if) in local {
@@ -667,11 +876,27 @@ pub fn compile_node(cluster: &LabCluster, node: &str, options: &EnforceOptions) 
     }
     if c.all_pods_needed {
         for ipv6 in [false, true] {
-            let elements = cluster.pods.iter().filter(|p| p.is_policy_pod()).flat_map(|p| p.ips.iter().copied()).filter(|ip| ip.is_ipv6() == ipv6).collect();
-            c.sets.push(AddressSet { name: all_pods_set(ipv6).into(), comment: "every pod address (ipBlocks exclude them)".into(), elements, ipv6 });
+            let elements = cluster
+                .pods
+                .iter()
+                .filter(|p| p.is_policy_pod())
+                .flat_map(|p| p.ips.iter().copied())
+                .filter(|ip| ip.is_ipv6() == ipv6)
+                .collect();
+            c.sets.push(AddressSet {
+                name: all_pods_set(ipv6).into(),
+                comment: "every pod address (ipBlocks exclude them)".into(),
+                elements,
+                ipv6,
+            });
         }
     }
-    Ok(NodePolicy { node: node.into(), options: options.clone(), sets: c.sets, chains })
+    Ok(NodePolicy {
+        node: node.into(),
+        options: options.clone(),
+        sets: c.sets,
+        chains,
+    })
 }
 
 fn all_pods_set(ipv6: bool) -> &'static str {
@@ -688,11 +913,21 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn pod_chain(&mut self, pod: &ClusterPod, host_if: &str, d: Direction, policies: &[Policy]) -> PolicyChain {
+    fn pod_chain(
+        &mut self,
+        pod: &ClusterPod,
+        host_if: &str,
+        d: Direction,
+        policies: &[Policy],
+    ) -> PolicyChain {
         let id = pod.id();
         let selecting: Vec<&Policy> = policies
             .iter()
-            .filter(|p| p.namespace == pod.namespace && p.selector.matches(&pod.labels) && p.rules(d).is_some())
+            .filter(|p| {
+                p.namespace == pod.namespace
+                    && p.selector.matches(&pod.labels)
+                    && p.rules(d).is_some()
+            })
             .collect();
         let mut rules = Vec::new();
         for policy in &selecting {
@@ -716,7 +951,10 @@ impl Compiler<'_> {
             }
         }
         if !selecting.is_empty() {
-            rules.push(format!("counter drop comment \"{}\"", comment(&drop_comment(&id, d))));
+            rules.push(format!(
+                "counter drop comment \"{}\"",
+                comment(&drop_comment(&id, d))
+            ));
         }
         PolicyChain {
             name: format!("{}/{id}", d.field()),
@@ -730,7 +968,13 @@ impl Compiler<'_> {
 
     /// nft match expressions (each one rule) for traffic of `pod` in
     /// direction `d` with `peer` on `port`. Empty list: nothing can match.
-    fn matches(&mut self, pod: &ClusterPod, d: Direction, peer: &Peer, port: &PortMatch) -> Vec<String> {
+    fn matches(
+        &mut self,
+        pod: &ClusterPod,
+        d: Direction,
+        peer: &Peer,
+        port: &PortMatch,
+    ) -> Vec<String> {
         let field = match d {
             Direction::Ingress => "saddr",
             Direction::Egress => "daddr",
@@ -741,13 +985,20 @@ impl Compiler<'_> {
             let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
             for dest in self.peer_pods(peer) {
                 for n in dest.named_port(name, *l4) {
-                    by_port.entry(n).or_default().extend(dest.ips.iter().copied());
+                    by_port
+                        .entry(n)
+                        .or_default()
+                        .extend(dest.ips.iter().copied());
                 }
             }
             let mut out = Vec::new();
             for (n, ips) in by_port {
                 for (family, ips) in split_families(&ips) {
-                    out.push(format!("{family} {field} {{ {} }} meta l4proto {} th dport {n}", join(&ips), l4.nft()));
+                    out.push(format!(
+                        "{family} {field} {{ {} }} meta l4proto {} th dport {n}",
+                        join(&ips),
+                        l4.nft()
+                    ));
                 }
             }
             return out;
@@ -756,17 +1007,30 @@ impl Compiler<'_> {
         let ports: Vec<String> = match port {
             PortMatch::Any => vec![String::new()],
             PortMatch::Protocol(l4) => vec![format!("meta l4proto {}", l4.nft())],
-            PortMatch::Range(l4, a, b) if a == b => vec![format!("meta l4proto {} th dport {a}", l4.nft())],
-            PortMatch::Range(l4, a, b) => vec![format!("meta l4proto {} th dport {a}-{b}", l4.nft())],
-            // Ingress: the destination is this pod.
-            PortMatch::Named(l4, name) => {
-                pod.named_port(name, *l4).into_iter().map(|n| format!("meta l4proto {} th dport {n}", l4.nft())).collect()
+            PortMatch::Range(l4, a, b) if a == b => {
+                vec![format!("meta l4proto {} th dport {a}", l4.nft())]
             }
+            PortMatch::Range(l4, a, b) => {
+                vec![format!("meta l4proto {} th dport {a}-{b}", l4.nft())]
+            }
+            // Ingress: the destination is this pod.
+            PortMatch::Named(l4, name) => pod
+                .named_port(name, *l4)
+                .into_iter()
+                .map(|n| format!("meta l4proto {} th dport {n}", l4.nft()))
+                .collect(),
         };
         let mut out = Vec::new();
         for a in &addrs {
             for p in &ports {
-                out.push([a.as_str(), p.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" "));
+                out.push(
+                    [a.as_str(), p.as_str()]
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
             }
         }
         out
@@ -795,7 +1059,10 @@ impl Compiler<'_> {
                 for ipv6 in [false, true] {
                     let name = format!("peer{n}_{}", if ipv6 { "v6" } else { "v4" });
                     if self.sets.iter().any(|s| s.name == name) {
-                        out.push(format!("{} {field} @{name}", if ipv6 { "ip6" } else { "ip" }));
+                        out.push(format!(
+                            "{} {field} @{name}",
+                            if ipv6 { "ip6" } else { "ip" }
+                        ));
                     }
                 }
                 out
@@ -824,10 +1091,19 @@ impl Compiler<'_> {
             .into_iter()
             .collect();
         for ipv6 in [false, true] {
-            let elements: Vec<IpAddr> = members.iter().copied().filter(|ip| ip.is_ipv6() == ipv6).collect();
+            let elements: Vec<IpAddr> = members
+                .iter()
+                .copied()
+                .filter(|ip| ip.is_ipv6() == ipv6)
+                .collect();
             if !elements.is_empty() {
                 let name = format!("peer{n}_{}", if ipv6 { "v6" } else { "v4" });
-                self.sets.push(AddressSet { name, comment: comment(&key), elements, ipv6 });
+                self.sets.push(AddressSet {
+                    name,
+                    comment: comment(&key),
+                    elements,
+                    ipv6,
+                });
             }
         }
         n
@@ -840,7 +1116,9 @@ impl Compiler<'_> {
             .filter(|p| p.is_policy_pod() && pods.matches(&p.labels))
             .filter(|p| match namespaces {
                 Namespaces::Own(ns) => &p.namespace == ns,
-                Namespaces::Matching(sel) => sel.matches(&self.cluster.namespace_labels(&p.namespace)),
+                Namespaces::Matching(sel) => {
+                    sel.matches(&self.cluster.namespace_labels(&p.namespace))
+                }
             })
             .collect()
     }
@@ -851,11 +1129,16 @@ impl Compiler<'_> {
         let policy_pods = || self.cluster.pods.iter().filter(|p| p.is_policy_pod());
         match peer {
             Peer::Any => policy_pods().cloned().collect(),
-            Peer::Pods { namespaces, pods } => self.selected_pods(namespaces, pods).into_iter().cloned().collect(),
+            Peer::Pods { namespaces, pods } => self
+                .selected_pods(namespaces, pods)
+                .into_iter()
+                .cloned()
+                .collect(),
             Peer::Block { cidr, except } if self.options.ipblock_matches_pods => policy_pods()
                 .map(|p| {
                     let mut p = p.clone();
-                    p.ips.retain(|ip| cidr.contains(*ip) && !except.iter().any(|e| e.contains(*ip)));
+                    p.ips
+                        .retain(|ip| cidr.contains(*ip) && !except.iter().any(|e| e.contains(*ip)));
                     p
                 })
                 .filter(|p| !p.ips.is_empty())
@@ -869,16 +1152,25 @@ fn split_families(ips: &[IpAddr]) -> Vec<(&'static str, Vec<IpAddr>)> {
     let set: BTreeSet<IpAddr> = ips.iter().copied().collect();
     let v4: Vec<IpAddr> = set.iter().copied().filter(IpAddr::is_ipv4).collect();
     let v6: Vec<IpAddr> = set.iter().copied().filter(IpAddr::is_ipv6).collect();
-    [("ip", v4), ("ip6", v6)].into_iter().filter(|(_, v)| !v.is_empty()).collect()
+    [("ip", v4), ("ip6", v6)]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
 }
 
 fn join(ips: &[IpAddr]) -> String {
-    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A comment nftables accepts: no quotes, at most 127 bytes.
 fn comment(text: &str) -> String {
-    let mut s: String = text.chars().map(|c| if c == '"' || c.is_control() { '\'' } else { c }).collect();
+    let mut s: String = text
+        .chars()
+        .map(|c| if c == '"' || c.is_control() { '\'' } else { c })
+        .collect();
     if s.len() > COMMENT_MAX {
         let mut cut = COMMENT_MAX;
         while !s.is_char_boundary(cut) {
@@ -899,22 +1191,47 @@ impl NodePolicy {
     pub fn to_nft(&self) -> String {
         let mut out = String::new();
         let t = POLICY_TABLE;
-        let _ = writeln!(out, "table inet {t}\ndelete table inet {t}\ntable inet {t} {{");
-        let _ = writeln!(out, "  comment \"{}\"", comment(&format!("NetworkPolicy of node {}, compiled by the netwatch lab", self.node)));
+        let _ = writeln!(
+            out,
+            "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
+        );
+        let _ = writeln!(
+            out,
+            "  comment \"{}\"",
+            comment(&format!(
+                "NetworkPolicy of node {}, compiled by the netwatch lab",
+                self.node
+            ))
+        );
         for s in &self.sets {
             let ty = if s.ipv6 { "ipv6_addr" } else { "ipv4_addr" };
-            let _ = write!(out, "  set {} {{ type {ty}; comment \"{}\";", s.name, s.comment);
+            let _ = write!(
+                out,
+                "  set {} {{ type {ty}; comment \"{}\";",
+                s.name, s.comment
+            );
             if !s.elements.is_empty() {
                 let _ = write!(out, " elements = {{ {} }};", join(&s.elements));
             }
             let _ = writeln!(out, " }}");
         }
-        let egress: Vec<&PolicyChain> = self.chains.iter().filter(|c| c.direction == Direction::Egress).collect();
-        let ingress: Vec<&PolicyChain> = self.chains.iter().filter(|c| c.direction == Direction::Ingress).collect();
+        let egress: Vec<&PolicyChain> = self
+            .chains
+            .iter()
+            .filter(|c| c.direction == Direction::Egress)
+            .collect();
+        let ingress: Vec<&PolicyChain> = self
+            .chains
+            .iter()
+            .filter(|c| c.direction == Direction::Ingress)
+            .collect();
 
         // Pods' traffic crossing the node: the source's egress, then the
         // destination's ingress (each on the node the pod lives on).
-        let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
+        let _ = writeln!(
+            out,
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
+        );
         let _ = writeln!(out, "    ct state established,related accept");
         for c in &egress {
             let _ = writeln!(out, "    iifname \"{}\" jump {}", c.host_if, c.name);
@@ -925,22 +1242,37 @@ impl NodePolicy {
         let _ = writeln!(out, "  }}");
 
         // Pods' traffic to their own node: their egress policy applies.
-        let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
-        let _ = writeln!(out, "    ct state established,related accept\n    {ICMPV6_LINK}");
+        let _ = writeln!(
+            out,
+            "  chain input {{\n    type filter hook input priority filter; policy accept;"
+        );
+        let _ = writeln!(
+            out,
+            "    ct state established,related accept\n    {ICMPV6_LINK}"
+        );
         for c in &egress {
             let _ = writeln!(out, "    iifname \"{}\" jump {}", c.host_if, c.name);
         }
         let _ = writeln!(out, "  }}");
 
         // The node (and hostNetwork pods) to local pods.
-        let _ = writeln!(out, "  chain output {{\n    type filter hook output priority filter; policy accept;");
-        let _ = writeln!(out, "    ct state established,related accept\n    {ICMPV6_LINK}");
+        let _ = writeln!(
+            out,
+            "  chain output {{\n    type filter hook output priority filter; policy accept;"
+        );
+        let _ = writeln!(
+            out,
+            "    ct state established,related accept\n    {ICMPV6_LINK}"
+        );
         if self.options.police_host_to_pod {
             for c in &ingress {
                 let _ = writeln!(out, "    oifname \"{}\" jump {}", c.host_if, c.name);
             }
         } else if !ingress.is_empty() {
-            let ifs: Vec<String> = ingress.iter().map(|c| format!("\"{}\"", c.host_if)).collect();
+            let ifs: Vec<String> = ingress
+                .iter()
+                .map(|c| format!("\"{}\"", c.host_if))
+                .collect();
             let _ = writeln!(
                 out,
                 "    oifname {{ {} }} counter accept comment \"host to local pods: not policed (police_host_to_pod: false)\"",
@@ -953,9 +1285,19 @@ impl NodePolicy {
             let why = if c.isolated_by.is_empty() {
                 format!("{} {}: not isolated", c.pod, c.direction)
             } else {
-                format!("{} {}: isolated by {}", c.pod, c.direction, c.isolated_by.join(", "))
+                format!(
+                    "{} {}: isolated by {}",
+                    c.pod,
+                    c.direction,
+                    c.isolated_by.join(", ")
+                )
             };
-            let _ = writeln!(out, "  chain {} {{\n    comment \"{}\"", c.name, comment(&why));
+            let _ = writeln!(
+                out,
+                "  chain {} {{\n    comment \"{}\"",
+                c.name,
+                comment(&why)
+            );
             for r in &c.rules {
                 let _ = writeln!(out, "    {r}");
             }
@@ -973,9 +1315,13 @@ impl Lab {
             .iter()
             .map(|p| {
                 let ips = if p.spec.host_network {
-                    self.node(&p.spec.node).map(|n| vec![IpAddr::V4(n.ip), IpAddr::V6(n.uplink_v6)]).unwrap_or_default()
+                    self.node(&p.spec.node)
+                        .map(|n| vec![IpAddr::V4(n.ip), IpAddr::V6(n.uplink_v6)])
+                        .unwrap_or_default()
                 } else {
-                    std::iter::once(IpAddr::V4(p.spec.ip)).chain(p.spec.ipv6.map(IpAddr::V6)).collect()
+                    std::iter::once(IpAddr::V4(p.spec.ip))
+                        .chain(p.spec.ipv6.map(IpAddr::V6))
+                        .collect()
                 };
                 PodPlacement {
                     namespace: p.spec.namespace.clone(),
@@ -1054,17 +1400,22 @@ status: { podIP: 100.64.1.2 }
 
     fn cluster(policies: &str) -> LabCluster {
         let m = Manifests::parse("test.yaml", &format!("{PODS}\n---\n{policies}")).unwrap();
-        let placements = [("x", "a", "node-1", "cali00000000001"), ("x", "b", "node-2", "cali00000000002"), ("y", "a", "node-1", "cali00000000003"), ("y", "host", "node-1", "")]
-            .iter()
-            .map(|(ns, name, node, host_if)| PodPlacement {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                node: node.to_string(),
-                host_if: host_if.to_string(),
-                ips: Vec::new(),
-                host_network: host_if.is_empty(),
-            })
-            .collect();
+        let placements = [
+            ("x", "a", "node-1", "cali00000000001"),
+            ("x", "b", "node-2", "cali00000000002"),
+            ("y", "a", "node-1", "cali00000000003"),
+            ("y", "host", "node-1", ""),
+        ]
+        .iter()
+        .map(|(ns, name, node, host_if)| PodPlacement {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            node: node.to_string(),
+            host_if: host_if.to_string(),
+            ips: Vec::new(),
+            host_network: host_if.is_empty(),
+        })
+        .collect();
         LabCluster::new(m, placements).unwrap()
     }
 
@@ -1073,11 +1424,18 @@ status: { podIP: 100.64.1.2 }
     }
 
     fn chain<'a>(n: &'a NodePolicy, name: &str) -> &'a PolicyChain {
-        n.chains.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no chain {name} in {:#?}", n.chains))
+        n.chains
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no chain {name} in {:#?}", n.chains))
     }
 
     fn set<'a>(n: &'a NodePolicy, rule: &str) -> &'a AddressSet {
-        let name = rule.split('@').nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("no set in {rule}"));
+        let name = rule
+            .split('@')
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no set in {rule}"));
         n.sets.iter().find(|s| s.name == name).unwrap()
     }
 
@@ -1087,15 +1445,34 @@ status: { podIP: 100.64.1.2 }
     fn a_node_gets_chains_for_its_own_pod_network_pods_only() {
         let n = node(DENY_INGRESS_X, "node-1");
         let names: Vec<&str> = n.chains.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["egress/x/a", "ingress/x/a", "egress/y/a", "ingress/y/a"], "x/b runs on node-2; y/host is hostNetwork");
+        assert_eq!(
+            names,
+            ["egress/x/a", "ingress/x/a", "egress/y/a", "ingress/y/a"],
+            "x/b runs on node-2; y/host is hostNetwork"
+        );
         let ingress = chain(&n, "ingress/x/a");
         assert_eq!(ingress.isolated_by, ["x/deny"]);
-        assert_eq!(ingress.rules, ["counter drop comment \"x/a ingress denied\""]);
-        assert!(chain(&n, "egress/x/a").rules.is_empty(), "no Egress in policyTypes: not isolated");
-        assert!(chain(&n, "ingress/y/a").rules.is_empty(), "another namespace's policy does not select y/a");
+        assert_eq!(
+            ingress.rules,
+            ["counter drop comment \"x/a ingress denied\""]
+        );
+        assert!(
+            chain(&n, "egress/x/a").rules.is_empty(),
+            "no Egress in policyTypes: not isolated"
+        );
+        assert!(
+            chain(&n, "ingress/y/a").rules.is_empty(),
+            "another namespace's policy does not select y/a"
+        );
         let text = n.to_nft();
-        assert!(text.contains("iifname \"cali00000000001\" jump egress/x/a"), "{text}");
-        assert!(text.contains("oifname \"cali00000000001\" jump ingress/x/a"), "{text}");
+        assert!(
+            text.contains("iifname \"cali00000000001\" jump egress/x/a"),
+            "{text}"
+        );
+        assert!(
+            text.contains("oifname \"cali00000000001\" jump ingress/x/a"),
+            "{text}"
+        );
         assert!(!text.contains("cali00000000002"), "{text}");
         let n2 = node(DENY_INGRESS_X, "node-2");
         assert_eq!(chain(&n2, "ingress/x/b").rules.len(), 1);
@@ -1115,10 +1492,21 @@ spec:
         let rules = &chain(&n, "ingress/x/b").rules;
         assert_eq!(rules.len(), 3, "v4 set, v6 set, drop: {rules:#?}");
         assert!(rules[0].starts_with("ip saddr @peer0_v4 counter return comment \"x/from-pod-a-anywhere ingress[0].from[0] x/b\""), "{}", rules[0]);
-        let v4: Vec<String> = set(&n, &rules[0]).elements.iter().map(ToString::to_string).collect();
-        assert_eq!(v4, ["10.244.1.2", "10.244.1.3"], "pods on node-1 are in node-2's sets; hostNetwork y/host is not");
+        let v4: Vec<String> = set(&n, &rules[0])
+            .elements
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            v4,
+            ["10.244.1.2", "10.244.1.3"],
+            "pods on node-1 are in node-2's sets; hostNetwork y/host is not"
+        );
         assert!(rules[1].starts_with("ip6 saddr @peer0_v6"), "{}", rules[1]);
-        assert_eq!(set(&n, &rules[1]).elements, ["fd00:1::2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            set(&n, &rules[1]).elements,
+            ["fd00:1::2".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(rules[2], "counter drop comment \"x/b ingress denied\"");
     }
 
@@ -1141,13 +1529,31 @@ spec:
 "#;
         let n = node(p, "node-2");
         let rules = &chain(&n, "ingress/x/b").rules;
-        assert!(!rules.iter().any(|r| r.contains("x/and")), "AND selects no pod: no rule: {rules:#?}");
+        assert!(
+            !rules.iter().any(|r| r.contains("x/and")),
+            "AND selects no pod: no rule: {rules:#?}"
+        );
         let or: Vec<&String> = rules.iter().filter(|r| r.contains("x/or")).collect();
-        let y: Vec<String> = set(&n, or[0]).elements.iter().map(ToString::to_string).collect();
+        let y: Vec<String> = set(&n, or[0])
+            .elements
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(y, ["10.244.1.3"], "namespaceSelector alone: all pods of y");
-        assert!(or[0].contains("from[0]") && or[1].contains("from[1]"), "{or:#?}");
-        let x: Vec<String> = set(&n, or[1]).elements.iter().map(ToString::to_string).collect();
-        assert_eq!(x, ["10.244.1.2"], "podSelector alone: the policy's namespace");
+        assert!(
+            or[0].contains("from[0]") && or[1].contains("from[1]"),
+            "{or:#?}"
+        );
+        let x: Vec<String> = set(&n, or[1])
+            .elements
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            x,
+            ["10.244.1.2"],
+            "podSelector alone: the policy's namespace"
+        );
     }
 
     #[test]
@@ -1171,15 +1577,46 @@ spec:
         );
         assert!(rules[1].starts_with("ip daddr 10.0.0.0/8 ip daddr != { 10.1.0.0/16, 10.2.0.0/16 } meta l4proto udp th dport 53 counter"), "{}", rules[1]);
         assert!(rules[2].starts_with("ip daddr 10.0.0.0/8 ip daddr != { 10.1.0.0/16, 10.2.0.0/16 } meta l4proto sctp counter"), "{}", rules[2]);
-        assert!(rules[3].starts_with("ip6 daddr fd00::/8 meta l4proto tcp th dport 80-90 counter"), "{}", rules[3]);
+        assert!(
+            rules[3].starts_with("ip6 daddr fd00::/8 meta l4proto tcp th dport 80-90 counter"),
+            "{}",
+            rules[3]
+        );
         assert_eq!(rules.len(), 7);
-        assert!(chain(&n, "ingress/x/a").rules.is_empty(), "explicit policyTypes [Egress]: ingress not isolated");
+        assert!(
+            chain(&n, "ingress/x/a").rules.is_empty(),
+            "explicit policyTypes [Egress]: ingress not isolated"
+        );
 
-        let strict = compile_node(&cluster(p), "node-1", &EnforceOptions { ipblock_matches_pods: false, ..EnforceOptions::default() }).unwrap();
+        let strict = compile_node(
+            &cluster(p),
+            "node-1",
+            &EnforceOptions {
+                ipblock_matches_pods: false,
+                ..EnforceOptions::default()
+            },
+        )
+        .unwrap();
         let rules = &chain(&strict, "egress/x/a").rules;
-        assert!(rules[0].contains("ip daddr != { 10.1.0.0/16, 10.2.0.0/16 } ip daddr != @pods_v4 meta"), "{}", rules[0]);
-        let pods_v4: Vec<String> = strict.sets.iter().find(|s| s.name == "pods_v4").unwrap().elements.iter().map(ToString::to_string).collect();
-        assert_eq!(pods_v4, ["10.244.1.2", "10.244.2.2", "10.244.1.3"], "every pod-network pod, not hostNetwork");
+        assert!(
+            rules[0].contains("ip daddr != { 10.1.0.0/16, 10.2.0.0/16 } ip daddr != @pods_v4 meta"),
+            "{}",
+            rules[0]
+        );
+        let pods_v4: Vec<String> = strict
+            .sets
+            .iter()
+            .find(|s| s.name == "pods_v4")
+            .unwrap()
+            .elements
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            pods_v4,
+            ["10.244.1.2", "10.244.2.2", "10.244.1.3"],
+            "every pod-network pod, not hostNetwork"
+        );
     }
 
     #[test]
@@ -1198,18 +1635,46 @@ spec:
         let egress = &chain(&n, "egress/x/a").rules;
         let http: Vec<&String> = egress.iter().filter(|r| r.contains("ports[0]")).collect();
         assert_eq!(http.len(), 3, "{egress:#?}");
-        assert!(http[0].starts_with("ip daddr { 10.244.1.2 } meta l4proto tcp th dport 80 counter"), "{}", http[0]);
-        assert!(http[1].starts_with("ip6 daddr { fd00:1::2 } meta l4proto tcp th dport 80 counter"), "{}", http[1]);
-        assert!(http[2].starts_with("ip daddr { 10.244.2.2 } meta l4proto tcp th dport 8080 counter"), "{}", http[2]);
+        assert!(
+            http[0].starts_with("ip daddr { 10.244.1.2 } meta l4proto tcp th dport 80 counter"),
+            "{}",
+            http[0]
+        );
+        assert!(
+            http[1].starts_with("ip6 daddr { fd00:1::2 } meta l4proto tcp th dport 80 counter"),
+            "{}",
+            http[1]
+        );
+        assert!(
+            http[2].starts_with("ip daddr { 10.244.2.2 } meta l4proto tcp th dport 8080 counter"),
+            "{}",
+            http[2]
+        );
         let dns: Vec<&String> = egress.iter().filter(|r| r.contains("ports[1]")).collect();
         assert_eq!(dns.len(), 1);
-        assert!(dns[0].starts_with("ip daddr { 10.244.2.2 } meta l4proto udp th dport 53"), "UDP name, UDP port: {}", dns[0]);
-        assert!(!egress.iter().any(|r| r.contains("ports[2]")), "a name no pod declares matches nothing");
-        assert_eq!(egress.last().unwrap(), "counter drop comment \"x/a egress denied\"");
+        assert!(
+            dns[0].starts_with("ip daddr { 10.244.2.2 } meta l4proto udp th dport 53"),
+            "UDP name, UDP port: {}",
+            dns[0]
+        );
+        assert!(
+            !egress.iter().any(|r| r.contains("ports[2]")),
+            "a name no pod declares matches nothing"
+        );
+        assert_eq!(
+            egress.last().unwrap(),
+            "counter drop comment \"x/a egress denied\""
+        );
         // Ingress: the destination is the chain's own pod.
-        assert!(chain(&n, "ingress/x/a").rules[0].starts_with("meta l4proto tcp th dport 80 counter return"));
+        assert!(
+            chain(&n, "ingress/x/a").rules[0]
+                .starts_with("meta l4proto tcp th dport 80 counter return")
+        );
         let n2 = node(p, "node-2");
-        assert!(chain(&n2, "ingress/x/b").rules[0].starts_with("meta l4proto tcp th dport 8080 counter return"));
+        assert!(
+            chain(&n2, "ingress/x/b").rules[0]
+                .starts_with("meta l4proto tcp th dport 8080 counter return")
+        );
     }
 
     #[test]
@@ -1226,31 +1691,88 @@ metadata: { name: empty-egress, namespace: y }
 spec: { podSelector: {}, egress: [], ingress: [] }
 "#;
         let n = node(p, "node-1");
-        assert_eq!(chain(&n, "ingress/x/a").isolated_by, ["x/egress-rules"], "Ingress always");
-        assert_eq!(chain(&n, "egress/x/a").isolated_by, ["x/egress-rules"], "Egress: it has egress rules");
+        assert_eq!(
+            chain(&n, "ingress/x/a").isolated_by,
+            ["x/egress-rules"],
+            "Ingress always"
+        );
+        assert_eq!(
+            chain(&n, "egress/x/a").isolated_by,
+            ["x/egress-rules"],
+            "Egress: it has egress rules"
+        );
         assert_eq!(chain(&n, "egress/x/a").rules.len(), 2);
-        assert_eq!(chain(&n, "ingress/y/a").rules, ["counter drop comment \"y/a ingress denied\""], "an empty list allows nothing");
-        assert!(chain(&n, "egress/y/a").isolated_by.is_empty(), "egress: [] without policyTypes does not isolate");
+        assert_eq!(
+            chain(&n, "ingress/y/a").rules,
+            ["counter drop comment \"y/a ingress denied\""],
+            "an empty list allows nothing"
+        );
+        assert!(
+            chain(&n, "egress/y/a").isolated_by.is_empty(),
+            "egress: [] without policyTypes does not isolate"
+        );
     }
 
     #[test]
     fn host_to_pod_traffic_is_policed_only_when_asked() {
         let c = cluster(DENY_INGRESS_X);
         let default = compile(&c, "node-1", &EnforceOptions::default()).unwrap();
-        let output = default.split("chain output").nth(1).unwrap().split("chain ").next().unwrap();
-        assert!(output.contains("oifname { \"cali00000000001\", \"cali00000000003\" } counter accept"), "{output}");
+        let output = default
+            .split("chain output")
+            .nth(1)
+            .unwrap()
+            .split("chain ")
+            .next()
+            .unwrap();
+        assert!(
+            output.contains("oifname { \"cali00000000001\", \"cali00000000003\" } counter accept"),
+            "{output}"
+        );
         assert!(!output.contains("jump"), "{output}");
-        let policed = compile(&c, "node-1", &EnforceOptions { police_host_to_pod: true, ..EnforceOptions::default() }).unwrap();
-        let output = policed.split("chain output").nth(1).unwrap().split("chain ").next().unwrap();
-        assert!(output.contains("oifname \"cali00000000001\" jump ingress/x/a"), "{output}");
-        let input = policed.split("chain input").nth(1).unwrap().split("chain ").next().unwrap();
-        assert!(input.contains("iifname \"cali00000000001\" jump egress/x/a"), "a pod's egress to its node is policed: {input}");
-        assert!(policed.starts_with("table inet netwatch_policy\ndelete table inet netwatch_policy\n"), "reloadable");
+        let policed = compile(
+            &c,
+            "node-1",
+            &EnforceOptions {
+                police_host_to_pod: true,
+                ..EnforceOptions::default()
+            },
+        )
+        .unwrap();
+        let output = policed
+            .split("chain output")
+            .nth(1)
+            .unwrap()
+            .split("chain ")
+            .next()
+            .unwrap();
+        assert!(
+            output.contains("oifname \"cali00000000001\" jump ingress/x/a"),
+            "{output}"
+        );
+        let input = policed
+            .split("chain input")
+            .nth(1)
+            .unwrap()
+            .split("chain ")
+            .next()
+            .unwrap();
+        assert!(
+            input.contains("iifname \"cali00000000001\" jump egress/x/a"),
+            "a pod's egress to its node is policed: {input}"
+        );
+        assert!(
+            policed.starts_with("table inet netwatch_policy\ndelete table inet netwatch_policy\n"),
+            "reloadable"
+        );
     }
 
     #[test]
     fn label_selector_operators() {
-        let err = |f: String, d: String| EnforceError::Policy { policy: "t".into(), field: f, detail: d };
+        let err = |f: String, d: String| EnforceError::Policy {
+            policy: "t".into(),
+            field: f,
+            detail: d,
+        };
         let sel: LabelSelector = serde_json::from_value(serde_json::json!({
             "matchLabels": { "app": "web" },
             "matchExpressions": [
@@ -1262,39 +1784,138 @@ spec: { podSelector: {}, egress: [], ingress: [] }
         }))
         .unwrap();
         let s = Selector::parse(Some(&sel), &err, "f").unwrap();
-        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
-        assert!(s.matches(&labels(&[("app", "web"), ("tier", "a"), ("team", "t")])), "NotIn matches an absent key");
-        assert!(s.matches(&labels(&[("app", "web"), ("tier", "b"), ("team", "t"), ("env", "dev")])));
-        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "c"), ("team", "t")])), "In");
-        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a"), ("team", "t"), ("env", "prod")])), "NotIn");
-        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a")])), "Exists");
-        assert!(!s.matches(&labels(&[("app", "web"), ("tier", "a"), ("team", "t"), ("legacy", "")])), "DoesNotExist");
-        assert!(!s.matches(&labels(&[("tier", "a"), ("team", "t")])), "matchLabels");
-        assert_eq!(s.to_string(), "app=web,tier in (a,b),env notin (prod),team,!legacy");
-        assert!(Selector::default().matches(&BTreeMap::new()), "an empty selector selects everything");
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(
+            s.matches(&labels(&[("app", "web"), ("tier", "a"), ("team", "t")])),
+            "NotIn matches an absent key"
+        );
+        assert!(s.matches(&labels(&[
+            ("app", "web"),
+            ("tier", "b"),
+            ("team", "t"),
+            ("env", "dev")
+        ])));
+        assert!(
+            !s.matches(&labels(&[("app", "web"), ("tier", "c"), ("team", "t")])),
+            "In"
+        );
+        assert!(
+            !s.matches(&labels(&[
+                ("app", "web"),
+                ("tier", "a"),
+                ("team", "t"),
+                ("env", "prod")
+            ])),
+            "NotIn"
+        );
+        assert!(
+            !s.matches(&labels(&[("app", "web"), ("tier", "a")])),
+            "Exists"
+        );
+        assert!(
+            !s.matches(&labels(&[
+                ("app", "web"),
+                ("tier", "a"),
+                ("team", "t"),
+                ("legacy", "")
+            ])),
+            "DoesNotExist"
+        );
+        assert!(
+            !s.matches(&labels(&[("tier", "a"), ("team", "t")])),
+            "matchLabels"
+        );
+        assert_eq!(
+            s.to_string(),
+            "app=web,tier in (a,b),env notin (prod),team,!legacy"
+        );
+        assert!(
+            Selector::default().matches(&BTreeMap::new()),
+            "an empty selector selects everything"
+        );
     }
 
     #[test]
     fn bad_policies_are_refused_naming_policy_and_field() {
         let cases = [
-            ("podSelector: { matchExpressions: [ { key: a, operator: Like, values: [b] } ] }", "spec.podSelector.matchExpressions[0].operator", "In, NotIn, Exists or DoesNotExist"),
-            ("podSelector: { matchExpressions: [ { key: a, operator: In } ] }", "spec.podSelector.matchExpressions[0].values", "needs values"),
-            ("podSelector: {}\n  ingress: [ { ports: [ { port: http, endPort: 90 } ] } ]", "spec.ingress[0].ports[0].endPort", "numeric port"),
-            ("podSelector: {}\n  ingress: [ { ports: [ { port: 90, endPort: 80 } ] } ]", "spec.ingress[0].ports[0].endPort", "below port 90"),
-            ("podSelector: {}\n  ingress: [ { ports: [ { port: 70000 } ] } ]", "spec.ingress[0].ports[0].port", "not a port"),
-            ("podSelector: {}\n  ingress: [ { ports: [ { port: \"80\" } ] } ]", "spec.ingress[0].ports[0].port", "without quotes"),
-            ("podSelector: {}\n  ingress: [ { ports: [ { protocol: tcp } ] } ]", "spec.ingress[0].ports[0].protocol", "TCP, UDP or SCTP"),
-            ("podSelector: {}\n  egress: [ { to: [ { ipBlock: { cidr: 10.0.0.0/8, except: [ 11.0.0.0/16 ] } } ] } ]", "spec.egress[0].to[0].ipBlock.except[0]", "within cidr"),
-            ("podSelector: {}\n  egress: [ { to: [ { ipBlock: { cidr: 10.0.0.0/33 } } ] } ]", "spec.egress[0].to[0].ipBlock.cidr", "not a CIDR"),
-            ("podSelector: {}\n  ingress: [ { from: [ { ipBlock: { cidr: 10.0.0.0/8 }, podSelector: {} } ] } ]", "spec.ingress[0].from[0]", "separate peers"),
-            ("podSelector: {}\n  ingress: [ { from: [ {} ] } ]", "spec.ingress[0].from[0]", "needs podSelector"),
-            ("podSelector: {}\n  policyTypes: [ ingress ]", "spec.policyTypes[0]", "Ingress or Egress"),
+            (
+                "podSelector: { matchExpressions: [ { key: a, operator: Like, values: [b] } ] }",
+                "spec.podSelector.matchExpressions[0].operator",
+                "In, NotIn, Exists or DoesNotExist",
+            ),
+            (
+                "podSelector: { matchExpressions: [ { key: a, operator: In } ] }",
+                "spec.podSelector.matchExpressions[0].values",
+                "needs values",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { ports: [ { port: http, endPort: 90 } ] } ]",
+                "spec.ingress[0].ports[0].endPort",
+                "numeric port",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { ports: [ { port: 90, endPort: 80 } ] } ]",
+                "spec.ingress[0].ports[0].endPort",
+                "below port 90",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { ports: [ { port: 70000 } ] } ]",
+                "spec.ingress[0].ports[0].port",
+                "not a port",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { ports: [ { port: \"80\" } ] } ]",
+                "spec.ingress[0].ports[0].port",
+                "without quotes",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { ports: [ { protocol: tcp } ] } ]",
+                "spec.ingress[0].ports[0].protocol",
+                "TCP, UDP or SCTP",
+            ),
+            (
+                "podSelector: {}\n  egress: [ { to: [ { ipBlock: { cidr: 10.0.0.0/8, except: [ 11.0.0.0/16 ] } } ] } ]",
+                "spec.egress[0].to[0].ipBlock.except[0]",
+                "within cidr",
+            ),
+            (
+                "podSelector: {}\n  egress: [ { to: [ { ipBlock: { cidr: 10.0.0.0/33 } } ] } ]",
+                "spec.egress[0].to[0].ipBlock.cidr",
+                "not a CIDR",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { from: [ { ipBlock: { cidr: 10.0.0.0/8 }, podSelector: {} } ] } ]",
+                "spec.ingress[0].from[0]",
+                "separate peers",
+            ),
+            (
+                "podSelector: {}\n  ingress: [ { from: [ {} ] } ]",
+                "spec.ingress[0].from[0]",
+                "needs podSelector",
+            ),
+            (
+                "podSelector: {}\n  policyTypes: [ ingress ]",
+                "spec.policyTypes[0]",
+                "Ingress or Egress",
+            ),
         ];
         for (spec, field, detail) in cases {
-            let p = format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{ name: bad, namespace: y }}\nspec:\n  {spec}\n");
+            let p = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{ name: bad, namespace: y }}\nspec:\n  {spec}\n"
+            );
             // A policy for a namespace without pods on node-2 is still checked there.
-            let e = compile(&cluster(&p), "node-2", &EnforceOptions::default()).unwrap_err().to_string();
-            assert!(e.starts_with(&format!("NetworkPolicy y/bad: `{field}`: ")) && e.contains(detail), "{spec}\n=> {e}");
+            let e = compile(&cluster(&p), "node-2", &EnforceOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("NetworkPolicy y/bad: `{field}`: ")) && e.contains(detail),
+                "{spec}\n=> {e}"
+            );
         }
     }
 
@@ -1303,6 +1924,10 @@ spec: { podSelector: {}, egress: [], ingress: [] }
         let long = "x".repeat(300);
         assert_eq!(comment(&long).len(), COMMENT_MAX);
         assert_eq!(comment("say \"hi\""), "say 'hi'");
-        assert_eq!(comment(&"é".repeat(100)).len(), 126, "cut on a character boundary");
+        assert_eq!(
+            comment(&"é".repeat(100)).len(),
+            126,
+            "cut on a character boundary"
+        );
     }
 }

@@ -31,12 +31,25 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     #[error("{file}, {document}: {detail}")]
-    Document { file: String, document: String, detail: String },
+    Document {
+        file: String,
+        document: String,
+        detail: String,
+    },
     /// `place` is `<file>, document <n>`, `object` is `<Kind> <namespace>/<name>`.
     #[error("{place} ({object}): field `{field}`: {detail}")]
-    Field { place: String, object: String, field: String, detail: String },
+    Field {
+        place: String,
+        object: String,
+        field: String,
+        detail: String,
+    },
     #[error("Pod {pod}: `{field}`: {detail}")]
-    Pod { pod: String, field: String, detail: String },
+    Pod {
+        pod: String,
+        field: String,
+        detail: String,
+    },
 }
 
 /// The objects of a set of manifests, in the order they were read.
@@ -60,12 +73,22 @@ impl Manifests {
     }
 
     fn load_into(&mut self, path: &Path) -> Result<(), ManifestError> {
-        let read_err = |source| ManifestError::Read { path: path.to_path_buf(), source };
+        let read_err = |source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
         if path.is_dir() {
-            let mut entries: Vec<PathBuf> = fs::read_dir(path).map_err(read_err)?.flatten().map(|e| e.path()).collect();
+            let mut entries: Vec<PathBuf> = fs::read_dir(path)
+                .map_err(read_err)?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
             entries.sort();
             for p in entries {
-                let is_manifest = p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+                let is_manifest = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
                 if p.is_dir() || is_manifest {
                     self.load_into(&p)?;
                 }
@@ -99,22 +122,42 @@ impl Manifests {
         apply(&mut self.nodes, other.nodes, |o| &o.metadata);
         apply(&mut self.pods, other.pods, |o| &o.metadata);
         apply(&mut self.services, other.services, |o| &o.metadata);
-        apply(&mut self.endpoint_slices, other.endpoint_slices, |o| &o.metadata);
-        apply(&mut self.network_policies, other.network_policies, |o| &o.metadata);
+        apply(&mut self.endpoint_slices, other.endpoint_slices, |o| {
+            &o.metadata
+        });
+        apply(&mut self.network_policies, other.network_policies, |o| {
+            &o.metadata
+        });
     }
 
     /// `implied` is the (apiVersion, kind) of a `<Kind>List`'s items, which
     /// the API server leaves out of each item.
-    fn add_value(&mut self, file: &str, document: &str, value: Value, implied: Option<(&Value, &str)>) -> Result<(), ManifestError> {
-        let doc_err = |detail: String| ManifestError::Document { file: file.into(), document: document.into(), detail };
+    fn add_value(
+        &mut self,
+        file: &str,
+        document: &str,
+        value: Value,
+        implied: Option<(&Value, &str)>,
+    ) -> Result<(), ManifestError> {
+        let doc_err = |detail: String| ManifestError::Document {
+            file: file.into(),
+            document: document.into(),
+            detail,
+        };
         let mut map: Mapping = match value {
             // An empty document (a stray `---`) is no object.
             Value::Null => return Ok(()),
             Value::Mapping(m) => m,
-            other => return Err(doc_err(format!("expected a Kubernetes object (a mapping), found {}", kind_of(&other)))),
+            other => {
+                return Err(doc_err(format!(
+                    "expected a Kubernetes object (a mapping), found {}",
+                    kind_of(&other)
+                )));
+            }
         };
         if let Some((api_version, kind)) = implied {
-            map.entry("apiVersion".into()).or_insert_with(|| api_version.clone());
+            map.entry("apiVersion".into())
+                .or_insert_with(|| api_version.clone());
             map.entry("kind".into()).or_insert_with(|| kind.into());
         }
         let kind = match map.get("kind") {
@@ -122,12 +165,20 @@ impl Manifests {
             _ => return Err(doc_err("no `kind`: every manifest needs `apiVersion` and `kind` (e.g. `apiVersion: v1`, `kind: Pod`)".into())),
         };
         if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
-            let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty()).map(str::to_string);
+            let item_kind = kind
+                .strip_suffix("List")
+                .filter(|k| !k.is_empty())
+                .map(str::to_string);
             let api_version = map.get("apiVersion").cloned().unwrap_or(Value::Null);
             let items = match map.remove("items") {
                 Some(Value::Sequence(items)) => items,
                 None | Some(Value::Null) => Vec::new(),
-                Some(other) => return Err(doc_err(format!("`items` must be a list, found {}", kind_of(&other)))),
+                Some(other) => {
+                    return Err(doc_err(format!(
+                        "`items` must be a list, found {}",
+                        kind_of(&other)
+                    )));
+                }
             };
             for (j, item) in items.into_iter().enumerate() {
                 let implied = item_kind.as_deref().map(|k| (&api_version, k));
@@ -139,9 +190,15 @@ impl Manifests {
             .get("metadata")
             .and_then(|m| m.get("name"))
             .and_then(Value::as_str)
-            .map(|n| match map.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str) {
-                Some(ns) => format!("{ns}/{n}"),
-                None => n.to_string(),
+            .map(|n| {
+                match map
+                    .get("metadata")
+                    .and_then(|m| m.get("namespace"))
+                    .and_then(Value::as_str)
+                {
+                    Some(ns) => format!("{ns}/{n}"),
+                    None => n.to_string(),
+                }
             })
             .unwrap_or_else(|| "(no metadata.name)".into());
         let expected = match kind.as_str() {
@@ -150,8 +207,13 @@ impl Manifests {
             "NetworkPolicy" => "networking.k8s.io/v1",
             _ => return Ok(()),
         };
-        if let Some(v) = map.get("apiVersion").filter(|v| v.as_str() != Some(expected)) {
-            let found = v.as_str().map_or_else(|| format!("{v:?}"), |s| format!("{s:?}"));
+        if let Some(v) = map
+            .get("apiVersion")
+            .filter(|v| v.as_str() != Some(expected))
+        {
+            let found = v
+                .as_str()
+                .map_or_else(|| format!("{v:?}"), |s| format!("{s:?}"));
             return Err(ManifestError::Field {
                 place: format!("{file}, {document}"),
                 object: format!("{kind} {name}"),
@@ -160,7 +222,12 @@ impl Manifests {
             });
         }
         let value = Value::Mapping(map);
-        let ctx = Ctx { file, document, kind: &kind, name: &name };
+        let ctx = Ctx {
+            file,
+            document,
+            kind: &kind,
+            name: &name,
+        };
         match kind.as_str() {
             "Namespace" => self.namespaces.push(ctx.typed(value)?),
             "Node" => self.nodes.push(ctx.typed(value)?),
@@ -189,7 +256,11 @@ impl Ctx<'_> {
             ManifestError::Field {
                 place: format!("{}, {}", self.file, self.document),
                 object: format!("{} {}", self.kind, self.name),
-                field: if field == "." { "(top level)".into() } else { field },
+                field: if field == "." {
+                    "(top level)".into()
+                } else {
+                    field
+                },
                 detail: e.into_inner().to_string(),
             }
         })
@@ -211,7 +282,11 @@ fn kind_of(v: &Value) -> &'static str {
 /// `namespace/name` of an object.
 /// Replace objects of `into` with those of `from` that have the same
 /// namespace and name; append the others.
-fn apply<T>(into: &mut Vec<T>, from: Vec<T>, meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+fn apply<T>(
+    into: &mut Vec<T>,
+    from: Vec<T>,
+    meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) {
     for object in from {
         let id = object_id(meta(&object));
         match into.iter_mut().find(|o| object_id(meta(o)) == id) {
@@ -222,7 +297,11 @@ fn apply<T>(into: &mut Vec<T>, from: Vec<T>, meta: impl Fn(&T) -> &k8s_openapi::
 }
 
 pub fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or(""))
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
 }
 
 impl LabSpec {
@@ -241,28 +320,52 @@ impl LabSpec {
     pub fn from_manifests(m: &Manifests) -> Result<(LabSpec, Vec<String>), ManifestError> {
         let mut spec = LabSpec::default();
         let mut notes = Vec::new();
-        let mut node_names: Vec<String> = m.nodes.iter().filter_map(|n| n.metadata.name.clone()).collect();
+        let mut node_names: Vec<String> = m
+            .nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
         for pod in &m.pods {
             let id = object_id(&pod.metadata);
-            let pod_err = |field: &str, detail: String| ManifestError::Pod { pod: id.clone(), field: field.into(), detail };
+            let pod_err = |field: &str, detail: String| ManifestError::Pod {
+                pod: id.clone(),
+                field: field.into(),
+                detail,
+            };
             let Some(ps) = pod.spec.as_ref() else {
                 notes.push(format!("pod {id}: no spec, not in the lab"));
                 continue;
             };
             let Some(node) = ps.node_name.clone() else {
-                notes.push(format!("pod {id}: no spec.nodeName (unscheduled), not in the lab"));
+                notes.push(format!(
+                    "pod {id}: no spec.nodeName (unscheduled), not in the lab"
+                ));
                 continue;
             };
             let status = pod.status.clone().unwrap_or_default();
             if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-                notes.push(format!("pod {id}: phase {}, not in the lab", status.phase.as_deref().unwrap_or("")));
+                notes.push(format!(
+                    "pod {id}: phase {}, not in the lab",
+                    status.phase.as_deref().unwrap_or("")
+                ));
                 continue;
             }
             let mut ips: Vec<std::net::IpAddr> = Vec::new();
-            let listed = status.pod_ips.iter().flatten().map(|p| p.ip.clone()).chain(status.pod_ip.clone());
+            let listed = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.clone())
+                .chain(status.pod_ip.clone());
             for (k, text) in listed.enumerate() {
-                let field = if k < status.pod_ips.as_ref().map_or(0, Vec::len) { format!("status.podIPs[{k}].ip") } else { "status.podIP".into() };
-                let ip = text.parse().map_err(|_| pod_err(&field, format!("{text:?} is not an IP address")))?;
+                let field = if k < status.pod_ips.as_ref().map_or(0, Vec::len) {
+                    format!("status.podIPs[{k}].ip")
+                } else {
+                    "status.podIP".into()
+                };
+                let ip = text
+                    .parse()
+                    .map_err(|_| pod_err(&field, format!("{text:?} is not an IP address")))?;
                 if !ips.contains(&ip) {
                     ips.push(ip);
                 }
@@ -281,7 +384,13 @@ impl LabSpec {
             let host_network = ps.host_network.unwrap_or(false);
             // A hostNetwork pod's address is its node's: the lab's k-th node
             // has 100.64.k.2.
-            let node_ip = || node_names.iter().position(|n| *n == node).and_then(|k| u8::try_from(k + 1).ok()).map(|k| std::net::Ipv4Addr::new(100, 64, k, 2));
+            let node_ip = || {
+                node_names
+                    .iter()
+                    .position(|n| *n == node)
+                    .and_then(|k| u8::try_from(k + 1).ok())
+                    .map(|k| std::net::Ipv4Addr::new(100, 64, k, 2))
+            };
             let Some(ip) = ip.or_else(|| if host_network { node_ip() } else { None }) else {
                 return Err(pod_err(
                     "status.podIP",
@@ -295,7 +404,12 @@ impl LabSpec {
                     let number = u16::try_from(port.container_port)
                         .ok()
                         .filter(|p| *p > 0)
-                        .ok_or_else(|| pod_err(&format!("{field}.containerPort"), format!("{} is not a port (1-65535)", port.container_port)))?;
+                        .ok_or_else(|| {
+                            pod_err(
+                                &format!("{field}.containerPort"),
+                                format!("{} is not a port (1-65535)", port.container_port),
+                            )
+                        })?;
                     match port.protocol.as_deref().unwrap_or("TCP") {
                         "TCP" => listen.insert((number, "tcp")),
                         "UDP" => listen.insert((number, "udp")),
@@ -303,22 +417,40 @@ impl LabSpec {
                             notes.push(format!("pod {id}: {field}: SCTP port {number} has no listener (the lab has no SCTP listener)"));
                             false
                         }
-                        other => return Err(pod_err(&format!("{field}.protocol"), format!("{other:?}: use TCP, UDP or SCTP"))),
+                        other => {
+                            return Err(pod_err(
+                                &format!("{field}.protocol"),
+                                format!("{other:?}: use TCP, UDP or SCTP"),
+                            ));
+                        }
                     };
                 }
             }
             spec.pods.push(PodSpec {
                 name: pod.metadata.name.clone().unwrap_or_default(),
-                namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                namespace: pod
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 node,
                 ip,
                 ipv6,
-                listen: listen.into_iter().map(|(p, proto)| format!("{p}/{proto}")).collect(),
+                listen: listen
+                    .into_iter()
+                    .map(|(p, proto)| format!("{p}/{proto}"))
+                    .collect(),
                 uid: pod.metadata.uid.clone(),
                 host_network,
             });
         }
-        spec.nodes = node_names.into_iter().map(|name| NodeSpec { name, ..NodeSpec::default() }).collect();
+        spec.nodes = node_names
+            .into_iter()
+            .map(|name| NodeSpec {
+                name,
+                ..NodeSpec::default()
+            })
+            .collect();
         Ok((spec, notes))
     }
 }
@@ -380,7 +512,11 @@ metadata: { name: node-1 }
         assert_eq!(m.pods.len(), 3);
         assert_eq!(m.network_policies.len(), 1);
         assert_eq!(m.nodes.len(), 1);
-        assert_eq!(m.pods[1].metadata.name.as_deref(), Some("b"), "PodList items get their kind implied");
+        assert_eq!(
+            m.pods[1].metadata.name.as_deref(),
+            Some("b"),
+            "PodList items get their kind implied"
+        );
     }
 
     #[test]
@@ -388,7 +524,11 @@ metadata: { name: node-1 }
         let m = Manifests::parse("cluster.yaml", CLUSTER).unwrap();
         let (spec, notes) = LabSpec::from_manifests(&m).unwrap();
         let names: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
-        assert_eq!(names, ["node-1", "node-2"], "Node objects first, then nodeNames");
+        assert_eq!(
+            names,
+            ["node-1", "node-2"],
+            "Node objects first, then nodeNames"
+        );
         let a = &spec.pods[0];
         assert_eq!((a.id().as_str(), a.node.as_str()), ("x/a", "node-2"));
         assert_eq!(a.ip.to_string(), "10.244.2.2");
@@ -396,46 +536,98 @@ metadata: { name: node-1 }
         assert_eq!(a.listen, ["53/udp", "80/tcp"]);
         assert_eq!(a.uid.as_deref(), Some("u-a"));
         assert!(spec.pods[1].host_network);
-        assert_eq!(spec.pods[1].ip.to_string(), "100.64.1.2", "a hostNetwork pod without podIP has its node's address");
+        assert_eq!(
+            spec.pods[1].ip.to_string(),
+            "100.64.1.2",
+            "a hostNetwork pod without podIP has its node's address"
+        );
         assert_eq!(spec.pods.len(), 2, "the unscheduled pod is not in the lab");
-        assert!(notes.iter().any(|n| n.contains("x/a") && n.contains("SCTP")), "{notes:?}");
-        assert!(notes.iter().any(|n| n.contains("x/pending") && n.contains("nodeName")), "{notes:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("x/a") && n.contains("SCTP")),
+            "{notes:?}"
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("x/pending") && n.contains("nodeName")),
+            "{notes:?}"
+        );
     }
 
     #[test]
     fn errors_name_the_file_document_object_and_field() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: { name: x }\n---\napiVersion: v1\nkind: Pod\nmetadata: { name: a, namespace: x }\nspec: { containers: [ { name: c, ports: [ { containerPort: eighty } ] } ] }\n";
         let e = Manifests::parse("bad.yaml", text).unwrap_err().to_string();
-        assert!(e.starts_with("bad.yaml, document 2 (Pod x/a): field `spec.containers[0].ports[0].containerPort`"), "{e}");
-        let e = Manifests::parse("bad.yaml", "metadata: { name: x }\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "bad.yaml, document 2 (Pod x/a): field `spec.containers[0].ports[0].containerPort`"
+            ),
+            "{e}"
+        );
+        let e = Manifests::parse("bad.yaml", "metadata: { name: x }\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("document 1") && e.contains("kind"), "{e}");
-        let e = Manifests::parse("bad.yaml", "kind: Pod\n  bad: [\n").unwrap_err().to_string();
+        let e = Manifests::parse("bad.yaml", "kind: Pod\n  bad: [\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad.yaml, document 1: not valid YAML"), "{e}");
-        let e = Manifests::parse("l.yaml", "kind: List\nitems: [ { apiVersion: v2, kind: Pod, metadata: { name: p } } ]\n").unwrap_err().to_string();
-        assert!(e.contains("document 1, items[0] (Pod p): field `apiVersion`: \"v2\""), "{e}");
+        let e = Manifests::parse(
+            "l.yaml",
+            "kind: List\nitems: [ { apiVersion: v2, kind: Pod, metadata: { name: p } } ]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("document 1, items[0] (Pod p): field `apiVersion`: \"v2\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_pod_without_an_ipv4_address_is_refused_by_name() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: { name: a, namespace: x }\nspec: { nodeName: n, containers: [] }\nstatus: { podIP: not-an-ip }\n";
-        let e = LabSpec::from_manifests(&Manifests::parse("f", text).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("x/a") && e.contains("status.podIP") && e.contains("not an IP"), "{e}");
+        let e = LabSpec::from_manifests(&Manifests::parse("f", text).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x/a") && e.contains("status.podIP") && e.contains("not an IP"),
+            "{e}"
+        );
         let text = "apiVersion: v1\nkind: Pod\nmetadata: { name: a, namespace: x }\nspec: { nodeName: n, containers: [] }\n";
-        let e = LabSpec::from_manifests(&Manifests::parse("f", text).unwrap()).unwrap_err().to_string();
+        let e = LabSpec::from_manifests(&Manifests::parse("f", text).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs an IPv4 address"), "{e}");
     }
 
     #[test]
     fn a_directory_loads_in_name_order() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: { name: b }\n").unwrap();
+        fs::write(
+            dir.path().join("b.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: { name: b }\n",
+        )
+        .unwrap();
         fs::create_dir(dir.path().join("a")).unwrap();
-        fs::write(dir.path().join("a/ns.yml"), "apiVersion: v1\nkind: Namespace\nmetadata: { name: a }\n").unwrap();
+        fs::write(
+            dir.path().join("a/ns.yml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: { name: a }\n",
+        )
+        .unwrap();
         fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
         let m = Manifests::load(dir.path()).unwrap();
-        let names: Vec<_> = m.namespaces.iter().filter_map(|n| n.metadata.name.clone()).collect();
+        let names: Vec<_> = m
+            .namespaces
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
         assert_eq!(names, ["a", "b"]);
-        let e = Manifests::load(&dir.path().join("missing.yaml")).unwrap_err().to_string();
+        let e = Manifests::load(&dir.path().join("missing.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.yaml"), "{e}");
     }
 }
@@ -447,12 +639,25 @@ mod extend_tests {
     #[test]
     fn a_later_object_with_the_same_name_replaces_the_earlier_one() {
         let pod = |ready: &str| {
-            format!("apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, namespace: x }}\nstatus: {{ conditions: [ {{ type: Ready, status: \"{ready}\" }} ] }}\n")
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, namespace: x }}\nstatus: {{ conditions: [ {{ type: Ready, status: \"{ready}\" }} ] }}\n"
+            )
         };
         let mut m = Manifests::parse("a.yaml", &pod("True")).unwrap();
-        m.extend(Manifests::parse("b.yaml", &(pod("False") + "---\napiVersion: v1\nkind: Pod\nmetadata: { name: q, namespace: x }\n")).unwrap());
+        m.extend(
+            Manifests::parse(
+                "b.yaml",
+                &(pod("False")
+                    + "---\napiVersion: v1\nkind: Pod\nmetadata: { name: q, namespace: x }\n"),
+            )
+            .unwrap(),
+        );
         assert_eq!(m.pods.len(), 2);
-        let p = m.pods.iter().find(|p| p.metadata.name.as_deref() == Some("p")).unwrap();
+        let p = m
+            .pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("p"))
+            .unwrap();
         let ready = &p.status.as_ref().unwrap().conditions.as_ref().unwrap()[0].status;
         assert_eq!(ready, "False");
     }

@@ -94,7 +94,11 @@ impl Lab {
         let cgroup_mount = cgroup2_mount().ok_or_else(|| {
             LabError::Spec("no cgroup v2 mount at /sys/fs/cgroup or /sys/fs/cgroup/unified".into())
         })?;
-        let id = format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         let mut lab = Lab {
             world: format!("{NETNS_PREFIX}{id}-world"),
             id,
@@ -117,7 +121,10 @@ impl Lab {
         }
         let world = self.world.clone();
         self.netns_add(&world)?;
-        sysctl_in(&world, &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        sysctl_in(
+            &world,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
         for n in &spec.nodes {
             self.add_node(n)?;
         }
@@ -142,13 +149,32 @@ impl Lab {
     fn add_node(&mut self, n: &NodeSpec) -> Result<(), LabError> {
         let netns = format!("{NETNS_PREFIX}{}-{}", self.id, sanitize(&n.name));
         self.netns_add(&netns)?;
-        sysctl_in(&netns, &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        sysctl_in(
+            &netns,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
         // The node's uplink to the world router: a default route out of another
         // interface is also what makes proxy ARP answer pods' requests for
         // their gateway, as on a real node.
         let k = self.nodes.len() + 1;
         let world_if = format!("node{k}");
-        run("ip", &["link", "add", "uplink0", "netns", &netns, "type", "veth", "peer", "name", &world_if, "netns", &self.world])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "uplink0",
+                "netns",
+                &netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &world_if,
+                "netns",
+                &self.world,
+            ],
+        )?;
         ip_batch(
             &netns,
             &[
@@ -167,14 +193,20 @@ impl Lab {
                 format!("link set {world_if} up"),
             ],
         )?;
-        let cgroup_root = self.cgroup_mount.join(format!("{CGROUP_PREFIX}{}-{}", self.id, sanitize(&n.name)));
+        let cgroup_root =
+            self.cgroup_mount
+                .join(format!("{CGROUP_PREFIX}{}-{}", self.id, sanitize(&n.name)));
         self.mkdir_cgroup(&cgroup_root.join("kubepods.slice/kubepods-besteffort.slice"))?;
         self.nodes.push(LabNode {
             name: n.name.clone(),
             netns,
             cgroup_root,
-            ip: format!("100.64.{k}.2").parse().map_err(|_| LabError::Spec("node address".into()))?,
-            uplink_v6: format!("fd64:0:0:{k}::2").parse().map_err(|_| LabError::Spec("node address".into()))?,
+            ip: format!("100.64.{k}.2")
+                .parse()
+                .map_err(|_| LabError::Spec("node address".into()))?,
+            uplink_v6: format!("fd64:0:0:{k}::2")
+                .parse()
+                .map_err(|_| LabError::Spec("node address".into()))?,
         });
         Ok(())
     }
@@ -190,12 +222,33 @@ impl Lab {
         let (netns, host_if) = if p.host_network {
             (node.netns.clone(), String::new())
         } else {
-            let netns = format!("{NETNS_PREFIX}{}-{}-{}", self.id, sanitize(&p.namespace), sanitize(&p.name));
-            let host_if = format!("cali{}", &format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())))[..11]);
+            let netns = format!(
+                "{NETNS_PREFIX}{}-{}-{}",
+                self.id,
+                sanitize(&p.namespace),
+                sanitize(&p.name)
+            );
+            let host_if = format!(
+                "cali{}",
+                &format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())))[..11]
+            );
             self.netns_add(&netns)?;
             run(
                 "ip",
-                &["link", "add", &host_if, "netns", &node.netns, "type", "veth", "peer", "name", "eth0", "netns", &netns],
+                &[
+                    "link",
+                    "add",
+                    &host_if,
+                    "netns",
+                    &node.netns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &netns,
+                ],
             )?;
             let ip = p.ip.to_string();
             let mut pod_cmds = vec![
@@ -204,7 +257,10 @@ impl Lab {
                 "route add 169.254.1.1 dev eth0 scope link".into(),
                 "route add default via 169.254.1.1 dev eth0".into(),
             ];
-            let mut node_cmds = vec![format!("link set {host_if} up"), format!("route add {ip}/32 dev {host_if}")];
+            let mut node_cmds = vec![
+                format!("link set {host_if} up"),
+                format!("route add {ip}/32 dev {host_if}"),
+            ];
             if let Some(v6) = p.ipv6 {
                 pod_cmds.push(format!("addr add {v6}/128 dev eth0 nodad"));
                 pod_cmds.push("route add ::/0 via fe80::1 dev eth0".into());
@@ -232,17 +288,29 @@ impl Lab {
         let cgroup = node
             .cgroup_root
             .join("kubepods.slice/kubepods-besteffort.slice")
-            .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_")))
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ))
             .join(format!("cri-containerd-{container_id}.scope"));
         self.mkdir_cgroup(&cgroup)?;
-        let pod = LabPod { spec: p.clone(), netns, host_if, cgroup, uid, container_id };
+        let pod = LabPod {
+            spec: p.clone(),
+            netns,
+            host_if,
+            cgroup,
+            uid,
+            container_id,
+        };
         if !listeners.is_empty() {
             let listen = p.listen.join(",");
             let mut cmd = self.in_pod(&pod, &self.helper);
             cmd.args(["lab-helper", "serve", "--listen", &listen])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
-            let mut child = cmd.spawn().map_err(io(format!("starting listeners in pod {}", p.id())))?;
+            let mut child = cmd
+                .spawn()
+                .map_err(io(format!("starting listeners in pod {}", p.id())))?;
             let ready = child.stdout.take().map(|out| {
                 let mut line = String::new();
                 let _ = BufReader::new(out).read_line(&mut line);
@@ -250,7 +318,10 @@ impl Lab {
             });
             self.children.push(child);
             if ready != Some(true) {
-                return Err(LabError::Helper { pod: p.id(), detail: format!("listeners {listen} did not start") });
+                return Err(LabError::Helper {
+                    pod: p.id(),
+                    detail: format!("listeners {listen} did not start"),
+                });
             }
         }
         self.pods.push(pod);
@@ -265,7 +336,11 @@ impl Lab {
         let mut listen = Vec::new();
         let mut cmds = Vec::new();
         for l in listeners {
-            let bad = || LabError::Spec(format!("world listener {l:?}: write ip:port/tcp, e.g. 198.51.100.10:443/tcp"));
+            let bad = || {
+                LabError::Spec(format!(
+                    "world listener {l:?}: write ip:port/tcp, e.g. 198.51.100.10:443/tcp"
+                ))
+            };
             let (addr, proto) = l.split_once('/').unwrap_or((l.as_str(), "tcp"));
             let sock: std::net::SocketAddr = addr.parse().map_err(|_| bad())?;
             let prefix = if sock.is_ipv4() { 32 } else { 128 };
@@ -277,8 +352,12 @@ impl Lab {
         }
         ip_batch(&self.world, &cmds)?;
         let mut cmd = enter(&self.helper, Some(&self.world), None);
-        cmd.args(["lab-helper", "serve", "--listen", &listen.join(",")]).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().map_err(io("starting listeners on the world router"))?;
+        cmd.args(["lab-helper", "serve", "--listen", &listen.join(",")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(io("starting listeners on the world router"))?;
         let ready = child.stdout.take().map(|out| {
             let mut line = String::new();
             let _ = BufReader::new(out).read_line(&mut line);
@@ -286,7 +365,10 @@ impl Lab {
         });
         self.children.push(child);
         if ready != Some(true) {
-            return Err(LabError::Helper { pod: "world".into(), detail: format!("listeners {listen:?} did not start") });
+            return Err(LabError::Helper {
+                pod: "world".into(),
+                detail: format!("listeners {listen:?} did not start"),
+            });
         }
         Ok(())
     }
@@ -308,7 +390,9 @@ impl Lab {
         match matches.as_slice() {
             [p] => Ok(p),
             [] => Err(LabError::Spec(format!("no lab pod {id:?}"))),
-            _ => Err(LabError::Spec(format!("pod name {id:?} is ambiguous: use namespace/name"))),
+            _ => Err(LabError::Spec(format!(
+                "pod name {id:?} is ambiguous: use namespace/name"
+            ))),
         }
     }
 
@@ -335,41 +419,74 @@ impl Lab {
             .output()
             .map_err(io(format!("running a probe in pod {from}")))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.trim())
-            .map_err(|e| LabError::Helper { pod: from.into(), detail: format!("probe printed {text:?}: {e}") })
+        serde_json::from_str(text.trim()).map_err(|e| LabError::Helper {
+            pod: from.into(),
+            detail: format!("probe printed {text:?}: {e}"),
+        })
     }
 
     /// Load an nftables ruleset into a node.
     pub fn nft(&self, node: &str, ruleset: &str) -> Result<(), LabError> {
         let netns = &self.node(node)?.netns;
-        run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], Some(ruleset)).map(|_| ())
+        run_with_input(
+            "ip",
+            &["netns", "exec", netns, "nft", "-f", "-"],
+            Some(ruleset),
+        )
+        .map(|_| ())
     }
 
     /// Load an nftables ruleset into a pod's own network namespace (a
     /// firewall inside the pod, as a sidecar's init container sets up).
     pub fn nft_in_pod(&self, pod: &str, ruleset: &str) -> Result<(), LabError> {
         let netns = &self.pod(pod)?.netns;
-        run_with_input("ip", &["netns", "exec", netns, "nft", "-f", "-"], Some(ruleset)).map(|_| ())
+        run_with_input(
+            "ip",
+            &["netns", "exec", netns, "nft", "-f", "-"],
+            Some(ruleset),
+        )
+        .map(|_| ())
     }
 
     /// Packets counted by the node's nftables rule whose comment is `comment`.
     pub fn nft_counter(&self, node: &str, comment: &str) -> Result<u64, LabError> {
         let netns = &self.node(node)?.netns;
-        let out = run("ip", &["netns", "exec", netns, "nft", "-j", "list", "ruleset"])?;
-        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| LabError::Spec(format!("nft -j: {e}")))?;
-        let rules = v.get("nftables").and_then(|n| n.as_array()).cloned().unwrap_or_default();
+        let out = run(
+            "ip",
+            &["netns", "exec", netns, "nft", "-j", "list", "ruleset"],
+        )?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| LabError::Spec(format!("nft -j: {e}")))?;
+        let rules = v
+            .get("nftables")
+            .and_then(|n| n.as_array())
+            .cloned()
+            .unwrap_or_default();
         for item in rules {
-            let Some(rule) = item.get("rule") else { continue };
+            let Some(rule) = item.get("rule") else {
+                continue;
+            };
             if rule.get("comment").and_then(|c| c.as_str()) != Some(comment) {
                 continue;
             }
-            for e in rule.get("expr").and_then(|e| e.as_array()).into_iter().flatten() {
-                if let Some(p) = e.get("counter").and_then(|c| c.get("packets")).and_then(|p| p.as_u64()) {
+            for e in rule
+                .get("expr")
+                .and_then(|e| e.as_array())
+                .into_iter()
+                .flatten()
+            {
+                if let Some(p) = e
+                    .get("counter")
+                    .and_then(|c| c.get("packets"))
+                    .and_then(|p| p.as_u64())
+                {
                     return Ok(p);
                 }
             }
         }
-        Err(LabError::Spec(format!("node {node} has no nftables rule with comment {comment:?} and a counter")))
+        Err(LabError::Spec(format!(
+            "node {node} has no nftables rule with comment {comment:?} and a counter"
+        )))
     }
 
     fn netns_add(&mut self, name: &str) -> Result<(), LabError> {
@@ -425,7 +542,8 @@ impl Drop for Lab {
 fn enter(program: &Path, netns: Option<&str>, cgroup: Option<&Path>) -> Command {
     let mut cmd = Command::new(program);
     let netns_path = netns.and_then(|n| CString::new(format!("/run/netns/{n}")).ok());
-    let procs = cgroup.and_then(|c| CString::new(c.join("cgroup.procs").to_string_lossy().into_owned()).ok());
+    let procs = cgroup
+        .and_then(|c| CString::new(c.join("cgroup.procs").to_string_lossy().into_owned()).ok());
     // SAFETY: only async-signal-safe syscalls (open, write, setns, close) on
     // strings prepared before the fork.
     unsafe {
@@ -540,7 +658,9 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -567,12 +687,23 @@ fn random_bytes(n: usize) -> Vec<u8> {
 }
 
 fn random_hex(chars: usize) -> String {
-    random_bytes(chars.div_ceil(2)).iter().map(|b| format!("{b:02x}")).collect::<String>()[..chars].to_string()
+    random_bytes(chars.div_ceil(2))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()[..chars]
+        .to_string()
 }
 
 fn random_uuid() -> String {
     let h = random_hex(32);
-    format!("{}-{}-4{}-a{}-{}", &h[..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -581,7 +712,10 @@ mod tests {
 
     #[test]
     fn host_interface_names_fit_ifnamsiz() {
-        let name = format!("cali{}", &format!("{:016x}", fnv1a("1-0/default/web"))[..11]);
+        let name = format!(
+            "cali{}",
+            &format!("{:016x}", fnv1a("1-0/default/web"))[..11]
+        );
         assert_eq!(name.len(), 15);
     }
 
@@ -604,7 +738,10 @@ mod tests {
             uid: None,
             host_network: false,
         };
-        assert_eq!(p.listeners().unwrap(), vec![(80, Proto::Tcp), (53, Proto::Udp), (81, Proto::Tcp)]);
+        assert_eq!(
+            p.listeners().unwrap(),
+            vec![(80, Proto::Tcp), (53, Proto::Udp), (81, Proto::Tcp)]
+        );
         p.listen = vec!["http/tcp".into()];
         assert!(p.listeners().unwrap_err().contains("x/a"));
     }

@@ -22,18 +22,31 @@ pub enum Probe {
     Dns { to: SocketAddr, timeout_ms: u64 },
     /// `count` raw TCP SYNs from `from` to `to`, one source port: a flood of
     /// one flow. Reports how many the kernel accepted.
-    SynFlood { from: SocketAddrV4, to: SocketAddrV4, count: u32 },
+    SynFlood {
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        count: u32,
+    },
 }
 
 impl Probe {
     pub fn tcp(to: SocketAddr, timeout: Duration) -> Probe {
-        Probe::Tcp { to, timeout_ms: timeout.as_millis() as u64 }
+        Probe::Tcp {
+            to,
+            timeout_ms: timeout.as_millis() as u64,
+        }
     }
     pub fn udp(to: SocketAddr, timeout: Duration) -> Probe {
-        Probe::Udp { to, timeout_ms: timeout.as_millis() as u64 }
+        Probe::Udp {
+            to,
+            timeout_ms: timeout.as_millis() as u64,
+        }
     }
     pub fn dns(to: SocketAddr, timeout: Duration) -> Probe {
-        Probe::Dns { to, timeout_ms: timeout.as_millis() as u64 }
+        Probe::Dns {
+            to,
+            timeout_ms: timeout.as_millis() as u64,
+        }
     }
 }
 
@@ -71,10 +84,12 @@ pub struct ProbeResult {
 pub fn run(probe: &Probe) -> ProbeResult {
     let start = Instant::now();
     let (outcome, sent, detail) = match probe {
-        Probe::Tcp { to, timeout_ms } => match TcpStream::connect_timeout(to, Duration::from_millis(*timeout_ms)) {
-            Ok(_) => (Outcome::Connected, 0, String::new()),
-            Err(e) => (classify(&e), 0, e.to_string()),
-        },
+        Probe::Tcp { to, timeout_ms } => {
+            match TcpStream::connect_timeout(to, Duration::from_millis(*timeout_ms)) {
+                Ok(_) => (Outcome::Connected, 0, String::new()),
+                Err(e) => (classify(&e), 0, e.to_string()),
+            }
+        }
         Probe::Udp { to, timeout_ms } => udp_exchange(*to, *timeout_ms, b"netwatch-lab-probe"),
         Probe::Dns { to, timeout_ms } => udp_exchange(*to, *timeout_ms, &dns_query(0x4e57)),
         Probe::SynFlood { from, to, count } => match syn_flood(*from, *to, *count) {
@@ -82,7 +97,12 @@ pub fn run(probe: &Probe) -> ProbeResult {
             Err(e) => (Outcome::Error, 0, e.to_string()),
         },
     };
-    ProbeResult { outcome, elapsed_ms: start.elapsed().as_millis() as u64, sent, detail }
+    ProbeResult {
+        outcome,
+        elapsed_ms: start.elapsed().as_millis() as u64,
+        sent,
+        detail,
+    }
 }
 
 fn classify(e: &std::io::Error) -> Outcome {
@@ -98,7 +118,11 @@ fn classify(e: &std::io::Error) -> Outcome {
 }
 
 fn udp_exchange(to: SocketAddr, timeout_ms: u64, payload: &[u8]) -> (Outcome, u32, String) {
-    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap_or(to) } else { "[::]:0".parse().unwrap_or(to) };
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap_or(to)
+    } else {
+        "[::]:0".parse().unwrap_or(to)
+    };
     let result = (|| -> std::io::Result<usize> {
         let sock = UdpSocket::bind(bind)?;
         sock.connect(to)?;
@@ -116,16 +140,27 @@ fn udp_exchange(to: SocketAddr, timeout_ms: u64, payload: &[u8]) -> (Outcome, u3
 /// A plain HTTP/1.0 GET of `http://host:port/path`; the body.
 pub fn http_get(url: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let bad = || std::io::Error::new(ErrorKind::InvalidInput, format!("{url}: expected http://host:port/path"));
+    let bad = || {
+        std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("{url}: expected http://host:port/path"),
+        )
+    };
     let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let addr: SocketAddr = host.parse().map_err(|_| bad())?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(resp))
+    Ok(resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(resp))
 }
 
 /// A DNS query for `probe.netwatch.lab` A.
@@ -215,7 +250,14 @@ fn syn_flood(from: SocketAddrV4, to: SocketAddrV4, count: u32) -> std::io::Resul
         let pkt = syn_packet(from, to, 1_000_000 + i);
         loop {
             let n = unsafe {
-                libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&dst as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+                libc::sendto(
+                    fd,
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    (&dst as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
             };
             if n == pkt.len() as isize {
                 sent += 1;
@@ -244,7 +286,11 @@ mod tests {
 
     #[test]
     fn syn_packet_checksums_verify() {
-        let p = syn_packet("10.0.0.1:40000".parse().unwrap(), "10.0.0.2:80".parse().unwrap(), 7);
+        let p = syn_packet(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+            7,
+        );
         assert_eq!(checksum(&p[..20], 0), 0, "IP header checksum");
         let mut pseudo = vec![10, 0, 0, 1, 10, 0, 0, 2, 0, 6, 0, 20];
         pseudo.extend_from_slice(&p[20..]);

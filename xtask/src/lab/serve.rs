@@ -16,7 +16,8 @@ pub fn serve(listeners: &[(u16, Proto)]) -> std::io::Result<()> {
         let addr: SocketAddr = SocketAddr::from(([0u16; 8], port));
         match proto {
             Proto::Tcp => {
-                let l = TcpListener::bind(addr).or_else(|_| TcpListener::bind(SocketAddr::from(([0u8; 4], port))))?;
+                let l = TcpListener::bind(addr)
+                    .or_else(|_| TcpListener::bind(SocketAddr::from(([0u8; 4], port))))?;
                 threads.push(thread::spawn(move || {
                     for conn in l.incoming() {
                         // Accepting completes the handshake; closing is enough.
@@ -25,11 +26,16 @@ pub fn serve(listeners: &[(u16, Proto)]) -> std::io::Result<()> {
                 }));
             }
             Proto::Udp => {
-                let s = UdpSocket::bind(addr).or_else(|_| UdpSocket::bind(SocketAddr::from(([0u8; 4], port))))?;
+                let s = UdpSocket::bind(addr)
+                    .or_else(|_| UdpSocket::bind(SocketAddr::from(([0u8; 4], port))))?;
                 threads.push(thread::spawn(move || {
                     let mut buf = [0u8; 1500];
                     while let Ok((n, peer)) = s.recv_from(&mut buf) {
-                        let reply = if port == 53 { dns_answer(&buf[..n]) } else { Some(buf[..n].to_vec()) };
+                        let reply = if port == 53 {
+                            dns_answer(&buf[..n])
+                        } else {
+                            Some(buf[..n].to_vec())
+                        };
                         if let Some(r) = reply {
                             let _ = s.send_to(&r, peer);
                         }

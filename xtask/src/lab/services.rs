@@ -17,11 +17,7 @@
 //! Not emulated: session affinity, external and node ports, topology, and
 //! hairpin (a pod reaching itself through its service needs masquerading).
 
-use std::{
-    collections::BTreeSet,
-    fmt::Write as _,
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr};
 
 use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString};
 
@@ -38,9 +34,17 @@ pub const SERVICE_TABLE: &str = "netwatch_services";
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("Service {service}: `{field}`: {detail}")]
-    Service { service: String, field: String, detail: String },
+    Service {
+        service: String,
+        field: String,
+        detail: String,
+    },
     #[error("EndpointSlice {slice}: `{field}`: {detail}")]
-    EndpointSlice { slice: String, field: String, detail: String },
+    EndpointSlice {
+        slice: String,
+        field: String,
+        detail: String,
+    },
 }
 
 /// One service port on one cluster IP, and where its traffic goes.
@@ -64,7 +68,12 @@ impl Frontend {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
-        format!("{} {ip}:{}/{}", self.service, self.port, self.protocol.nft().to_uppercase())
+        format!(
+            "{} {ip}:{}/{}",
+            self.service,
+            self.port,
+            self.protocol.nft().to_uppercase()
+        )
     }
 }
 
@@ -79,24 +88,44 @@ pub fn frontends(cluster: &LabCluster) -> Result<Vec<Frontend>, ServiceError> {
 
 fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend>, ServiceError> {
     let id = object_id(&svc.metadata);
-    let err = |field: String, detail: String| ServiceError::Service { service: id.clone(), field, detail };
+    let err = |field: String, detail: String| ServiceError::Service {
+        service: id.clone(),
+        field,
+        detail,
+    };
     let spec = svc.spec.clone().unwrap_or_default();
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(Vec::new());
     }
     let mut ips: Vec<IpAddr> = Vec::new();
-    let listed = spec.cluster_ips.iter().flatten().cloned().enumerate().map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
-    for (field, text) in listed.chain(spec.cluster_ip.clone().map(|ip| ("spec.clusterIP".to_string(), ip))) {
+    let listed = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .cloned()
+        .enumerate()
+        .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip));
+    for (field, text) in listed.chain(
+        spec.cluster_ip
+            .clone()
+            .map(|ip| ("spec.clusterIP".to_string(), ip)),
+    ) {
         // Headless and not-yet-allocated services have nothing to proxy.
         if text == "None" || text.is_empty() {
             continue;
         }
-        let ip = text.parse().map_err(|_| err(field, format!("{text:?} is not an IP address")))?;
+        let ip = text
+            .parse()
+            .map_err(|_| err(field, format!("{text:?} is not an IP address")))?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
     }
-    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let name = svc.metadata.name.clone().unwrap_or_default();
     let slices: Vec<_> = cluster
         .manifests
@@ -104,7 +133,11 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
         .iter()
         .filter(|s| {
             s.metadata.namespace.as_deref().unwrap_or("default") == namespace
-                && s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&name)
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    == Some(&name)
         })
         .collect();
     let mut out = Vec::new();
@@ -113,16 +146,27 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
         let port = u16::try_from(sp.port)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| err(format!("{field}.port"), format!("{} is not a port (1-65535)", sp.port)))?;
-        let protocol = L4::from_api(sp.protocol.as_deref()).map_err(|d| err(format!("{field}.protocol"), d))?;
+            .ok_or_else(|| {
+                err(
+                    format!("{field}.port"),
+                    format!("{} is not a port (1-65535)", sp.port),
+                )
+            })?;
+        let protocol = L4::from_api(sp.protocol.as_deref())
+            .map_err(|d| err(format!("{field}.protocol"), d))?;
         let port_name = sp.name.clone().unwrap_or_default();
         let mut endpoints: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
         if !slices.is_empty() {
             for slice in &slices {
                 let sid = object_id(&slice.metadata);
-                let serr = |field: String, detail: String| ServiceError::EndpointSlice { slice: sid.clone(), field, detail };
+                let serr = |field: String, detail: String| ServiceError::EndpointSlice {
+                    slice: sid.clone(),
+                    field,
+                    detail,
+                };
                 let Some((j, ep_port)) = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
-                    p.name.clone().unwrap_or_default() == port_name && L4::from_api(p.protocol.as_deref()) == Ok(protocol)
+                    p.name.clone().unwrap_or_default() == port_name
+                        && L4::from_api(p.protocol.as_deref()) == Ok(protocol)
                 }) else {
                     continue;
                 };
@@ -130,39 +174,54 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
                 let number = u16::try_from(number)
                     .ok()
                     .filter(|p| *p > 0)
-                    .ok_or_else(|| serr(format!("ports[{j}].port"), format!("{number} is not a port (1-65535)")))?;
+                    .ok_or_else(|| {
+                        serr(
+                            format!("ports[{j}].port"),
+                            format!("{number} is not a port (1-65535)"),
+                        )
+                    })?;
                 for (e, ep) in slice.endpoints.iter().enumerate() {
                     // `ready` unset means ready (the API: "interpret as ready").
                     if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                         continue;
                     }
                     // kube-proxy uses an endpoint's first address.
-                    let Some(text) = ep.addresses.first() else { continue };
+                    let Some(text) = ep.addresses.first() else {
+                        continue;
+                    };
                     if slice.address_type == "FQDN" {
                         continue;
                     }
-                    let ip: IpAddr = text
-                        .parse()
-                        .map_err(|_| serr(format!("endpoints[{e}].addresses[0]"), format!("{text:?} is not an IP address")))?;
+                    let ip: IpAddr = text.parse().map_err(|_| {
+                        serr(
+                            format!("endpoints[{e}].addresses[0]"),
+                            format!("{text:?} is not an IP address"),
+                        )
+                    })?;
                     endpoints.insert((ip, number));
                 }
             }
         } else if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
             for pod in &cluster.pods {
-                let selected = pod.namespace == namespace && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+                let selected = pod.namespace == namespace
+                    && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
                 if !selected || !pod.ready {
                     continue;
                 }
                 let target = match &sp.target_port {
                     None => vec![port],
-                    Some(IntOrString::Int(n)) => vec![
-                        u16::try_from(*n)
-                            .ok()
-                            .filter(|p| *p > 0)
-                            .ok_or_else(|| err(format!("{field}.targetPort"), format!("{n} is not a port (1-65535)")))?,
-                    ],
+                    Some(IntOrString::Int(n)) => {
+                        vec![u16::try_from(*n).ok().filter(|p| *p > 0).ok_or_else(|| {
+                            err(
+                                format!("{field}.targetPort"),
+                                format!("{n} is not a port (1-65535)"),
+                            )
+                        })?]
+                    }
                     // A name the pod does not declare: not an endpoint.
-                    Some(IntOrString::String(name)) => pod.named_port(name, protocol).into_iter().take(1).collect(),
+                    Some(IntOrString::String(name)) => {
+                        pod.named_port(name, protocol).into_iter().take(1).collect()
+                    }
                 };
                 for t in target {
                     for ip in &pod.ips {
@@ -177,7 +236,11 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
                 ip: *ip,
                 port,
                 protocol,
-                endpoints: endpoints.iter().copied().filter(|(e, _)| e.is_ipv4() == ip.is_ipv4()).collect(),
+                endpoints: endpoints
+                    .iter()
+                    .copied()
+                    .filter(|(e, _)| e.is_ipv4() == ip.is_ipv4())
+                    .collect(),
             });
         }
     }
@@ -208,13 +271,24 @@ fn render(frontends: &[Frontend]) -> String {
         let comment = f.comment();
         match f.endpoints.as_slice() {
             [] => {
-                let _ = writeln!(reject, "    {matched} counter reject with icmpx type port-unreachable comment \"{comment}\"");
+                let _ = writeln!(
+                    reject,
+                    "    {matched} counter reject with icmpx type port-unreachable comment \"{comment}\""
+                );
             }
             [(ip, port)] => {
-                let _ = writeln!(dnat, "    {matched} counter dnat {family} to {} comment \"{comment}\"", socket(*ip, *port));
+                let _ = writeln!(
+                    dnat,
+                    "    {matched} counter dnat {family} to {} comment \"{comment}\"",
+                    socket(*ip, *port)
+                );
             }
             many => {
-                let map: Vec<String> = many.iter().enumerate().map(|(i, (ip, port))| format!("{i} : {ip} . {port}")).collect();
+                let map: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (ip, port))| format!("{i} : {ip} . {port}"))
+                    .collect();
                 let _ = writeln!(
                     dnat,
                     "    {matched} counter dnat {family} addr . port to numgen random mod {} map {{ {} }} comment \"{comment}\"",
@@ -224,7 +298,10 @@ fn render(frontends: &[Frontend]) -> String {
             }
         }
     }
-    let _ = write!(out, "  chain services {{\n{dnat}  }}\n  chain no_endpoints {{\n{reject}  }}\n}}\n");
+    let _ = write!(
+        out,
+        "  chain services {{\n{dnat}  }}\n  chain no_endpoints {{\n{reject}  }}\n}}\n"
+    );
     out
 }
 
@@ -315,41 +392,80 @@ spec: { clusterIP: None, selector: { app: api }, ports: [ { port: 80 } ] }
     }
 
     fn ep(list: &[(&str, u16)]) -> Vec<(IpAddr, u16)> {
-        list.iter().map(|(ip, p)| (ip.parse().unwrap(), *p)).collect()
+        list.iter()
+            .map(|(ip, p)| (ip.parse().unwrap(), *p))
+            .collect()
     }
 
     #[test]
     fn ready_pods_and_ready_slice_endpoints_are_the_backends() {
         let f = frontends(&cluster(CLUSTER)).unwrap();
-        let find = |ip: &str, port: u16| f.iter().find(|f| f.ip.to_string() == ip && f.port == port).unwrap_or_else(|| panic!("{ip}:{port} in {f:#?}"));
-        assert_eq!(find("10.96.0.20", 80).endpoints, ep(&[("10.244.1.3", 8080), ("10.244.2.3", 9090)]), "named targetPort per pod; not-ready and other-namespace pods left out");
-        assert_eq!(find("fd96::20", 80).endpoints, ep(&[("fd00::3", 8080)]), "IPv6 cluster IP: IPv6 endpoints");
+        let find = |ip: &str, port: u16| {
+            f.iter()
+                .find(|f| f.ip.to_string() == ip && f.port == port)
+                .unwrap_or_else(|| panic!("{ip}:{port} in {f:#?}"))
+        };
+        assert_eq!(
+            find("10.96.0.20", 80).endpoints,
+            ep(&[("10.244.1.3", 8080), ("10.244.2.3", 9090)]),
+            "named targetPort per pod; not-ready and other-namespace pods left out"
+        );
+        assert_eq!(
+            find("fd96::20", 80).endpoints,
+            ep(&[("fd00::3", 8080)]),
+            "IPv6 cluster IP: IPv6 endpoints"
+        );
         assert_eq!(find("10.96.0.20", 81).protocol, L4::Udp);
-        assert_eq!(find("10.96.0.20", 81).endpoints, ep(&[("10.244.1.3", 7000), ("10.244.2.3", 7000)]));
-        assert_eq!(find("10.96.0.10", 53).endpoints, ep(&[("10.244.9.9", 5353)]), "slice: ready unset is ready, ready: false is not");
+        assert_eq!(
+            find("10.96.0.20", 81).endpoints,
+            ep(&[("10.244.1.3", 7000), ("10.244.2.3", 7000)])
+        );
+        assert_eq!(
+            find("10.96.0.10", 53).endpoints,
+            ep(&[("10.244.9.9", 5353)]),
+            "slice: ready unset is ready, ready: false is not"
+        );
         assert!(find("10.96.0.30", 80).endpoints.is_empty());
-        assert!(!f.iter().any(|f| f.service == "prod/headless"), "headless services are not proxied");
+        assert!(
+            !f.iter().any(|f| f.service == "prod/headless"),
+            "headless services are not proxied"
+        );
     }
 
     #[test]
     fn the_ruleset_dnats_to_endpoints_and_rejects_without() {
         let text = compile(&cluster(CLUSTER)).unwrap();
-        assert!(text.starts_with("table inet netwatch_services\ndelete table inet netwatch_services\n"), "reloadable");
+        assert!(
+            text.starts_with("table inet netwatch_services\ndelete table inet netwatch_services\n"),
+            "reloadable"
+        );
         assert!(text.contains("ip daddr 10.96.0.20 tcp dport 80 counter dnat ip addr . port to numgen random mod 2 map { 0 : 10.244.1.3 . 8080, 1 : 10.244.2.3 . 9090 } comment \"prod/api 10.96.0.20:80/TCP\""), "{text}");
         assert!(text.contains("ip6 daddr fd96::20 tcp dport 80 counter dnat ip6 to [fd00::3]:8080 comment \"prod/api [fd96::20]:80/TCP\""), "{text}");
-        assert!(text.contains("ip daddr 10.96.0.10 udp dport 53 counter dnat ip to 10.244.9.9:5353"), "{text}");
+        assert!(
+            text.contains("ip daddr 10.96.0.10 udp dport 53 counter dnat ip to 10.244.9.9:5353"),
+            "{text}"
+        );
         let reject = text.split("chain no_endpoints").nth(1).unwrap();
         assert!(reject.contains("ip daddr 10.96.0.30 tcp dport 80 counter reject with icmpx type port-unreachable comment \"prod/payment 10.96.0.30:80/TCP\""), "{text}");
-        assert!(!text.contains("10.96.0.30 tcp dport 80 counter dnat"), "{text}");
+        assert!(
+            !text.contains("10.96.0.30 tcp dport 80 counter dnat"),
+            "{text}"
+        );
     }
 
     #[test]
     fn bad_services_are_refused_naming_the_field() {
         let text = "apiVersion: v1\nkind: Service\nmetadata: { name: s, namespace: n }\nspec: { clusterIP: 10.96.0.300, ports: [ { port: 80 } ] }\n";
         let e = compile(&cluster(text)).unwrap_err().to_string();
-        assert!(e.starts_with("Service n/s: `spec.clusterIP`: \"10.96.0.300\" is not an IP address"), "{e}");
+        assert!(
+            e.starts_with("Service n/s: `spec.clusterIP`: \"10.96.0.300\" is not an IP address"),
+            "{e}"
+        );
         let text = "apiVersion: v1\nkind: Service\nmetadata: { name: s, namespace: n }\nspec: { clusterIP: 10.96.0.3, ports: [ { port: 80, protocol: ICMP } ] }\n";
         let e = compile(&cluster(text)).unwrap_err().to_string();
-        assert!(e.contains("`spec.ports[0].protocol`") && e.contains("TCP, UDP or SCTP"), "{e}");
+        assert!(
+            e.contains("`spec.ports[0].protocol`") && e.contains("TCP, UDP or SCTP"),
+            "{e}"
+        );
     }
 }

@@ -73,13 +73,21 @@ impl PodSpec {
             .iter()
             .map(|l| {
                 let (port, proto) = l.split_once('/').unwrap_or((l.as_str(), "tcp"));
-                let port: u16 = port
-                    .parse()
-                    .map_err(|_| format!("pod {}: listen {l:?}: port must be a number 1-65535", self.id()))?;
+                let port: u16 = port.parse().map_err(|_| {
+                    format!(
+                        "pod {}: listen {l:?}: port must be a number 1-65535",
+                        self.id()
+                    )
+                })?;
                 let proto = match proto.to_ascii_lowercase().as_str() {
                     "tcp" => Proto::Tcp,
                     "udp" => Proto::Udp,
-                    other => return Err(format!("pod {}: listen {l:?}: protocol {other:?} (tcp or udp)", self.id())),
+                    other => {
+                        return Err(format!(
+                            "pod {}: listen {l:?}: protocol {other:?} (tcp or udp)",
+                            self.id()
+                        ));
+                    }
                 };
                 Ok((port, proto))
             })

@@ -9,8 +9,14 @@ pub enum LabError {
     #[error("the lab needs root (network namespaces, veths, nftables, cgroups): run as root")]
     NotRoot,
     #[error("`{command}` failed ({status}): {stderr}")]
-    Command { command: String, status: String, stderr: String },
-    #[error("`{command}` could not start: {source}. Is it installed? `cargo xtask setup` installs the lab's tools")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error(
+        "`{command}` could not start: {source}. Is it installed? `cargo xtask setup` installs the lab's tools"
+    )]
     Spawn {
         command: String,
         #[source]
@@ -39,23 +45,41 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
 }
 
 /// Run a command feeding `input` on stdin.
-pub fn run_with_input(program: &str, args: &[&str], input: Option<&str>) -> Result<String, LabError> {
+pub fn run_with_input(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, LabError> {
     let command = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| LabError::Spawn { command: command.clone(), source })?;
+        .map_err(|source| LabError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
     if let Some(text) = input {
         use std::io::Write;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(text.as_bytes()).map_err(io(format!("writing to {program}")))?;
+            stdin
+                .write_all(text.as_bytes())
+                .map_err(io(format!("writing to {program}")))?;
         }
     }
-    let Output { status, stdout, stderr } =
-        child.wait_with_output().map_err(io(format!("waiting for {program}")))?;
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child
+        .wait_with_output()
+        .map_err(io(format!("waiting for {program}")))?;
     if !status.success() {
         return Err(LabError::Command {
             command,

@@ -20,7 +20,10 @@ pub fn helper() -> PathBuf {
 /// target/<profile>/<name>, next to this test's own deps/ directory.
 pub fn target_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = dir.join(name);
     assert!(
         bin.exists(),
@@ -85,8 +88,16 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .expect("start netwatch-agent");
-        let mut agent = Agent { child: Some(child), flow_log, stderr_log, _dir: dir };
-        agent.wait_for_log(|log| log.matches("attached TC classifiers").count() >= interfaces && log.contains("capturing"));
+        let mut agent = Agent {
+            child: Some(child),
+            flow_log,
+            stderr_log,
+            _dir: dir,
+        };
+        agent.wait_for_log(|log| {
+            log.matches("attached TC classifiers").count() >= interfaces
+                && log.contains("capturing")
+        });
         agent
     }
 
@@ -107,7 +118,10 @@ impl Agent {
                     panic!("netwatch-agent exited ({status}) before it was ready:\n{log}");
                 }
             }
-            assert!(Instant::now() < deadline, "netwatch-agent not ready after 30 s:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "netwatch-agent not ready after 30 s:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,7 +132,10 @@ impl Agent {
             .unwrap_or_default()
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow log line is not JSON ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("flow log line is not JSON ({e}): {l}"))
+            })
             .collect()
     }
 
@@ -147,7 +164,11 @@ impl Agent {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(status)) = c.try_wait() {
-                    assert!(status.success(), "agent exited with {status}:\n{}", self.log());
+                    assert!(
+                        status.success(),
+                        "agent exited with {status}:\n{}",
+                        self.log()
+                    );
                     break;
                 }
                 if Instant::now() > deadline {
@@ -173,12 +194,19 @@ impl Drop for Agent {
 
 /// Records (the `flow` objects) matching `pred`, in log order.
 pub fn records<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
-    lines.iter().map(|l| &l["flow"]).filter(|f| pred(f)).collect()
+    lines
+        .iter()
+        .map(|l| &l["flow"])
+        .filter(|f| pred(f))
+        .collect()
 }
 
 /// Distinct flow uuids among `records`.
 pub fn uuids(records: &[&Value]) -> Vec<String> {
-    let mut v: Vec<String> = records.iter().filter_map(|r| r["uuid"].as_str().map(str::to_string)).collect();
+    let mut v: Vec<String> = records
+        .iter()
+        .filter_map(|r| r["uuid"].as_str().map(str::to_string))
+        .collect();
     v.sort();
     v.dedup();
     v
@@ -189,6 +217,8 @@ pub fn to(ip: &str, port: u16) -> impl Fn(&Value) -> bool {
     let ip = ip.to_string();
     move |f: &Value| {
         f["IP"]["destination"] == ip.as_str()
-            && ["TCP", "UDP", "SCTP"].iter().any(|p| f["l4"][p]["destination_port"] == port)
+            && ["TCP", "UDP", "SCTP"]
+                .iter()
+                .any(|p| f["l4"][p]["destination_port"] == port)
     }
 }
