@@ -64,28 +64,59 @@ fn cluster() -> ClusterSnapshot {
             ));
         }
     }
-    manifests::load_str("synthetic.json", &format!("{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}", docs.join(",")))
-        .expect("synthetic manifests")
+    manifests::load_str(
+        "synthetic.json",
+        &format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[{}]}}",
+            docs.join(",")
+        ),
+    )
+    .expect("synthetic manifests")
 }
 
 /// A DROPPED record from pod (ns, i) to pod (ns2, j):8080, as the assembler
 /// makes it.
-fn record(reasons: &DropReasons, from: (usize, usize), to: (usize, usize), sport: u16) -> FlowRecord {
+fn record(
+    reasons: &DropReasons,
+    from: (usize, usize),
+    to: (usize, usize),
+    sport: u16,
+) -> FlowRecord {
     // A fresh assembler: records of one client port would be one connection.
     let mut assembler = FlowAssembler::new(AssemblerConfig::default());
-    let mut k = FlowKey { src_port: sport, dst_port: 8080, proto: IPPROTO_TCP, ip_version: IP_V4, ..FlowKey::default() };
+    let mut k = FlowKey {
+        src_port: sport,
+        dst_port: 8080,
+        proto: IPPROTO_TCP,
+        ip_version: IP_V4,
+        ..FlowKey::default()
+    };
     k.src_addr[..4].copy_from_slice(&pod_ip(from.0, from.1));
     k.dst_addr[..4].copy_from_slice(&pod_ip(to.0, to.1));
     let now = SystemTime::now();
-    let drop = KernelEvent::Drop { time: now, flow: k, reason: 12, ifindex: 3, netns: 1, bytes: 60, tcp_flags: tcp_flags::SYN };
-    assembler.handle(Signal::Kernel(drop), now, reasons, &|_| None).pop().expect("a first record")
+    let drop = KernelEvent::Drop {
+        time: now,
+        flow: k,
+        reason: 12,
+        ifindex: 3,
+        netns: 1,
+        bytes: 60,
+        tcp_flags: tcp_flags::SYN,
+    };
+    assembler
+        .handle(Signal::Kernel(drop), now, reasons, &|_| None)
+        .pop()
+        .expect("a first record")
 }
 
 fn benches(c: &mut Criterion) {
     let before = live_bytes();
     let snapshot = cluster();
     let with_snapshot = live_bytes();
-    let mut attribution = Attribution::new(AttributionConfig { node_name: "node-1".into(), ..AttributionConfig::default() });
+    let mut attribution = Attribution::new(AttributionConfig {
+        node_name: "node-1".into(),
+        ..AttributionConfig::default()
+    });
     let start = std::time::Instant::now();
     attribution.update(&snapshot, true, SystemTime::now());
     let build = start.elapsed();
@@ -107,36 +138,47 @@ fn benches(c: &mut Criterion) {
     // Pairs of distinct identities (3,000 label sets, 9 million pairs): the
     // verdict cache almost always misses.
     let mut n = 0usize;
-    group.bench_function("enrich new flow, cold verdict cache (10k pods, 2k policies)", |b| {
-        b.iter_batched(
-            || {
-                n += 1;
-                let from = (n % NAMESPACES, (n * 7) % PODS_PER_NAMESPACE);
-                let to = ((n / 3) % NAMESPACES, (n * 13) % PODS_PER_NAMESPACE);
-                record(&reasons, from, to, 10_000 + (n % 50_000) as u16)
-            },
-            |mut r| {
-                attribution.enrich(&mut r);
-                black_box(r)
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    group.bench_function(
+        "enrich new flow, cold verdict cache (10k pods, 2k policies)",
+        |b| {
+            b.iter_batched(
+                || {
+                    n += 1;
+                    let from = (n % NAMESPACES, (n * 7) % PODS_PER_NAMESPACE);
+                    let to = ((n / 3) % NAMESPACES, (n * 13) % PODS_PER_NAMESPACE);
+                    record(&reasons, from, to, 10_000 + (n % 50_000) as u16)
+                },
+                |mut r| {
+                    attribution.enrich(&mut r);
+                    black_box(r)
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
     // Replicas of the same workloads: the verdict comes from the cache.
     let mut m = 0usize;
-    group.bench_function("enrich new flow, warm verdict cache (10k pods, 2k policies)", |b| {
-        b.iter_batched(
-            || {
-                m += 1;
-                record(&reasons, (1, (m * APPS) % PODS_PER_NAMESPACE), (2, (m * APPS + 1) % PODS_PER_NAMESPACE), 20_000 + (m % 40_000) as u16)
-            },
-            |mut r| {
-                attribution.enrich(&mut r);
-                black_box(r)
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    group.bench_function(
+        "enrich new flow, warm verdict cache (10k pods, 2k policies)",
+        |b| {
+            b.iter_batched(
+                || {
+                    m += 1;
+                    record(
+                        &reasons,
+                        (1, (m * APPS) % PODS_PER_NAMESPACE),
+                        (2, (m * APPS + 1) % PODS_PER_NAMESPACE),
+                        20_000 + (m % 40_000) as u16,
+                    )
+                },
+                |mut r| {
+                    attribution.enrich(&mut r);
+                    black_box(r)
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
     group.finish();
 }
 

@@ -33,7 +33,6 @@ use serde_json::json;
 mod heap;
 use heap::live_bytes;
 
-
 const NAMESPACES: usize = 50;
 const DEPLOYMENTS: usize = 500;
 const REPLICAS: usize = 20;

@@ -171,8 +171,9 @@ impl Attribution {
         // the classic failing readiness probe, not a policy.
         if matches!(r.verdict, Verdict::Refused | Verdict::TimedOut) {
             if let (Some(_), Some(port), Some(proto)) = (&service, addressed.1, protocol) {
-                if let Some(readiness @ ServiceReadiness::NoReadyEndpoints { .. }) =
-                    self.identity.service_readiness(addressed.0, port, ip_protocol(proto))
+                if let Some(readiness @ ServiceReadiness::NoReadyEndpoints { .. }) = self
+                    .identity
+                    .service_readiness(addressed.0, port, ip_protocol(proto))
                 {
                     r.explanation = Some(readiness.to_string());
                     return;
@@ -185,7 +186,10 @@ impl Attribution {
         };
         // A flow still addressed to a service IP has no known backend: the
         // policies apply to backends, so there is nothing to judge yet.
-        if service.is_some() && r.original_destination.is_none() && matches!(r.destination.pod_name.as_str(), "") {
+        if service.is_some()
+            && r.original_destination.is_none()
+            && matches!(r.destination.pod_name.as_str(), "")
+        {
             return;
         }
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), src_ip, at);
@@ -205,7 +209,10 @@ impl Attribution {
         // The client's view of a handshake through a service (to the cluster
         // IP, before DNAT) is not what the policies judge: the same handshake
         // seen at the backend (after DNAT) is, and is reported from there.
-        if matches!(self.identity.resolve(r.ip.destination, Some(port), at), IpResolution::Service(_)) {
+        if matches!(
+            self.identity.resolve(r.ip.destination, Some(port), at),
+            IpResolution::Service(_)
+        ) {
             return None;
         }
         self.enrich_endpoints_only(&mut r);
@@ -246,7 +253,9 @@ impl Attribution {
             Some(pod) => pod.endpoint(Some(r.ip.source), r.source.port),
             None => self.identity.endpoint(r.ip.source, r.source.port, at),
         };
-        r.destination = self.identity.endpoint(r.ip.destination, r.destination.port, at);
+        r.destination = self
+            .identity
+            .endpoint(r.ip.destination, r.destination.port, at);
     }
 
     /// The pod whose container owns a cgroup.
@@ -336,7 +345,12 @@ fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
         .near_misses
         .iter()
         .map(|m| format!("egress: {m}"))
-        .chain(v.ingress.near_misses.iter().map(|m| format!("ingress: {m}")))
+        .chain(
+            v.ingress
+                .near_misses
+                .iter()
+                .map(|m| format!("ingress: {m}")),
+        )
         .collect();
     if v.verdict == policy::Verdict::Denied {
         r.explanation = Some(v.sentence());

@@ -28,10 +28,12 @@ use tracing::{debug, error, info, warn};
 use crate::{
     attribution::{Attribution, AttributionConfig},
     capture::{
-        attach::{AttachError, AttachOutcome, InterfacePatterns, LinkChange, TcAttacher, watch_links},
-        netns::NetnsResolver,
+        attach::{
+            AttachError, AttachOutcome, InterfacePatterns, LinkChange, TcAttacher, watch_links,
+        },
         events::{EventReader, KernelClock, KernelEvent, monotonic_ns},
         load::{CaptureConfig, KernelCapture, LoadError},
+        netns::NetnsResolver,
         tables::{KernelTables, Losses},
     },
     export::{ExportConfig, ExportError, Exporters, KernelStats},
@@ -90,7 +92,10 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
-async fn start_identity(source: &IdentitySource, node_name: &str) -> Result<Option<SnapshotFeed>, DaemonError> {
+async fn start_identity(
+    source: &IdentitySource,
+    node_name: &str,
+) -> Result<Option<SnapshotFeed>, DaemonError> {
     let source = match source {
         IdentitySource::None => return Ok(None),
         IdentitySource::Manifests(paths) => SnapshotSource::manifests(paths.clone()),
@@ -98,7 +103,10 @@ async fn start_identity(source: &IdentitySource, node_name: &str) -> Result<Opti
             let client = crate::identity::kube::client(kubeconfig.as_deref()).await?;
             SnapshotSource::kube(
                 client,
-                KubeWatchConfig { node_name: Some(node_name.to_string()), ..KubeWatchConfig::default() },
+                KubeWatchConfig {
+                    node_name: Some(node_name.to_string()),
+                    ..KubeWatchConfig::default()
+                },
             )
         }
     };
@@ -123,7 +131,12 @@ fn client_key(r: &FlowRecord) -> Option<FlowKey> {
         Some(o) => (o.ip, o.port),
         None => (r.ip.destination, ports.destination_port),
     };
-    let mut k = FlowKey { src_port: ports.source_port, dst_port: dport, proto, ..FlowKey::default() };
+    let mut k = FlowKey {
+        src_port: ports.source_port,
+        dst_port: dport,
+        proto,
+        ..FlowKey::default()
+    };
     match (r.ip.source, dst) {
         (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
             k.ip_version = IP_V4;
@@ -153,12 +166,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Capture runs from here on; identities fill in when they arrive.
     let mut feed = start_identity(&config.identity, &config.node_name).await?;
     let mut attribution = Attribution::new(config.attribution.clone());
-    let mut waiting = WaitingRoom { records: VecDeque::new(), limit: 100_000 };
+    let mut waiting = WaitingRoom {
+        records: VecDeque::new(),
+        limit: 100_000,
+    };
     let mut ready_open = true;
     let mut netns_resolver: Option<Option<NetnsResolver>> = None;
     let mut last_expire = Instant::now();
     match feed.as_mut() {
-        None => warn!("no identity source (--manifests or --kubeconfig, or run in a pod): flows are reported by address only"),
+        None => warn!(
+            "no identity source (--manifests or --kubeconfig, or run in a pod): flows are reported by address only"
+        ),
         // The channel's first value counts as seen: apply it now.
         Some(f) => {
             let snapshot = f.snapshots.borrow_and_update().clone();
@@ -184,7 +202,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let connect_timeout_ns = config.connect_timeout.as_nanos() as u64;
     // Scan often enough that a timeout is reported within a quarter of the
     // timeout, but never more than 10 times a second.
-    let scan_every = (config.connect_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let scan_every =
+        (config.connect_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(scan_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -199,7 +218,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     outputs.set_ready(feed.is_none());
 
     loop {
-        let sleep_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let sleep_until =
+            deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             r = reader.read(&clock, &mut events) => {
                 if let Err(e) = r {
@@ -329,10 +349,24 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let now = SystemTime::now();
     for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
         let records = assembler.handle(s, now, &capture.reasons, &names);
-        route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
+        route(
+            records,
+            &mut attribution,
+            &mut waiting,
+            &tables,
+            &mut outputs,
+            feed.is_some(),
+        );
     }
     let records = assembler.finish_all(&capture.reasons, &names);
-    route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
+    route(
+        records,
+        &mut attribution,
+        &mut waiting,
+        &tables,
+        &mut outputs,
+        feed.is_some(),
+    );
     for (_, mut r) in waiting.records.drain(..) {
         r.unenriched = true;
         outputs.publish(&r);
@@ -378,7 +412,12 @@ fn route(
 }
 
 /// Identities arrived: enrich and publish everything that waited.
-fn release(waiting: &mut WaitingRoom, attribution: &mut Attribution, tables: &KernelTables, out: &mut Exporters) {
+fn release(
+    waiting: &mut WaitingRoom,
+    attribution: &mut Attribution,
+    tables: &KernelTables,
+    out: &mut Exporters,
+) {
     let parked: Vec<FlowRecord> = waiting.records.drain(..).map(|(_, r)| r).collect();
     route(parked, attribution, waiting, tables, out, true);
 }

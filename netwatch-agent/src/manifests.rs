@@ -415,10 +415,25 @@ impl Loader {
                 push(&mut s.network_policies, ix, np, true);
             }
             "Service" => push(&mut s.services, ix, typed(value, origin, &object)?, true),
-            "EndpointSlice" => push(&mut s.endpoint_slices, ix, typed(value, origin, &object)?, true),
+            "EndpointSlice" => push(
+                &mut s.endpoint_slices,
+                ix,
+                typed(value, origin, &object)?,
+                true,
+            ),
             "Deployment" => push(&mut s.deployments, ix, typed(value, origin, &object)?, true),
-            "ReplicaSet" => push(&mut s.replica_sets, ix, typed(value, origin, &object)?, true),
-            "StatefulSet" => push(&mut s.stateful_sets, ix, typed(value, origin, &object)?, true),
+            "ReplicaSet" => push(
+                &mut s.replica_sets,
+                ix,
+                typed(value, origin, &object)?,
+                true,
+            ),
+            "StatefulSet" => push(
+                &mut s.stateful_sets,
+                ix,
+                typed(value, origin, &object)?,
+                true,
+            ),
             "DaemonSet" => push(&mut s.daemon_sets, ix, typed(value, origin, &object)?, true),
             "Job" => push(&mut s.jobs, ix, typed(value, origin, &object)?, true),
             "CronJob" => push(&mut s.cron_jobs, ix, typed(value, origin, &object)?, true),
@@ -517,7 +532,12 @@ fn default_namespace(meta: &mut ObjectMeta) {
 
 /// Appends `object` (in `default` when namespaced and without a namespace),
 /// replacing an earlier object of the same namespace and name.
-fn push<T: Metadata<Ty = ObjectMeta>>(list: &mut Vec<T>, index: &mut ObjectIndex, mut object: T, namespaced: bool) {
+fn push<T: Metadata<Ty = ObjectMeta>>(
+    list: &mut Vec<T>,
+    index: &mut ObjectIndex,
+    mut object: T,
+    namespaced: bool,
+) {
     if namespaced {
         default_namespace(object.metadata_mut());
     }

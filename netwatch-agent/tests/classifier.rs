@@ -7,12 +7,16 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use netwatch::capture::EBPF_OBJECT;
-use netwatch_common::{Event, FlowKey, IP_V4, IPPROTO_TCP, PendingConn, event_kind, loss, pending_kind};
+use netwatch_common::{
+    Event, FlowKey, IP_V4, IPPROTO_TCP, PendingConn, event_kind, loss, pending_kind,
+};
 
 const TC_ACT_UNSPEC: i32 = -1;
 
 fn load() -> Ebpf {
-    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load the object (root needed)");
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .expect("load the object (root needed)");
     for name in ["netwatch_from_pod", "netwatch_to_pod"] {
         let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
         p.load().unwrap();
@@ -23,7 +27,10 @@ fn load() -> Ebpf {
 fn run(ebpf: &Ebpf, prog: &str, packet: &[u8]) -> i32 {
     let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
     let r = p
-        .test_run(TestRunOptions { data_in: Some(packet), ..TestRunOptions::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            ..TestRunOptions::default()
+        })
         .expect("BPF_PROG_TEST_RUN");
     r.return_value as i32
 }
@@ -62,14 +69,21 @@ fn packet(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 fn client_key(sport: u16, dport: u16) -> FlowKey {
-    let mut k = FlowKey { src_port: sport, dst_port: dport, proto: IPPROTO_TCP, ip_version: IP_V4, ..FlowKey::default() };
+    let mut k = FlowKey {
+        src_port: sport,
+        dst_port: dport,
+        proto: IPPROTO_TCP,
+        ip_version: IP_V4,
+        ..FlowKey::default()
+    };
     k.src_addr[..4].copy_from_slice(&CLIENT);
     k.dst_addr[..4].copy_from_slice(&SERVER);
     k
 }
 
 fn pending(ebpf: &Ebpf) -> Vec<(FlowKey, PendingConn)> {
-    let m: HashMap<&MapData, FlowKey, PendingConn> = HashMap::try_from(ebpf.map("PENDING").unwrap()).unwrap();
+    let m: HashMap<&MapData, FlowKey, PendingConn> =
+        HashMap::try_from(ebpf.map("PENDING").unwrap()).unwrap();
     m.iter().map(Result::unwrap).collect()
 }
 
@@ -92,12 +106,20 @@ fn malformed(ebpf: &Ebpf) -> u64 {
 fn syn_is_tracked_once_and_synack_completes_it() {
     let mut ebpf = load();
     let syn = packet(CLIENT, SERVER, 6, &tcp(40000, 8080, 0x02));
-    assert_eq!(run(&ebpf, "netwatch_from_pod", &syn), TC_ACT_UNSPEC, "never changes a packet's fate");
+    assert_eq!(
+        run(&ebpf, "netwatch_from_pod", &syn),
+        TC_ACT_UNSPEC,
+        "never changes a packet's fate"
+    );
     assert_eq!(run(&ebpf, "netwatch_from_pod", &syn), TC_ACT_UNSPEC);
     let p = pending(&ebpf);
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].0, client_key(40000, 8080));
-    assert_eq!((p[0].1.packets, p[0].1.kind), (2, pending_kind::TCP_SYN), "a retransmitted SYN counts");
+    assert_eq!(
+        (p[0].1.packets, p[0].1.kind),
+        (2, pending_kind::TCP_SYN),
+        "a retransmitted SYN counts"
+    );
     // The same SYN seen again entering the destination pod is not counted twice.
     run(&ebpf, "netwatch_to_pod", &syn);
     assert_eq!(pending(&ebpf)[0].1.packets, 2);
@@ -107,7 +129,10 @@ fn syn_is_tracked_once_and_synack_completes_it() {
     assert!(pending(&ebpf).is_empty(), "answered handshake is forgotten");
     let ev = events(&mut ebpf);
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].kind, ev[0].flow), (event_kind::ESTABLISHED, client_key(40000, 8080)));
+    assert_eq!(
+        (ev[0].kind, ev[0].flow),
+        (event_kind::ESTABLISHED, client_key(40000, 8080))
+    );
 }
 
 #[test]
@@ -115,20 +140,34 @@ fn rst_answering_a_syn_is_refused_and_a_stray_rst_is_not() {
     let mut ebpf = load();
     let stray = packet(SERVER, CLIENT, 6, &tcp(8080, 40001, 0x14));
     run(&ebpf, "netwatch_to_pod", &stray);
-    assert!(events(&mut ebpf).is_empty(), "no pending SYN: nothing refused");
+    assert!(
+        events(&mut ebpf).is_empty(),
+        "no pending SYN: nothing refused"
+    );
 
-    run(&ebpf, "netwatch_from_pod", &packet(CLIENT, SERVER, 6, &tcp(40001, 8080, 0x02)));
+    run(
+        &ebpf,
+        "netwatch_from_pod",
+        &packet(CLIENT, SERVER, 6, &tcp(40001, 8080, 0x02)),
+    );
     run(&ebpf, "netwatch_to_pod", &stray);
     let ev = events(&mut ebpf);
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].kind, ev[0].flow, ev[0].count), (event_kind::TCP_RESET, client_key(40001, 8080), 1));
+    assert_eq!(
+        (ev[0].kind, ev[0].flow, ev[0].count),
+        (event_kind::TCP_RESET, client_key(40001, 8080), 1)
+    );
 }
 
 #[test]
 fn icmp_port_unreachable_refuses_the_quoted_flow_but_frag_needed_does_not() {
     let mut ebpf = load();
     let syn_l4 = tcp(40002, 8080, 0x02);
-    run(&ebpf, "netwatch_from_pod", &packet(CLIENT, SERVER, 6, &syn_l4));
+    run(
+        &ebpf,
+        "netwatch_from_pod",
+        &packet(CLIENT, SERVER, 6, &syn_l4),
+    );
     // ICMP "fragmentation needed" quoting the SYN: path MTU, not a refusal.
     let quoted = ipv4(CLIENT, SERVER, 6, &syn_l4[..8]);
     let mut frag = vec![3, 4, 0, 0, 0, 0, 5, 0xdc];
@@ -138,10 +177,21 @@ fn icmp_port_unreachable_refuses_the_quoted_flow_but_frag_needed_does_not() {
     // Port unreachable quoting the SYN: refused.
     let mut unreach = vec![3, 3, 0, 0, 0, 0, 0, 0];
     unreach.extend_from_slice(&quoted);
-    run(&ebpf, "netwatch_to_pod", &packet(SERVER, CLIENT, 1, &unreach));
+    run(
+        &ebpf,
+        "netwatch_to_pod",
+        &packet(SERVER, CLIENT, 1, &unreach),
+    );
     let ev = events(&mut ebpf);
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].kind, ev[0].reason, ev[0].flow), (event_kind::ICMP_UNREACH, 3 << 8 | 3, client_key(40002, 8080)));
+    assert_eq!(
+        (ev[0].kind, ev[0].reason, ev[0].flow),
+        (
+            event_kind::ICMP_UNREACH,
+            3 << 8 | 3,
+            client_key(40002, 8080)
+        )
+    );
 }
 
 #[test]
@@ -166,6 +216,13 @@ fn truncated_and_malformed_packets_pass_untouched_and_are_counted() {
     for p in [cut_tcp, &cut_v6[..], &bad_ihl[..], &arp[..]] {
         assert_eq!(run(&ebpf, "netwatch_from_pod", p), TC_ACT_UNSPEC);
     }
-    assert!(pending(&ebpf).is_empty(), "nothing tracked from broken packets");
-    assert_eq!(malformed(&ebpf), 1, "the impossible header is counted as malformed");
+    assert!(
+        pending(&ebpf).is_empty(),
+        "nothing tracked from broken packets"
+    );
+    assert_eq!(
+        malformed(&ebpf),
+        1,
+        "the impossible header is counted as malformed"
+    );
 }

@@ -4,14 +4,14 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use export_flags::ExportArgs;
 use netwatch::{
     attribution::AttributionConfig,
     capture::load::{CaptureConfig, detect_cgroup2_root},
     daemon::{self, DaemonConfig, IdentitySource},
-    policy::EngineOptions,
     export::{ExportConfig, flowlog::FlowLogTarget},
+    policy::EngineOptions,
 };
-use export_flags::ExportArgs;
 
 /// netwatch's node agent: reports every pod flow this node drops, that times
 /// out or that is refused, as one JSON line per flow.
@@ -121,14 +121,17 @@ struct Args {
 }
 
 fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(v).map_err(|_| anyhow::anyhow!("--{flag} {v}: must be a positive number of seconds"))
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("--{flag} {v}: must be a positive number of seconds"))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
         .init();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,13 +178,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let identity = if !args.manifests.is_empty() {
         IdentitySource::Manifests(args.manifests)
     } else if args.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        IdentitySource::Kube { kubeconfig: args.kubeconfig }
+        IdentitySource::Kube {
+            kubeconfig: args.kubeconfig,
+        }
     } else {
         IdentitySource::None
     };
     let attribution = AttributionConfig {
         node_name: node_name.clone(),
-        engine: EngineOptions { ipblock_matches_pods: args.ipblock_matches_pods },
+        engine: EngineOptions {
+            ipblock_matches_pods: args.ipblock_matches_pods,
+        },
         cgroup_root: cgroup_root.clone(),
         tombstone_grace: secs(args.tombstone_grace, "tombstone-grace")?,
         not_enforced_interval: secs(args.not_enforced_interval, "not-enforced-interval")?,
@@ -309,14 +316,23 @@ mod export_flags {
     }
 
     impl ExportArgs {
-        pub fn config(self, flow_log: FlowLogTarget, node_name: &str) -> anyhow::Result<ExportConfig> {
+        pub fn config(
+            self,
+            flow_log: FlowLogTarget,
+            node_name: &str,
+        ) -> anyhow::Result<ExportConfig> {
             let filters = |flag: &str, list: &[String]| -> anyhow::Result<Vec<FlowFilter>> {
                 list.iter()
-                    .map(|f| FlowFilter::parse_expr(f).map_err(|e| anyhow::anyhow!("--{flag} {f:?}: {e}")))
+                    .map(|f| {
+                        FlowFilter::parse_expr(f)
+                            .map_err(|e| anyhow::anyhow!("--{flag} {f:?}: {e}"))
+                    })
                     .collect()
             };
             let secs = |v: f64, flag: &str| {
-                Duration::try_from_secs_f64(v).map_err(|_| anyhow::anyhow!("--{flag} {v}: must be a positive number of seconds"))
+                Duration::try_from_secs_f64(v).map_err(|_| {
+                    anyhow::anyhow!("--{flag} {v}: must be a positive number of seconds")
+                })
             };
             Ok(ExportConfig {
                 node_name: node_name.to_string(),
@@ -329,14 +345,21 @@ mod export_flags {
                 },
                 metrics_addr: parse_metrics_addr(&self.metrics_addr)?,
                 metrics: MetricsConfig {
-                    source_context: ContextLabel::parse_list("--metrics-source-context", &self.metrics_source_context, false)?,
+                    source_context: ContextLabel::parse_list(
+                        "--metrics-source-context",
+                        &self.metrics_source_context,
+                        false,
+                    )?,
                     destination_context: ContextLabel::parse_list(
                         "--metrics-destination-context",
                         &self.metrics_destination_context,
                         true,
                     )?,
                     max_series: self.metrics_max_series,
-                    deleted_pod_grace: secs(self.metrics_deleted_pod_grace, "metrics-deleted-pod-grace")?,
+                    deleted_pod_grace: secs(
+                        self.metrics_deleted_pod_grace,
+                        "metrics-deleted-pod-grace",
+                    )?,
                 },
                 api: ApiConfig {
                     socket: (self.api_socket != "none").then(|| PathBuf::from(&self.api_socket)),
@@ -346,9 +369,17 @@ mod export_flags {
                 },
                 kubernetes_events: self
                     .kubernetes_events
-                    .then(|| secs(self.kubernetes_events_interval, "kubernetes-events-interval"))
+                    .then(|| {
+                        secs(
+                            self.kubernetes_events_interval,
+                            "kubernetes-events-interval",
+                        )
+                    })
                     .transpose()?
-                    .map(|interval| EventsConfig { interval, ..EventsConfig::default() }),
+                    .map(|interval| EventsConfig {
+                        interval,
+                        ..EventsConfig::default()
+                    }),
             })
         }
     }

@@ -17,7 +17,8 @@ use tracing::{debug, info, warn};
 use super::load::{KernelCapture, TC_FROM_POD, TC_TO_POD};
 
 /// Interface name patterns of common CNIs' host-side pod interfaces.
-pub const DEFAULT_INTERFACE_PATTERNS: &[&str] = &["cali*", "lxc*", "veth*", "cni*", "eni*", "gke*", "azv*"];
+pub const DEFAULT_INTERFACE_PATTERNS: &[&str] =
+    &["cali*", "lxc*", "veth*", "cni*", "eni*", "gke*", "azv*"];
 
 /// Errors of the link watcher.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +40,14 @@ pub enum AttachError {
 pub enum LinkChange {
     /// New or changed (renamed, up/down): attach if the name matches.
     /// `peer_netns` is the netns id of a veth's other end, when it has one.
-    Present { index: u32, name: String, peer_netns: Option<i32> },
-    Gone { index: u32 },
+    Present {
+        index: u32,
+        name: String,
+        peer_netns: Option<i32>,
+    },
+    Gone {
+        index: u32,
+    },
 }
 
 /// `--interfaces` globs.
@@ -50,12 +57,17 @@ pub struct InterfacePatterns(Vec<glob::Pattern>);
 impl InterfacePatterns {
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<InterfacePatterns, AttachError> {
         let list = if patterns.is_empty() {
-            DEFAULT_INTERFACE_PATTERNS.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+            DEFAULT_INTERFACE_PATTERNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
         } else {
             patterns.iter().map(|s| s.as_ref().to_string()).collect()
         };
         list.into_iter()
-            .map(|p| glob::Pattern::new(&p).map_err(|source| AttachError::Pattern { pattern: p, source }))
+            .map(|p| {
+                glob::Pattern::new(&p).map_err(|source| AttachError::Pattern { pattern: p, source })
+            })
             .collect::<Result<_, _>>()
             .map(InterfacePatterns)
     }
@@ -96,7 +108,9 @@ pub async fn watch_links(tx: mpsc::Sender<LinkChange>) -> Result<(), AttachError
         let change = match message.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => present(&m),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
-                Some(LinkChange::Gone { index: m.header.index })
+                Some(LinkChange::Gone {
+                    index: m.header.index,
+                })
             }
             NetlinkPayload::Overrun(_) => {
                 // The kernel dropped notifications: resynchronise by dumping again.
@@ -196,7 +210,14 @@ impl TcAttacher {
                 match attach_both(capture, &name) {
                     Ok((from_pod, to_pod)) => {
                         info!(interface = %name, index, "attached TC classifiers");
-                        self.attached.insert(index, Attached { name: name.clone(), from_pod, to_pod });
+                        self.attached.insert(
+                            index,
+                            Attached {
+                                name: name.clone(),
+                                from_pod,
+                                to_pod,
+                            },
+                        );
                         AttachOutcome::Attached { index, name }
                     }
                     Err(error) => {
@@ -225,7 +246,10 @@ impl TcAttacher {
             }
         }
         info!(interface = %a.name, index, "forgot interface");
-        AttachOutcome::Detached { index, name: a.name }
+        AttachOutcome::Detached {
+            index,
+            name: a.name,
+        }
     }
 }
 
@@ -268,7 +292,13 @@ mod tests {
     #[test]
     fn default_patterns_match_cni_interface_names() {
         let p = InterfacePatterns::new::<&str>(&[]).unwrap();
-        for name in ["cali1a2b3c4d5e6", "lxc12ab", "veth9f8e7d6", "cni0", "eni3f2a"] {
+        for name in [
+            "cali1a2b3c4d5e6",
+            "lxc12ab",
+            "veth9f8e7d6",
+            "cni0",
+            "eni3f2a",
+        ] {
             assert!(p.matches(name), "{name}");
         }
         for name in ["eth0", "lo", "docker0", "flannel.1", "tunl0"] {

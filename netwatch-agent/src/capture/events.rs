@@ -35,7 +35,10 @@ impl From<u8> for Direction {
 pub enum Refusal {
     TcpReset,
     /// ICMP/ICMPv6 destination unreachable with this type and code.
-    IcmpUnreachable { icmp_type: u8, code: u8 },
+    IcmpUnreachable {
+        icmp_type: u8,
+        code: u8,
+    },
     SctpAbort,
 }
 
@@ -68,7 +71,11 @@ pub enum KernelEvent {
         direction: Direction,
     },
     /// A connecting socket's first SYN retransmission.
-    SockRetransmit { time: SystemTime, flow: FlowKey, cgroup_id: u64 },
+    SockRetransmit {
+        time: SystemTime,
+        flow: FlowKey,
+        cgroup_id: u64,
+    },
     /// A connecting socket closed without ever being established.
     SockFailed {
         time: SystemTime,
@@ -160,7 +167,9 @@ impl KernelClock {
         let mono = monotonic_ns();
         let wall = SystemTime::now();
         KernelClock {
-            wall_at_zero: wall.checked_sub(Duration::from_nanos(mono)).unwrap_or(SystemTime::UNIX_EPOCH),
+            wall_at_zero: wall
+                .checked_sub(Duration::from_nanos(mono))
+                .unwrap_or(SystemTime::UNIX_EPOCH),
         }
     }
 
@@ -171,7 +180,10 @@ impl KernelClock {
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -180,11 +192,24 @@ pub fn monotonic_ns() -> u64 {
 /// The addresses of a flow key as `IpAddr`s.
 pub fn addresses(key: &FlowKey) -> (IpAddr, IpAddr) {
     if key.ip_version == IP_V4 {
-        let s: [u8; 4] = [key.src_addr[0], key.src_addr[1], key.src_addr[2], key.src_addr[3]];
-        let d: [u8; 4] = [key.dst_addr[0], key.dst_addr[1], key.dst_addr[2], key.dst_addr[3]];
+        let s: [u8; 4] = [
+            key.src_addr[0],
+            key.src_addr[1],
+            key.src_addr[2],
+            key.src_addr[3],
+        ];
+        let d: [u8; 4] = [
+            key.dst_addr[0],
+            key.dst_addr[1],
+            key.dst_addr[2],
+            key.dst_addr[3],
+        ];
         (IpAddr::V4(Ipv4Addr::from(s)), IpAddr::V4(Ipv4Addr::from(d)))
     } else {
-        (IpAddr::V6(Ipv6Addr::from(key.src_addr)), IpAddr::V6(Ipv6Addr::from(key.dst_addr)))
+        (
+            IpAddr::V6(Ipv6Addr::from(key.src_addr)),
+            IpAddr::V6(Ipv6Addr::from(key.dst_addr)),
+        )
     }
 }
 
@@ -201,12 +226,19 @@ impl EventReader {
         // owns the RingBuf, and as_raw_fd always returns that fd.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(EventReader { ring, undecodable: 0 })
+        Ok(EventReader {
+            ring,
+            undecodable: 0,
+        })
     }
 
     /// Wait until the kernel has written something, then drain everything
     /// there is into `out`.
-    pub async fn read(&mut self, clock: &KernelClock, out: &mut Vec<KernelEvent>) -> io::Result<()> {
+    pub async fn read(
+        &mut self,
+        clock: &KernelClock,
+        out: &mut Vec<KernelEvent>,
+    ) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
@@ -227,13 +259,20 @@ mod tests {
 
     fn raw(e: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data.
-        unsafe { std::slice::from_raw_parts((e as *const Event).cast::<u8>(), std::mem::size_of::<Event>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                (e as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]
     fn decodes_icmp_refusal_with_type_and_code() {
-        let clock = KernelClock { wall_at_zero: SystemTime::UNIX_EPOCH };
+        let clock = KernelClock {
+            wall_at_zero: SystemTime::UNIX_EPOCH,
+        };
         let mut e = Event {
             ts_ns: 5_000_000_000,
             kind: event_kind::ICMP_UNREACH,
@@ -244,8 +283,20 @@ mod tests {
         };
         e.flow.proto = IPPROTO_TCP;
         match KernelEvent::decode(&raw(&e), &clock).unwrap() {
-            KernelEvent::Refused { how, attempts, direction, time, .. } => {
-                assert_eq!(how, Refusal::IcmpUnreachable { icmp_type: 3, code: 13 });
+            KernelEvent::Refused {
+                how,
+                attempts,
+                direction,
+                time,
+                ..
+            } => {
+                assert_eq!(
+                    how,
+                    Refusal::IcmpUnreachable {
+                        icmp_type: 3,
+                        code: 13
+                    }
+                );
                 assert_eq!(attempts, 2);
                 assert_eq!(direction, Direction::ToPod);
                 assert_eq!(time, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
@@ -258,13 +309,19 @@ mod tests {
     fn short_or_unknown_records_are_rejected() {
         let clock = KernelClock::now();
         assert_eq!(KernelEvent::decode(&[0u8; 10], &clock), None);
-        let e = Event { kind: 200, ..Event::default() };
+        let e = Event {
+            kind: 200,
+            ..Event::default()
+        };
         assert_eq!(KernelEvent::decode(&raw(&e), &clock), None);
     }
 
     #[test]
     fn ipv4_addresses_come_from_the_first_four_bytes() {
-        let mut k = FlowKey { ip_version: IP_V4, ..FlowKey::default() };
+        let mut k = FlowKey {
+            ip_version: IP_V4,
+            ..FlowKey::default()
+        };
         k.src_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
         k.dst_addr[..4].copy_from_slice(&[10, 1, 2, 4]);
         let (s, d) = addresses(&k);

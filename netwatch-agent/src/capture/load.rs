@@ -185,12 +185,19 @@ impl KernelCapture {
 
         // Reason filter and namespace filter before any hook runs.
         {
-            let map = ebpf.map_mut("REASON_FILTER").ok_or(LoadError::Missing("REASON_FILTER"))?;
+            let map = ebpf
+                .map_mut("REASON_FILTER")
+                .ok_or(LoadError::Missing("REASON_FILTER"))?;
             let mut arr: Array<&mut MapData, u8> =
-                Array::try_from(map).map_err(|source| LoadError::Map { name: "REASON_FILTER", source })?;
+                Array::try_from(map).map_err(|source| LoadError::Map {
+                    name: "REASON_FILTER",
+                    source,
+                })?;
             for v in filter.iter().filter(|v| **v < REASON_FILTER_LEN) {
-                arr.set(*v, 1u8, 0)
-                    .map_err(|source| LoadError::Map { name: "REASON_FILTER", source })?;
+                arr.set(*v, 1u8, 0).map_err(|source| LoadError::Map {
+                    name: "REASON_FILTER",
+                    source,
+                })?;
             }
         }
         let mut capture = KernelCapture {
@@ -213,7 +220,8 @@ impl KernelCapture {
                 .ok_or(LoadError::Missing("TC program"))?
                 .try_into()
                 .map_err(|source| LoadError::Program { name, source })?;
-            prog.load().map_err(|source| LoadError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| LoadError::Program { name, source })?;
         }
 
         if kfree_status.is_ok() {
@@ -222,7 +230,10 @@ impl KernelCapture {
         if let Err(why) = &kfree_status {
             warn!("drop capture (kfree_skb) is off: {why}");
         } else {
-            info!(reasons = filter.len(), "drop capture (tp_btf/kfree_skb) attached");
+            info!(
+                reasons = filter.len(),
+                "drop capture (tp_btf/kfree_skb) attached"
+            );
         }
         capture.hooks.kfree_skb = kfree_status;
 
@@ -253,14 +264,19 @@ impl KernelCapture {
             .ok_or("program missing from the object")?
             .try_into()
             .map_err(|e| format!("{e}"))?;
-        prog.load("kfree_skb", btf).map_err(|e| verifier_msg("kfree_skb", &e))?;
-        prog.attach().map_err(|e| format!("attaching tp_btf/kfree_skb: {}", chain(&e)))?;
+        prog.load("kfree_skb", btf)
+            .map_err(|e| verifier_msg("kfree_skb", &e))?;
+        prog.attach()
+            .map_err(|e| format!("attaching tp_btf/kfree_skb: {}", chain(&e)))?;
         Ok(())
     }
 
     fn attach_sock_ops(&mut self, root: &Path) -> Result<(), String> {
         let cgroup = File::open(root).map_err(|e| {
-            format!("cannot open cgroup root {}: {e}; set --cgroup-root to the cgroup v2 mount", root.display())
+            format!(
+                "cannot open cgroup root {}: {e}; set --cgroup-root to the cgroup v2 mount",
+                root.display()
+            )
         })?;
         let prog: &mut SockOps = self
             .ebpf
@@ -285,11 +301,19 @@ impl KernelCapture {
 
     /// Count drops in network namespace `inum` too (with `own_netns_only`).
     pub fn allow_netns(&mut self, inum: u32) -> Result<(), LoadError> {
-        let map = self.ebpf.map_mut("NETNS_ALLOW").ok_or(LoadError::Missing("NETNS_ALLOW"))?;
+        let map = self
+            .ebpf
+            .map_mut("NETNS_ALLOW")
+            .ok_or(LoadError::Missing("NETNS_ALLOW"))?;
         let mut m: BpfHashMap<&mut MapData, u32, u8> =
-            BpfHashMap::try_from(map).map_err(|source| LoadError::Map { name: "NETNS_ALLOW", source })?;
-        m.insert(inum, 1, 0)
-            .map_err(|source| LoadError::Map { name: "NETNS_ALLOW", source })
+            BpfHashMap::try_from(map).map_err(|source| LoadError::Map {
+                name: "NETNS_ALLOW",
+                source,
+            })?;
+        m.insert(inum, 1, 0).map_err(|source| LoadError::Map {
+            name: "NETNS_ALLOW",
+            source,
+        })
     }
 
     /// The TC program for one direction, for [`super::attach`].
@@ -336,7 +360,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// verifier said no.
 fn verifier_msg(hook: &str, e: &aya::programs::ProgramError) -> String {
     match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let last = verifier_log
                 .to_string()
                 .lines()
@@ -377,10 +404,14 @@ pub fn in_private_cgroup_namespace() -> bool {
 pub fn detect_cgroup2_root() -> Option<PathBuf> {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     for candidate in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        let Ok(c) = std::ffi::CString::new(candidate) else { continue };
+        let Ok(c) = std::ffi::CString::new(candidate) else {
+            continue;
+        };
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: valid C string and out-pointer.
-        if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC {
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0
+            && st.f_type as i64 == CGROUP2_SUPER_MAGIC
+        {
             return Some(PathBuf::from(candidate));
         }
     }

@@ -9,7 +9,9 @@
 //! namespace files we can see (`/run/netns/*`, `/proc/*/ns/net`) until one
 //! has the id we look for.
 
-use std::{collections::HashMap, fs::File, os::fd::AsRawFd, os::unix::fs::MetadataExt, path::PathBuf};
+use std::{
+    collections::HashMap, fs::File, os::fd::AsRawFd, os::unix::fs::MetadataExt, path::PathBuf,
+};
 
 use futures::StreamExt;
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
@@ -35,7 +37,10 @@ impl NetnsResolver {
     pub fn new() -> Result<NetnsResolver, NetnsError> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        Ok(NetnsResolver { handle, known: HashMap::new() })
+        Ok(NetnsResolver {
+            handle,
+            known: HashMap::new(),
+        })
     }
 
     /// The inode of the namespace with id `nsid`, if a file of it is visible.
@@ -44,7 +49,9 @@ impl NetnsResolver {
             return Some(*inum);
         }
         for (inum, path) in candidates() {
-            let Ok(file) = File::open(&path) else { continue };
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
             if let Some(id) = self.id_of(&file).await {
                 self.known.insert(id, inum);
                 if id == nsid {
@@ -58,7 +65,8 @@ impl NetnsResolver {
     /// `RTM_GETNSID` for an open namespace file.
     async fn id_of(&mut self, file: &File) -> Option<i32> {
         let mut msg = NsidMessage::default();
-        msg.attributes.push(NsidAttribute::Fd(file.as_raw_fd() as u32));
+        msg.attributes
+            .push(NsidAttribute::Fd(file.as_raw_fd() as u32));
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
         req.header.flags = NLM_F_REQUEST;
         let mut responses = self.handle.request(req).ok()?;
@@ -89,7 +97,11 @@ fn candidates() -> Vec<(u32, PathBuf)> {
     }
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
                 add(e.path().join("ns/net"));
             }
         }

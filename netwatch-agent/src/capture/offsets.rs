@@ -83,10 +83,11 @@ pub fn field_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32, Offse
     let mut total_bits = 0u32;
     let mut current = strukt.to_string();
     for (i, field) in path.iter().enumerate() {
-        let (bits, member_ty) = find_member(btf, &ty, field)?.ok_or_else(|| OffsetError::NoField {
-            strukt: current.clone(),
-            field: (*field).to_string(),
-        })?;
+        let (bits, member_ty) =
+            find_member(btf, &ty, field)?.ok_or_else(|| OffsetError::NoField {
+                strukt: current.clone(),
+                field: (*field).to_string(),
+            })?;
         total_bits += bits;
         if i + 1 < path.len() {
             ty = strip(btf, member_ty)?;
@@ -146,14 +147,19 @@ fn kfree_skb_has_reason(btf: &Btf) -> bool {
         return false;
     };
     for t in types {
-        let Ok(Type::Ptr(p)) = strip(btf, t) else { continue };
+        let Ok(Type::Ptr(p)) = strip(btf, t) else {
+            continue;
+        };
         let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&p) else {
             continue;
         };
         // (void *ctx, struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
         if let Some(param) = proto.parameters.get(3) {
             if let Ok(Type::Enum(e)) = btf.resolve_chained_type(param) {
-                return btf.resolve_name(&e).map(|n| n == "skb_drop_reason").unwrap_or(false);
+                return btf
+                    .resolve_name(&e)
+                    .map(|n| n == "skb_drop_reason")
+                    .unwrap_or(false);
             }
         }
     }
@@ -184,7 +190,10 @@ mod tests {
     fn missing_struct_and_field_are_named() {
         let btf = Btf::from_file(VMLINUX_BTF).unwrap();
         let e = field_offset(&btf, "sk_buff", &["no_such_field"]).unwrap_err();
-        assert_eq!(e.to_string(), "kernel BTF: struct sk_buff has no field no_such_field");
+        assert_eq!(
+            e.to_string(),
+            "kernel BTF: struct sk_buff has no field no_such_field"
+        );
         let e = field_offset(&btf, "no_such_struct_xyz", &["a"]).unwrap_err();
         assert_eq!(e.to_string(), "kernel BTF has no struct no_such_struct_xyz");
     }

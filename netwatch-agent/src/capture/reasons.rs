@@ -28,7 +28,9 @@ pub const DEFAULT_REASONS: &[&str] = &[
 /// Errors decoding drop reasons or parsing a reason filter.
 #[derive(Debug, thiserror::Error)]
 pub enum ReasonError {
-    #[error("kernel BTF has no enum skb_drop_reason (kernel older than 5.17?): drop reasons cannot be named")]
+    #[error(
+        "kernel BTF has no enum skb_drop_reason (kernel older than 5.17?): drop reasons cannot be named"
+    )]
     NoEnum,
     #[error("unknown drop reason {name:?} in --drop-reasons; this kernel knows: {known}")]
     Unknown { name: String, known: String },
@@ -115,7 +117,10 @@ impl DropReasons {
                 None => (false, raw),
             };
             let values: Vec<u32> = match item.to_ascii_uppercase().as_str() {
-                "DEFAULT" => DEFAULT_REASONS.iter().filter_map(|n| self.value(n)).collect(),
+                "DEFAULT" => DEFAULT_REASONS
+                    .iter()
+                    .filter_map(|n| self.value(n))
+                    .collect(),
                 "ALL" => self
                     .by_name
                     .iter()
@@ -180,10 +185,19 @@ mod tests {
     #[test]
     fn filter_adds_removes_and_rejects_unknown_names() {
         let r = sample();
-        assert_eq!(r.parse_filter("default,NO_SOCKET").unwrap(), BTreeSet::from([3, 12, 30]));
-        assert_eq!(r.parse_filter("all,-NOT_SPECIFIED").unwrap(), BTreeSet::from([3, 12, 30]));
+        assert_eq!(
+            r.parse_filter("default,NO_SOCKET").unwrap(),
+            BTreeSet::from([3, 12, 30])
+        );
+        assert_eq!(
+            r.parse_filter("all,-NOT_SPECIFIED").unwrap(),
+            BTreeSet::from([3, 12, 30])
+        );
         let e = r.parse_filter("NETFILTER_DROPP").unwrap_err().to_string();
-        assert!(e.contains("NETFILTER_DROPP") && e.contains("NETFILTER_DROP,"), "{e}");
+        assert!(
+            e.contains("NETFILTER_DROPP") && e.contains("NETFILTER_DROP,"),
+            "{e}"
+        );
     }
 
     // The running kernel's own numbering, read from its BTF.
@@ -191,7 +205,9 @@ mod tests {
     fn running_kernel_names_netfilter_drop() {
         let btf = Btf::from_file(super::super::offsets::VMLINUX_BTF).unwrap();
         let r = DropReasons::from_btf(&btf).unwrap();
-        let v = r.value("NETFILTER_DROP").expect("NETFILTER_DROP exists since 5.17");
+        let v = r
+            .value("NETFILTER_DROP")
+            .expect("NETFILTER_DROP exists since 5.17");
         assert_eq!(r.name(v), "NETFILTER_DROP");
         assert!(r.value("NOT_SPECIFIED").is_some());
     }

@@ -61,13 +61,32 @@ fn err(table: &'static str) -> impl Fn(MapError) -> TableError {
 impl KernelTables {
     /// Split the maps: the ring buffer goes to the event reader.
     pub fn new(maps: KernelMaps) -> (KernelTables, aya::maps::RingBuf<MapData>) {
-        let KernelMaps { events, drops, pending, socks, connect_cgroups, losses } = maps;
-        (KernelTables { drops, pending, socks, connect_cgroups, losses }, events)
+        let KernelMaps {
+            events,
+            drops,
+            pending,
+            socks,
+            connect_cgroups,
+            losses,
+        } = maps;
+        (
+            KernelTables {
+                drops,
+                pending,
+                socks,
+                connect_cgroups,
+                losses,
+            },
+            events,
+        )
     }
 
     /// Every dropped flow the kernel is counting.
     pub fn drops(&self) -> Result<Vec<(DropKey, DropStats)>, TableError> {
-        self.drops.iter().collect::<Result<_, _>>().map_err(err("DROPS"))
+        self.drops
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("DROPS"))
     }
 
     pub fn drop_stats(&self, key: &DropKey) -> Result<Option<DropStats>, TableError> {
@@ -84,7 +103,10 @@ impl KernelTables {
 
     /// Every handshake still waiting for an answer.
     pub fn pending(&self) -> Result<Vec<(FlowKey, PendingConn)>, TableError> {
-        self.pending.iter().collect::<Result<_, _>>().map_err(err("PENDING"))
+        self.pending
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("PENDING"))
     }
 
     pub fn remove_pending(&mut self, key: &FlowKey) {

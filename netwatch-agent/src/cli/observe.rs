@@ -17,7 +17,7 @@ use crate::{
         filter::{FilterSet, FlowFilter},
         server::{DEFAULT_SOCKET, ObserveRequest, ObserveStatus},
     },
-    flow::record::{FlowLogLine, FlowRecord, L4, Verdict},
+    flow::record::{FlowLogLine, FlowRecord, L4, Lifecycle, Verdict},
     identity::Endpoint,
 };
 
@@ -448,10 +448,15 @@ pub fn run(args: &ObserveArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
-/// `prod/web-7f9c`, or the address (with the reserved identity, if any).
+/// `prod/web-7f9c`, the service a flow was addressed to when no backend is
+/// known (`prod/api (service)`), or the address (with the reserved identity,
+/// if any).
 fn endpoint_name(ep: &Endpoint, ip: IpAddr) -> String {
     if !ep.pod_name.is_empty() {
         return format!("{}/{}", ep.namespace, ep.pod_name);
+    }
+    if let Some(svc) = &ep.service {
+        return svc.to_string();
     }
     match ip {
         IpAddr::V6(v6) => format!("[{v6}]"),
@@ -461,8 +466,20 @@ fn endpoint_name(ep: &Endpoint, ip: IpAddr) -> String {
 
 fn reserved_suffix(ep: &Endpoint) -> String {
     match ep.reserved_identity() {
+        _ if ep.pod_name.is_empty() && ep.service.is_some() => " (service)".into(),
         Some(r) if ep.pod_name.is_empty() => format!(" ({r})"),
         _ => String::new(),
+    }
+}
+
+/// Later records of a flow say so, with its counts, so that a follower sees
+/// one flow failing again and again rather than a stream of new failures.
+fn lifecycle_text(r: &FlowRecord) -> String {
+    let span = (r.last_seen - r.first_seen).num_milliseconds() as f64 / 1000.0;
+    match r.lifecycle {
+        Lifecycle::New => String::new(),
+        Lifecycle::Update => format!(" [still failing: {} packets in {span:.1}s]", r.packets),
+        Lifecycle::Final => format!(" [ended: {} packets in {span:.1}s]", r.packets),
     }
 }
 
@@ -555,6 +572,7 @@ pub fn format_compact(r: &FlowRecord, color: bool) -> String {
     if !policies.is_empty() {
         line.push_str(&format!(" denied by {policies}"));
     }
+    line.push_str(&lifecycle_text(r));
     line
 }
 
@@ -650,6 +668,46 @@ mod tests {
                                 "l4": {"UDP": {"source_port": 5353, "destination_port": 53}}}),
         );
         assert!(format_compact(&dns, false).ends_with("prod/api-5d4e:53 UDP DNS TIMED_OUT"));
+    }
+
+    #[test]
+    fn compact_line_marks_later_records_of_a_flow_with_their_counts() {
+        let update = record(
+            json!({"lifecycle": "UPDATE", "packets": 7, "last_seen": "2026-11-22T02:14:12.500Z"}),
+        );
+        assert!(
+            format_compact(&update, false)
+                .ends_with("DROPPED (NETFILTER_DROP) [still failing: 7 packets in 5.5s]"),
+            "{}",
+            format_compact(&update, false)
+        );
+        let last = record(
+            json!({"lifecycle": "FINAL", "packets": 9, "last_seen": "2026-11-22T02:14:37.000Z"}),
+        );
+        assert!(
+            format_compact(&last, false).ends_with(" [ended: 9 packets in 30.0s]"),
+            "{}",
+            format_compact(&last, false)
+        );
+        assert!(
+            !format_compact(&record(json!({})), false).contains('['),
+            "a NEW record has no suffix"
+        );
+    }
+
+    #[test]
+    fn compact_line_names_the_service_when_no_backend_is_known() {
+        let r = record(json!({
+            "verdict": "REFUSED", "drop_reason_desc": null, "refusal": "ICMP_PORT_UNREACHABLE",
+            "IP": {"destination": "10.96.0.20"},
+            "destination": {"identity": 0, "pod_name": null, "labels": null, "workloads": null, "ip": "10.96.0.20",
+                            "service": {"namespace": "prod", "name": "api"}}
+        }));
+        let line = format_compact(&r, false);
+        assert!(
+            line.contains(" prod/web-7f9c -> prod/api:8080 (service) TCP SYN REFUSED"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -20,7 +20,8 @@ use netwatch_common::{
 };
 
 use super::record::{
-    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, OriginalDestination, Ports, TcpFlags, Verdict,
+    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, OriginalDestination, Ports,
+    TcpFlags, Verdict,
 };
 use crate::{
     capture::{
@@ -63,9 +64,19 @@ pub enum Signal {
     Kernel(KernelEvent),
     /// Exact counters of one (flow, reason) from the kernel's drop table.
     /// Also how a drop whose ring buffer event was lost still becomes a flow.
-    DropCounts { key: DropKey, stats: DropStats, first: SystemTime, last: SystemTime },
+    DropCounts {
+        key: DropKey,
+        stats: DropStats,
+        first: SystemTime,
+        last: SystemTime,
+    },
     /// A handshake older than the connect timeout, from the pending table.
-    Unanswered { flow: FlowKey, pending: PendingConn, first: SystemTime, last: SystemTime },
+    Unanswered {
+        flow: FlowKey,
+        pending: PendingConn,
+        first: SystemTime,
+        last: SystemTime,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -146,10 +157,24 @@ impl FlowAssembler {
     }
 
     /// Take one signal; returns the records to emit now (first records).
-    pub fn handle(&mut self, signal: Signal, now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> Vec<FlowRecord> {
+    pub fn handle(
+        &mut self,
+        signal: Signal,
+        now: SystemTime,
+        reasons: &DropReasons,
+        ifnames: &dyn Fn(u32) -> Option<String>,
+    ) -> Vec<FlowRecord> {
         let mut out = Vec::new();
         match signal {
-            Signal::Kernel(KernelEvent::Drop { time, flow, reason, ifindex, bytes, tcp_flags, .. }) => {
+            Signal::Kernel(KernelEvent::Drop {
+                time,
+                flow,
+                reason,
+                ifindex,
+                bytes,
+                tcp_flags,
+                ..
+            }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
                 let f = self.locate(key, NatSide::Post, Verdict::Dropped, time);
                 f.drop_keys.insert((flow, reason));
@@ -169,7 +194,12 @@ impl FlowAssembler {
                 f.verdict = Verdict::Dropped;
                 touch(f, time);
             }
-            Signal::DropCounts { key, stats, first, last } => {
+            Signal::DropCounts {
+                key,
+                stats,
+                first,
+                last,
+            } => {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
                 let f = self.locate(fkey, NatSide::Post, Verdict::Dropped, first);
                 f.drop_keys.insert((key.flow, key.reason));
@@ -191,7 +221,12 @@ impl FlowAssembler {
                     touch(f, last);
                 }
             }
-            Signal::Unanswered { flow, pending, first, last } => {
+            Signal::Unanswered {
+                flow,
+                pending,
+                first,
+                last,
+            } => {
                 let side = NatSide::of(Direction::from(pending.direction));
                 let f = self.locate(flow, side, Verdict::TimedOut, first);
                 f.timed_out = true;
@@ -208,7 +243,14 @@ impl FlowAssembler {
                 }
                 touch(f, last);
             }
-            Signal::Kernel(KernelEvent::Refused { time, flow, how, ifindex, direction, attempts }) => {
+            Signal::Kernel(KernelEvent::Refused {
+                time,
+                flow,
+                how,
+                ifindex,
+                direction,
+                attempts,
+            }) => {
                 // Answers reach the client reverse-NATed: its own view.
                 let f = self.locate(flow, NatSide::Pre, Verdict::Refused, time);
                 f.refusal = Some(how);
@@ -223,7 +265,11 @@ impl FlowAssembler {
                 }
                 touch(f, time);
             }
-            Signal::Kernel(KernelEvent::SockRetransmit { time, flow, cgroup_id }) => {
+            Signal::Kernel(KernelEvent::SockRetransmit {
+                time,
+                flow,
+                cgroup_id,
+            }) => {
                 if let Some(f) = self.flows.get_mut(&flow) {
                     if f.cgroup_id.is_none() {
                         f.cgroup_id = Some(cgroup_id);
@@ -234,7 +280,12 @@ impl FlowAssembler {
                     self.socket_cgroups.insert(flow, (cgroup_id, time));
                 }
             }
-            Signal::Kernel(KernelEvent::SockFailed { time, flow, cgroup_id, retransmits }) => {
+            Signal::Kernel(KernelEvent::SockFailed {
+                time,
+                flow,
+                cgroup_id,
+                retransmits,
+            }) => {
                 if let Some(f) = self.flows.get_mut(&flow) {
                     f.cgroup_id = Some(cgroup_id);
                     f.points.insert("sock_ops");
@@ -276,20 +327,29 @@ impl FlowAssembler {
     }
 
     /// Rate-limited updates and final records of quiet flows.
-    pub fn tick(&mut self, now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> TickOutput {
+    pub fn tick(
+        &mut self,
+        now: SystemTime,
+        reasons: &DropReasons,
+        ifnames: &dyn Fn(u32) -> Option<String>,
+    ) -> TickOutput {
         let mut out = TickOutput::default();
         let mut finished = Vec::new();
         for (k, f) in self.flows.iter_mut() {
-            let quiet = now.duration_since(f.last_change).unwrap_or_default() >= self.config.idle_timeout;
+            let quiet =
+                now.duration_since(f.last_change).unwrap_or_default() >= self.config.idle_timeout;
             if quiet {
                 if f.dirty {
-                    out.records.push(render(f, &self.config, reasons, ifnames, Lifecycle::Final));
+                    out.records
+                        .push(render(f, &self.config, reasons, ifnames, Lifecycle::Final));
                 }
                 finished.push(*k);
             } else if f.dirty
-                && now.duration_since(f.last_emitted).unwrap_or_default() >= self.config.update_interval
+                && now.duration_since(f.last_emitted).unwrap_or_default()
+                    >= self.config.update_interval
             {
-                out.records.push(render(f, &self.config, reasons, ifnames, Lifecycle::Update));
+                out.records
+                    .push(render(f, &self.config, reasons, ifnames, Lifecycle::Update));
                 f.dirty = false;
                 f.last_emitted = now;
             }
@@ -307,7 +367,11 @@ impl FlowAssembler {
     }
 
     /// Final records for every flow (at shutdown).
-    pub fn finish_all(&mut self, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>) -> Vec<FlowRecord> {
+    pub fn finish_all(
+        &mut self,
+        reasons: &DropReasons,
+        ifnames: &dyn Fn(u32) -> Option<String>,
+    ) -> Vec<FlowRecord> {
         let mut out = Vec::new();
         self.by_client.clear();
         for (_, f) in self.flows.drain() {
@@ -342,12 +406,19 @@ impl FlowAssembler {
 
     /// The flow a signal about `key` belongs to: the same key, or the same
     /// connection seen on the other side of DNAT; created when new.
-    fn locate(&mut self, key: FlowKey, side: NatSide, verdict: Verdict, time: SystemTime) -> &mut ActiveFlow {
+    fn locate(
+        &mut self,
+        key: FlowKey,
+        side: NatSide,
+        verdict: Verdict,
+        time: SystemTime,
+    ) -> &mut ActiveFlow {
         let mut target = key;
         if !self.flows.contains_key(&key) {
             if let Some(existing) = self.by_client.get(&ClientEnd::of(&key)) {
                 let close_in_time = self.flows.get(existing).is_some_and(|f| {
-                    time.duration_since(f.last_change).unwrap_or_default() <= self.config.idle_timeout
+                    time.duration_since(f.last_change).unwrap_or_default()
+                        <= self.config.idle_timeout
                 });
                 if close_in_time && has_ports(&key) {
                     target = *existing;
@@ -380,38 +451,48 @@ impl FlowAssembler {
 }
 
 fn new_flow(key: FlowKey, verdict: Verdict, time: SystemTime) -> ActiveFlow {
-        ActiveFlow {
-            uuid: new_uuid(),
-            key,
-            verdict,
-            drops: BTreeMap::new(),
-            drop_keys: BTreeSet::new(),
-            pre_nat_dst: None,
-            post_nat_dst: None,
-            reply_dropped: false,
-            tcp_flags: 0,
-            attempts: 0,
-            attempt_bytes: 0,
-            refusal: None,
-            timed_out: false,
-            is_dns: is_dns(&key),
-            first_seen: time,
-            last_seen: time,
-            last_change: time,
-            ifindex: 0,
-            direction: Direction::Unknown,
-            points: BTreeSet::new(),
-            cgroup_id: None,
-            dirty: true,
-            last_emitted: SystemTime::UNIX_EPOCH,
-        }
+    ActiveFlow {
+        uuid: new_uuid(),
+        key,
+        verdict,
+        drops: BTreeMap::new(),
+        drop_keys: BTreeSet::new(),
+        pre_nat_dst: None,
+        post_nat_dst: None,
+        reply_dropped: false,
+        tcp_flags: 0,
+        attempts: 0,
+        attempt_bytes: 0,
+        refusal: None,
+        timed_out: false,
+        is_dns: is_dns(&key),
+        first_seen: time,
+        last_seen: time,
+        last_change: time,
+        ifindex: 0,
+        direction: Direction::Unknown,
+        points: BTreeSet::new(),
+        cgroup_id: None,
+        dirty: true,
+        last_emitted: SystemTime::UNIX_EPOCH,
+    }
 }
 
 impl FlowAssembler {
-
-    fn enforce_bound(&mut self, _now: SystemTime, reasons: &DropReasons, ifnames: &dyn Fn(u32) -> Option<String>, out: &mut Vec<FlowRecord>) {
+    fn enforce_bound(
+        &mut self,
+        _now: SystemTime,
+        reasons: &DropReasons,
+        ifnames: &dyn Fn(u32) -> Option<String>,
+        out: &mut Vec<FlowRecord>,
+    ) {
         while self.flows.len() > self.config.max_flows {
-            let Some(k) = self.flows.iter().min_by_key(|(_, f)| f.last_change).map(|(k, _)| *k) else {
+            let Some(k) = self
+                .flows
+                .iter()
+                .min_by_key(|(_, f)| f.last_change)
+                .map(|(k, _)| *k)
+            else {
                 break;
             };
             if let Some(f) = self.flows.remove(&k) {
@@ -454,7 +535,11 @@ struct ClientEnd {
 
 impl ClientEnd {
     fn of(key: &FlowKey) -> ClientEnd {
-        ClientEnd { addr: key.src_addr, port: key.src_port, proto: key.proto }
+        ClientEnd {
+            addr: key.src_addr,
+            port: key.src_port,
+            proto: key.proto,
+        }
     }
 }
 
@@ -476,7 +561,9 @@ fn touch(f: &mut ActiveFlow, time: SystemTime) {
 /// packet was a reply (a SYN-ACK, or a DNS answer).
 fn orient(flow: &FlowKey, tcp: u8) -> (FlowKey, bool) {
     let syn_ack = tcp & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK;
-    let dns_answer = (flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_TCP) && flow.src_port == 53 && flow.dst_port != 53;
+    let dns_answer = (flow.proto == IPPROTO_UDP || flow.proto == IPPROTO_TCP)
+        && flow.src_port == 53
+        && flow.dst_port != 53;
     if syn_ack || dns_answer {
         (flow.reversed(), true)
     } else {
@@ -489,7 +576,14 @@ fn is_dns(key: &FlowKey) -> bool {
 }
 
 fn drop_keys(f: &ActiveFlow) -> Vec<DropKey> {
-    f.drop_keys.iter().map(|(flow, reason)| DropKey { flow: *flow, reason: *reason, _pad: 0 }).collect()
+    f.drop_keys
+        .iter()
+        .map(|(flow, reason)| DropKey {
+            flow: *flow,
+            reason: *reason,
+            _pad: 0,
+        })
+        .collect()
 }
 
 fn new_uuid() -> String {
@@ -552,7 +646,10 @@ fn render(
         if let Some(pre) = f.pre_nat_dst.filter(|p| *p != (addr, port)) {
             let mut pre_key = f.key;
             (pre_key.dst_addr, pre_key.dst_port) = pre;
-            original = Some(OriginalDestination { ip: addresses(&pre_key).1, port: pre.1 });
+            original = Some(OriginalDestination {
+                ip: addresses(&pre_key).1,
+                port: pre.1,
+            });
         }
         (key.dst_addr, key.dst_port) = (addr, port);
     }
@@ -565,21 +662,36 @@ fn render(
         flags: None,
     };
     let l4 = match f.key.proto {
-        IPPROTO_TCP => L4::Tcp(Ports { flags: Some(flags.clone()), ..ports }),
+        IPPROTO_TCP => L4::Tcp(Ports {
+            flags: Some(flags.clone()),
+            ..ports
+        }),
         IPPROTO_UDP => L4::Udp(ports),
         IPPROTO_SCTP => L4::Sctp(ports),
-        IPPROTO_ICMP => L4::Icmpv4(Icmp { icmp_type: f.key.src_port as u8, code: f.key.dst_port as u8 }),
-        IPPROTO_ICMPV6 => L4::Icmpv6(Icmp { icmp_type: f.key.src_port as u8, code: f.key.dst_port as u8 }),
+        IPPROTO_ICMP => L4::Icmpv4(Icmp {
+            icmp_type: f.key.src_port as u8,
+            code: f.key.dst_port as u8,
+        }),
+        IPPROTO_ICMPV6 => L4::Icmpv6(Icmp {
+            icmp_type: f.key.src_port as u8,
+            code: f.key.dst_port as u8,
+        }),
         other => L4::Other { protocol: other },
     };
     let has_ports = l4.ports().is_some();
     let (packets, bytes) = if f.drops.is_empty() {
         (f.attempts, f.attempt_bytes)
     } else {
-        f.drops.values().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+        f.drops
+            .values()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
     };
     // The main reason: the one that dropped the most packets.
-    let main_reason = f.drops.iter().max_by_key(|(_, c)| c.packets).map(|(r, _)| *r);
+    let main_reason = f
+        .drops
+        .iter()
+        .max_by_key(|(_, c)| c.packets)
+        .map(|(r, _)| *r);
     let drop_reason_desc = main_reason.map(|r| reasons.name(r));
     let drop_reasons = if f.drops.len() > 1 {
         f.drops.keys().map(|r| reasons.name(*r)).collect()
@@ -589,8 +701,14 @@ fn render(
     let verdict = verdict_of(f);
     let summary = summary(f, verdict, &l4, &flags, packets, config);
     let event_type = match (verdict, main_reason) {
-        (Verdict::Dropped, Some(r)) => EventType { kind: 1, sub_type: r as i32 },
-        _ => EventType { kind: 4, sub_type: 0 },
+        (Verdict::Dropped, Some(r)) => EventType {
+            kind: 1,
+            sub_type: r as i32,
+        },
+        _ => EventType {
+            kind: 4,
+            sub_type: 0,
+        },
     };
     let traffic_direction = match (verdict, f.direction) {
         // A handshake completed into the server's pod: its ingress.
@@ -609,7 +727,11 @@ fn render(
         ip: IpInfo {
             source: src,
             destination: dst,
-            ip_version: if f.key.ip_version == IP_V4 { "IPv4".into() } else { "IPv6".into() },
+            ip_version: if f.key.ip_version == IP_V4 {
+                "IPv4".into()
+            } else {
+                "IPv6".into()
+            },
         },
         l4,
         source: Endpoint::unresolved(src, has_ports.then_some(f_key.src_port)),
@@ -619,7 +741,10 @@ fn render(
         node_name: config.node_name.clone(),
         event_type,
         traffic_direction: traffic_direction.into(),
-        is_reply: f.reply_dropped && f.attempts == 0 && !f.drops.is_empty() && f.tcp_flags & tcp_flags::SYN == 0,
+        is_reply: f.reply_dropped
+            && f.attempts == 0
+            && !f.drops.is_empty()
+            && f.tcp_flags & tcp_flags::SYN == 0,
         interface: (f.ifindex != 0).then(|| Interface {
             index: f.ifindex,
             name: ifnames(f.ifindex).unwrap_or_default(),
@@ -646,10 +771,22 @@ fn render(
     }
 }
 
-fn summary(f: &ActiveFlow, verdict: Verdict, l4: &L4, flags: &TcpFlags, packets: u64, config: &AssemblerConfig) -> String {
+fn summary(
+    f: &ActiveFlow,
+    verdict: Verdict,
+    l4: &L4,
+    flags: &TcpFlags,
+    packets: u64,
+    config: &AssemblerConfig,
+) -> String {
     let mut s = match l4 {
         L4::Tcp(_) => format!("TCP Flags: {}", flags.names().join(", ")),
-        L4::Icmpv4(i) | L4::Icmpv6(i) => format!("{} type {} code {}", l4.protocol_name(), i.icmp_type, i.code),
+        L4::Icmpv4(i) | L4::Icmpv6(i) => format!(
+            "{} type {} code {}",
+            l4.protocol_name(),
+            i.icmp_type,
+            i.code
+        ),
         other => other.protocol_name(),
     };
     if f.is_dns {
@@ -687,7 +824,13 @@ mod tests {
     }
 
     fn key(sport: u16, dport: u16, proto: u8) -> FlowKey {
-        let mut k = FlowKey { src_port: sport, dst_port: dport, proto, ip_version: IP_V4, ..FlowKey::default() };
+        let mut k = FlowKey {
+            src_port: sport,
+            dst_port: dport,
+            proto,
+            ip_version: IP_V4,
+            ..FlowKey::default()
+        };
         k.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
         k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
         k
@@ -702,47 +845,119 @@ mod tests {
     }
 
     fn drop_event(k: FlowKey, at: SystemTime) -> Signal {
-        Signal::Kernel(KernelEvent::Drop { time: at, flow: k, reason: 12, ifindex: 7, netns: 1, bytes: 60, tcp_flags: tcp_flags::SYN })
+        Signal::Kernel(KernelEvent::Drop {
+            time: at,
+            flow: k,
+            reason: 12,
+            ifindex: 7,
+            netns: 1,
+            bytes: 60,
+            tcp_flags: tcp_flags::SYN,
+        })
     }
 
     #[test]
     fn first_drop_is_emitted_at_once_with_reason_name() {
-        let mut a = FlowAssembler::new(AssemblerConfig { node_name: "n1".into(), ..Default::default() });
-        let out = a.handle(drop_event(key(40000, 8080, IPPROTO_TCP), t(0)), t(0), &reasons(), &no_names);
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            node_name: "n1".into(),
+            ..Default::default()
+        });
+        let out = a.handle(
+            drop_event(key(40000, 8080, IPPROTO_TCP), t(0)),
+            t(0),
+            &reasons(),
+            &no_names,
+        );
         assert_eq!(out.len(), 1);
         let r = &out[0];
         assert_eq!(r.verdict, Verdict::Dropped);
         assert_eq!(r.drop_reason_desc.as_deref(), Some("NETFILTER_DROP"));
         assert_eq!(r.lifecycle, Lifecycle::New);
-        assert_eq!(r.l4, L4::Tcp(Ports { source_port: 40000, destination_port: 8080, flags: Some(TcpFlags { syn: true, ..Default::default() }) }));
+        assert_eq!(
+            r.l4,
+            L4::Tcp(Ports {
+                source_port: 40000,
+                destination_port: 8080,
+                flags: Some(TcpFlags {
+                    syn: true,
+                    ..Default::default()
+                })
+            })
+        );
         assert_eq!(r.node_name, "n1");
         assert_eq!(r.summary, "TCP Flags: SYN");
     }
 
     #[test]
     fn drop_then_timeout_is_one_dropped_flow_with_exact_counts() {
-        let cfg = AssemblerConfig { update_interval: Duration::from_secs(5), idle_timeout: Duration::from_secs(30), ..Default::default() };
+        let cfg = AssemblerConfig {
+            update_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            ..Default::default()
+        };
         let mut a = FlowAssembler::new(cfg);
         let k = key(40000, 8080, IPPROTO_TCP);
         let first = a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names);
         let uuid = first[0].uuid.clone();
         // Table scan: three SYNs dropped.
-        let stats = DropStats { packets: 3, bytes: 180, tcp_flags: tcp_flags::SYN, ifindex: 7, ..DropStats::default() };
-        a.handle(Signal::DropCounts { key: DropKey { flow: k, reason: 12, _pad: 0 }, stats, first: t(0), last: t(3) }, t(3), &reasons(), &no_names);
-        let pending = PendingConn { packets: 3, bytes: 180, kind: pending_kind::TCP_SYN, ..PendingConn::default() };
-        let none = a.handle(Signal::Unanswered { flow: k, pending, first: t(0), last: t(3) }, t(4), &reasons(), &no_names);
+        let stats = DropStats {
+            packets: 3,
+            bytes: 180,
+            tcp_flags: tcp_flags::SYN,
+            ifindex: 7,
+            ..DropStats::default()
+        };
+        a.handle(
+            Signal::DropCounts {
+                key: DropKey {
+                    flow: k,
+                    reason: 12,
+                    _pad: 0,
+                },
+                stats,
+                first: t(0),
+                last: t(3),
+            },
+            t(3),
+            &reasons(),
+            &no_names,
+        );
+        let pending = PendingConn {
+            packets: 3,
+            bytes: 180,
+            kind: pending_kind::TCP_SYN,
+            ..PendingConn::default()
+        };
+        let none = a.handle(
+            Signal::Unanswered {
+                flow: k,
+                pending,
+                first: t(0),
+                last: t(3),
+            },
+            t(4),
+            &reasons(),
+            &no_names,
+        );
         assert!(none.is_empty(), "no second first-record");
         // Rate limit: nothing before update_interval, an update after.
         assert!(a.tick(t(4), &reasons(), &no_names).records.is_empty());
         let upd = a.tick(t(6), &reasons(), &no_names).records;
         assert_eq!(upd.len(), 1);
         let r = &upd[0];
-        assert_eq!((r.uuid.as_str(), r.verdict, r.packets, r.bytes, r.timed_out), (uuid.as_str(), Verdict::Dropped, 3, 180, true));
+        assert_eq!(
+            (r.uuid.as_str(), r.verdict, r.packets, r.bytes, r.timed_out),
+            (uuid.as_str(), Verdict::Dropped, 3, 180, true)
+        );
         assert_eq!(r.lifecycle, Lifecycle::Update);
         // Quiet: forgotten, kernel entries handed back for removal.
         let fin = a.tick(t(40), &reasons(), &no_names);
         assert!(fin.records.is_empty(), "nothing changed since the update");
-        assert!(fin.finished_drop_keys.iter().any(|d| d.flow == k && d.reason == 12));
+        assert!(
+            fin.finished_drop_keys
+                .iter()
+                .any(|d| d.flow == k && d.reason == 12)
+        );
         assert_eq!(a.active_flows(), 0);
     }
 
@@ -750,33 +965,87 @@ mod tests {
     fn unanswered_handshake_alone_is_timed_out() {
         let mut a = FlowAssembler::new(AssemblerConfig::default());
         let k = key(40001, 53, IPPROTO_UDP);
-        let pending = PendingConn { packets: 2, bytes: 120, kind: pending_kind::DNS_QUERY, direction: netwatch_common::direction::FROM_POD, ifindex: 4, ..PendingConn::default() };
-        let out = a.handle(Signal::Unanswered { flow: k, pending, first: t(0), last: t(1) }, t(4), &reasons(), &no_names);
+        let pending = PendingConn {
+            packets: 2,
+            bytes: 120,
+            kind: pending_kind::DNS_QUERY,
+            direction: netwatch_common::direction::FROM_POD,
+            ifindex: 4,
+            ..PendingConn::default()
+        };
+        let out = a.handle(
+            Signal::Unanswered {
+                flow: k,
+                pending,
+                first: t(0),
+                last: t(1),
+            },
+            t(4),
+            &reasons(),
+            &no_names,
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].verdict, Verdict::TimedOut);
         assert!(out[0].is_dns);
         assert_eq!(out[0].packets, 2);
         assert_eq!(out[0].drop_reason_desc, None);
         assert_eq!(out[0].traffic_direction, "EGRESS");
-        assert!(out[0].summary.starts_with("DNS query (UDP)"), "{}", out[0].summary);
+        assert!(
+            out[0].summary.starts_with("DNS query (UDP)"),
+            "{}",
+            out[0].summary
+        );
     }
 
     #[test]
     fn rst_is_refused_and_icmp_codes_are_named() {
         let mut a = FlowAssembler::new(AssemblerConfig::default());
         let k = key(40002, 9, IPPROTO_TCP);
-        let out = a.handle(Signal::Kernel(KernelEvent::Refused { time: t(0), flow: k, how: Refusal::TcpReset, ifindex: 3, direction: Direction::ToPod, attempts: 1 }), t(0), &reasons(), &no_names);
+        let out = a.handle(
+            Signal::Kernel(KernelEvent::Refused {
+                time: t(0),
+                flow: k,
+                how: Refusal::TcpReset,
+                ifindex: 3,
+                direction: Direction::ToPod,
+                attempts: 1,
+            }),
+            t(0),
+            &reasons(),
+            &no_names,
+        );
         assert_eq!(out[0].verdict, Verdict::Refused);
         assert_eq!(out[0].refusal.as_deref(), Some("TCP_RESET"));
-        assert_eq!(refusal_name(&Refusal::IcmpUnreachable { icmp_type: 3, code: 3 }), "ICMP_PORT_UNREACHABLE");
-        assert_eq!(refusal_name(&Refusal::IcmpUnreachable { icmp_type: 1, code: 1 }), "ICMPV6_ADMIN_PROHIBITED");
+        assert_eq!(
+            refusal_name(&Refusal::IcmpUnreachable {
+                icmp_type: 3,
+                code: 3
+            }),
+            "ICMP_PORT_UNREACHABLE"
+        );
+        assert_eq!(
+            refusal_name(&Refusal::IcmpUnreachable {
+                icmp_type: 1,
+                code: 1
+            }),
+            "ICMPV6_ADMIN_PROHIBITED"
+        );
     }
 
     #[test]
     fn socket_cgroup_joins_the_flow_seen_later() {
         let mut a = FlowAssembler::new(AssemblerConfig::default());
         let k = key(40003, 80, IPPROTO_TCP);
-        a.handle(Signal::Kernel(KernelEvent::SockRetransmit { time: t(1), flow: k, cgroup_id: 4242 }), t(1), &reasons(), &no_names);
+        a.handle(
+            Signal::Kernel(KernelEvent::SockRetransmit {
+                time: t(1),
+                flow: k,
+                cgroup_id: 4242,
+            }),
+            t(1),
+            &reasons(),
+            &no_names,
+        );
         let out = a.handle(drop_event(k, t(0)), t(1), &reasons(), &no_names);
         assert_eq!(out[0].cgroup_id, Some(4242));
         assert!(out[0].observation_points.contains(&"sock_ops".to_string()));
@@ -786,8 +1055,27 @@ mod tests {
     fn lost_ring_buffer_event_is_recovered_from_the_table() {
         let mut a = FlowAssembler::new(AssemblerConfig::default());
         let k = key(40004, 443, IPPROTO_TCP);
-        let stats = DropStats { packets: 5, bytes: 300, tcp_flags: tcp_flags::SYN, ..DropStats::default() };
-        let out = a.handle(Signal::DropCounts { key: DropKey { flow: k, reason: 12, _pad: 0 }, stats, first: t(0), last: t(2) }, t(2), &reasons(), &no_names);
+        let stats = DropStats {
+            packets: 5,
+            bytes: 300,
+            tcp_flags: tcp_flags::SYN,
+            ..DropStats::default()
+        };
+        let out = a.handle(
+            Signal::DropCounts {
+                key: DropKey {
+                    flow: k,
+                    reason: 12,
+                    _pad: 0,
+                },
+                stats,
+                first: t(0),
+                last: t(2),
+            },
+            t(2),
+            &reasons(),
+            &no_names,
+        );
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].verdict, out[0].packets), (Verdict::Dropped, 5));
     }
@@ -797,7 +1085,15 @@ mod tests {
         let mut a = FlowAssembler::new(AssemblerConfig::default());
         let k = key(40005, 80, IPPROTO_TCP);
         a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names);
-        let synack = Signal::Kernel(KernelEvent::Drop { time: t(1), flow: k.reversed(), reason: 12, ifindex: 7, netns: 1, bytes: 60, tcp_flags: tcp_flags::SYN | tcp_flags::ACK });
+        let synack = Signal::Kernel(KernelEvent::Drop {
+            time: t(1),
+            flow: k.reversed(),
+            reason: 12,
+            ifindex: 7,
+            netns: 1,
+            bytes: 60,
+            tcp_flags: tcp_flags::SYN | tcp_flags::ACK,
+        });
         let out = a.handle(synack, t(1), &reasons(), &no_names);
         assert!(out.is_empty(), "same flow, no new first record");
         assert_eq!(a.active_flows(), 1);
@@ -809,8 +1105,23 @@ mod tests {
         // The client's SYN to the service IP goes unanswered at its interface...
         let mut svc = key(40006, 80, IPPROTO_TCP);
         svc.dst_addr[..4].copy_from_slice(&[10, 96, 0, 10]);
-        let pending = PendingConn { packets: 2, kind: pending_kind::TCP_SYN, direction: netwatch_common::direction::FROM_POD, ..PendingConn::default() };
-        a.handle(Signal::Unanswered { flow: svc, pending, first: t(0), last: t(1) }, t(3), &reasons(), &no_names);
+        let pending = PendingConn {
+            packets: 2,
+            kind: pending_kind::TCP_SYN,
+            direction: netwatch_common::direction::FROM_POD,
+            ..PendingConn::default()
+        };
+        a.handle(
+            Signal::Unanswered {
+                flow: svc,
+                pending,
+                first: t(0),
+                last: t(1),
+            },
+            t(3),
+            &reasons(),
+            &no_names,
+        );
         // ...and the node's firewall dropped it after DNAT, to the backend pod.
         let mut backend = key(40006, 8080, IPPROTO_TCP);
         backend.dst_addr[..4].copy_from_slice(&[10, 0, 0, 9]);
@@ -818,25 +1129,52 @@ mod tests {
         assert_eq!(a.active_flows(), 1, "one connection, one flow");
         let out = a.finish_all(&reasons(), &no_names);
         let r = &out[0];
-        assert_eq!((r.verdict, r.ip.destination.to_string()), (Verdict::Dropped, "10.0.0.9".to_string()));
-        let orig = r.original_destination.as_ref().expect("the address the client used");
-        assert_eq!((orig.ip.to_string(), orig.port), ("10.96.0.10".to_string(), 80));
+        assert_eq!(
+            (r.verdict, r.ip.destination.to_string()),
+            (Verdict::Dropped, "10.0.0.9".to_string())
+        );
+        let orig = r
+            .original_destination
+            .as_ref()
+            .expect("the address the client used");
+        assert_eq!(
+            (orig.ip.to_string(), orig.port),
+            ("10.96.0.10".to_string(), 80)
+        );
         assert_eq!(r.l4.ports().map(|p| p.destination_port), Some(8080));
     }
 
     #[test]
     fn a_denied_handshake_that_completed_is_one_record() {
         let a = FlowAssembler::new(AssemblerConfig::default());
-        let r = a.established_record(key(40007, 5432, IPPROTO_TCP), t(0), 3, Direction::ToPod, &reasons(), &no_names);
-        assert_eq!((r.verdict, r.lifecycle, r.traffic_direction.as_str()), (Verdict::PolicyNotEnforced, Lifecycle::New, "INGRESS"));
+        let r = a.established_record(
+            key(40007, 5432, IPPROTO_TCP),
+            t(0),
+            3,
+            Direction::ToPod,
+            &reasons(),
+            &no_names,
+        );
+        assert_eq!(
+            (r.verdict, r.lifecycle, r.traffic_direction.as_str()),
+            (Verdict::PolicyNotEnforced, Lifecycle::New, "INGRESS")
+        );
         assert!(r.summary.contains("SYN, ACK"));
     }
 
     #[test]
     fn table_is_bounded() {
-        let mut a = FlowAssembler::new(AssemblerConfig { max_flows: 2, ..Default::default() });
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            max_flows: 2,
+            ..Default::default()
+        });
         for p in 0..5 {
-            a.handle(drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))), t(u64::from(p)), &reasons(), &no_names);
+            a.handle(
+                drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))),
+                t(u64::from(p)),
+                &reasons(),
+                &no_names,
+            );
         }
         assert_eq!(a.active_flows(), 2);
         assert_eq!(a.evicted, 3);

@@ -56,7 +56,11 @@ impl std::str::FromStr for Verdict {
         Verdict::ALL
             .into_iter()
             .find(|v| v.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown verdict {s:?}; valid: DROPPED, TIMED_OUT, REFUSED, POLICY_NOT_ENFORCED"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown verdict {s:?}; valid: DROPPED, TIMED_OUT, REFUSED, POLICY_NOT_ENFORCED"
+                )
+            })
     }
 }
 
