@@ -169,16 +169,14 @@ impl Attribution {
 
         // A refused or unanswered connect to a service with no ready endpoint:
         // the classic failing readiness probe, not a policy.
-        if matches!(r.verdict, Verdict::Refused | Verdict::TimedOut) {
-            if let (Some(_), Some(port), Some(proto)) = (&service, addressed.1, protocol) {
-                if let Some(readiness @ ServiceReadiness::NoReadyEndpoints { .. }) = self
-                    .identity
-                    .service_readiness(addressed.0, port, ip_protocol(proto))
-                {
-                    r.explanation = Some(readiness.to_string());
-                    return;
-                }
-            }
+        if matches!(r.verdict, Verdict::Refused | Verdict::TimedOut)
+            && let (Some(_), Some(port), Some(proto)) = (&service, addressed.1, protocol)
+            && let Some(readiness @ ServiceReadiness::NoReadyEndpoints { .. }) = self
+                .identity
+                .service_readiness(addressed.0, port, ip_protocol(proto))
+        {
+            r.explanation = Some(readiness.to_string());
+            return;
         }
 
         let (Some(engine), Some(proto), Some(port)) = (self.engine.clone(), protocol, dport) else {
@@ -224,10 +222,10 @@ impl Attribution {
         if verdict.verdict != policy::Verdict::Denied {
             return None;
         }
-        if let Some(t) = self.not_enforced_seen.get(&key) {
-            if now.duration_since(*t).unwrap_or_default() < self.config.not_enforced_interval {
-                return None;
-            }
+        if let Some(t) = self.not_enforced_seen.get(&key)
+            && now.duration_since(*t).unwrap_or_default() < self.config.not_enforced_interval
+        {
+            return None;
         }
         self.not_enforced_seen.insert(key, now);
         apply_verdict(&mut r, &verdict);

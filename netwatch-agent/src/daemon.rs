@@ -395,11 +395,11 @@ fn route(
             r.cgroup_id = client_key(&r).and_then(|k| tables.connect_cgroup(&k));
         }
         if has_source && !attribution.is_synced() {
-            if waiting.records.len() >= waiting.limit {
-                if let Some((_, mut old)) = waiting.records.pop_front() {
-                    old.unenriched = true;
-                    out.publish(&old);
-                }
+            if waiting.records.len() >= waiting.limit
+                && let Some((_, mut old)) = waiting.records.pop_front()
+            {
+                old.unenriched = true;
+                out.publish(&old);
             }
             waiting.records.push_back((Instant::now(), r));
             continue;

@@ -9,14 +9,14 @@ use core::mem::size_of;
 
 use aya_ebpf::{Global, bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::TcContext};
 use netwatch_common::{
-    FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, PairKey, PendingConn, event_kind, loss, pending_kind, tcp_flags,
+    FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    PairKey, PendingConn, event_kind, loss, pending_kind, tcp_flags,
 };
 
 use crate::{
+    atomic::atomic_add,
     emit,
     maps::{PENDING, REPORTED, count_loss},
-    atomic::atomic_add,
 };
 
 /// Leave the packet to the next program / the stack.
@@ -87,7 +87,13 @@ fn try_observe(ctx: &TcContext, direction: u8) -> Option<()> {
                     answered(ctx, direction, &pkt.key.reversed());
                 }
             } else if flags & tcp_flags::RST != 0 {
-                refused(ctx, direction, &pkt.key.reversed(), event_kind::TCP_RESET, 0);
+                refused(
+                    ctx,
+                    direction,
+                    &pkt.key.reversed(),
+                    event_kind::TCP_RESET,
+                    0,
+                );
             }
         }
         IPPROTO_UDP => {
@@ -119,7 +125,13 @@ fn try_observe(ctx: &TcContext, direction: u8) -> Option<()> {
             match read::<u8>(ctx, pkt.l4 + 12)? {
                 1 => track(ctx, direction, &pkt.key, pending_kind::SCTP_INIT),
                 2 => answered(ctx, direction, &pkt.key.reversed()),
-                6 => refused(ctx, direction, &pkt.key.reversed(), event_kind::SCTP_ABORT, 0),
+                6 => refused(
+                    ctx,
+                    direction,
+                    &pkt.key.reversed(),
+                    event_kind::SCTP_ABORT,
+                    0,
+                ),
                 _ => {}
             }
         }

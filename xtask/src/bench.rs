@@ -129,10 +129,10 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
         );
         without.push(a);
         with.push(b);
-        if let (Some((t0, c0)), Some((t1, c1))) = (before, after) {
-            if c1 > c0 {
-                per_packet.push((t1 - t0) as f64 / (c1 - c0) as f64);
-            }
+        if let (Some((t0, c0)), Some((t1, c1))) = (before, after)
+            && c1 > c0
+        {
+            per_packet.push((t1 - t0) as f64 / (c1 - c0) as f64);
         }
     }
     let _ = Command::new("sysctl")
@@ -265,10 +265,10 @@ fn first_record_latency(lab: &Lab, agent_bin: &Path, samples: usize) -> Result<V
                     let now = std::time::SystemTime::now();
                     for v in &news[seen..] {
                         let first = v["flow"]["first_seen"].as_str().unwrap_or("");
-                        if let Some(t) = parse_rfc3339(first) {
-                            if let Ok(d) = now.duration_since(t) {
-                                out.push(d.as_secs_f64() * 1000.0);
-                            }
+                        if let Some(t) = parse_rfc3339(first)
+                            && let Ok(d) = now.duration_since(t)
+                        {
+                            out.push(d.as_secs_f64() * 1000.0);
                         }
                     }
                     seen = news.len();

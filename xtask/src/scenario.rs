@@ -494,12 +494,12 @@ impl ScenarioRun {
             {
                 return Ok(agent);
             }
-            if let Some(c) = agent.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    return Err(ScenarioError::Agent(format!(
-                        "netwatch-agent on {node} exited ({status}):\n{text}"
-                    )));
-                }
+            if let Some(c) = agent.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Err(ScenarioError::Agent(format!(
+                    "netwatch-agent on {node} exited ({status}):\n{text}"
+                )));
             }
             if Instant::now() > deadline {
                 return Err(ScenarioError::Agent(format!(

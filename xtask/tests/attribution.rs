@@ -163,7 +163,7 @@ fn start(lab: &xtask::lab::Lab, dir: &tempfile::TempDir) -> Agent {
     )
 }
 
-fn last_of<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> &'a Value {
+fn last_of(lines: &[Value], pred: impl Fn(&Value) -> bool) -> &Value {
     records(lines, pred)
         .into_iter()
         .last()

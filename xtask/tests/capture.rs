@@ -34,7 +34,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 /// The last record of each flow (its final state), for records matching `pred`.
-fn finals<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+fn finals(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Vec<&Value> {
     let all = records(lines, pred);
     uuids(&all)
         .into_iter()

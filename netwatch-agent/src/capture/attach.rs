@@ -94,10 +94,10 @@ pub async fn watch_links(tx: mpsc::Sender<LinkChange>) -> Result<(), AttachError
     let dump = |handle: rtnetlink::Handle, tx: mpsc::Sender<LinkChange>| async move {
         let mut links = handle.link().get().execute();
         while let Some(msg) = links.try_next().await? {
-            if let Some(change) = present(&msg) {
-                if tx.send(change).await.is_err() {
-                    break;
-                }
+            if let Some(change) = present(&msg)
+                && tx.send(change).await.is_err()
+            {
+                break;
             }
         }
         Ok::<(), AttachError>(())
@@ -120,10 +120,10 @@ pub async fn watch_links(tx: mpsc::Sender<LinkChange>) -> Result<(), AttachError
             }
             _ => None,
         };
-        if let Some(change) = change {
-            if tx.send(change).await.is_err() {
-                break;
-            }
+        if let Some(change) = change
+            && tx.send(change).await.is_err()
+        {
+            break;
         }
     }
     Ok(())
@@ -239,10 +239,10 @@ impl TcAttacher {
         // The kernel already dropped the links of a deleted device; detaching
         // then fails harmlessly.
         for (prog, id) in [(TC_FROM_POD, a.from_pod), (TC_TO_POD, a.to_pod)] {
-            if let Some(p) = capture.classifier(prog) {
-                if let Err(e) = p.detach(id) {
-                    debug!(interface = %a.name, "detach {prog}: {e}");
-                }
+            if let Some(p) = capture.classifier(prog)
+                && let Err(e) = p.detach(id)
+            {
+                debug!(interface = %a.name, "detach {prog}: {e}");
             }
         }
         info!(interface = %a.name, index, "forgot interface");

@@ -154,13 +154,13 @@ fn kfree_skb_has_reason(btf: &Btf) -> bool {
             continue;
         };
         // (void *ctx, struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
-        if let Some(param) = proto.parameters.get(3) {
-            if let Ok(Type::Enum(e)) = btf.resolve_chained_type(param) {
-                return btf
-                    .resolve_name(&e)
-                    .map(|n| n == "skb_drop_reason")
-                    .unwrap_or(false);
-            }
+        if let Some(param) = proto.parameters.get(3)
+            && let Ok(Type::Enum(e)) = btf.resolve_chained_type(param)
+        {
+            return btf
+                .resolve_name(&e)
+                .map(|n| n == "skb_drop_reason")
+                .unwrap_or(false);
         }
     }
     false

@@ -310,11 +310,11 @@ impl FlowAssembler {
         // the cost per signal does not grow with the number of active flows.
         let keys = std::mem::take(&mut self.fresh);
         for k in keys {
-            if let Some(cg) = self.socket_cgroups.remove(&k) {
-                if let Some(f) = self.flows.get_mut(&k) {
-                    f.cgroup_id.get_or_insert(cg.0);
-                    f.points.insert("sock_ops");
-                }
+            if let Some(cg) = self.socket_cgroups.remove(&k)
+                && let Some(f) = self.flows.get_mut(&k)
+            {
+                f.cgroup_id.get_or_insert(cg.0);
+                f.points.insert("sock_ops");
             }
             if let Some(f) = self.flows.get_mut(&k) {
                 out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
@@ -414,15 +414,14 @@ impl FlowAssembler {
         time: SystemTime,
     ) -> &mut ActiveFlow {
         let mut target = key;
-        if !self.flows.contains_key(&key) {
-            if let Some(existing) = self.by_client.get(&ClientEnd::of(&key)) {
-                let close_in_time = self.flows.get(existing).is_some_and(|f| {
-                    time.duration_since(f.last_change).unwrap_or_default()
-                        <= self.config.idle_timeout
-                });
-                if close_in_time && has_ports(&key) {
-                    target = *existing;
-                }
+        if !self.flows.contains_key(&key)
+            && let Some(existing) = self.by_client.get(&ClientEnd::of(&key))
+        {
+            let close_in_time = self.flows.get(existing).is_some_and(|f| {
+                time.duration_since(f.last_change).unwrap_or_default() <= self.config.idle_timeout
+            });
+            if close_in_time && has_ports(&key) {
+                target = *existing;
             }
         }
         if !self.flows.contains_key(&target) && has_ports(&key) {

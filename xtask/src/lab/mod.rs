@@ -622,16 +622,16 @@ pub fn sweep_stale() -> usize {
             }
         }
     }
-    if let Some(mount) = cgroup2_mount() {
-        if let Ok(entries) = fs::read_dir(&mount) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(rest) = name.strip_prefix(CGROUP_PREFIX) {
-                    let pid = rest.split('-').next().unwrap_or("");
-                    if !alive(pid) {
-                        remove_cgroup_tree(&e.path());
-                        removed += 1;
-                    }
+    if let Some(mount) = cgroup2_mount()
+        && let Ok(entries) = fs::read_dir(&mount)
+    {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(CGROUP_PREFIX) {
+                let pid = rest.split('-').next().unwrap_or("");
+                if !alive(pid) {
+                    remove_cgroup_tree(&e.path());
+                    removed += 1;
                 }
             }
         }

@@ -113,10 +113,10 @@ impl Agent {
             if ready(&log) {
                 return;
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("netwatch-agent exited ({status}) before it was ready:\n{log}");
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("netwatch-agent exited ({status}) before it was ready:\n{log}");
             }
             assert!(
                 Instant::now() < deadline,
@@ -193,7 +193,7 @@ impl Drop for Agent {
 }
 
 /// Records (the `flow` objects) matching `pred`, in log order.
-pub fn records<'a>(lines: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+pub fn records(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Vec<&Value> {
     lines
         .iter()
         .map(|l| &l["flow"])
