@@ -106,33 +106,46 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
 
     let mut without = Vec::new();
     let mut with = Vec::new();
-    let mut per_packet = Vec::new();
-    let _ = Command::new("sysctl")
-        .args(["-qw", "kernel.bpf_stats_enabled=1"])
-        .status();
-    // One warm-up run of each, not counted.
+    // Shares of one CPU while iperf3 runs: what the agent costs, measured
+    // directly rather than read off noisy throughput.
+    let mut agent_share = Vec::new();
+    // One warm-up run of each, not counted. bpf_stats stays off here: its
+    // own clock reads would slow the with-agent runs.
     for round in 0..=opts.runs {
         let a = throughput(&lab, opts.seconds)?;
-        let agent = start_agent(&lab, &agent_bin)?;
-        let ids = agent.1.clone();
-        let before = prog_stats(&ids);
-        let b = throughput(&lab, opts.seconds)?;
-        let after = prog_stats(&ids);
-        drop(agent);
+        let run = with_agent(&lab, &agent_bin, opts.seconds, false)?;
         if round == 0 {
             continue;
         }
         eprintln!(
             "bench: run {round}: without {:.2} Gbit/s, with {:.2} Gbit/s",
             a / 1e9,
-            b / 1e9
+            run.bits_per_second / 1e9
         );
         without.push(a);
-        with.push(b);
-        if let (Some((t0, c0)), Some((t1, c1))) = (before, after)
-            && c1 > c0
+        with.push(run.bits_per_second);
+        agent_share.extend(run.agent_share);
+    }
+    // Then the kernel programs' own cost, with bpf_stats on.
+    let mut per_packet = Vec::new();
+    let mut kernel_share = Vec::new();
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=1"])
+        .status();
+    for _ in 0..3 {
+        let run = with_agent(&lab, &agent_bin, opts.seconds, true);
+        if let Ok(AgentRun {
+            programs: Some((ns, count)),
+            wall,
+            ..
+        }) = &run
+            && *count > 0
         {
-            per_packet.push((t1 - t0) as f64 / (c1 - c0) as f64);
+            per_packet.push(*ns as f64 / *count as f64);
+            kernel_share.push(*ns as f64 / 1e9 / wall * 100.0);
+        }
+        if run.is_err() {
+            break;
         }
     }
     let _ = Command::new("sysctl")
@@ -171,10 +184,24 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
     );
     if !per_packet.is_empty() {
         println!(
-            "| TC classifier cost (ns per packet, kernel bpf_stats) | {:.0} | {:.0} | {:.0} |",
+            "| netwatch's programs (ns per run, kernel bpf_stats, 3 extra runs) | {:.0} | {:.0} | {:.0} |",
             min(&per_packet),
             md(&per_packet),
             max(&per_packet)
+        );
+        println!(
+            "| netwatch's programs (% of one CPU, same 3 runs) | {:.2} | {:.2} | {:.2} |",
+            min(&kernel_share),
+            md(&kernel_share),
+            max(&kernel_share)
+        );
+    }
+    if !agent_share.is_empty() {
+        println!(
+            "| netwatch-agent process (% of one CPU, /proc utime+stime) | {:.2} | {:.2} | {:.2} |",
+            min(&agent_share),
+            md(&agent_share),
+            max(&agent_share)
         );
     }
     println!("\nTarget: median with/without >= 0.99.");
@@ -366,6 +393,52 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(Guard, Vec<u32>)> {
     }
 }
 
+/// One iperf3 run with the agent attached.
+struct AgentRun {
+    bits_per_second: f64,
+    wall: f64,
+    /// The agent process's share of one CPU, in percent.
+    agent_share: Option<f64>,
+    /// Run time (ns) and runs of its programs, when bpf_stats is on.
+    programs: Option<(u64, u64)>,
+}
+
+fn with_agent(lab: &Lab, agent_bin: &Path, seconds: u64, stats: bool) -> Result<AgentRun> {
+    let (agent, ids) = start_agent(lab, agent_bin)?;
+    let before = stats.then(|| prog_stats(&ids)).flatten();
+    let cpu_before = process_cpu_seconds(agent.0.id());
+    let started = Instant::now();
+    let bits_per_second = throughput(lab, seconds)?;
+    let wall = started.elapsed().as_secs_f64();
+    let after = stats.then(|| prog_stats(&ids)).flatten();
+    let cpu_after = process_cpu_seconds(agent.0.id());
+    let programs = match (before, after) {
+        (Some((t0, c0)), Some((t1, c1))) => Some((t1.saturating_sub(t0), c1.saturating_sub(c0))),
+        _ => None,
+    };
+    Ok(AgentRun {
+        bits_per_second,
+        wall,
+        agent_share: cpu_before
+            .zip(cpu_after)
+            .map(|(a, b)| (b - a) / wall * 100.0),
+        programs,
+    })
+}
+
+/// User plus system CPU seconds a process has used so far.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
 /// Total (run_time_ns, run_cnt) of the given programs.
 fn prog_stats(ids: &[u32]) -> Option<(u64, u64)> {
     let mut total = (0, 0);
@@ -436,5 +509,19 @@ mod tests {
             559_606_911
         );
         assert!(parse_rfc3339("yesterday").is_none());
+    }
+
+    #[test]
+    fn cpu_time_of_a_process_grows_as_it_works() {
+        let pid = std::process::id();
+        let before = process_cpu_seconds(pid).expect("our own /proc stat");
+        let until = Instant::now() + Duration::from_millis(300);
+        let mut x = 0u64;
+        while Instant::now() < until {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let after = process_cpu_seconds(pid).expect("our own /proc stat");
+        assert!(after > before, "{before} -> {after} after {x} spins");
+        assert!(process_cpu_seconds(u32::MAX).is_none());
     }
 }
