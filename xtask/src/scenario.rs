@@ -339,8 +339,10 @@ impl Drop for NodeAgent {
 /// A scenario's lab, enforcement and agents, up.
 pub struct ScenarioRun {
     pub scenario: Scenario,
-    pub lab: Lab,
+    /// Before `lab`: fields drop in order, and the agents must be gone
+    /// before the lab removes the namespaces and cgroups they work in.
     pub agents: Vec<NodeAgent>,
+    pub lab: Lab,
     pub cluster: LabCluster,
     /// The manifests the agents read (`--manifests`), one file per source.
     pub manifests_dir: PathBuf,
