@@ -160,6 +160,14 @@ impl L4 {
     }
 }
 
+/// A port number as the API writes it (an `int32`): 1-65535, or why not.
+pub fn port_number(n: i32) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{n} is not a port (1-65535)"))
+}
+
 /// A container port, as named ports are resolved against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerPort {
@@ -265,15 +273,8 @@ impl LabCluster {
             for (c, container) in spec.containers.iter().enumerate() {
                 for (k, p) in container.ports.iter().flatten().enumerate() {
                     let field = format!("spec.containers[{c}].ports[{k}]");
-                    let port = u16::try_from(p.container_port)
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| {
-                            err(
-                                format!("{field}.containerPort"),
-                                format!("{} is not a port (1-65535)", p.container_port),
-                            )
-                        })?;
+                    let port = port_number(p.container_port)
+                        .map_err(|d| err(format!("{field}.containerPort"), d))?;
                     let protocol = L4::from_api(p.protocol.as_deref())
                         .map_err(|d| err(format!("{field}.protocol"), d))?;
                     ports.push(ContainerPort {
@@ -744,14 +745,7 @@ fn parse_port(
 ) -> Result<PortMatch, EnforceError> {
     let l4 =
         L4::from_api(p.protocol.as_deref()).map_err(|d| err(format!("{field}.protocol"), d))?;
-    let number = |n: i32, f: &str| {
-        u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-            err(
-                format!("{field}.{f}"),
-                format!("{n} is not a port (1-65535)"),
-            )
-        })
-    };
+    let number = |n: i32, f: &str| port_number(n).map_err(|d| err(format!("{field}.{f}"), d));
     match (&p.port, p.end_port) {
         (None, None) => Ok(PortMatch::Protocol(l4)),
         (None, Some(_)) => Err(err(

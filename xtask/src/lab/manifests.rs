@@ -401,15 +401,8 @@ impl LabSpec {
             for (c, container) in ps.containers.iter().enumerate() {
                 for (k, port) in container.ports.iter().flatten().enumerate() {
                     let field = format!("spec.containers[{c}].ports[{k}]");
-                    let number = u16::try_from(port.container_port)
-                        .ok()
-                        .filter(|p| *p > 0)
-                        .ok_or_else(|| {
-                            pod_err(
-                                &format!("{field}.containerPort"),
-                                format!("{} is not a port (1-65535)", port.container_port),
-                            )
-                        })?;
+                    let number = super::enforce::port_number(port.container_port)
+                        .map_err(|d| pod_err(&format!("{field}.containerPort"), d))?;
                     match port.protocol.as_deref().unwrap_or("TCP") {
                         "TCP" => listen.insert((number, "tcp")),
                         "UDP" => listen.insert((number, "udp")),

@@ -23,7 +23,7 @@ use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOr
 
 use super::{
     Lab, LabError,
-    enforce::{L4, LabCluster},
+    enforce::{L4, LabCluster, port_number},
     manifests::object_id,
 };
 
@@ -143,15 +143,7 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
     let mut out = Vec::new();
     for (k, sp) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{k}]");
-        let port = u16::try_from(sp.port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| {
-                err(
-                    format!("{field}.port"),
-                    format!("{} is not a port (1-65535)", sp.port),
-                )
-            })?;
+        let port = port_number(sp.port).map_err(|d| err(format!("{field}.port"), d))?;
         let protocol = L4::from_api(sp.protocol.as_deref())
             .map_err(|d| err(format!("{field}.protocol"), d))?;
         let port_name = sp.name.clone().unwrap_or_default();
@@ -171,15 +163,8 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
                     continue;
                 };
                 let Some(number) = ep_port.port else { continue };
-                let number = u16::try_from(number)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| {
-                        serr(
-                            format!("ports[{j}].port"),
-                            format!("{number} is not a port (1-65535)"),
-                        )
-                    })?;
+                let number =
+                    port_number(number).map_err(|d| serr(format!("ports[{j}].port"), d))?;
                 for (e, ep) in slice.endpoints.iter().enumerate() {
                     // `ready` unset means ready (the API: "interpret as ready").
                     if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -211,12 +196,7 @@ fn service_frontends(cluster: &LabCluster, svc: &Service) -> Result<Vec<Frontend
                 let target = match &sp.target_port {
                     None => vec![port],
                     Some(IntOrString::Int(n)) => {
-                        vec![u16::try_from(*n).ok().filter(|p| *p > 0).ok_or_else(|| {
-                            err(
-                                format!("{field}.targetPort"),
-                                format!("{n} is not a port (1-65535)"),
-                            )
-                        })?]
+                        vec![port_number(*n).map_err(|d| err(format!("{field}.targetPort"), d))?]
                     }
                     // A name the pod does not declare: not an endpoint.
                     Some(IntOrString::String(name)) => {
