@@ -303,28 +303,46 @@ impl Lab {
             container_id,
         };
         if !listeners.is_empty() {
-            let listen = p.listen.join(",");
-            let mut cmd = self.in_pod(&pod, &self.helper);
-            cmd.args(["lab-helper", "serve", "--listen", &listen])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-            let mut child = cmd
-                .spawn()
-                .map_err(io(format!("starting listeners in pod {}", p.id())))?;
-            let ready = child.stdout.take().map(|out| {
-                let mut line = String::new();
-                let _ = BufReader::new(out).read_line(&mut line);
-                line.trim() == "ready"
-            });
-            self.children.push(child);
-            if ready != Some(true) {
-                return Err(LabError::Helper {
-                    pod: p.id(),
-                    detail: format!("listeners {listen} did not start"),
-                });
-            }
+            let cmd = self.in_pod(&pod, &self.helper);
+            self.serve(
+                cmd,
+                &p.listen.join(","),
+                p.id(),
+                format!("in pod {}", p.id()),
+            )?;
         }
         self.pods.push(pod);
+        Ok(())
+    }
+
+    /// Run `lab-helper serve --listen listen` through `cmd` (already set to
+    /// enter the pod or router) and wait until it says it is ready. The
+    /// listener is a child of the lab: killed at teardown.
+    fn serve(
+        &mut self,
+        mut cmd: Command,
+        listen: &str,
+        pod: String,
+        place: String,
+    ) -> Result<(), LabError> {
+        cmd.args(["lab-helper", "serve", "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(io(format!("starting listeners {place}")))?;
+        let ready = child.stdout.take().map(|out| {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            line.trim() == "ready"
+        });
+        self.children.push(child);
+        if ready != Some(true) {
+            return Err(LabError::Helper {
+                pod,
+                detail: format!("listeners {listen} did not start"),
+            });
+        }
         Ok(())
     }
 
@@ -351,26 +369,13 @@ impl Lab {
             listen.push(format!("{}/{proto}", sock.port()));
         }
         ip_batch(&self.world, &cmds)?;
-        let mut cmd = enter(&self.helper, Some(&self.world), None);
-        cmd.args(["lab-helper", "serve", "--listen", &listen.join(",")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .map_err(io("starting listeners on the world router"))?;
-        let ready = child.stdout.take().map(|out| {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            line.trim() == "ready"
-        });
-        self.children.push(child);
-        if ready != Some(true) {
-            return Err(LabError::Helper {
-                pod: "world".into(),
-                detail: format!("listeners {listen:?} did not start"),
-            });
-        }
-        Ok(())
+        let cmd = enter(&self.helper, Some(&self.world), None);
+        self.serve(
+            cmd,
+            &listen.join(","),
+            "world".into(),
+            "on the world router".into(),
+        )
     }
 
     pub fn node(&self, name: &str) -> Result<&LabNode, LabError> {
@@ -427,25 +432,13 @@ impl Lab {
 
     /// Load an nftables ruleset into a node.
     pub fn nft(&self, node: &str, ruleset: &str) -> Result<(), LabError> {
-        let netns = &self.node(node)?.netns;
-        run_with_input(
-            "ip",
-            &["netns", "exec", netns, "nft", "-f", "-"],
-            Some(ruleset),
-        )
-        .map(|_| ())
+        nft_in(&self.node(node)?.netns, ruleset)
     }
 
     /// Load an nftables ruleset into a pod's own network namespace (a
     /// firewall inside the pod, as a sidecar's init container sets up).
     pub fn nft_in_pod(&self, pod: &str, ruleset: &str) -> Result<(), LabError> {
-        let netns = &self.pod(pod)?.netns;
-        run_with_input(
-            "ip",
-            &["netns", "exec", netns, "nft", "-f", "-"],
-            Some(ruleset),
-        )
-        .map(|_| ())
+        nft_in(&self.pod(pod)?.netns, ruleset)
     }
 
     /// Packets counted by the node's nftables rule whose comment is `comment`.
@@ -536,6 +529,16 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// `nft -f -` in a network namespace.
+fn nft_in(netns: &str, ruleset: &str) -> Result<(), LabError> {
+    run_with_input(
+        "ip",
+        &["netns", "exec", netns, "nft", "-f", "-"],
+        Some(ruleset),
+    )
+    .map(|_| ())
 }
 
 /// A command that enters a network namespace and a cgroup before exec.
