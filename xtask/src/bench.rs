@@ -9,12 +9,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::lab::{Lab, LabSpec, NodeSpec, PodSpec};
+use xtask::lab::{ChildGuard, Lab, LabSpec, NodeSpec, PodSpec};
 
 pub struct BenchOptions {
     pub runs: usize,
@@ -93,7 +93,7 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
     };
     let lab = Lab::up(&spec, &std::env::current_exe()?)?;
     let server = lab.pod("bench/server")?;
-    let mut iperf_server = Guard(
+    let mut iperf_server = ChildGuard(
         lab.in_pod(server, Path::new("iperf3"))
             .args(["-s", "-B", "10.244.9.3"])
             .stdout(Stdio::null())
@@ -233,7 +233,7 @@ fn first_record_latency(lab: &Lab, agent_bin: &Path, samples: usize) -> Result<V
     std::fs::create_dir_all(&dir)?;
     let flow_log = dir.join("flows.jsonl");
     let log = dir.join("agent.log");
-    let mut agent = Guard(
+    let mut agent = ChildGuard(
         lab.on_node("node-1", agent_bin)?
             .args([
                 "--node-name",
@@ -336,16 +336,8 @@ fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
     Some(std::time::UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
 }
 
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The agent attached to the lab node, and the ids of its TC programs.
-fn start_agent(lab: &Lab, bin: &Path) -> Result<(Guard, Vec<u32>)> {
+fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
     let log = std::env::temp_dir().join(format!("netwatch-bench-{}.log", std::process::id()));
     let child = lab
         .on_node("node-1", bin)?
@@ -364,7 +356,7 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(Guard, Vec<u32>)> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
-    let guard = Guard(child);
+    let guard = ChildGuard(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -11,7 +11,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +20,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::scenario::{Binaries, Scenario, ScenarioRun, Traffic};
+use xtask::{
+    lab::ChildGuard,
+    scenario::{Binaries, Scenario, ScenarioRun, Traffic},
+};
 
 pub struct DemoOptions {
     pub scenario: String,
@@ -229,11 +232,9 @@ fn count_denied(run: &ScenarioRun) -> usize {
         .sum()
 }
 
-struct Guard(Child);
-
 /// `netwatch observe` on the agent's socket: `-f` (and with `last`, the
 /// recent history first).
-fn observe(netwatch: &Path, socket: &Path, with_history: bool) -> Result<Guard> {
+fn observe(netwatch: &Path, socket: &Path, with_history: bool) -> Result<ChildGuard> {
     let mut cmd = Command::new(netwatch);
     cmd.arg("observe").arg("--server").arg(socket).arg("-f");
     if !with_history {
@@ -244,14 +245,7 @@ fn observe(netwatch: &Path, socket: &Path, with_history: bool) -> Result<Guard> 
         .stderr(Stdio::inherit())
         .spawn()
         .context("running netwatch observe")?;
-    Ok(Guard(child))
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    Ok(ChildGuard(child))
 }
 
 fn wait(d: Duration, stop: &AtomicBool) {

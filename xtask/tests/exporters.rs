@@ -13,7 +13,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,7 +23,7 @@ use std::{
 
 use serde_json::Value;
 use support::{Agent, lab, records, target_binary, to, uuids};
-use xtask::lab::{Lab, Outcome, Probe};
+use xtask::lab::{ChildGuard, Lab, Outcome, Probe};
 
 const LAB: &str = r#"
 nodes:
@@ -498,16 +498,6 @@ fn observe_shows_the_last_flows_filtered_by_the_agent() {
             .contains("cannot reach the agent at unix:///nonexistent/netwatch.sock"),
         "{out:?}"
     );
-}
-
-/// A child process killed when the guard goes.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub use enforce::{Direction, EnforceOptions, LabCluster, PodPlacement};
 pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
 pub use spec::{LabSpec, NodeSpec, PodSpec, Proto};
-pub use system::LabError;
+pub use system::{ChildGuard, LabError};
 use system::{io, ip_batch, run, run_with_input, sysctl_in};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -1,7 +1,18 @@
 //! Running the system tools the lab is built with (iproute2, nftables),
 //! with errors that name the command and say what it printed.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+
+/// A child process, killed and reaped when the guard goes (also when a
+/// test or task fails).
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// Errors building, driving or tearing down a lab.
 #[derive(Debug, thiserror::Error)]
