@@ -9,8 +9,8 @@ mod support;
 use std::{os::unix::fs::MetadataExt, time::Duration};
 
 use serde_json::Value;
-use support::{Agent, lab, records, to};
-use xtask::lab::{Outcome, Probe};
+use support::{Agent, expect_probe, lab, records, tcp, to};
+use xtask::lab::Outcome;
 
 const LAB: &str = r#"
 nodes:
@@ -192,13 +192,12 @@ fn a_denied_flow_through_a_service_names_both_pods_workloads_the_service_and_the
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab
-        .probe(
-            "prod/web-7f9c4-abcde",
-            &Probe::tcp("10.96.0.20:80".parse().unwrap(), Duration::from_secs(3)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.96.0.20:80", 3),
+        Outcome::TimedOut,
+    );
     let lines = agent.stop();
     let f = last_of(&lines, to("10.244.1.3", 8080));
     assert_eq!(f["verdict"], "DROPPED");
@@ -243,13 +242,12 @@ fn a_drop_the_policies_allow_is_said_to_be_outside_networkpolicy() {
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab
-        .probe(
-            "prod/web-7f9c4-abcde",
-            &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.244.1.5:9090", 2),
+        Outcome::TimedOut,
+    );
     let lines = agent.stop();
     let f = last_of(&lines, to("10.244.1.5", 9090));
     assert_eq!(f["verdict"], "DROPPED");
@@ -272,13 +270,12 @@ fn a_hostnetwork_pod_is_named_by_its_cgroup() {
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab
-        .probe(
-            "monitoring/scraper",
-            &Probe::tcp("10.244.1.4:5432".parse().unwrap(), Duration::from_secs(3)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "monitoring/scraper",
+        tcp("10.244.1.4:5432", 3),
+        Outcome::TimedOut,
+    );
     let lines = agent.stop();
     let f = last_of(&lines, to("10.244.1.4", 5432));
     assert_eq!(f["IP"]["source"], "100.64.1.2", "the node's address");
@@ -303,10 +300,7 @@ fn an_established_connection_the_policies_deny_is_policy_not_enforced() {
     let mut agent = start(&lab, &dir);
     for _ in 0..3 {
         let r = lab
-            .probe(
-                "prod/api-5d4e8-fghij",
-                &Probe::tcp("10.244.1.4:5432".parse().unwrap(), Duration::from_secs(2)),
-            )
+            .probe("prod/api-5d4e8-fghij", &tcp("10.244.1.4:5432", 2))
             .unwrap();
         assert_eq!(
             r.outcome,
@@ -342,13 +336,12 @@ fn a_refusal_by_a_service_without_ready_endpoints_says_so() {
     let lab = lab(LAB);
     let dir = tempfile::tempdir().unwrap();
     let mut agent = start(&lab, &dir);
-    let r = lab
-        .probe(
-            "prod/web-7f9c4-abcde",
-            &Probe::tcp("10.96.0.30:80".parse().unwrap(), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::Refused);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.96.0.30:80", 2),
+        Outcome::Refused,
+    );
     let lines = agent.stop();
     let f = last_of(&lines, to("10.96.0.30", 80));
     assert_eq!(f["verdict"], "REFUSED");
@@ -384,13 +377,12 @@ fn with_the_api_server_unreachable_capture_goes_on_and_records_go_out_unenriched
             "1",
         ],
     );
-    let r = lab
-        .probe(
-            "prod/web-7f9c4-abcde",
-            &Probe::tcp("10.244.1.5:9090".parse().unwrap(), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.244.1.5:9090", 2),
+        Outcome::TimedOut,
+    );
     // Reported by address after the identity wait, marked.
     let f = agent.wait_for_flow(Duration::from_secs(4), to("10.244.1.5", 9090));
     assert_eq!(f["flow"]["verdict"], "DROPPED");
@@ -428,11 +420,8 @@ fn manifests_are_reloaded_when_they_change() {
             "1",
         ],
     );
-    lab.probe(
-        "prod/web-7f9c4-abcde",
-        &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1)),
-    )
-    .unwrap();
+    lab.probe("prod/web-7f9c4-abcde", &tcp("10.244.1.3:8080", 1))
+        .unwrap();
     let first = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.3", 8080));
     assert!(
         first["flow"]["explanation"]
@@ -445,11 +434,8 @@ fn manifests_are_reloaded_when_they_change() {
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(&manifests, MANIFESTS).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    lab.probe(
-        "prod/web-7f9c4-abcde",
-        &Probe::tcp("10.244.1.3:8080".parse().unwrap(), Duration::from_secs(1)),
-    )
-    .unwrap();
+    lab.probe("prod/web-7f9c4-abcde", &tcp("10.244.1.3:8080", 1))
+        .unwrap();
     let second = agent.wait_for_flow(Duration::from_secs(3), |f| {
         to("10.244.1.3", 8080)(f) && f["uuid"] != first["flow"]["uuid"] && f["lifecycle"] == "NEW"
     });

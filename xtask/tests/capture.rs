@@ -3,10 +3,10 @@
 
 mod support;
 
-use std::{net::SocketAddr, os::unix::fs::MetadataExt, time::Duration};
+use std::{os::unix::fs::MetadataExt, time::Duration};
 
 use serde_json::Value;
-use support::{Agent, lab, records, to, uuids};
+use support::{Agent, dns, expect_probe, lab, records, tcp, to, uuids};
 use xtask::lab::{Outcome, Probe};
 
 const TWO_PODS: &str = r#"
@@ -29,10 +29,6 @@ pods:
   - { name: dns2, namespace: kube-system, node: node-1, ip: 10.244.1.5, listen: ["53/udp"] }
 "#;
 
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
 /// The last record of each flow (its final state), for records matching `pred`.
 fn finals(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Vec<&Value> {
     let all = records(lines, pred);
@@ -46,13 +42,12 @@ fn finals(lines: &[Value], pred: impl Fn(&Value) -> bool) -> Vec<&Value> {
 fn nftables_drop_is_one_dropped_flow_with_exact_syn_count_and_the_pods_cgroup() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(3)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:8080", 3),
+        Outcome::TimedOut,
+    );
     // The first record is out quickly: well before the client gives up.
     agent.wait_for_flow(Duration::from_secs(2), to("10.244.1.3", 8080));
     let lines = agent.stop();
@@ -90,13 +85,7 @@ fn nftables_drop_is_one_dropped_flow_with_exact_syn_count_and_the_pods_cgroup() 
 fn blackholed_flow_without_counted_drop_is_timed_out() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.99.0.5:80"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    expect_probe(&lab, "prod/web", tcp("10.99.0.5:80", 2), Outcome::TimedOut);
     agent.wait_for_flow(Duration::from_secs(3), to("10.99.0.5", 80));
     let lines = agent.stop();
     let flows = finals(&lines, to("10.99.0.5", 80));
@@ -114,13 +103,12 @@ fn blackholed_flow_without_counted_drop_is_timed_out() {
 fn connect_to_closed_port_is_refused() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:7777", 2),
+        Outcome::Refused,
+    );
     let f = agent.wait_for_flow(Duration::from_secs(2), to("10.244.1.3", 7777));
     assert_eq!(f["flow"]["verdict"], "REFUSED");
     assert_eq!(f["flow"]["refusal"], "TCP_RESET");
@@ -132,13 +120,7 @@ fn connect_to_closed_port_is_refused() {
 fn dns_query_to_dropped_resolver_is_a_flow_on_53_udp() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    expect_probe(&lab, "prod/web", dns("10.244.1.4:53", 2), Outcome::TimedOut);
     let lines = {
         agent.wait_for_flow(Duration::from_secs(2), to("10.244.1.4", 53));
         agent.stop()
@@ -160,27 +142,19 @@ fn allowed_traffic_gives_no_flow() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
     for _ in 0..3 {
-        let r = lab
-            .probe(
-                "prod/web",
-                &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2)),
-            )
-            .unwrap();
-        assert_eq!(r.outcome, Outcome::Connected, "{r:?}");
-        let r = lab
-            .probe(
-                "prod/web",
-                &Probe::dns(addr("10.244.1.5:53"), Duration::from_secs(2)),
-            )
-            .unwrap();
-        assert_eq!(r.outcome, Outcome::Answered, "{r:?}");
-        let r = lab
-            .probe(
-                "prod/web",
-                &Probe::tcp(addr("[fd00:244:1::3]:9090"), Duration::from_secs(2)),
-            )
-            .unwrap();
-        assert_eq!(r.outcome, Outcome::Connected, "{r:?}");
+        expect_probe(
+            &lab,
+            "prod/web",
+            tcp("10.244.1.3:9090", 2),
+            Outcome::Connected,
+        );
+        expect_probe(&lab, "prod/web", dns("10.244.1.5:53", 2), Outcome::Answered);
+        expect_probe(
+            &lab,
+            "prod/web",
+            tcp("[fd00:244:1::3]:9090", 2),
+            Outcome::Connected,
+        );
     }
     // Longer than the connect timeout: a missed answer would have shown by now.
     std::thread::sleep(Duration::from_millis(1500));
@@ -231,13 +205,12 @@ fn ten_thousand_syns_of_one_flow_are_one_flow_with_exact_counts_and_no_losses() 
 fn ipv6_drop_is_seen() {
     let lab = lab(TWO_PODS);
     let mut agent = Agent::start(&lab, "node-1", 4, &[]);
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("[fd00:244:1::3]:8080"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("[fd00:244:1::3]:8080", 2),
+        Outcome::TimedOut,
+    );
     agent.wait_for_flow(Duration::from_secs(2), to("fd00:244:1::3", 8080));
     let lines = agent.stop();
     let flows = finals(&lines, to("fd00:244:1::3", 8080));
@@ -268,21 +241,19 @@ fn with_own_netns_only_a_drop_inside_a_pod_counts_and_another_nodes_does_not() {
         "table inet sidecar {\n  chain out { type filter hook output priority 0; ip daddr 10.244.1.3 tcp dport 9090 counter drop; }\n}\n",
     )
     .unwrap();
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:9090", 2),
+        Outcome::TimedOut,
+    );
     // The same flow dropped on another lab's node (same addresses!) is not ours.
-    let r = other
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:9090"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &other,
+        "prod/web",
+        tcp("10.244.1.3:9090", 2),
+        Outcome::TimedOut,
+    );
     let lines = agent.stop();
     let flows = finals(&lines, to("10.244.1.3", 9090));
     assert_eq!(flows.len(), 1, "ours only: {lines:#?}");

@@ -22,7 +22,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Agent, lab, records, target_binary, to, uuids};
+use support::{Agent, addr, dns, expect_probe, lab, records, target_binary, tcp, to, uuids};
 use xtask::lab::{ChildGuard, Lab, Outcome, Probe};
 
 const LAB: &str = r#"
@@ -41,10 +41,6 @@ pods:
   - { name: api, namespace: prod, node: node-1, ip: 10.244.1.3, listen: ["8080/tcp", "9090/tcp"] }
   - { name: dns, namespace: kube-system, node: node-1, ip: 10.244.1.4, listen: ["53/udp"] }
 "#;
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
 
 /// An agent with its metrics on a kernel-chosen port and its observe API on
 /// a socket of its own (tests run side by side).
@@ -226,27 +222,14 @@ fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 
 /// One dropped TCP flow (to 8080), one refused (to 7777), one dropped DNS query.
 fn make_denied_flows(lab: &Lab) {
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::Refused, "{r:?}");
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    expect_probe(
+        lab,
+        "prod/web",
+        tcp("10.244.1.3:8080", 2),
+        Outcome::TimedOut,
+    );
+    expect_probe(lab, "prod/web", tcp("10.244.1.3:7777", 2), Outcome::Refused);
+    expect_probe(lab, "prod/web", dns("10.244.1.4:53", 2), Outcome::TimedOut);
 }
 
 #[test]
@@ -505,13 +488,12 @@ fn observe_follow_streams_new_flows_as_they_happen() {
     let lab = lab(LAB);
     let a = ExportingAgent::start(&lab, &[]);
     // A flow before following: not shown (no --last with -f).
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::Refused);
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:7777", 2),
+        Outcome::Refused,
+    );
     a.agent
         .wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 7777));
     let mut child = ChildGuard(
@@ -545,13 +527,12 @@ fn observe_follow_streams_new_flows_as_they_happen() {
         a.metric("netwatch_observer_clients", &[])
             .filter(|n| *n == 1.0)
     });
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(1)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:8080", 1),
+        Outcome::TimedOut,
+    );
     // A flow to elsewhere is filtered out by the agent.
     let _ = lab
         .probe(
@@ -1009,20 +990,18 @@ fn with_pod_identity_observe_filters_by_namespace_pod_and_label_and_metrics_name
             "namespace,workload,pod,port",
         ],
     );
-    let r = lab
-        .probe(
-            "prod/web-7f9c4-abcde",
-            &Probe::tcp(addr("10.244.1.3:8080"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
-    let r = lab
-        .probe(
-            "prod/web-7f9c4-abcde",
-            &Probe::dns(addr("10.244.1.4:53"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.244.1.3:8080", 2),
+        Outcome::TimedOut,
+    );
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        dns("10.244.1.4:53", 2),
+        Outcome::TimedOut,
+    );
     let named = |port: u16, pod: &'static str| {
         move |f: &Value| {
             to(
@@ -1264,13 +1243,12 @@ fn an_unbindable_socket_or_port_turns_off_only_that_output() {
         "{log}"
     );
     // Capture and the flow log go on.
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp(addr("10.244.1.3:7777"), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::Refused);
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:7777", 2),
+        Outcome::Refused,
+    );
     agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 7777));
     agent.stop();
 }

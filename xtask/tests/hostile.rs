@@ -10,8 +10,8 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, lab, target_binary, to};
-use xtask::lab::{Outcome, Probe};
+use support::{Agent, expect_probe, lab, target_binary, tcp, to};
+use xtask::lab::Outcome;
 
 const LAB: &str = r#"
 nodes: [ { name: node-1 } ]
@@ -21,13 +21,7 @@ pods:
 "#;
 
 fn refused_flow_is_reported(lab: &xtask::lab::Lab, agent: &Agent) {
-    let r = lab
-        .probe(
-            "prod/web",
-            &Probe::tcp("10.244.1.3:7777".parse().unwrap(), Duration::from_secs(2)),
-        )
-        .unwrap();
-    assert_eq!(r.outcome, Outcome::Refused);
+    expect_probe(lab, "prod/web", tcp("10.244.1.3:7777", 2), Outcome::Refused);
     let f = agent.wait_for_flow(Duration::from_secs(3), to("10.244.1.3", 7777));
     assert_eq!(f["flow"]["verdict"], "REFUSED");
 }

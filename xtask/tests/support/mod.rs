@@ -4,13 +4,14 @@
 
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use xtask::lab::{Lab, LabSpec};
+use xtask::lab::{Lab, LabSpec, Outcome, Probe};
 
 /// The xtask binary (runs listeners and probes inside lab pods).
 pub fn helper() -> PathBuf {
@@ -36,6 +37,27 @@ pub fn target_binary(name: &str) -> PathBuf {
 pub fn lab(spec_yaml: &str) -> Lab {
     let spec: LabSpec = serde_yaml::from_str(spec_yaml).expect("lab spec");
     Lab::up(&spec, &helper()).expect("lab up (are you root?)")
+}
+
+/// `ip:port` (`[v6]:port`) as a socket address.
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A TCP connect to `to` (`ip:port`), given up after `secs`.
+pub fn tcp(to: &str, secs: u64) -> Probe {
+    Probe::tcp(addr(to), Duration::from_secs(secs))
+}
+
+/// A DNS query to `to` (`ip:port`), given up after `secs`.
+pub fn dns(to: &str, secs: u64) -> Probe {
+    Probe::dns(addr(to), Duration::from_secs(secs))
+}
+
+/// Run `probe` from lab pod `from` (`namespace/name`); its outcome must be `want`.
+pub fn expect_probe(lab: &Lab, from: &str, probe: Probe, want: Outcome) {
+    let r = lab.probe(from, &probe).expect("probe");
+    assert_eq!(r.outcome, want, "{from}: {probe:?}: {r:?}");
 }
 
 /// A netwatch-agent running in a lab node; killed when dropped.
