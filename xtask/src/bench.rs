@@ -231,9 +231,21 @@ fn first_record_latency(lab: &Lab, agent_bin: &Path, samples: usize) -> Result<V
     )?;
     let dir = std::env::temp_dir().join(format!("netwatch-bench-latency-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    // The agent (its guard) is gone when this returns, also on an error.
+    let out = first_record_latency_in(lab, agent_bin, samples, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn first_record_latency_in(
+    lab: &Lab,
+    agent_bin: &Path,
+    samples: usize,
+    dir: &Path,
+) -> Result<Vec<f64>> {
     let flow_log = dir.join("flows.jsonl");
     let log = dir.join("agent.log");
-    let mut agent = ChildGuard(
+    let _agent = ChildGuard(
         lab.on_node("node-1", agent_bin)?
             .args([
                 "--node-name",
@@ -311,8 +323,6 @@ fn first_record_latency(lab: &Lab, agent_bin: &Path, samples: usize) -> Result<V
                 .map_err(|_| anyhow::anyhow!("the probe thread panicked"))?
         })?;
     }
-    let _ = agent.0.kill();
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
 
@@ -379,6 +389,7 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
             return Ok((guard, ids));
         }
         if Instant::now() > deadline {
+            let _ = std::fs::remove_file(&log);
             bail!("the agent did not attach within 20 s:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(50));
