@@ -529,7 +529,7 @@ impl ScenarioRun {
     /// Where a traffic item goes: the probed address and port, and the
     /// backend (pod or address) and port the policies judge.
     pub fn target(&self, t: &Traffic) -> Result<(IpAddr, u16, String, u16), ScenarioError> {
-        let family_v4 = true;
+        // Scenarios probe over IPv4 (a pod's first address if it has none).
         let pod_ip = |id: &str| -> Result<IpAddr, ScenarioError> {
             self.cluster
                 .pod(id)
@@ -537,7 +537,7 @@ impl ScenarioRun {
                     p.ips
                         .iter()
                         .copied()
-                        .find(|ip| ip.is_ipv4() == family_v4)
+                        .find(IpAddr::is_ipv4)
                         .or(p.ips.first().copied())
                 })
                 .ok_or_else(|| {
