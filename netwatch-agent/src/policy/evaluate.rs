@@ -391,14 +391,7 @@ impl PolicyEngine {
         for policy in &snapshot.network_policies {
             let compiled =
                 compile_policy(policy).map_err(|problem| PolicyError::InvalidPolicy {
-                    policy: PolicyRef {
-                        namespace: policy
-                            .metadata
-                            .namespace
-                            .clone()
-                            .unwrap_or_else(|| "default".into()),
-                        name: policy.metadata.name.clone().unwrap_or_default(),
-                    },
+                    policy: PolicyRef::of(policy),
                     problem,
                 })?;
             // A later object of the same name replaces the earlier, as

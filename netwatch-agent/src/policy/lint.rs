@@ -128,14 +128,7 @@ pub fn lint_with(snapshot: &ClusterSnapshot, options: &LintOptions) -> Vec<Findi
             Err(problem) => findings.push(Finding {
                 severity: Severity::Error,
                 check: LintCheck::InvalidPolicy,
-                policy: Some(PolicyRef {
-                    namespace: policy
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
-                    name: policy.metadata.name.clone().unwrap_or_default(),
-                }),
+                policy: Some(PolicyRef::of(policy)),
                 message: format!("field {}: {}", problem.field, problem.problem),
                 fix: problem.fix,
             }),

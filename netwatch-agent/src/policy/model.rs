@@ -150,6 +150,21 @@ pub struct PolicyRef {
     pub name: String,
 }
 
+impl PolicyRef {
+    /// The reference to a manifest's policy: a missing namespace is
+    /// `default`, as `kubectl apply` would make it.
+    pub fn of(policy: &NetworkPolicy) -> PolicyRef {
+        PolicyRef {
+            namespace: policy
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name: policy.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl fmt::Display for PolicyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
@@ -353,19 +368,14 @@ impl CompiledPolicy {
 /// Validates and compiles one NetworkPolicy. Errors name the field the way
 /// `kubectl explain` does (`spec.ingress[0].from[1].ipBlock.cidr`).
 pub fn compile_policy(policy: &NetworkPolicy) -> Result<CompiledPolicy, FieldProblem> {
-    let name = policy.metadata.name.clone().unwrap_or_default();
-    if name.is_empty() {
+    let reference = PolicyRef::of(policy);
+    if reference.name.is_empty() {
         return Err(FieldProblem::new(
             "metadata.name".into(),
             "the NetworkPolicy has no name".into(),
             "give it `metadata.name`".into(),
         ));
     }
-    let namespace = policy
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_string());
     let spec = policy.spec.clone().unwrap_or_default();
     let pod_selector = match &spec.pod_selector {
         Some(sel) => CompiledSelector::compile(sel, "spec.podSelector")?,
@@ -420,7 +430,7 @@ pub fn compile_policy(policy: &NetworkPolicy) -> Result<CompiledPolicy, FieldPro
     }
 
     Ok(CompiledPolicy {
-        reference: PolicyRef { namespace, name },
+        reference,
         pod_selector,
         ignored_ingress_rules: if has_ingress { 0 } else { written_ingress },
         ignored_egress_rules: if has_egress { 0 } else { written_egress },
