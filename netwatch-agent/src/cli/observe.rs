@@ -397,14 +397,7 @@ pub fn request(
         Some(20)
     });
     Ok(ObserveRequest {
-        filters: FilterSet {
-            allow: if filter.is_empty() {
-                vec![]
-            } else {
-                vec![filter]
-            },
-            deny: vec![],
-        },
+        filters: FilterSet::only(filter),
         last,
         since,
         follow,
@@ -513,19 +506,6 @@ fn reason_text(r: &FlowRecord) -> Option<String> {
     r.drop_reason_desc.clone().or_else(|| r.refusal.clone())
 }
 
-fn policies_text(r: &FlowRecord) -> String {
-    r.egress_denied_by
-        .iter()
-        .map(|p| format!("{}/{} [egress]", p.namespace, p.name))
-        .chain(
-            r.ingress_denied_by
-                .iter()
-                .map(|p| format!("{}/{} [ingress]", p.namespace, p.name)),
-        )
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn ends(r: &FlowRecord) -> (String, String) {
     let ports = r.l4.ports();
     let mut src = endpoint_name(&r.source, r.ip.source);
@@ -568,7 +548,7 @@ pub fn format_compact(r: &FlowRecord, color: bool) -> String {
     if let Some(reason) = reason_text(r) {
         line.push_str(&format!(" ({reason})"));
     }
-    let policies = policies_text(r);
+    let policies = r.denied_by_labels().join(", ");
     if !policies.is_empty() {
         line.push_str(&format!(" denied by {policies}"));
     }
@@ -613,7 +593,7 @@ pub fn format_table_row(r: &FlowRecord) -> String {
     let (src, dst) = ends(r);
     let reason = reason_text(r).unwrap_or_default();
     let packets = r.packets.to_string();
-    let policies = policies_text(r);
+    let policies = r.denied_by_labels().join(", ");
     row(&[
         &time,
         &src,

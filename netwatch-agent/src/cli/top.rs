@@ -282,14 +282,7 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
     let chrono_window = chrono::Duration::from_std(window)
         .map_err(|_| CliError::Usage("--window is too long".into()))?;
     let request = ObserveRequest {
-        filters: FilterSet {
-            allow: if filter.is_empty() {
-                vec![]
-            } else {
-                vec![filter]
-            },
-            deny: vec![],
-        },
+        filters: FilterSet::only(filter),
         last: None,
         since: Some(Utc::now() - chrono_window),
         follow: true,

@@ -172,16 +172,7 @@ pub fn message(r: &FlowRecord) -> String {
     if let Some(reason) = &r.drop_reason_desc {
         m.push_str(&format!(" ({reason})"));
     }
-    let policies: Vec<String> = r
-        .egress_denied_by
-        .iter()
-        .map(|p| format!("{}/{} [egress]", p.namespace, p.name))
-        .chain(
-            r.ingress_denied_by
-                .iter()
-                .map(|p| format!("{}/{} [ingress]", p.namespace, p.name)),
-        )
-        .collect();
+    let policies = r.denied_by_labels();
     if !policies.is_empty() {
         m.push_str(&format!(", denied by {}", policies.join(", ")));
     }

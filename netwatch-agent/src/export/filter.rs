@@ -613,6 +613,18 @@ pub struct FilterSet {
 }
 
 impl FilterSet {
+    /// A set that admits what `filter` matches (everything when it is empty).
+    pub fn only(filter: FlowFilter) -> FilterSet {
+        FilterSet {
+            allow: if filter.is_empty() {
+                vec![]
+            } else {
+                vec![filter]
+            },
+            deny: vec![],
+        }
+    }
+
     /// Whether `record` passes.
     pub fn admits(&self, record: &FlowRecord) -> bool {
         (self.allow.is_empty() || self.allow.iter().any(|f| f.matches(record)))

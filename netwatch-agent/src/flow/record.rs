@@ -323,6 +323,19 @@ pub struct FlowRecord {
     pub unenriched: bool,
 }
 
+impl FlowRecord {
+    /// The denying policies as `namespace/name [egress|ingress]`, egress
+    /// first (the order a CNI checks them in).
+    pub fn denied_by_labels(&self) -> Vec<String> {
+        let label = |p: &PolicyRef, side: &str| format!("{}/{} [{side}]", p.namespace, p.name);
+        self.egress_denied_by
+            .iter()
+            .map(|p| label(p, "egress"))
+            .chain(self.ingress_denied_by.iter().map(|p| label(p, "ingress")))
+            .collect()
+    }
+}
+
 /// One line of the flow log: `{"flow": {...}, "node_name": ..., "time": ...}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowLogLine {
