@@ -303,46 +303,22 @@ impl ObserveServer {
                 Ok(listener) => {
                     server.socket = Some(path.clone());
                     tracing::info!(socket = %path.display(), "observe API listening on {}", path.display());
-                    let hub = hub.clone();
-                    server.tasks.push(tokio::spawn(async move {
-                        loop {
-                            match listener.accept().await {
-                                Ok((stream, _)) => {
-                                    tokio::spawn(serve_client(stream, hub.clone()));
-                                }
-                                Err(e) => {
-                                    tracing::warn!("observe API: accept failed: {e}");
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                }
-                            }
-                        }
-                    }));
+                    server
+                        .tasks
+                        .push(tokio::spawn(accept_loop(listener, hub.clone())));
                 }
                 Err(e) => tracing::error!("{e}; the observe API socket is off (--api-socket)"),
             }
         }
         if let Some(addr) = config.tcp {
-            let bound = match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => l.local_addr().map(|a| (l, a)),
-                Err(e) => Err(e),
-            };
+            let bound = tokio::net::TcpListener::bind(addr)
+                .await
+                .and_then(|l| l.local_addr().map(|a| (l, a)));
             match bound {
                 Ok((listener, bound)) => {
                     server.tcp_addr = Some(bound);
                     tracing::info!(addr = %bound, "observe API listening on tcp://{bound}");
-                    server.tasks.push(tokio::spawn(async move {
-                        loop {
-                            match listener.accept().await {
-                                Ok((stream, _)) => {
-                                    tokio::spawn(serve_client(stream, hub.clone()));
-                                }
-                                Err(e) => {
-                                    tracing::warn!("observe API: accept failed: {e}");
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                }
-                            }
-                        }
-                    }));
+                    server.tasks.push(tokio::spawn(accept_loop(listener, hub)));
                 }
                 Err(source) => tracing::error!(
                     "{}; the observe API on TCP is off (--api-addr)",
@@ -366,6 +342,43 @@ impl Drop for ObserveServer {
         }
         if let Some(p) = &self.socket {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A listening socket of either kind the observe API serves on.
+trait Listener: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Send + 'static;
+    fn accept_stream(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Serve every client that connects, until the task is aborted. A failed
+/// accept (out of file descriptors, say) is retried after a pause: the API
+/// stays up once the pressure is gone.
+async fn accept_loop<L: Listener>(listener: L, hub: Arc<ObserveHub>) {
+    loop {
+        match listener.accept_stream().await {
+            Ok(stream) => {
+                tokio::spawn(serve_client(stream, hub.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("observe API: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
