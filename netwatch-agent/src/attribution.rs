@@ -138,16 +138,9 @@ impl Attribution {
     /// Fill in endpoints, service and policy attribution of a record.
     pub fn enrich(&mut self, r: &mut FlowRecord) {
         let at: SystemTime = r.first_seen.into();
-        let sport = r.source.port;
         let dport = r.destination.port;
         let (src_ip, dst_ip) = (r.ip.source, r.ip.destination);
-
-        let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
-        r.source = match &client_pod {
-            Some(pod) => pod.endpoint(Some(src_ip), sport),
-            None => self.identity.endpoint(src_ip, sport, at),
-        };
-        r.destination = self.identity.endpoint(dst_ip, dport, at);
+        let client_pod = self.enrich_endpoints(r);
 
         // The service the client addressed, before DNAT or on its own.
         let protocol = l4_protocol(&r.l4);
@@ -186,7 +179,7 @@ impl Attribution {
         // policies apply to backends, so there is nothing to judge yet.
         if service.is_some()
             && r.original_destination.is_none()
-            && matches!(r.destination.pod_name.as_str(), "")
+            && r.destination.pod_name.is_empty()
         {
             return;
         }
@@ -213,15 +206,16 @@ impl Attribution {
         ) {
             return None;
         }
-        self.enrich_endpoints_only(&mut r);
-        let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
+        let client_pod = self.enrich_endpoints(&mut r);
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), r.ip.source, at);
         let to = self.peer(&engine, &r.destination, None, r.ip.destination, at);
-        let key = engine.verdict_key(&from, &to, port, proto);
         let verdict = self.verdicts.evaluate(&engine, &from, &to, port, proto);
         if verdict.verdict != policy::Verdict::Denied {
             return None;
         }
+        // Only denied handshakes are rate-limited: the key is not needed for
+        // the common, allowed case.
+        let key = engine.verdict_key(&from, &to, port, proto);
         if let Some(t) = self.not_enforced_seen.get(&key)
             && now.duration_since(*t).unwrap_or_default() < self.config.not_enforced_interval
         {
@@ -243,8 +237,9 @@ impl Attribution {
         Some(r)
     }
 
-    /// Endpoints only (for records whose verdict is decided elsewhere).
-    fn enrich_endpoints_only(&mut self, r: &mut FlowRecord) {
+    /// Fill in both endpoints at the flow's time; returns the pod that owns
+    /// the client's socket (by cgroup), which the policy peers need too.
+    fn enrich_endpoints(&mut self, r: &mut FlowRecord) -> Option<PodIdentity> {
         let at: SystemTime = r.first_seen.into();
         let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
         r.source = match &client_pod {
@@ -254,6 +249,7 @@ impl Attribution {
         r.destination = self
             .identity
             .endpoint(r.ip.destination, r.destination.port, at);
+        client_pod
     }
 
     /// The pod whose container owns a cgroup.
