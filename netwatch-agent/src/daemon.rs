@@ -278,10 +278,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     None => std::future::pending().await,
                 }
             } => {
-                if let Some(f) = feed.as_ref() {
-                    ready_open = f.ready.has_changed().is_ok();
-                }
                 if let Some(f) = feed.as_mut() {
+                    ready_open = f.ready.has_changed().is_ok();
                     if !changed {
                         error!("the identity source stopped; keeping the last snapshot");
                         feed = None;
@@ -347,18 +345,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     info!("stopping: writing final records and detaching");
     let names = |i: u32| attacher.name_of(i).map(str::to_string);
     let now = SystemTime::now();
+    let mut records = Vec::new();
     for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-        let records = assembler.handle(s, now, &capture.reasons, &names);
-        route(
-            records,
-            &mut attribution,
-            &mut waiting,
-            &tables,
-            &mut outputs,
-            feed.is_some(),
-        );
+        records.extend(assembler.handle(s, now, &capture.reasons, &names));
     }
-    let records = assembler.finish_all(&capture.reasons, &names);
+    records.extend(assembler.finish_all(&capture.reasons, &names));
     route(
         records,
         &mut attribution,
