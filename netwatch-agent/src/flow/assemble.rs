@@ -89,7 +89,9 @@ struct DropCounters {
 struct ActiveFlow {
     uuid: String,
     key: FlowKey,
-    verdict: Verdict,
+    /// A completed handshake (POLICY_NOT_ENFORCED), not a denied flow. The
+    /// other verdicts follow from what was seen (see [`verdict_of`]).
+    established: bool,
     drops: BTreeMap<u32, DropCounters>,
     /// Kernel drop-table keys that fed this flow (to remove when it ends).
     drop_keys: BTreeSet<(FlowKey, u32)>,
@@ -176,22 +178,15 @@ impl FlowAssembler {
                 ..
             }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
-                let f = self.locate(key, NatSide::Post, Verdict::Dropped, time);
+                let f = self.locate(key, NatSide::Post, time);
                 f.drop_keys.insert((flow, reason));
-                f.reply_dropped |= reply;
-                f.tcp_flags |= tcp_flags;
-                f.points.insert("kfree_skb");
-                if f.ifindex == 0 {
-                    f.ifindex = ifindex;
-                    f.direction = Direction::FromPod;
-                }
+                note_drop(f, reply, tcp_flags, ifindex);
                 let c = f.drops.entry(reason).or_default();
                 // The event carries the first packet; the table scan brings exact totals.
                 if c.packets == 0 {
                     c.packets = 1;
                     c.bytes = u64::from(bytes);
                 }
-                f.verdict = Verdict::Dropped;
                 touch(f, time);
             }
             Signal::DropCounts {
@@ -201,20 +196,13 @@ impl FlowAssembler {
                 last,
             } => {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
-                let f = self.locate(fkey, NatSide::Post, Verdict::Dropped, first);
+                let f = self.locate(fkey, NatSide::Post, first);
                 f.drop_keys.insert((key.flow, key.reason));
                 let c = f.drops.entry(key.reason).or_default();
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
-                    f.reply_dropped |= reply;
-                    f.tcp_flags |= stats.tcp_flags;
-                    f.points.insert("kfree_skb");
-                    if f.ifindex == 0 {
-                        f.ifindex = stats.ifindex;
-                        f.direction = Direction::FromPod;
-                    }
-                    f.verdict = Verdict::Dropped;
+                    note_drop(f, reply, stats.tcp_flags, stats.ifindex);
                     if first < f.first_seen {
                         f.first_seen = first;
                     }
@@ -228,7 +216,7 @@ impl FlowAssembler {
                 last,
             } => {
                 let side = NatSide::of(Direction::from(pending.direction));
-                let f = self.locate(flow, side, Verdict::TimedOut, first);
+                let f = self.locate(flow, side, first);
                 f.timed_out = true;
                 f.attempts = f.attempts.max(pending.packets);
                 f.attempt_bytes = f.attempt_bytes.max(pending.bytes);
@@ -252,7 +240,7 @@ impl FlowAssembler {
                 attempts,
             }) => {
                 // Answers reach the client reverse-NATed: its own view.
-                let f = self.locate(flow, NatSide::Pre, Verdict::Refused, time);
+                let f = self.locate(flow, NatSide::Pre, time);
                 f.refusal = Some(how);
                 f.attempts = f.attempts.max(u64::from(attempts));
                 f.points.insert("tc");
@@ -293,7 +281,7 @@ impl FlowAssembler {
                 } else if retransmits > 0 {
                     // A connect the pod interfaces never saw (a hostNetwork pod,
                     // the node itself): the socket is the only witness.
-                    let f = self.locate(flow, NatSide::Pre, Verdict::TimedOut, time);
+                    let f = self.locate(flow, NatSide::Pre, time);
                     f.timed_out = true;
                     f.attempts = u64::from(retransmits) + 1;
                     f.tcp_flags |= tcp_flags::SYN;
@@ -310,19 +298,18 @@ impl FlowAssembler {
         // the cost per signal does not grow with the number of active flows.
         let keys = std::mem::take(&mut self.fresh);
         for k in keys {
-            if let Some(cg) = self.socket_cgroups.remove(&k)
-                && let Some(f) = self.flows.get_mut(&k)
-            {
-                f.cgroup_id.get_or_insert(cg.0);
+            let Some(f) = self.flows.get_mut(&k) else {
+                continue;
+            };
+            if let Some((cgroup_id, _)) = self.socket_cgroups.remove(&k) {
+                f.cgroup_id.get_or_insert(cgroup_id);
                 f.points.insert("sock_ops");
             }
-            if let Some(f) = self.flows.get_mut(&k) {
-                out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
-                f.dirty = false;
-                f.last_emitted = now;
-            }
+            out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
+            f.dirty = false;
+            f.last_emitted = now;
         }
-        self.enforce_bound(now, reasons, ifnames, &mut out);
+        self.enforce_bound(reasons, ifnames, &mut out);
         out
     }
 
@@ -393,7 +380,8 @@ impl FlowAssembler {
         reasons: &DropReasons,
         ifnames: &dyn Fn(u32) -> Option<String>,
     ) -> FlowRecord {
-        let mut f = new_flow(key, Verdict::PolicyNotEnforced, time);
+        let mut f = new_flow(key, time);
+        f.established = true;
         f.attempts = 1;
         f.ifindex = ifindex;
         f.direction = direction;
@@ -406,13 +394,7 @@ impl FlowAssembler {
 
     /// The flow a signal about `key` belongs to: the same key, or the same
     /// connection seen on the other side of DNAT; created when new.
-    fn locate(
-        &mut self,
-        key: FlowKey,
-        side: NatSide,
-        verdict: Verdict,
-        time: SystemTime,
-    ) -> &mut ActiveFlow {
+    fn locate(&mut self, key: FlowKey, side: NatSide, time: SystemTime) -> &mut ActiveFlow {
         let mut target = key;
         if !self.flows.contains_key(&key)
             && let Some(existing) = self.by_client.get(&ClientEnd::of(&key))
@@ -427,7 +409,7 @@ impl FlowAssembler {
         if !self.flows.contains_key(&target) && has_ports(&key) {
             self.by_client.insert(ClientEnd::of(&key), key);
         }
-        let f = self.flow_for(target, verdict, time);
+        let f = self.flow_for(target, time);
         let dst = (key.dst_addr, key.dst_port);
         match side {
             NatSide::Pre => {
@@ -440,20 +422,20 @@ impl FlowAssembler {
         f
     }
 
-    fn flow_for(&mut self, key: FlowKey, verdict: Verdict, time: SystemTime) -> &mut ActiveFlow {
+    fn flow_for(&mut self, key: FlowKey, time: SystemTime) -> &mut ActiveFlow {
         let fresh = &mut self.fresh;
         self.flows.entry(key).or_insert_with(|| {
             fresh.push(key);
-            new_flow(key, verdict, time)
+            new_flow(key, time)
         })
     }
 }
 
-fn new_flow(key: FlowKey, verdict: Verdict, time: SystemTime) -> ActiveFlow {
+fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
     ActiveFlow {
         uuid: new_uuid(),
         key,
-        verdict,
+        established: false,
         drops: BTreeMap::new(),
         drop_keys: BTreeSet::new(),
         pre_nat_dst: None,
@@ -478,9 +460,9 @@ fn new_flow(key: FlowKey, verdict: Verdict, time: SystemTime) -> ActiveFlow {
 }
 
 impl FlowAssembler {
+    /// Finalise the quietest flows while more than `max_flows` are tracked.
     fn enforce_bound(
         &mut self,
-        _now: SystemTime,
         reasons: &DropReasons,
         ifnames: &dyn Fn(u32) -> Option<String>,
         out: &mut Vec<FlowRecord>,
@@ -544,6 +526,18 @@ impl ClientEnd {
 
 fn has_ports(key: &FlowKey) -> bool {
     matches!(key.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) && key.src_port != 0
+}
+
+/// What a drop seen by kfree_skb (as an event or in the table) says about
+/// its flow, whichever way it arrived.
+fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32) {
+    f.reply_dropped |= reply;
+    f.tcp_flags |= tcp;
+    f.points.insert("kfree_skb");
+    if f.ifindex == 0 {
+        f.ifindex = ifindex;
+        f.direction = Direction::FromPod;
+    }
 }
 
 fn touch(f: &mut ActiveFlow, time: SystemTime) {
@@ -619,7 +613,7 @@ pub fn refusal_name(r: &Refusal) -> String {
 /// drop that produced it (a firewall REJECT both drops and answers); then a
 /// drop on this node; else the handshake simply went unanswered.
 fn verdict_of(f: &ActiveFlow) -> Verdict {
-    if f.verdict == Verdict::PolicyNotEnforced {
+    if f.established {
         Verdict::PolicyNotEnforced
     } else if f.refusal.is_some() {
         Verdict::Refused
@@ -855,6 +849,20 @@ mod tests {
         })
     }
 
+    /// A table scan's exact counts of `k`'s drops (reason 12) between `first` and `last`.
+    fn drop_counts(k: FlowKey, stats: DropStats, first: SystemTime, last: SystemTime) -> Signal {
+        Signal::DropCounts {
+            key: DropKey {
+                flow: k,
+                reason: 12,
+                _pad: 0,
+            },
+            stats,
+            first,
+            last,
+        }
+    }
+
     #[test]
     fn first_drop_is_emitted_at_once_with_reason_name() {
         let mut a = FlowAssembler::new(AssemblerConfig {
@@ -907,16 +915,7 @@ mod tests {
             ..DropStats::default()
         };
         a.handle(
-            Signal::DropCounts {
-                key: DropKey {
-                    flow: k,
-                    reason: 12,
-                    _pad: 0,
-                },
-                stats,
-                first: t(0),
-                last: t(3),
-            },
+            drop_counts(k, stats, t(0), t(3)),
             t(3),
             &reasons(),
             &no_names,
@@ -1061,16 +1060,7 @@ mod tests {
             ..DropStats::default()
         };
         let out = a.handle(
-            Signal::DropCounts {
-                key: DropKey {
-                    flow: k,
-                    reason: 12,
-                    _pad: 0,
-                },
-                stats,
-                first: t(0),
-                last: t(2),
-            },
+            drop_counts(k, stats, t(0), t(2)),
             t(2),
             &reasons(),
             &no_names,
