@@ -18,6 +18,24 @@ fn netwatch(args: &[&str]) -> Output {
         .expect("run netwatch")
 }
 
+/// `netwatch explain --manifests MANIFESTS --from FROM --to TO --port PORT`,
+/// then `extra`.
+fn explain(manifests: &str, from: &str, to: &str, port: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "explain",
+        "--manifests",
+        manifests,
+        "--from",
+        from,
+        "--to",
+        to,
+        "--port",
+        port,
+    ];
+    args.extend(extra);
+    netwatch(&args)
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
@@ -49,19 +67,7 @@ const DENY_X_INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPol
 #[test]
 fn json_output_follows_the_contract() {
     let (_d, dir) = manifests_dir(DENY_X_INGRESS);
-    let o = netwatch(&[
-        "explain",
-        "--manifests",
-        &dir,
-        "--from",
-        "y/b",
-        "--to",
-        "x/a",
-        "--port",
-        "80",
-        "-o",
-        "json",
-    ]);
+    let o = explain(&dir, "y/b", "x/a", "80", &["-o", "json"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["verdict"], "DENIED");
@@ -92,17 +98,7 @@ fn json_output_follows_the_contract() {
 #[test]
 fn text_output_puts_the_verdict_first() {
     let (_d, dir) = manifests_dir(DENY_X_INGRESS);
-    let o = netwatch(&[
-        "explain",
-        "--manifests",
-        &dir,
-        "--from",
-        "y/b",
-        "--to",
-        "x/a",
-        "--port",
-        "80",
-    ]);
+    let o = explain(&dir, "y/b", "x/a", "80", &[]);
     assert_eq!(o.status.code(), Some(0));
     let text = stdout(&o);
     let mut lines = text.lines();
@@ -115,17 +111,7 @@ fn text_output_puts_the_verdict_first() {
         text.contains("ipBlock peers match pod IPs: yes (--ipblock-matches-pods=true)"),
         "{text}"
     );
-    let o = netwatch(&[
-        "explain",
-        "--manifests",
-        &dir,
-        "--from",
-        "x/a",
-        "--to",
-        "y/b",
-        "--port",
-        "80",
-    ]);
+    let o = explain(&dir, "x/a", "y/b", "80", &[]);
     assert!(
         stdout(&o).starts_with("ALLOWED: x/a -> y/b on 80/TCP\n"),
         "{}",
@@ -138,21 +124,13 @@ fn sources_and_destinations_can_be_ips_and_hypothetical_pods() {
     let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-from-web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}, {ipBlock: {cidr: 192.0.2.0/24}}]\n";
     let (_d, dir) = manifests_dir(policy);
     let verdict = |from: &str, to: &str, protocol: &str| -> Value {
-        let o = netwatch(&[
-            "explain",
-            "--manifests",
+        let o = explain(
             &dir,
-            "--from",
             from,
-            "--to",
             to,
-            "--port",
             "80",
-            "--protocol",
-            protocol,
-            "-o",
-            "json",
-        ]);
+            &["--protocol", protocol, "-o", "json"],
+        );
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         serde_json::from_str(&stdout(&o)).unwrap()
     };
@@ -187,39 +165,21 @@ fn the_ipblock_setting_is_a_flag_and_stated_in_the_output() {
         (Some("--ipblock-matches-pods"), "ALLOWED", true),
         (Some("--ipblock-matches-pods=false"), "DENIED", false),
     ] {
-        let mut args = vec![
-            "explain",
-            "--manifests",
-            &dir,
-            "--from",
-            "y/a",
-            "--to",
-            "x/a",
-            "--port",
-            "80",
-            "-o",
-            "json",
-        ];
-        args.extend(flag);
-        let o = netwatch(&args);
+        let mut extra = vec!["-o", "json"];
+        extra.extend(flag);
+        let o = explain(&dir, "y/a", "x/a", "80", &extra);
         let v: Value = serde_json::from_str(&stdout(&o))
             .unwrap_or_else(|e| panic!("{flag:?}: {e}: {}", stderr(&o)));
         assert_eq!(v["verdict"], verdict, "{flag:?}");
         assert_eq!(v["ipblock_matches_pods"], yes, "{flag:?}");
     }
-    let o = netwatch(&[
-        "explain",
-        "--manifests",
+    let o = explain(
         &dir,
-        "--from",
         "y/a",
-        "--to",
         "x/a",
-        "--port",
         "80",
-        "--ipblock-matches-pods",
-        "false",
-    ]);
+        &["--ipblock-matches-pods", "false"],
+    );
     assert!(
         stdout(&o).contains("ipBlock peers match pod IPs: no (--ipblock-matches-pods=false)"),
         "{}",
@@ -261,18 +221,7 @@ fn suggest_prints_only_yaml_that_allows_exactly_the_flow() {
             .collect()
     };
     let before = matrix(&[&dir]);
-    let o = netwatch(&[
-        "explain",
-        "--manifests",
-        &dir,
-        "--from",
-        "y/b",
-        "--to",
-        "x/a",
-        "--port",
-        "80",
-        "--suggest",
-    ]);
+    let o = explain(&dir, "y/b", "x/a", "80", &["--suggest"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let yaml = stdout(&o);
     assert!(
@@ -310,18 +259,7 @@ fn suggest_prints_only_yaml_that_allows_exactly_the_flow() {
     );
 
     // Already allowed: nothing on stdout.
-    let o = netwatch(&[
-        "explain",
-        "--manifests",
-        &dir,
-        "--from",
-        "x/a",
-        "--to",
-        "y/b",
-        "--port",
-        "80",
-        "--suggest",
-    ]);
+    let o = explain(&dir, "x/a", "y/b", "80", &["--suggest"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(stdout(&o), "");
     assert!(
@@ -526,21 +464,8 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
             "{DENY_X_INGRESS}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec:\n  podSelector: {{}}\n  egress:\n  - to: [{{ipBlock: {{cidr: 10.0.0.300/8}}}}]\n"
         ),
     );
-    let args = |path: &Path| {
-        vec![
-            "explain".to_string(),
-            "--manifests".into(),
-            path.display().to_string(),
-            "--from".into(),
-            "x/a".into(),
-            "--to".into(),
-            "x/b".into(),
-            "--port".into(),
-            "80".into(),
-        ]
-    };
-    let run = |a: Vec<String>| netwatch(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let o = run(args(&bad_cidr));
+    let run = |path: &Path| explain(&path.display().to_string(), "x/a", "x/b", "80", &[]);
+    let o = run(&bad_cidr);
     assert_input_error(
         &o,
         &[
@@ -559,7 +484,7 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector:\n    matchExpressions: [{key: app, operator: Has}]\n",
     );
     assert_input_error(
-        &run(args(&bad_op)),
+        &run(&bad_op),
         &[
             "bad-op.yaml",
             "document 1",
@@ -573,7 +498,7 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: a\n",
     );
     assert_input_error(
-        &run(args(&bad_yaml)),
+        &run(&bad_yaml),
         &["bad.yaml:", "document 1 is not valid YAML"],
     );
 
@@ -582,7 +507,7 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}\n",
     );
     assert_input_error(
-        &run(args(&bad_type)),
+        &run(&bad_type),
         &[
             "bad-type.yaml",
             "document 1",
@@ -593,67 +518,22 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
 
     let missing = dir.path().join("missing.yaml");
     assert_input_error(
-        &run(args(&missing)),
+        &run(&missing),
         &["missing.yaml", "check that the path exists"],
     );
 
     let c = cluster();
     assert_input_error(
-        &netwatch(&[
-            "explain",
-            "--manifests",
-            &c,
-            "--from",
-            "x/zz",
-            "--to",
-            "x/a",
-            "--port",
-            "80",
-        ]),
+        &explain(&c, "x/zz", "x/a", "80", &[]),
         &["pod x/zz is not in the manifests", "pods in x: a, b, c"],
     );
     assert_input_error(
-        &netwatch(&[
-            "explain",
-            "--manifests",
-            &c,
-            "--from",
-            "nonsense",
-            "--to",
-            "x/a",
-            "--port",
-            "80",
-        ]),
+        &explain(&c, "nonsense", "x/a", "80", &[]),
         &["--from", "namespace/pod"],
     );
+    assert_input_error(&explain(&c, "x/a", "x/b", "0", &[]), &["--port"]);
     assert_input_error(
-        &netwatch(&[
-            "explain",
-            "--manifests",
-            &c,
-            "--from",
-            "x/a",
-            "--to",
-            "x/b",
-            "--port",
-            "0",
-        ]),
-        &["--port"],
-    );
-    assert_input_error(
-        &netwatch(&[
-            "explain",
-            "--manifests",
-            &c,
-            "--from",
-            "x/a",
-            "--to",
-            "x/b",
-            "--port",
-            "80",
-            "--protocol",
-            "ICMP",
-        ]),
+        &explain(&c, "x/a", "x/b", "80", &["--protocol", "ICMP"]),
         &["ICMP"],
     );
     assert_input_error(

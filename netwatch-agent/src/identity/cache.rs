@@ -1355,11 +1355,17 @@ mod tests {
         }
     }
 
-    fn pod_name(resolution: IpResolution<'_>) -> Option<String> {
-        match resolution {
+    /// The name of the pod `addr` resolves to at second `secs`, if a pod.
+    fn pod_at(cache: &IdentityCache, addr: &str, secs: u64) -> Option<String> {
+        match cache.resolve_ip(ip(addr), t(secs)) {
             IpResolution::Pod(p) => Some(p.name.clone()),
             _ => None,
         }
+    }
+
+    /// The `extra` of a pod created at second `secs`.
+    fn created_at(secs: u64) -> Value {
+        json!({"metadata": {"creationTimestamp": rfc3339(t(secs))}})
     }
 
     fn cache() -> IdentityCache {
@@ -1379,9 +1385,7 @@ mod tests {
             "u-old",
             x,
             json!({"app": "old"}),
-            json!({
-                "metadata": {"creationTimestamp": rfc3339(t(0))}
-            }),
+            created_at(0),
         );
         cache.update(&snapshot(vec![old.clone()]), t(10));
         // Deletion requested at t(95) with the pod gone by t(100).
@@ -1396,76 +1400,32 @@ mod tests {
             "u-new",
             x,
             json!({"app": "new"}),
-            json!({
-                "metadata": {"creationTimestamp": rfc3339(t(110))}
-            }),
+            created_at(110),
         );
         cache.update(&snapshot(vec![new]), t(120));
 
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(5))).as_deref(),
-            Some("old")
-        );
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(94))).as_deref(),
-            Some("old")
-        );
+        assert_eq!(pod_at(&cache, x, 5).as_deref(), Some("old"));
+        assert_eq!(pod_at(&cache, x, 94).as_deref(), Some("old"));
         // The new pod is known from its creation, before the cache saw it.
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(111))).as_deref(),
-            Some("new")
-        );
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(500))).as_deref(),
-            Some("new")
-        );
+        assert_eq!(pod_at(&cache, x, 111).as_deref(), Some("new"));
+        assert_eq!(pod_at(&cache, x, 500).as_deref(), Some("new"));
         // In the gap between holders the nearer tenure wins.
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(97))).as_deref(),
-            Some("old")
-        );
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(108))).as_deref(),
-            Some("new")
-        );
+        assert_eq!(pod_at(&cache, x, 97).as_deref(), Some("old"));
+        assert_eq!(pod_at(&cache, x, 108).as_deref(), Some("new"));
     }
 
     #[test]
     fn overlapping_tenures_go_to_the_previous_holder() {
         let mut cache = cache();
         let x = "10.0.0.9";
-        let old = pod(
-            "prod",
-            "old",
-            "u-old",
-            x,
-            json!({}),
-            json!({
-                "metadata": {"creationTimestamp": rfc3339(t(0))}
-            }),
-        );
+        let old = pod("prod", "old", "u-old", x, json!({}), created_at(0));
         cache.update(&snapshot(vec![old]), t(0));
         // The new pod was created (t(40)) before the old one let the IP go (t(50)).
-        let new = pod(
-            "prod",
-            "new",
-            "u-new",
-            x,
-            json!({}),
-            json!({
-                "metadata": {"creationTimestamp": rfc3339(t(40))}
-            }),
-        );
+        let new = pod("prod", "new", "u-new", x, json!({}), created_at(40));
         cache.update(&snapshot(vec![]), t(50));
         cache.update(&snapshot(vec![new]), t(60));
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(45))).as_deref(),
-            Some("old")
-        );
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(55))).as_deref(),
-            Some("new")
-        );
+        assert_eq!(pod_at(&cache, x, 45).as_deref(), Some("old"));
+        assert_eq!(pod_at(&cache, x, 55).as_deref(), Some("new"));
     }
 
     #[test]
@@ -1478,14 +1438,8 @@ mod tests {
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         let web = pod("prod", "web", "u-web", x, json!({}), json!({}));
         cache.update(&snapshot(vec![done, web]), t(30));
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(31))).as_deref(),
-            Some("web")
-        );
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip(x), t(10))).as_deref(),
-            Some("job-1")
-        );
+        assert_eq!(pod_at(&cache, x, 31).as_deref(), Some("web"));
+        assert_eq!(pod_at(&cache, x, 10).as_deref(), Some("job-1"));
     }
 
     #[test]
@@ -1505,10 +1459,7 @@ mod tests {
             cache.pod_by_uid("u-gone").map(|p| p.name.as_str()),
             Some("gone")
         );
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip("10.0.0.3"), t(5))).as_deref(),
-            Some("gone")
-        );
+        assert_eq!(pod_at(&cache, "10.0.0.3", 5).as_deref(), Some("gone"));
         assert_eq!(cache.stats().tombstones, 1);
 
         cache.expire(t(69));
@@ -1534,10 +1485,7 @@ mod tests {
         cache.update(&snapshot(vec![p]), t(2));
         assert_eq!(cache.stats().tombstones, 0);
         assert!(cache.pod_by_name("prod", "p").is_some());
-        assert_eq!(
-            pod_name(cache.resolve_ip(ip("10.0.0.3"), t(3))).as_deref(),
-            Some("p")
-        );
+        assert_eq!(pod_at(&cache, "10.0.0.3", 3).as_deref(), Some("p"));
     }
 
     #[test]
