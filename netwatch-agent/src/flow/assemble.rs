@@ -10,7 +10,7 @@
 //! Time is passed in explicitly, so everything here is deterministic.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     time::{Duration, SystemTime},
 };
 
@@ -132,6 +132,10 @@ pub struct FlowAssembler {
     socket_cgroups: HashMap<FlowKey, (u64, SystemTime)>,
     /// Flows finalised early because `max_flows` was reached.
     pub evicted: u64,
+    /// Kernel drop-table keys of evicted flows, until the next tick hands
+    /// them back for removal. Their counts were reported, so until then a
+    /// table scan must not make a new flow of them.
+    released: HashSet<(FlowKey, u32)>,
 }
 
 /// What the assembler wants done after a tick.
@@ -151,6 +155,7 @@ impl FlowAssembler {
             fresh: Vec::new(),
             socket_cgroups: HashMap::new(),
             evicted: 0,
+            released: HashSet::new(),
         }
     }
 
@@ -189,6 +194,8 @@ impl FlowAssembler {
                 }
                 touch(f, time);
             }
+            // Counts of an evicted flow, already reported.
+            Signal::DropCounts { key, .. } if self.released.contains(&(key.flow, key.reason)) => {}
             Signal::DropCounts {
                 key,
                 stats,
@@ -347,6 +354,8 @@ impl FlowAssembler {
                 out.finished_drop_keys.extend(drop_keys(&f));
             }
         }
+        out.finished_drop_keys
+            .extend(self.released.drain().map(drop_key));
         let horizon = self.config.idle_timeout;
         self.socket_cgroups
             .retain(|_, (_, t)| now.duration_since(*t).unwrap_or_default() < horizon);
@@ -481,6 +490,7 @@ impl FlowAssembler {
                 if f.dirty {
                     out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
                 }
+                self.released.extend(f.drop_keys.iter().copied());
                 self.evicted += 1;
             }
         }
@@ -569,14 +579,15 @@ fn is_dns(key: &FlowKey) -> bool {
 }
 
 fn drop_keys(f: &ActiveFlow) -> Vec<DropKey> {
-    f.drop_keys
-        .iter()
-        .map(|(flow, reason)| DropKey {
-            flow: *flow,
-            reason: *reason,
-            _pad: 0,
-        })
-        .collect()
+    f.drop_keys.iter().copied().map(drop_key).collect()
+}
+
+fn drop_key((flow, reason): (FlowKey, u32)) -> DropKey {
+    DropKey {
+        flow,
+        reason,
+        _pad: 0,
+    }
 }
 
 fn new_uuid() -> String {
@@ -1167,5 +1178,51 @@ mod tests {
         }
         assert_eq!(a.active_flows(), 2);
         assert_eq!(a.evicted, 3);
+    }
+    #[test]
+    fn an_evicted_flow_is_not_revived_by_the_next_table_scan() {
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            max_flows: 1,
+            ..Default::default()
+        });
+        let old = key(41000, 80, IPPROTO_TCP);
+        let stats = DropStats {
+            packets: 4,
+            bytes: 240,
+            tcp_flags: tcp_flags::SYN,
+            ..DropStats::default()
+        };
+        let first = a.handle(
+            drop_counts(old, stats, t(0), t(1)),
+            t(1),
+            &reasons(),
+            &no_names,
+        );
+        assert_eq!(first.len(), 1);
+        // A newer flow pushes it out of the table.
+        a.handle(
+            drop_event(key(41001, 80, IPPROTO_TCP), t(2)),
+            t(2),
+            &reasons(),
+            &no_names,
+        );
+        assert_eq!(a.evicted, 1);
+        // The kernel's table still holds its counts until told otherwise:
+        // already reported, they are no new flow.
+        let again = a.handle(
+            drop_counts(old, stats, t(0), t(1)),
+            t(3),
+            &reasons(),
+            &no_names,
+        );
+        assert!(again.is_empty(), "reported again: {again:?}");
+        let out = a.tick(t(3), &reasons(), &no_names);
+        assert!(
+            out.finished_drop_keys
+                .iter()
+                .any(|k| k.flow == old && k.reason == 12),
+            "the evicted flow's kernel entry is handed back: {:?}",
+            out.finished_drop_keys
+        );
     }
 }
