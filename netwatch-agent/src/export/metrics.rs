@@ -652,21 +652,17 @@ impl MetricsRegistry {
                 .as_ref()
                 .is_some_and(|d| d.still_labels(r))
             {
-                let (c, pods) = ctx.get_or_insert_with(|| self.context(r)).clone();
+                let (c, pods) = &*ctx.get_or_insert_with(|| self.context(r));
                 let protocol = r.l4.protocol_name();
                 let first = [
                     r.drop_reason_desc.as_deref().unwrap_or("UNKNOWN"),
                     &protocol,
                     direction_label(r),
                 ];
-                let l = self.labels(FlowMetric::Drops, &first, &c, &pods);
-                let packets = self
-                    .drops
-                    .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>());
-                let l = self.labels(FlowMetric::DropBytes, &first, &c, &pods);
-                let bytes = self
-                    .drop_bytes
-                    .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>());
+                let l = self.labels(FlowMetric::Drops, &first, c, pods);
+                let packets = self.drops.with_label_values(&l);
+                let l = self.labels(FlowMetric::DropBytes, &first, c, pods);
+                let bytes = self.drop_bytes.with_label_values(&l);
                 state.drop_series = Some(DropSeries::new(r, packets, bytes));
             }
             if let Some(d) = &state.drop_series {
@@ -675,22 +671,18 @@ impl MetricsRegistry {
             }
         }
         if first_record {
-            let (c, pods) = ctx.get_or_insert_with(|| self.context(r)).clone();
+            let (c, pods) = &*ctx.get_or_insert_with(|| self.context(r));
             let protocol = r.l4.protocol_name();
             let l = self.labels(
                 FlowMetric::DeniedFlows,
                 &[r.verdict.as_str(), &protocol],
-                &c,
-                &pods,
+                c,
+                pods,
             );
-            self.denied_flows
-                .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>())
-                .inc();
+            self.denied_flows.with_label_values(&l).inc();
             if r.is_dns {
-                let l = self.labels(FlowMetric::DnsFailures, &[r.verdict.as_str()], &c, &pods);
-                self.dns_failures
-                    .with_label_values(&l.iter().map(String::as_str).collect::<Vec<_>>())
-                    .inc();
+                let l = self.labels(FlowMetric::DnsFailures, &[r.verdict.as_str()], c, pods);
+                self.dns_failures.with_label_values(&l).inc();
             }
         }
         let denied_by = r
