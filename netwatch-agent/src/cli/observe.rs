@@ -3,6 +3,7 @@
 //! [`crate::export::server`] for the protocol); this side formats.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader, IsTerminal, Write},
     net::IpAddr,
     os::unix::net::UnixStream,
@@ -197,6 +198,40 @@ pub struct ObserveArgs {
     /// Instead of flows, show what is denied most (as `netwatch top`).
     #[arg(long)]
     pub summary: bool,
+    /// Compact and table output: show every later record of a flow, not
+    /// only those that change its verdict, reason or denying policies
+    /// (-o json always shows every record).
+    #[arg(long)]
+    pub updates: bool,
+}
+
+/// Which later records of a flow the compact and table outputs show: a flow
+/// keeps failing in the same way for as long as it retries, and one line per
+/// flow (plus one per change) is what a follower can read.
+#[derive(Default)]
+struct ShownFlows {
+    /// What was last shown of each flow, by record uuid.
+    seen: HashMap<String, (Verdict, Option<String>, String)>,
+}
+
+impl ShownFlows {
+    /// Bounds memory on a long follow; forgetting only means a later record
+    /// of an old flow is shown once more.
+    const MAX: usize = 65_536;
+
+    fn worth_showing(&mut self, r: &FlowRecord) -> bool {
+        let now = (r.verdict, reason_text(r), r.denied_by_labels().join(", "));
+        let changed = self.seen.get(&r.uuid) != Some(&now);
+        if r.lifecycle == Lifecycle::Final {
+            self.seen.remove(&r.uuid);
+        } else if changed {
+            if self.seen.len() >= Self::MAX {
+                self.seen.clear();
+            }
+            self.seen.insert(r.uuid.clone(), now);
+        }
+        changed
+    }
 }
 
 /// Where the agent's observe API is.
@@ -417,8 +452,13 @@ pub fn run(args: &ObserveArgs) -> Result<u8, CliError> {
     if args.output == ObserveOutput::Table {
         writeln!(out, "{}", table_header())?;
     }
+    let mut shown = ShownFlows::default();
     while let Some(item) = stream.next_item()? {
         match item {
+            ObserveItem::Flow(r, _)
+                if args.output != ObserveOutput::Json
+                    && !args.updates
+                    && !shown.worth_showing(&r) => {}
             ObserveItem::Flow(r, line) => match args.output {
                 ObserveOutput::Compact => writeln!(out, "{}", format_compact(&r, color))?,
                 ObserveOutput::Json => writeln!(out, "{line}")?,
@@ -673,6 +713,33 @@ mod tests {
             !format_compact(&record(json!({})), false).contains('['),
             "a NEW record has no suffix"
         );
+    }
+
+    #[test]
+    fn a_flow_that_keeps_failing_the_same_way_is_shown_once_and_again_when_it_changes() {
+        let mut shown = ShownFlows::default();
+        let new = record(json!({}));
+        let same = record(json!({"lifecycle": "UPDATE", "packets": 7}));
+        let other_flow = record(json!({"uuid": "u-2", "lifecycle": "UPDATE"}));
+        let denied = record(json!({"lifecycle": "UPDATE", "packets": 9,
+            "ingress_denied_by": [{"name": "default-deny-all", "namespace": "prod", "kind": "NetworkPolicy"}]}));
+        let last = record(json!({"lifecycle": "FINAL", "packets": 12,
+            "ingress_denied_by": [{"name": "default-deny-all", "namespace": "prod", "kind": "NetworkPolicy"}]}));
+        assert!(shown.worth_showing(&new));
+        assert!(!shown.worth_showing(&same), "only its counts grew");
+        assert!(
+            shown.worth_showing(&other_flow),
+            "a later record of a flow not shown yet (e.g. older than --last)"
+        );
+        assert!(shown.worth_showing(&denied), "the denying policy is new");
+        assert!(!shown.worth_showing(&last), "ends as it was");
+        assert!(
+            !shown.seen.contains_key("u-1"),
+            "a final record forgets the flow"
+        );
+        let refused =
+            record(json!({"lifecycle": "FINAL", "verdict": "TIMED_OUT", "drop_reason_desc": null}));
+        assert!(shown.worth_showing(&refused));
     }
 
     #[test]
