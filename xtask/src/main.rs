@@ -34,8 +34,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run netwatch on this machine against a lab node whose firewall drops
-    /// pod traffic; shows the denied flows live. Run as root; Ctrl-C stops it.
+    /// Replay an incident scenario (default: the prod default-deny outage) in
+    /// a NetworkPolicy-enforcing lab with the agent running: the live denied
+    /// flows, why they are denied, the suggested fix, the metrics, then the
+    /// fix applied. Run as root; Ctrl-C stops it and cleans up.
     Demo {
         /// Stop after this many seconds (the outage gets a third, the fix the rest).
         #[arg(long)]
