@@ -469,22 +469,32 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
 }
 
 impl FlowAssembler {
-    /// Finalise the quietest flows while more than `max_flows` are tracked.
+    /// Finalise the quietest flows once more than `max_flows` are tracked.
+    ///
+    /// Evicts down to 1/64 below the bound in one pass, so a table kept full
+    /// by a flood of new flows costs one scan per `max_flows / 64` new flows
+    /// rather than one per flow.
     fn enforce_bound(
         &mut self,
         reasons: &DropReasons,
         ifnames: &dyn Fn(u32) -> Option<String>,
         out: &mut Vec<FlowRecord>,
     ) {
-        while self.flows.len() > self.config.max_flows {
-            let Some(k) = self
-                .flows
-                .iter()
-                .min_by_key(|(_, f)| f.last_change)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
+        if self.flows.len() <= self.config.max_flows {
+            return;
+        }
+        let target = self.config.max_flows - self.config.max_flows / 64;
+        let excess = self.flows.len() - target;
+        let mut by_age: Vec<(SystemTime, FlowKey)> = self
+            .flows
+            .iter()
+            .map(|(k, f)| (f.last_change, *k))
+            .collect();
+        by_age.select_nth_unstable_by_key(excess - 1, |(t, _)| *t);
+        by_age.truncate(excess);
+        // Final records of the evicted flows, oldest first.
+        by_age.sort_unstable_by_key(|(t, _)| *t);
+        for (_, k) in by_age {
             if let Some(f) = self.flows.remove(&k) {
                 self.by_client.remove(&ClientEnd::of(&f.key));
                 if f.dirty {
@@ -1179,6 +1189,40 @@ mod tests {
         assert_eq!(a.active_flows(), 2);
         assert_eq!(a.evicted, 3);
     }
+    #[test]
+    fn a_full_table_evicts_the_quietest_flows_in_a_batch() {
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            max_flows: 128,
+            ..Default::default()
+        });
+        for p in 0..129 {
+            a.handle(
+                drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))),
+                t(u64::from(p)),
+                &reasons(),
+                &no_names,
+            );
+        }
+        // 129 > 128: down to 126 (1/64 below the bound) in one pass.
+        assert_eq!((a.active_flows(), a.evicted), (126, 3));
+        for p in 0..3 {
+            assert!(
+                !a.flows.contains_key(&key(41000 + p, 80, IPPROTO_TCP)),
+                "the quietest go first"
+            );
+        }
+        // The next two new flows fit without another pass.
+        for p in 129..131 {
+            a.handle(
+                drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))),
+                t(u64::from(p)),
+                &reasons(),
+                &no_names,
+            );
+        }
+        assert_eq!((a.active_flows(), a.evicted), (128, 3));
+    }
+
     #[test]
     fn an_evicted_flow_is_not_revived_by_the_next_table_scan() {
         let mut a = FlowAssembler::new(AssemblerConfig {
