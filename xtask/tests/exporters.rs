@@ -95,14 +95,26 @@ impl ExportingAgent {
         sample(&body, name, labels)
     }
 
-    fn observe(&self, args: &[&str]) -> std::process::Output {
+    /// `netwatch <command> --server <this agent's socket> <args>`.
+    fn netwatch(&self, command: &str, args: &[&str]) -> std::process::Output {
         Command::new(target_binary("netwatch"))
-            .arg("observe")
+            .arg(command)
             .args(["--server", self.socket.to_str().unwrap()])
             .args(args)
             .env("NO_COLOR", "1")
             .output()
-            .expect("run netwatch observe")
+            .unwrap_or_else(|e| panic!("run netwatch {command}: {e}"))
+    }
+
+    fn observe(&self, args: &[&str]) -> std::process::Output {
+        self.netwatch("observe", args)
+    }
+
+    /// One round of `netwatch top -o json`.
+    fn top_json(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["--iterations", "1", "--interval", "0.5", "-o", "json"];
+        all.extend_from_slice(args);
+        self.netwatch("top", &all)
     }
 }
 
@@ -581,20 +593,7 @@ fn top_groups_denied_flows_with_counts() {
         (a.metric("netwatch_drops_total", &[("destination_port", "8080")]) == Some(syns as f64))
             .then_some(())
     });
-    let out = Command::new(target_binary("netwatch"))
-        .args([
-            "top",
-            "--server",
-            a.socket.to_str().unwrap(),
-            "--iterations",
-            "1",
-            "--interval",
-            "0.5",
-            "-o",
-            "json",
-        ])
-        .output()
-        .unwrap();
+    let out = a.top_json(&[]);
     assert!(
         out.status.success(),
         "{}",
@@ -1119,22 +1118,7 @@ fn with_pod_identity_observe_filters_by_namespace_pod_and_label_and_metrics_name
     );
 
     // top groups by workload.
-    let out = Command::new(target_binary("netwatch"))
-        .args([
-            "top",
-            "--server",
-            a.socket.to_str().unwrap(),
-            "--iterations",
-            "1",
-            "--interval",
-            "0.5",
-            "-o",
-            "json",
-            "-n",
-            "prod",
-        ])
-        .output()
-        .unwrap();
+    let out = a.top_json(&["-n", "prod"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert!(
         v["rows"]
