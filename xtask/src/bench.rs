@@ -326,24 +326,11 @@ fn first_record_latency_in(
     Ok(out)
 }
 
-/// `2026-11-22T13:17:08.559606911Z` as a SystemTime (UTC, the agent's format).
+/// `2026-11-22T13:17:08.559606911Z` (the agent's format) as a SystemTime.
 fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
-    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    let secs = days * 86400 + hh * 3600 + mm * 60 + ss;
-    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
-    Some(std::time::UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(std::time::SystemTime::from)
 }
 
 /// The agent attached to the lab node, and the ids of its TC programs.
