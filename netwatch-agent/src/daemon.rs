@@ -28,9 +28,8 @@ use tracing::{debug, error, info, warn};
 use crate::{
     attribution::{Attribution, AttributionConfig},
     capture::{
-        attach::{
-            AttachError, AttachOutcome, InterfacePatterns, LinkChange, TcAttacher, watch_links,
-        },
+        hooks::tc::{AttachOutcome, TcAttacher},
+        interfaces::{AttachError, InterfacePatterns, LinkChange, watch_links},
         events::{EventReader, KernelClock, KernelEvent, monotonic_ns},
         load::{CaptureConfig, KernelCapture, LoadError},
         netns::NetnsResolver,
@@ -162,7 +161,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut outputs = Exporters::start(&config.export).await?;
     let (mut tables, ring) = KernelTables::new(maps);
     let mut reader = EventReader::new(ring)?;
-    let mut attacher = TcAttacher::new(patterns);
+    let mut attacher = TcAttacher::new(patterns, capture.hooks.tc);
     // Capture runs from here on; identities fill in when they arrive.
     let mut feed = start_identity(&config.identity, &config.node_name).await?;
     let mut attribution = Attribution::new(config.attribution.clone());

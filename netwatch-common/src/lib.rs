@@ -222,6 +222,25 @@ pub mod loss {
     pub const COUNT: u32 = 8;
 }
 
+/// One kernel function that frees dropped packets with plain `kfree_skb()`,
+/// for kernels whose `kfree_skb` tracepoint carries no drop reason (before
+/// 5.17): a drop whose return address (`location`) lies in
+/// `[start, end)` gets `reason`. The agent fills the table from the running
+/// kernel's symbols; empty slots (`start == end == 0`) match nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropSite {
+    pub start: u64,
+    pub end: u64,
+    /// A value of the agent's own reason table for such kernels.
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Slots of the drop-site table (searched linearly by every drop on kernels
+/// without drop reasons, so kept small).
+pub const DROP_SITES_LEN: u32 = 16;
+
 /// Number of entries of the drop reason filter array. Reasons at or above it
 /// (the subsystem-specific ones, such as mac80211's) are never counted.
 pub const REASON_FILTER_LEN: u32 = 1024;
@@ -237,6 +256,7 @@ mod user {
     unsafe impl aya::Pod for SockConn {}
     unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for DropSite {}
 }
 
 #[cfg(test)]
@@ -254,6 +274,7 @@ mod tests {
         assert_eq!(size_of::<SockConn>(), 24);
         assert_eq!(size_of::<PairKey>(), 40);
         assert_eq!(size_of::<Event>(), 80);
+        assert_eq!(size_of::<DropSite>(), 24);
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! agent from the running kernel's BTF and set as globals before load.
 //! Per drop: one filter lookup, a few probe reads, one hash update; only the
 //! first drop of a (flow, reason) reaches user space as an event.
+//!
+//! Kernels before 5.17 pass no drop reason. There the reason comes from
+//! where `kfree_skb()` was called: the tracepoint's `location` (a return
+//! address) is looked up in `DROP_SITES`, a few function address ranges the
+//! agent took from the running kernel's symbols (`nf_hook_slow` is a
+//! netfilter drop, and so on). The agent can also force this variant on a
+//! kernel that has reasons, which is how it is tested on every kernel.
 
 use aya_ebpf::{
     Global,
@@ -15,13 +22,13 @@ use aya_ebpf::{
 };
 use netwatch_common::{
     DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, REASON_FILTER_LEN, event_kind, loss,
+    IPPROTO_TCP, IPPROTO_UDP, DROP_SITES_LEN, REASON_FILTER_LEN, event_kind, loss,
 };
 
 use crate::{
     atomic::atomic_add,
     emit,
-    maps::{DROPS, NETNS_ALLOW, REASON_FILTER, count_loss},
+    maps::{DROP_SITES, DROPS, NETNS_ALLOW, REASON_FILTER, count_loss},
 };
 
 // Field offsets in bytes, from BTF (see the agent's capture::offsets).
@@ -81,7 +88,7 @@ fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
     let reason = if HAS_REASON.load() != 0 {
         ctx.arg::<u64>(2) as u32
     } else {
-        0
+        site_reason(ctx.arg::<u64>(1))
     };
     if reason >= REASON_FILTER_LEN || REASON_FILTER.get(reason).copied().unwrap_or(0) == 0 {
         return None;
@@ -128,6 +135,21 @@ fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
     let len: u32 = at(skb, SKB_LEN.load())?;
     record(key, reason, len, tcp_flags, ifindex, netns);
     Some(())
+}
+
+/// The reason of the drop site containing `location`; 0 (not counted unless
+/// asked for) when it is in none of them.
+#[inline(never)]
+fn site_reason(location: u64) -> u32 {
+    for i in 0..DROP_SITES_LEN {
+        let Some(site) = DROP_SITES.get(i) else {
+            break;
+        };
+        if location >= site.start && location < site.end {
+            return site.reason;
+        }
+    }
+    0
 }
 
 /// The flow and TCP flags of an IPv4 packet whose header starts at `ip`.

@@ -13,8 +13,8 @@ mod sockops;
 mod tc;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, classifier, sock_ops},
-    programs::{BtfTracePointContext, SockOpsContext, TcContext},
+    macros::{btf_tracepoint, cgroup_sock_addr, classifier, sock_ops},
+    programs::{BtfTracePointContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use netwatch_common::direction;
 
@@ -41,6 +41,18 @@ pub fn netwatch_kfree_skb(ctx: BtfTracePointContext) -> i32 {
 #[sock_ops]
 pub fn netwatch_sock_ops(ctx: SockOpsContext) -> u32 {
     sockops::on_sock_ops(&ctx)
+}
+
+/// connect() on IPv4 sockets: the caller's cgroup, for sock_ops.
+#[cgroup_sock_addr(connect4)]
+pub fn netwatch_connect4(ctx: SockAddrContext) -> i32 {
+    sockops::on_connect(&ctx)
+}
+
+/// connect() on IPv6 sockets: the caller's cgroup, for sock_ops.
+#[cgroup_sock_addr(connect6)]
+pub fn netwatch_connect6(ctx: SockAddrContext) -> i32 {
+    sockops::on_connect(&ctx)
 }
 
 #[cfg(not(test))]

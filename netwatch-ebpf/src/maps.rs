@@ -10,7 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    DropKey, DropStats, FlowKey, PairKey, PendingConn, REASON_FILTER_LEN, SockConn, loss,
+    DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn,
+    REASON_FILTER_LEN, SockConn, loss,
 };
 
 /// New dropped flows and connection state changes, in order, to user space.
@@ -48,6 +49,18 @@ pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT,
 /// Which kernel drop reasons are counted: 1 at a reason's index counts it.
 #[map]
 pub static REASON_FILTER: Array<u8> = Array::with_max_entries(REASON_FILTER_LEN, 0);
+
+/// Drop sites (kernel function address ranges) by reason, for kernels whose
+/// kfree_skb passes no reason. See `drops`.
+#[map]
+pub static DROP_SITES: Array<DropSite> = Array::with_max_entries(DROP_SITES_LEN, 0);
+
+/// cgroup v2 id of the process that called connect() on a socket, by socket
+/// cookie, written by the cgroup connect4/connect6 programs and read by
+/// sock_ops when the handshake starts (sock_ops itself may call
+/// bpf_get_current_cgroup_id only from Linux 6.4). A cache: LRU.
+#[map]
+pub static CONNECT_BY_COOKIE: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Network namespaces (by inode number) whose drops count, when the
 /// `FILTER_NETNS` global is set.

@@ -1,16 +1,23 @@
-//! `sock_ops` on the cgroup v2 root: the outcome of every TCP connect() by
-//! socket, with the cgroup of the process that called it. This is what names
-//! hostNetwork pods, which share the node's IP.
+//! `sock_ops` and cgroup `connect4`/`connect6` on the cgroup v2 root: the
+//! outcome of every TCP connect() by socket, with the cgroup of the process
+//! that called it. This is what names hostNetwork pods, which share the
+//! node's IP.
+//!
+//! sock_ops may read the current task's cgroup only from Linux 6.4, so the
+//! cgroup comes from the connect hooks instead, which run in the caller's
+//! context on every kernel netwatch supports (5.8+): they remember it by
+//! socket cookie, and sock_ops picks it up when the handshake starts. One
+//! path on every kernel.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
-    programs::SockOpsContext,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use netwatch_common::{FlowKey, IP_V4, IP_V6, IPPROTO_TCP, SockConn, event_kind, loss};
 
 use crate::{
     emit,
-    maps::{CONNECT_CGROUPS, SOCKS, count_loss},
+    maps::{CONNECT_BY_COOKIE, CONNECT_CGROUPS, SOCKS, count_loss},
 };
 
 // UAPI values (include/uapi/linux/bpf.h, include/net/tcp_states.h).
@@ -24,6 +31,22 @@ const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+
+/// cgroup connect4/connect6: remember the caller's cgroup by socket cookie.
+/// Always lets the connect proceed.
+#[inline(always)]
+pub fn on_connect(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: both helpers are allowed in cgroup sock_addr programs and take
+    // the program's own context.
+    let (cookie, cgroup) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.sock_addr.cast()),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    let _ = CONNECT_BY_COOKIE.insert(&cookie, &cgroup, 0);
+    1
+}
 
 /// Entry point; always lets the socket operation proceed unchanged.
 #[inline(always)]
@@ -42,10 +65,13 @@ fn try_on_sock_ops(ctx: &SockOpsContext) -> Option<()> {
         TCP_CONNECT_CB => {
             // Ask for retransmission-timeout and state-change callbacks.
             let _ = ctx.set_cb_flags(RTO_CB_FLAG | STATE_CB_FLAG);
+            // SAFETY: the helper takes the program's own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            // SAFETY: read-only lookup of a plain value.
+            let cgroup_id = unsafe { CONNECT_BY_COOKIE.get(&cookie) }.copied().unwrap_or(0);
+            let _ = CONNECT_BY_COOKIE.remove(&cookie);
             let conn = SockConn {
-                // connect() runs in the caller's context: its cgroup is the
-                // socket owner's.
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                cgroup_id,
                 start_ns: unsafe { bpf_ktime_get_ns() },
                 rto: 0,
                 _pad: 0,

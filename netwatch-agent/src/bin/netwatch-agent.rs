@@ -7,7 +7,10 @@ use clap::Parser;
 use export_flags::ExportArgs;
 use netwatch::{
     attribution::AttributionConfig,
-    capture::load::{CaptureConfig, detect_cgroup2_root},
+    capture::{
+        hooks::{kfree_skb::Variant as KfreeSkbVariant, tc::Variant as TcVariant},
+        load::{CaptureConfig, detect_cgroup2_root},
+    },
     daemon::{self, DaemonConfig, IdentitySource},
     export::{ExportConfig, flowlog::FlowLogTarget},
     policy::EngineOptions,
@@ -75,6 +78,17 @@ struct Args {
     /// Ring buffer size in bytes (power of two).
     #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
     ring_buffer_bytes: u32,
+
+    /// How drops get their reason: `reason` (the kernel's own, 5.17+),
+    /// `location` (the function that dropped, from /proc/kallsyms; needs
+    /// CAP_SYSLOG), `auto` (reason where the kernel has it).
+    #[arg(long, value_enum, default_value_t = KfreeSkbVariant::Auto, value_name = "MODE")]
+    kfree_skb_variant: KfreeSkbVariant,
+
+    /// How TC classifiers attach: `tcx` (6.6+, placed first), `clsact`
+    /// (priority 1, replaced on restart), `auto` (tcx where the kernel has it).
+    #[arg(long, value_enum, default_value_t = TcVariant::Auto, value_name = "MODE")]
+    tc_variant: TcVariant,
 
     /// Kernel BTF to read struct offsets and drop reason names from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", value_name = "PATH")]
@@ -207,6 +221,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             own_netns_only: args.own_netns_only,
             table_entries: args.table_entries,
             ring_buffer_bytes: args.ring_buffer_bytes,
+            kfree_skb_variant: args.kfree_skb_variant,
+            tc_variant: args.tc_variant,
             ..CaptureConfig::default()
         },
         run_for: args.duration.map(|d| secs(d, "duration")).transpose()?,

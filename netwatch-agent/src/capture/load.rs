@@ -1,29 +1,29 @@
 //! Loading netwatch's eBPF object into the kernel and attaching the hooks
-//! that do not depend on interfaces: `tp_btf/kfree_skb` and `sock_ops`.
+//! that do not depend on interfaces: `tp_btf/kfree_skb` and `sock_ops`
+//! (each in [`super::hooks`], with its kernel variants).
 //!
 //! Each hook is optional: when one cannot be attached (no BTF, cgroup v1
 //! only, ...) the agent says why in one line and keeps capturing with the
 //! others. Only a failure to load anything at all is fatal.
 
-use std::{
-    collections::BTreeSet,
-    fs::File,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeSet, os::unix::fs::MetadataExt, path::PathBuf, time::Duration};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, SchedClassifier, SockOps},
+    programs::SchedClassifier,
 };
 use netwatch_common::{DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN, SockConn};
 use tracing::{info, warn};
 
 use super::{
     EBPF_OBJECT,
-    offsets::{KernelOffsets, OffsetError},
+    hooks::{
+        HookReport,
+        kfree_skb::{self, KfreeSkbError},
+        sock_ops, tc,
+    },
+    offsets::KernelOffsets,
     reasons::{DropReasons, ReasonError},
 };
 
@@ -47,6 +47,12 @@ pub struct CaptureConfig {
     pub table_entries: u32,
     /// Ring buffer size in bytes (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
+    /// How kfree_skb learns drop reasons (`--kfree-skb-variant`).
+    pub kfree_skb_variant: kfree_skb::Variant,
+    /// How TC classifiers attach (`--tc-variant`).
+    pub tc_variant: tc::Variant,
+    /// Kernel symbols, for drop sites on kernels without drop reasons.
+    pub kallsyms_path: PathBuf,
 }
 
 impl Default for CaptureConfig {
@@ -59,6 +65,9 @@ impl Default for CaptureConfig {
             established_report_interval: Duration::from_secs(60),
             table_entries: 16384,
             ring_buffer_bytes: 256 * 1024,
+            kfree_skb_variant: kfree_skb::Variant::Auto,
+            tc_variant: tc::Variant::Auto,
+            kallsyms_path: PathBuf::from("/proc/kallsyms"),
         }
     }
 }
@@ -92,18 +101,11 @@ pub enum LoadError {
     RingBufferSize(u32),
 }
 
-/// Which hooks are live, and why the others are not.
-#[derive(Clone, Debug)]
-pub struct HookStatus {
-    pub kfree_skb: Result<(), String>,
-    pub sock_ops: Result<(), String>,
-}
-
 /// The loaded object: programs, their links, and the maps the agent reads.
 pub struct KernelCapture {
     ebpf: Ebpf,
     pub reasons: DropReasons,
-    pub hooks: HookStatus,
+    pub hooks: HookReport,
     /// Inode number of this process's network namespace.
     pub own_netns: u32,
 }
@@ -118,10 +120,6 @@ pub struct KernelMaps {
     pub losses: PerCpuArray<MapData, u64>,
 }
 
-pub const TC_FROM_POD: &str = "netwatch_from_pod";
-pub const TC_TO_POD: &str = "netwatch_to_pod";
-const KFREE_SKB: &str = "netwatch_kfree_skb";
-const SOCK_OPS: &str = "netwatch_sock_ops";
 
 impl KernelCapture {
     /// Load the programs, attach `kfree_skb` and `sock_ops`, and hand out
@@ -137,12 +135,13 @@ impl KernelCapture {
         // drop hook stays off and everything else still works.
         let kernel = KernelOffsets::from_btf_file(&config.btf_path);
         let aya_btf = Btf::parse_file(&config.btf_path, aya::Endianness::default()).ok();
-        let (offsets, reasons, mut kfree_status) = match &kernel {
-            Ok((offsets, btf)) => match DropReasons::from_btf(btf) {
-                Ok(reasons) => (Some(*offsets), reasons, Ok(())),
-                Err(e) => (Some(*offsets), DropReasons::default(), Err(e.to_string())),
-            },
-            Err(e) => (None, DropReasons::default(), Err(off_msg(e))),
+        let (offsets, drop_setup) = match kernel {
+            Ok((offsets, btf)) => (Some(offsets), kfree_skb_setup(config, &offsets, &btf)),
+            Err(e) => (None, Err(KfreeSkbError::from(e))),
+        };
+        let (reasons, sites, mut kfree_status) = match drop_setup {
+            Ok((mode, reasons, sites)) => (reasons, sites, Ok(mode)),
+            Err(e) => (DropReasons::default(), Vec::new(), Err(e)),
         };
         let filter = if reasons.is_empty() {
             BTreeSet::new()
@@ -154,8 +153,8 @@ impl KernelCapture {
             .unwrap_or(0);
 
         let o = offsets.unwrap_or_default();
-        let ready: u32 = offsets.is_some().into();
-        let has_reason: u32 = o.has_reason.into();
+        let ready: u32 = (offsets.is_some() && kfree_status.is_ok()).into();
+        let has_reason: u32 = matches!(kfree_status, Ok(kfree_skb::Mode::Reason)).into();
         let filter_netns: u32 = config.own_netns_only.into();
         let interval_ns = config.established_report_interval.as_nanos() as u64;
         let mut loader = EbpfLoader::new();
@@ -200,12 +199,18 @@ impl KernelCapture {
                 })?;
             }
         }
+        if kfree_status.is_ok()
+            && let Err(e) = kfree_skb::write_sites(&mut ebpf, &sites)
+        {
+            kfree_status = Err(e);
+        }
         let mut capture = KernelCapture {
             ebpf,
             reasons,
-            hooks: HookStatus {
-                kfree_skb: Err("not attached yet".into()),
-                sock_ops: Err("not attached yet".into()),
+            hooks: HookReport {
+                kfree_skb: kfree_status,
+                sock_ops: Err(sock_ops::SockOpsError::NoCgroupRoot),
+                tc: tc::Mode::pick(config.tc_variant),
             },
             own_netns,
         };
@@ -213,7 +218,7 @@ impl KernelCapture {
             capture.allow_netns(own_netns)?;
         }
 
-        for name in [TC_FROM_POD, TC_TO_POD] {
+        for name in [tc::FROM_POD, tc::TO_POD] {
             let prog: &mut SchedClassifier = capture
                 .ebpf
                 .program_mut(name)
@@ -224,26 +229,35 @@ impl KernelCapture {
                 .map_err(|source| LoadError::Program { name, source })?;
         }
 
-        if kfree_status.is_ok() {
-            kfree_status = capture.attach_kfree_skb(aya_btf.as_ref());
+        if capture.hooks.kfree_skb.is_ok()
+            && let Err(e) = kfree_skb::attach(&mut capture.ebpf, aya_btf.as_ref())
+        {
+            capture.hooks.kfree_skb = Err(e);
         }
-        if let Err(why) = &kfree_status {
-            warn!("drop capture (kfree_skb) is off: {why}");
-        } else {
+        if let Ok(mode) = &capture.hooks.kfree_skb {
+            for (site, _) in &sites {
+                info!(
+                    symbol = %site.symbol,
+                    reason = %site.reason,
+                    "drop site (kfree_skb location variant)"
+                );
+            }
             info!(
                 reasons = filter.len(),
-                "drop capture (tp_btf/kfree_skb) attached"
+                counted = %filter.iter().map(|v| capture.reasons.name(*v)).collect::<Vec<_>>().join(","),
+                "drop capture (tp_btf/kfree_skb) attached, mode {}",
+                mode.as_str()
             );
         }
-        capture.hooks.kfree_skb = kfree_status;
-
-        capture.hooks.sock_ops = match &config.cgroup_root {
-            None => Err("no cgroup v2 root given (--cgroup-root)".into()),
-            Some(root) => capture.attach_sock_ops(root),
-        };
-        match &capture.hooks.sock_ops {
-            Ok(()) => info!(cgroup = ?config.cgroup_root, "socket capture (sock_ops) attached"),
-            Err(why) => warn!("socket capture (sock_ops) is off: {why}"),
+        capture.hooks.sock_ops = sock_ops::attach(&mut capture.ebpf, config.cgroup_root.as_deref());
+        if capture.hooks.sock_ops.is_ok() {
+            info!(cgroup = ?config.cgroup_root, "socket capture (sock_ops, connect4, connect6) attached");
+        }
+        for state in capture.hooks.states() {
+            match &state.off_because {
+                None => info!(hook = state.hook, mode = state.mode, "capture hook on"),
+                Some(why) => warn!(hook = state.hook, "capture hook off: {why}"),
+            }
         }
 
         let ids: Vec<String> = capture
@@ -254,49 +268,6 @@ impl KernelCapture {
         info!(programs = %ids.join(","), "eBPF programs loaded (they go away when the agent exits)");
         let maps = capture.take_maps()?;
         Ok((capture, maps))
-    }
-
-    fn attach_kfree_skb(&mut self, btf: Option<&Btf>) -> Result<(), String> {
-        let btf = btf.ok_or("kernel BTF could not be parsed for program loading")?;
-        let prog: &mut BtfTracePoint = self
-            .ebpf
-            .program_mut(KFREE_SKB)
-            .ok_or("program missing from the object")?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        prog.load("kfree_skb", btf)
-            .map_err(|e| verifier_msg("kfree_skb", &e))?;
-        prog.attach()
-            .map_err(|e| format!("attaching tp_btf/kfree_skb: {}", chain(&e)))?;
-        Ok(())
-    }
-
-    fn attach_sock_ops(&mut self, root: &Path) -> Result<(), String> {
-        let cgroup = File::open(root).map_err(|e| {
-            format!(
-                "cannot open cgroup root {}: {e}; set --cgroup-root to the cgroup v2 mount",
-                root.display()
-            )
-        })?;
-        let prog: &mut SockOps = self
-            .ebpf
-            .program_mut(SOCK_OPS)
-            .ok_or("program missing from the object")?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        prog.load().map_err(|e| verifier_msg("sock_ops", &e))?;
-        // On kernels >= 5.7 aya attaches through a bpf_link, which always
-        // coexists with other programs (a CNI's own sock_ops) and rejects any
-        // attach flag: so `Single` (no flag), not `AllowMultiple`.
-        prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| {
-            format!(
-                "attaching sock_ops to {}: {}; it must be a cgroup v2 directory \
-                 (hybrid hosts mount cgroup v2 at /sys/fs/cgroup/unified)",
-                root.display(),
-                chain(&e)
-            )
-        })?;
-        Ok(())
     }
 
     /// Count drops in network namespace `inum` too (with `own_netns_only`).
@@ -340,40 +311,34 @@ impl KernelCapture {
     }
 }
 
-fn off_msg(e: &OffsetError) -> String {
-    e.to_string()
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// A program-load error in one line, with the verifier's last words when the
-/// verifier said no.
-fn verifier_msg(hook: &str, e: &aya::programs::ProgramError) -> String {
-    match e {
-        aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
-            let last = verifier_log
-                .to_string()
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or_default()
-                .to_string();
-            format!("the kernel refused the {hook} program: {io_error} ({last})")
+/// The kfree_skb variant for this kernel and config: its mode, reason table
+/// and (for the location variant) drop sites.
+#[allow(clippy::type_complexity)]
+fn kfree_skb_setup(
+    config: &CaptureConfig,
+    offsets: &KernelOffsets,
+    btf: &btf_rs::Btf,
+) -> Result<
+    (
+        kfree_skb::Mode,
+        DropReasons,
+        Vec<(kfree_skb::LocatedSite, netwatch_common::DropSite)>,
+    ),
+    KfreeSkbError,
+> {
+    use kfree_skb::{Mode, Variant};
+    let mode = match (config.kfree_skb_variant, offsets.has_reason) {
+        (Variant::Reason, false) => return Err(KfreeSkbError::NoReasonArgument),
+        (Variant::Reason, true) | (Variant::Auto, true) => Mode::Reason,
+        (Variant::Location, _) | (Variant::Auto, false) => Mode::Location,
+    };
+    match mode {
+        Mode::Reason => Ok((mode, DropReasons::from_btf(btf)?, Vec::new())),
+        Mode::Location => {
+            let reasons = kfree_skb::location_reasons();
+            let sites = kfree_skb::kernel_sites(&config.kallsyms_path, &reasons)?;
+            Ok((mode, reasons, sites))
         }
-        other => format!("loading the {hook} program: {}", chain(other)),
     }
 }
 

@@ -1,11 +1,13 @@
-//! The kernel side seen from user space: load the programs ([`load`]), find
-//! pod interfaces and attach to them ([`attach`]), read the ring buffer
+//! The kernel side seen from user space: load the programs ([`load`]), one
+//! module per hook with its kernel variants ([`hooks`]), find pod interfaces
+//! ([`interfaces`]) for the TC classifiers, read the ring buffer
 //! ([`events`]) and the in-kernel tables ([`tables`]); name drop reasons from
 //! the running kernel ([`reasons`]) and read struct offsets from its BTF
 //! ([`offsets`]).
 
-pub mod attach;
 pub mod events;
+pub mod hooks;
+pub mod interfaces;
 pub mod load;
 pub mod netns;
 pub mod offsets;
