@@ -159,6 +159,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // capability is the first thing an operator hears about.
     let (mut capture, maps) = KernelCapture::load(&config.capture)?;
     let mut outputs = Exporters::start(&config.export).await?;
+    outputs.capture_hooks(&capture.hooks);
     let (mut tables, ring) = KernelTables::new(maps);
     let mut reader = EventReader::new(ring)?;
     let mut attacher = TcAttacher::new(patterns, capture.hooks.tc);

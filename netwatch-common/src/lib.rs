@@ -239,7 +239,7 @@ pub struct DropSite {
 
 /// Slots of the drop-site table (searched linearly by every drop on kernels
 /// without drop reasons, so kept small).
-pub const DROP_SITES_LEN: u32 = 16;
+pub const DROP_SITES_LEN: u32 = 32;
 
 /// Number of entries of the drop reason filter array. Reasons at or above it
 /// (the subsystem-specific ones, such as mac80211's) are never counted.

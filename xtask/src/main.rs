@@ -99,6 +99,18 @@ enum Helper {
     },
     /// An HTTP GET printed to stdout (inside a lab node: its loopback).
     Fetch { url: String },
+    /// Attach a stand-in CNI program (ends the TC chain) to interfaces;
+    /// prints `attached`, then holds tcx links until stdin closes or killed.
+    TcForeign {
+        #[arg(long, value_enum)]
+        mode: lab::tcprog::TcMode,
+        interfaces: Vec<String>,
+    },
+    /// The TC programs on an interface, in run order, as JSON.
+    TcList {
+        #[arg(long)]
+        interface: String,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -279,6 +291,26 @@ fn helper(what: Helper) -> Result<()> {
         }
         Helper::Fetch { url } => {
             print!("{}", lab::probe::http_get(&url)?);
+            Ok(())
+        }
+        Helper::TcForeign { mode, interfaces } => {
+            use std::io::{Read, Write};
+            let mut held = Vec::new();
+            for i in &interfaces {
+                held.extend(lab::tcprog::attach_foreign(i, mode)?);
+            }
+            println!("attached");
+            std::io::stdout().flush()?;
+            // Hold the tcx links until the test lets go.
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            drop(held);
+            Ok(())
+        }
+        Helper::TcList { interface } => {
+            println!(
+                "{}",
+                serde_json::to_string(&lab::tcprog::programs_on(&interface)?)?
+            );
             Ok(())
         }
         Helper::Probe { json } => {

@@ -228,6 +228,7 @@ pub struct MetricsRegistry {
     unenriched: IntCounter,
     attached: IntGauge,
     ready_gauge: IntGauge,
+    hook_info: IntGaugeVec,
     evicted_flows: IntCounter,
     series_overflow: IntCounter,
     /// Records the observe API could not deliver to a slow client.
@@ -252,6 +253,18 @@ pub struct MetricsRegistry {
     last_evicted: u64,
     /// Shared with the HTTP endpoints.
     pub health: Arc<Health>,
+}
+
+impl MetricsRegistry {
+    /// Which capture hooks run, in which mode: `netwatch_hook_info` and
+    /// `/readyz`.
+    pub fn capture_hooks(&self, hooks: &crate::capture::hooks::HookReport) {
+        self.hook_info.reset();
+        for s in hooks.states() {
+            self.hook_info.with_label_values(&[s.hook, s.mode]).set(1);
+        }
+        self.health.set_partial(hooks.partial());
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -308,6 +321,8 @@ const MAX_TRACKED_FLOWS: usize = 262_144;
 #[derive(Debug)]
 pub struct Health {
     capturing: AtomicBool,
+    /// What capture is missing (hooks off on this kernel), when anything.
+    partial: std::sync::Mutex<Option<String>>,
     enrichment_ready: AtomicBool,
     /// Last main-loop tick, seconds since the epoch.
     last_tick: AtomicU64,
@@ -319,6 +334,7 @@ impl Health {
     fn new() -> Health {
         Health {
             capturing: AtomicBool::new(false),
+            partial: std::sync::Mutex::new(None),
             enrichment_ready: AtomicBool::new(false),
             last_tick: AtomicU64::new(now_secs()),
             stall_after: Duration::from_secs(30),
@@ -332,6 +348,17 @@ impl Health {
 
     pub fn set_capturing(&self, v: bool) {
         self.capturing.store(v, Ordering::Relaxed);
+    }
+
+    /// Say what capture is missing; `/readyz` repeats it.
+    pub fn set_partial(&self, why: Option<String>) {
+        if let Ok(mut p) = self.partial.lock() {
+            *p = why;
+        }
+    }
+
+    fn partial(&self) -> Option<String> {
+        self.partial.lock().ok().and_then(|p| p.clone())
     }
 
     pub fn set_enrichment_ready(&self, v: bool) {
@@ -483,6 +510,14 @@ impl MetricsRegistry {
             "PacketDrop Kubernetes Events by outcome: posted, rate_limited, dropped (queue full), failed (API error).",
             &["result"],
         )?;
+        let hook_info = IntGaugeVec::new(
+            Opts::new(
+                "netwatch_hook_info",
+                "Always 1: which capture hooks run and in which mode (off when a hook could not run on this kernel; the agent's log says why).",
+            ),
+            &["hook", "mode"],
+        )?;
+        registry.register(Box::new(hook_info.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "netwatch_build_info",
@@ -518,6 +553,7 @@ impl MetricsRegistry {
             dns_failures,
             lost_events,
             unenriched,
+            hook_info,
             attached,
             ready_gauge,
             evicted_flows,
@@ -890,8 +926,17 @@ fn respond(path: &str, registry: &Registry, health: &Health) -> Response<Full<By
             }
         }
         "/readyz" => {
+            // A hook this kernel cannot run does not hold readiness back
+            // (it never will run here); the body says what is missing.
             if health.ready() {
-                text(StatusCode::OK, "text/plain", "ready\n")
+                match health.partial() {
+                    None => text(StatusCode::OK, "text/plain", "ready\n"),
+                    Some(why) => text(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("ready; capture is partial: {why}\n"),
+                    ),
+                }
             } else if !health.capturing.load(Ordering::Relaxed) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -1379,6 +1424,16 @@ mod tests {
         );
         h.set_enrichment_ready(true);
         assert_eq!(respond("/readyz", &reg, &h).status(), StatusCode::OK);
+        h.set_partial(Some("sock_ops off: no cgroup v2 root given".into()));
+        let r = respond("/readyz", &reg, &h);
+        assert_eq!(r.status(), StatusCode::OK, "a hook off does not hold readiness back");
+        let body = futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            &body[..],
+            b"ready; capture is partial: sock_ops off: no cgroup v2 root given\n"
+        );
         assert_eq!(respond("/healthz", &reg, &h).status(), StatusCode::OK);
         h.last_tick.store(now_secs() - 120, Ordering::Relaxed);
         assert_eq!(

@@ -190,6 +190,11 @@ impl Exporters {
         }
     }
 
+    /// Which capture hooks run, once at start.
+    pub fn capture_hooks(&mut self, hooks: &crate::capture::hooks::HookReport) {
+        self.metrics.capture_hooks(hooks);
+    }
+
     /// The kernel side's counters, refreshed every tick.
     pub fn kernel_stats(&mut self, stats: &KernelStats) {
         self.metrics.kernel_stats(stats);

@@ -20,6 +20,7 @@ pub mod serve;
 pub mod services;
 pub mod spec;
 pub mod system;
+pub mod tcprog;
 
 use std::{
     ffi::CString,
@@ -411,6 +412,58 @@ impl Lab {
     /// node's agent runs).
     pub fn on_node(&self, node: &str, program: &Path) -> Result<Command, LabError> {
         Ok(enter(program, Some(&self.node(node)?.netns), None))
+    }
+
+    /// The TC programs on `interface` of `node`, in the order they run.
+    pub fn tc_programs(&self, node: &str, interface: &str) -> Result<tcprog::TcPrograms, LabError> {
+        let out = self
+            .on_node(node, &self.helper)?
+            .args(["lab-helper", "tc-list", "--interface", interface])
+            .output()
+            .map_err(|e| LabError::Spec(format!("lab-helper tc-list: {e}")))?;
+        if !out.status.success() {
+            return Err(LabError::Spec(format!(
+                "lab-helper tc-list {interface}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| LabError::Spec(e.to_string()))
+    }
+
+    /// Attach a stand-in CNI program that ends the TC chain (`TC_ACT_OK`)
+    /// to both directions of `interfaces` on `node`. tcx links live as long
+    /// as the returned process; clsact filters as long as the interfaces.
+    pub fn attach_foreign_tc(
+        &self,
+        node: &str,
+        interfaces: &[&str],
+        mode: tcprog::TcMode,
+    ) -> Result<ChildGuard, LabError> {
+        use std::io::BufRead;
+        let mode = match mode {
+            tcprog::TcMode::Tcx => "tcx",
+            tcprog::TcMode::Clsact => "clsact",
+        };
+        let mut cmd = self.on_node(node, &self.helper)?;
+        cmd.args(["lab-helper", "tc-foreign", "--mode", mode])
+            .args(interfaces)
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LabError::Spec(format!("lab-helper tc-foreign: {e}")))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        if line.trim() != "attached" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LabError::Spec(format!(
+                "the stand-in CNI program did not attach to {interfaces:?}"
+            )));
+        }
+        Ok(ChildGuard(child))
     }
 
     /// Run a probe from a pod; waits for its result.

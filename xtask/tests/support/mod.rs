@@ -178,6 +178,15 @@ impl Agent {
         }
     }
 
+    /// SIGKILL, as the OOM killer or a node crash would: nothing runs on
+    /// the way out.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM, wait for exit (final records are written), return the log lines.
     pub fn stop(&mut self) -> Vec<Value> {
         if let Some(mut c) = self.child.take() {
@@ -212,6 +221,31 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
+}
+
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let minor = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
+/// GET `path` from the agent's metrics server on `node`'s loopback.
+pub fn node_http_get(lab: &Lab, node: &str, url: &str) -> String {
+    let out = lab
+        .on_node(node, &helper())
+        .expect("node")
+        .args(["lab-helper", "fetch", url])
+        .output()
+        .expect("lab-helper fetch");
+    assert!(
+        out.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Records (the `flow` objects) matching `pred`, in log order.

@@ -95,8 +95,14 @@ pub enum KfreeSkbError {
 /// names are the modern kernels' `enum skb_drop_reason` names, so filters
 /// and dashboards read the same on every kernel.
 pub const DROP_SITE_FUNCTIONS: &[(&str, &str)] = &[
-    // NF_DROP verdicts of iptables, nftables, ebtables and br_netfilter.
+    // NF_DROP verdicts of iptables, nftables, ebtables and br_netfilter
+    // (freed by the hook core on older kernels, by the table itself on
+    // newer ones; the tables are often modules).
     ("nf_hook_slow", "NETFILTER_DROP"),
+    ("nft_do_chain", "NETFILTER_DROP"),
+    ("ipt_do_table", "NETFILTER_DROP"),
+    ("ip6t_do_table", "NETFILTER_DROP"),
+    ("ebt_do_table", "NETFILTER_DROP"),
     // TC_ACT_SHOT at TC ingress (sch_handle_ingress is inlined here).
     ("__netif_receive_skb_core", "TC_INGRESS"),
     // TC_ACT_SHOT at TC egress (sch_handle_egress is inlined here).
@@ -139,8 +145,9 @@ pub struct LocatedSite {
 }
 
 /// Find the drop-site functions in a kallsyms (or System.map) listing:
-/// `ADDRESS TYPE NAME [MODULE]` per line. A function ends where the next
-/// higher text symbol starts. Compiler-made copies (`name.cold`,
+/// `ADDRESS TYPE NAME [MODULE]` per line (module symbols count: a module
+/// loaded after the agent started is not seen). A function ends where the
+/// next higher text symbol starts. Compiler-made copies (`name.cold`,
 /// `name.constprop.0`, ...) count as the function. At most
 /// [`DROP_SITES_LEN`] ranges, in [`DROP_SITE_FUNCTIONS`] order.
 pub fn locate_sites(listing: &str) -> Vec<LocatedSite> {
@@ -326,6 +333,7 @@ ffffffff81000240 t something_else
 ffffffff81000300 d nf_hook_slow_data
 ";
         let sites = locate_sites(listing);
+        #[allow(clippy::type_complexity)]
         let got: Vec<(&str, u64, u64)> = sites
             .iter()
             .map(|s| (s.symbol.as_str(), s.start, s.end))
