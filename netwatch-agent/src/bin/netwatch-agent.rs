@@ -85,6 +85,12 @@ struct Args {
     #[arg(long, value_enum, default_value_t = KfreeSkbVariant::Auto, value_name = "MODE")]
     kfree_skb_variant: KfreeSkbVariant,
 
+    /// Load every capture hook, print which run on this kernel and in which
+    /// mode (and why the others do not) as JSON lines, and exit: 0 when all
+    /// run, 2 when capture would be partial. Needs the agent's privileges.
+    #[arg(long)]
+    check_kernel: bool,
+
     /// How TC classifiers attach: `tcx` (6.6+, placed first), `clsact`
     /// (priority 1, replaced on restart), `auto` (tcx where the kernel has it).
     #[arg(long, value_enum, default_value_t = TcVariant::Auto, value_name = "MODE")]
@@ -230,11 +236,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         attribution,
         identity_wait: secs(args.identity_wait, "identity-wait")?,
     };
+    if args.check_kernel {
+        return check_kernel(&config.capture);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(daemon::run(config))?;
+    Ok(())
+}
+
+/// `--check-kernel`: what capture would run here.
+fn check_kernel(capture: &CaptureConfig) -> anyhow::Result<()> {
+    let (kernel, _maps) = netwatch::capture::load::KernelCapture::load(capture)?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    for s in kernel.hooks.states() {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kernel": release.trim(),
+                "hook": s.hook,
+                "mode": s.mode,
+                "off_because": s.off_because,
+            })
+        );
+    }
+    if kernel.hooks.partial().is_some() {
+        std::process::exit(2);
+    }
     Ok(())
 }
 
