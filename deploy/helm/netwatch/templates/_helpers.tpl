@@ -42,14 +42,16 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 
 {{/* Capabilities for .Values.nodeKernel (README "Security posture"). */}}
 {{- define "netwatch.capabilities" -}}
-{{- if eq .Values.nodeKernel "5.11+" -}}
+{{- if eq .Values.nodeKernel "5.17+" -}}
 [BPF, PERFMON, NET_ADMIN]
+{{- else if eq .Values.nodeKernel "5.11-5.16" -}}
+[BPF, PERFMON, NET_ADMIN, SYSLOG]
 {{- else if eq .Values.nodeKernel "5.8-5.10" -}}
-[BPF, PERFMON, NET_ADMIN, SYS_RESOURCE]
+[BPF, PERFMON, NET_ADMIN, SYS_RESOURCE, SYSLOG]
 {{- else if eq .Values.nodeKernel "pre-5.8" -}}
-[SYS_ADMIN, NET_ADMIN, SYS_RESOURCE]
+[SYS_ADMIN, NET_ADMIN, SYS_RESOURCE, SYSLOG]
 {{- else -}}
-{{- fail (printf "nodeKernel: %q is not one of \"5.11+\", \"5.8-5.10\", \"pre-5.8\" (the kernel your nodes run; see values.yaml)" (toString .Values.nodeKernel)) -}}
+{{- fail (printf "nodeKernel: %q is not one of \"5.17+\", \"5.11-5.16\", \"5.8-5.10\", \"pre-5.8\" (the kernel your nodes run; see values.yaml)" (toString .Values.nodeKernel)) -}}
 {{- end -}}
 {{- end -}}
 
