@@ -15,6 +15,7 @@ mod demo;
 mod deploy;
 mod setup;
 mod test;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "netwatch's developer and CI tasks")]
@@ -28,7 +29,9 @@ enum Task {
     /// Install what a fresh machine needs (Debian packages, nightly rust-src,
     /// bpf-linker). Idempotent; run as root.
     Setup,
-    /// Set up, build, and run every test (unit, kernel, end-to-end). Run as root.
+    /// Set up, build, and run every test (unit, kernel, end-to-end), then the
+    /// kernel matrix (vmtest, all kernels). Run as root. NETWATCH_VMTEST=0
+    /// skips the matrix, for local iteration only.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -74,6 +77,31 @@ enum Task {
         #[arg(long)]
         cleanup: bool,
     },
+    /// Run the kernel-side integration tests on other kernels: Debian's
+    /// cloud kernels (5.10, 6.1, 6.12; pinned package versions, cached under
+    /// target/vmtest/) booted under QEMU (software emulation), each running
+    /// the test executables `cargo test` built here, with this machine's
+    /// root shared in read-only. Prints each kernel's results and a table,
+    /// writes target/vmtest/results.json, and fails if any test failed or a
+    /// VM did not boot. Run as root (virtiofsd). About 25 minutes for all.
+    #[command(name = "vmtest", after_help = VMTEST_HELP)]
+    Vmtest {
+        /// Which kernel: 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie) or all.
+        /// Repeat for several.
+        #[arg(long, default_value = "all", value_parser = ["5.10", "6.1", "6.12", "all"])]
+        kernel: Vec<String>,
+        /// After the tests, keep the VM up with a shell on this terminal
+        /// (exit the shell to power it off); no timeout then.
+        #[arg(long)]
+        keep: bool,
+        /// Seconds each VM may take in all before it is killed.
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
+        /// Extra arguments for every test executable (libtest's: a name
+        /// filter, --nocapture, ...), after `--`.
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
     /// The Helm chart and the plain manifests under deploy/: render, check, template.
     Deploy {
         #[command(subcommand)]
@@ -113,6 +141,11 @@ enum Helper {
     },
 }
 
+const VMTEST_HELP: &str = "Which integration tests run on which kernel is the TESTS list in \
+xtask/src/vmtest.rs. Everything downloaded or generated (the .deb, the extracted kernel and \
+modules, the initramfs) is cached under target/vmtest/, so later runs need no network; each \
+kernel's console and test logs are under target/vmtest/runs/<kernel>/.";
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -131,7 +164,10 @@ fn install_stop_handler() {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
-        Task::Test { args } => test::test(&args),
+        Task::Test { args } => {
+            install_stop_handler();
+            test::test(&args, &STOP)
+        }
         Task::Demo { duration, scenario } => {
             install_stop_handler();
             demo::demo(&demo::DemoOptions { scenario, duration }, &STOP)
@@ -152,6 +188,23 @@ fn main() -> Result<()> {
             duration,
             cleanup,
         } => run_lab(scenario, duration, cleanup),
+        Task::Vmtest {
+            kernel,
+            keep,
+            timeout,
+            test_args,
+        } => {
+            install_stop_handler();
+            vmtest::vmtest(
+                &vmtest::Options {
+                    kernels: kernel,
+                    keep,
+                    timeout: Duration::from_secs(timeout),
+                    test_args,
+                },
+                &STOP,
+            )
+        }
         Task::Deploy { what } => deploy::run(what),
         Task::LabHelper { what } => helper(what),
     }

@@ -8,15 +8,24 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages: the lab (iproute2, nftables), the benchmark (iperf3),
-/// diagnostics (bpftool), and the alerting tests (prometheus, promtool).
+/// Debian packages: the lab (iproute2, nftables, procps' sysctl), the
+/// benchmark (iperf3), diagnostics (bpftool), the alerting tests
+/// (prometheus, promtool), and the kernel matrix (`cargo xtask vmtest`: QEMU
+/// and its virtiofsd, busybox-static and cpio for the initramfs, kmod for
+/// module dependencies, the archive keyring that signs the kernel packages).
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
+    "procps",
     "iperf3",
     "bpftool",
     "prometheus",
     "netcat-openbsd",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "debian-archive-keyring",
 ];
 
 /// Where bpf-linker finds libLLVM. Its path is baked into the binary as an

@@ -1,11 +1,17 @@
 //! `cargo xtask test`: set up the machine, build, and run every test,
-//! including the end-to-end tests against the real kernel (as root).
+//! including the end-to-end tests against the real kernel (as root), then the
+//! kernel matrix (`cargo xtask vmtest`: the kernel-side tests on Debian's
+//! 5.10, 6.1 and 6.12 kernels under QEMU).
 
-use std::process::Command;
+use std::{process::Command, sync::atomic::AtomicBool, time::Duration};
 
 use anyhow::{Result, bail};
 
-pub fn test(extra: &[String]) -> Result<()> {
+/// `NETWATCH_VMTEST=0` skips the kernel matrix, for local iteration only:
+/// CI and a plain `cargo xtask test` always run it.
+const SKIP_MATRIX_ENV: &str = "NETWATCH_VMTEST";
+
+pub fn test(extra: &[String], stop: &AtomicBool) -> Result<()> {
     crate::setup::setup()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -21,8 +27,34 @@ pub fn test(extra: &[String]) -> Result<()> {
         "--no-fail-fast",
     ];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)?;
-    Ok(())
+    let host = cargo(&args);
+    if let Err(e) = &host {
+        eprintln!("xtask: {e}; the kernel matrix runs all the same");
+    }
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    let matrix = if std::env::var(SKIP_MATRIX_ENV).as_deref() == Ok("0") {
+        eprintln!("xtask: {SKIP_MATRIX_ENV}=0: skipping the kernel matrix (never do this in CI)");
+        Ok(())
+    } else {
+        eprintln!("xtask: the kernel matrix (cargo xtask vmtest --kernel all)");
+        crate::vmtest::vmtest(
+            &crate::vmtest::Options {
+                kernels: vec!["all".into()],
+                keep: false,
+                timeout: Duration::from_secs(1200),
+                test_args: Vec::new(),
+            },
+            stop,
+        )
+    };
+    match (host, matrix) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(m)) => Err(m),
+        (Err(e), Err(m)) => bail!("{e}; and {m}"),
+    }
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
