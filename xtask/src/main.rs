@@ -97,6 +97,10 @@ enum Task {
         /// Seconds each VM may take in all before it is killed.
         #[arg(long, default_value_t = 1200)]
         timeout: u64,
+        /// Rewrite README.md's kernel table from what the matrix saw (the
+        /// run fails when it differs otherwise).
+        #[arg(long)]
+        update_readme: bool,
         /// Extra arguments for every test executable (libtest's: a name
         /// filter, --nocapture, ...), after `--`.
         #[arg(last = true)]
@@ -193,6 +197,7 @@ fn main() -> Result<()> {
             keep,
             timeout,
             test_args,
+            update_readme,
         } => {
             install_stop_handler();
             vmtest::vmtest(
@@ -201,6 +206,7 @@ fn main() -> Result<()> {
                     keep,
                     timeout: Duration::from_secs(timeout),
                     test_args,
+                    update_readme,
                 },
                 &STOP,
             )

@@ -45,6 +45,7 @@ pub fn test(extra: &[String], stop: &AtomicBool) -> Result<()> {
                 keep: false,
                 timeout: Duration::from_secs(1200),
                 test_args: Vec::new(),
+                update_readme: false,
             },
             stop,
         )

@@ -106,7 +106,87 @@ pub const TESTS: &[TestEntry] = &[
         kernels: &[],
         threads: 1,
     },
+    // Each hook's kernel variants: drops by location, hooks in metrics and
+    // readyz, SIGKILL and restart, a CNI's program ending the chain.
+    TestEntry {
+        package: "xtask",
+        target: "kernel_variants",
+        filters: &[],
+        skip: &[],
+        kernels: &[],
+        threads: 1,
+    },
 ];
+
+/// What `netwatch-agent --check-kernel` said in the guest: one hook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookMode {
+    pub hook: String,
+    pub mode: String,
+    #[serde(default)]
+    pub off_because: Option<String>,
+}
+
+/// The README's kernel table for these results (the hooks' modes per
+/// kernel, as the agent reported them inside each VM).
+pub fn readme_kernel_table(results: &[KernelResult]) -> String {
+    let mut t = String::from("| kernel | kfree_skb | tc | sock_ops |\n| --- | --- | --- | --- |\n");
+    for r in results {
+        let mode = |hook: &str| {
+            r.hooks
+                .iter()
+                .find(|h| h.hook == hook)
+                .map(|h| h.mode.clone())
+                .unwrap_or_else(|| "?".into())
+        };
+        let distro = KERNELS
+            .iter()
+            .find(|k| k.name == r.kernel)
+            .map(|k| match k.suite {
+                "bullseye" => " (Debian 11)",
+                "bookworm" => " (Debian 12)",
+                "trixie" => " (Debian 13)",
+                _ => "",
+            })
+            .unwrap_or("");
+        let _ = writeln!(
+            t,
+            "| {}{distro} | {} | {} | {} |",
+            r.kernel,
+            mode("kfree_skb"),
+            mode("tc"),
+            mode("sock_ops")
+        );
+    }
+    t
+}
+
+const README_BEGIN: &str = "<!-- kernel-matrix:begin -->\n";
+const README_END: &str = "<!-- kernel-matrix:end -->";
+
+/// The README's kernel table must say what the matrix saw; with `update`,
+/// rewrite it instead.
+pub fn check_readme(readme: &Path, results: &[KernelResult], update: bool) -> Result<()> {
+    let text = fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        bail!("{}: no kernel-matrix markers", readme.display());
+    };
+    let current = &text[b + README_BEGIN.len()..e];
+    let want = readme_kernel_table(results);
+    if current == want {
+        return Ok(());
+    }
+    if update {
+        let new = format!("{}{want}{}", &text[..b + README_BEGIN.len()], &text[e..]);
+        fs::write(readme, new)?;
+        eprintln!("vmtest: updated the kernel table in {}", readme.display());
+        return Ok(());
+    }
+    bail!(
+        "{}'s kernel table does not match the matrix; it should read:\n{want}(`cargo xtask vmtest --update-readme` rewrites it)",
+        readme.display()
+    )
+}
 
 /// Modules the tests and the lab may need, loaded (when the kernel has them)
 /// before the tests; anything else is still autoloaded on demand.
@@ -173,6 +253,9 @@ pub struct Options {
     pub timeout: Duration,
     /// Extra arguments for every test executable.
     pub test_args: Vec<String>,
+    /// Rewrite the README's kernel table from the results instead of
+    /// failing when it differs.
+    pub update_readme: bool,
 }
 
 // ---------------------------------------------------------------- selection
@@ -442,6 +525,9 @@ pub struct KernelResult {
     /// Why the VM did not complete its run, if it did not.
     pub error: Option<String>,
     pub modules_missing: Vec<String>,
+    /// The capture hooks' modes on this kernel (`netwatch-agent --check-kernel`).
+    #[serde(default)]
+    pub hooks: Vec<HookMode>,
     pub suites: Vec<SuiteResult>,
     pub passed: usize,
     pub failed: usize,
@@ -988,6 +1074,18 @@ fn run_script(
         "for m in {}; do\n    if ! err=$(modprobe -d \"$MODROOT\" \"$m\" 2>&1); then echo \"$m\" >> \"$OUT/modules.missing\"; echo \"vmtest: module $m: $err\"; fi\ndone",
         GUEST_MODULES.join(" ")
     );
+    // What capture runs here, for the README's kernel table; and the
+    // kernel's symbols, for the drop-site fixtures.
+    if let Some((_, exe)) = suites.first()
+        && let Some(dir) = exe.path.parent().and_then(Path::parent)
+    {
+        let agent = dir.join("netwatch-agent");
+        let _ = writeln!(
+            s,
+            "{} --check-kernel --log error > \"$OUT/hooks.jsonl\" 2>&1\ncp /proc/kallsyms \"$OUT/kallsyms\"",
+            shell_quote(&agent.to_string_lossy())
+        );
+    }
     for (i, (entry, exe)) in suites.iter().enumerate() {
         let mut args = vec![format!("--test-threads={}", entry.threads.max(1))];
         args.extend(entry.filters.iter().map(|f| f.to_string()));
@@ -1272,6 +1370,15 @@ fn copy_console(from: impl Read, mut log: fs::File, prefix: &str) {
 }
 
 /// What the guest left in the results share.
+/// The hooks' modes the guest's `--check-kernel` printed.
+fn collect_hooks(paths: &Paths, k: &KernelSpec) -> Vec<HookMode> {
+    fs::read_to_string(paths.run(k).join("out").join("hooks.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 fn collect(
     paths: &Paths,
     k: &KernelSpec,
@@ -1369,6 +1476,7 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
             wall_seconds: 0.0,
             error: None,
             modules_missing: Vec::new(),
+            hooks: Vec::new(),
             suites: Vec::new(),
             passed: 0,
             failed: 0,
@@ -1388,6 +1496,7 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
         })();
         match outcome {
             Ok((uname, failure, suites, missing)) => {
+                result.hooks = collect_hooks(&paths, k);
                 result.version = uname;
                 result.error = failure;
                 result.suites = suites;
@@ -1428,6 +1537,11 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
         .collect();
     if !bad.is_empty() {
         bail!("kernel matrix failed on {}", bad.join(", "));
+    }
+    // The README's table is checked when the whole matrix ran.
+    if results.len() == KERNELS.len() {
+        let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        check_readme(&readme, &results, opts.update_readme)?;
     }
     Ok(())
 }
@@ -1596,6 +1710,7 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
             wall_seconds: 12.0,
             error: None,
             modules_missing: vec![],
+            hooks: Vec::new(),
             suites: vec![SuiteResult {
                 package: "xtask".into(),
                 target: "capture".into(),
@@ -1644,6 +1759,38 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         let failed = serde_json::to_value(kernel("6.1", 1)).unwrap();
         assert_eq!(failed["suites"][0]["tests"][2]["result"], "failed");
         assert_eq!(failed["suites"][0]["tests"][2]["message"], "boom");
+    }
+
+    #[test]
+    fn readme_table_says_each_kernels_modes_and_a_stale_one_is_caught() {
+        let mut r = KernelResult {
+            kernel: "5.10".into(),
+            package: String::new(),
+            package_version: String::new(),
+            version: None,
+            finished: String::new(),
+            wall_seconds: 0.0,
+            error: None,
+            modules_missing: Vec::new(),
+            hooks: Vec::new(),
+            suites: Vec::new(),
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+        };
+        for (hook, mode) in [("kfree_skb", "location"), ("tc", "clsact"), ("sock_ops", "sock_ops+connect")] {
+            r.hooks.push(HookMode { hook: hook.into(), mode: mode.into(), off_because: None });
+        }
+        let t = readme_kernel_table(std::slice::from_ref(&r));
+        assert!(t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect |\n"), "{t}");
+        let dir = tempfile::tempdir().unwrap();
+        let readme = dir.path().join("README.md");
+        fs::write(&readme, format!("x\n{README_BEGIN}| old |\n{README_END}\ny\n")).unwrap();
+        let e = check_readme(&readme, std::slice::from_ref(&r), false).unwrap_err();
+        assert!(e.to_string().contains("location | clsact"), "{e}");
+        check_readme(&readme, std::slice::from_ref(&r), true).unwrap();
+        check_readme(&readme, std::slice::from_ref(&r), false).unwrap();
+        assert!(fs::read_to_string(&readme).unwrap().ends_with(&format!("{README_END}\ny\n")));
     }
 
     #[test]
