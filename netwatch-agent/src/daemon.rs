@@ -182,6 +182,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             let snapshot = f.snapshots.borrow_and_update().clone();
             let complete = *f.ready.borrow_and_update();
             attribution.update(&snapshot, complete, SystemTime::now());
+            outputs.cluster_pods(&snapshot);
         }
     }
 
@@ -214,8 +215,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut events = Vec::with_capacity(256);
     let mut last_losses = Losses::default();
     info!(node = %config.node_name, "netwatch-agent capturing");
-    // Ready once capturing, when there is no identity source to wait for.
-    outputs.set_ready(feed.is_none());
+    // Ready once capturing and, with an identity source, once it has synced.
+    // The manifests source is complete with its first snapshot (applied
+    // above), and no change may ever follow: readiness must not wait for one.
+    outputs.set_ready(feed.is_none() || attribution.is_synced());
 
     loop {
         let sleep_until =
