@@ -17,10 +17,7 @@ use super::{
     observe::{FilterArgs, ObserveArgs, ObserveItem, ObserveStream, ServerAddr},
 };
 use crate::{
-    export::{
-        filter::FilterSet,
-        server::{DEFAULT_SOCKET, ObserveRequest},
-    },
+    export::server::{DEFAULT_SOCKET, ObserveRequest},
     flow::record::FlowRecord,
     identity::Endpoint,
 };
@@ -278,14 +275,15 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
                 args.interval
             ))
         })?;
-    let filter = args.filters.to_filter()?;
+    let filters = args.filters.to_filter_set()?;
     let chrono_window = chrono::Duration::from_std(window)
         .map_err(|_| CliError::Usage("--window is too long".into()))?;
     let request = ObserveRequest {
-        filters: FilterSet::only(filter),
+        filters,
         last: None,
         since: Some(Utc::now() - chrono_window),
         follow: true,
+        ..ObserveRequest::default()
     };
     let mut stream = ObserveStream::connect(&server, &request)?;
     let node = stream.status.node_name.clone();
