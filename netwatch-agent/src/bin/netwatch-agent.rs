@@ -41,16 +41,17 @@ struct Args {
     #[arg(long, default_value = "stdout", value_name = "stdout|PATH|none")]
     flow_log: FlowLogTarget,
 
-    #[command(flatten)]
-    export: ExportArgs,
-
     /// A TCP SYN (or DNS query, SCTP INIT) unanswered for this many seconds
     /// is TIMED_OUT.
     #[arg(long, default_value_t = 3.0, value_name = "SECS")]
     connect_timeout: f64,
 
-    /// Kernel drop reasons to report: names, `default` (policy-like drops),
-    /// `all`, `-NAME` to remove. Example: `default,NO_SOCKET`.
+    /// Kernel drop reasons to report: names, `default`, `all`, `-NAME` to
+    /// remove. Example: `default,NO_SOCKET`. `default` is the drops that come
+    /// from a decision to block traffic: NETFILTER_DROP, TC_INGRESS,
+    /// TC_EGRESS, BPF_CGROUP_EGRESS, BPF_CGROUP_INGRESS, IP_RPFILTER,
+    /// XFRM_POLICY, IP_INNOROUTES, IP_OUTNOROUTES, NEIGH_FAILED,
+    /// SOCKET_FILTER. The agent logs the reasons in effect at start.
     #[arg(long, default_value = "default", value_name = "LIST")]
     drop_reasons: String,
 
@@ -127,6 +128,11 @@ struct Args {
     /// NO_COLOR set) or `json` (one object per line, for log pipelines).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     log_format: LogFormat,
+
+    // Last: the exporters' flags are listed under their own heading in
+    // --help, after the capture flags.
+    #[command(flatten)]
+    export: ExportArgs,
 }
 
 fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
