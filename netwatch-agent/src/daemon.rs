@@ -158,6 +158,20 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // The kernel side first: it is what needs privileges, so a missing
     // capability is the first thing an operator hears about.
     let (mut capture, maps) = KernelCapture::load(&config.capture)?;
+    // Say what is captured: a setting that silently counts nothing looks
+    // exactly like a healthy quiet node.
+    if !capture.reasons.is_empty() {
+        let counted: Vec<String> = capture
+            .reasons
+            .parse_filter(&config.capture.drop_reasons)
+            .map(|set| set.into_iter().map(|v| capture.reasons.name(v)).collect())
+            .unwrap_or_default();
+        if counted.is_empty() {
+            warn!(drop_reasons = %config.capture.drop_reasons, "no kernel drop reason is counted: drops are not reported");
+        } else {
+            info!(drop_reasons = %counted.join(","), "counting kernel drops with these reasons");
+        }
+    }
     let mut outputs = Exporters::start(&config.export).await?;
     outputs.capture_hooks(&capture.hooks);
     let (mut tables, ring) = KernelTables::new(maps);
@@ -173,6 +187,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut ready_open = true;
     let mut netns_resolver: Option<Option<NetnsResolver>> = None;
     let mut last_expire = Instant::now();
+    let started = Instant::now();
+    let mut warned_no_interface = false;
     match feed.as_mut() {
         None => warn!(
             "no identity source (--manifests or --kubeconfig, or run in a pod): flows are reported by address only"
@@ -182,6 +198,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             let snapshot = f.snapshots.borrow_and_update().clone();
             let complete = *f.ready.borrow_and_update();
             attribution.update(&snapshot, complete, SystemTime::now());
+            outputs.cluster_pods(&snapshot);
         }
     }
 
@@ -214,8 +231,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut events = Vec::with_capacity(256);
     let mut last_losses = Losses::default();
     info!(node = %config.node_name, "netwatch-agent capturing");
-    // Ready once capturing, when there is no identity source to wait for.
-    outputs.set_ready(feed.is_none());
+    // Ready once capturing and, with an identity source, once it has synced.
+    // The manifests source is complete with its first snapshot (applied
+    // above), and no change may ever follow: readiness must not wait for one.
+    outputs.set_ready(feed.is_none() || attribution.is_synced());
 
     loop {
         let sleep_until =
@@ -314,6 +333,15 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                         r.unenriched = true;
                         outputs.publish(&r);
                     }
+                }
+                // Interfaces are listed within moments of start; none by
+                // now means the globs match nothing on this node.
+                if !warned_no_interface && attacher.len() == 0 && started.elapsed() > Duration::from_secs(10) {
+                    warned_no_interface = true;
+                    warn!(
+                        interfaces = ?config.interfaces,
+                        "no interface matches --interfaces: no pod traffic is classified (handshakes, refusals); check the CNI's interface names (ip link)"
+                    );
                 }
                 if last_expire.elapsed() > Duration::from_secs(5) {
                     attribution.expire(now);

@@ -16,6 +16,7 @@
 //! - [`manifests`]: Kubernetes manifests (YAML files) as typed objects.
 //! - [`policy`]: exact NetworkPolicy semantics: verdicts, explanations, fixes.
 //! - [`identity`]: IP and cgroup -> pod, workload, service, node.
+//! - [`logging`]: both binaries' logs: text (coloured only on a terminal) or JSON.
 //! - [`cli`]: the `netwatch` command line (`explain`, `lint`): arguments and output.
 pub mod attribution;
 pub mod capture;
@@ -25,5 +26,6 @@ pub mod daemon;
 pub mod export;
 pub mod flow;
 pub mod identity;
+pub mod logging;
 pub mod manifests;
 pub mod policy;

@@ -570,3 +570,69 @@ fn help_documents_the_forms_defaults_and_examples() {
     let o = netwatch(&["--help"]);
     assert!(stdout(&o).contains("explain") && stdout(&o).contains("lint"));
 }
+
+/// The prod-default-deny scenario: its cluster and the change that broke it.
+fn scenario() -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/prod-default-deny");
+    let out = std::env::temp_dir().join(format!("netwatch-prod-default-deny-{}.yaml", std::process::id()));
+    let mut text = std::fs::read_to_string(dir.join("manifests/cluster.yaml")).unwrap();
+    text.push_str("\n---\n");
+    text.push_str(&std::fs::read_to_string(dir.join("change/policies.yaml")).unwrap());
+    std::fs::write(&out, text).unwrap();
+    out.display().to_string()
+}
+
+#[test]
+fn a_service_destination_means_its_backends_and_the_fix_selects_pods() {
+    let m = scenario();
+    let web = "prod/web-7f9c4-q8z2m";
+    for to in ["kube-system/kube-dns", "10.96.0.10"] {
+        let o = explain(&m, web, to, "53", &["--protocol", "UDP"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("is service kube-system/kube-dns: judging its backend kube-system/"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(stdout(&o).starts_with("DENIED"), "{}", stdout(&o));
+        let s = explain(&m, web, to, "53", &["--protocol", "UDP", "--suggest"]);
+        let yaml = stdout(&s);
+        assert!(
+            yaml.contains("namespaceSelector") && yaml.contains("k8s-app: kube-dns"),
+            "{yaml}"
+        );
+        assert!(
+            !yaml.contains("ipBlock") && !yaml.contains("DoesNotExist"),
+            "no ipBlock of a cluster IP, no selector that selects nothing: {yaml}"
+        );
+    }
+}
+
+#[test]
+fn exit_code_and_named_ports() {
+    let m = scenario();
+    let o = explain(&m, "prod:app=web", "kube-system/kube-dns", "53", &["--protocol", "UDP", "--exit-code"]);
+    assert_eq!(o.status.code(), Some(1), "DENIED with --exit-code: {}", stderr(&o));
+    let o = explain(&m, "prod:app=web", "kube-system/kube-dns", "53", &["--protocol", "UDP"]);
+    assert_eq!(o.status.code(), Some(0), "the verdict is in the output without it");
+    let o = explain(&m, "prod:app=web", "kube-system/kube-dns", "http", &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("\"http\" is a port name; give the number"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn text_output_fits_80_columns() {
+    let m = scenario();
+    let o = Command::new(env!("CARGO_BIN_EXE_netwatch"))
+        .args(["explain", "--manifests", &m, "--from", "prod:app=web", "--to", "kube-system/kube-dns", "--port", "53", "--protocol", "UDP"])
+        .env("COLUMNS", "80")
+        .output()
+        .unwrap();
+    let text = stdout(&o);
+    assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+    assert!(text.lines().count() > 3, "{text}");
+}

@@ -39,7 +39,18 @@ fn findings_are_listed_with_fixes_and_exit_1() {
         ("deny.yaml", DENY_EGRESS),
         ("ns.yaml", WRONG_NS_LABEL),
     ]);
-    let o = netwatch(&["lint", "--manifests", &dir.path().display().to_string()]);
+    let lint_at = |columns: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_netwatch"))
+            .args(["lint", "--manifests", &dir.path().display().to_string()])
+            .env("COLUMNS", columns)
+            .output()
+            .unwrap()
+    };
+    // An 80-column terminal: prose is wrapped, nothing is lost.
+    let narrow = text(&lint_at("80").stdout);
+    assert!(narrow.lines().all(|l| l.chars().count() <= 80), "{narrow}");
+    assert!(narrow.contains("  fix: add this egress rule to"), "{narrow}");
+    let o = lint_at("400");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(out.contains("error[dns-egress] shop/default-deny-egress: shop/default-deny-egress isolates shop/deployment/web (template) for egress"), "{out}");
@@ -48,7 +59,7 @@ fn findings_are_listed_with_fixes_and_exit_1() {
         out.contains("  fix: add this egress rule to shop/default-deny-egress:\n         - to:\n"),
         "{out}"
     );
-    assert!(out.contains("finding(s):"), "{out}");
+    assert!(out.contains("\n3 findings: 3 errors, 0 warnings"), "{out}");
 }
 
 #[test]
@@ -144,4 +155,11 @@ fn help_lists_the_checks_and_exit_codes() {
     ] {
         assert!(help.contains(part), "{part:?} not in:\n{help}");
     }
+}
+
+#[test]
+fn one_policy_is_one_networkpolicy() {
+    let dir = dir_with(&[("app.yaml", APP), ("dns.yaml", DNS)]);
+    let o = netwatch(&["lint", "--manifests", &dir.path().display().to_string()]);
+    assert_eq!(text(&o.stdout).trim(), "no problems found in 1 NetworkPolicy");
 }

@@ -524,3 +524,49 @@ fn the_yaml_is_ready_for_kubectl_with_prose_only_in_comments() {
         ]
     );
 }
+
+#[test]
+fn a_dns_fix_allows_udp_and_tcp_53() {
+    let snapshot = manifests::load_str(
+        "dns.yaml",
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: prod, labels: {app: web}}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns-0, namespace: kube-system, labels: {k8s-app: kube-dns}}
+status: {podIP: 10.244.1.4}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: prod}
+spec: {podSelector: {}, policyTypes: [Egress]}
+"#,
+    )
+    .unwrap();
+    let engine = PolicyEngine::new(&snapshot, EngineOptions::default()).unwrap();
+    let (web, dns) = (p("prod/web-0"), p("kube-system/coredns-0"));
+    let s = suggest(&engine, &snapshot, &web, &dns, 53, Protocol::Udp).unwrap();
+    let yaml = s.to_yaml();
+    assert!(
+        yaml.contains("protocol: UDP") && yaml.contains("protocol: TCP"),
+        "{yaml}"
+    );
+    let mut applied = snapshot.clone();
+    applied.network_policies.extend(s.policies);
+    let after = PolicyEngine::new(&applied, EngineOptions::default()).unwrap();
+    for protocol in [Protocol::Udp, Protocol::Tcp] {
+        assert_eq!(after.decide(&web, &dns, 53, protocol), Verdict::Allowed, "{protocol:?}");
+    }
+}

@@ -82,7 +82,7 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     let socket = agent.api_socket.clone();
     let node = agent.node.clone();
 
-    say("The application's traffic runs every second. What on-call sees (`netwatch observe -f`):");
+    say("The application's traffic runs every second. What on-call sees (`netwatch observe -f --paths`):");
     let outcomes = Mutex::new(Vec::new());
     let phase_stop = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
@@ -236,7 +236,13 @@ fn count_denied(run: &ScenarioRun) -> usize {
 /// recent history first).
 fn observe(netwatch: &Path, socket: &Path, with_history: bool) -> Result<ChildGuard> {
     let mut cmd = Command::new(netwatch);
-    cmd.arg("observe").arg("--server").arg(socket).arg("-f");
+    // One line per failing path, its count kept current: on-call reads
+    // which paths fail, not every retry.
+    cmd.arg("observe")
+        .arg("--server")
+        .arg(socket)
+        .arg("-f")
+        .arg("--paths");
     if !with_history {
         cmd.args(["--last", "0"]);
     }

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use netwatch::cli;
 
 /// netwatch: why Kubernetes pod flows are denied, and what to change.
@@ -23,7 +23,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut args = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `--not` inverts the filter flag after it: only the matches know the order.
+    if let Some((_, sub)) = matches.subcommand() {
+        match &mut args.command {
+            Command::Observe(a) => a.filters.negated = cli::observe::negated_terms(sub),
+            Command::Top(a) => a.filters.negated = cli::observe::negated_terms(sub),
+            _ => {}
+        }
+    }
     cli::init_logging();
     let result = match &args.command {
         Command::Explain(a) => cli::explain::run(a),

@@ -95,6 +95,17 @@ impl DropReasons {
         self.by_name.get(name).copied()
     }
 
+    /// Every reason name this kernel knows.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// The reasons of the kernel whose BTF is at `path` (the running one's
+    /// is world-readable: no privileges needed).
+    pub fn from_btf_file(path: &std::path::Path) -> Result<DropReasons, ReasonError> {
+        DropReasons::from_btf(&Btf::from_file(path)?)
+    }
+
     pub fn len(&self) -> usize {
         self.by_value.len()
     }

@@ -76,9 +76,13 @@ pub struct ExplainArgs {
         value_name = "PORT",
         required_unless_present = "matrix",
         conflicts_with = "matrix",
-        value_parser = clap::value_parser!(u16).range(1..)
+        value_parser = parse_port
     )]
     pub port: Option<u16>,
+
+    /// Exit 1 when the flow is DENIED (0 when ALLOWED), for scripts.
+    #[arg(long, conflicts_with = "matrix")]
+    pub exit_code: bool,
 
     /// Protocol: TCP, UDP or SCTP.
     #[arg(long, value_name = "PROTOCOL", default_value = "TCP")]
@@ -126,6 +130,18 @@ pub struct ExplainArgs {
     pub ipblock_matches_pods: bool,
 }
 
+/// A port number; a named port (`http`) gets a message saying what to give.
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        Ok(_) => Err("0 is not a port: give 1-65535".into()),
+        Err(_) if s.chars().any(|c| c.is_ascii_alphabetic()) => Err(format!(
+            "{s:?} is a port name; give the number the destination's containerPort named {s:?} has (e.g. 8080)"
+        )),
+        Err(_) => Err(format!("{s:?} is not a port: give 1-65535")),
+    }
+}
+
 /// Runs `netwatch explain`, writing to standard output and error.
 pub fn run(args: &ExplainArgs) -> Result<u8, CliError> {
     let stdout = std::io::stdout();
@@ -134,7 +150,7 @@ pub fn run(args: &ExplainArgs) -> Result<u8, CliError> {
 }
 
 /// Runs `netwatch explain` with the given output streams. Returns 0: the
-/// verdict is in the output, not in the exit code.
+/// verdict is in the output, not in the exit code (unless --exit-code).
 pub fn run_with(
     args: &ExplainArgs,
     out: &mut dyn Write,
@@ -180,6 +196,13 @@ pub fn run_with(
     let to: Peer = to
         .parse()
         .map_err(|e| CliError::Usage(format!("--to: {e}")))?;
+    let to = match service_backend(&snapshot, &engine, &to)? {
+        Some((backend, note)) => {
+            writeln!(err, "{note}")?;
+            backend
+        }
+        None => to,
+    };
     let verdict = engine.try_evaluate(&from, &to, port, args.protocol)?;
 
     if args.suggest {
@@ -194,7 +217,87 @@ pub fn run_with(
         return Ok(0);
     }
     write_verdict(out, &verdict, args.output)?;
-    Ok(0)
+    Ok(if args.exit_code && verdict.verdict == Verdict::Denied {
+        1
+    } else {
+        0
+    })
+}
+
+/// A `--to` naming a Service (`namespace/name`, or its cluster IP) means
+/// its backends: after DNAT the packets go to a pod its selector matches,
+/// and that pod's policies judge them (an ipBlock of the cluster IP never
+/// matches). Returns the first backend and a note saying so; `None` when
+/// `to` is not a Service.
+fn service_backend(
+    snapshot: &crate::cluster::ClusterSnapshot,
+    engine: &PolicyEngine,
+    to: &Peer,
+) -> Result<Option<(Peer, String)>, CliError> {
+    let is_pod_ip = |ip: &std::net::IpAddr| {
+        let ip = ip.to_string();
+        snapshot.pods.iter().any(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.pod_ip.as_deref() == Some(ip.as_str())
+                    || s.pod_ips.iter().flatten().any(|i| i.ip == ip)
+            })
+        })
+    };
+    let service = snapshot.services.iter().find(|svc| {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        match to {
+            Peer::Pod { namespace, name: n } => {
+                engine.check_peer(to).is_err() && ns == namespace && name == n
+            }
+            Peer::Ip(ip) if !is_pod_ip(ip) => svc.spec.as_ref().is_some_and(|spec| {
+                let ip = ip.to_string();
+                spec.cluster_ip.as_deref() == Some(ip.as_str())
+                    || spec.cluster_ips.iter().flatten().any(|c| *c == ip)
+            }),
+            _ => false,
+        }
+    });
+    let Some(svc) = service else {
+        return Ok(None);
+    };
+    let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    let mut backends: Vec<String> = snapshot
+        .pods
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns)
+        .filter(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    backends.sort();
+    let Some(first) = backends.first() else {
+        return Err(CliError::Usage(format!(
+            "--to {to}: service {ns}/{name} selects no pod in the manifests; its traffic goes to its backends: add them, or name a backend pod"
+        )));
+    };
+    let note = format!(
+        "{to} is service {ns}/{name}: judging its backend {ns}/{first}{}, which the packets reach after DNAT",
+        match backends.len() {
+            1 => String::new(),
+            n => format!(" (1 of {n} it selects, same labels)"),
+        }
+    );
+    Ok(Some((
+        Peer::Pod {
+            namespace: ns,
+            name: first.clone(),
+        },
+        note,
+    )))
 }
 
 fn ipblock_line(matches: bool) -> String {
@@ -214,7 +317,11 @@ fn write_verdict(
             serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::from)?;
             writeln!(out)
         }
-        OutputFormat::Text => write!(out, "{}", render_text(v)),
+        OutputFormat::Text => write!(
+            out,
+            "{}",
+            super::term::wrap(&render_text(v), super::term::terminal_width())
+        ),
     }
 }
 

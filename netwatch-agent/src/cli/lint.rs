@@ -107,19 +107,27 @@ pub fn run_with(args: &LintArgs, out: &mut dyn Write) -> Result<u8, CliError> {
 }
 
 fn write_text(out: &mut dyn Write, findings: &[Finding], policies: usize) -> std::io::Result<()> {
+    let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     if findings.is_empty() {
-        return writeln!(out, "no problems found in {policies} NetworkPolicies");
+        return writeln!(
+            out,
+            "no problems found in {}",
+            plural(policies, "NetworkPolicy", "NetworkPolicies")
+        );
     }
+    // Prose is wrapped to the terminal; fixes that hold YAML keep their lines.
+    let width = super::term::terminal_width();
     for f in findings {
         let at = f
             .policy
             .as_ref()
             .map(|p| format!(" {p}"))
             .unwrap_or_default();
-        writeln!(out, "{}[{}]{at}: {}", f.severity, f.check, f.message)?;
+        let message = format!("{}[{}]{at}: {}", f.severity, f.check, f.message);
+        writeln!(out, "{}", super::term::wrap(&message, width))?;
         let mut lines = f.fix.lines();
         if let Some(first) = lines.next() {
-            writeln!(out, "  fix: {first}")?;
+            writeln!(out, "{}", super::term::wrap(&format!("  fix: {first}"), width))?;
         }
         for line in lines {
             writeln!(out, "       {line}")?;
@@ -132,7 +140,9 @@ fn write_text(out: &mut dyn Write, findings: &[Finding], policies: usize) -> std
     let warnings = findings.len() - errors;
     writeln!(
         out,
-        "\n{} finding(s): {errors} error(s), {warnings} warning(s)",
-        findings.len()
+        "\n{}: {}, {}",
+        plural(findings.len(), "finding", "findings"),
+        plural(errors, "error", "errors"),
+        plural(warnings, "warning", "warnings")
     )
 }

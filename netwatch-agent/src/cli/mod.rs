@@ -1,10 +1,12 @@
 //! The `netwatch` command line: one argument struct and one `run` function
 //! per subcommand. `run` returns the exit code; errors are input or usage
-//! errors, which the binary reports in one line with exit code 2.
+//! errors, which the binary reports in one line with exit code 2 (1 when the
+//! agent went away mid-stream).
 
 pub mod explain;
 pub mod lint;
 pub mod observe;
+pub mod term;
 pub mod top;
 
 use crate::manifests::ManifestError;
@@ -32,6 +34,10 @@ pub enum CliError {
     /// The arguments do not make sense together.
     #[error("{0}")]
     Usage(String),
+    /// The agent went away while this command was reading from it (it
+    /// stopped or restarted): a follower must not take that for quiet.
+    #[error("the agent at {0} closed the connection (stopped or restarted?); no more flows will come")]
+    AgentGone(String),
     /// Standard output or error could not be written.
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
@@ -43,6 +49,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            CliError::AgentGone(_) => 1,
             _ => 2,
         }
     }
@@ -53,10 +60,5 @@ impl CliError {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .without_time()
-        .with_target(false)
-        .try_init();
+    crate::logging::init(filter, crate::logging::LogFormat::Text, false);
 }

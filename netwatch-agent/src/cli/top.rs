@@ -14,13 +14,11 @@ use serde::Serialize;
 
 use super::{
     CliError,
+    term,
     observe::{FilterArgs, ObserveArgs, ObserveItem, ObserveStream, ServerAddr},
 };
 use crate::{
-    export::{
-        filter::FilterSet,
-        server::{DEFAULT_SOCKET, ObserveRequest},
-    },
+    export::server::{DEFAULT_SOCKET, ObserveRequest},
     flow::record::FlowRecord,
     identity::Endpoint,
 };
@@ -171,6 +169,32 @@ impl DeniedSummary {
 
     /// Count one record (any lifecycle: the latest counts of its flow win).
     pub fn add(&mut self, r: &FlowRecord) {
+        self.add_as(r, false);
+    }
+
+    /// Count a record from the agent's history (sent before
+    /// `end_of_history`): its packets happened before this client was
+    /// watching, so they set the flow's baseline and count toward totals,
+    /// never toward the rates of the first refresh.
+    pub fn add_history(&mut self, r: &FlowRecord) {
+        self.add_as(r, true);
+    }
+
+    fn add_as(&mut self, r: &FlowRecord, history: bool) {
+        if history {
+            let e = self.flows.entry(r.uuid.clone()).or_insert_with(|| FlowEntry {
+                group: group_of(r),
+                packets: 0,
+                packets_then: 0,
+                new: false,
+                last_seen: r.last_seen,
+            });
+            e.packets = e.packets.max(r.packets);
+            e.packets_then = e.packets;
+            e.last_seen = e.last_seen.max(r.last_seen);
+            e.group = group_of(r);
+            return;
+        }
         match self.flows.get_mut(&r.uuid) {
             Some(e) => {
                 e.packets = e.packets.max(r.packets);
@@ -228,28 +252,62 @@ impl DeniedSummary {
     }
 }
 
-/// The rows as an aligned table.
-pub fn format_table(rows: &[TopRow]) -> String {
-    let mut out = format!(
-        "{:<32} {:<36} {:<11} {:<20} {:<22} {:>6} {:>9} {:>9}\n",
-        "SOURCE", "DESTINATION", "PORT", "VERDICT", "REASON", "FLOWS", "PACKETS", "PKTS/S"
-    );
-    for r in rows {
-        let port = match r.key.port {
-            Some(p) => format!("{p}/{}", r.key.protocol),
-            None => r.key.protocol.clone(),
-        };
-        out.push_str(&format!(
-            "{:<32} {:<36} {:<11} {:<20} {:<22} {:>6} {:>9} {:>9.1}\n",
-            r.key.source,
-            r.key.destination,
-            port,
-            r.key.verdict,
-            r.key.reason,
-            r.flows,
-            r.packets,
-            r.packets_per_second
-        ));
+/// The rows as an aligned table, as wide as the widest cells (up to
+/// what each column wants) and no wider than `width` columns: a line that
+/// wrapped would break the in-place redraw.
+pub fn format_table(rows: &[TopRow], width: usize) -> String {
+    const WANT: [usize; 8] = [32, 36, 11, 19, 22, 6, 9, 9];
+    const MIN: [usize; 8] = [12, 14, 8, 7, 8, 5, 7, 6];
+    const RIGHT: [bool; 8] = [false, false, false, false, false, true, true, true];
+    let header = ["SOURCE", "DESTINATION", "PORT", "VERDICT", "REASON", "FLOWS", "PACKETS", "PKTS/S"];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|r| {
+            let port = match r.key.port {
+                Some(p) => format!("{p}/{}", r.key.protocol),
+                None => r.key.protocol.clone(),
+            };
+            [
+                r.key.source.clone(),
+                r.key.destination.clone(),
+                port,
+                r.key.verdict.clone(),
+                r.key.reason.clone(),
+                r.flows.to_string(),
+                r.packets.to_string(),
+                format!("{:.1}", r.packets_per_second),
+            ]
+        })
+        .collect();
+    let mut want = [0; 8];
+    for (i, w) in want.iter_mut().enumerate() {
+        *w = cells
+            .iter()
+            .map(|c| term::width(&c[i]))
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+            .min(if RIGHT[i] { usize::MAX } else { WANT[i] });
+    }
+    // Counts are never cut: a truncated number is a wrong number.
+    let min: Vec<usize> = MIN
+        .iter()
+        .zip(want)
+        .enumerate()
+        .map(|(i, (m, w))| if RIGHT[i] { w } else { (*m).min(w) })
+        .collect();
+    let widths = term::fit_widths(&want, &min, width);
+    let mut out = term::row(&header, &widths, &RIGHT);
+    out.push('\n');
+    for c in &cells {
+        let src = term::shorten_endpoint(&c[0], widths[0]);
+        let dst = term::shorten_endpoint(&c[1], widths[1]);
+        let refs: Vec<&str> = [src.as_str(), dst.as_str()]
+            .into_iter()
+            .chain(c[2..].iter().map(String::as_str))
+            .collect();
+        out.push_str(&term::row(&refs, &widths, &RIGHT));
+        out.push('\n');
     }
     out
 }
@@ -278,14 +336,15 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
                 args.interval
             ))
         })?;
-    let filter = args.filters.to_filter()?;
+    let filters = args.filters.to_filter_set()?;
     let chrono_window = chrono::Duration::from_std(window)
         .map_err(|_| CliError::Usage("--window is too long".into()))?;
     let request = ObserveRequest {
-        filters: FilterSet::only(filter),
+        filters,
         last: None,
         since: Some(Utc::now() - chrono_window),
         follow: true,
+        ..ObserveRequest::default()
     };
     let mut stream = ObserveStream::connect(&server, &request)?;
     let node = stream.status.node_name.clone();
@@ -313,7 +372,9 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
         }
     });
     let mut summary = DeniedSummary::new(window);
+    let mut live = false;
     let tty = std::io::stdout().is_terminal();
+    let width = term::terminal_width();
     let mut lost = 0;
     let mut last_refresh = Instant::now();
     let mut next = last_refresh + interval;
@@ -322,9 +383,16 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
     loop {
         let wait = next.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
+            Ok(Ok(ObserveItem::Flow(r, _))) if !live => summary.add_history(&r),
             Ok(Ok(ObserveItem::Flow(r, _))) => summary.add(&r),
             Ok(Ok(ObserveItem::Lost(n))) => lost = n,
-            Ok(Ok(ObserveItem::EndOfHistory)) => {}
+            Ok(Ok(ObserveItem::EndOfHistory)) => {
+                // Rates are measured from here: what came before was history.
+                live = true;
+                last_refresh = Instant::now();
+                next = last_refresh + interval;
+                continue;
+            }
             Ok(Err(e)) => return Err(e),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -353,10 +421,10 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
                 if tty {
                     write!(out, "\x1b[H\x1b[2J")?;
                 }
-                writeln!(
-                    out,
-                    "netwatch top: {node}: denied flows in the last {}, {total} groups, refreshed every {:.1}s{}",
+                let title = format!(
+                    "netwatch top: {node}: denied flows in the last {}, {total} {}, refreshed every {:.1}s{}",
                     args.window,
+                    if total == 1 { "group" } else { "groups" },
                     interval.as_secs_f64(),
                     if lost > 0 {
                         format!(
@@ -365,8 +433,9 @@ pub fn run(args: &TopArgs) -> Result<u8, CliError> {
                     } else {
                         String::new()
                     }
-                )?;
-                write!(out, "{}", format_table(&rows))?;
+                );
+                writeln!(out, "{}", term::wrap(&title, width))?;
+                write!(out, "{}", format_table(&rows, width))?;
                 if !tty {
                     writeln!(out)?;
                 }
@@ -434,6 +503,41 @@ mod tests {
     }
 
     #[test]
+    fn history_counts_toward_totals_but_not_toward_the_first_rates() {
+        let mut s = DeniedSummary::new(Duration::from_secs(60));
+        let now: chrono::DateTime<Utc> = "2026-11-22T02:14:10Z".parse().unwrap();
+        // 70 packets that happened before `top` started.
+        s.add_history(&record(json!({"uuid": "a", "packets": 70, "lifecycle": "UPDATE"})));
+        let rows = s.rows(now, Duration::from_secs(2));
+        assert_eq!((rows[0].packets, rows[0].packets_per_second, rows[0].flows_per_second), (70, 0.0, 0.0));
+        // Then 4 more while watching: only those make a rate.
+        s.add(&record(json!({"uuid": "a", "packets": 74, "lifecycle": "UPDATE"})));
+        let rows = s.rows(now, Duration::from_secs(2));
+        assert_eq!((rows[0].packets, rows[0].packets_per_second), (74, 2.0));
+    }
+
+    #[test]
+    fn the_table_fits_the_terminal_so_the_redraw_does_not_wrap() {
+        let row = TopRow {
+            key: GroupKey {
+                source: "payments-production/payments-processor-canary".into(),
+                destination: "payments-production/ledger-writer-primary".into(),
+                port: Some(8080),
+                protocol: "TCP".into(),
+                verdict: "POLICY_NOT_ENFORCED".into(),
+                reason: "ICMP_ADMIN_PROHIBITED".into(),
+            },
+            flows: 123456,
+            packets: 987654321,
+            packets_per_second: 12345.6,
+            flows_per_second: 1.0,
+        };
+        let table = format_table(&[row], 80);
+        assert!(table.lines().all(|l| term::width(l) <= 80), "{table}");
+        assert!(table.contains("987654321"), "numbers are never cut: {table}");
+    }
+
+    #[test]
     fn flows_older_than_the_window_are_forgotten() {
         let mut s = DeniedSummary::new(Duration::from_secs(60));
         s.add(&record(
@@ -466,7 +570,7 @@ mod tests {
             packets: 3,
             packets_per_second: 1.5,
             flows_per_second: 0.5,
-        }]);
+        }], 80);
         assert!(
             table.lines().nth(1).unwrap().contains("8080/TCP"),
             "{table}"

@@ -44,6 +44,9 @@ pub const FILTER_KEYS: &[&str] = &[
     "protocol",
     "reason",
     "traffic-direction",
+    "node-name",
+    "type",
+    "drop-reason-desc",
 ];
 
 /// Refusal kinds a `reason` may name besides kernel drop reasons.
@@ -341,6 +344,12 @@ pub struct FlowFilter {
     protocols: Vec<Protocol>,
     reasons: Vec<String>,
     directions: Vec<Direction>,
+    /// Node name patterns (`*` wildcards), as `hubble observe --node-name`.
+    node_names: Vec<glob::Pattern>,
+    /// Hubble event types: 1 (drop) or 4 (trace).
+    event_types: Vec<i32>,
+    /// Hubble `DropReason` names (`hubble observe --drop-reason-desc`).
+    hubble_reasons: Vec<String>,
     either: EndpointMatch,
     from: EndpointMatch,
     to: EndpointMatch,
@@ -428,6 +437,37 @@ impl FlowFilter {
                     ));
                 }
                 self.reasons.push(name);
+            }
+            "node-name" if side.is_none() => self.node_names.push(
+                glob::Pattern::new(v)
+                    .map_err(|e| invalid(key, v, format!("a node name or pattern (node-*): {e}")))?,
+            ),
+            "type" if side.is_none() => self.event_types.push(match v.to_ascii_lowercase().as_str() {
+                "drop" => 1,
+                "trace" => 4,
+                other => {
+                    return Err(invalid(
+                        key,
+                        v,
+                        format!(
+                            "netwatch has no {other} events: its records are drops (drop: DROPPED) and traces of failed or unenforced handshakes (trace: TIMED_OUT, REFUSED, POLICY_NOT_ENFORCED); valid: drop, trace"
+                        ),
+                    ));
+                }
+            }),
+            "drop-reason-desc" if side.is_none() => {
+                let name = v.to_ascii_uppercase();
+                if !super::hubble::DROP_REASON_NAMES.contains(&name.as_str()) {
+                    return Err(invalid(
+                        key,
+                        v,
+                        format!(
+                            "expected a Hubble drop reason ({}); kernel drop reasons are --reason",
+                            super::hubble::DROP_REASON_NAMES.join(", ")
+                        ),
+                    ));
+                }
+                self.hubble_reasons.push(name);
             }
             "namespace" => {
                 if v.contains('/') {
@@ -538,9 +578,44 @@ impl FlowFilter {
         Ok(f)
     }
 
+    /// Refuse `reason` terms that name neither a drop reason of the kernel
+    /// (`known`) nor a refusal: they would silently match nothing.
+    pub fn check_reasons<'a>(
+        &self,
+        known: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), FilterError> {
+        let known: std::collections::BTreeSet<&str> = known.into_iter().collect();
+        for r in &self.reasons {
+            if !known.contains(r.as_str()) && !REFUSAL_REASONS.contains(&r.as_str()) {
+                return Err(invalid(
+                    "reason",
+                    r,
+                    format!(
+                        "this kernel's drop reasons: {}; refusals: {}",
+                        known.iter().copied().collect::<Vec<_>>().join(", "),
+                        REFUSAL_REASONS.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `record` passes this filter.
     pub fn matches(&self, r: &FlowRecord) -> bool {
         if !self.verdicts.is_empty() && !self.verdicts.contains(&r.verdict) {
+            return false;
+        }
+        if !self.node_names.is_empty() && !self.node_names.iter().any(|p| p.matches(&r.node_name)) {
+            return false;
+        }
+        if !self.event_types.is_empty() && !self.event_types.contains(&r.event_type.kind) {
+            return false;
+        }
+        if !self.hubble_reasons.is_empty()
+            && !super::hubble::record_drop_reason(r)
+                .is_some_and(|h| self.hubble_reasons.iter().any(|w| w == h))
+        {
             return false;
         }
         if !self.protocols.is_empty() && !self.protocols.iter().any(|p| p.matches(&r.l4)) {
@@ -634,6 +709,17 @@ impl FilterSet {
     /// Whether it admits everything.
     pub fn is_empty(&self) -> bool {
         self.allow.iter().all(FlowFilter::is_empty) && self.deny.is_empty()
+    }
+
+    /// [`FlowFilter::check_reasons`] on every filter.
+    pub fn check_reasons<'a>(
+        &self,
+        known: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> Result<(), FilterError> {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .try_for_each(|f| f.check_reasons(known.clone()))
     }
 }
 

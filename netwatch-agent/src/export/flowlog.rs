@@ -58,6 +58,36 @@ pub struct FlowLogConfig {
     pub filters: FilterSet,
     /// Records waiting for the writer at most; beyond, records are dropped.
     pub queue_records: usize,
+    /// netwatch's own lines or Hubble's.
+    pub format: FlowLogFormat,
+}
+
+/// `--flow-log-format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlowLogFormat {
+    /// netwatch's records: Hubble's shape with netwatch's verdicts, kernel
+    /// drop reasons and additions (README, "Flow log").
+    #[default]
+    Netwatch,
+    /// Valid Hubble: each line an observer.GetFlowsResponse in protojson,
+    /// only Hubble's fields and enum values (netwatch's in `Summary`).
+    Hubble,
+}
+
+impl FlowLogFormat {
+    /// One record as its line, newline included.
+    pub fn encode(self, record: &FlowRecord) -> Vec<u8> {
+        match self {
+            FlowLogFormat::Netwatch => encode_line(record),
+            FlowLogFormat::Hubble => {
+                let mut buf =
+                    serde_json::to_vec(&super::hubble::to_get_flows_response(record))
+                        .unwrap_or_default();
+                buf.push(b'\n');
+                buf
+            }
+        }
+    }
 }
 
 impl Default for FlowLogConfig {
@@ -68,6 +98,7 @@ impl Default for FlowLogConfig {
             max_backups: 5,
             filters: FilterSet::default(),
             queue_records: 4096,
+            format: FlowLogFormat::Netwatch,
         }
     }
 }
@@ -149,10 +180,11 @@ impl FlowLog {
         let (tx, rx) = mpsc::sync_channel::<Arc<FlowRecord>>(config.queue_records.max(1));
         let (done_tx, done_rx) = mpsc::channel();
         let c = counters.clone();
+        let format = config.format;
         let thread = std::thread::Builder::new()
             .name("flow-log".into())
             .spawn(move || {
-                writer_loop(rx, out, &c);
+                writer_loop(rx, out, &c, format);
                 let _ = done_tx.send(());
             })
             .map_err(FlowLogError::Thread)?;
@@ -421,6 +453,7 @@ fn writer_loop(
     rx: Receiver<Arc<FlowRecord>>,
     mut out: Box<dyn LineSink>,
     counters: &FlowLogCounters,
+    format: FlowLogFormat,
 ) {
     let mut failing = false;
     let mut settle = |out: &mut Box<dyn LineSink>| {
@@ -445,12 +478,12 @@ fn writer_loop(
         }
     };
     while let Ok(first) = rx.recv() {
-        out.push(&encode_line(&first));
+        out.push(&format.encode(&first));
         // Take whatever else is queued, then write once: lines reach the
         // file promptly, without a syscall per line under load.
         for _ in 0..1024 {
             match rx.try_recv() {
-                Ok(r) => out.push(&encode_line(&r)),
+                Ok(r) => out.push(&format.encode(&r)),
                 Err(_) => break,
             }
         }
@@ -572,7 +605,7 @@ mod tests {
         let counters = FlowLogCounters::detached();
         let c = counters.clone();
         let sink = Stuck(gate.clone(), 0);
-        let thread = std::thread::spawn(move || writer_loop(rx, Box::new(sink), &c));
+        let thread = std::thread::spawn(move || writer_loop(rx, Box::new(sink), &c, FlowLogFormat::Netwatch));
         let mut log = FlowLog {
             tx: Some(tx),
             thread: None,
@@ -649,7 +682,7 @@ mod tests {
             tx.send(Arc::new(record(json!({})))).unwrap();
         }
         drop(tx);
-        let thread = std::thread::spawn(move || writer_loop(rx, Box::new(sink), &c));
+        let thread = std::thread::spawn(move || writer_loop(rx, Box::new(sink), &c, FlowLogFormat::Netwatch));
         thread.join().unwrap();
         // Two lines made it whole; the half line and the other two are lost.
         assert_eq!((counters.written.get(), counters.dropped.get()), (2, 3));

@@ -14,6 +14,7 @@
 pub mod events;
 pub mod filter;
 pub mod flowlog;
+pub mod hubble;
 pub mod metrics;
 pub mod server;
 
@@ -22,7 +23,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use crate::{capture::tables::Losses, flow::record::FlowRecord};
 use events::{EventsConfig, PacketDropEvents};
 use filter::FilterSet;
-use flowlog::{FlowLog, FlowLogConfig, FlowLogError, FlowLogTarget};
+use flowlog::{FlowLog, FlowLogConfig, FlowLogError, FlowLogFormat, FlowLogTarget};
 use metrics::{MetricsConfig, MetricsError, MetricsRegistry};
 use server::{ApiConfig, ObserveHub, ObserveServer, ServerError};
 
@@ -38,6 +39,8 @@ pub struct ExportConfig {
     pub flow_log_max_backups: usize,
     /// Which records the flow log writes.
     pub flow_log_filters: FilterSet,
+    /// netwatch's lines or valid Hubble (`--flow-log-format`).
+    pub flow_log_format: FlowLogFormat,
     /// Where `/metrics`, `/healthz`, `/readyz` listen (`None`: off).
     pub metrics_addr: Option<SocketAddr>,
     pub metrics: MetricsConfig,
@@ -55,6 +58,7 @@ impl Default for ExportConfig {
             flow_log_max_size_bytes: 10 * 1024 * 1024,
             flow_log_max_backups: 5,
             flow_log_filters: FilterSet::default(),
+            flow_log_format: FlowLogFormat::Netwatch,
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9965))),
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
@@ -111,6 +115,7 @@ impl Exporters {
                 max_size_bytes: config.flow_log_max_size_bytes,
                 max_backups: config.flow_log_max_backups,
                 filters: config.flow_log_filters.clone(),
+                format: config.flow_log_format,
                 ..FlowLogConfig::default()
             },
             metrics.flow_log.clone(),

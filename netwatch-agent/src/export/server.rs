@@ -115,6 +115,13 @@ pub struct ObserveRequest {
     /// Keep the connection open and stream new matching records.
     #[serde(default)]
     pub follow: bool,
+    /// The first N matching buffered records (oldest first), instead of the
+    /// last (`hubble observe --first`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<usize>,
+    /// Only records at or before this time (`hubble observe --until`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// The first line of every answer.
@@ -228,10 +235,16 @@ impl ObserveHub {
         let matching = st
             .ring
             .iter()
-            .filter(|r| request.since.is_none_or(|s| r.time >= s) && request.filters.admits(r))
+            .filter(|r| {
+                request.since.is_none_or(|s| r.time >= s)
+                    && request.until.is_none_or(|u| r.time <= u)
+                    && request.filters.admits(r)
+            })
             .cloned();
         let mut history: Vec<Arc<FlowRecord>> = matching.collect();
-        if let Some(n) = request.last {
+        if let Some(n) = request.first {
+            history.truncate(n);
+        } else if let Some(n) = request.last {
             let skip = history.len().saturating_sub(n);
             history.drain(..skip);
         }
@@ -522,6 +535,7 @@ mod tests {
             last,
             since: None,
             follow,
+            ..ObserveRequest::default()
         }
     }
 
@@ -540,6 +554,27 @@ mod tests {
         assert_eq!(ids, ["u4", "u6"]);
         assert!(s.live.is_none());
         assert_eq!((s.status.buffered, s.status.capacity), (5, 5));
+    }
+
+    #[test]
+    fn first_and_until_as_hubble_observe() {
+        let h = hub(10, 8);
+        for (i, t) in ["01:00", "02:00", "03:00", "04:00"].iter().enumerate() {
+            h.publish(&Arc::new(record(
+                json!({"uuid": format!("u{i}"), "time": format!("2026-11-22T{t}:00Z")}),
+            )));
+        }
+        let mut req = request("", Some(1), false);
+        req.first = Some(2);
+        let ids = |req: &ObserveRequest| -> Vec<String> {
+            h.subscribe(req).history.iter().map(|r| r.uuid.clone()).collect()
+        };
+        assert_eq!(ids(&req), ["u0", "u1"], "--first wins over --last");
+        let mut req = request("", None, false);
+        req.until = Some("2026-11-22T02:30:00Z".parse().unwrap());
+        assert_eq!(ids(&req), ["u0", "u1"]);
+        req.last = Some(1);
+        assert_eq!(ids(&req), ["u1"], "the last one before --until");
     }
 
     #[test]

@@ -173,6 +173,12 @@ impl FlowAssembler {
     ) -> Vec<FlowRecord> {
         let mut out = Vec::new();
         match signal {
+            // Link-local housekeeping (neighbour discovery, MLD, multicast
+            // and broadcast) is not a conversation between pods: a node
+            // drops plenty of it by design, and a DROPPED world -> world
+            // record of it only hides the real denials.
+            Signal::Kernel(KernelEvent::Drop { flow, .. }) if !is_pod_flow(&flow) => {}
+            Signal::DropCounts { key, .. } if !is_pod_flow(&key.flow) => {}
             Signal::Kernel(KernelEvent::Drop {
                 time,
                 flow,
@@ -333,10 +339,11 @@ impl FlowAssembler {
             let quiet =
                 now.duration_since(f.last_change).unwrap_or_default() >= self.config.idle_timeout;
             if quiet {
-                if f.dirty {
-                    out.records
-                        .push(render(f, &self.config, reasons, ifnames, Lifecycle::Final));
-                }
+                // Every flow ends with a FINAL record, also one whose last
+                // update already had its final counts: a reader waiting for
+                // the end of a flow must see it end.
+                out.records
+                    .push(render(f, &self.config, reasons, ifnames, Lifecycle::Final));
                 finished.push(*k);
             } else if f.dirty
                 && now.duration_since(f.last_emitted).unwrap_or_default()
@@ -371,9 +378,7 @@ impl FlowAssembler {
         let mut out = Vec::new();
         self.by_client.clear();
         for (_, f) in self.flows.drain() {
-            if f.dirty {
-                out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
-            }
+            out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
         }
         out
     }
@@ -497,9 +502,7 @@ impl FlowAssembler {
         for (_, k) in by_age {
             if let Some(f) = self.flows.remove(&k) {
                 self.by_client.remove(&ClientEnd::of(&f.key));
-                if f.dirty {
-                    out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
-                }
+                out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
                 self.released.extend(f.drop_keys.iter().copied());
                 self.evicted += 1;
             }
@@ -643,6 +646,26 @@ fn verdict_of(f: &ActiveFlow) -> Verdict {
     } else {
         Verdict::TimedOut
     }
+}
+
+/// Whether a flow can be a conversation between endpoints: not addressed
+/// to a multicast or broadcast group, not from the unspecified address, and
+/// not ICMPv6 neighbour discovery or multicast listener messages.
+pub fn is_pod_flow(k: &FlowKey) -> bool {
+    use std::net::IpAddr;
+    // ICMPv6 types (RFC 4443, 4861, 3810): MLD query, report, done (130-132),
+    // router and neighbour solicitation/advertisement, redirect (133-137),
+    // MLDv2 report (143). The key holds an ICMP type in its source port.
+    const ICMPV6_LINK_LOCAL_TYPES: [u16; 9] = [130, 131, 132, 133, 134, 135, 136, 137, 143];
+    if k.proto == IPPROTO_ICMPV6 && ICMPV6_LINK_LOCAL_TYPES.contains(&k.src_port) {
+        return false;
+    }
+    let (src, dst) = addresses(k);
+    let group = match dst {
+        IpAddr::V4(d) => d.is_multicast() || d.is_broadcast(),
+        IpAddr::V6(d) => d.is_multicast(),
+    };
+    !group && !src.is_unspecified()
 }
 
 fn render(
@@ -917,6 +940,76 @@ mod tests {
     }
 
     #[test]
+    fn neighbour_discovery_and_multicast_drops_are_not_pod_flows() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let v6 = |src: &str, dst: &str, proto: u8, sport: u16, dport: u16| {
+            let mut k = FlowKey {
+                src_port: sport,
+                dst_port: dport,
+                proto,
+                ip_version: netwatch_common::IP_V6,
+                ..FlowKey::default()
+            };
+            k.src_addr = src.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            k.dst_addr = dst.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            k
+        };
+        let noise = [
+            v6("::", "ff02::16", IPPROTO_ICMPV6, 143, 0), // MLDv2 report
+            v6("::", "ff02::1:ff00:2", IPPROTO_ICMPV6, 135, 0), // DAD solicitation
+            v6("fe80::1", "fd00::9", IPPROTO_ICMPV6, 135, 0), // unicast NUD
+            v6("fe80::1", "ff02::fb", IPPROTO_UDP, 5353, 5353), // mDNS
+        ];
+        for k in noise {
+            assert!(!is_pod_flow(&k), "{k:?}");
+            assert!(
+                a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names).is_empty(),
+                "{k:?}"
+            );
+        }
+        let mut bcast = key(68, 67, IPPROTO_UDP);
+        bcast.dst_addr[..4].copy_from_slice(&[255, 255, 255, 255]);
+        assert!(!is_pod_flow(&bcast));
+        assert_eq!(a.active_flows(), 0);
+        // A pod's own ICMPv6 echo, or TCP over IPv6, stays.
+        assert!(is_pod_flow(&v6("fd00::2", "fd00::9", IPPROTO_ICMPV6, 128, 0)));
+        assert!(is_pod_flow(&v6("fd00::2", "fd00::9", IPPROTO_TCP, 40000, 443)));
+        assert!(is_pod_flow(&key(40000, 8080, IPPROTO_TCP)));
+    }
+
+    #[test]
+    fn a_flow_whose_counts_stop_changing_still_ends_with_a_final_record() {
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            update_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            ..Default::default()
+        });
+        let k = key(40000, 8080, IPPROTO_TCP);
+        let new = a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names);
+        let stats = DropStats {
+            packets: 4,
+            bytes: 240,
+            tcp_flags: tcp_flags::SYN,
+            ifindex: 7,
+            ..DropStats::default()
+        };
+        a.handle(drop_counts(k, stats, t(0), t(2)), t(2), &reasons(), &no_names);
+        // The update carries the final counts; later scans see no change.
+        let update = a.tick(t(3), &reasons(), &no_names).records;
+        assert_eq!(update.len(), 1);
+        assert_eq!((update[0].lifecycle, update[0].packets), (Lifecycle::Update, 4));
+        a.handle(drop_counts(k, stats, t(0), t(2)), t(6), &reasons(), &no_names);
+        assert!(a.tick(t(6), &reasons(), &no_names).records.is_empty());
+        let last = a.tick(t(13), &reasons(), &no_names).records;
+        assert_eq!(last.len(), 1, "quiet for the idle timeout: its FINAL record");
+        assert_eq!(
+            (last[0].lifecycle, last[0].packets, last[0].uuid.as_str()),
+            (Lifecycle::Final, 4, new[0].uuid.as_str())
+        );
+        assert_eq!(a.active_flows(), 0);
+    }
+
+    #[test]
     fn drop_then_timeout_is_one_dropped_flow_with_exact_counts() {
         let cfg = AssemblerConfig {
             update_interval: Duration::from_secs(5),
@@ -971,7 +1064,12 @@ mod tests {
         assert_eq!(r.lifecycle, Lifecycle::Update);
         // Quiet: forgotten, kernel entries handed back for removal.
         let fin = a.tick(t(40), &reasons(), &no_names);
-        assert!(fin.records.is_empty(), "nothing changed since the update");
+        assert_eq!(fin.records.len(), 1, "the flow ends with a FINAL record");
+        assert_eq!(
+            (fin.records[0].lifecycle, fin.records[0].packets),
+            (Lifecycle::Final, 3),
+            "with the counts of its last update"
+        );
         assert!(
             fin.finished_drop_keys
                 .iter()

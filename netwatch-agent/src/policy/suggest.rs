@@ -208,11 +208,25 @@ fn policy_for(
             subject_selector.leftovers.join(", ")
         ));
     }
-    let ports = Some(vec![NetworkPolicyPort {
-        protocol: Some(protocol.as_str().to_string()),
-        port: Some(IntOrString::Int(i32::from(port))),
-        end_port: None,
-    }]);
+    // DNS is UDP and TCP on 53 (TCP for large answers and zone transfers):
+    // a fix that allows one leaves the other failing, which lint reports.
+    let dns = port == 53 && matches!(protocol, Protocol::Udp | Protocol::Tcp);
+    let protocols: &[Protocol] = if dns {
+        &[Protocol::Udp, Protocol::Tcp]
+    } else {
+        std::slice::from_ref(&protocol)
+    };
+    let ports = Some(
+        protocols
+            .iter()
+            .map(|p| NetworkPolicyPort {
+                protocol: Some(p.as_str().to_string()),
+                port: Some(IntOrString::Int(i32::from(port))),
+                end_port: None,
+            })
+            .collect(),
+    );
+    let protocol = if dns { "UDP+TCP" } else { protocol.as_str() };
     let other_name = display(other);
     let (name, spec) = match direction {
         Direction::Ingress => (
@@ -220,7 +234,7 @@ fn policy_for(
                 "allow-{}-to-{}-{port}-{}-ingress",
                 short_name(workloads, other),
                 short_name(workloads, subject),
-                protocol.as_str()
+                protocol.replace('+', "-")
             ),
             NetworkPolicySpec {
                 pod_selector: Some(subject_selector.selector),
@@ -237,7 +251,7 @@ fn policy_for(
                 "allow-{}-to-{}-{port}-{}-egress",
                 short_name(workloads, subject),
                 short_name(workloads, other),
-                protocol.as_str()
+                protocol.replace('+', "-")
             ),
             NetworkPolicySpec {
                 pod_selector: Some(subject_selector.selector),
