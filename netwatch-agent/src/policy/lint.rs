@@ -451,7 +451,7 @@ impl Linter<'_> {
         }
 
         // spec.podSelector selects no pod.
-        let own_pods = self.pods_in(&r.namespace);
+        let own_pods = self.pods_in(r.namespace_or_empty());
         let selected: Vec<u32> = own_pods
             .iter()
             .copied()
@@ -467,11 +467,12 @@ impl Linter<'_> {
                 LintCheck::PodSelectorMatchesNothing,
                 format!(
                     "spec.podSelector {} selects no pod in {}: the policy has no effect",
-                    policy.pod_selector, r.namespace
+                    policy.pod_selector,
+                    r.namespace_or_empty()
                 ),
                 format!(
                     "match the labels of the pods you mean; pods in {} have {}",
-                    r.namespace,
+                    r.namespace_or_empty(),
                     self.label_sets(&own_pods)
                 ),
             );
@@ -540,7 +541,7 @@ impl Linter<'_> {
                     namespaces, pods, ..
                 } => {
                     let namespaces: Vec<String> = match namespaces {
-                        NamespaceScope::PolicyNamespace => vec![policy.reference.namespace.clone()],
+                        NamespaceScope::PolicyNamespace => vec![policy.reference.namespace_or_empty().to_string()],
                         NamespaceScope::Selector(sel) => {
                             let matched: Vec<String> = engine
                                 .model
@@ -725,7 +726,7 @@ impl Linter<'_> {
                             rule.peers.iter().any(|p| {
                                 !matches!(p, PeerMatcher::IpBlock(_))
                                     && engine.peer_matches(
-                                        &policy.reference.namespace,
+                                        policy.reference.namespace_or_empty(),
                                         p,
                                         &end,
                                         None,
