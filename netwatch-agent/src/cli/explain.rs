@@ -186,7 +186,7 @@ pub fn run_with(
         // Stdout carries only YAML, so `| kubectl apply -f -` works.
         write_verdict(err, &verdict, args.output)?;
         let suggestion = suggest(&engine, &snapshot, &from, &to, port, args.protocol)?;
-        if suggestion.policies.is_empty() {
+        if suggestion.is_empty() {
             writeln!(err, "nothing to suggest: the flow is already allowed")?;
         } else {
             write!(out, "{}", suggestion.to_yaml())?;
