@@ -430,3 +430,57 @@ fn the_matrix_json_mixes_every_kind_in_the_same_row_format() {
     assert_eq!(cell("prod/web", "prod/api", 8080), "ALLOWED"); // NetworkPolicy
     assert_eq!(cell("data/postgres", "prod/api", 8080), "DENIED"); // NetworkPolicy isolates api
 }
+
+#[test]
+fn lint_finds_the_mistakes_that_only_show_when_tiers_combine() {
+    use netwatch::policy::{LintCheck, lint};
+    let policies = format!(
+        "{}{}{}{}{}",
+        np(
+            "web-to-db",
+            "prod",
+            "podSelector: {matchLabels: {app: web}}\npolicyTypes: [Egress]\negress: [{to: [{namespaceSelector: {}}], ports: [{port: 5432}]}]"
+        ),
+        cnp("sensitive", "Admin", 10, PROD_TO_DATA_DENY),
+        cnp(
+            "same-priority",
+            "Admin",
+            10,
+            "subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: api}}}}\negress:\n- {action: Accept, to: [{namespaces: {}}]}"
+        ),
+        cnp(
+            "useless-pass",
+            "Baseline",
+            1,
+            "subject: {namespaces: {matchLabels: {team: shop}}}\ningress:\n- {name: pass-ops, action: Pass, from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: data}}}]}"
+        ),
+        cnp(
+            "typo",
+            "Admin",
+            500,
+            "subject: {namespaces: {matchLabels: {team: shopp}}}\negress:\n- {action: Deny, to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: nope}}}}]}"
+        ),
+    );
+    let findings = lint(&snapshot(&policies));
+    let of = |check: LintCheck| -> Vec<String> {
+        findings
+            .iter()
+            .filter(|f| f.check == check)
+            .map(|f| format!("{}: {}", f.policy.as_ref().map(ToString::to_string).unwrap_or_default(), f.message))
+            .collect()
+    };
+    let shadow = of(LintCheck::ClusterDenyShadowsNetworkPolicy);
+    assert_eq!(shadow.len(), 1, "{findings:#?}");
+    assert!(shadow[0].contains("sensitive") && shadow[0].contains("prod/web-to-db"), "{shadow:?}");
+    let order = of(LintCheck::UndefinedPriorityOrder);
+    assert_eq!(order.len(), 1, "{findings:#?}");
+    assert!(order[0].contains("prod/api"), "{order:?}");
+    let pass = of(LintCheck::PassChangesNothing);
+    assert_eq!(pass.len(), 1, "{findings:#?}");
+    assert!(pass[0].contains("useless-pass"), "{pass:?}");
+    let nothing = of(LintCheck::ClusterSelectorMatchesNothing);
+    assert!(nothing.iter().any(|m| m.contains("typo") && m.contains("matches no namespace")), "{nothing:?}");
+    assert!(nothing.iter().any(|m| m.contains("typo") && m.contains("selects no pod")), "{nothing:?}");
+    // The clean parts of the manifests raise nothing of these kinds.
+    assert!(!format!("{findings:?}").contains("web-to-db\" has no effect"));
+}

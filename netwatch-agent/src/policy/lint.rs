@@ -1,4 +1,5 @@
-//! The NetworkPolicy mistakes behind real outages, found before they ship.
+//! The NetworkPolicy mistakes behind real outages, found before they ship
+//! (the cluster tiers' own checks are in [`super::api::cluster`]'s lint).
 //!
 //! Pods come from the manifests' Pods and, for workloads without Pods in the
 //! manifests, from their pod templates (Deployment, StatefulSet, DaemonSet,
@@ -67,6 +68,16 @@ pub enum LintCheck {
     RulesIgnoredByPolicyTypes,
     /// An ipBlock covers pod IPs, pod CIDRs or service IPs.
     IpBlockCoversCluster,
+    /// An Admin-tier Deny denies traffic a NetworkPolicy allows.
+    ClusterDenyShadowsNetworkPolicy,
+    /// Two cluster policies of one tier and priority select the same pods.
+    UndefinedPriorityOrder,
+    /// A Pass rule no later rule of its tier would have matched.
+    PassChangesNothing,
+    /// A cluster policy's subject or peer selects nothing.
+    ClusterSelectorMatchesNothing,
+    /// A domainNames peer, which netwatch cannot judge.
+    DomainNamesNotEvaluated,
 }
 
 impl fmt::Display for LintCheck {
@@ -163,6 +174,7 @@ pub fn lint_with(snapshot: &ClusterSnapshot, options: &LintOptions) -> Vec<Findi
     for policy in &engine.policies {
         lint.policy(policy, &mut findings);
     }
+    super::api::cluster::lint(&engine, &mut findings);
     findings.sort_by(|a, b| {
         a.policy
             .cmp(&b.policy)

@@ -40,6 +40,7 @@
 
 mod compile;
 mod evaluate;
+mod lint;
 pub mod types;
 
 pub use compile::{
@@ -48,4 +49,5 @@ pub use compile::{
     compile_cluster_network_policy,
 };
 pub(crate) use evaluate::{ADMIN_TIER, BASELINE_TIER, ClusterPolicies};
+pub(crate) use lint::lint;
 pub use types::{AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy};
