@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::{
     cluster::ClusterSnapshot,
-    flow::record::{FlowRecord, L4, PolicyRef as HubblePolicy, Verdict},
+    flow::record::{FlowRecord, L4, Verdict},
     identity::{
         CgroupIndex, Endpoint, IdentityCache, IdentityConfig, IpResolution, PodIdentity,
         ServiceReadiness,
@@ -317,23 +317,12 @@ fn ip_protocol(p: Protocol) -> u8 {
     }
 }
 
-fn hubble_policies(refs: &[policy::PolicyRef]) -> Vec<HubblePolicy> {
-    refs.iter()
-        .map(|p| HubblePolicy {
-            name: p.name.clone(),
-            namespace: p.namespace.clone(),
-            kind: "NetworkPolicy".into(),
-            ..HubblePolicy::default()
-        })
-        .collect()
-}
-
 /// Write a policy verdict into a record.
 fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
-    r.egress_allowed_by = hubble_policies(&v.egress.allowed_by);
-    r.ingress_allowed_by = hubble_policies(&v.ingress.allowed_by);
-    r.egress_denied_by = hubble_policies(&v.egress.denied_by);
-    r.ingress_denied_by = hubble_policies(&v.ingress.denied_by);
+    r.egress_allowed_by = v.egress.allowed_by.clone();
+    r.ingress_allowed_by = v.ingress.allowed_by.clone();
+    r.egress_denied_by = v.egress.denied_by.clone();
+    r.ingress_denied_by = v.ingress.denied_by.clone();
     r.near_misses = v
         .egress
         .near_misses

@@ -13,12 +13,22 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 
+use crate::policy::api::cluster::{
+    AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
+};
+
 /// Every object kind netwatch reads, as typed Kubernetes objects.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub network_policies: Vec<NetworkPolicy>,
+    /// policy.networking.k8s.io/v1alpha2, tiers Admin and Baseline.
+    pub cluster_network_policies: Vec<ClusterNetworkPolicy>,
+    /// policy.networking.k8s.io/v1alpha1, the Admin tier.
+    pub admin_network_policies: Vec<AdminNetworkPolicy>,
+    /// policy.networking.k8s.io/v1alpha1, the Baseline tier (only `default`).
+    pub baseline_admin_network_policies: Vec<BaselineAdminNetworkPolicy>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,

@@ -7,7 +7,9 @@
 //!
 //! Kinds netwatch reads: Namespace, Pod, NetworkPolicy, Service,
 //! EndpointSlice, Node, Deployment, ReplicaSet, StatefulSet, DaemonSet, Job,
-//! CronJob. Other kinds are skipped with a warning. A namespaced object
+//! CronJob, and the cluster policies of policy.networking.k8s.io:
+//! ClusterNetworkPolicy (v1alpha2), AdminNetworkPolicy and
+//! BaselineAdminNetworkPolicy (v1alpha1), checked as their CRDs check them. Other kinds are skipped with a warning. A namespaced object
 //! without a namespace lands in `default`, as `kubectl apply` would put it;
 //! an object that appears twice replaces the earlier one.
 //!
@@ -26,6 +28,10 @@ use serde_yaml::Value;
 
 use crate::cluster::ClusterSnapshot;
 use crate::policy;
+use crate::policy::api::cluster::types as cluster_types;
+use crate::policy::api::cluster::{
+    AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
+};
 
 /// Why manifests could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -414,6 +420,27 @@ impl Loader {
                 }
                 push(&mut s.network_policies, ix, np, true);
             }
+            "ClusterNetworkPolicy" => {
+                let cnp: ClusterNetworkPolicy = typed(value, origin, &object)?;
+                if let Err(p) = policy::check_cluster_network_policy(&cnp) {
+                    return Err(origin.invalid(&object, &p.field, p.problem, p.fix));
+                }
+                push(&mut s.cluster_network_policies, ix, cnp, false);
+            }
+            "AdminNetworkPolicy" => {
+                let anp: AdminNetworkPolicy = typed(value, origin, &object)?;
+                if let Err(p) = policy::check_admin_network_policy(&anp) {
+                    return Err(origin.invalid(&object, &p.field, p.problem, p.fix));
+                }
+                push(&mut s.admin_network_policies, ix, anp, false);
+            }
+            "BaselineAdminNetworkPolicy" => {
+                let banp: BaselineAdminNetworkPolicy = typed(value, origin, &object)?;
+                if let Err(p) = policy::check_baseline_admin_network_policy(&banp) {
+                    return Err(origin.invalid(&object, &p.field, p.problem, p.fix));
+                }
+                push(&mut s.baseline_admin_network_policies, ix, banp, false);
+            }
             "Service" => push(&mut s.services, ix, typed(value, origin, &object)?, true),
             "EndpointSlice" => push(
                 &mut s.endpoint_slices,
@@ -461,6 +488,8 @@ fn api_version_of(kind: &str) -> Option<&'static str> {
         "EndpointSlice" => "discovery.k8s.io/v1",
         "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => "apps/v1",
         "Job" | "CronJob" => "batch/v1",
+        "ClusterNetworkPolicy" => cluster_types::V1ALPHA2,
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => cluster_types::V1ALPHA1,
         _ => return None,
     })
 }

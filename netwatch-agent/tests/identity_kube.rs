@@ -43,6 +43,23 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
     ("/apis/apps/v1/daemonsets", "apps/v1", "DaemonSetList"),
     ("/apis/batch/v1/jobs", "batch/v1", "JobList"),
     ("/apis/batch/v1/cronjobs", "batch/v1", "CronJobList"),
+    // Installed in this mock cluster:
+    (
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "policy.networking.k8s.io/v1alpha2",
+        "ClusterNetworkPolicyList",
+    ),
+    // Not installed (404): must not hold readiness back.
+    (
+        "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
+        "policy.networking.k8s.io/v1alpha1",
+        "AdminNetworkPolicyList",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies",
+        "policy.networking.k8s.io/v1alpha1",
+        "BaselineAdminNetworkPolicyList",
+    ),
 ];
 
 fn pod(name: &str, ip: &str) -> Value {
@@ -153,6 +170,30 @@ async fn serve(mut handle: Handle, api: Arc<Mutex<MockApi>>, pod_watches: mpsc::
                              "sessionAffinity": "None", "internalTrafficPolicy": "Cluster"}
                 })],
             ))),
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => {
+                Response::new(Body::from(list(
+                    api_version,
+                    kind,
+                    "1",
+                    vec![json!({
+                        "apiVersion": api_version, "kind": "ClusterNetworkPolicy",
+                        "metadata": {"name": "deny-db", "resourceVersion": "1"},
+                        "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                                 "egress": [{"action": "Deny", "to": [{"namespaces": {"matchLabels": {"team": "data"}}}]}]}
+                    })],
+                )))
+            }
+            p if p.starts_with("/apis/policy.networking.k8s.io/v1alpha1/") => Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Body::from(
+                    serde_json::to_vec(&status(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    ))
+                    .unwrap(),
+                ))
+                .unwrap(),
             _ => Response::new(Body::from(list(api_version, kind, "1", vec![]))),
         };
         send.send_response(response);
@@ -229,6 +270,15 @@ async fn watchers_list_watch_relist_after_410_and_recover_from_403() {
     let first = snapshot_where(&mut snapshots, "alpha", |s| pod_names(s) == ["alpha"]).await;
     assert_eq!(first.namespaces.len(), 1);
     assert_eq!(first.services.len(), 1);
+    // The installed cluster-policy CRD is read; the missing ones are empty
+    // and did not hold readiness back.
+    assert_eq!(first.cluster_network_policies.len(), 1);
+    assert_eq!(
+        first.cluster_network_policies[0].metadata.name.as_deref(),
+        Some("deny-db")
+    );
+    assert!(first.admin_network_policies.is_empty());
+    assert!(first.baseline_admin_network_policies.is_empty());
     // Stored objects are stripped: no annotations, managed fields or images.
     let alpha = &first.pods[0];
     assert!(alpha.metadata.annotations.is_none());

@@ -90,10 +90,7 @@ fn policy(name: &str, namespace: &str, spec: &str) -> String {
 }
 
 fn r(namespace: &str, name: &str) -> PolicyRef {
-    PolicyRef {
-        namespace: namespace.into(),
-        name: name.into(),
-    }
+    PolicyRef::network_policy(namespace, name)
 }
 
 // --- isolation and directions ---

@@ -10,7 +10,7 @@ use clap::Args;
 use super::{CliError, OutputFormat};
 use crate::manifests;
 use crate::policy::{
-    DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, MatrixEntry, Peer,
+    DirectionVerdict, Tier, Endpoint, EndpointKind, EngineOptions, FlowVerdict, MatrixEntry, Peer,
     PolicyEngine, Protocol, Verdict, connectivity_matrix, suggest,
 };
 
@@ -209,7 +209,7 @@ pub fn run_with(
         // Stdout carries only YAML, so `| kubectl apply -f -` works.
         write_verdict(err, &verdict, args.output)?;
         let suggestion = suggest(&engine, &snapshot, &from, &to, port, args.protocol)?;
-        if suggestion.policies.is_empty() {
+        if suggestion.is_empty() {
             writeln!(err, "nothing to suggest: the flow is already allowed")?;
         } else {
             write!(out, "{}", suggestion.to_yaml())?;
@@ -379,11 +379,26 @@ fn direction_text(name: &str, subject: &Endpoint, d: &DirectionVerdict) -> Strin
             name.trim()
         ),
         (true, Verdict::Allowed) => format!("{name} ALLOWED by {}\n", list(&d.allowed_by)),
+        (true, Verdict::Denied) if d.decided_in != Some(Tier::NetworkPolicy) => format!(
+            "{name} DENIED by {}\n",
+            list(&d.denied_by)
+        ),
         (true, Verdict::Denied) => format!(
             "{name} DENIED: {subject} is isolated by {}\n",
             list(&d.denied_by)
         ),
     };
+    // With cluster policies, the per-tier walkthrough:
+    //   Admin: PASS by ClusterNetworkPolicy ns-isolation rule 2
+    //   NetworkPolicy: isolated by prod/default-deny, nothing allows -> DENY
+    if d.tiers.iter().any(|t| t.tier != Tier::NetworkPolicy) {
+        for step in &d.tiers {
+            s.push_str(&format!("  {}\n", step.describe()));
+        }
+        if d.decided_in.is_none() {
+            s.push_str("  no tier decided -> ALLOWED (the default)\n");
+        }
+    }
     for miss in &d.near_misses {
         s.push_str(&format!("  near miss: {miss}\n"));
     }

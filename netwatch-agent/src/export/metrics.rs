@@ -280,7 +280,7 @@ struct FlowState {
     /// The drop counters this flow counts into.
     drop_series: Option<DropSeries>,
     /// Denying policies already counted: (ingress, namespace, name).
-    counted_policies: Vec<(bool, String, String)>,
+    counted_policies: Vec<(bool, crate::record::PolicyRef)>,
     unenriched_counted: bool,
 }
 
@@ -446,8 +446,8 @@ impl MetricsRegistry {
         )?;
         let policy_denials = counter_vec(
             "netwatch_policy_denials_total",
-            "Denied flows attributed to a NetworkPolicy, by the denying policy and the side it isolates.",
-            &["direction", "policy_namespace", "policy"],
+            "Denied flows attributed to a policy, by the denying policy (its kind, namespace if any, and name) and the side it isolates.",
+            &["direction", "policy_kind", "policy_namespace", "policy"],
         )?;
         let dns_failures = counter_vec(
             "netwatch_dns_failures_total",
@@ -727,18 +727,23 @@ impl MetricsRegistry {
             .map(|p| (false, p))
             .chain(r.ingress_denied_by.iter().map(|p| (true, p)));
         for (ingress, p) in denied_by {
+            // One count per policy and side, whichever of its rules decided.
+            let policy = p.policy();
             let seen = state
                 .counted_policies
                 .iter()
-                .any(|(i, ns, n)| *i == ingress && *ns == p.namespace && *n == p.name);
+                .any(|(i, q)| *i == ingress && *q == policy);
             if !seen {
-                state
-                    .counted_policies
-                    .push((ingress, p.namespace.clone(), p.name.clone()));
                 let direction = if ingress { "ingress" } else { "egress" };
                 self.policy_denials
-                    .with_label_values(&[direction, &p.namespace, &p.name])
+                    .with_label_values(&[
+                        direction,
+                        policy.kind.as_str(),
+                        policy.namespace_or_empty(),
+                        &policy.name,
+                    ])
                     .inc();
+                state.counted_policies.push((ingress, policy));
             }
         }
         if r.unenriched && !state.unenriched_counted {

@@ -13,6 +13,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Endpoint;
+pub use crate::record::PolicyRef;
+use crate::record::policy::{deserialize_record_list, serialize_record_list};
 
 /// What happened to a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -215,19 +217,6 @@ pub struct Interface {
     pub name: String,
 }
 
-/// A NetworkPolicy that allowed or denied a flow (Hubble's `Policy`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct PolicyRef {
-    pub name: String,
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub labels: Vec<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub revision: String,
-    #[serde(default)]
-    pub kind: String,
-}
-
 /// Where in its life a flow record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -273,13 +262,35 @@ pub struct FlowRecord {
     pub interface: Option<Interface>,
     #[serde(rename = "Summary")]
     pub summary: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Hubble's `Policy` list; netwatch adds `tier` and `rule` for the
+    /// cluster-scoped kinds (see [`PolicyRef`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
     pub egress_allowed_by: Vec<PolicyRef>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
     pub ingress_allowed_by: Vec<PolicyRef>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
     pub egress_denied_by: Vec<PolicyRef>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
     pub ingress_denied_by: Vec<PolicyRef>,
 
     // ---- netwatch additions ----
@@ -324,10 +335,11 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
-    /// The denying policies as `namespace/name [egress|ingress]`, egress
+    /// The denying policies as `namespace/name [egress|ingress]` (cluster
+    /// policies as `Kind name rule N [egress]`), egress
     /// first (the order a CNI checks them in).
     pub fn denied_by_labels(&self) -> Vec<String> {
-        let label = |p: &PolicyRef, side: &str| format!("{}/{} [{side}]", p.namespace, p.name);
+        let label = |p: &PolicyRef, side: &str| format!("{p} [{side}]");
         self.egress_denied_by
             .iter()
             .map(|p| label(p, "egress"))

@@ -1,5 +1,9 @@
 //! The live cluster as a channel of [`ClusterSnapshot`]s: kube-rs watchers
-//! for every kind netwatch reads.
+//! for every kind netwatch reads, including the cluster policies of
+//! policy.networking.k8s.io (ClusterNetworkPolicy, AdminNetworkPolicy,
+//! BaselineAdminNetworkPolicy), which are CRDs a cluster may not have: a
+//! kind not installed is logged once, counts as listed and empty, and is
+//! picked up when its CRD appears.
 //!
 //! Each kind runs `watcher -> default_backoff -> modify(strip)`: the watcher
 //! lists then watches, re-lists when the API says the watch is too old (410
@@ -61,6 +65,9 @@ use tokio::{
 };
 
 use crate::cluster::ClusterSnapshot;
+use crate::policy::api::cluster::{
+    AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
+};
 
 /// How many events may wait for the publishing task before watchers pause.
 const EVENT_QUEUE: usize = 4096;
@@ -236,6 +243,9 @@ snapshot_kinds! {
     DaemonSet => daemon_sets,
     Job => jobs,
     CronJob => cron_jobs,
+    ClusterNetworkPolicy => cluster_network_policies,
+    AdminNetworkPolicy => admin_network_policies,
+    BaselineAdminNetworkPolicy => baseline_admin_network_policies,
 }
 
 /// Where each object of one kind sits in the snapshot's list, and the
@@ -399,13 +409,34 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             });
             j.status = None;
         }),
-        watch_kind(client, events_tx, |c: &mut CronJob| {
+        watch_kind(client.clone(), events_tx.clone(), |c: &mut CronJob| {
             strip_meta(&mut c.metadata);
             c.spec = c.spec.take().map(|s| CronJobSpec {
                 schedule: s.schedule,
                 ..CronJobSpec::default()
             });
             c.status = None;
+        }),
+        // The cluster policies are CRDs a cluster may not have installed.
+        watch_optional_kind(
+            client.clone(),
+            events_tx.clone(),
+            |p: &mut ClusterNetworkPolicy| {
+                strip_meta(&mut p.metadata);
+                p.status = None;
+            },
+        ),
+        watch_optional_kind(
+            client.clone(),
+            events_tx.clone(),
+            |p: &mut AdminNetworkPolicy| {
+                strip_meta(&mut p.metadata);
+                p.status = None;
+            },
+        ),
+        watch_optional_kind(client, events_tx, |p: &mut BaselineAdminNetworkPolicy| {
+            strip_meta(&mut p.metadata);
+            p.status = None;
         }),
     ];
 
@@ -474,6 +505,27 @@ fn watch_kind<K: SnapshotKind>(
     events: mpsc::Sender<ObjectEvent>,
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> JoinHandle<()> {
+    watch_kind_with(client, events, strip, false)
+}
+
+/// Like [`watch_kind`], for a kind defined by a CRD the cluster may not
+/// have: while the API answers 404 the kind counts as listed and empty (so
+/// readiness does not wait for it), logged once; the watcher keeps trying
+/// with backoff and picks the kind up once the CRD is installed.
+fn watch_optional_kind<K: SnapshotKind>(
+    client: Client,
+    events: mpsc::Sender<ObjectEvent>,
+    strip: impl FnMut(&mut K) + Send + 'static,
+) -> JoinHandle<()> {
+    watch_kind_with(client, events, strip, true)
+}
+
+fn watch_kind_with<K: SnapshotKind>(
+    client: Client,
+    events: mpsc::Sender<ObjectEvent>,
+    strip: impl FnMut(&mut K) + Send + 'static,
+    optional: bool,
+) -> JoinHandle<()> {
     let kind = K::kind(&()).into_owned();
     let api: Api<K> = Api::all(client);
     let stream = watcher(api, watcher::Config::default())
@@ -482,9 +534,29 @@ fn watch_kind<K: SnapshotKind>(
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing: HashSet<String> = HashSet::new();
+        let mut absent = false;
         while let Some(event) = stream.next().await {
             match event {
+                Err(error) if optional && not_found(&error) => {
+                    if !absent {
+                        absent = true;
+                        tracing::info!(
+                            kind = %kind,
+                            "Kubernetes API: this kind is not installed (no CRD); its policies are absent until it is"
+                        );
+                        // Listed, and empty.
+                        for event in [Event::Init, Event::InitDone] {
+                            if events.send(K::wrap(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
                 Ok(event) => {
+                    if absent && matches!(event, Event::InitDone) {
+                        tracing::info!(kind = %kind, "Kubernetes API: this kind is installed now");
+                        absent = false;
+                    }
                     if matches!(event, Event::InitDone) && !failing.is_empty() {
                         tracing::info!(kind = %kind, "Kubernetes API: watch recovered");
                         failing.clear();
@@ -506,6 +578,17 @@ fn watch_kind<K: SnapshotKind>(
             }
         }
     })
+}
+
+/// Whether the API says the resource does not exist (a CRD not installed).
+fn not_found(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s))
+            if s.code == 404
+    )
 }
 
 /// A key that groups errors of the same cause, so each is logged once.

@@ -20,7 +20,10 @@ use serde::Serialize;
 use serde::ser::SerializeStruct;
 
 use super::PolicyError;
+use super::api::cluster::ClusterPolicies;
 use super::explain;
+use super::verdict::{Decision, Outcome, TierStep};
+use crate::record::Tier;
 use super::model::{
     ClusterModel, CompiledPolicy, Direction, NamespaceModel, NamespaceScope, PeerMatcher, PodModel,
     PolicyRef, PolicyRule, PortMatcher, PortSpec, Protocol, compile_policy,
@@ -222,6 +225,12 @@ pub struct DirectionVerdict {
     pub denied_by: Vec<PolicyRef>,
     /// Per selecting policy and rule, what matched and what did not.
     pub near_misses: Vec<String>,
+    /// The tier that decided (Admin, NetworkPolicy or Baseline); `None`
+    /// when none did and the direction is allowed by default.
+    pub decided_in: Option<Tier>,
+    /// The walkthrough: what each tier said, in evaluation order, up to
+    /// the one that decided.
+    pub tiers: Vec<TierStep>,
 }
 
 impl Default for DirectionVerdict {
@@ -233,6 +242,8 @@ impl Default for DirectionVerdict {
             allowed_by: Vec::new(),
             denied_by: Vec::new(),
             near_misses: Vec::new(),
+            decided_in: None,
+            tiers: Vec::new(),
         }
     }
 }
@@ -300,6 +311,10 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 pub(crate) struct SelectionIdentity {
     pub ingress: Vec<u32>,
     pub egress: Vec<u32>,
+    /// Cluster policies (both tiers, evaluation order) with the pod as
+    /// subject and rules in that direction.
+    pub cluster_ingress: Vec<u32>,
+    pub cluster_egress: Vec<u32>,
 }
 
 /// NetworkPolicies compiled against the pods and namespaces of one snapshot.
@@ -310,6 +325,9 @@ pub struct PolicyEngine {
     /// Sorted by namespace, then name.
     pub(crate) policies: Vec<CompiledPolicy>,
     pub(crate) policies_by_namespace: HashMap<String, Vec<u32>>,
+    /// ClusterNetworkPolicies, AdminNetworkPolicies and the
+    /// BaselineAdminNetworkPolicy, in evaluation order.
+    pub(crate) cluster: ClusterPolicies,
     pub(crate) identities: Vec<SelectionIdentity>,
     /// Per pod: an index of its set of container ports (named ports resolve
     /// against it), so cache keys can tell pods with other ports apart.
@@ -402,18 +420,23 @@ impl PolicyEngine {
         let mut policies_by_namespace: HashMap<String, Vec<u32>> = HashMap::new();
         for (i, p) in policies.iter().enumerate() {
             policies_by_namespace
-                .entry(p.reference.namespace.clone())
+                .entry(p.reference.namespace_or_empty().to_string())
                 .or_default()
                 .push(i as u32);
         }
-        let ip_sensitive =
-            options.ipblock_matches_pods && policies.iter().any(CompiledPolicy::has_ip_blocks);
-        let named_ports_used = policies.iter().any(CompiledPolicy::has_named_ports);
+        let cluster = ClusterPolicies::build(snapshot)?;
+        // Cluster `networks` match pod addresses whatever the ipBlock setting.
+        let ip_sensitive = (options.ipblock_matches_pods
+            && policies.iter().any(CompiledPolicy::has_ip_blocks))
+            || cluster.uses_addresses();
+        let named_ports_used =
+            policies.iter().any(CompiledPolicy::has_named_ports) || cluster.uses_named_ports();
 
         let mut engine = PolicyEngine {
             model,
             policies,
             policies_by_namespace,
+            cluster,
             identities: Vec::new(),
             port_classes: Vec::new(),
             options,
@@ -428,16 +451,26 @@ impl PolicyEngine {
     /// Groups pods by (namespace, labels) and computes once per group which
     /// policies select it: that is the expensive part of a verdict.
     fn index_identities(&mut self) {
-        let mut index: HashMap<(u32, &Labels), u32> = HashMap::new();
+        // Host-network pods are never subjects of cluster policies, so they
+        // are an identity of their own.
+        let mut index: HashMap<(u32, &Labels, bool), u32> = HashMap::new();
         let mut identities = Vec::new();
         let mut pod_identity = Vec::with_capacity(self.model.pods.len());
         for pod in &self.model.pods {
             let id = *index
-                .entry((pod.namespace, &pod.labels))
+                .entry((pod.namespace, &pod.labels, pod.host_network))
                 .or_insert_with(|| {
-                    let ns = &self.model.namespaces[pod.namespace as usize].name;
-                    let (ingress, egress) = self.selecting_policies(ns, &pod.labels);
-                    identities.push(SelectionIdentity { ingress, egress });
+                    let namespace = &self.model.namespaces[pod.namespace as usize];
+                    let (ingress, egress) = self.selecting_policies(&namespace.name, &pod.labels);
+                    let (cluster_ingress, cluster_egress) =
+                        self.cluster
+                            .selecting(namespace, &pod.labels, pod.host_network);
+                    identities.push(SelectionIdentity {
+                        ingress,
+                        egress,
+                        cluster_ingress,
+                        cluster_egress,
+                    });
                     (identities.len() - 1) as u32
                 });
             pod_identity.push(id);
@@ -491,9 +524,15 @@ impl PolicyEngine {
         self.options
     }
 
-    /// Number of compiled policies.
+    /// Number of compiled NetworkPolicies.
     pub fn policy_count(&self) -> usize {
         self.policies.len()
+    }
+
+    /// Number of compiled cluster policies (ClusterNetworkPolicy,
+    /// AdminNetworkPolicy, BaselineAdminNetworkPolicy).
+    pub fn cluster_policy_count(&self) -> usize {
+        self.cluster.policies.len()
     }
 
     /// A number that changes every time an engine is built (caches use it to
@@ -721,48 +760,55 @@ impl PolicyEngine {
         p.rules(direction)
             .unwrap_or_default()
             .iter()
-            .any(|r| self.rule_matches(&p.reference.namespace, r, direction, flow))
+            .any(|r| self.rule_matches(p.reference.namespace_or_empty(), r, direction, flow))
     }
 
-    fn direction_allows(&self, direction: Direction, flow: &Flow<'_>) -> bool {
-        let isolating = self.isolating(flow.subject(direction), direction);
-        isolating.is_empty()
-            || isolating
-                .iter()
-                .any(|&p| self.policy_allows(p, direction, flow))
+    /// The fast path: the first tier that allows or denies decides; a
+    /// direction no tier decides is allowed.
+    pub(crate) fn direction_allows(&self, direction: Direction, flow: &Flow<'_>) -> bool {
+        for tier in self.tiers() {
+            match tier.decide(self, direction, flow) {
+                Decision::Allow => return true,
+                Decision::Deny => return false,
+                Decision::Pass | Decision::NotSelected => {}
+            }
+        }
+        true
     }
 
-    fn direction_verdict(&self, direction: Direction, flow: &Flow<'_>) -> DirectionVerdict {
-        let isolating = self.isolating(flow.subject(direction), direction);
-        if isolating.is_empty() {
-            return DirectionVerdict::default();
+    /// The explaining path: the walkthrough of the tiers, the policies
+    /// that decided, and for a denial the near misses of the deciding tier.
+    /// Cluster tiers without any policy are left out of the walkthrough.
+    pub(crate) fn direction_verdict(&self, direction: Direction, flow: &Flow<'_>) -> DirectionVerdict {
+        let mut verdict = DirectionVerdict::default();
+        for tier in self.tiers() {
+            if tier.tier() != Tier::NetworkPolicy && tier.is_empty(self) {
+                continue;
+            }
+            let step = tier.judge(self, direction, flow);
+            let done = step.outcome.is_final();
+            match &step.outcome {
+                Outcome::Allow(by) => {
+                    verdict.isolated = true;
+                    verdict.verdict = Verdict::Allowed;
+                    verdict.allowed_by = by.clone();
+                    verdict.decided_in = Some(tier.tier());
+                }
+                Outcome::Deny(by) => {
+                    verdict.isolated = true;
+                    verdict.verdict = Verdict::Denied;
+                    verdict.denied_by = by.clone();
+                    verdict.near_misses = tier.near_misses(self, direction, flow);
+                    verdict.decided_in = Some(tier.tier());
+                }
+                Outcome::Pass(_) | Outcome::NotSelected => {}
+            }
+            verdict.tiers.push(step);
+            if done {
+                break;
+            }
         }
-        let allowed_by: Vec<PolicyRef> = isolating
-            .iter()
-            .filter(|&&p| self.policy_allows(p, direction, flow))
-            .map(|&p| self.policies[p as usize].reference.clone())
-            .collect();
-        if !allowed_by.is_empty() {
-            return DirectionVerdict {
-                isolated: true,
-                verdict: Verdict::Allowed,
-                allowed_by,
-                ..Default::default()
-            };
-        }
-        DirectionVerdict {
-            isolated: true,
-            verdict: Verdict::Denied,
-            allowed_by,
-            denied_by: isolating
-                .iter()
-                .map(|&p| self.policies[p as usize].reference.clone())
-                .collect(),
-            near_misses: isolating
-                .iter()
-                .flat_map(|&p| explain::near_misses(self, p, direction, flow))
-                .collect(),
-        }
+        verdict
     }
 
     pub(crate) fn decide_flow(&self, flow: &Flow<'_>) -> PolicyDecision {

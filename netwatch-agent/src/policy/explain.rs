@@ -9,6 +9,7 @@ use super::model::{
     Direction, NAMESPACE_NAME_LABEL, NamespaceScope, PeerMatcher, PolicyRef, PolicyRule, PortSpec,
 };
 use super::selector::CompiledSelector;
+use crate::record::Tier;
 
 /// What the other end is called from the point of view of `direction`.
 fn role(direction: Direction) -> &'static str {
@@ -68,7 +69,7 @@ fn rule_miss(
     } else if let Some(peer) = rule
         .peers
         .iter()
-        .find(|m| engine.peer_matches(&policy.namespace, m, other, flow.family_hint))
+        .find(|m| engine.peer_matches(policy.namespace_or_empty(), m, other, flow.family_hint))
     {
         let _ = write!(out, "peer {peer} matches the {who}");
     } else {
@@ -79,7 +80,7 @@ fn rule_miss(
             peer_miss(
                 out,
                 engine,
-                &policy.namespace,
+                policy.namespace_or_empty(),
                 m,
                 other,
                 who,
@@ -290,14 +291,28 @@ pub(crate) fn sentence(v: &FlowVerdict) -> String {
     let traffic = format!("{}/{}", v.port, v.protocol);
     if v.verdict == Verdict::Denied {
         let mut parts = Vec::new();
-        if v.ingress.verdict == Verdict::Denied {
+        // A cluster policy's Deny rule decides by itself; no isolation.
+        for (d, side) in [(&v.ingress, "ingress"), (&v.egress, "egress")] {
+            if d.verdict == Verdict::Denied
+                && let Some(tier @ (Tier::Admin | Tier::Baseline)) = d.decided_in
+            {
+                parts.push(format!(
+                    "{} ({tier} tier) denies {side} {src} -> {dst} on {traffic}",
+                    list(&d.denied_by)
+                ));
+            }
+        }
+        let by_network_policy = |d: &super::evaluate::DirectionVerdict| {
+            d.verdict == Verdict::Denied && d.decided_in == Some(Tier::NetworkPolicy)
+        };
+        if by_network_policy(&v.ingress) {
             parts.push(format!(
                 "{} {} {dst} for ingress; no policy allows {src} on {traffic}",
                 list(&v.ingress.denied_by),
                 isolate_verb(v.ingress.denied_by.len())
             ));
         }
-        if v.egress.verdict == Verdict::Denied {
+        if by_network_policy(&v.egress) {
             parts.push(format!(
                 "{} {} {src} for egress; no policy allows egress to {dst} on {traffic}",
                 list(&v.egress.denied_by),
@@ -311,13 +326,25 @@ pub(crate) fn sentence(v: &FlowVerdict) -> String {
             "{src} -> {dst} on {traffic} is allowed: no NetworkPolicy isolates {src} for egress or {dst} for ingress"
         );
     }
+    let by_tier = |d: &super::evaluate::DirectionVerdict| match d.decided_in {
+        Some(tier @ (Tier::Admin | Tier::Baseline)) => format!(" ({tier} tier)"),
+        _ => String::new(),
+    };
     let egress = if v.egress.isolated {
-        format!("egress allowed by {}", list(&v.egress.allowed_by))
+        format!(
+            "egress allowed by {}{}",
+            list(&v.egress.allowed_by),
+            by_tier(&v.egress)
+        )
     } else {
         format!("{src} is not isolated for egress")
     };
     let ingress = if v.ingress.isolated {
-        format!("ingress allowed by {}", list(&v.ingress.allowed_by))
+        format!(
+            "ingress allowed by {}{}",
+            list(&v.ingress.allowed_by),
+            by_tier(&v.ingress)
+        )
     } else {
         format!("{dst} is not isolated for ingress")
     };

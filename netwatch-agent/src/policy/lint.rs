@@ -1,4 +1,5 @@
-//! The NetworkPolicy mistakes behind real outages, found before they ship.
+//! The NetworkPolicy mistakes behind real outages, found before they ship
+//! (the cluster tiers' own checks are in [`super::api::cluster`]'s lint).
 //!
 //! Pods come from the manifests' Pods and, for workloads without Pods in the
 //! manifests, from their pod templates (Deployment, StatefulSet, DaemonSet,
@@ -67,6 +68,16 @@ pub enum LintCheck {
     RulesIgnoredByPolicyTypes,
     /// An ipBlock covers pod IPs, pod CIDRs or service IPs.
     IpBlockCoversCluster,
+    /// An Admin-tier Deny denies traffic a NetworkPolicy allows.
+    ClusterDenyShadowsNetworkPolicy,
+    /// Two cluster policies of one tier and priority select the same pods.
+    UndefinedPriorityOrder,
+    /// A Pass rule no later rule of its tier would have matched.
+    PassChangesNothing,
+    /// A cluster policy's subject or peer selects nothing.
+    ClusterSelectorMatchesNothing,
+    /// A domainNames peer, which netwatch cannot judge.
+    DomainNamesNotEvaluated,
 }
 
 impl fmt::Display for LintCheck {
@@ -163,6 +174,7 @@ pub fn lint_with(snapshot: &ClusterSnapshot, options: &LintOptions) -> Vec<Findi
     for policy in &engine.policies {
         lint.policy(policy, &mut findings);
     }
+    super::api::cluster::lint(&engine, &mut findings);
     findings.sort_by(|a, b| {
         a.policy
             .cmp(&b.policy)
@@ -451,7 +463,7 @@ impl Linter<'_> {
         }
 
         // spec.podSelector selects no pod.
-        let own_pods = self.pods_in(&r.namespace);
+        let own_pods = self.pods_in(r.namespace_or_empty());
         let selected: Vec<u32> = own_pods
             .iter()
             .copied()
@@ -467,11 +479,12 @@ impl Linter<'_> {
                 LintCheck::PodSelectorMatchesNothing,
                 format!(
                     "spec.podSelector {} selects no pod in {}: the policy has no effect",
-                    policy.pod_selector, r.namespace
+                    policy.pod_selector,
+                    r.namespace_or_empty()
                 ),
                 format!(
                     "match the labels of the pods you mean; pods in {} have {}",
-                    r.namespace,
+                    r.namespace_or_empty(),
                     self.label_sets(&own_pods)
                 ),
             );
@@ -540,7 +553,7 @@ impl Linter<'_> {
                     namespaces, pods, ..
                 } => {
                     let namespaces: Vec<String> = match namespaces {
-                        NamespaceScope::PolicyNamespace => vec![policy.reference.namespace.clone()],
+                        NamespaceScope::PolicyNamespace => vec![policy.reference.namespace_or_empty().to_string()],
                         NamespaceScope::Selector(sel) => {
                             let matched: Vec<String> = engine
                                 .model
@@ -725,7 +738,7 @@ impl Linter<'_> {
                             rule.peers.iter().any(|p| {
                                 !matches!(p, PeerMatcher::IpBlock(_))
                                     && engine.peer_matches(
-                                        &policy.reference.namespace,
+                                        policy.reference.namespace_or_empty(),
                                         p,
                                         &end,
                                         None,

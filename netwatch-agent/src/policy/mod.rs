@@ -1,5 +1,21 @@
-//! Exact networking.k8s.io/v1 NetworkPolicy semantics: verdicts, the
-//! policies behind them, near misses, the smallest fix, and lint.
+//! Exact policy semantics, tier by tier: verdicts, the policies and rules
+//! behind them, near misses, the smallest fix, and lint.
+//!
+//! Each direction of a flow (the source's egress, the destination's
+//! ingress) is judged by an ordered list of tiers ([`tiers`]), each one
+//! policy API ([`api`]) answering Allow, Deny, Pass or NotSelected
+//! ([`Outcome`]):
+//!
+//! ```text
+//! Admin tier          ClusterNetworkPolicy tier Admin, AdminNetworkPolicy
+//!   -> NetworkPolicy  networking.k8s.io/v1, for pods it isolates
+//!   -> Baseline tier  ClusterNetworkPolicy tier Baseline, BaselineAdminNetworkPolicy `default`
+//!   -> allowed
+//! ```
+//!
+//! The first tier that allows or denies decides; Pass skips the rest of its
+//! tier. [`DirectionVerdict::tiers`] is the walkthrough. The cluster tiers'
+//! rules are in [`api::cluster`]; NetworkPolicy's below.
 //!
 //! Build a [`PolicyEngine`] from a [`ClusterSnapshot`](crate::cluster::ClusterSnapshot),
 //! then ask it about flows:
@@ -33,6 +49,7 @@
 //!   protocol defaults to TCP.
 //! - Addresses no pod has (nodes, the world) are matched by ipBlocks only.
 
+pub mod api;
 mod cache;
 mod evaluate;
 mod explain;
@@ -41,6 +58,8 @@ mod matrix;
 mod model;
 mod selector;
 mod suggest;
+mod tiers;
+mod verdict;
 
 pub use cache::{CacheStats, IdentityKey, VerdictCache, VerdictKey};
 pub use evaluate::{
@@ -55,6 +74,9 @@ pub use model::{
 };
 pub use selector::{CompiledSelector, LabelRequirement, Labels, render_labels};
 pub use suggest::{Suggestion, render_suggestion, suggest};
+pub use verdict::{Outcome, TierStep};
+
+pub use crate::record::{PolicyKind, RuleRef, Tier};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -62,8 +84,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 /// Errors of the policy engine.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    /// A NetworkPolicy the API server would refuse.
-    #[error("NetworkPolicy {policy}: {problem}")]
+    /// A policy the API server would refuse.
+    #[error("{} {}: {problem}", policy.kind, policy.namespace.as_ref().map(|ns| format!("{ns}/{}", policy.name)).unwrap_or_else(|| policy.name.clone()))]
     InvalidPolicy {
         policy: PolicyRef,
         problem: FieldProblem,
@@ -86,6 +108,27 @@ pub enum PolicyError {
 /// (`spec.ingress[0].from[1].ipBlock.cidr`) and how to fix it.
 pub fn check_network_policy(policy: &NetworkPolicy) -> Result<(), FieldProblem> {
     model::compile_policy(policy).map(|_| ())
+}
+
+/// Checks a ClusterNetworkPolicy as its CRD would.
+pub fn check_cluster_network_policy(
+    policy: &api::cluster::ClusterNetworkPolicy,
+) -> Result<(), FieldProblem> {
+    api::cluster::compile_cluster_network_policy(policy).map(|_| ())
+}
+
+/// Checks an AdminNetworkPolicy as its CRD would.
+pub fn check_admin_network_policy(
+    policy: &api::cluster::AdminNetworkPolicy,
+) -> Result<(), FieldProblem> {
+    api::cluster::compile_admin_network_policy(policy).map(|_| ())
+}
+
+/// Checks a BaselineAdminNetworkPolicy as its CRD would (named `default`).
+pub fn check_baseline_admin_network_policy(
+    policy: &api::cluster::BaselineAdminNetworkPolicy,
+) -> Result<(), FieldProblem> {
+    api::cluster::compile_baseline_admin_network_policy(policy).map(|_| ())
 }
 
 /// Checks what the engine reads of a pod (IPs, container ports, label keys).

@@ -143,31 +143,20 @@ impl Serialize for Protocol {
     }
 }
 
-/// A NetworkPolicy by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct PolicyRef {
-    pub namespace: String,
-    pub name: String,
-}
+pub use crate::record::PolicyRef;
 
 impl PolicyRef {
-    /// The reference to a manifest's policy: a missing namespace is
+    /// The reference to a manifest's NetworkPolicy: a missing namespace is
     /// `default`, as `kubectl apply` would make it.
     pub fn of(policy: &NetworkPolicy) -> PolicyRef {
-        PolicyRef {
-            namespace: policy
+        PolicyRef::network_policy(
+            policy
                 .metadata
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into()),
-            name: policy.metadata.name.clone().unwrap_or_default(),
-        }
-    }
-}
-
-impl fmt::Display for PolicyRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+            policy.metadata.name.clone().unwrap_or_default(),
+        )
     }
 }
 

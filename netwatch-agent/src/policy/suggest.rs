@@ -7,6 +7,12 @@
 //! until they pick only the pod's own workload, and the subject selector
 //! only pods that are already isolated, so the policy isolates nothing new.
 //! The result is checked by judging the flow again with it applied.
+//!
+//! Where a cluster policy decides, the fix goes where it decides: an
+//! Admin-tier Deny gets a policy of its own kind in the Admin tier at the
+//! closest free priority above it (Pass when the NetworkPolicy and Baseline
+//! tiers then allow the flow, else Accept); a Baseline-tier Deny gets a
+//! NetworkPolicy, which comes first.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,7 +26,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::evaluate::{EndpointKind, Peer, PolicyEngine, Resolved, Verdict};
+use super::api::cluster::types::{
+    AdminNetworkPolicySpec, AnpEgressRule, AnpIngressRule, AnpPort, AnpPortNumber,
+    ClusterNetworkPolicySpec, CnpEgressRule, CnpIngressRule, CnpPort, CnpProtocol,
+    CnpProtocolPorts, NamespacedPod, Peer as ClusterPeerSpec, Subject, V1ALPHA1, V1ALPHA2,
+};
+use super::api::cluster::{AdminNetworkPolicy, ClusterNetworkPolicy};
+use super::evaluate::{DirectionVerdict, EndpointKind, Peer, PolicyEngine, Resolved, Verdict};
+use crate::record::{PolicyKind, Tier};
 use super::model::{Direction, NAMESPACE_NAME_LABEL, Protocol};
 use super::selector::Labels;
 use super::{EngineOptions, PolicyError};
@@ -45,11 +58,24 @@ const UNSTABLE_LABELS: [&str; 9] = [
 pub struct Suggestion {
     /// Zero (the flow is already allowed), one or two policies.
     pub policies: Vec<NetworkPolicy>,
+    /// When an Admin-tier Deny decides: a ClusterNetworkPolicy that takes
+    /// the flow out of it at a higher priority (Pass when the NetworkPolicy
+    /// and Baseline tiers then allow it, else Accept).
+    pub cluster_network_policies: Vec<ClusterNetworkPolicy>,
+    /// The same, when the deciding Deny is an AdminNetworkPolicy's.
+    pub admin_network_policies: Vec<AdminNetworkPolicy>,
     /// What each policy does, and any compromise a reader must know about.
     pub notes: Vec<String>,
 }
 
 impl Suggestion {
+    /// Whether there is nothing to apply (the flow is already allowed).
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+            && self.cluster_network_policies.is_empty()
+            && self.admin_network_policies.is_empty()
+    }
+
     /// The policies as YAML documents for `kubectl apply -f -`, notes as
     /// comments.
     pub fn to_yaml(&self) -> String {
@@ -67,13 +93,29 @@ pub fn render_suggestion(suggestion: &Suggestion) -> String {
             out.push('\n');
         }
     }
-    for (i, policy) in suggestion.policies.iter().enumerate() {
+    // Serializing a typed object cannot fail; an empty document would be
+    // visible if it ever did.
+    let documents = suggestion
+        .cluster_network_policies
+        .iter()
+        .map(|p| serde_yaml::to_string(p).unwrap_or_default())
+        .chain(
+            suggestion
+                .admin_network_policies
+                .iter()
+                .map(|p| serde_yaml::to_string(p).unwrap_or_default()),
+        )
+        .chain(
+            suggestion
+                .policies
+                .iter()
+                .map(|p| serde_yaml::to_string(p).unwrap_or_default()),
+        );
+    for (i, document) in documents.enumerate() {
         if i > 0 || !out.is_empty() {
             out.push_str("---\n");
         }
-        // Serializing a typed object cannot fail; an empty document would
-        // be visible if it ever did.
-        out.push_str(&serde_yaml::to_string(policy).unwrap_or_default());
+        out.push_str(&document);
     }
     out
 }
@@ -109,6 +151,41 @@ pub fn suggest(
             Direction::Egress => (&source, &destination),
             Direction::Ingress => (&destination, &source),
         };
+        let decided = match direction {
+            Direction::Egress => &verdict.egress,
+            Direction::Ingress => &verdict.ingress,
+        };
+        // Where the Deny happens is where the fix goes: a NetworkPolicy
+        // cannot override the Admin tier; the Baseline tier yields to any
+        // NetworkPolicy that selects the pod.
+        let isolates_new = match decided.decided_in {
+            Some(Tier::Admin) => {
+                let ctx = Override {
+                    engine,
+                    snapshot,
+                    workloads: &workloads,
+                    from,
+                    to,
+                    port,
+                    protocol,
+                };
+                ctx.admin_override(direction, decided, subject, other, &mut suggestion)?;
+                continue;
+            }
+            Some(Tier::Baseline) => {
+                suggestion.notes.push(format!(
+                    "{} (Baseline tier) denies this {direction}; a NetworkPolicy selecting the pod decides before the Baseline tier",
+                    decided
+                        .denied_by
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                engine.isolating(subject, direction).is_empty()
+            }
+            _ => false,
+        };
         let policy = policy_for(
             engine,
             &workloads,
@@ -117,16 +194,14 @@ pub fn suggest(
             other,
             port,
             protocol,
+            isolates_new,
             &mut suggestion.notes,
         )?;
         suggestion.policies.push(policy);
     }
 
     // Prove it: the flow must now be allowed.
-    let mut applied = snapshot.clone();
-    applied
-        .network_policies
-        .extend(suggestion.policies.iter().cloned());
+    let applied = with_suggestion(snapshot, &suggestion);
     let check = PolicyEngine::new(&applied, EngineOptions { ..engine.options() })?;
     let after = check.try_evaluate(from, to, port, protocol)?;
     if after.verdict != Verdict::Allowed {
@@ -147,6 +222,7 @@ fn policy_for(
     other: &Resolved<'_>,
     port: u16,
     protocol: Protocol,
+    isolates_new: bool,
     notes: &mut Vec<String>,
 ) -> Result<NetworkPolicy, PolicyError> {
     let Some(namespace) = subject.namespace.as_ref().map(|n| n.name.clone()) else {
@@ -159,9 +235,14 @@ fn policy_for(
     // this direction (or it would isolate them) and that belong to the
     // subject's workload (or it would open them too).
     let subject_selector = single_out(engine, workloads, subject, |candidate| {
-        !engine.isolating(candidate, direction).is_empty()
+        (isolates_new || !engine.isolating(candidate, direction).is_empty())
             && workloads.same_workload(subject, candidate)
     });
+    if isolates_new {
+        notes.push(format!(
+            "WARNING: {subject_name} is not isolated for {direction} yet: this NetworkPolicy isolates it, so its other {direction} traffic is then decided by NetworkPolicies (denied unless one allows it) instead of the Baseline tier"
+        ));
+    }
     let peer = match other.kind {
         EndpointKind::External => {
             let ip = other
@@ -420,6 +501,297 @@ fn dns_label(text: &str) -> String {
     }
     out.truncate(63);
     out.trim_end_matches('-').to_string()
+}
+
+/// The snapshot with a suggestion applied.
+fn with_suggestion(snapshot: &ClusterSnapshot, suggestion: &Suggestion) -> ClusterSnapshot {
+    let mut applied = snapshot.clone();
+    applied
+        .network_policies
+        .extend(suggestion.policies.iter().cloned());
+    applied
+        .cluster_network_policies
+        .extend(suggestion.cluster_network_policies.iter().cloned());
+    applied
+        .admin_network_policies
+        .extend(suggestion.admin_network_policies.iter().cloned());
+    applied
+}
+
+/// What an Admin-tier override is built from.
+struct Override<'a> {
+    engine: &'a PolicyEngine,
+    snapshot: &'a ClusterSnapshot,
+    workloads: &'a Workloads<'a>,
+    from: &'a Peer,
+    to: &'a Peer,
+    port: u16,
+    protocol: Protocol,
+}
+
+impl Override<'_> {
+    /// A policy of the deciding Deny's own kind, in the Admin tier at the
+    /// closest free priority above it, selecting only the subject's
+    /// workload and, as peer, only the other end's, on this one port: Pass
+    /// when the later tiers then allow the flow, else Accept.
+    fn admin_override(
+        &self,
+        direction: Direction,
+        decided: &DirectionVerdict,
+        subject: &Resolved<'_>,
+        other: &Resolved<'_>,
+        suggestion: &mut Suggestion,
+    ) -> Result<(), PolicyError> {
+        let engine = self.engine;
+        let Some(deny) = decided.denied_by.first() else {
+            return Err(PolicyError::Suggest("no deciding rule".into()));
+        };
+        let Some(denying) = engine
+            .cluster
+            .policies
+            .iter()
+            .find(|p| p.reference.kind == deny.kind && p.reference.name == deny.name)
+        else {
+            return Err(PolicyError::Suggest(format!("{deny} is not in the manifests")));
+        };
+        if denying.priority == 0 {
+            return Err(PolicyError::Suggest(format!(
+                "{deny} has priority 0: no policy can come before it (an equal priority leaves the order undefined); narrow that rule's peers or ports instead"
+            )));
+        }
+        // The closest priority above the Deny that no other Admin-tier
+        // policy uses, so the order is defined.
+        let taken = |q: u32| {
+            engine
+                .cluster
+                .policies
+                .iter()
+                .any(|p| p.reference.tier == Tier::Admin && p.priority == q)
+        };
+        let priority = (0..denying.priority)
+            .rev()
+            .find(|&q| !taken(q))
+            .unwrap_or(denying.priority - 1);
+        if taken(priority) {
+            suggestion.notes.push(format!(
+                "WARNING: every priority above {} is taken; at {priority} the order against the other policy there is undefined",
+                denying.priority
+            ));
+        }
+        let Some(namespace) = subject.namespace.as_ref().map(|n| n.name.clone()) else {
+            return Err(PolicyError::Suggest(
+                "an address outside the pod network has no policies to change".into(),
+            ));
+        };
+        let subject_selector = single_out(engine, self.workloads, subject, |c| {
+            self.workloads.same_workload(subject, c)
+        });
+        let peer = match other.kind {
+            EndpointKind::External => {
+                let ip = other
+                    .given_ip
+                    .ok_or_else(|| PolicyError::Suggest("the other end has no address".into()))?;
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                ClusterPeerSpec {
+                    networks: Some(vec![format!("{ip}/{prefix}")]),
+                    ..Default::default()
+                }
+            }
+            _ => {
+                let selected = single_out(engine, self.workloads, other, |c| {
+                    self.workloads.same_workload(other, c)
+                });
+                let ns = other
+                    .namespace
+                    .as_ref()
+                    .map(|n| n.name.clone())
+                    .unwrap_or_default();
+                ClusterPeerSpec {
+                    pods: Some(NamespacedPod {
+                        namespace_selector: Some(name_selector(&ns)),
+                        pod_selector: Some(selected.selector),
+                    }),
+                    ..Default::default()
+                }
+            }
+        };
+        let subject_spec = Subject {
+            namespaces: None,
+            pods: Some(NamespacedPod {
+                namespace_selector: Some(name_selector(&namespace)),
+                pod_selector: Some(subject_selector.selector),
+            }),
+        };
+        let name = dns_label(&format!(
+            "{}-{}-{}-{}-{}",
+            if direction == Direction::Egress { "egress" } else { "ingress" },
+            short_name(self.workloads, subject),
+            short_name(self.workloads, other),
+            self.port,
+            self.protocol.as_str()
+        ));
+        let mut chosen = None;
+        for action in ["Pass", "Allow"] {
+            let mut candidate = suggestion.clone();
+            self.push(
+                &mut candidate,
+                deny.kind,
+                &name,
+                priority,
+                &subject_spec,
+                &peer,
+                direction,
+                action,
+            );
+            let check = PolicyEngine::new(&with_suggestion(self.snapshot, &candidate), engine.options())?;
+            let after = check.try_evaluate(self.from, self.to, self.port, self.protocol)?;
+            let this_side = match direction {
+                Direction::Egress => &after.egress,
+                Direction::Ingress => &after.ingress,
+            };
+            if this_side.verdict == Verdict::Allowed {
+                chosen = Some((candidate, action));
+                break;
+            }
+        }
+        let Some((candidate, action)) = chosen else {
+            return Err(PolicyError::Suggest(format!(
+                "no Admin-tier rule above {deny} allows the flow; this is a bug in netwatch, please report it with the manifests"
+            )));
+        };
+        *suggestion = candidate;
+        suggestion.notes.push(format!(
+            "{deny} (Admin tier, priority {}) denies this {direction}; no NetworkPolicy can override it. {} {name} at priority {priority} {} it for this workload pair and port only{}",
+            denying.priority,
+            deny.kind,
+            if action == "Pass" {
+                "passes"
+            } else {
+                "accepts"
+            },
+            if action == "Pass" {
+                " (Pass: the namespace's NetworkPolicies and the Baseline tier decide, and they allow it)"
+            } else {
+                ""
+            }
+        ));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        suggestion: &mut Suggestion,
+        kind: PolicyKind,
+        name: &str,
+        priority: u32,
+        subject: &Subject,
+        peer: &ClusterPeerSpec,
+        direction: Direction,
+        action: &str,
+    ) {
+        let metadata = ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let rule_name = Some(format!("{}-{}-{}", action.to_ascii_lowercase(), self.port, self.protocol.as_str().to_ascii_lowercase()));
+        if kind == PolicyKind::ClusterNetworkPolicy {
+            let ports = CnpProtocolPorts {
+                destination_port: Some(CnpPort {
+                    number: Some(i64::from(self.port)),
+                    range: None,
+                }),
+            };
+            let protocols = Some(vec![match self.protocol {
+                Protocol::Tcp => CnpProtocol { tcp: Some(ports), ..Default::default() },
+                Protocol::Udp => CnpProtocol { udp: Some(ports), ..Default::default() },
+                Protocol::Sctp => CnpProtocol { sctp: Some(ports), ..Default::default() },
+            }]);
+            let action = if action == "Allow" { "Accept" } else { action };
+            let mut spec = ClusterNetworkPolicySpec {
+                tier: Some("Admin".into()),
+                priority: Some(i64::from(priority)),
+                subject: Some(subject.clone()),
+                ingress: None,
+                egress: None,
+            };
+            match direction {
+                Direction::Ingress => {
+                    spec.ingress = Some(vec![CnpIngressRule {
+                        name: rule_name,
+                        action: Some(action.into()),
+                        from: Some(vec![peer.clone()]),
+                        protocols,
+                    }])
+                }
+                Direction::Egress => {
+                    spec.egress = Some(vec![CnpEgressRule {
+                        name: rule_name,
+                        action: Some(action.into()),
+                        to: Some(vec![peer.clone()]),
+                        protocols,
+                    }])
+                }
+            }
+            suggestion.cluster_network_policies.push(ClusterNetworkPolicy {
+                api_version: V1ALPHA2.into(),
+                kind: "ClusterNetworkPolicy".into(),
+                metadata,
+                spec: Some(spec),
+                status: None,
+            });
+        } else {
+            let ports = Some(vec![AnpPort {
+                port_number: Some(AnpPortNumber {
+                    protocol: Some(self.protocol.as_str().into()),
+                    port: Some(i64::from(self.port)),
+                }),
+                ..Default::default()
+            }]);
+            let mut spec = AdminNetworkPolicySpec {
+                priority: Some(i64::from(priority)),
+                subject: Some(subject.clone()),
+                ingress: None,
+                egress: None,
+            };
+            match direction {
+                Direction::Ingress => {
+                    spec.ingress = Some(vec![AnpIngressRule {
+                        name: rule_name,
+                        action: Some(action.into()),
+                        from: Some(vec![peer.clone()]),
+                        ports,
+                    }])
+                }
+                Direction::Egress => {
+                    spec.egress = Some(vec![AnpEgressRule {
+                        name: rule_name,
+                        action: Some(action.into()),
+                        to: Some(vec![peer.clone()]),
+                        ports,
+                    }])
+                }
+            }
+            suggestion.admin_network_policies.push(AdminNetworkPolicy {
+                api_version: V1ALPHA1.into(),
+                kind: "AdminNetworkPolicy".into(),
+                metadata,
+                spec: Some(spec),
+                status: None,
+            });
+        }
+    }
+}
+
+/// `{matchLabels: {kubernetes.io/metadata.name: <namespace>}}`.
+fn name_selector(namespace: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            NAMESPACE_NAME_LABEL.to_string(),
+            namespace.to_string(),
+        )])),
+        match_expressions: None,
+    }
 }
 
 /// Who owns a pod, from ownerReferences through the snapshot's workloads.

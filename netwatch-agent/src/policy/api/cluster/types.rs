@@ -1,0 +1,282 @@
+//! The objects as written in manifests: ClusterNetworkPolicy
+//! (`policy.networking.k8s.io/v1alpha2`) and AdminNetworkPolicy /
+//! BaselineAdminNetworkPolicy (`policy.networking.k8s.io/v1alpha1`).
+//!
+//! Fields the CRDs require are `Option` here so that a missing one is
+//! reported by [`super::compile`] with its path and a fix, rather than as a
+//! bare parse error. Unknown fields are refused: a typo (`namespace:` for
+//! `namespaces:`) would otherwise silently select something else.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use serde::{Deserialize, Serialize};
+
+/// The API group and versions.
+pub const API_GROUP: &str = "policy.networking.k8s.io";
+pub const V1ALPHA2: &str = "policy.networking.k8s.io/v1alpha2";
+pub const V1ALPHA1: &str = "policy.networking.k8s.io/v1alpha1";
+
+/// `kind: ClusterNetworkPolicy`, cluster-scoped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterNetworkPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<ClusterNetworkPolicySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterNetworkPolicySpec {
+    /// `Admin` or `Baseline`.
+    pub tier: Option<String>,
+    /// 0 to 1000; lower is evaluated first.
+    pub priority: Option<i64>,
+    pub subject: Option<Subject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<CnpIngressRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<CnpEgressRule>>,
+}
+
+/// Who a policy applies to: exactly one of the two.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<NamespacedPod>,
+}
+
+/// Pods by namespace selector AND pod selector.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespacedPod {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CnpIngressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `Accept`, `Deny` or `Pass`.
+    pub action: Option<String>,
+    pub from: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<CnpProtocol>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CnpEgressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub action: Option<String>,
+    pub to: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<CnpProtocol>>,
+}
+
+/// A peer of either version: exactly one field. Ingress peers may only be
+/// `namespaces` or `pods`; BaselineAdminNetworkPolicy has no `domainNames`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<NamespacedPod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_names: Option<Vec<String>>,
+}
+
+/// One entry of v1alpha2 `protocols`: exactly one field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CnpProtocol {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<CnpProtocolPorts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<CnpProtocolPorts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sctp: Option<CnpProtocolPorts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_named_port: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CnpProtocolPorts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<CnpPort>,
+}
+
+/// `number` or `range`, exactly one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CnpPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<PortRange>,
+}
+
+/// An inclusive port range (v1alpha1 adds an optional protocol).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+}
+
+/// `kind: AdminNetworkPolicy`, cluster-scoped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminNetworkPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<AdminNetworkPolicySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminNetworkPolicySpec {
+    pub priority: Option<i64>,
+    pub subject: Option<Subject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<AnpIngressRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<AnpEgressRule>>,
+}
+
+/// `kind: BaselineAdminNetworkPolicy`: one per cluster, named `default`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BaselineAdminNetworkPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<BaselineAdminNetworkPolicySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BaselineAdminNetworkPolicySpec {
+    pub subject: Option<Subject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<AnpIngressRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<AnpEgressRule>>,
+}
+
+/// A v1alpha1 ingress rule (AdminNetworkPolicy: Allow, Deny, Pass;
+/// BaselineAdminNetworkPolicy: Allow, Deny).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnpIngressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub action: Option<String>,
+    pub from: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<AnpPort>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnpEgressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub action: Option<String>,
+    pub to: Option<Vec<Peer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<AnpPort>>,
+}
+
+/// One entry of v1alpha1 `ports`: exactly one field.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnpPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_number: Option<AnpPortNumber>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub named_port: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<PortRange>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnpPortNumber {
+    /// TCP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    pub port: Option<i64>,
+}
+
+/// Each kind as a Kubernetes resource: the manifest loader keys objects by
+/// it, and the API client lists and watches it.
+macro_rules! cluster_resource {
+    ($ty:ident, $version:literal, $api_version:expr, $plural:literal) => {
+        impl k8s_openapi::Resource for $ty {
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = API_GROUP;
+            const KIND: &'static str = stringify!($ty);
+            const VERSION: &'static str = $version;
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = k8s_openapi::ClusterResourceScope;
+        }
+
+        impl k8s_openapi::ListableResource for $ty {
+            const LIST_KIND: &'static str = concat!(stringify!($ty), "List");
+        }
+
+        impl k8s_openapi::Metadata for $ty {
+            type Ty = ObjectMeta;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+cluster_resource!(ClusterNetworkPolicy, "v1alpha2", V1ALPHA2, "clusternetworkpolicies");
+cluster_resource!(AdminNetworkPolicy, "v1alpha1", V1ALPHA1, "adminnetworkpolicies");
+cluster_resource!(
+    BaselineAdminNetworkPolicy,
+    "v1alpha1",
+    V1ALPHA1,
+    "baselineadminnetworkpolicies"
+);
