@@ -883,7 +883,10 @@ pub fn policy_text(r: &FlowRecord) -> String {
         .map(|p| (p, "egress"))
         .chain(r.ingress_denied_by.iter().map(|p| (p, "ingress")));
     for (p, side) in sides {
-        let name = format!("{}/{}", p.namespace, p.name);
+        let name = match &p.namespace {
+            Some(ns) => format!("{ns}/{}", p.name),
+            None => format!("{} {}", p.kind.as_str(), p.name),
+        };
         match seen.iter_mut().find(|(n, _)| *n == name) {
             Some((_, s)) => s.push(side),
             None => seen.push((name, vec![side])),

@@ -295,18 +295,12 @@ fn endpoint(ep: &Endpoint) -> Value {
 fn policy(p: &PolicyRef) -> Value {
     let mut m = Map::new();
     m.insert("name".into(), p.name.clone().into());
-    m.insert("namespace".into(), p.namespace.clone().into());
-    if !p.labels.is_empty() {
-        m.insert("labels".into(), p.labels.clone().into());
+    // Cluster-scoped kinds have no namespace: Hubble's string field is
+    // then left out (its zero value).
+    if let Some(ns) = &p.namespace {
+        m.insert("namespace".into(), ns.clone().into());
     }
-    // Hubble's revision is a uint64; a Kubernetes resourceVersion usually
-    // is one too. Anything else is left out rather than mistyped.
-    if let Ok(rev) = p.revision.parse::<u64>() {
-        m.insert("revision".into(), rev.to_string().into());
-    }
-    if !p.kind.is_empty() {
-        m.insert("kind".into(), p.kind.clone().into());
-    }
+    m.insert("kind".into(), p.kind.as_str().into());
     Value::Object(m)
 }
 

@@ -129,7 +129,7 @@ impl Agent {
     }
 
     pub fn wait_for_log(&mut self, ready: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + slowed(Duration::from_secs(30));
         loop {
             let log = self.log();
             if ready(&log) {
@@ -163,6 +163,7 @@ impl Agent {
 
     /// Wait until a flow log line satisfies `pred`; panic with the log after `timeout`.
     pub fn wait_for_flow(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let timeout = slowed(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.lines().into_iter().find(|l| pred(&l["flow"])) {
@@ -221,6 +222,18 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
+}
+
+/// How long to wait for something that takes `d` on a real machine: longer
+/// under software emulation (`cargo xtask vmtest` sets
+/// NETWATCH_TEST_SLOWDOWN in its guests, whose CPUs are emulated).
+pub fn slowed(d: Duration) -> Duration {
+    let factor: u32 = std::env::var("NETWATCH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
 }
 
 /// The running kernel's (major, minor).
