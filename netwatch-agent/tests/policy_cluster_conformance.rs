@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 
 use netwatch::cluster::ClusterSnapshot;
 use netwatch::manifests;
-use netwatch::policy::{
-    EngineOptions, Peer, PolicyEngine, Protocol, Verdict, connectivity_matrix,
-};
+use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Protocol, Verdict, connectivity_matrix};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -59,7 +57,12 @@ fn cases() -> Vec<Case> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("v1alpha"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("v1alpha")
+        })
         .collect();
     files.sort();
     files
@@ -85,11 +88,8 @@ fn step_snapshot(case: &Case, i: usize) -> ClusterSnapshot {
             .expect("namespace");
         obj.metadata.labels = Some(labels.clone());
     }
-    let policies = manifests::load_str(
-        &format!("{} step {}", case.file, i + 1),
-        &step.policies,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let policies = manifests::load_str(&format!("{} step {}", case.file, i + 1), &step.policies)
+        .unwrap_or_else(|e| panic!("{e}"));
     snapshot.network_policies = policies.network_policies;
     snapshot.cluster_network_policies = policies.cluster_network_policies;
     snapshot.admin_network_policies = policies.admin_network_policies;
@@ -118,7 +118,10 @@ fn both_versions_and_every_upstream_test_are_there() {
         .flat_map(|s| &s.probes)
         .map(|p| p.protocol.as_str())
         .collect();
-    assert_eq!(protocols.into_iter().collect::<Vec<_>>(), ["SCTP", "TCP", "UDP"]);
+    assert_eq!(
+        protocols.into_iter().collect::<Vec<_>>(),
+        ["SCTP", "TCP", "UDP"]
+    );
     for c in &cases {
         assert!(c.upstream.contains("conformance/tests/"), "{}", c.file);
         assert!(!c.features.is_empty(), "{}", c.file);
@@ -137,13 +140,16 @@ fn every_probe_of_every_upstream_test_gets_the_expected_outcome() {
             for probe in &step.probes {
                 probes += 1;
                 let protocol: Protocol = probe.protocol.parse().unwrap();
-                let (from, to): (Peer, Peer) = (probe.from.parse().unwrap(), probe.to.parse().unwrap());
+                let (from, to): (Peer, Peer) =
+                    (probe.from.parse().unwrap(), probe.to.parse().unwrap());
                 let want = match probe.expect.as_str() {
                     "allowed" => Verdict::Allowed,
                     "denied" => Verdict::Denied,
                     other => panic!("{}: expect {other:?}", case.file),
                 };
-                let explained = engine.try_evaluate(&from, &to, probe.port, protocol).unwrap();
+                let explained = engine
+                    .try_evaluate(&from, &to, probe.port, protocol)
+                    .unwrap();
                 let decided = engine.decide(&from, &to, probe.port, protocol);
                 let matrix = connectivity_matrix(&engine, &[probe.port], &[protocol])
                     .into_iter()

@@ -115,7 +115,9 @@ fn an_admin_deny_overrides_a_network_policy_that_allows() {
     assert_eq!(by.name, "sensitive");
     assert_eq!(by.rule.as_ref().unwrap().name.as_deref(), Some("no-data"));
     assert!(
-        v.sentence().contains("ClusterNetworkPolicy sensitive rule 1 \"no-data\" (Admin tier) denies egress"),
+        v.sentence().contains(
+            "ClusterNetworkPolicy sensitive rule 1 \"no-data\" (Admin tier) denies egress"
+        ),
         "{}",
         v.sentence()
     );
@@ -147,7 +149,11 @@ fn pass_skips_the_rest_of_the_admin_tier_and_the_network_policy_decides() {
             50,
             "subject: {namespaces: {}}\ningress:\n- {name: all, action: Deny, from: [{namespaces: {}}]}"
         ),
-        np("default-deny", "prod", "podSelector: {}\npolicyTypes: [Ingress]")
+        np(
+            "default-deny",
+            "prod",
+            "podSelector: {}\npolicyTypes: [Ingress]"
+        )
     );
     let e = engine(&policies);
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
@@ -159,7 +165,10 @@ fn pass_skips_the_rest_of_the_admin_tier_and_the_network_policy_decides() {
         .iter()
         .map(|s| (s.tier, s.outcome.as_str()))
         .collect();
-    assert_eq!(steps, [(Tier::Admin, "PASS"), (Tier::NetworkPolicy, "DENY")]);
+    assert_eq!(
+        steps,
+        [(Tier::Admin, "PASS"), (Tier::NetworkPolicy, "DENY")]
+    );
     assert_eq!(
         v.ingress.tiers[0].describe(),
         "Admin: PASS by ClusterNetworkPolicy delegate-prod rule 1 \"same-ns\""
@@ -181,7 +190,10 @@ fn the_baseline_tier_decides_only_for_what_network_policies_leave_alone() {
     let dns = e.evaluate(&p("prod/web"), &p("kube-system/coredns"), 53, UDP);
     assert_eq!(dns.verdict, Verdict::Allowed);
     assert_eq!(dns.egress.decided_in, Some(Tier::Baseline));
-    assert_eq!(dns.egress.allowed_by[0].kind, PolicyKind::BaselineAdminNetworkPolicy);
+    assert_eq!(
+        dns.egress.allowed_by[0].kind,
+        PolicyKind::BaselineAdminNetworkPolicy
+    );
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
     assert_eq!(v.verdict, Verdict::Denied);
     assert_eq!(v.egress.denied_by[0].rule.as_ref().unwrap().index, 1);
@@ -194,7 +206,10 @@ fn the_baseline_tier_decides_only_for_what_network_policies_leave_alone() {
             "podSelector: {matchLabels: {app: web}}\npolicyTypes: [Egress]\negress: [{to: [{podSelector: {matchLabels: {app: api}}}]}]"
         )
     ));
-    assert_eq!(e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP), Verdict::Allowed);
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
+        Verdict::Allowed
+    );
     // ...and then denies the DNS the baseline allowed: NetworkPolicy comes first.
     assert_eq!(
         e.decide(&p("prod/web"), &p("kube-system/coredns"), 53, UDP),
@@ -211,17 +226,31 @@ fn the_lowest_priority_number_wins_then_rules_in_written_order() {
         cnp("a", "Admin", 10, accept),
         cnp("b", "Admin", 20, deny)
     ));
-    assert_eq!(e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP), Verdict::Allowed);
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
+        Verdict::Allowed
+    );
     let e = engine(&format!(
         "{}{}",
         cnp("a", "Admin", 30, accept),
         cnp("b", "Admin", 20, deny)
     ));
-    assert_eq!(e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP), Verdict::Denied);
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
+        Verdict::Denied
+    );
     let both = "subject: {namespaces: {}}\negress:\n- {name: first, action: Deny, to: [{namespaces: {matchLabels: {team: data}}}]}\n- {name: second, action: Accept, to: [{namespaces: {}}]}";
-    let v = engine(&cnp("ordered", "Admin", 1, both)).evaluate(&p("prod/web"), &p("data/postgres"), 5432, TCP);
+    let v = engine(&cnp("ordered", "Admin", 1, both)).evaluate(
+        &p("prod/web"),
+        &p("data/postgres"),
+        5432,
+        TCP,
+    );
     assert_eq!(v.verdict, Verdict::Denied);
-    assert_eq!(v.egress.denied_by[0].rule.as_ref().unwrap().name.as_deref(), Some("first"));
+    assert_eq!(
+        v.egress.denied_by[0].rule.as_ref().unwrap().name.as_deref(),
+        Some("first")
+    );
 }
 
 #[test]
@@ -247,20 +276,35 @@ fn host_network_pods_are_never_subjects_nor_pod_peers_but_node_peers_match_them(
         "subject: {namespaces: {}}\ningress:\n- {action: Deny, from: [{namespaces: {}}]}\negress:\n- {action: Deny, to: [{namespaces: {}}]}",
     ));
     // Not a subject: its egress is untouched; not a namespaces peer either.
-    assert_eq!(e.decide(&p("ops/node-exporter"), &p("ops/node-exporter"), 1, TCP), Verdict::Allowed);
+    assert_eq!(
+        e.decide(&p("ops/node-exporter"), &p("ops/node-exporter"), 1, TCP),
+        Verdict::Allowed
+    );
     let v = e.evaluate(&p("ops/node-exporter"), &p("prod/api"), 8080, TCP);
     assert_eq!(v.egress.verdict, Verdict::Allowed);
     assert_eq!(v.ingress.verdict, Verdict::Allowed, "{}", v.sentence());
-    assert_eq!(e.decide(&p("prod/web"), &p("ops/node-exporter"), 9100, TCP), Verdict::Allowed);
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("ops/node-exporter"), 9100, TCP),
+        Verdict::Allowed
+    );
     let e = engine(&cnp(
         "no-nodes",
         "Admin",
         1,
         "subject: {namespaces: {}}\negress:\n- {action: Deny, to: [{nodes: {matchLabels: {role: worker}}}]}",
     ));
-    assert_eq!(e.decide(&p("prod/web"), &p("ops/node-exporter"), 9100, TCP), Verdict::Denied);
-    assert_eq!(e.decide(&p("prod/web"), &p("192.168.0.1"), 22, TCP), Verdict::Denied);
-    assert_eq!(e.decide(&p("prod/web"), &p("192.168.0.2"), 22, TCP), Verdict::Allowed);
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("ops/node-exporter"), 9100, TCP),
+        Verdict::Denied
+    );
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("192.168.0.1"), 22, TCP),
+        Verdict::Denied
+    );
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("192.168.0.2"), 22, TCP),
+        Verdict::Allowed
+    );
 }
 
 #[test]
@@ -272,9 +316,21 @@ fn networks_match_pod_addresses_whatever_the_ip_block_setting() {
         "subject: {namespaces: {}}\negress:\n- {action: Deny, to: [{networks: [10.3.0.0/16]}]}",
     );
     for ipblock_matches_pods in [true, false] {
-        let e = PolicyEngine::new(&snapshot(&policies), EngineOptions { ipblock_matches_pods }).unwrap();
-        assert_eq!(e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP), Verdict::Denied);
-        assert_eq!(e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP), Verdict::Allowed);
+        let e = PolicyEngine::new(
+            &snapshot(&policies),
+            EngineOptions {
+                ipblock_matches_pods,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
+            Verdict::Denied
+        );
+        assert_eq!(
+            e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
+            Verdict::Allowed
+        );
     }
 }
 
@@ -286,12 +342,24 @@ fn named_ports_resolve_on_the_destination_pod() {
         1,
         "subject: {namespaces: {}}\ningress:\n- {action: Accept, from: [{namespaces: {}}], protocols: [{destinationNamedPort: http}]}\n- {action: Deny, from: [{namespaces: {}}]}",
     ));
-    assert_eq!(e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP), Verdict::Allowed);
-    assert_eq!(e.decide(&p("prod/web"), &p("prod/api"), 8081, TCP), Verdict::Denied);
-    assert_eq!(e.decide(&p("prod/web"), &p("prod/api"), 8080, UDP), Verdict::Denied);
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
+        Verdict::Allowed
+    );
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("prod/api"), 8081, TCP),
+        Verdict::Denied
+    );
+    assert_eq!(
+        e.decide(&p("prod/web"), &p("prod/api"), 8080, UDP),
+        Verdict::Denied
+    );
     let v = e.evaluate(&p("prod/web"), &p("data/postgres"), 8080, TCP);
     assert!(
-        v.ingress.near_misses.iter().any(|m| m.contains("no TCP container port named http")),
+        v.ingress
+            .near_misses
+            .iter()
+            .any(|m| m.contains("no TCP container port named http")),
         "{:?}",
         v.ingress.near_misses
     );
@@ -300,13 +368,23 @@ fn named_ports_resolve_on_the_destination_pod() {
 #[test]
 fn equal_priorities_that_overlap_are_reported_not_guessed_silently() {
     let anp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: anp-allow}\nspec:\n  priority: 7\n  subject: {namespaces: {}}\n  egress: [{name: all, action: Allow, to: [{namespaces: {}}]}]\n---\n";
-    let e = engine(&format!("{anp}{}", cnp("cnp-deny", "Admin", 7, PROD_TO_DATA_DENY)));
+    let e = engine(&format!(
+        "{anp}{}",
+        cnp("cnp-deny", "Admin", 7, PROD_TO_DATA_DENY)
+    ));
     let v = e.evaluate(&p("prod/web"), &p("data/postgres"), 5432, TCP);
     let step = &v.egress.tiers[0];
     assert_eq!(step.undefined_order_with.len(), 1, "{step:?}");
-    assert!(step.describe().contains("UNDEFINED ORDER"), "{}", step.describe());
+    assert!(
+        step.describe().contains("UNDEFINED ORDER"),
+        "{}",
+        step.describe()
+    );
     let json = serde_json::to_value(&v).unwrap();
-    assert!(json["egress"]["tiers"][0]["undefined_order_with"].is_array(), "{json}");
+    assert!(
+        json["egress"]["tiers"][0]["undefined_order_with"].is_array(),
+        "{json}"
+    );
     // Same action: no ambiguity in the verdict, nothing to report.
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
     assert!(v.egress.tiers[0].undefined_order_with.is_empty());
@@ -323,7 +401,10 @@ fn domain_names_match_nothing_and_say_so() {
     let v = e.evaluate(&p("prod/web"), &p("140.82.112.3"), 443, TCP);
     assert_eq!(v.verdict, Verdict::Denied);
     assert!(
-        v.egress.near_misses.iter().any(|m| m.contains("is not evaluated")),
+        v.egress
+            .near_misses
+            .iter()
+            .any(|m| m.contains("is not evaluated")),
         "{:?}",
         v.egress.near_misses
     );
@@ -337,15 +418,22 @@ fn invalid_cluster_policies_name_file_document_and_field() {
         1,
         "subject: {namespaces: {}}\negress:\n- {action: Deny, to: [{networks: [10.0.0.0/8], nodes: {}}]}",
     );
-    let err = manifests::load_str("policies.yaml", &bad).unwrap_err().to_string();
+    let err = manifests::load_str("policies.yaml", &bad)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("policies.yaml: document 1"), "{err}");
     assert!(err.contains("ClusterNetworkPolicy bad"), "{err}");
     assert!(err.contains("field spec.egress[0].to[0]"), "{err}");
     let banp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: mine}\nspec: {subject: {namespaces: {}}}\n";
     let err = manifests::load_str("b.yaml", banp).unwrap_err().to_string();
-    assert!(err.contains("field metadata.name") && err.contains("default"), "{err}");
+    assert!(
+        err.contains("field metadata.name") && err.contains("default"),
+        "{err}"
+    );
     let wrong_version = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: x}\nspec: {}\n";
-    let err = manifests::load_str("c.yaml", wrong_version).unwrap_err().to_string();
+    let err = manifests::load_str("c.yaml", wrong_version)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("v1alpha2"), "{err}");
 }
 
@@ -354,20 +442,34 @@ fn suggest_overrides_an_admin_deny_above_it_and_proves_it() {
     let cluster = snapshot(&cnp("sensitive", "Admin", 10, PROD_TO_DATA_DENY));
     let e = PolicyEngine::new(&cluster, EngineOptions::default()).unwrap();
     let s = suggest(&e, &cluster, &p("prod/web"), &p("data/postgres"), 5432, TCP).unwrap();
-    assert!(s.policies.is_empty(), "a NetworkPolicy cannot override the Admin tier");
+    assert!(
+        s.policies.is_empty(),
+        "a NetworkPolicy cannot override the Admin tier"
+    );
     assert_eq!(s.cluster_network_policies.len(), 1);
     let yaml = s.to_yaml();
     assert!(yaml.contains("priority: 9"), "{yaml}");
     assert!(yaml.contains("action: Pass"), "{yaml}");
     let mut applied = cluster.clone();
-    applied
-        .cluster_network_policies
-        .extend(manifests::load_str("s.yaml", &yaml).unwrap().cluster_network_policies);
+    applied.cluster_network_policies.extend(
+        manifests::load_str("s.yaml", &yaml)
+            .unwrap()
+            .cluster_network_policies,
+    );
     let after = PolicyEngine::new(&applied, EngineOptions::default()).unwrap();
-    assert_eq!(after.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP), Verdict::Allowed);
+    assert_eq!(
+        after.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
+        Verdict::Allowed
+    );
     // Only that workload pair and port.
-    assert_eq!(after.decide(&p("prod/api"), &p("data/postgres"), 5432, TCP), Verdict::Denied);
-    assert_eq!(after.decide(&p("prod/web"), &p("data/postgres"), 5433, TCP), Verdict::Denied);
+    assert_eq!(
+        after.decide(&p("prod/api"), &p("data/postgres"), 5432, TCP),
+        Verdict::Denied
+    );
+    assert_eq!(
+        after.decide(&p("prod/web"), &p("data/postgres"), 5433, TCP),
+        Verdict::Denied
+    );
 }
 
 #[test]
@@ -382,7 +484,11 @@ fn suggest_answers_a_baseline_deny_with_a_network_policy() {
     let s = suggest(&e, &cluster, &p("prod/web"), &p("prod/api"), 8080, TCP).unwrap();
     assert_eq!(s.policies.len(), 1);
     assert!(s.cluster_network_policies.is_empty());
-    assert!(s.notes.iter().any(|n| n.contains("Baseline tier")), "{:?}", s.notes);
+    assert!(
+        s.notes.iter().any(|n| n.contains("Baseline tier")),
+        "{:?}",
+        s.notes
+    );
 }
 
 #[test]
@@ -391,7 +497,11 @@ fn the_matrix_json_mixes_every_kind_in_the_same_row_format() {
     let policies = format!(
         "{}{}apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: default}}\nspec:\n  subject: {{namespaces: {{}}}}\n  ingress: [{{action: Deny, from: [{{namespaces: {{matchLabels: {{team: data}}}}}}]}}]\n---\n{}",
         cnp("sensitive", "Admin", 10, PROD_TO_DATA_DENY),
-        np("api-in", "prod", "podSelector: {matchLabels: {app: api}}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]"),
+        np(
+            "api-in",
+            "prod",
+            "podSelector: {matchLabels: {app: api}}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]"
+        ),
         "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: ops-pass}\nspec:\n  priority: 3\n  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: ops}}}\n  egress: [{action: Pass, to: [{networks: ['0.0.0.0/0']}]}]\n"
     );
     std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
@@ -399,7 +509,15 @@ fn the_matrix_json_mixes_every_kind_in_the_same_row_format() {
     let o = Command::new(env!("CARGO_BIN_EXE_netwatch"))
         .args(["explain", "--manifests"])
         .arg(dir.path())
-        .args(["--matrix", "--ports", "5432,8080", "--protocols", "TCP,UDP", "-o", "json"])
+        .args([
+            "--matrix",
+            "--ports",
+            "5432,8080",
+            "--protocols",
+            "TCP,UDP",
+            "-o",
+            "json",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -409,7 +527,12 @@ fn the_matrix_json_mixes_every_kind_in_the_same_row_format() {
     let pods = e.pods().len();
     assert_eq!(rows.len(), 2 * 2 * pods * (pods - 1));
     for row in rows {
-        let keys: Vec<&str> = row.as_object().unwrap().keys().map(String::as_str).collect();
+        let keys: Vec<&str> = row
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(keys.len(), 5, "{row}");
         let want = e.decide(
             &p(row["from"].as_str().unwrap()),
@@ -421,7 +544,9 @@ fn the_matrix_json_mixes_every_kind_in_the_same_row_format() {
     }
     let cell = |from: &str, to: &str, port: u64| {
         rows.iter()
-            .find(|r| r["from"] == from && r["to"] == to && r["port"] == port && r["protocol"] == "TCP")
+            .find(|r| {
+                r["from"] == from && r["to"] == to && r["port"] == port && r["protocol"] == "TCP"
+            })
             .unwrap()["verdict"]
             .clone()
     };
@@ -466,12 +591,24 @@ fn lint_finds_the_mistakes_that_only_show_when_tiers_combine() {
         findings
             .iter()
             .filter(|f| f.check == check)
-            .map(|f| format!("{}: {}", f.policy.as_ref().map(ToString::to_string).unwrap_or_default(), f.message))
+            .map(|f| {
+                format!(
+                    "{}: {}",
+                    f.policy
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    f.message
+                )
+            })
             .collect()
     };
     let shadow = of(LintCheck::ClusterDenyShadowsNetworkPolicy);
     assert_eq!(shadow.len(), 1, "{findings:#?}");
-    assert!(shadow[0].contains("sensitive") && shadow[0].contains("prod/web-to-db"), "{shadow:?}");
+    assert!(
+        shadow[0].contains("sensitive") && shadow[0].contains("prod/web-to-db"),
+        "{shadow:?}"
+    );
     let order = of(LintCheck::UndefinedPriorityOrder);
     assert_eq!(order.len(), 1, "{findings:#?}");
     assert!(order[0].contains("prod/api"), "{order:?}");
@@ -479,8 +616,18 @@ fn lint_finds_the_mistakes_that_only_show_when_tiers_combine() {
     assert_eq!(pass.len(), 1, "{findings:#?}");
     assert!(pass[0].contains("useless-pass"), "{pass:?}");
     let nothing = of(LintCheck::ClusterSelectorMatchesNothing);
-    assert!(nothing.iter().any(|m| m.contains("typo") && m.contains("matches no namespace")), "{nothing:?}");
-    assert!(nothing.iter().any(|m| m.contains("typo") && m.contains("selects no pod")), "{nothing:?}");
+    assert!(
+        nothing
+            .iter()
+            .any(|m| m.contains("typo") && m.contains("matches no namespace")),
+        "{nothing:?}"
+    );
+    assert!(
+        nothing
+            .iter()
+            .any(|m| m.contains("typo") && m.contains("selects no pod")),
+        "{nothing:?}"
+    );
     // The clean parts of the manifests raise nothing of these kinds.
     assert!(!format!("{findings:?}").contains("web-to-db\" has no effect"));
 }

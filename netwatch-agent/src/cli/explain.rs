@@ -10,8 +10,8 @@ use clap::Args;
 use super::{CliError, OutputFormat};
 use crate::manifests;
 use crate::policy::{
-    DirectionVerdict, Tier, Endpoint, EndpointKind, EngineOptions, FlowVerdict, MatrixEntry, Peer,
-    PolicyEngine, Protocol, Verdict, connectivity_matrix, suggest,
+    DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, MatrixEntry, Peer,
+    PolicyEngine, Protocol, Tier, Verdict, connectivity_matrix, suggest,
 };
 
 const EXAMPLES: &str = "\
@@ -379,10 +379,9 @@ fn direction_text(name: &str, subject: &Endpoint, d: &DirectionVerdict) -> Strin
             name.trim()
         ),
         (true, Verdict::Allowed) => format!("{name} ALLOWED by {}\n", list(&d.allowed_by)),
-        (true, Verdict::Denied) if d.decided_in != Some(Tier::NetworkPolicy) => format!(
-            "{name} DENIED by {}\n",
-            list(&d.denied_by)
-        ),
+        (true, Verdict::Denied) if d.decided_in != Some(Tier::NetworkPolicy) => {
+            format!("{name} DENIED by {}\n", list(&d.denied_by))
+        }
         (true, Verdict::Denied) => format!(
             "{name} DENIED: {subject} is isolated by {}\n",
             list(&d.denied_by)

@@ -22,14 +22,14 @@ use serde::ser::SerializeStruct;
 use super::PolicyError;
 use super::api::cluster::ClusterPolicies;
 use super::explain;
-use super::verdict::{Decision, Outcome, TierStep};
-use crate::record::Tier;
 use super::model::{
     ClusterModel, CompiledPolicy, Direction, NamespaceModel, NamespaceScope, PeerMatcher, PodModel,
     PolicyRef, PolicyRule, PortMatcher, PortSpec, Protocol, compile_policy,
 };
 use super::selector::Labels;
+use super::verdict::{Decision, Outcome, TierStep};
 use crate::cluster::ClusterSnapshot;
+use crate::record::Tier;
 
 /// How the engine reads the parts of the API that CNIs implement differently.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -409,8 +409,8 @@ impl PolicyEngine {
         for policy in &snapshot.network_policies {
             let compiled =
                 compile_policy(policy).map_err(|problem| PolicyError::InvalidPolicy {
-                    policy: PolicyRef::of(policy),
-                    problem,
+                    policy: Box::new(PolicyRef::of(policy)),
+                    problem: Box::new(problem),
                 })?;
             // A later object of the same name replaces the earlier, as
             // `kubectl apply` of both would.
@@ -779,7 +779,11 @@ impl PolicyEngine {
     /// The explaining path: the walkthrough of the tiers, the policies
     /// that decided, and for a denial the near misses of the deciding tier.
     /// Cluster tiers without any policy are left out of the walkthrough.
-    pub(crate) fn direction_verdict(&self, direction: Direction, flow: &Flow<'_>) -> DirectionVerdict {
+    pub(crate) fn direction_verdict(
+        &self,
+        direction: Direction,
+        flow: &Flow<'_>,
+    ) -> DirectionVerdict {
         let mut verdict = DirectionVerdict::default();
         for tier in self.tiers() {
             if tier.tier() != Tier::NetworkPolicy && tier.is_empty(self) {

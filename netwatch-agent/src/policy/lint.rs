@@ -553,7 +553,9 @@ impl Linter<'_> {
                     namespaces, pods, ..
                 } => {
                     let namespaces: Vec<String> = match namespaces {
-                        NamespaceScope::PolicyNamespace => vec![policy.reference.namespace_or_empty().to_string()],
+                        NamespaceScope::PolicyNamespace => {
+                            vec![policy.reference.namespace_or_empty().to_string()]
+                        }
                         NamespaceScope::Selector(sel) => {
                             let matched: Vec<String> = engine
                                 .model

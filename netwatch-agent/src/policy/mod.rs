@@ -87,8 +87,8 @@ pub enum PolicyError {
     /// A policy the API server would refuse.
     #[error("{} {}: {problem}", policy.kind, policy.namespace.as_ref().map(|ns| format!("{ns}/{}", policy.name)).unwrap_or_else(|| policy.name.clone()))]
     InvalidPolicy {
-        policy: PolicyRef,
-        problem: FieldProblem,
+        policy: Box<PolicyRef>,
+        problem: Box<FieldProblem>,
     },
     /// A pod name the snapshot does not have.
     #[error(

@@ -33,11 +33,11 @@ use super::api::cluster::types::{
 };
 use super::api::cluster::{AdminNetworkPolicy, ClusterNetworkPolicy};
 use super::evaluate::{DirectionVerdict, EndpointKind, Peer, PolicyEngine, Resolved, Verdict};
-use crate::record::{PolicyKind, Tier};
 use super::model::{Direction, NAMESPACE_NAME_LABEL, Protocol};
 use super::selector::Labels;
 use super::{EngineOptions, PolicyError};
 use crate::cluster::ClusterSnapshot;
+use crate::record::{PolicyKind, Tier};
 
 /// Labels that differ between pods of one workload or between rollouts;
 /// a selector on them would break on the next rollout.
@@ -552,7 +552,9 @@ impl Override<'_> {
             .iter()
             .find(|p| p.reference.kind == deny.kind && p.reference.name == deny.name)
         else {
-            return Err(PolicyError::Suggest(format!("{deny} is not in the manifests")));
+            return Err(PolicyError::Suggest(format!(
+                "{deny} is not in the manifests"
+            )));
         };
         if denying.priority == 0 {
             return Err(PolicyError::Suggest(format!(
@@ -624,7 +626,11 @@ impl Override<'_> {
         };
         let name = dns_label(&format!(
             "{}-{}-{}-{}-{}",
-            if direction == Direction::Egress { "egress" } else { "ingress" },
+            if direction == Direction::Egress {
+                "egress"
+            } else {
+                "ingress"
+            },
             short_name(self.workloads, subject),
             short_name(self.workloads, other),
             self.port,
@@ -643,7 +649,10 @@ impl Override<'_> {
                 direction,
                 action,
             );
-            let check = PolicyEngine::new(&with_suggestion(self.snapshot, &candidate), engine.options())?;
+            let check = PolicyEngine::new(
+                &with_suggestion(self.snapshot, &candidate),
+                engine.options(),
+            )?;
             let after = check.try_evaluate(self.from, self.to, self.port, self.protocol)?;
             let this_side = match direction {
                 Direction::Egress => &after.egress,
@@ -694,7 +703,12 @@ impl Override<'_> {
             name: Some(name.to_string()),
             ..Default::default()
         };
-        let rule_name = Some(format!("{}-{}-{}", action.to_ascii_lowercase(), self.port, self.protocol.as_str().to_ascii_lowercase()));
+        let rule_name = Some(format!(
+            "{}-{}-{}",
+            action.to_ascii_lowercase(),
+            self.port,
+            self.protocol.as_str().to_ascii_lowercase()
+        ));
         if kind == PolicyKind::ClusterNetworkPolicy {
             let ports = CnpProtocolPorts {
                 destination_port: Some(CnpPort {
@@ -703,9 +717,18 @@ impl Override<'_> {
                 }),
             };
             let protocols = Some(vec![match self.protocol {
-                Protocol::Tcp => CnpProtocol { tcp: Some(ports), ..Default::default() },
-                Protocol::Udp => CnpProtocol { udp: Some(ports), ..Default::default() },
-                Protocol::Sctp => CnpProtocol { sctp: Some(ports), ..Default::default() },
+                Protocol::Tcp => CnpProtocol {
+                    tcp: Some(ports),
+                    ..Default::default()
+                },
+                Protocol::Udp => CnpProtocol {
+                    udp: Some(ports),
+                    ..Default::default()
+                },
+                Protocol::Sctp => CnpProtocol {
+                    sctp: Some(ports),
+                    ..Default::default()
+                },
             }]);
             let action = if action == "Allow" { "Accept" } else { action };
             let mut spec = ClusterNetworkPolicySpec {
@@ -733,13 +756,15 @@ impl Override<'_> {
                     }])
                 }
             }
-            suggestion.cluster_network_policies.push(ClusterNetworkPolicy {
-                api_version: V1ALPHA2.into(),
-                kind: "ClusterNetworkPolicy".into(),
-                metadata,
-                spec: Some(spec),
-                status: None,
-            });
+            suggestion
+                .cluster_network_policies
+                .push(ClusterNetworkPolicy {
+                    api_version: V1ALPHA2.into(),
+                    kind: "ClusterNetworkPolicy".into(),
+                    metadata,
+                    spec: Some(spec),
+                    status: None,
+                });
         } else {
             let ports = Some(vec![AnpPort {
                 port_number: Some(AnpPortNumber {

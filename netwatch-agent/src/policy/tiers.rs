@@ -26,8 +26,12 @@ pub(crate) trait PolicyTier: Sync {
     fn judge(&self, engine: &PolicyEngine, direction: Direction, flow: &Flow<'_>) -> TierStep;
 
     /// When this tier denied: per relevant rule, what matched and what did not.
-    fn near_misses(&self, engine: &PolicyEngine, direction: Direction, flow: &Flow<'_>)
-    -> Vec<String>;
+    fn near_misses(
+        &self,
+        engine: &PolicyEngine,
+        direction: Direction,
+        flow: &Flow<'_>,
+    ) -> Vec<String>;
 
     /// Whether any policy of this tier exists in the engine at all.
     fn is_empty(&self, engine: &PolicyEngine) -> bool;

@@ -113,7 +113,11 @@ impl TierStep {
             (Outcome::Allow(refs), Tier::NetworkPolicy) => {
                 format!("NetworkPolicy: ALLOW by {}", list(refs))
             }
-            (outcome, tier) => format!("{tier}: {} by {}", outcome.as_str(), list(outcome.policies())),
+            (outcome, tier) => format!(
+                "{tier}: {} by {}",
+                outcome.as_str(),
+                list(outcome.policies())
+            ),
         };
         if !self.undefined_order_with.is_empty() {
             s.push_str(&format!(

@@ -178,7 +178,11 @@ impl ClusterPolicy {
     }
 }
 
-fn problem(field: impl Into<String>, what: impl Into<String>, fix: impl Into<String>) -> FieldProblem {
+fn problem(
+    field: impl Into<String>,
+    what: impl Into<String>,
+    fix: impl Into<String>,
+) -> FieldProblem {
     FieldProblem::new(field.into(), what.into(), fix.into())
 }
 
@@ -239,9 +243,22 @@ pub fn compile_cluster_network_policy(
     for (i, rule) in rules.iter().enumerate() {
         let path = format!("spec.ingress[{i}]");
         let action = cnp_action(rule.action.as_deref(), &path)?;
-        let peers = peers(rule.from.as_deref(), &path, "from", true, true, &V1ALPHA2_LIMITS)?;
+        let peers = peers(
+            rule.from.as_deref(),
+            &path,
+            "from",
+            true,
+            true,
+            &V1ALPHA2_LIMITS,
+        )?;
         let ports = cnp_protocols(rule.protocols.as_deref(), &path)?;
-        ingress.push(finish_rule(rule.name.as_deref(), action, peers, ports, &path)?);
+        ingress.push(finish_rule(
+            rule.name.as_deref(),
+            action,
+            peers,
+            ports,
+            &path,
+        )?);
     }
     let mut egress = Vec::new();
     let rules = spec.egress.as_deref().unwrap_or_default();
@@ -249,9 +266,22 @@ pub fn compile_cluster_network_policy(
     for (i, rule) in rules.iter().enumerate() {
         let path = format!("spec.egress[{i}]");
         let action = cnp_action(rule.action.as_deref(), &path)?;
-        let peers = peers(rule.to.as_deref(), &path, "to", false, true, &V1ALPHA2_LIMITS)?;
+        let peers = peers(
+            rule.to.as_deref(),
+            &path,
+            "to",
+            false,
+            true,
+            &V1ALPHA2_LIMITS,
+        )?;
         let ports = cnp_protocols(rule.protocols.as_deref(), &path)?;
-        egress.push(finish_rule(rule.name.as_deref(), action, peers, ports, &path)?);
+        egress.push(finish_rule(
+            rule.name.as_deref(),
+            action,
+            peers,
+            ports,
+            &path,
+        )?);
     }
     Ok(ClusterPolicy {
         reference,
@@ -299,7 +329,9 @@ pub fn compile_baseline_admin_network_policy(
     if name != "default" {
         return Err(problem(
             "metadata.name",
-            format!("a BaselineAdminNetworkPolicy must be named \"default\", not {name:?} (the cluster has at most one)"),
+            format!(
+                "a BaselineAdminNetworkPolicy must be named \"default\", not {name:?} (the cluster has at most one)"
+            ),
             "rename it to `default`, merging its rules into the existing one if there is one",
         ));
     }
@@ -311,11 +343,8 @@ pub fn compile_baseline_admin_network_policy(
         ));
     };
     let subject = subject(spec.subject.as_ref())?;
-    let reference = PolicyRef::cluster(
-        PolicyKind::BaselineAdminNetworkPolicy,
-        Tier::Baseline,
-        name,
-    );
+    let reference =
+        PolicyRef::cluster(PolicyKind::BaselineAdminNetworkPolicy, Tier::Baseline, name);
     let (ingress, egress) = v1alpha1_rules(
         spec.ingress.as_deref().unwrap_or_default(),
         spec.egress.as_deref().unwrap_or_default(),
@@ -342,18 +371,44 @@ fn v1alpha1_rules(
     for (i, rule) in ingress_rules.iter().enumerate() {
         let path = format!("spec.ingress[{i}]");
         let action = anp_action(rule.action.as_deref(), &path, admin)?;
-        let peers = peers(rule.from.as_deref(), &path, "from", true, admin, &V1ALPHA1_LIMITS)?;
+        let peers = peers(
+            rule.from.as_deref(),
+            &path,
+            "from",
+            true,
+            admin,
+            &V1ALPHA1_LIMITS,
+        )?;
         let ports = anp_ports(rule.ports.as_deref(), &path)?;
-        ingress.push(finish_rule(rule.name.as_deref(), action, peers, ports, &path)?);
+        ingress.push(finish_rule(
+            rule.name.as_deref(),
+            action,
+            peers,
+            ports,
+            &path,
+        )?);
     }
     let mut egress = Vec::new();
     max_items(egress_rules.len(), V1ALPHA1_LIMITS.rules, "spec.egress")?;
     for (i, rule) in egress_rules.iter().enumerate() {
         let path = format!("spec.egress[{i}]");
         let action = anp_action(rule.action.as_deref(), &path, admin)?;
-        let peers = peers(rule.to.as_deref(), &path, "to", false, admin, &V1ALPHA1_LIMITS)?;
+        let peers = peers(
+            rule.to.as_deref(),
+            &path,
+            "to",
+            false,
+            admin,
+            &V1ALPHA1_LIMITS,
+        )?;
         let ports = anp_ports(rule.ports.as_deref(), &path)?;
-        egress.push(finish_rule(rule.name.as_deref(), action, peers, ports, &path)?);
+        egress.push(finish_rule(
+            rule.name.as_deref(),
+            action,
+            peers,
+            ports,
+            &path,
+        )?);
     }
     Ok((ingress, egress))
 }
@@ -404,7 +459,10 @@ fn namespaced_pod(
             "add `podSelector: {}` for every pod of the namespaces, or labels to narrow it",
         ));
     };
-    Ok((namespaces, selector(pod_selector, &format!("{path}.podSelector"))?))
+    Ok((
+        namespaces,
+        selector(pod_selector, &format!("{path}.podSelector"))?,
+    ))
 }
 
 fn subject(subject: Option<&Subject>) -> Result<SubjectMatcher, FieldProblem> {
@@ -689,7 +747,12 @@ fn port_number(n: Option<i64>, field: &str, what: &str) -> Result<u16, FieldProb
     }
 }
 
-fn range(r: &PortRange, path: &str, protocol: Protocol, strict: bool) -> Result<ClusterPort, FieldProblem> {
+fn range(
+    r: &PortRange,
+    path: &str,
+    protocol: Protocol,
+    strict: bool,
+) -> Result<ClusterPort, FieldProblem> {
     let start = port_number(r.start, &format!("{path}.start"), "start")?;
     let end = port_number(r.end, &format!("{path}.end"), "end")?;
     // v1alpha2 says start < end; v1alpha1's CRD checks nothing, and a
@@ -708,7 +771,10 @@ fn range(r: &PortRange, path: &str, protocol: Protocol, strict: bool) -> Result<
     })
 }
 
-fn cnp_protocols(list: Option<&[CnpProtocol]>, path: &str) -> Result<Vec<ClusterPort>, FieldProblem> {
+fn cnp_protocols(
+    list: Option<&[CnpProtocol]>,
+    path: &str,
+) -> Result<Vec<ClusterPort>, FieldProblem> {
     let Some(list) = list else {
         return Ok(Vec::new());
     };
@@ -851,7 +917,8 @@ fn anp_ports(list: Option<&[AnpPort]>, path: &str) -> Result<Vec<ClusterPort>, F
             ));
         }
         if let Some(n) = &entry.port_number {
-            let protocol = protocol_v1alpha1(n.protocol.as_deref(), &format!("{p}.portNumber.protocol"))?;
+            let protocol =
+                protocol_v1alpha1(n.protocol.as_deref(), &format!("{p}.portNumber.protocol"))?;
             let port = port_number(n.port, &format!("{p}.portNumber.port"), "port")?;
             out.push(ClusterPort::Range {
                 protocol,
@@ -859,7 +926,8 @@ fn anp_ports(list: Option<&[AnpPort]>, path: &str) -> Result<Vec<ClusterPort>, F
                 end: port,
             });
         } else if let Some(r) = &entry.port_range {
-            let protocol = protocol_v1alpha1(r.protocol.as_deref(), &format!("{p}.portRange.protocol"))?;
+            let protocol =
+                protocol_v1alpha1(r.protocol.as_deref(), &format!("{p}.portRange.protocol"))?;
             out.push(range(r, &format!("{p}.portRange"), protocol, false)?);
         } else if let Some(name) = &entry.named_port {
             validate_port_name(name, &format!("{p}.namedPort"))?;
@@ -934,7 +1002,10 @@ mod tests {
         assert_eq!(p.reference.tier, Tier::Admin);
         assert_eq!(p.egress.len(), 2);
         assert_eq!(p.egress[0].action, Action::Pass);
-        assert_eq!(p.egress[0].peers, vec![ClusterPeer::Networks(vec!["10.0.0.0/8".parse().unwrap()])]);
+        assert_eq!(
+            p.egress[0].peers,
+            vec![ClusterPeer::Networks(vec!["10.0.0.0/8".parse().unwrap()])]
+        );
         assert_eq!(p.egress[0].ports[1].to_string(), "50-60/UDP");
         assert!(p.egress[1].ports.is_empty() && p.ingress.is_empty());
     }
@@ -943,28 +1014,92 @@ mod tests {
     fn the_crd_limits_are_enforced_with_the_field() {
         let head = "spec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n";
         let cases = [
-            ("spec:\n  tier: admin\n  priority: 1\n  subject: {namespaces: {}}\n", "spec.tier"),
-            ("spec:\n  tier: Admin\n  priority: 1001\n  subject: {namespaces: {}}\n", "spec.priority"),
-            ("spec:\n  tier: Admin\n  subject: {namespaces: {}}\n", "spec.priority"),
-            ("spec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}, pods: {podSelector: {}}}\n", "spec.subject"),
-            ("spec:\n  tier: Admin\n  priority: 1\n  subject: {}\n", "spec.subject"),
-            (&format!("{head}  ingress: [{{action: Allow, from: [{{namespaces: {{}}}}]}}]\n"), "spec.ingress[0].action"),
-            (&format!("{head}  ingress: [{{action: Deny, from: []}}]\n"), "spec.ingress[0].from"),
-            (&format!("{head}  ingress: [{{action: Deny, from: [{{networks: [10.0.0.0/8]}}]}}]\n"), "spec.ingress[0].from[0].networks"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}, pods: {{podSelector: {{}}}}}}]}}]\n"), "spec.egress[0].to[0]"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{networks: [10.0.0.1]}}]}}]\n"), "spec.egress[0].to[0].networks[0]"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{networks: [10.0.0.0/8]}}], protocols: [{{destinationNamedPort: http}}]}}]\n"), "spec.egress[0]"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{range: {{start: 90, end: 80}}}}}}}}]}}]\n"), "spec.egress[0].protocols[0].tcp.destinationPort.range"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}}}], protocols: [{{tcp: {{}}}}]}}]\n"), "spec.egress[0].protocols[0].tcp"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}, udp: {{destinationPort: {{number: 80}}}}}}]}}]\n"), "spec.egress[0].protocols[0]"),
-            (&format!("{head}  egress: [{{action: Deny, to: [{{domainNames: ['*example']}}]}}]\n"), "spec.egress[0].to[0].domainNames[0]"),
+            (
+                "spec:\n  tier: admin\n  priority: 1\n  subject: {namespaces: {}}\n",
+                "spec.tier",
+            ),
+            (
+                "spec:\n  tier: Admin\n  priority: 1001\n  subject: {namespaces: {}}\n",
+                "spec.priority",
+            ),
+            (
+                "spec:\n  tier: Admin\n  subject: {namespaces: {}}\n",
+                "spec.priority",
+            ),
+            (
+                "spec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}, pods: {podSelector: {}}}\n",
+                "spec.subject",
+            ),
+            (
+                "spec:\n  tier: Admin\n  priority: 1\n  subject: {}\n",
+                "spec.subject",
+            ),
+            (
+                &format!("{head}  ingress: [{{action: Allow, from: [{{namespaces: {{}}}}]}}]\n"),
+                "spec.ingress[0].action",
+            ),
+            (
+                &format!("{head}  ingress: [{{action: Deny, from: []}}]\n"),
+                "spec.ingress[0].from",
+            ),
+            (
+                &format!(
+                    "{head}  ingress: [{{action: Deny, from: [{{networks: [10.0.0.0/8]}}]}}]\n"
+                ),
+                "spec.ingress[0].from[0].networks",
+            ),
+            (
+                &format!(
+                    "{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}, pods: {{podSelector: {{}}}}}}]}}]\n"
+                ),
+                "spec.egress[0].to[0]",
+            ),
+            (
+                &format!("{head}  egress: [{{action: Deny, to: [{{networks: [10.0.0.1]}}]}}]\n"),
+                "spec.egress[0].to[0].networks[0]",
+            ),
+            (
+                &format!(
+                    "{head}  egress: [{{action: Deny, to: [{{networks: [10.0.0.0/8]}}], protocols: [{{destinationNamedPort: http}}]}}]\n"
+                ),
+                "spec.egress[0]",
+            ),
+            (
+                &format!(
+                    "{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{range: {{start: 90, end: 80}}}}}}}}]}}]\n"
+                ),
+                "spec.egress[0].protocols[0].tcp.destinationPort.range",
+            ),
+            (
+                &format!(
+                    "{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}}}], protocols: [{{tcp: {{}}}}]}}]\n"
+                ),
+                "spec.egress[0].protocols[0].tcp",
+            ),
+            (
+                &format!(
+                    "{head}  egress: [{{action: Deny, to: [{{namespaces: {{}}}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}, udp: {{destinationPort: {{number: 80}}}}}}]}}]\n"
+                ),
+                "spec.egress[0].protocols[0]",
+            ),
+            (
+                &format!(
+                    "{head}  egress: [{{action: Deny, to: [{{domainNames: ['*example']}}]}}]\n"
+                ),
+                "spec.egress[0].to[0].domainNames[0]",
+            ),
         ];
         for (yaml, field) in cases {
             let err = cnp(yaml).unwrap_err();
             assert_eq!(err.field, field, "{yaml}");
         }
-        let many: String = (0..26).map(|_| "  - {action: Deny, from: [{namespaces: {}}]}\n").collect();
-        assert_eq!(cnp(&format!("{head}  ingress:\n{many}")).unwrap_err().field, "spec.ingress");
+        let many: String = (0..26)
+            .map(|_| "  - {action: Deny, from: [{namespaces: {}}]}\n")
+            .collect();
+        assert_eq!(
+            cnp(&format!("{head}  ingress:\n{many}")).unwrap_err().field,
+            "spec.ingress"
+        );
     }
 
     #[test]
@@ -976,8 +1111,18 @@ mod tests {
         let err = anp("spec:\n  priority: 5\n  subject: {namespaces: {}}\n  ingress: [{action: Accept, from: [{namespaces: {}}]}]\n").unwrap_err();
         assert_eq!(err.field, "spec.ingress[0].action");
         let banp: BaselineAdminNetworkPolicy = serde_yaml::from_str("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: other}\nspec: {subject: {namespaces: {}}}\n").unwrap();
-        assert_eq!(compile_baseline_admin_network_policy(&banp).unwrap_err().field, "metadata.name");
+        assert_eq!(
+            compile_baseline_admin_network_policy(&banp)
+                .unwrap_err()
+                .field,
+            "metadata.name"
+        );
         let banp: BaselineAdminNetworkPolicy = serde_yaml::from_str("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec: {subject: {namespaces: {}}, egress: [{action: Pass, to: [{namespaces: {}}]}]}\n").unwrap();
-        assert_eq!(compile_baseline_admin_network_policy(&banp).unwrap_err().field, "spec.egress[0].action");
+        assert_eq!(
+            compile_baseline_admin_network_policy(&banp)
+                .unwrap_err()
+                .field,
+            "spec.egress[0].action"
+        );
     }
 }

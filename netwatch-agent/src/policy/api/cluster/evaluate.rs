@@ -49,8 +49,8 @@ impl ClusterPolicies {
         ) -> impl FnOnce(crate::policy::FieldProblem) -> PolicyError {
             let name = name.clone().unwrap_or_default();
             move |problem| PolicyError::InvalidPolicy {
-                policy: PolicyRef::cluster(kind, tier, name),
-                problem,
+                policy: Box::new(PolicyRef::cluster(kind, tier, name)),
+                problem: Box::new(problem),
             }
         }
         for p in &snapshot.cluster_network_policies {
@@ -58,13 +58,11 @@ impl ClusterPolicies {
                 Some("Baseline") => Tier::Baseline,
                 _ => Tier::Admin,
             };
-            policies.push(
-                compile_cluster_network_policy(p).map_err(invalid(
-                    PolicyKind::ClusterNetworkPolicy,
-                    tier,
-                    &p.metadata.name,
-                ))?,
-            );
+            policies.push(compile_cluster_network_policy(p).map_err(invalid(
+                PolicyKind::ClusterNetworkPolicy,
+                tier,
+                &p.metadata.name,
+            ))?);
         }
         for p in &snapshot.admin_network_policies {
             policies.push(compile_admin_network_policy(p).map_err(invalid(
@@ -74,13 +72,11 @@ impl ClusterPolicies {
             ))?);
         }
         for p in &snapshot.baseline_admin_network_policies {
-            policies.push(
-                compile_baseline_admin_network_policy(p).map_err(invalid(
-                    PolicyKind::BaselineAdminNetworkPolicy,
-                    Tier::Baseline,
-                    &p.metadata.name,
-                ))?,
-            );
+            policies.push(compile_baseline_admin_network_policy(p).map_err(invalid(
+                PolicyKind::BaselineAdminNetworkPolicy,
+                Tier::Baseline,
+                &p.metadata.name,
+            ))?);
         }
         // A later object of the same kind and name replaces the earlier.
         let mut by_name = std::collections::BTreeMap::new();
@@ -89,12 +85,18 @@ impl ClusterPolicies {
         }
         let mut policies: Vec<ClusterPolicy> = by_name.into_values().collect();
         policies.sort_by(|a, b| {
-            (a.reference.tier, a.priority, a.reference.kind, &a.reference.name).cmp(&(
-                b.reference.tier,
-                b.priority,
-                b.reference.kind,
-                &b.reference.name,
-            ))
+            (
+                a.reference.tier,
+                a.priority,
+                a.reference.kind,
+                &a.reference.name,
+            )
+                .cmp(&(
+                    b.reference.tier,
+                    b.priority,
+                    b.reference.kind,
+                    &b.reference.name,
+                ))
         });
         let nodes = snapshot
             .nodes
@@ -198,17 +200,17 @@ impl PolicyEngine {
         hint: Option<IpAddr>,
     ) -> bool {
         match peer {
-            ClusterPeer::Namespaces(ns) => selectable_pod(end).is_some_and(|n| ns.matches(&n.labels)),
+            ClusterPeer::Namespaces(ns) => {
+                selectable_pod(end).is_some_and(|n| ns.matches(&n.labels))
+            }
             ClusterPeer::Pods { namespaces, pods } => selectable_pod(end)
                 .is_some_and(|n| namespaces.matches(&n.labels) && pods.matches(&end.labels)),
             ClusterPeer::Networks(nets) => end
                 .address(hint)
                 .is_some_and(|ip| nets.iter().any(|n| n.contains(&ip))),
-            ClusterPeer::Nodes(sel) => end.address(hint).is_some_and(|ip| {
-                self.cluster
-                    .nodes_with(ip)
-                    .any(|n| sel.matches(&n.labels))
-            }),
+            ClusterPeer::Nodes(sel) => end
+                .address(hint)
+                .is_some_and(|ip| self.cluster.nodes_with(ip).any(|n| sel.matches(&n.labels))),
             ClusterPeer::DomainNames(_) => false,
         }
     }
@@ -221,11 +223,12 @@ impl PolicyEngine {
                 start,
                 end,
             } => *protocol == flow.protocol && (*start..=*end).contains(&flow.port),
-            ClusterPort::Named(name) => flow
-                .destination
-                .pod
-                .and_then(|(_, p)| p.named_port(name, flow.protocol))
-                == Some(flow.port),
+            ClusterPort::Named(name) => {
+                flow.destination
+                    .pod
+                    .and_then(|(_, p)| p.named_port(name, flow.protocol))
+                    == Some(flow.port)
+            }
         }
     }
 
@@ -301,12 +304,7 @@ pub(crate) static BASELINE_TIER: ClusterTier = ClusterTier {
 };
 
 impl ClusterTier {
-    fn in_tier<'a>(
-        &self,
-        engine: &'a PolicyEngine,
-        direction: Direction,
-        flow: &Flow<'_>,
-    ) -> Vec<u32> {
+    fn in_tier(&self, engine: &PolicyEngine, direction: Direction, flow: &Flow<'_>) -> Vec<u32> {
         engine
             .cluster_selecting(flow.subject(direction), direction)
             .iter()
@@ -402,7 +400,11 @@ impl PolicyTier for ClusterTier {
                     lines.push(format!(
                         "{} {direction} {} ({}) matches and denies",
                         policy.describe(),
-                        policy.reference.with_rule(k, rule.name.as_deref()).rule.unwrap_or_default(),
+                        policy
+                            .reference
+                            .with_rule(k, rule.name.as_deref())
+                            .rule
+                            .unwrap_or_default(),
                         rule.action.word(policy.reference.kind)
                     ));
                     return lines;
@@ -537,7 +539,10 @@ fn peer_miss(
             }
             let Some(ns) = selectable_pod(end) else {
                 let ip = address.map(|ip| ip.to_string()).unwrap_or_default();
-                let _ = write!(out, "peer {peer} selects pods, and the {who} {ip} is not a pod");
+                let _ = write!(
+                    out,
+                    "peer {peer} selects pods, and the {who} {ip} is not a pod"
+                );
                 return;
             };
             match peer {

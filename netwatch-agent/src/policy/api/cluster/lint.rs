@@ -69,7 +69,10 @@ fn probe_ports(engine: &PolicyEngine) -> Vec<(Protocol, u16)> {
     for p in &engine.cluster.policies {
         for rule in p.ingress.iter().chain(&p.egress) {
             for port in &rule.ports {
-                if let ClusterPort::Range { protocol, start, .. } = port {
+                if let ClusterPort::Range {
+                    protocol, start, ..
+                } = port
+                {
                     ports.insert((*protocol, *start));
                 }
             }
@@ -105,7 +108,10 @@ fn finding(
 impl ClusterLinter<'_> {
     fn pod_name(&self, idx: u32) -> String {
         let p = &self.engine.model.pods[idx as usize];
-        format!("{}/{}", self.engine.model.namespaces[p.namespace as usize].name, p.name)
+        format!(
+            "{}/{}",
+            self.engine.model.namespaces[p.namespace as usize].name, p.name
+        )
     }
 
     /// The pods `policy` applies to.
@@ -224,7 +230,9 @@ impl ClusterLinter<'_> {
                     .cluster_selecting(flow.subject(direction), direction)
                     .iter()
                     .copied()
-                    .filter(|&j| engine.cluster.policies[j as usize].reference.tier == policy.reference.tier)
+                    .filter(|&j| {
+                        engine.cluster.policies[j as usize].reference.tier == policy.reference.tier
+                    })
                     .any(|j| {
                         let other = &engine.cluster.policies[j as usize];
                         other.rules(direction).iter().enumerate().any(|(kj, r)| {
@@ -299,7 +307,11 @@ impl ClusterLinter<'_> {
     fn selects_nothing(&self, policy: &ClusterPolicy, findings: &mut Vec<Finding>) {
         let engine = self.engine;
         let namespaces_match = |sel: &crate::policy::CompiledSelector| {
-            engine.model.namespaces.iter().any(|n| sel.matches(&n.labels))
+            engine
+                .model
+                .namespaces
+                .iter()
+                .any(|n| sel.matches(&n.labels))
         };
         let subject_ns = match &policy.subject {
             SubjectMatcher::Namespaces(ns) => ns,
@@ -323,7 +335,8 @@ impl ClusterLinter<'_> {
                 Severity::Warning,
                 LintCheck::ClusterSelectorMatchesNothing,
                 format!("subject {} selects no pod in the manifests", policy.subject),
-                "match the labels of the pods you mean; host-network pods are never subjects".into(),
+                "match the labels of the pods you mean; host-network pods are never subjects"
+                    .into(),
             ));
         }
         for direction in [Direction::Ingress, Direction::Egress] {

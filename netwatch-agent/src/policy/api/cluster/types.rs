@@ -272,8 +272,18 @@ macro_rules! cluster_resource {
     };
 }
 
-cluster_resource!(ClusterNetworkPolicy, "v1alpha2", V1ALPHA2, "clusternetworkpolicies");
-cluster_resource!(AdminNetworkPolicy, "v1alpha1", V1ALPHA1, "adminnetworkpolicies");
+cluster_resource!(
+    ClusterNetworkPolicy,
+    "v1alpha2",
+    V1ALPHA2,
+    "clusternetworkpolicies"
+);
+cluster_resource!(
+    AdminNetworkPolicy,
+    "v1alpha1",
+    V1ALPHA1,
+    "adminnetworkpolicies"
+);
 cluster_resource!(
     BaselineAdminNetworkPolicy,
     "v1alpha1",
