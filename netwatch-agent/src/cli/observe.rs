@@ -219,7 +219,10 @@ impl FilterArgs {
         if let Ok(reasons) = DropReasons::from_btf_file(std::path::Path::new(VMLINUX_BTF)) {
             for filter in [&f, &left_out] {
                 filter.check_reasons(reasons.names()).map_err(|e| {
-                    CliError::Usage(format!("--{}", e.to_string().trim_start_matches("invalid ")))
+                    CliError::Usage(format!(
+                        "--{}",
+                        e.to_string().trim_start_matches("invalid ")
+                    ))
                 })?;
             }
         }
@@ -758,11 +761,9 @@ pub fn run(args: &ObserveArgs) -> Result<u8, CliError> {
                     writeln!(out, "{}", format_compact_for(&r, color, width, &node))?
                 }
                 ObserveOutput::Json => writeln!(out, "{line}")?,
-                ObserveOutput::Jsonpb => writeln!(
-                    out,
-                    "{}",
-                    crate::export::hubble::to_get_flows_response(&r)
-                )?,
+                ObserveOutput::Jsonpb => {
+                    writeln!(out, "{}", crate::export::hubble::to_get_flows_response(&r))?
+                }
                 ObserveOutput::Dict => write!(out, "{}", format_dict(&r, args.print_node_name))?,
                 ObserveOutput::Table => writeln!(out, "{}", format_table_row_for(&r, &widths))?,
             },
@@ -1045,20 +1046,34 @@ pub fn format_table_row_for(r: &FlowRecord, widths: &[usize]) -> String {
 /// `-o dict`: one `KEY: value` block per flow, as hubble observe prints it.
 pub fn format_dict(r: &FlowRecord, node: bool) -> String {
     let (src, dst) = ends(r);
-    let mut rows: Vec<(&str, String)> = vec![
-        ("TIMESTAMP", r.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
-    ];
+    let mut rows: Vec<(&str, String)> = vec![(
+        "TIMESTAMP",
+        r.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+    )];
     if node {
         rows.push(("NODE", r.node_name.clone()));
     }
     rows.push(("SOURCE", src));
     rows.push(("DESTINATION", dst));
-    rows.push(("TYPE", if r.event_type.kind == 1 { "drop" } else { "trace" }.into()));
+    rows.push((
+        "TYPE",
+        if r.event_type.kind == 1 {
+            "drop"
+        } else {
+            "trace"
+        }
+        .into(),
+    ));
     rows.push(("VERDICT", r.verdict.as_str().into()));
     if let Some(reason) = reason_text(r) {
         rows.push(("DROP REASON", reason));
     }
-    rows.push(("SUMMARY", format!("{} {}", protocol_text(r), lifecycle_text(r).trim()).trim().to_string()));
+    rows.push((
+        "SUMMARY",
+        format!("{} {}", protocol_text(r), lifecycle_text(r).trim())
+            .trim()
+            .to_string(),
+    ));
     let policies = policy_text(r);
     if !policies.is_empty() {
         rows.push(("DENIED BY", policies));
@@ -1305,7 +1320,9 @@ mod tests {
         };
         let e = bad.to_filter().unwrap_err().to_string();
         assert!(
-            e.starts_with("--reason \"BOGUS\"") && e.contains("NETFILTER_DROP") && e.contains("TCP_RESET"),
+            e.starts_with("--reason \"BOGUS\"")
+                && e.contains("NETFILTER_DROP")
+                && e.contains("TCP_RESET"),
             "{e}"
         );
         for good in ["netfilter_drop", "TCP_RESET", "SKB_DROP_REASON_IP_RPFILTER"] {
@@ -1325,7 +1342,8 @@ mod tests {
             #[command(flatten)]
             observe: ObserveArgs,
         }
-        let m = Cmd::command().try_get_matches_from(std::iter::once("observe").chain(args.iter().copied()))?;
+        let m = Cmd::command()
+            .try_get_matches_from(std::iter::once("observe").chain(args.iter().copied()))?;
         let mut a = Cmd::from_arg_matches(&m)?.observe;
         a.filters.negated = negated_terms(&m);
         Ok(a)
@@ -1333,7 +1351,16 @@ mod tests {
 
     #[test]
     fn hubble_observe_flags_are_accepted_with_hubbles_meaning() {
-        let a = observe_args(&["--verdict", "DROPPED", "--not", "--to-port", "53", "--to-port", "8080"]).unwrap();
+        let a = observe_args(&[
+            "--verdict",
+            "DROPPED",
+            "--not",
+            "--to-port",
+            "53",
+            "--to-port",
+            "8080",
+        ])
+        .unwrap();
         let set = a.filters.to_filter_set().unwrap();
         let dns = record(json!({"l4": {"UDP": {"source_port": 5353, "destination_port": 53}}}));
         let api = record(json!({}));
@@ -1345,21 +1372,60 @@ mod tests {
         let a = observe_args(&["--to-port", "53", "--not"]).unwrap();
         assert!(a.filters.to_filter_set().is_err());
 
-        let a = observe_args(&["-A", "--node-name", "node-*", "--type", "drop", "--drop-reason-desc", "POLICY_DENIED",
-            "--first", "5", "--until", "2026-11-22T03:00:00Z", "--print-node-name", "-o", "jsonpb"]).unwrap();
-        assert_eq!((a.first, a.output, a.print_node_name), (Some(5), ObserveOutput::Jsonpb, true));
+        let a = observe_args(&[
+            "-A",
+            "--node-name",
+            "node-*",
+            "--type",
+            "drop",
+            "--drop-reason-desc",
+            "POLICY_DENIED",
+            "--first",
+            "5",
+            "--until",
+            "2026-11-22T03:00:00Z",
+            "--print-node-name",
+            "-o",
+            "jsonpb",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.first, a.output, a.print_node_name),
+            (Some(5), ObserveOutput::Jsonpb, true)
+        );
         let set = a.filters.to_filter_set().unwrap();
-        assert!(set.admits(&api), "node-1, a drop, NETFILTER_DROP is POLICY_DENIED");
+        assert!(
+            set.admits(&api),
+            "node-1, a drop, NETFILTER_DROP is POLICY_DENIED"
+        );
         assert!(!set.admits(&record(json!({"node_name": "other"}))));
-        assert!(!set.admits(&record(json!({"verdict": "TIMED_OUT", "drop_reason_desc": null,
-            "event_type": {"type": 4, "sub_type": 0}}))));
+        assert!(!set.admits(&record(
+            json!({"verdict": "TIMED_OUT", "drop_reason_desc": null,
+            "event_type": {"type": 4, "sub_type": 0}})
+        )));
         assert!(observe_args(&["-o", "dict"]).is_ok());
-        assert!(observe_args(&["-A", "-n", "prod"]).is_err(), "-A conflicts with -n");
+        assert!(
+            observe_args(&["-A", "-n", "prod"]).is_err(),
+            "-A conflicts with -n"
+        );
         assert!(observe_args(&["--first", "3", "-f"]).is_err());
 
-        let e = observe_args(&["--type", "l7"]).unwrap().filters.to_filter().unwrap_err().to_string();
-        assert!(e.contains("netwatch has no l7 events") && e.contains("drop, trace"), "{e}");
-        let e = observe_args(&["--drop-reason-desc", "NETFILTER_DROP"]).unwrap().filters.to_filter().unwrap_err().to_string();
+        let e = observe_args(&["--type", "l7"])
+            .unwrap()
+            .filters
+            .to_filter()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("netwatch has no l7 events") && e.contains("drop, trace"),
+            "{e}"
+        );
+        let e = observe_args(&["--drop-reason-desc", "NETFILTER_DROP"])
+            .unwrap()
+            .filters
+            .to_filter()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("POLICY_DENIED") && e.contains("--reason"), "{e}");
     }
 
@@ -1374,24 +1440,43 @@ mod tests {
         }));
         let compact = format_compact_for(&long, false, 80, "");
         assert!(compact.lines().all(|l| term::width(l) <= 80), "{compact}");
-        assert!(compact.contains("denied by payments/default-deny-all-traffic [egress+ingress]"), "{compact}");
-        assert!(compact.contains("q8z2m") && compact.contains("h7t3c"), "the replicas stay told apart: {compact}");
+        assert!(
+            compact.contains("denied by payments/default-deny-all-traffic [egress+ingress]"),
+            "{compact}"
+        );
+        assert!(
+            compact.contains("q8z2m") && compact.contains("h7t3c"),
+            "the replicas stay told apart: {compact}"
+        );
         let widths = table_widths(80);
-        for line in [table_header_for(&widths), format_table_row_for(&long, &widths)] {
+        for line in [
+            table_header_for(&widths),
+            format_table_row_for(&long, &widths),
+        ] {
             assert!(term::width(&line) <= 80, "{line}");
         }
         let mut paths = FailingPaths::new(80, false, true);
         let first = paths.add(&long);
-        assert!(first.ends_with(" [1 flow, 120 packets]\n") && term::width(first.trim_end()) <= 80, "{first}");
+        assert!(
+            first.ends_with(" [1 flow, 120 packets]\n") && term::width(first.trim_end()) <= 80,
+            "{first}"
+        );
         let mut retry = long.clone();
         retry.uuid = "u-2".into();
         retry.packets = 3;
         let redraw = paths.add(&retry);
-        assert!(redraw.starts_with("\x1b[1A\r") && redraw.contains("[2 flows, 123 packets]"), "{redraw:?}");
+        assert!(
+            redraw.starts_with("\x1b[1A\r") && redraw.contains("[2 flows, 123 packets]"),
+            "{redraw:?}"
+        );
         assert_eq!(paths.lines.len(), 1, "one line per failing path");
         let mut piped = FailingPaths::new(80, false, false);
         piped.add(&long);
-        assert_eq!(piped.add(&retry), "", "not a terminal: the path was already shown");
+        assert_eq!(
+            piped.add(&retry),
+            "",
+            "not a terminal: the path was already shown"
+        );
     }
 
     #[test]
