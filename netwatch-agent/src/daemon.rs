@@ -336,7 +336,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
                 // Interfaces are listed within moments of start; none by
                 // now means the globs match nothing on this node.
-                if !warned_no_interface && attacher.len() == 0 && started.elapsed() > Duration::from_secs(10) {
+                if !warned_no_interface && attacher.is_empty() && started.elapsed() > Duration::from_secs(10) {
                     warned_no_interface = true;
                     warn!(
                         interfaces = ?config.interfaces,

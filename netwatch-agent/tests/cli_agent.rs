@@ -9,7 +9,16 @@ use netwatch::capture::reasons::DEFAULT_REASONS;
 fn agent(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_netwatch-agent"))
         // Nothing to bind or write, whoever runs the test.
-        .args(["--metrics-addr", "none", "--api-socket", "none", "--flow-log", "none", "--duration", "0.1"])
+        .args([
+            "--metrics-addr",
+            "none",
+            "--api-socket",
+            "none",
+            "--flow-log",
+            "none",
+            "--duration",
+            "0.1",
+        ])
         .args(args)
         .output()
         .expect("run netwatch-agent")
@@ -22,10 +31,19 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn bad_capture_values_are_named_before_privileges_are_needed() {
     for (args, want) in [
-        (&["--table-entries", "0"][..], "--table-entries 0: must be at least 1"),
-        (&["--ring-buffer-bytes", "1000"][..], "--ring-buffer-bytes 1000: must be a power of two"),
+        (
+            &["--table-entries", "0"][..],
+            "--table-entries 0: must be at least 1",
+        ),
+        (
+            &["--ring-buffer-bytes", "1000"][..],
+            "--ring-buffer-bytes 1000: must be a power of two",
+        ),
         (&["--drop-reasons", ""][..], "--drop-reasons is empty"),
-        (&["--connect-timeout", "0"][..], "--connect-timeout 0: must be a positive number"),
+        (
+            &["--connect-timeout", "0"][..],
+            "--connect-timeout 0: must be a positive number",
+        ),
     ] {
         let o = agent(args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
@@ -44,11 +62,17 @@ fn unknown_reasons_in_flow_log_filters_are_refused_with_the_valid_ones() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
-        e.contains("--flow-log-allow \"reason=BOGUS\"") && e.contains("NETFILTER_DROP") && e.contains("TCP_RESET"),
+        e.contains("--flow-log-allow \"reason=BOGUS\"")
+            && e.contains("NETFILTER_DROP")
+            && e.contains("TCP_RESET"),
         "{e}"
     );
     let o = agent(&["--drop-reasons", "default,NETFILTER_DROPP"]);
-    assert!(stderr(&o).contains("unknown drop reason \"NETFILTER_DROPP\""), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown drop reason \"NETFILTER_DROPP\""),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -62,9 +86,20 @@ fn help_names_the_default_reasons_groups_capture_flags_and_offers_json_logs() {
         assert!(help.contains(r), "--help should name default reason {r}");
     }
     let exporters = help.find("Exporters:").expect("an Exporters heading");
-    for capture_flag in ["--connect-timeout", "--drop-reasons", "--table-entries", "--manifests", "--log-format"] {
-        let at = help.find(capture_flag).unwrap_or_else(|| panic!("{capture_flag} in --help"));
-        assert!(at < exporters, "{capture_flag} is listed under Exporters:\n{help}");
+    for capture_flag in [
+        "--connect-timeout",
+        "--drop-reasons",
+        "--table-entries",
+        "--manifests",
+        "--log-format",
+    ] {
+        let at = help
+            .find(capture_flag)
+            .unwrap_or_else(|| panic!("{capture_flag} in --help"));
+        assert!(
+            at < exporters,
+            "{capture_flag} is listed under Exporters:\n{help}"
+        );
     }
     assert!(help.contains("--flow-log-format"));
 }

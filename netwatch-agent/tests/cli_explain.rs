@@ -574,7 +574,10 @@ fn help_documents_the_forms_defaults_and_examples() {
 /// The prod-default-deny scenario: its cluster and the change that broke it.
 fn scenario() -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/prod-default-deny");
-    let out = std::env::temp_dir().join(format!("netwatch-prod-default-deny-{}.yaml", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "netwatch-prod-default-deny-{}.yaml",
+        std::process::id()
+    ));
     let mut text = std::fs::read_to_string(dir.join("manifests/cluster.yaml")).unwrap();
     text.push_str("\n---\n");
     text.push_str(&std::fs::read_to_string(dir.join("change/policies.yaml")).unwrap());
@@ -590,7 +593,8 @@ fn a_service_destination_means_its_backends_and_the_fix_selects_pods() {
         let o = explain(&m, web, to, "53", &["--protocol", "UDP"]);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         assert!(
-            stderr(&o).contains("is service kube-system/kube-dns: judging its backend kube-system/"),
+            stderr(&o)
+                .contains("is service kube-system/kube-dns: judging its backend kube-system/"),
             "{}",
             stderr(&o)
         );
@@ -611,10 +615,31 @@ fn a_service_destination_means_its_backends_and_the_fix_selects_pods() {
 #[test]
 fn exit_code_and_named_ports() {
     let m = scenario();
-    let o = explain(&m, "prod:app=web", "kube-system/kube-dns", "53", &["--protocol", "UDP", "--exit-code"]);
-    assert_eq!(o.status.code(), Some(1), "DENIED with --exit-code: {}", stderr(&o));
-    let o = explain(&m, "prod:app=web", "kube-system/kube-dns", "53", &["--protocol", "UDP"]);
-    assert_eq!(o.status.code(), Some(0), "the verdict is in the output without it");
+    let o = explain(
+        &m,
+        "prod:app=web",
+        "kube-system/kube-dns",
+        "53",
+        &["--protocol", "UDP", "--exit-code"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "DENIED with --exit-code: {}",
+        stderr(&o)
+    );
+    let o = explain(
+        &m,
+        "prod:app=web",
+        "kube-system/kube-dns",
+        "53",
+        &["--protocol", "UDP"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the verdict is in the output without it"
+    );
     let o = explain(&m, "prod:app=web", "kube-system/kube-dns", "http", &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
@@ -628,7 +653,19 @@ fn exit_code_and_named_ports() {
 fn text_output_fits_80_columns() {
     let m = scenario();
     let o = Command::new(env!("CARGO_BIN_EXE_netwatch"))
-        .args(["explain", "--manifests", &m, "--from", "prod:app=web", "--to", "kube-system/kube-dns", "--port", "53", "--protocol", "UDP"])
+        .args([
+            "explain",
+            "--manifests",
+            &m,
+            "--from",
+            "prod:app=web",
+            "--to",
+            "kube-system/kube-dns",
+            "--port",
+            "53",
+            "--protocol",
+            "UDP",
+        ])
         .env("COLUMNS", "80")
         .output()
         .unwrap();

@@ -49,7 +49,10 @@ fn findings_are_listed_with_fixes_and_exit_1() {
     // An 80-column terminal: prose is wrapped, nothing is lost.
     let narrow = text(&lint_at("80").stdout);
     assert!(narrow.lines().all(|l| l.chars().count() <= 80), "{narrow}");
-    assert!(narrow.contains("  fix: add this egress rule to"), "{narrow}");
+    assert!(
+        narrow.contains("  fix: add this egress rule to"),
+        "{narrow}"
+    );
     let o = lint_at("400");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     let out = text(&o.stdout);
@@ -161,5 +164,8 @@ fn help_lists_the_checks_and_exit_codes() {
 fn one_policy_is_one_networkpolicy() {
     let dir = dir_with(&[("app.yaml", APP), ("dns.yaml", DNS)]);
     let o = netwatch(&["lint", "--manifests", &dir.path().display().to_string()]);
-    assert_eq!(text(&o.stdout).trim(), "no problems found in 1 NetworkPolicy");
+    assert_eq!(
+        text(&o.stdout).trim(),
+        "no problems found in 1 NetworkPolicy"
+    );
 }

@@ -74,7 +74,12 @@ impl Schema {
         let bad = || format!("{path}: {v} is not a valid {ty}");
         let integer = |max: u64| match v {
             Value::Number(n) => n.as_u64().filter(|n| *n <= max).map(|_| ()).ok_or_else(bad),
-            Value::String(s) => s.parse::<u64>().ok().filter(|n| *n <= max).map(|_| ()).ok_or_else(bad),
+            Value::String(s) => s
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .map(|_| ())
+                .ok_or_else(bad),
             _ => Err(bad()),
         };
         match ty {
@@ -141,20 +146,34 @@ fn record(patch: Value) -> FlowRecord {
 fn variety() -> Vec<FlowRecord> {
     vec![
         record(json!({})),
-        record(json!({"verdict": "TIMED_OUT", "drop_reason_desc": null, "drop_reasons": [], "timed_out": false,
+        record(
+            json!({"verdict": "TIMED_OUT", "drop_reason_desc": null, "drop_reasons": [], "timed_out": false,
             "is_dns": true, "l4": {"UDP": {"source_port": 5353, "destination_port": 53}},
-            "traffic_direction": "unknown", "interface": null, "cgroup_id": null})),
-        record(json!({"verdict": "REFUSED", "drop_reason_desc": null, "refusal": "ICMP_PORT_UNREACHABLE",
+            "traffic_direction": "unknown", "interface": null, "cgroup_id": null}),
+        ),
+        record(
+            json!({"verdict": "REFUSED", "drop_reason_desc": null, "refusal": "ICMP_PORT_UNREACHABLE",
             "destination": {"identity": 0, "service": {"namespace": "shop", "name": "payment"}, "ip": "10.96.0.20"},
-            "egress_denied_by": [], "ingress_denied_by": []})),
-        record(json!({"verdict": "POLICY_NOT_ENFORCED", "drop_reason_desc": null, "lifecycle": "NEW",
-            "source": {"identity": 1, "labels": ["reserved:host"]}, "traffic_direction": "INGRESS"})),
-        record(json!({"drop_reason_desc": "NO_SOCKET", "l4": {"SCTP": {"source_port": 1, "destination_port": 2}}})),
-        record(json!({"drop_reason_desc": "IP_RPFILTER", "l4": {"ICMPv4": {"type": 8, "code": 0}}})),
-        record(json!({"IP": {"source": "fd00::2", "destination": "fd00::9", "ipVersion": "IPv6"},
-            "l4": {"ICMPv6": {"type": 128, "code": 0}}, "drop_reason_desc": "IP_OUTNOROUTES", "lifecycle": "FINAL"})),
-        record(json!({"l4": {"other": {"protocol": 47}}, "unenriched": true,
-            "source": {"identity": 0}, "destination": {"identity": 2, "labels": ["reserved:world"]}})),
+            "egress_denied_by": [], "ingress_denied_by": []}),
+        ),
+        record(
+            json!({"verdict": "POLICY_NOT_ENFORCED", "drop_reason_desc": null, "lifecycle": "NEW",
+            "source": {"identity": 1, "labels": ["reserved:host"]}, "traffic_direction": "INGRESS"}),
+        ),
+        record(
+            json!({"drop_reason_desc": "NO_SOCKET", "l4": {"SCTP": {"source_port": 1, "destination_port": 2}}}),
+        ),
+        record(
+            json!({"drop_reason_desc": "IP_RPFILTER", "l4": {"ICMPv4": {"type": 8, "code": 0}}}),
+        ),
+        record(
+            json!({"IP": {"source": "fd00::2", "destination": "fd00::9", "ipVersion": "IPv6"},
+            "l4": {"ICMPv6": {"type": 128, "code": 0}}, "drop_reason_desc": "IP_OUTNOROUTES", "lifecycle": "FINAL"}),
+        ),
+        record(
+            json!({"l4": {"other": {"protocol": 47}}, "unenriched": true,
+            "source": {"identity": 0}, "destination": {"identity": 2, "labels": ["reserved:world"]}}),
+        ),
     ]
 }
 
@@ -206,7 +225,9 @@ fn the_schema_check_refuses_netwatchs_own_format() {
         json!({"verdict": "TIMED_OUT", "drop_reason_desc": null}),
     )))
     .unwrap();
-    let e = schema.check(&own, "observer.GetFlowsResponse", "$").unwrap_err();
+    let e = schema
+        .check(&own, "observer.GetFlowsResponse", "$")
+        .unwrap_err();
     assert!(
         e.contains("unknown field") || e.contains("not a value of"),
         "{e}"

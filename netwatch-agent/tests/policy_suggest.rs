@@ -567,6 +567,10 @@ spec: {podSelector: {}, policyTypes: [Egress]}
     applied.network_policies.extend(s.policies);
     let after = PolicyEngine::new(&applied, EngineOptions::default()).unwrap();
     for protocol in [Protocol::Udp, Protocol::Tcp] {
-        assert_eq!(after.decide(&web, &dns, 53, protocol), Verdict::Allowed, "{protocol:?}");
+        assert_eq!(
+            after.decide(&web, &dns, 53, protocol),
+            Verdict::Allowed,
+            "{protocol:?}"
+        );
     }
 }

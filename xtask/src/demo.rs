@@ -82,7 +82,9 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     let socket = agent.api_socket.clone();
     let node = agent.node.clone();
 
-    say("The application's traffic runs every second. What on-call sees (`netwatch observe -f --paths`):");
+    say(
+        "The application's traffic runs every second. What on-call sees (`netwatch observe -f --paths`):",
+    );
     let outcomes = Mutex::new(Vec::new());
     let phase_stop = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {

@@ -102,6 +102,9 @@ impl ExportingAgent {
             .args(["--server", self.socket.to_str().unwrap()])
             .args(args)
             .env("NO_COLOR", "1")
+            // These tests read whole lines; fitting to 80 columns is
+            // tested on its own (netwatch-agent's unit tests).
+            .env("COLUMNS", "250")
             .output()
             .unwrap_or_else(|e| panic!("run netwatch {command}: {e}"))
     }
@@ -461,6 +464,8 @@ fn observe_shows_the_last_flows_filtered_by_the_agent() {
     let out = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
         .env_remove("NO_COLOR")
+        // script(1)'s pty has no size here: the width comes from COLUMNS.
+        .env("COLUMNS", "250")
         .output()
         .expect("script(1)");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -69,11 +69,24 @@ fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 /// as `kubectl logs` collects it.
 fn raw_agent(lab: &Lab, dir: &std::path::Path, extra: &[&str]) -> (ChildGuard, std::path::PathBuf) {
     let log = dir.join(format!("agent-{}.log", extra.len()));
-    let cgroup = lab.node("node-1").unwrap().cgroup_root.to_string_lossy().into_owned();
+    let cgroup = lab
+        .node("node-1")
+        .unwrap()
+        .cgroup_root
+        .to_string_lossy()
+        .into_owned();
     let child = lab
         .on_node("node-1", &target_binary("netwatch-agent"))
         .unwrap()
-        .args(["--own-netns-only", "--node-name", "node-1", "--interfaces", "cali*", "--cgroup-root", &cgroup])
+        .args([
+            "--own-netns-only",
+            "--node-name",
+            "node-1",
+            "--interfaces",
+            "cali*",
+            "--cgroup-root",
+            &cgroup,
+        ])
         .args(["--flow-log", "none", "--api-socket", "none"])
         .args(extra)
         .env_remove("NO_COLOR")
@@ -93,32 +106,66 @@ fn manifests_mode_turns_ready_and_logs_are_plain_or_json_off_a_terminal() {
     let m = manifests.to_str().unwrap();
     let netns = lab.node("node-1").unwrap().netns.clone();
 
-    let (_agent, log) = raw_agent(&lab, dir.path(), &["--manifests", m, "--metrics-addr", "127.0.0.1:0"]);
-    let addr = wait_until(Duration::from_secs(30), "metrics address in the log", || {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let at = text.find("metrics listening on http://")? + "metrics listening on http://".len();
-        text.contains("capturing")
-            .then(|| text[at..].split('/').next().unwrap().trim().to_string())
-    });
+    let (_agent, log) = raw_agent(
+        &lab,
+        dir.path(),
+        &["--manifests", m, "--metrics-addr", "127.0.0.1:0"],
+    );
+    let addr = wait_until(
+        Duration::from_secs(30),
+        "metrics address in the log",
+        || {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let at =
+                text.find("metrics listening on http://")? + "metrics listening on http://".len();
+            text.contains("capturing")
+                .then(|| text[at..].split('/').next().unwrap().trim().to_string())
+        },
+    );
     let readyz = || {
         let out = Command::new("ip")
-            .args(["netns", "exec", &netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
             .arg(format!("http://{addr}/readyz"))
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    wait_until(Duration::from_secs(10), "/readyz 200 in --manifests mode", || {
-        (readyz() == "200").then_some(())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "/readyz 200 in --manifests mode",
+        || (readyz() == "200").then_some(()),
+    );
     let text = fs::read_to_string(&log).unwrap();
-    assert!(!text.contains('\x1b'), "colour codes in a log file:\n{text}");
-    assert!(text.contains("counting kernel drops with these reasons"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file:\n{text}"
+    );
+    assert!(
+        text.contains("counting kernel drops with these reasons"),
+        "{text}"
+    );
 
     let (mut json_agent, json_log) = raw_agent(
         &lab,
         dir.path(),
-        &["--metrics-addr", "none", "--log-format", "json", "--duration", "2"],
+        &[
+            "--metrics-addr",
+            "none",
+            "--log-format",
+            "json",
+            "--duration",
+            "2",
+        ],
     );
     let status = json_agent.0.wait().unwrap();
     assert!(status.success());
@@ -126,7 +173,10 @@ fn manifests_mode_turns_ready_and_logs_are_plain_or_json_off_a_terminal() {
     assert!(text.lines().count() >= 2, "{text}");
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert!(v["level"].is_string() && v["message"].is_string() && v["timestamp"].is_string(), "{line}");
+        assert!(
+            v["level"].is_string() && v["message"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
     }
 }
 
@@ -136,7 +186,12 @@ fn a_quiet_flow_ends_with_final_and_a_follower_hears_the_agent_stop() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
     let s = socket.to_str().unwrap();
-    let mut agent = Agent::start(&lab, "node-1", 2, &["--api-socket", s, "--idle-timeout", "3"]);
+    let mut agent = Agent::start(
+        &lab,
+        "node-1",
+        2,
+        &["--api-socket", s, "--idle-timeout", "3"],
+    );
     let mut follower = ChildGuard(
         Command::new(target_binary("netwatch"))
             .args(["observe", "-f", "--server", s])
@@ -145,7 +200,12 @@ fn a_quiet_flow_ends_with_final_and_a_follower_hears_the_agent_stop() {
             .spawn()
             .unwrap(),
     );
-    expect_probe(&lab, "prod/web-7f9c4-abcde", tcp("10.244.1.3:8080", 2), Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.244.1.3:8080", 2),
+        Outcome::TimedOut,
+    );
     let new = agent.wait_for_flow(Duration::from_secs(10), to("10.244.1.3", 8080));
     let uuid = new["flow"]["uuid"].as_str().unwrap().to_string();
     // Its retries stop; once quiet for the idle timeout, its last record is FINAL.
@@ -160,7 +220,10 @@ fn a_quiet_flow_ends_with_final_and_a_follower_hears_the_agent_stop() {
         if let Some(st) = follower.0.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < deadline, "observe -f still running after the agent stopped");
+        assert!(
+            Instant::now() < deadline,
+            "observe -f still running after the agent stopped"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
@@ -170,28 +233,64 @@ fn a_quiet_flow_ends_with_final_and_a_follower_hears_the_agent_stop() {
 }
 
 const HUBBLE_VERDICTS: [&str; 8] = [
-    "VERDICT_UNKNOWN", "FORWARDED", "DROPPED", "ERROR", "AUDIT", "REDIRECTED", "TRACED", "TRANSLATED",
+    "VERDICT_UNKNOWN",
+    "FORWARDED",
+    "DROPPED",
+    "ERROR",
+    "AUDIT",
+    "REDIRECTED",
+    "TRACED",
+    "TRANSLATED",
 ];
 
 /// What a strict Hubble reader would refuse in a line: netwatch-only keys
 /// and values. (The full schema check is netwatch-agent/tests/hubble_schema.rs.)
 fn assert_hubble(line: &Value) {
     let top: Vec<&String> = line.as_object().unwrap().keys().collect();
-    assert!(top.iter().all(|k| ["flow", "node_name", "time"].contains(&k.as_str())), "{line}");
+    assert!(
+        top.iter()
+            .all(|k| ["flow", "node_name", "time"].contains(&k.as_str())),
+        "{line}"
+    );
     let f = &line["flow"];
-    assert!(HUBBLE_VERDICTS.contains(&f["verdict"].as_str().unwrap()), "{line}");
-    for netwatch_only in ["lifecycle", "packets", "first_seen", "observation_points", "explanation", "refusal"] {
+    assert!(
+        HUBBLE_VERDICTS.contains(&f["verdict"].as_str().unwrap()),
+        "{line}"
+    );
+    for netwatch_only in [
+        "lifecycle",
+        "packets",
+        "first_seen",
+        "observation_points",
+        "explanation",
+        "refusal",
+    ] {
         assert!(f.get(netwatch_only).is_none(), "{netwatch_only} in {line}");
     }
     for end in ["source", "destination"] {
         for k in f[end].as_object().unwrap().keys() {
             assert!(
-                ["ID", "identity", "cluster_name", "namespace", "labels", "pod_name", "workloads"].contains(&k.as_str()),
+                [
+                    "ID",
+                    "identity",
+                    "cluster_name",
+                    "namespace",
+                    "labels",
+                    "pod_name",
+                    "workloads"
+                ]
+                .contains(&k.as_str()),
                 "{end}.{k} in {line}"
             );
         }
     }
-    assert!(f["Summary"].as_str().unwrap().contains("netwatch: verdict="), "{line}");
+    assert!(
+        f["Summary"]
+            .as_str()
+            .unwrap()
+            .contains("netwatch: verdict="),
+        "{line}"
+    );
 }
 
 #[test]
@@ -206,14 +305,29 @@ fn the_live_agent_writes_and_serves_valid_hubble() {
         &lab,
         "node-1",
         2,
-        &["--api-socket", s, "--manifests", manifests.to_str().unwrap(), "--flow-log-format", "hubble"],
+        &[
+            "--api-socket",
+            s,
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--flow-log-format",
+            "hubble",
+        ],
     );
-    expect_probe(&lab, "prod/web-7f9c4-abcde", tcp("10.244.1.3:8080", 2), Outcome::TimedOut);
+    expect_probe(
+        &lab,
+        "prod/web-7f9c4-abcde",
+        tcp("10.244.1.3:8080", 2),
+        Outcome::TimedOut,
+    );
     let line = agent.wait_for_flow(Duration::from_secs(10), to("10.244.1.3", 8080));
     assert_eq!(line["flow"]["verdict"], "DROPPED");
     assert_eq!(line["flow"]["drop_reason_desc"], "POLICY_DENIED");
     assert_eq!(line["flow"]["destination"]["pod_name"], "api-5d4e8-fghij");
-    assert_eq!(line["flow"]["ingress_denied_by"][0]["name"], "default-deny-all");
+    assert_eq!(
+        line["flow"]["ingress_denied_by"][0]["name"],
+        "default-deny-all"
+    );
     for l in agent.lines() {
         assert_hubble(&l);
     }
@@ -221,7 +335,11 @@ fn the_live_agent_writes_and_serves_valid_hubble() {
         .args(["observe", "--server", s, "-o", "jsonpb", "--last", "50"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().count() >= 1);
     for l in text.lines() {

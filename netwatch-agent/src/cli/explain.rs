@@ -261,7 +261,11 @@ fn service_backend(
     let Some(svc) = service else {
         return Ok(None);
     };
-    let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let name = svc.metadata.name.clone().unwrap_or_default();
     let selector = svc
         .spec

@@ -107,7 +107,8 @@ pub fn run_with(args: &LintArgs, out: &mut dyn Write) -> Result<u8, CliError> {
 }
 
 fn write_text(out: &mut dyn Write, findings: &[Finding], policies: usize) -> std::io::Result<()> {
-    let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     if findings.is_empty() {
         return writeln!(
             out,
@@ -127,7 +128,11 @@ fn write_text(out: &mut dyn Write, findings: &[Finding], policies: usize) -> std
         writeln!(out, "{}", super::term::wrap(&message, width))?;
         let mut lines = f.fix.lines();
         if let Some(first) = lines.next() {
-            writeln!(out, "{}", super::term::wrap(&format!("  fix: {first}"), width))?;
+            writeln!(
+                out,
+                "{}",
+                super::term::wrap(&format!("  fix: {first}"), width)
+            )?;
         }
         for line in lines {
             writeln!(out, "       {line}")?;

@@ -36,7 +36,9 @@ pub enum CliError {
     Usage(String),
     /// The agent went away while this command was reading from it (it
     /// stopped or restarted): a follower must not take that for quiet.
-    #[error("the agent at {0} closed the connection (stopped or restarted?); no more flows will come")]
+    #[error(
+        "the agent at {0} closed the connection (stopped or restarted?); no more flows will come"
+    )]
     AgentGone(String),
     /// Standard output or error could not be written.
     #[error("cannot write the output: {0}")]

@@ -219,7 +219,10 @@ impl FilterArgs {
         if let Ok(reasons) = DropReasons::from_btf_file(std::path::Path::new(VMLINUX_BTF)) {
             for filter in [&f, &left_out] {
                 filter.check_reasons(reasons.names()).map_err(|e| {
-                    CliError::Usage(format!("--{}", e.to_string().trim_start_matches("invalid ")))
+                    CliError::Usage(format!(
+                        "--{}",
+                        e.to_string().trim_start_matches("invalid ")
+                    ))
                 })?;
             }
         }
@@ -758,11 +761,9 @@ pub fn run(args: &ObserveArgs) -> Result<u8, CliError> {
                     writeln!(out, "{}", format_compact_for(&r, color, width, &node))?
                 }
                 ObserveOutput::Json => writeln!(out, "{line}")?,
-                ObserveOutput::Jsonpb => writeln!(
-                    out,
-                    "{}",
-                    crate::export::hubble::to_get_flows_response(&r)
-                )?,
+                ObserveOutput::Jsonpb => {
+                    writeln!(out, "{}", crate::export::hubble::to_get_flows_response(&r))?
+                }
                 ObserveOutput::Dict => write!(out, "{}", format_dict(&r, args.print_node_name))?,
                 ObserveOutput::Table => writeln!(out, "{}", format_table_row_for(&r, &widths))?,
             },
@@ -917,20 +918,19 @@ pub fn format_compact_for(r: &FlowRecord, color: bool, width: usize, node: &str)
         ("", "", "")
     };
     let mut verdict = r.verdict.as_str().to_string();
-    let mut verdict_plain_extra = String::new();
-    if let Some(reason) = reason_text(r) {
-        verdict_plain_extra = format!(" ({reason})");
-    }
     let policies = policy_text(r);
-    let mut tail = String::new();
+    // The reason leads what follows the verdict: when the line cannot fit,
+    // it goes below with the policies rather than costing the names.
+    let mut tail = reason_text(r)
+        .map(|reason| format!(" ({reason})"))
+        .unwrap_or_default();
     if !policies.is_empty() {
         tail.push_str(&format!(" denied by {policies}"));
     }
     tail.push_str(&lifecycle_text(r));
     let proto = protocol_text(r);
-    let head = |time: &str, src: &str, dst: &str| {
-        format!("{time}{node} {src} -> {dst} {proto} {verdict}{verdict_plain_extra}")
-    };
+    let head =
+        |time: &str, src: &str, dst: &str| format!("{time}{node} {src} -> {dst} {proto} {verdict}");
     // Too wide: first the date goes (the time stays), then pod names are
     // shortened until the line fits or they are as short as is useful.
     if term::width(&head(&time, &full_src, &full_dst)) + term::width(&tail) > width {
@@ -955,9 +955,7 @@ pub fn format_compact_for(r: &FlowRecord, color: bool, width: usize, node: &str)
     }
     let plain_head = head(&time, &src, &dst);
     verdict = format!("{c}{verdict}{reset}");
-    let line = format!(
-        "{time}{node} {bold}{src}{reset} -> {bold}{dst}{reset} {proto} {verdict}{verdict_plain_extra}"
-    );
+    let line = format!("{time}{node} {bold}{src}{reset} -> {bold}{dst}{reset} {proto} {verdict}");
     if term::width(&plain_head) + term::width(&tail) <= width || tail.is_empty() {
         return line + &tail;
     }
@@ -977,7 +975,7 @@ fn shorten_destination(dst: &str, max: usize) -> String {
 
 /// Columns of the table: what each wants, and the least it is useful at.
 const TABLE_WANT: [usize; 8] = [19, 30, 34, 12, 19, 22, 7, 40];
-const TABLE_MIN: [usize; 8] = [12, 12, 14, 3, 7, 8, 4, 10];
+const TABLE_MIN: [usize; 8] = [12, 10, 12, 7, 7, 6, 7, 6];
 const TABLE_RIGHT: [bool; 8] = [false, false, false, false, false, false, true, false];
 
 /// The table's column widths for a terminal `width` columns wide.
@@ -1048,20 +1046,34 @@ pub fn format_table_row_for(r: &FlowRecord, widths: &[usize]) -> String {
 /// `-o dict`: one `KEY: value` block per flow, as hubble observe prints it.
 pub fn format_dict(r: &FlowRecord, node: bool) -> String {
     let (src, dst) = ends(r);
-    let mut rows: Vec<(&str, String)> = vec![
-        ("TIMESTAMP", r.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
-    ];
+    let mut rows: Vec<(&str, String)> = vec![(
+        "TIMESTAMP",
+        r.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+    )];
     if node {
         rows.push(("NODE", r.node_name.clone()));
     }
     rows.push(("SOURCE", src));
     rows.push(("DESTINATION", dst));
-    rows.push(("TYPE", if r.event_type.kind == 1 { "drop" } else { "trace" }.into()));
+    rows.push((
+        "TYPE",
+        if r.event_type.kind == 1 {
+            "drop"
+        } else {
+            "trace"
+        }
+        .into(),
+    ));
     rows.push(("VERDICT", r.verdict.as_str().into()));
     if let Some(reason) = reason_text(r) {
         rows.push(("DROP REASON", reason));
     }
-    rows.push(("SUMMARY", format!("{} {}", protocol_text(r), lifecycle_text(r).trim()).trim().to_string()));
+    rows.push((
+        "SUMMARY",
+        format!("{} {}", protocol_text(r), lifecycle_text(r).trim())
+            .trim()
+            .to_string(),
+    ));
     let policies = policy_text(r);
     if !policies.is_empty() {
         rows.push(("DENIED BY", policies));
@@ -1308,7 +1320,9 @@ mod tests {
         };
         let e = bad.to_filter().unwrap_err().to_string();
         assert!(
-            e.starts_with("--reason \"BOGUS\"") && e.contains("NETFILTER_DROP") && e.contains("TCP_RESET"),
+            e.starts_with("--reason \"BOGUS\"")
+                && e.contains("NETFILTER_DROP")
+                && e.contains("TCP_RESET"),
             "{e}"
         );
         for good in ["netfilter_drop", "TCP_RESET", "SKB_DROP_REASON_IP_RPFILTER"] {
@@ -1328,7 +1342,8 @@ mod tests {
             #[command(flatten)]
             observe: ObserveArgs,
         }
-        let m = Cmd::command().try_get_matches_from(std::iter::once("observe").chain(args.iter().copied()))?;
+        let m = Cmd::command()
+            .try_get_matches_from(std::iter::once("observe").chain(args.iter().copied()))?;
         let mut a = Cmd::from_arg_matches(&m)?.observe;
         a.filters.negated = negated_terms(&m);
         Ok(a)
@@ -1336,7 +1351,16 @@ mod tests {
 
     #[test]
     fn hubble_observe_flags_are_accepted_with_hubbles_meaning() {
-        let a = observe_args(&["--verdict", "DROPPED", "--not", "--to-port", "53", "--to-port", "8080"]).unwrap();
+        let a = observe_args(&[
+            "--verdict",
+            "DROPPED",
+            "--not",
+            "--to-port",
+            "53",
+            "--to-port",
+            "8080",
+        ])
+        .unwrap();
         let set = a.filters.to_filter_set().unwrap();
         let dns = record(json!({"l4": {"UDP": {"source_port": 5353, "destination_port": 53}}}));
         let api = record(json!({}));
@@ -1348,21 +1372,60 @@ mod tests {
         let a = observe_args(&["--to-port", "53", "--not"]).unwrap();
         assert!(a.filters.to_filter_set().is_err());
 
-        let a = observe_args(&["-A", "--node-name", "node-*", "--type", "drop", "--drop-reason-desc", "POLICY_DENIED",
-            "--first", "5", "--until", "2026-11-22T03:00:00Z", "--print-node-name", "-o", "jsonpb"]).unwrap();
-        assert_eq!((a.first, a.output, a.print_node_name), (Some(5), ObserveOutput::Jsonpb, true));
+        let a = observe_args(&[
+            "-A",
+            "--node-name",
+            "node-*",
+            "--type",
+            "drop",
+            "--drop-reason-desc",
+            "POLICY_DENIED",
+            "--first",
+            "5",
+            "--until",
+            "2026-11-22T03:00:00Z",
+            "--print-node-name",
+            "-o",
+            "jsonpb",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.first, a.output, a.print_node_name),
+            (Some(5), ObserveOutput::Jsonpb, true)
+        );
         let set = a.filters.to_filter_set().unwrap();
-        assert!(set.admits(&api), "node-1, a drop, NETFILTER_DROP is POLICY_DENIED");
+        assert!(
+            set.admits(&api),
+            "node-1, a drop, NETFILTER_DROP is POLICY_DENIED"
+        );
         assert!(!set.admits(&record(json!({"node_name": "other"}))));
-        assert!(!set.admits(&record(json!({"verdict": "TIMED_OUT", "drop_reason_desc": null,
-            "event_type": {"type": 4, "sub_type": 0}}))));
+        assert!(!set.admits(&record(
+            json!({"verdict": "TIMED_OUT", "drop_reason_desc": null,
+            "event_type": {"type": 4, "sub_type": 0}})
+        )));
         assert!(observe_args(&["-o", "dict"]).is_ok());
-        assert!(observe_args(&["-A", "-n", "prod"]).is_err(), "-A conflicts with -n");
+        assert!(
+            observe_args(&["-A", "-n", "prod"]).is_err(),
+            "-A conflicts with -n"
+        );
         assert!(observe_args(&["--first", "3", "-f"]).is_err());
 
-        let e = observe_args(&["--type", "l7"]).unwrap().filters.to_filter().unwrap_err().to_string();
-        assert!(e.contains("netwatch has no l7 events") && e.contains("drop, trace"), "{e}");
-        let e = observe_args(&["--drop-reason-desc", "NETFILTER_DROP"]).unwrap().filters.to_filter().unwrap_err().to_string();
+        let e = observe_args(&["--type", "l7"])
+            .unwrap()
+            .filters
+            .to_filter()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("netwatch has no l7 events") && e.contains("drop, trace"),
+            "{e}"
+        );
+        let e = observe_args(&["--drop-reason-desc", "NETFILTER_DROP"])
+            .unwrap()
+            .filters
+            .to_filter()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("POLICY_DENIED") && e.contains("--reason"), "{e}");
     }
 
@@ -1377,24 +1440,44 @@ mod tests {
         }));
         let compact = format_compact_for(&long, false, 80, "");
         assert!(compact.lines().all(|l| term::width(l) <= 80), "{compact}");
-        assert!(compact.contains("denied by payments/default-deny-all-traffic [egress+ingress]"), "{compact}");
-        assert!(compact.contains("q8z2m") && compact.contains("h7t3c"), "the replicas stay told apart: {compact}");
+        let joined = compact.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            joined.contains("DROPPED (NETFILTER_DROP) denied by payments/default-deny-all-traffic [egress+ingress]"),
+            "nothing is lost, the policy named once: {compact}"
+        );
+        assert!(
+            compact.contains("q8z2m") && compact.contains("h7t3c"),
+            "the replicas stay told apart: {compact}"
+        );
         let widths = table_widths(80);
-        for line in [table_header_for(&widths), format_table_row_for(&long, &widths)] {
+        for line in [
+            table_header_for(&widths),
+            format_table_row_for(&long, &widths),
+        ] {
             assert!(term::width(&line) <= 80, "{line}");
         }
         let mut paths = FailingPaths::new(80, false, true);
         let first = paths.add(&long);
-        assert!(first.ends_with(" [1 flow, 120 packets]\n") && term::width(first.trim_end()) <= 80, "{first}");
+        assert!(
+            first.ends_with(" [1 flow, 120 packets]\n") && term::width(first.trim_end()) <= 80,
+            "{first}"
+        );
         let mut retry = long.clone();
         retry.uuid = "u-2".into();
         retry.packets = 3;
         let redraw = paths.add(&retry);
-        assert!(redraw.starts_with("\x1b[1A\r") && redraw.contains("[2 flows, 123 packets]"), "{redraw:?}");
+        assert!(
+            redraw.starts_with("\x1b[1A\r") && redraw.contains("[2 flows, 123 packets]"),
+            "{redraw:?}"
+        );
         assert_eq!(paths.lines.len(), 1, "one line per failing path");
         let mut piped = FailingPaths::new(80, false, false);
         piped.add(&long);
-        assert_eq!(piped.add(&retry), "", "not a terminal: the path was already shown");
+        assert_eq!(
+            piped.add(&retry),
+            "",
+            "not a terminal: the path was already shown"
+        );
     }
 
     #[test]

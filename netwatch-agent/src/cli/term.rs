@@ -84,7 +84,7 @@ pub fn shorten_pod(name: &str, max: usize) -> String {
             let head: String = prefix.chars().take(keep).collect();
             return format!("{head}…-{suffix}");
         }
-        if width(suffix) + 1 <= max {
+        if width(suffix) < max {
             return format!("…{suffix}");
         }
     } else if let Some((prefix, suffix)) = name.rsplit_once('-')
@@ -213,8 +213,14 @@ mod tests {
         assert_eq!(shorten_pod("web-7f9c4c8d9b-q8z2m", 14), "web-…-q8z2m");
         let s = shorten_pod("payments-processor-canary-7f9c4c8d9b-q8z2m", 20);
         assert!(s.ends_with("…-q8z2m") && width(&s) <= 20, "{s}");
-        assert_eq!(shorten_pod("postgres-primary-replica-12", 16), "postgres-pri…-12");
-        assert_eq!(shorten_endpoint("prod/web-7f9c4c8d9b-q8z2m", 16), "prod/web-…-q8z2m");
+        assert_eq!(
+            shorten_pod("postgres-primary-replica-12", 16),
+            "postgres-pri…-12"
+        );
+        assert_eq!(
+            shorten_endpoint("prod/web-7f9c4c8d9b-q8z2m", 16),
+            "prod/web-…-q8z2m"
+        );
         assert!(width(&shorten_pod("x".repeat(50).as_str(), 10)) <= 10);
     }
 
@@ -224,7 +230,10 @@ mod tests {
         let w = wrap(text, 40);
         assert!(w.lines().all(|l| width(l) <= 40), "{w}");
         assert!(w.lines().skip(1).all(|l| l.starts_with("    ")), "{w}");
-        assert_eq!(w.split_whitespace().collect::<Vec<_>>(), text.split_whitespace().collect::<Vec<_>>());
+        assert_eq!(
+            w.split_whitespace().collect::<Vec<_>>(),
+            text.split_whitespace().collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -232,7 +241,16 @@ mod tests {
         let w = fit_widths(&[12, 30, 34, 8], &[12, 10, 10, 4], 60);
         assert_eq!(w.iter().sum::<usize>() + 3, 60);
         assert_eq!(w[0], 12);
-        let line = row(&["a", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "c", "1"], &w, &[false, false, false, true]);
+        let line = row(
+            &[
+                "a",
+                "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+                "c",
+                "1",
+            ],
+            &w,
+            &[false, false, false, true],
+        );
         assert!(width(&line) <= 60, "{line}");
     }
 }

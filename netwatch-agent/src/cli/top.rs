@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use super::{
     CliError,
-    term,
     observe::{FilterArgs, ObserveArgs, ObserveItem, ObserveStream, ServerAddr},
+    term,
 };
 use crate::{
     export::server::{DEFAULT_SOCKET, ObserveRequest},
@@ -182,13 +182,16 @@ impl DeniedSummary {
 
     fn add_as(&mut self, r: &FlowRecord, history: bool) {
         if history {
-            let e = self.flows.entry(r.uuid.clone()).or_insert_with(|| FlowEntry {
-                group: group_of(r),
-                packets: 0,
-                packets_then: 0,
-                new: false,
-                last_seen: r.last_seen,
-            });
+            let e = self
+                .flows
+                .entry(r.uuid.clone())
+                .or_insert_with(|| FlowEntry {
+                    group: group_of(r),
+                    packets: 0,
+                    packets_then: 0,
+                    new: false,
+                    last_seen: r.last_seen,
+                });
             e.packets = e.packets.max(r.packets);
             e.packets_then = e.packets;
             e.last_seen = e.last_seen.max(r.last_seen);
@@ -259,7 +262,16 @@ pub fn format_table(rows: &[TopRow], width: usize) -> String {
     const WANT: [usize; 8] = [32, 36, 11, 19, 22, 6, 9, 9];
     const MIN: [usize; 8] = [12, 14, 8, 7, 8, 5, 7, 6];
     const RIGHT: [bool; 8] = [false, false, false, false, false, true, true, true];
-    let header = ["SOURCE", "DESTINATION", "PORT", "VERDICT", "REASON", "FLOWS", "PACKETS", "PKTS/S"];
+    let header = [
+        "SOURCE",
+        "DESTINATION",
+        "PORT",
+        "VERDICT",
+        "REASON",
+        "FLOWS",
+        "PACKETS",
+        "PKTS/S",
+    ];
     let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
@@ -507,11 +519,22 @@ mod tests {
         let mut s = DeniedSummary::new(Duration::from_secs(60));
         let now: chrono::DateTime<Utc> = "2026-11-22T02:14:10Z".parse().unwrap();
         // 70 packets that happened before `top` started.
-        s.add_history(&record(json!({"uuid": "a", "packets": 70, "lifecycle": "UPDATE"})));
+        s.add_history(&record(
+            json!({"uuid": "a", "packets": 70, "lifecycle": "UPDATE"}),
+        ));
         let rows = s.rows(now, Duration::from_secs(2));
-        assert_eq!((rows[0].packets, rows[0].packets_per_second, rows[0].flows_per_second), (70, 0.0, 0.0));
+        assert_eq!(
+            (
+                rows[0].packets,
+                rows[0].packets_per_second,
+                rows[0].flows_per_second
+            ),
+            (70, 0.0, 0.0)
+        );
         // Then 4 more while watching: only those make a rate.
-        s.add(&record(json!({"uuid": "a", "packets": 74, "lifecycle": "UPDATE"})));
+        s.add(&record(
+            json!({"uuid": "a", "packets": 74, "lifecycle": "UPDATE"}),
+        ));
         let rows = s.rows(now, Duration::from_secs(2));
         assert_eq!((rows[0].packets, rows[0].packets_per_second), (74, 2.0));
     }
@@ -534,7 +557,10 @@ mod tests {
         };
         let table = format_table(&[row], 80);
         assert!(table.lines().all(|l| term::width(l) <= 80), "{table}");
-        assert!(table.contains("987654321"), "numbers are never cut: {table}");
+        assert!(
+            table.contains("987654321"),
+            "numbers are never cut: {table}"
+        );
     }
 
     #[test]
@@ -564,13 +590,16 @@ mod tests {
             (g.source.as_str(), g.destination.as_str()),
             ("10.244.1.2", "world 10.244.1.3")
         );
-        let table = format_table(&[TopRow {
-            key: g,
-            flows: 1,
-            packets: 3,
-            packets_per_second: 1.5,
-            flows_per_second: 0.5,
-        }], 80);
+        let table = format_table(
+            &[TopRow {
+                key: g,
+                flows: 1,
+                packets: 3,
+                packets_per_second: 1.5,
+                flows_per_second: 0.5,
+            }],
+            80,
+        );
         assert!(
             table.lines().nth(1).unwrap().contains("8080/TCP"),
             "{table}"

@@ -80,9 +80,8 @@ impl FlowLogFormat {
         match self {
             FlowLogFormat::Netwatch => encode_line(record),
             FlowLogFormat::Hubble => {
-                let mut buf =
-                    serde_json::to_vec(&super::hubble::to_get_flows_response(record))
-                        .unwrap_or_default();
+                let mut buf = serde_json::to_vec(&super::hubble::to_get_flows_response(record))
+                    .unwrap_or_default();
                 buf.push(b'\n');
                 buf
             }
@@ -605,7 +604,9 @@ mod tests {
         let counters = FlowLogCounters::detached();
         let c = counters.clone();
         let sink = Stuck(gate.clone(), 0);
-        let thread = std::thread::spawn(move || writer_loop(rx, Box::new(sink), &c, FlowLogFormat::Netwatch));
+        let thread = std::thread::spawn(move || {
+            writer_loop(rx, Box::new(sink), &c, FlowLogFormat::Netwatch)
+        });
         let mut log = FlowLog {
             tx: Some(tx),
             thread: None,
@@ -682,7 +683,9 @@ mod tests {
             tx.send(Arc::new(record(json!({})))).unwrap();
         }
         drop(tx);
-        let thread = std::thread::spawn(move || writer_loop(rx, Box::new(sink), &c, FlowLogFormat::Netwatch));
+        let thread = std::thread::spawn(move || {
+            writer_loop(rx, Box::new(sink), &c, FlowLogFormat::Netwatch)
+        });
         thread.join().unwrap();
         // Two lines made it whole; the half line and the other two are lost.
         assert_eq!((counters.written.get(), counters.dropped.get()), (2, 3));

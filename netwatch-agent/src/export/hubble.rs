@@ -237,9 +237,7 @@ fn hubble_drop_code(name: &str) -> i32 {
 }
 
 fn layer4(l4: &L4) -> Option<Value> {
-    let ports = |p: &super::super::flow::record::Ports| {
-        json!({"source_port": p.source_port, "destination_port": p.destination_port})
-    };
+    let ports = |p: &super::super::flow::record::Ports| json!({"source_port": p.source_port, "destination_port": p.destination_port});
     Some(match l4 {
         L4::Tcp(p) => {
             let mut tcp = ports(p);
@@ -399,7 +397,10 @@ mod tests {
         assert_eq!(line["flow"]["event_type"]["sub_type"], 133);
         let summary = line["flow"]["Summary"].as_str().unwrap();
         assert!(netwatch_fields(summary).contains(&("reason", "NETFILTER_DROP")));
-        assert!(summary.starts_with("TCP Flags: SYN; netwatch: verdict=DROPPED"), "{summary}");
+        assert!(
+            summary.starts_with("TCP Flags: SYN; netwatch: verdict=DROPPED"),
+            "{summary}"
+        );
 
         let audit = record(json!({"verdict": "POLICY_NOT_ENFORCED", "drop_reason_desc": null}));
         assert_eq!(to_get_flows_response(&audit)["flow"]["verdict"], "AUDIT");

@@ -567,7 +567,11 @@ mod tests {
         let mut req = request("", Some(1), false);
         req.first = Some(2);
         let ids = |req: &ObserveRequest| -> Vec<String> {
-            h.subscribe(req).history.iter().map(|r| r.uuid.clone()).collect()
+            h.subscribe(req)
+                .history
+                .iter()
+                .map(|r| r.uuid.clone())
+                .collect()
         };
         assert_eq!(ids(&req), ["u0", "u1"], "--first wins over --last");
         let mut req = request("", None, false);

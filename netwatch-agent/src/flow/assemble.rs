@@ -963,7 +963,8 @@ mod tests {
         for k in noise {
             assert!(!is_pod_flow(&k), "{k:?}");
             assert!(
-                a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names).is_empty(),
+                a.handle(drop_event(k, t(0)), t(0), &reasons(), &no_names)
+                    .is_empty(),
                 "{k:?}"
             );
         }
@@ -972,8 +973,20 @@ mod tests {
         assert!(!is_pod_flow(&bcast));
         assert_eq!(a.active_flows(), 0);
         // A pod's own ICMPv6 echo, or TCP over IPv6, stays.
-        assert!(is_pod_flow(&v6("fd00::2", "fd00::9", IPPROTO_ICMPV6, 128, 0)));
-        assert!(is_pod_flow(&v6("fd00::2", "fd00::9", IPPROTO_TCP, 40000, 443)));
+        assert!(is_pod_flow(&v6(
+            "fd00::2",
+            "fd00::9",
+            IPPROTO_ICMPV6,
+            128,
+            0
+        )));
+        assert!(is_pod_flow(&v6(
+            "fd00::2",
+            "fd00::9",
+            IPPROTO_TCP,
+            40000,
+            443
+        )));
         assert!(is_pod_flow(&key(40000, 8080, IPPROTO_TCP)));
     }
 
@@ -993,15 +1006,32 @@ mod tests {
             ifindex: 7,
             ..DropStats::default()
         };
-        a.handle(drop_counts(k, stats, t(0), t(2)), t(2), &reasons(), &no_names);
+        a.handle(
+            drop_counts(k, stats, t(0), t(2)),
+            t(2),
+            &reasons(),
+            &no_names,
+        );
         // The update carries the final counts; later scans see no change.
         let update = a.tick(t(3), &reasons(), &no_names).records;
         assert_eq!(update.len(), 1);
-        assert_eq!((update[0].lifecycle, update[0].packets), (Lifecycle::Update, 4));
-        a.handle(drop_counts(k, stats, t(0), t(2)), t(6), &reasons(), &no_names);
+        assert_eq!(
+            (update[0].lifecycle, update[0].packets),
+            (Lifecycle::Update, 4)
+        );
+        a.handle(
+            drop_counts(k, stats, t(0), t(2)),
+            t(6),
+            &reasons(),
+            &no_names,
+        );
         assert!(a.tick(t(6), &reasons(), &no_names).records.is_empty());
         let last = a.tick(t(13), &reasons(), &no_names).records;
-        assert_eq!(last.len(), 1, "quiet for the idle timeout: its FINAL record");
+        assert_eq!(
+            last.len(),
+            1,
+            "quiet for the idle timeout: its FINAL record"
+        );
         assert_eq!(
             (last[0].lifecycle, last[0].packets, last[0].uuid.as_str()),
             (Lifecycle::Final, 4, new[0].uuid.as_str())
