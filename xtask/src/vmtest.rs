@@ -113,7 +113,6 @@ pub const TESTS: &[TestEntry] = &[
 const GUEST_MODULES: &[&str] = &[
     "ipv6",
     "veth",
-    "dummy",
     "bridge",
     "br_netfilter",
     "vxlan",
@@ -141,7 +140,6 @@ const GUEST_MODULES: &[&str] = &[
     "nft_hash",
     "nft_limit",
     "nft_log",
-    "nft_counter",
     "nft_quota",
     "nft_socket",
     "nft_objref",
@@ -402,13 +400,27 @@ fn panic_message(captured: &str) -> String {
     text
 }
 
-/// The first line of a failure message (the assertion), for the terminal.
-pub fn headline(message: &str) -> &str {
-    let mut lines = message.lines();
-    match lines.next() {
-        Some(first) if first.starts_with("thread '") => lines.next().unwrap_or(first),
-        Some(first) => first,
-        None => "",
+/// A failure message in one line, for the terminal: the assertion (its
+/// first line, cut at 160 characters) and `assert_eq!`'s left and right.
+pub fn headline(message: &str) -> String {
+    let mut lines = message.lines().peekable();
+    if lines.peek().is_some_and(|l| l.starts_with("thread '")) {
+        lines.next();
+    }
+    let all: Vec<&str> = lines.collect();
+    let mut first = all.first().copied().unwrap_or("").trim().to_string();
+    if first.chars().count() > 160 {
+        first = first.chars().take(160).collect::<String>() + "...";
+    }
+    let side = |tag: &str| {
+        all.iter()
+            .rev()
+            .find_map(|l| l.trim_start().strip_prefix(tag))
+            .map(str::trim)
+    };
+    match (side("left:"), side("right:")) {
+        (Some(l), Some(r)) => format!("{first} (left: {l}, right: {r})"),
+        _ => first,
     }
 }
 
@@ -988,6 +1000,13 @@ fn run_script(
         "for m in {}; do\n    if ! err=$(modprobe -d \"$MODROOT\" \"$m\" 2>&1); then echo \"$m\" >> \"$OUT/modules.missing\"; echo \"vmtest: module $m: $err\"; fi\ndone",
         GUEST_MODULES.join(" ")
     );
+    // The kernel's own module autoloader (through the initramfs' wrapper):
+    // `dummy` is loaded by nothing else.
+    s.push_str(
+        "if ip link add vmtest-probe type dummy 2>/dev/null; then ip link del vmtest-probe; \
+         echo 'vmtest: module autoloading works'; else echo 'vmtest: module autoloading does \
+         NOT work (ip link add type dummy failed)'; fi\n",
+    );
     for (i, (entry, exe)) in suites.iter().enumerate() {
         let mut args = vec![format!("--test-threads={}", entry.threads.max(1))];
         args.extend(entry.filters.iter().map(|f| f.to_string()));
@@ -1456,7 +1475,7 @@ fn report_kernel(r: &KernelResult) {
             eprintln!(
                 "vmtest:   FAILED {}: {}",
                 t.name,
-                headline(t.message.as_deref().unwrap_or(""))
+                headline(t.message.as_deref().unwrap_or("(no message)"))
             );
         }
     }
@@ -1569,7 +1588,12 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         );
         assert!(m.contains("right: (Some(\"DROPPED\")"), "{m}");
         assert!(!m.contains("RUST_BACKTRACE"), "{m}");
-        assert_eq!(headline(m), "assertion `left == right` failed");
+        assert_eq!(
+            headline(m),
+            "assertion `left == right` failed (left: (Some(\"TIMED_OUT\"), None), right: \
+             (Some(\"DROPPED\"), Some(\"NETFILTER_DROP\")))"
+        );
+        assert_eq!(headline("thread 't' panicked at a.rs:1:1:\nboom"), "boom");
         assert_eq!(
             run.tests[3].message.as_deref(),
             Some(
