@@ -142,7 +142,6 @@ const GUEST_MODULES: &[&str] = &[
     "nft_log",
     "nft_quota",
     "nft_socket",
-    "nft_objref",
     "nft_meta_bridge",
     "nf_conntrack_bridge",
     "sch_ingress",
@@ -1062,8 +1061,9 @@ impl Processes {
         Ok(self.0.len() - 1)
     }
 
+    /// Kill the newest first: QEMU before the virtiofsd daemons it uses.
     fn kill_all(&mut self) {
-        for c in &mut self.0 {
+        for c in self.0.iter_mut().rev() {
             if let Ok(None) = c.try_wait() {
                 let pid = c.id() as i32;
                 // SAFETY: signalling processes (and groups) we started.
@@ -1222,10 +1222,12 @@ fn run_vm(
         });
         let deadline = Instant::now() + opts.timeout;
         let mut failure = None;
+        let mut qemu_failed = false;
         loop {
             if let Some(status) = procs.0[q].try_wait()? {
                 if !status.success() {
                     failure = Some(format!("QEMU exited with {status}"));
+                    qemu_failed = true;
                 }
                 break;
             }
@@ -1245,7 +1247,8 @@ fn run_vm(
         procs.kill_all();
         let _ = copier.join();
         let qemu_err = qemu_err.join().unwrap_or_default();
-        if let Some(f) = failure.as_mut()
+        if qemu_failed
+            && let Some(f) = failure.as_mut()
             && !qemu_err.trim().is_empty()
         {
             let _ = write!(f, ": {}", qemu_err.trim());
@@ -1456,7 +1459,7 @@ fn report_kernel(r: &KernelResult) {
     eprintln!(
         "vmtest: kernel {}: uname -r {}",
         r.kernel,
-        r.version.as_deref().unwrap_or("(did not boot)")
+        r.version.as_deref().unwrap_or("(not booted)")
     );
     if !r.modules_missing.is_empty() {
         eprintln!(
