@@ -1197,11 +1197,18 @@ fn run_vm(
         .args(["-device", "vhost-user-fs-pci,chardev=results,tag=results"]);
     let console = run.join("console.log");
     if opts.keep {
+        // In this terminal's process group: QEMU reads the terminal.
         qemu.args(["-monitor", "none", "-serial", "mon:stdio"]);
-        let mut child = qemu.spawn().context(
+        let q = procs.spawn(&mut qemu, false).context(
             "starting qemu-system-x86_64 (install qemu-system-x86: `cargo xtask setup`)",
         )?;
-        child.wait()?;
+        while procs.0[q].try_wait()?.is_none() {
+            if stop.load(Ordering::SeqCst) {
+                procs.kill_all();
+                bail!("interrupted: stopped the {} VM", k.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     } else {
         qemu.args(["-monitor", "none", "-serial", "stdio"])
             .stdin(Stdio::null())
@@ -1426,22 +1433,30 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
         results.push(result);
     }
 
-    let mut all_results: Results = fs::read_to_string(paths.results())
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    all_results.merge(results.clone());
-    fs::write(
-        paths.results(),
-        serde_json::to_string_pretty(&all_results)? + "\n",
-    )?;
+    // Only whole runs make the record: a filtered or --keep run is partial.
+    let recorded = opts.test_args.is_empty() && !opts.keep;
+    if recorded {
+        let mut all_results: Results = fs::read_to_string(paths.results())
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        all_results.merge(results.clone());
+        fs::write(
+            paths.results(),
+            serde_json::to_string_pretty(&all_results)? + "\n",
+        )?;
+    }
     eprintln!();
     eprint!("{}", table(&results));
     eprintln!(
-        "vmtest: {} kernel(s) in {:.0} s; results in {}",
+        "vmtest: {} kernel(s) in {:.0} s; {}",
         results.len(),
         started.elapsed().as_secs_f64(),
-        paths.results().display()
+        if recorded {
+            format!("results in {}", paths.results().display())
+        } else {
+            "not recorded in results.json (extra test arguments or --keep)".into()
+        }
     );
     let bad: Vec<&str> = results
         .iter()
