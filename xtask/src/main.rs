@@ -77,13 +77,16 @@ enum Task {
         #[arg(long)]
         cleanup: bool,
     },
-    /// Run the kernel-side integration tests on other kernels: Debian's
-    /// cloud kernels (5.10, 6.1, 6.12; pinned package versions, cached under
-    /// target/vmtest/) booted under QEMU (software emulation), each running
-    /// the test executables `cargo test` built here, with this machine's
-    /// root shared in read-only. Prints each kernel's results and a table,
-    /// writes target/vmtest/results.json, and fails if any test failed or a
-    /// VM did not boot. Run as root (virtiofsd). About 25 minutes for all.
+    /// The kernel matrix: the kernel-side integration tests on Debian's 5.10,
+    /// 6.1 and 6.12 kernels under QEMU. Run as root.
+    ///
+    /// Debian's cloud kernels (pinned package versions, cached under
+    /// target/vmtest/) boot under QEMU with software emulation; each runs the
+    /// test executables `cargo test` built here, with this machine's root
+    /// shared in read-only. Prints each kernel's results and a table, writes
+    /// target/vmtest/results.json, and fails if any test failed or a VM did
+    /// not boot or finish. 4 to 7 minutes per kernel on 2 cores. Root is
+    /// needed for virtiofsd.
     #[command(name = "vmtest", after_help = VMTEST_HELP)]
     Vmtest {
         /// Which kernel: 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie) or all.

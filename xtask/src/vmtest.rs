@@ -193,7 +193,6 @@ pub fn check_readme(readme: &Path, results: &[KernelResult], update: bool) -> Re
 const GUEST_MODULES: &[&str] = &[
     "ipv6",
     "veth",
-    "dummy",
     "bridge",
     "br_netfilter",
     "vxlan",
@@ -221,10 +220,8 @@ const GUEST_MODULES: &[&str] = &[
     "nft_hash",
     "nft_limit",
     "nft_log",
-    "nft_counter",
     "nft_quota",
     "nft_socket",
-    "nft_objref",
     "nft_meta_bridge",
     "nf_conntrack_bridge",
     "sch_ingress",
@@ -485,13 +482,27 @@ fn panic_message(captured: &str) -> String {
     text
 }
 
-/// The first line of a failure message (the assertion), for the terminal.
-pub fn headline(message: &str) -> &str {
-    let mut lines = message.lines();
-    match lines.next() {
-        Some(first) if first.starts_with("thread '") => lines.next().unwrap_or(first),
-        Some(first) => first,
-        None => "",
+/// A failure message in one line, for the terminal: the assertion (its
+/// first line, cut at 160 characters) and `assert_eq!`'s left and right.
+pub fn headline(message: &str) -> String {
+    let mut lines = message.lines().peekable();
+    if lines.peek().is_some_and(|l| l.starts_with("thread '")) {
+        lines.next();
+    }
+    let all: Vec<&str> = lines.collect();
+    let mut first = all.first().copied().unwrap_or("").trim().to_string();
+    if first.chars().count() > 160 {
+        first = first.chars().take(160).collect::<String>() + "...";
+    }
+    let side = |tag: &str| {
+        all.iter()
+            .rev()
+            .find_map(|l| l.trim_start().strip_prefix(tag))
+            .map(str::trim)
+    };
+    match (side("left:"), side("right:")) {
+        (Some(l), Some(r)) => format!("{first} (left: {l}, right: {r})"),
+        _ => first,
     }
 }
 
@@ -1088,6 +1099,13 @@ fn run_script(
             shell_quote(&agent.to_string_lossy())
         );
     }
+    // The kernel's own module autoloader (through the initramfs' wrapper):
+    // `dummy` is loaded by nothing else.
+    s.push_str(
+        "if ip link add vmtest-probe type dummy 2>/dev/null; then ip link del vmtest-probe; \
+         echo 'vmtest: module autoloading works'; else echo 'vmtest: module autoloading does \
+         NOT work (ip link add type dummy failed)'; fi\n",
+    );
     for (i, (entry, exe)) in suites.iter().enumerate() {
         let mut args = vec![format!("--test-threads={}", entry.threads.max(1))];
         args.extend(entry.filters.iter().map(|f| f.to_string()));
@@ -1143,8 +1161,9 @@ impl Processes {
         Ok(self.0.len() - 1)
     }
 
+    /// Kill the newest first: QEMU before the virtiofsd daemons it uses.
     fn kill_all(&mut self) {
-        for c in &mut self.0 {
+        for c in self.0.iter_mut().rev() {
             if let Ok(None) = c.try_wait() {
                 let pid = c.id() as i32;
                 // SAFETY: signalling processes (and groups) we started.
@@ -1278,11 +1297,18 @@ fn run_vm(
         .args(["-device", "vhost-user-fs-pci,chardev=results,tag=results"]);
     let console = run.join("console.log");
     if opts.keep {
+        // In this terminal's process group: QEMU reads the terminal.
         qemu.args(["-monitor", "none", "-serial", "mon:stdio"]);
-        let mut child = qemu.spawn().context(
+        let q = procs.spawn(&mut qemu, false).context(
             "starting qemu-system-x86_64 (install qemu-system-x86: `cargo xtask setup`)",
         )?;
-        child.wait()?;
+        while procs.0[q].try_wait()?.is_none() {
+            if stop.load(Ordering::SeqCst) {
+                procs.kill_all();
+                bail!("interrupted: stopped the {} VM", k.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     } else {
         qemu.args(["-monitor", "none", "-serial", "stdio"])
             .stdin(Stdio::null())
@@ -1303,10 +1329,12 @@ fn run_vm(
         });
         let deadline = Instant::now() + opts.timeout;
         let mut failure = None;
+        let mut qemu_failed = false;
         loop {
             if let Some(status) = procs.0[q].try_wait()? {
                 if !status.success() {
                     failure = Some(format!("QEMU exited with {status}"));
+                    qemu_failed = true;
                 }
                 break;
             }
@@ -1326,7 +1354,8 @@ fn run_vm(
         procs.kill_all();
         let _ = copier.join();
         let qemu_err = qemu_err.join().unwrap_or_default();
-        if let Some(f) = failure.as_mut()
+        if qemu_failed
+            && let Some(f) = failure.as_mut()
             && !qemu_err.trim().is_empty()
         {
             let _ = write!(f, ": {}", qemu_err.trim());
@@ -1515,22 +1544,30 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
         results.push(result);
     }
 
-    let mut all_results: Results = fs::read_to_string(paths.results())
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    all_results.merge(results.clone());
-    fs::write(
-        paths.results(),
-        serde_json::to_string_pretty(&all_results)? + "\n",
-    )?;
+    // Only whole runs make the record: a filtered or --keep run is partial.
+    let recorded = opts.test_args.is_empty() && !opts.keep;
+    if recorded {
+        let mut all_results: Results = fs::read_to_string(paths.results())
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        all_results.merge(results.clone());
+        fs::write(
+            paths.results(),
+            serde_json::to_string_pretty(&all_results)? + "\n",
+        )?;
+    }
     eprintln!();
     eprint!("{}", table(&results));
     eprintln!(
-        "vmtest: {} kernel(s) in {:.0} s; results in {}",
+        "vmtest: {} kernel(s) in {:.0} s; {}",
         results.len(),
         started.elapsed().as_secs_f64(),
-        paths.results().display()
+        if recorded {
+            format!("results in {}", paths.results().display())
+        } else {
+            "not recorded in results.json (extra test arguments or --keep)".into()
+        }
     );
     let bad: Vec<&str> = results
         .iter()
@@ -1553,7 +1590,7 @@ fn report_kernel(r: &KernelResult) {
     eprintln!(
         "vmtest: kernel {}: uname -r {}",
         r.kernel,
-        r.version.as_deref().unwrap_or("(did not boot)")
+        r.version.as_deref().unwrap_or("(not booted)")
     );
     if !r.modules_missing.is_empty() {
         eprintln!(
@@ -1572,7 +1609,7 @@ fn report_kernel(r: &KernelResult) {
             eprintln!(
                 "vmtest:   FAILED {}: {}",
                 t.name,
-                headline(t.message.as_deref().unwrap_or(""))
+                headline(t.message.as_deref().unwrap_or("(no message)"))
             );
         }
     }
@@ -1685,7 +1722,12 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         );
         assert!(m.contains("right: (Some(\"DROPPED\")"), "{m}");
         assert!(!m.contains("RUST_BACKTRACE"), "{m}");
-        assert_eq!(headline(m), "assertion `left == right` failed");
+        assert_eq!(
+            headline(m),
+            "assertion `left == right` failed (left: (Some(\"TIMED_OUT\"), None), right: \
+             (Some(\"DROPPED\"), Some(\"NETFILTER_DROP\")))"
+        );
+        assert_eq!(headline("thread 't' panicked at a.rs:1:1:\nboom"), "boom");
         assert_eq!(
             run.tests[3].message.as_deref(),
             Some(
