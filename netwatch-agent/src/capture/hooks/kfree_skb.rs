@@ -280,7 +280,12 @@ mod tests {
     /// each kernel netwatch is tested on: the same functions must be found
     /// on each. Debian's packages ship no real System.map, so these come
     /// from the booted kernels (`cargo xtask vmtest` and the host).
-    const MAPS: &[(&str, &str)] = &[("6.18", include_str!("testdata/kallsyms-6.18.excerpt"))];
+    const MAPS: &[(&str, &str)] = &[
+        ("5.10", include_str!("testdata/kallsyms-5.10.excerpt")),
+        ("6.1", include_str!("testdata/kallsyms-6.1.excerpt")),
+        ("6.12", include_str!("testdata/kallsyms-6.12.excerpt")),
+        ("6.18", include_str!("testdata/kallsyms-6.18.excerpt")),
+    ];
 
     #[test]
     fn nf_hook_slow_is_a_netfilter_drop_on_every_kernel() {
@@ -308,6 +313,19 @@ mod tests {
             for (_, reason) in DROP_SITE_FUNCTIONS {
                 assert!(location_reasons().value(reason).is_some(), "{reason}");
             }
+        }
+    }
+
+    #[test]
+    fn nftables_own_drop_site_is_found_where_nf_tables_is_a_module() {
+        for (kernel, map) in MAPS {
+            let sites = locate_sites(map);
+            assert!(
+                sites
+                    .iter()
+                    .any(|s| s.symbol == "nft_do_chain" && s.reason == "NETFILTER_DROP"),
+                "{kernel}: {sites:?}"
+            );
         }
     }
 
