@@ -6,6 +6,13 @@
 //! cancel most of it). While the agent runs, the kernel's own BPF statistics
 //! give each program's cost per packet. Then the criterion benchmarks of the
 //! policy engine and the identity cache (`cargo bench -p netwatch-agent`).
+//!
+//! Program cost ([`program_cost`], `cargo xtask bench --programs`, and in
+//! each kernel of the matrix with `cargo xtask vmtest --bench`): netwatch's
+//! two classifiers against a no-op classifier on the same interfaces in the
+//! same run, each program's ns per run from the kernel's bpf_stats. The
+//! ratio is what carries across machines (in the VMs the CPU is emulated,
+//! so absolute nanoseconds are inflated alike for both).
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::lab::{ChildGuard, Lab, LabSpec, NodeSpec, PodSpec};
+use xtask::lab::{ChildGuard, Lab, LabSpec, NodeSpec, PodSpec, tcprog::TcMode};
 
 pub struct BenchOptions {
     pub runs: usize,
@@ -68,8 +75,8 @@ fn cargo_build_release() -> Result<PathBuf> {
     Ok(Path::new(target).join("release/netwatch-agent"))
 }
 
-fn datapath(opts: &BenchOptions) -> Result<()> {
-    let agent_bin = cargo_build_release()?;
+/// Two pods on one node, for iperf3.
+fn bench_lab() -> Result<Lab> {
     let spec = LabSpec {
         nodes: vec![NodeSpec {
             name: "node-1".into(),
@@ -91,7 +98,88 @@ fn datapath(opts: &BenchOptions) -> Result<()> {
             .collect(),
         world: Vec::new(),
     };
-    let lab = Lab::up(&spec, &std::env::current_exe()?)?;
+    Ok(Lab::up(&spec, &std::env::current_exe()?)?)
+}
+
+/// What netwatch's classifiers cost per run against a no-op classifier.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProgramCost {
+    pub kernel: String,
+    /// How the classifiers were attached (tcx or clsact).
+    pub tc_mode: String,
+    pub seconds: u64,
+    pub netwatch_runs: u64,
+    pub netwatch_ns_per_run: f64,
+    pub noop_runs: u64,
+    pub noop_ns_per_run: f64,
+}
+
+/// Measure [`ProgramCost`] on this kernel: a stand-in no-op classifier on
+/// both directions of both pods' interfaces, the agent's classifiers before
+/// it, iperf3 between the pods for `seconds`, bpf_stats on meanwhile.
+pub fn program_cost(seconds: u64) -> Result<ProgramCost> {
+    let agent_bin = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("netwatch-agent"))
+        .context("target directory")?;
+    if !agent_bin.exists() {
+        bail!("{} is missing: cargo build -p netwatch-agent --bins", agent_bin.display());
+    }
+    let lab = bench_lab()?;
+    let server = lab.pod("bench/server")?;
+    let _iperf_server = ChildGuard(
+        lab.in_pod(server, Path::new("iperf3"))
+            .args(["-s", "-B", "10.244.9.3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?,
+    );
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
+    let tcx = {
+        let mut v = release.split(|c: char| !c.is_ascii_digit());
+        let major: u32 = v.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        let minor: u32 = v.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        (major, minor) >= (6, 6)
+    };
+    let mode = if tcx { TcMode::Tcx } else { TcMode::Clsact };
+    let interfaces: Vec<&str> = lab.pods.iter().map(|p| p.host_if.as_str()).collect();
+    let noop = lab.attach_foreign_tc("node-1", &interfaces, mode)?;
+    let (_agent, ids) = start_agent(&lab, &agent_bin)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=1"])
+        .status();
+    let measured = (|| {
+        let (a0, b0) = (prog_stats(&ids), prog_stats(&noop.program_ids));
+        throughput(&lab, seconds)?;
+        let (a1, b1) = (prog_stats(&ids), prog_stats(&noop.program_ids));
+        Ok::<_, anyhow::Error>((a0.zip(a1), b0.zip(b1)))
+    })();
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=0"])
+        .status();
+    let (Some(((t0, c0), (t1, c1))), Some(((u0, d0), (u1, d1)))) = measured? else {
+        bail!("bpftool gave no run statistics (is bpftool installed?)");
+    };
+    let (runs, noop_runs) = (c1.saturating_sub(c0), d1.saturating_sub(d0));
+    if runs == 0 || noop_runs == 0 {
+        bail!("the programs did not run: netwatch {runs}, no-op {noop_runs} runs");
+    }
+    Ok(ProgramCost {
+        kernel: release,
+        tc_mode: if tcx { "tcx" } else { "clsact" }.into(),
+        seconds,
+        netwatch_runs: runs,
+        netwatch_ns_per_run: t1.saturating_sub(t0) as f64 / runs as f64,
+        noop_runs,
+        noop_ns_per_run: u1.saturating_sub(u0) as f64 / noop_runs as f64,
+    })
+}
+
+fn datapath(opts: &BenchOptions) -> Result<()> {
+    let agent_bin = cargo_build_release()?;
+    let lab = bench_lab()?;
     let server = lab.pod("bench/server")?;
     let mut iperf_server = ChildGuard(
         lab.in_pod(server, Path::new("iperf3"))

@@ -64,6 +64,11 @@ enum Task {
         /// Only the criterion benchmarks.
         #[arg(long)]
         criterion_only: bool,
+        /// Only the cost of netwatch's classifiers against a no-op
+        /// classifier in the same run (kernel bpf_stats), as JSON; `cargo
+        /// xtask vmtest --bench` runs it on each kernel of the matrix.
+        #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only"])]
+        programs: bool,
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
@@ -104,6 +109,11 @@ enum Task {
         /// run fails when it differs otherwise).
         #[arg(long)]
         update_readme: bool,
+        /// Instead of the tests, measure netwatch's classifiers against a
+        /// no-op classifier on each kernel (`cargo xtask bench --programs`
+        /// in each guest) and print a table for BENCHMARKS.md.
+        #[arg(long)]
+        bench: bool,
         /// Extra arguments for every test executable (libtest's: a name
         /// filter, --nocapture, ...), after `--`.
         #[arg(last = true)]
@@ -184,6 +194,18 @@ fn main() -> Result<()> {
             seconds,
             datapath_only,
             criterion_only,
+            programs: true,
+        } => {
+            let cost = bench::program_cost(seconds)?;
+            println!("{}", serde_json::to_string(&cost)?);
+            Ok(())
+        }
+        Task::Bench {
+            runs,
+            seconds,
+            datapath_only,
+            criterion_only,
+            programs: false,
         } => bench::bench(&bench::BenchOptions {
             runs,
             seconds,
@@ -201,6 +223,7 @@ fn main() -> Result<()> {
             timeout,
             test_args,
             update_readme,
+            bench,
         } => {
             install_stop_handler();
             vmtest::vmtest(
@@ -210,6 +233,7 @@ fn main() -> Result<()> {
                     timeout: Duration::from_secs(timeout),
                     test_args,
                     update_readme,
+                    bench,
                 },
                 &STOP,
             )
@@ -358,10 +382,15 @@ fn helper(what: Helper) -> Result<()> {
         Helper::TcForeign { mode, interfaces } => {
             use std::io::{Read, Write};
             let mut held = Vec::new();
+            let mut ids = Vec::new();
             for i in &interfaces {
-                held.extend(lab::tcprog::attach_foreign(i, mode)?);
+                let fds = lab::tcprog::attach_foreign(i, mode)?;
+                if let Some(prog) = fds.last() {
+                    ids.push(lab::tcprog::program_id(prog)?.to_string());
+                }
+                held.extend(fds);
             }
-            println!("attached");
+            println!("attached {}", ids.join(","));
             std::io::stdout().flush()?;
             // Hold the tcx links until the test lets go.
             let _ = std::io::stdin().read_to_end(&mut Vec::new());

@@ -46,6 +46,7 @@ pub fn test(extra: &[String], stop: &AtomicBool) -> Result<()> {
                 timeout: Duration::from_secs(1200),
                 test_args: Vec::new(),
                 update_readme: false,
+                bench: false,
             },
             stop,
         )

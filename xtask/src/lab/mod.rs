@@ -38,6 +38,13 @@ pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
 pub use spec::{LabSpec, NodeSpec, PodSpec, Proto};
 pub use system::{ChildGuard, LabError};
+
+/// A stand-in CNI program on lab interfaces ([`Lab::attach_foreign_tc`]):
+/// attached while this lives (tcx), its kernel program ids for stats.
+pub struct ForeignTc {
+    pub program_ids: Vec<u32>,
+    _holder: ChildGuard,
+}
 use system::{io, ip_batch, run, run_with_input, sysctl_in};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -438,7 +445,7 @@ impl Lab {
         node: &str,
         interfaces: &[&str],
         mode: tcprog::TcMode,
-    ) -> Result<ChildGuard, LabError> {
+    ) -> Result<ForeignTc, LabError> {
         use std::io::BufRead;
         let mode = match mode {
             tcprog::TcMode::Tcx => "tcx",
@@ -456,14 +463,20 @@ impl Lab {
         if let Some(out) = child.stdout.take() {
             let _ = std::io::BufReader::new(out).read_line(&mut line);
         }
-        if line.trim() != "attached" {
+        let Some(ids) = line.trim().strip_prefix("attached") else {
             let _ = child.kill();
             let _ = child.wait();
             return Err(LabError::Spec(format!(
                 "the stand-in CNI program did not attach to {interfaces:?}"
             )));
-        }
-        Ok(ChildGuard(child))
+        };
+        Ok(ForeignTc {
+            program_ids: ids
+                .split(',')
+                .filter_map(|i| i.trim().parse().ok())
+                .collect(),
+            _holder: ChildGuard(child),
+        })
     }
 
     /// Run a probe from a pod; waits for its result.

@@ -89,18 +89,35 @@ pub enum TcMode {
     Clsact,
 }
 
+/// The kernel's id of a loaded program.
+pub fn program_id(fd: &OwnedFd) -> std::io::Result<u32> {
+    let mut info = [0u8; 96];
+    let mut attr = [0u8; 16];
+    put32(&mut attr, 0, raw(fd));
+    put32(&mut attr, 4, info.len() as u32);
+    put64(&mut attr, 8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(get32(&info, 4))
+}
+
 /// Attach the stand-in CNI program to both directions of `interface`.
 /// tcx links live as long as the returned fds; clsact filters stay until
-/// the interface goes.
+/// the interface goes. The last fd is the program's own.
 pub fn attach_foreign(interface: &str, mode: TcMode) -> Result<Vec<OwnedFd>> {
     let prog = load_pass_program()?;
+    let mut held = attach_program(&prog, interface, mode)?;
+    held.push(prog);
+    Ok(held)
+}
+
+fn attach_program(prog: &OwnedFd, interface: &str, mode: TcMode) -> Result<Vec<OwnedFd>> {
     let index = ifindex(interface)?;
     match mode {
         TcMode::Tcx => {
             let mut links = Vec::new();
             for attach_type in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {
                 let mut attr = [0u8; 64];
-                put32(&mut attr, 0, raw(&prog));
+                put32(&mut attr, 0, raw(prog));
                 put32(&mut attr, 4, index);
                 put32(&mut attr, 8, attach_type);
                 // flags 0: after the programs already there, as a CNI that
@@ -120,7 +137,7 @@ pub fn attach_foreign(interface: &str, mode: TcMode) -> Result<Vec<OwnedFd>> {
             let path = CString::new(pin.clone())?;
             let mut attr = [0u8; 32];
             put64(&mut attr, 0, path.as_ptr() as u64);
-            put32(&mut attr, 8, raw(&prog));
+            put32(&mut attr, 8, raw(prog));
             bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("pinning at {pin}"))?;
             let result = (|| {
                 let _ = Command::new("tc")
