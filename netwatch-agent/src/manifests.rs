@@ -413,8 +413,22 @@ impl Loader {
                 push(&mut s.pods, ix, pod, true);
             }
             "NetworkPolicy" => {
+                let original = value.clone();
                 let np: k8s_openapi::api::networking::v1::NetworkPolicy =
                     typed(value, origin, &object)?;
+                // serde skips fields it does not know: a misspelt `ingres:`
+                // would silently mean "no ingress rules". Reject it as
+                // `kubectl --validate=strict` does. (Policies only: other
+                // kinds may carry fields newer than netwatch's API types.)
+                if let Ok(understood) = serde_yaml::to_value(&np)
+                    && let Some((field, key)) = unknown_field(&original, &understood, "")
+                {
+                    let fix = match did_you_mean(&key) {
+                        Some(known) => format!("did you mean `{known}`? (unknown fields are rejected, as kubectl --validate=strict does)"),
+                        None => "remove it, or see `kubectl explain networkpolicy` for the fields (unknown fields are rejected, as kubectl --validate=strict does)".to_string(),
+                    };
+                    return Err(origin.invalid(&object, &field, format!("unknown field `{key}`"), fix));
+                }
                 if let Err(p) = policy::check_network_policy(&np) {
                     return Err(origin.invalid(&object, &p.field, p.problem, p.fix));
                 }
@@ -551,6 +565,79 @@ fn typed<T: DeserializeOwned>(
             fix,
         )
     })
+}
+
+/// The first field of `original` that deserializing dropped: the path
+/// and the key. `understood` is what was deserialized, serialized again.
+/// Nulls and empty maps or lists are skipped (they say nothing: `status:
+/// {}` in kubectl's output of older clusters, say).
+fn unknown_field(original: &Value, understood: &Value, path: &str) -> Option<(String, String)> {
+    match (original, understood) {
+        (Value::Mapping(o), Value::Mapping(u)) => {
+            for (k, v) in o {
+                let empty = match v {
+                    Value::Null => true,
+                    Value::Mapping(m) => m.is_empty(),
+                    Value::Sequence(q) => q.is_empty(),
+                    _ => false,
+                };
+                let Some(key) = k.as_str() else { continue };
+                if empty && !u.contains_key(key) {
+                    continue;
+                }
+                let here = if path.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match u.get(key) {
+                    None => return Some((here, key.to_string())),
+                    Some(inner) => {
+                        if let Some(found) = unknown_field(v, inner, &here) {
+                            return Some(found);
+                        }
+                    }
+                }
+            }
+            None
+        }
+        (Value::Sequence(o), Value::Sequence(u)) => o
+            .iter()
+            .zip(u)
+            .enumerate()
+            .find_map(|(i, (a, b))| unknown_field(a, b, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// The NetworkPolicy field names (and the common metadata ones) closest to
+/// a misspelt `key`: at most two edits away.
+fn did_you_mean(key: &str) -> Option<&'static str> {
+    const FIELDS: &[&str] = &[
+        "apiVersion", "kind", "metadata", "spec", "status", "name", "namespace", "labels",
+        "annotations", "podSelector", "policyTypes", "ingress", "egress", "from", "to", "ports",
+        "namespaceSelector", "ipBlock", "cidr", "except", "port", "endPort", "protocol",
+        "matchLabels", "matchExpressions", "key", "operator", "values",
+    ];
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca.to_ascii_lowercase() != cb.to_ascii_lowercase());
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    FIELDS
+        .iter()
+        .map(|f| (distance(key, f), *f))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, f)| f)
 }
 
 fn default_namespace(meta: &mut ObjectMeta) {
@@ -701,6 +788,24 @@ apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: cj, namespace: x}\nspec: {
         );
         let err = load_str("np.yaml", &text).unwrap_err().to_string();
         assert!(err.starts_with("np.yaml: document 2 (NetworkPolicy x/p): field spec.ingress[0].from[0].podSelector.matchLabels:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_policy_fields_are_rejected_with_a_suggestion() {
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, creationTimestamp: null}\nspec:\n  podSelector: {}\n  ingres:\n  - from: [{podSelector: {}}]\n";
+        let err = load_str("np.yaml", text).unwrap_err().to_string();
+        assert!(
+            err.contains("document 1 (NetworkPolicy x/p): field spec.ingres: unknown field `ingres`")
+                && err.contains("did you mean `ingress`?"),
+            "{err}"
+        );
+        // Deeper down, in a list.
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8}\n    prots: [{port: 53}]\n";
+        let err = load_str("np.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("field spec.egress[0].prots") && err.contains("`ports`"), "{err}");
+        // Every field it knows, empty ones and explicit nulls included, passes.
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, labels: {}}\nspec:\n  podSelector: {matchLabels: {app: a}, matchExpressions: []}\n  policyTypes: [Ingress, Egress]\n  ingress: []\n  egress:\n  - to: [{namespaceSelector: {}, podSelector: {}}]\n    ports: [{port: 53, protocol: UDP, endPort: null}]\n";
+        load_str("np.yaml", text).unwrap();
     }
 
     #[test]

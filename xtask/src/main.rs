@@ -190,11 +190,9 @@ fn main() -> Result<()> {
             demo::demo(&demo::DemoOptions { scenario, duration }, &STOP)
         }
         Task::Bench {
-            runs,
             seconds,
-            datapath_only,
-            criterion_only,
             programs: true,
+            ..
         } => {
             let cost = bench::program_cost(seconds)?;
             println!("{}", serde_json::to_string(&cost)?);
