@@ -169,3 +169,17 @@ fn one_policy_is_one_networkpolicy() {
         "no problems found in 1 NetworkPolicy"
     );
 }
+
+#[test]
+fn a_misspelt_field_is_an_error_not_a_clean_bill() {
+    let misspelt = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-web, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingres:\n  - from: [{podSelector: {}}]\n";
+    let dir = dir_with(&[("app.yaml", APP), ("np.yaml", misspelt)]);
+    let out = netwatch(&["lint", "-f", dir.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "broken input: {err}");
+    assert!(
+        err.contains("np.yaml") && err.contains("spec.ingres") && err.contains("did you mean `ingress`?"),
+        "{err}"
+    );
+    assert!(!text(&out.stdout).contains("no problems"), "{}", text(&out.stdout));
+}
