@@ -1255,7 +1255,12 @@ fn run_vm(
             suites,
             &opts.test_args,
             opts.keep,
-            opts.bench.then_some(std::env::current_exe()?.as_path()).map(Path::to_path_buf).as_deref(),
+            // This binary's directory, not its path: the build above may
+            // have replaced the running file ("... (deleted)").
+            opts.bench
+                .then(|| std::env::current_exe().ok()?.parent().map(|d| d.join("xtask")))
+                .flatten()
+                .as_deref(),
         ),
     )?;
 
