@@ -77,7 +77,7 @@ fn without_kernel_btf_it_warns_once_and_keeps_capturing_with_tc() {
     let log = agent.log();
     let warning: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("drop capture (kfree_skb) is off"))
+        .filter(|l| l.contains("capture hook off") && l.contains("hook=\"kfree_skb\""))
         .collect();
     assert_eq!(warning.len(), 1, "{log}");
     assert!(
@@ -145,7 +145,9 @@ fn a_cgroup_root_that_is_not_cgroup_v2_turns_off_only_the_socket_hook() {
     let log = agent.log();
     assert!(
         log.lines()
-            .any(|l| l.contains("socket capture (sock_ops) is off") && l.contains("/tmp")),
+            .any(|l| l.contains("capture hook off")
+                && l.contains("hook=\"sock_ops\"")
+                && l.contains("/tmp")),
         "{log}"
     );
     refused_flow_is_reported(&lab, &agent);
@@ -196,7 +198,11 @@ fn nothing_is_left_in_the_kernel_after_sigterm_or_sigkill() {
     // A clean stop.
     let mut agent = Agent::start(&lab, "node-1", 2, &[]);
     let ids = program_ids(&agent.log());
-    assert_eq!(ids.len(), 4, "TC from/to pod, kfree_skb, sock_ops");
+    assert_eq!(
+        ids.len(),
+        6,
+        "TC from/to pod, kfree_skb, sock_ops, connect4, connect6"
+    );
     assert!(ids.iter().all(|id| program_exists(*id)));
     agent.stop();
     assert!(
