@@ -442,7 +442,13 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Longer under emulated CPUs (vmtest's guests set the factor).
+    let slowdown: u32 = std::env::var("NETWATCH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let deadline = Instant::now() + Duration::from_secs(20) * slowdown;
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.matches("attached TC classifiers").count() >= 2 {
@@ -465,7 +471,7 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
         }
         if Instant::now() > deadline {
             let _ = std::fs::remove_file(&log);
-            bail!("the agent did not attach within 20 s:\n{text}");
+            bail!("the agent did not attach within {} s:\n{text}", 20 * slowdown);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
