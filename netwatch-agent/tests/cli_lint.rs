@@ -183,3 +183,33 @@ fn a_misspelt_field_is_an_error_not_a_clean_bill() {
     );
     assert!(!text(&out.stdout).contains("no problems"), "{}", text(&out.stdout));
 }
+
+/// One rule for a namespace the manifests do not define, in lint and
+/// explain alike: it exists with only its kubernetes.io/metadata.name label.
+#[test]
+fn a_namespace_not_in_the_manifests_is_assumed_as_explain_assumes_it() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {containers: [{name: c, image: x}]}\nstatus: {podIP: 10.0.0.2}\n";
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-monitoring, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]\n";
+    let dir = dir_with(&[("pod.yaml", pod), ("np.yaml", policy)]);
+    let files = dir.path().to_str().unwrap();
+    let lint = netwatch(&["lint", "-f", files]);
+    // Prose is wrapped to the terminal: compare with spaces folded.
+    let fold = |t: String| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    let findings = fold(text(&lint.stdout));
+    assert!(
+        findings.contains("names namespace monitoring, which is not in the manifests")
+            && findings.contains("taken to exist with only its kubernetes.io/metadata.name label"),
+        "{findings}"
+    );
+    assert!(!findings.contains("allows-nothing"), "the rule can match: {findings}");
+    let explain = netwatch(&[
+        "explain", "-f", files, "--from", "monitoring:app=prom", "--to", "shop/web", "--port", "80",
+    ]);
+    let out = fold(text(&explain.stdout));
+    assert!(out.starts_with("ALLOWED"), "{out}");
+    assert!(
+        out.contains("namespace monitoring is not in the manifests")
+            && out.contains("taken to exist with only its"),
+        "explain states the same rule: {out}"
+    );
+}

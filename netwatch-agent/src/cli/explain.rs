@@ -340,6 +340,16 @@ pub fn render_text(v: &FlowVerdict) -> String {
     s.push_str("\n\n");
     s.push_str(&format!("source:      {}\n", describe(&v.source)));
     s.push_str(&format!("destination: {}\n", describe(&v.destination)));
+    for e in [&v.source, &v.destination] {
+        if e.namespace_assumed
+            && let Some(ns) = &e.namespace
+        {
+            s.push_str(&format!(
+                "note: namespace {ns} is not in the manifests: {}\n",
+                crate::policy::MISSING_NAMESPACE_RULE
+            ));
+        }
+    }
     s.push_str(&direction_text("egress ", &v.source, &v.egress));
     s.push_str(&direction_text("ingress", &v.destination, &v.ingress));
     s.push_str(&ipblock_line(v.ipblock_matches_pods));

@@ -191,6 +191,10 @@ pub struct Endpoint {
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub ip: Option<IpAddr>,
+    /// The namespace has no Namespace object in the manifests: it is taken
+    /// to have only its `kubernetes.io/metadata.name` label.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub namespace_assumed: bool,
 }
 
 impl fmt::Display for Endpoint {
@@ -359,6 +363,7 @@ impl Resolved<'_> {
             name: self.name.as_ref().map(|n| n.to_string()),
             labels: self.labels.clone().into_owned(),
             ip,
+            namespace_assumed: self.namespace.as_ref().is_some_and(|n| !n.defined),
         }
     }
 

@@ -21,7 +21,8 @@ use super::EngineOptions;
 use super::evaluate::{Peer, PolicyEngine, Resolved};
 use super::explain::namespace_hint;
 use super::model::{
-    CompiledPolicy, Direction, NAMESPACE_NAME_LABEL, NamespaceScope, PeerMatcher, PolicyRef,
+    CompiledPolicy, Direction, NAMESPACE_NAME_LABEL, NamespaceModel, NamespaceScope, PeerMatcher,
+    PolicyRef,
     PolicyRule, PortSpec, Protocol, compile_policy,
 };
 use super::selector::{CompiledSelector, render_labels};
@@ -47,6 +48,9 @@ impl fmt::Display for Severity {
 }
 
 /// Which check found something (stable ids, for CI filters).
+/// How lint and explain treat a namespace the manifests do not define.
+pub const MISSING_NAMESPACE_RULE: &str = "a namespace with no Namespace object in the manifests is taken to exist with only its kubernetes.io/metadata.name label";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LintCheck {
@@ -557,12 +561,38 @@ impl Linter<'_> {
                             vec![policy.reference.namespace_or_empty().to_string()]
                         }
                         NamespaceScope::Selector(sel) => {
-                            let matched: Vec<String> = engine
+                            let mut matched: Vec<String> = engine
                                 .model
                                 .namespaces_matching(sel)
                                 .into_iter()
                                 .map(str::to_string)
                                 .collect();
+                            // The one rule for missing namespaces (explain
+                            // applies it too): a namespace the manifests do
+                            // not define exists with only its name label.
+                            // So a selector that names it by that label
+                            // matches it.
+                            if matched.is_empty() {
+                                let assumed: Vec<String> = sel
+                                    .wanted_values()
+                                    .filter(|(key, _)| *key == NAMESPACE_NAME_LABEL)
+                                    .map(|(_, name)| name.to_string())
+                                    .filter(|name| engine.model.namespace(name).is_none())
+                                    .filter(|name| sel.matches(&NamespaceModel::implicit(name).labels))
+                                    .collect();
+                                for name in &assumed {
+                                    out.push((
+                                        Severity::Warning,
+                                        LintCheck::NamespaceSelectorMatchesNothing,
+                                        format!(
+                                            "{at}: namespaceSelector {sel} names namespace {name}, which is not in the manifests: {}",
+                                            MISSING_NAMESPACE_RULE
+                                        ),
+                                        format!("add the Namespace {name} to the manifests if it has other labels, or check the name"),
+                                    ));
+                                }
+                                matched = assumed;
+                            }
                             if matched.is_empty() {
                                 let hint = namespace_hint(engine, sel);
                                 let fix = if hint.is_empty() {

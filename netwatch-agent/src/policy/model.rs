@@ -614,6 +614,10 @@ pub(crate) fn validate_port_name(name: &str, field: &str) -> Result<(), FieldPro
 pub struct NamespaceModel {
     pub name: String,
     pub labels: Labels,
+    /// false for a namespace the manifests name (a pod's, a peer's) but do
+    /// not define: it is taken to have only its name label (lint's
+    /// `MISSING_NAMESPACE_RULE`).
+    pub defined: bool,
 }
 
 impl NamespaceModel {
@@ -624,6 +628,7 @@ impl NamespaceModel {
         Self {
             name: name.to_string(),
             labels,
+            defined: false,
         }
     }
 
@@ -631,7 +636,11 @@ impl NamespaceModel {
         let name = ns.metadata.name.clone()?;
         let mut labels = ns.metadata.labels.clone().unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-        Some(Self { name, labels })
+        Some(Self {
+            name,
+            labels,
+            defined: true,
+        })
     }
 }
 
