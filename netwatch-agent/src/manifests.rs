@@ -400,6 +400,21 @@ impl Loader {
                 "add `metadata: {name: ...}`",
             ));
         }
+        // Every kind's metadata is checked strictly too: ObjectMeta's fields
+        // are stable across Kubernetes versions, and a misspelt `lables:`
+        // would silently leave a namespace or pod without its labels.
+        if api_version_of(&kind).is_some()
+            && let Some(meta) = map.get("metadata")
+            && let Ok(parsed) = serde_yaml::from_value::<ObjectMeta>(meta.clone())
+            && let Ok(understood) = serde_yaml::to_value(&parsed)
+            && let Some((field, key)) = unknown_field(meta, &understood, "metadata")
+        {
+            let fix = match did_you_mean(&key) {
+                Some(known) => format!("did you mean `{known}`? (unknown fields are rejected, as kubectl --validate=strict does)"),
+                None => "remove it (unknown fields are rejected, as kubectl --validate=strict does)".to_string(),
+            };
+            return Err(origin.invalid(&object, &field, format!("unknown field `{key}`"), fix));
+        }
         let s = &mut self.snapshot;
         let ix = &mut self.index;
         match kind.as_str() {
@@ -803,6 +818,10 @@ apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: cj, namespace: x}\nspec: {
         let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8}\n    prots: [{port: 53}]\n";
         let err = load_str("np.yaml", text).unwrap_err().to_string();
         assert!(err.contains("field spec.egress[0].prots") && err.contains("`ports`"), "{err}");
+        // Metadata of every kind netwatch reads, too.
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, lables: {team: a}}\n";
+        let err = load_str("ns.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("field metadata.lables") && err.contains("`labels`"), "{err}");
         // Every field it knows, empty ones and explicit nulls included, passes.
         let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, labels: {}}\nspec:\n  podSelector: {matchLabels: {app: a}, matchExpressions: []}\n  policyTypes: [Ingress, Egress]\n  ingress: []\n  egress:\n  - to: [{namespaceSelector: {}, podSelector: {}}]\n    ports: [{port: 53, protocol: UDP, endPort: null}]\n";
         load_str("np.yaml", text).unwrap();
