@@ -406,14 +406,8 @@ impl Loader {
         if api_version_of(&kind).is_some()
             && let Some(meta) = map.get("metadata")
             && let Ok(parsed) = serde_yaml::from_value::<ObjectMeta>(meta.clone())
-            && let Ok(understood) = serde_yaml::to_value(&parsed)
-            && let Some((field, key)) = unknown_field(meta, &understood, "metadata")
         {
-            let fix = match did_you_mean(&key) {
-                Some(known) => format!("did you mean `{known}`? (unknown fields are rejected, as kubectl --validate=strict does)"),
-                None => "remove it (unknown fields are rejected, as kubectl --validate=strict does)".to_string(),
-            };
-            return Err(origin.invalid(&object, &field, format!("unknown field `{key}`"), fix));
+            reject_unknown_fields(origin, &object, meta, &parsed, "metadata")?;
         }
         let s = &mut self.snapshot;
         let ix = &mut self.index;
@@ -435,15 +429,7 @@ impl Loader {
                 // would silently mean "no ingress rules". Reject it as
                 // `kubectl --validate=strict` does. (Policies only: other
                 // kinds may carry fields newer than netwatch's API types.)
-                if let Ok(understood) = serde_yaml::to_value(&np)
-                    && let Some((field, key)) = unknown_field(&original, &understood, "")
-                {
-                    let fix = match did_you_mean(&key) {
-                        Some(known) => format!("did you mean `{known}`? (unknown fields are rejected, as kubectl --validate=strict does)"),
-                        None => "remove it, or see `kubectl explain networkpolicy` for the fields (unknown fields are rejected, as kubectl --validate=strict does)".to_string(),
-                    };
-                    return Err(origin.invalid(&object, &field, format!("unknown field `{key}`"), fix));
-                }
+                reject_unknown_fields(origin, &object, &original, &np, "")?;
                 if let Err(p) = policy::check_network_policy(&np) {
                     return Err(origin.invalid(&object, &p.field, p.problem, p.fix));
                 }
@@ -580,6 +566,34 @@ fn typed<T: DeserializeOwned>(
             fix,
         )
     })
+}
+
+/// An error for the first field of `original` (at `path`) that `parsed`,
+/// deserialized from it, does not carry: serde drops unknown fields
+/// silently, `kubectl --validate=strict` refuses them.
+fn reject_unknown_fields<T: serde::Serialize>(
+    origin: &Origin<'_>,
+    object: &str,
+    original: &Value,
+    parsed: &T,
+    path: &str,
+) -> Result<(), ManifestError> {
+    let Ok(understood) = serde_yaml::to_value(parsed) else {
+        return Ok(());
+    };
+    let Some((field, key)) = unknown_field(original, &understood, path) else {
+        return Ok(());
+    };
+    let fix = match did_you_mean(&key) {
+        Some(known) => format!("did you mean `{known}`?"),
+        None => "remove it".to_string(),
+    };
+    Err(origin.invalid(
+        object,
+        &field,
+        format!("unknown field `{key}`"),
+        format!("{fix} (unknown fields are rejected, as kubectl --validate=strict does)"),
+    ))
 }
 
 /// The first field of `original` that deserializing dropped: the path
