@@ -136,12 +136,7 @@ pub fn program_cost(seconds: u64) -> Result<ProgramCost> {
             .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?,
     );
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
-    let tcx = {
-        let mut v = release.split(|c: char| !c.is_ascii_digit());
-        let major: u32 = v.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-        let minor: u32 = v.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-        (major, minor) >= (6, 6)
-    };
+    let tcx = xtask::lab::kernel_version() >= (6, 6);
     let mode = if tcx { TcMode::Tcx } else { TcMode::Clsact };
     let interfaces: Vec<&str> = lab.pods.iter().map(|p| p.host_if.as_str()).collect();
     let noop = lab.attach_foreign_tc("node-1", &interfaces, mode)?;
@@ -443,12 +438,8 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
         .spawn()?;
     let guard = ChildGuard(child);
     // Longer under emulated CPUs (vmtest's guests set the factor).
-    let slowdown: u32 = std::env::var("NETWATCH_TEST_SLOWDOWN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
-    let deadline = Instant::now() + Duration::from_secs(20) * slowdown;
+    let wait = xtask::lab::slowed(Duration::from_secs(20));
+    let deadline = Instant::now() + wait;
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.matches("attached TC classifiers").count() >= 2 {
@@ -471,7 +462,7 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
         }
         if Instant::now() > deadline {
             let _ = std::fs::remove_file(&log);
-            bail!("the agent did not attach within {} s:\n{text}", 20 * slowdown);
+            bail!("the agent did not attach within {} s:\n{text}", wait.as_secs());
         }
         std::thread::sleep(Duration::from_millis(50));
     }

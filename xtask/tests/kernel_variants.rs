@@ -8,10 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{
-    Agent, expect_probe, kernel_version, lab, node_http_get, records, tcp, to, uuids,
-};
-use xtask::lab::{Lab, Outcome, tcprog::TcMode};
+use support::{Agent, expect_probe, lab, node_http_get, records, tcp, to, uuids};
+use xtask::lab::{Lab, Outcome, kernel_version, tcprog::TcMode};
 
 const TWO_PODS: &str = r#"
 nodes:

@@ -37,7 +37,7 @@ pub use enforce::{Direction, EnforceOptions, LabCluster, PodPlacement};
 pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
 pub use spec::{LabSpec, NodeSpec, PodSpec, Proto};
-pub use system::{ChildGuard, LabError};
+pub use system::{ChildGuard, LabError, kernel_version, slowed};
 
 /// A stand-in CNI program on lab interfaces ([`Lab::attach_foreign_tc`]):
 /// attached while this lives (tcx), its kernel program ids for stats.

@@ -118,3 +118,24 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let minor = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
+/// How long to wait for something that takes `d` on a real machine: longer
+/// under software emulation (`cargo xtask vmtest` sets
+/// NETWATCH_TEST_SLOWDOWN in its guests, whose CPUs are emulated).
+pub fn slowed(d: std::time::Duration) -> std::time::Duration {
+    let factor: u32 = std::env::var("NETWATCH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}

@@ -224,26 +224,7 @@ impl Drop for Agent {
     }
 }
 
-/// How long to wait for something that takes `d` on a real machine: longer
-/// under software emulation (`cargo xtask vmtest` sets
-/// NETWATCH_TEST_SLOWDOWN in its guests, whose CPUs are emulated).
-pub fn slowed(d: Duration) -> Duration {
-    let factor: u32 = std::env::var("NETWATCH_TEST_SLOWDOWN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
-    d * factor
-}
-
-/// The running kernel's (major, minor).
-pub fn kernel_version() -> (u32, u32) {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
-    let major = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let minor = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    (major, minor)
-}
+pub use xtask::lab::slowed;
 
 /// GET `path` from the agent's metrics server on `node`'s loopback.
 pub fn node_http_get(lab: &Lab, node: &str, url: &str) -> String {
