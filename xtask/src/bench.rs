@@ -97,6 +97,7 @@ fn bench_lab() -> Result<Lab> {
             })
             .collect(),
         world: Vec::new(),
+        datapath: Default::default(),
     };
     Ok(Lab::up(&spec, &std::env::current_exe()?)?)
 }

@@ -28,6 +28,7 @@ use xtask::{
 pub struct DemoOptions {
     pub scenario: String,
     pub duration: Option<u64>,
+    pub datapath: Option<xtask::lab::Datapath>,
 }
 
 pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
@@ -50,7 +51,10 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
             known.join(", ")
         );
     }
-    let scenario = Scenario::load(&dir)?;
+    let mut scenario = Scenario::load(&dir)?;
+    if let Some(datapath) = opts.datapath {
+        scenario.spec.datapath = Some(datapath);
+    }
     let started = Instant::now();
     let total = opts.duration.map(Duration::from_secs);
     let outage_for = total

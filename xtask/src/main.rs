@@ -48,6 +48,9 @@ enum Task {
         /// Which scenario under scenarios/ to replay.
         #[arg(long, default_value = "prod-default-deny")]
         scenario: String,
+        /// The CNI datapath the lab emulates (the scenario's own when absent).
+        #[arg(long, value_enum)]
+        datapath: Option<xtask::lab::Datapath>,
     },
     /// Measure what netwatch costs: datapath throughput with and without the
     /// agent (iperf3 in the lab), then the criterion benchmarks. Run as root.
@@ -185,9 +188,20 @@ fn main() -> Result<()> {
             install_stop_handler();
             test::test(&args, &STOP)
         }
-        Task::Demo { duration, scenario } => {
+        Task::Demo {
+            duration,
+            scenario,
+            datapath,
+        } => {
             install_stop_handler();
-            demo::demo(&demo::DemoOptions { scenario, duration }, &STOP)
+            demo::demo(
+                &demo::DemoOptions {
+                    scenario,
+                    duration,
+                    datapath,
+                },
+                &STOP,
+            )
         }
         Task::Bench {
             seconds,

@@ -76,6 +76,10 @@ pub struct ScenarioSpec {
     /// Listeners outside the cluster, on the lab's world router.
     #[serde(default)]
     pub world: Vec<String>,
+    /// The datapath the lab emulates (routed unless set; `cargo xtask demo
+    /// --datapath` overrides it).
+    #[serde(default)]
+    pub datapath: Option<crate::lab::Datapath>,
     /// A single phase can be written at the top level.
     #[serde(default)]
     pub lint: Option<LintExpectation>,
@@ -375,6 +379,7 @@ impl ScenarioRun {
         }
         let (mut spec, _notes) = LabSpec::from_manifests(&manifests)?;
         spec.world = scenario.spec.world.clone();
+        spec.datapath = scenario.spec.datapath.unwrap_or_default();
         let mut enforcing = BTreeMap::new();
         for n in &scenario.spec.nodes {
             if !spec.nodes.iter().any(|s| s.name == n.name) {

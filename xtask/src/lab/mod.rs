@@ -36,7 +36,7 @@ use std::{
 pub use enforce::{Direction, EnforceOptions, LabCluster, PodPlacement};
 pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
-pub use spec::{LabSpec, NodeSpec, PodSpec, Proto};
+pub use spec::{Datapath, LabSpec, NodeSpec, PodSpec, Proto};
 pub use system::{ChildGuard, LabError, kernel_version, slowed};
 
 /// A stand-in CNI program on lab interfaces ([`Lab::attach_foreign_tc`]):
@@ -126,6 +126,12 @@ impl Lab {
     fn build(&mut self, spec: &LabSpec) -> Result<(), LabError> {
         if spec.nodes.is_empty() {
             return Err(LabError::Spec("a lab needs at least one node".into()));
+        }
+        if spec.datapath != Datapath::Routed {
+            return Err(LabError::Spec(format!(
+                "datapath {} is not built yet; the lab builds: routed",
+                spec.datapath
+            )));
         }
         let world = self.world.clone();
         self.netns_add(&world)?;

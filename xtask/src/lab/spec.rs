@@ -16,6 +16,38 @@ pub struct LabSpec {
     /// internet.
     #[serde(default)]
     pub world: Vec<String>,
+    /// Which CNI datapath family the nodes emulate.
+    #[serde(default)]
+    pub datapath: Datapath,
+}
+
+/// The CNI datapath family a lab emulates. Each is a way of wiring pods to
+/// their node and of enforcing policy there; the agent must report the same
+/// flows on all of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    /// Routed veths, policy as nftables forward drops (Calico iptables/nftables mode).
+    #[default]
+    Routed,
+    /// TC programs on the host veths drop with TC_ACT_SHOT and deliver with
+    /// bpf_redirect_peer (Cilium, Calico eBPF).
+    Ebpf,
+    /// Pods on a Linux bridge, nodes joined by a VXLAN overlay (flannel, kube-router).
+    Bridge,
+    /// Pods on an Open vSwitch bridge, policy as OpenFlow drops (Antrea, OVN-Kubernetes).
+    Ovs,
+}
+
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Datapath::Routed => "routed",
+            Datapath::Ebpf => "ebpf",
+            Datapath::Bridge => "bridge",
+            Datapath::Ovs => "ovs",
+        })
+    }
 }
 
 /// One lab node: a network namespace standing in for a node's root
