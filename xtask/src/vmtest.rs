@@ -167,7 +167,8 @@ const README_END: &str = "<!-- kernel-matrix:end -->";
 /// The README's kernel table must say what the matrix saw; with `update`,
 /// rewrite it instead.
 pub fn check_readme(readme: &Path, results: &[KernelResult], update: bool) -> Result<()> {
-    let text = fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let text =
+        fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
     let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
         bail!("{}: no kernel-matrix markers", readme.display());
     };
@@ -956,6 +957,10 @@ while read -r m; do
 done < /modules/order
 R=/newroot
 mount -t virtiofs -o ro hostroot $R || die "cannot mount the host's root (virtio-fs tag hostroot)"
+# A second view of the host's root, kept uncovered: a workspace under /tmp
+# or /run (a CI checkout in /tmp, say) is bound back from it below.
+mkdir -p /hostroot
+mount -o bind $R /hostroot || die "cannot bind the host's root to /hostroot"
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -973,6 +978,15 @@ mount -t tracefs tracefs $R/sys/kernel/tracing || echo "vmtest-init: no tracefs"
 mount -t debugfs debugfs $R/sys/kernel/debug || echo "vmtest-init: no debugfs"
 # vmtest.env (written by the host) says where this kernel's modules are.
 . $R/run/vmtest/out/vmtest.env
+# The host paths the tests need (workspace, target dir), one per line: the
+# tmpfs mounts above hide those that live under them.
+while read -r p; do
+    case "$p" in
+    /tmp/*|/var/tmp/*|/run/*|/dev/shm/*)
+        mkdir -p "$R$p" && mount -o bind "/hostroot$p" "$R$p" || die "cannot bind $p back over the tmpfs"
+        ;;
+    esac
+done < $R/run/vmtest/out/keep
 # The kernel's module autoloader runs in this (initramfs) root: hand it to
 # the host's kmod, chrooted, with this kernel's modules.
 mkdir -p /sbin
@@ -1248,6 +1262,19 @@ fn run_vm(
             shell_quote(&prepared.modroot.to_string_lossy())
         ),
     )?;
+    // Workspace and target dir, bound back over the guest's tmpfs mounts
+    // when they live under /tmp or /run.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut keep = String::new();
+    let target = paths.root.parent().unwrap_or(&paths.root);
+    for p in [fs::canonicalize(&workspace)?, fs::canonicalize(target)?] {
+        keep.push_str(&p.to_string_lossy());
+        keep.push('\n');
+    }
+    fs::write(out.join("keep"), keep)?;
     fs::write(
         out.join("run.sh"),
         run_script(
@@ -1258,7 +1285,12 @@ fn run_vm(
             // This binary's directory, not its path: the build above may
             // have replaced the running file ("... (deleted)").
             opts.bench
-                .then(|| std::env::current_exe().ok()?.parent().map(|d| d.join("xtask")))
+                .then(|| {
+                    std::env::current_exe()
+                        .ok()?
+                        .parent()
+                        .map(|d| d.join("xtask"))
+                })
                 .flatten()
                 .as_deref(),
         ),
@@ -1558,9 +1590,10 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
         match outcome {
             Ok((uname, failure, suites, missing)) => {
                 result.hooks = collect_hooks(&paths, k);
-                result.program_cost = fs::read_to_string(paths.run(k).join("out").join("bench.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str(t.trim()).ok());
+                result.program_cost =
+                    fs::read_to_string(paths.run(k).join("out").join("bench.json"))
+                        .ok()
+                        .and_then(|t| serde_json::from_str(t.trim()).ok());
                 result.version = uname;
                 result.error = failure;
                 result.suites = suites;
@@ -1891,19 +1924,38 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
             failed: 0,
             ignored: 0,
         };
-        for (hook, mode) in [("kfree_skb", "location"), ("tc", "clsact"), ("sock_ops", "sock_ops+connect")] {
-            r.hooks.push(HookMode { hook: hook.into(), mode: mode.into(), off_because: None });
+        for (hook, mode) in [
+            ("kfree_skb", "location"),
+            ("tc", "clsact"),
+            ("sock_ops", "sock_ops+connect"),
+        ] {
+            r.hooks.push(HookMode {
+                hook: hook.into(),
+                mode: mode.into(),
+                off_because: None,
+            });
         }
         let t = readme_kernel_table(std::slice::from_ref(&r));
-        assert!(t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect |\n"), "{t}");
+        assert!(
+            t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect |\n"),
+            "{t}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let readme = dir.path().join("README.md");
-        fs::write(&readme, format!("x\n{README_BEGIN}| old |\n{README_END}\ny\n")).unwrap();
+        fs::write(
+            &readme,
+            format!("x\n{README_BEGIN}| old |\n{README_END}\ny\n"),
+        )
+        .unwrap();
         let e = check_readme(&readme, std::slice::from_ref(&r), false).unwrap_err();
         assert!(e.to_string().contains("location | clsact"), "{e}");
         check_readme(&readme, std::slice::from_ref(&r), true).unwrap();
         check_readme(&readme, std::slice::from_ref(&r), false).unwrap();
-        assert!(fs::read_to_string(&readme).unwrap().ends_with(&format!("{README_END}\ny\n")));
+        assert!(
+            fs::read_to_string(&readme)
+                .unwrap()
+                .ends_with(&format!("{README_END}\ny\n"))
+        );
     }
 
     #[test]
@@ -2001,8 +2053,17 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         );
         assert!(s.contains("cd /w/xtask\n"), "{s}");
         assert!(!s.contains("bench --programs"), "{s}");
-        let b = run_script(Path::new("/m"), &[], &[], false, Some(Path::new("/w/target/debug/xtask")));
-        assert!(b.contains("/w/target/debug/xtask bench --programs --seconds 5 > \"$OUT/bench.json\""), "{b}");
+        let b = run_script(
+            Path::new("/m"),
+            &[],
+            &[],
+            false,
+            Some(Path::new("/w/target/debug/xtask")),
+        );
+        assert!(
+            b.contains("/w/target/debug/xtask bench --programs --seconds 5 > \"$OUT/bench.json\""),
+            "{b}"
+        );
         assert!(
             s.contains("{ /w/target/debug/deps/capture-abc --test-threads=1 drop --skip ipv6 --nocapture 2>&1; echo $? > \"$OUT/suite-0.rc\"; } | tee \"$OUT/suite-0.log\""),
             "{s}"
