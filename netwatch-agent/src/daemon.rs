@@ -257,6 +257,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                         }
                         continue;
                     }
+                    // A subsystem's reason (Open vSwitch's) whose module was
+                    // loaded after start: read its names before the record.
+                    if let KernelEvent::Drop { reason, .. } = &e {
+                        capture.reasons.learn(*reason, &config.capture.btf_path);
+                    }
                     let records = assembler.handle(Signal::Kernel(e), now, &capture.reasons, &names);
                     route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
                 }

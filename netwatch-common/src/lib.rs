@@ -241,9 +241,15 @@ pub struct DropSite {
 /// without drop reasons, so kept small).
 pub const DROP_SITES_LEN: u32 = 32;
 
-/// Number of entries of the drop reason filter array. Reasons at or above it
-/// (the subsystem-specific ones, such as mac80211's) are never counted.
+/// Number of entries of the core drop reason filter array (reasons below
+/// 0x10000; the kernel has about 130).
 pub const REASON_FILTER_LEN: u32 = 1024;
+
+/// Drop reasons above 0xFFFF belong to a subsystem (the high 16 bits:
+/// Open vSwitch is 3 on 6.4+ kernels) and are filtered per subsystem.
+pub const REASON_SUBSYS_SHIFT: u32 = 16;
+/// Entries of the per-subsystem filter (the kernel has 4 subsystems in 6.12).
+pub const REASON_SUBSYS_LEN: u32 = 16;
 
 #[cfg(feature = "user")]
 mod user {

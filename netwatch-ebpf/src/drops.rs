@@ -22,13 +22,13 @@ use aya_ebpf::{
 };
 use netwatch_common::{
     DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, DROP_SITES_LEN, REASON_FILTER_LEN, event_kind, loss,
+    IPPROTO_TCP, IPPROTO_UDP, DROP_SITES_LEN, REASON_SUBSYS_SHIFT, event_kind, loss,
 };
 
 use crate::{
     atomic::atomic_add,
     emit,
-    maps::{DROP_SITES, DROPS, NETNS_ALLOW, REASON_FILTER, count_loss},
+    maps::{DROP_SITES, DROPS, NETNS_ALLOW, REASON_FILTER, SUBSYS_FILTER, count_loss},
 };
 
 // Field offsets in bytes, from BTF (see the agent's capture::offsets).
@@ -90,7 +90,7 @@ fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
     } else {
         site_reason(ctx.arg::<u64>(1))
     };
-    if reason >= REASON_FILTER_LEN || REASON_FILTER.get(reason).copied().unwrap_or(0) == 0 {
+    if !counted(reason) {
         return None;
     }
     let skb: *const u8 = ctx.arg(0);
@@ -135,6 +135,17 @@ fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
     let len: u32 = at(skb, SKB_LEN.load())?;
     record(key, reason, len, tcp_flags, ifindex, netns);
     Some(())
+}
+
+/// Whether drops with `reason` are counted: core reasons one by one, a
+/// subsystem's (Open vSwitch's OVS_DROP_*) all together.
+#[inline(always)]
+fn counted(reason: u32) -> bool {
+    let subsys = reason >> REASON_SUBSYS_SHIFT;
+    if subsys != 0 {
+        return SUBSYS_FILTER.get(subsys).copied().unwrap_or(0) != 0;
+    }
+    REASON_FILTER.get(reason).copied().unwrap_or(0) != 0
 }
 
 /// The reason of the drop site containing `location`; 0 (not counted unless

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use netwatch_common::{
     DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn,
-    REASON_FILTER_LEN, SockConn, loss,
+    REASON_FILTER_LEN, REASON_SUBSYS_LEN, SockConn, loss,
 };
 
 /// New dropped flows and connection state changes, in order, to user space.
@@ -49,6 +49,11 @@ pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT,
 /// Which kernel drop reasons are counted: 1 at a reason's index counts it.
 #[map]
 pub static REASON_FILTER: Array<u8> = Array::with_max_entries(REASON_FILTER_LEN, 0);
+
+/// Which subsystems' drop reasons (reason >> 16, e.g. Open vSwitch's) are
+/// counted: 1 at a subsystem's index counts all of its reasons.
+#[map]
+pub static SUBSYS_FILTER: Array<u8> = Array::with_max_entries(REASON_SUBSYS_LEN, 0);
 
 /// Drop sites (kernel function address ranges) by reason, for kernels whose
 /// kfree_skb passes no reason. See `drops`.

@@ -13,7 +13,9 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::SchedClassifier,
 };
-use netwatch_common::{DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN, SockConn};
+use netwatch_common::{
+    DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN, REASON_SUBSYS_LEN, SockConn,
+};
 use tracing::{info, warn};
 
 use super::{
@@ -139,10 +141,13 @@ impl KernelCapture {
             Ok((offsets, btf)) => (Some(offsets), kfree_skb_setup(config, &offsets, &btf)),
             Err(e) => (None, Err(KfreeSkbError::from(e))),
         };
-        let (reasons, sites, mut kfree_status) = match drop_setup {
+        let (mut reasons, sites, mut kfree_status) = match drop_setup {
             Ok((mode, reasons, sites)) => (reasons, sites, Ok(mode)),
             Err(e) => (DropReasons::default(), Vec::new(), Err(e)),
         };
+        // Subsystem reasons of modules loaded now; later ones are read when
+        // their first drop arrives (see the daemon's event loop).
+        reasons.read_module_reasons(&config.btf_path);
         let filter = if reasons.is_empty() {
             BTreeSet::new()
         } else {
@@ -195,6 +200,25 @@ impl KernelCapture {
             for v in filter.iter().filter(|v| **v < REASON_FILTER_LEN) {
                 arr.set(*v, 1u8, 0).map_err(|source| LoadError::Map {
                     name: "REASON_FILTER",
+                    source,
+                })?;
+            }
+        }
+        {
+            let map = ebpf
+                .map_mut("SUBSYS_FILTER")
+                .ok_or(LoadError::Missing("SUBSYS_FILTER"))?;
+            let mut arr: Array<&mut MapData, u8> =
+                Array::try_from(map).map_err(|source| LoadError::Map {
+                    name: "SUBSYS_FILTER",
+                    source,
+                })?;
+            for s in DropReasons::subsystems_of(&filter)
+                .into_iter()
+                .filter(|s| *s < REASON_SUBSYS_LEN)
+            {
+                arr.set(s, 1u8, 0).map_err(|source| LoadError::Map {
+                    name: "SUBSYS_FILTER",
                     source,
                 })?;
             }

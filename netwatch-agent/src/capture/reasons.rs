@@ -2,8 +2,20 @@
 //!
 //! `enum skb_drop_reason` is renumbered between kernel releases, so names
 //! come from this kernel's BTF, never from a table compiled into netwatch.
+//!
+//! Since 6.4 a subsystem can have reasons of its own above 0xFFFF (the high
+//! 16 bits name the subsystem, `enum skb_drop_reason_subsys`). Open vSwitch's
+//! (`enum ovs_drop_reason`, OVS_DROP_LAST_ACTION for an OpenFlow drop, ...)
+//! live in the openvswitch module's BTF, which exists only once the module
+//! is loaded: they are read then, and again when an unnamed one shows up.
+//! They are counted per subsystem (`--drop-reasons OPENVSWITCH`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use netwatch_common::REASON_SUBSYS_SHIFT;
 
 use btf_rs::{Btf, Type};
 
@@ -23,7 +35,16 @@ pub const DEFAULT_REASONS: &[&str] = &[
     "IP_OUTNOROUTES",
     "NEIGH_FAILED",
     "SOCKET_FILTER",
+    // A subsystem: every Open vSwitch drop reason (OpenFlow drops, meters, ...).
+    "OPENVSWITCH",
 ];
+
+/// Subsystems whose reasons netwatch names, with the module and enum that
+/// hold them (`enum skb_drop_reason_subsys` names the subsystem).
+const SUBSYSTEM_ENUMS: &[(&str, &str, &str)] = &[("OPENVSWITCH", "openvswitch", "ovs_drop_reason")];
+
+/// Where the kernel publishes its modules' BTF.
+const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
 
 /// Errors decoding drop reasons or parsing a reason filter.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +65,12 @@ pub enum ReasonError {
 pub struct DropReasons {
     by_value: BTreeMap<u32, String>,
     by_name: BTreeMap<String, u32>,
+    /// Subsystem number -> name (OPENVSWITCH), from `enum skb_drop_reason_subsys`.
+    subsystems: BTreeMap<u32, String>,
+    /// Subsystems whose module BTF has been read.
+    modules_read: BTreeSet<u32>,
+    /// Subsystem reasons met without a name, each looked up once.
+    unnamed_tried: BTreeSet<u32>,
 }
 
 impl DropReasons {
@@ -61,7 +88,102 @@ impl DropReasons {
             let name = btf.resolve_name(m)?;
             pairs.push((m.val(), name));
         }
-        Ok(DropReasons::from_pairs(pairs))
+        let mut r = DropReasons::from_pairs(pairs);
+        // 6.4+: the subsystems' numbers (absent before: no subsystem reasons).
+        if let Ok(types) = btf.resolve_types_by_name("skb_drop_reason_subsys") {
+            for t in types {
+                let Type::Enum(e) = t else { continue };
+                for m in &e.members {
+                    let name = btf.resolve_name(m)?;
+                    if let Some(short) = name.strip_prefix("SKB_DROP_REASON_SUBSYS_")
+                        && short != "CORE"
+                        && short != "NUM"
+                    {
+                        r.add_subsystem(m.val(), short);
+                    }
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Know subsystem `number` as `name`: `--drop-reasons NAME` counts all of
+    /// its reasons.
+    pub fn add_subsystem(&mut self, number: u32, name: &str) {
+        let marker = number << REASON_SUBSYS_SHIFT;
+        self.subsystems.insert(number, name.to_string());
+        self.by_name.insert(name.to_string(), marker);
+        self.by_value.insert(marker, name.to_string());
+    }
+
+    /// Read the reasons of loaded modules' subsystems (their BTF splits the
+    /// kernel's `vmlinux`). Returns how many reasons were added.
+    pub fn read_module_reasons(&mut self, vmlinux: &Path) -> usize {
+        self.read_module_reasons_in(vmlinux, Path::new(MODULE_BTF_DIR))
+    }
+
+    fn read_module_reasons_in(&mut self, vmlinux: &Path, dir: &Path) -> usize {
+        let wanted: Vec<(u32, &str, &str)> = SUBSYSTEM_ENUMS
+            .iter()
+            .filter_map(|(subsys, module, enum_name)| {
+                let number = self
+                    .subsystems
+                    .iter()
+                    .find(|(_, n)| n.as_str() == *subsys)
+                    .map(|(k, _)| *k)?;
+                (!self.modules_read.contains(&number)
+                    && dir.join(module).exists())
+                .then_some((number, *module, *enum_name))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return 0;
+        }
+        let Ok(base) = Btf::from_file(vmlinux) else {
+            return 0;
+        };
+        let mut added = 0;
+        for (number, module, enum_name) in wanted {
+            let Ok(btf) = Btf::from_split_file(dir.join(module), &base) else {
+                continue;
+            };
+            self.modules_read.insert(number);
+            let Ok(types) = btf.resolve_types_by_name(enum_name) else {
+                continue;
+            };
+            for t in types {
+                let Type::Enum(e) = t else { continue };
+                for m in &e.members {
+                    let Ok(name) = btf.resolve_name(m) else { continue };
+                    let v = m.val();
+                    // __OVS_DROP_REASON and OVS_DROP_MAX are markers.
+                    if v >> REASON_SUBSYS_SHIFT != number
+                        || name.starts_with("__")
+                        || name.ends_with("_MAX")
+                    {
+                        continue;
+                    }
+                    self.by_name.insert(name.clone(), v);
+                    self.by_value.insert(v, name);
+                    added += 1;
+                }
+            }
+        }
+        added
+    }
+
+    /// Name `reason` if it is a subsystem's whose module was loaded after
+    /// the last read: its module BTF is read again, once per unnamed number
+    /// (a flood of one unknown reason costs one read).
+    pub fn learn(&mut self, reason: u32, vmlinux: &Path) {
+        if reason >> REASON_SUBSYS_SHIFT == 0
+            || self.by_value.contains_key(&reason)
+            || !self.unnamed_tried.insert(reason)
+        {
+            return;
+        }
+        self.modules_read.remove(&(reason >> REASON_SUBSYS_SHIFT));
+        self.read_module_reasons(vmlinux);
     }
 
     /// Build from (value, enumerator name) pairs as the kernel spells them.
@@ -83,12 +205,27 @@ impl DropReasons {
         r
     }
 
-    /// The reason's name, or `REASON_<n>` for a number this kernel does not name.
+    /// The reason's name, or `REASON_<n>` (`<SUBSYSTEM>_REASON_<n>`) for a
+    /// number this kernel does not name.
     pub fn name(&self, value: u32) -> String {
-        self.by_value
-            .get(&value)
-            .cloned()
-            .unwrap_or_else(|| format!("REASON_{value}"))
+        if let Some(name) = self.by_value.get(&value) {
+            return name.clone();
+        }
+        let subsys = value >> REASON_SUBSYS_SHIFT;
+        match self.subsystems.get(&subsys) {
+            Some(s) if subsys != 0 => format!("{s}_REASON_{}", value & 0xFFFF),
+            _ => format!("REASON_{value}"),
+        }
+    }
+
+    /// The subsystems counted by a filter from [`DropReasons::parse_filter`]
+    /// (a subsystem counts as a whole once any of its reasons is in it).
+    pub fn subsystems_of(filter: &BTreeSet<u32>) -> BTreeSet<u32> {
+        filter
+            .iter()
+            .map(|v| v >> REASON_SUBSYS_SHIFT)
+            .filter(|s| *s != 0)
+            .collect()
     }
 
     pub fn value(&self, name: &str) -> Option<u32> {
@@ -209,6 +346,40 @@ mod tests {
             e.contains("NETFILTER_DROPP") && e.contains("NETFILTER_DROP,"),
             "{e}"
         );
+    }
+
+    fn with_ovs() -> DropReasons {
+        let mut r = sample();
+        r.add_subsystem(3, "OPENVSWITCH");
+        r
+    }
+
+    #[test]
+    fn subsystem_reasons_are_named_and_counted_per_subsystem() {
+        let r = with_ovs();
+        // Before the module's BTF is read: the subsystem names the number.
+        assert_eq!(r.name((3 << 16) | 1), "OPENVSWITCH_REASON_1");
+        assert_eq!(r.name((5 << 16) | 1), format!("REASON_{}", (5 << 16) | 1));
+        let set = r.parse_filter("default").unwrap();
+        assert_eq!(DropReasons::subsystems_of(&set), BTreeSet::from([3]));
+        let set = r.parse_filter("default,-OPENVSWITCH").unwrap();
+        assert!(DropReasons::subsystems_of(&set).is_empty());
+        assert_eq!(set, BTreeSet::from([12, 30]));
+        // A kernel without subsystems (before 6.4): default is the core set.
+        let set = sample().parse_filter("default").unwrap();
+        assert!(DropReasons::subsystems_of(&set).is_empty());
+    }
+
+    #[test]
+    fn module_reasons_without_their_module_stay_numbered() {
+        let mut r = with_ovs();
+        let dir = std::env::temp_dir().join(format!("netwatch-nobtf-{}", std::process::id()));
+        // No openvswitch file in `dir`: nothing read, nothing invented.
+        assert_eq!(
+            r.read_module_reasons_in(Path::new(super::super::offsets::VMLINUX_BTF), &dir),
+            0
+        );
+        assert_eq!(r.name((3 << 16) | 1), "OPENVSWITCH_REASON_1");
     }
 
     // The running kernel's own numbering, read from its BTF.
