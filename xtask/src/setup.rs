@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 /// benchmark (iperf3), diagnostics (bpftool), the alerting tests
 /// (prometheus, promtool), and the kernel matrix (`cargo xtask vmtest`: QEMU
 /// and its virtiofsd, busybox-static and cpio for the initramfs, kmod for
-/// module dependencies, the archive keyring that signs the kernel packages).
+/// module dependencies, the archive keyring that signs the kernel packages),
+/// and Open vSwitch for the lab's ovs datapath (run in the VMs).
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -26,6 +27,7 @@ pub const PACKAGES: &[&str] = &[
     "cpio",
     "kmod",
     "debian-archive-keyring",
+    "openvswitch-switch",
 ];
 
 /// Where bpf-linker finds libLLVM. Its path is baked into the binary as an

@@ -15,6 +15,7 @@
 
 pub mod enforce;
 pub mod manifests;
+pub mod ovs;
 pub mod probe;
 pub mod serve;
 pub mod services;
@@ -89,6 +90,9 @@ pub struct Lab {
     children: Vec<Child>,
     created_netns: Vec<String>,
     created_cgroups: Vec<PathBuf>,
+    datapath: Datapath,
+    /// Each node's Open vSwitch (ovs datapath), by node name.
+    switches: Vec<(String, ovs::OvsSwitch)>,
 }
 
 impl Lab {
@@ -117,6 +121,8 @@ impl Lab {
             children: Vec::new(),
             created_netns: Vec::new(),
             created_cgroups: Vec::new(),
+            datapath: spec.datapath,
+            switches: Vec::new(),
         };
         // On error, `lab` is dropped here and removes what was built so far.
         lab.build(spec)?;
@@ -127,9 +133,9 @@ impl Lab {
         if spec.nodes.is_empty() {
             return Err(LabError::Spec("a lab needs at least one node".into()));
         }
-        if spec.datapath != Datapath::Routed {
+        if !matches!(spec.datapath, Datapath::Routed | Datapath::Ovs) {
             return Err(LabError::Spec(format!(
-                "datapath {} is not built yet; the lab builds: routed",
+                "datapath {} is not built yet; the lab builds: routed, ovs",
                 spec.datapath
             )));
         }
@@ -207,6 +213,11 @@ impl Lab {
                 format!("link set {world_if} up"),
             ],
         )?;
+        if self.datapath == Datapath::Ovs {
+            let dir = std::env::temp_dir().join(format!("{NETNS_PREFIX}{}-{}-ovs", self.id, sanitize(&n.name)));
+            let switch = ovs::OvsSwitch::start(&netns, &dir)?;
+            self.switches.push((n.name.clone(), switch));
+        }
         let cgroup_root =
             self.cgroup_mount
                 .join(format!("{CGROUP_PREFIX}{}-{}", self.id, sanitize(&n.name)));
@@ -242,10 +253,12 @@ impl Lab {
                 sanitize(&p.namespace),
                 sanitize(&p.name)
             );
-            let host_if = format!(
-                "cali{}",
-                &format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())))[..11]
-            );
+            let hash = format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())));
+            let host_if = match self.datapath {
+                // Antrea's: the pod name's start and a hash.
+                Datapath::Ovs => format!("{}-{}", &sanitize(&p.name)[..p.name.len().min(8)], &hash[..6]),
+                _ => format!("cali{}", &hash[..11]),
+            };
             self.netns_add(&netns)?;
             run(
                 "ip",
@@ -281,8 +294,25 @@ impl Lab {
                 node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
                 node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
             }
-            ip_batch(&netns, &pod_cmds)?;
-            ip_batch(&node.netns, &node_cmds)?;
+            if let Some((_, switch)) = self.switches.iter_mut().find(|(n, _)| *n == node.name) {
+                if p.ipv6.is_some() {
+                    return Err(LabError::Spec(format!(
+                        "pod {}: the ovs datapath wires IPv4 pods only",
+                        p.id()
+                    )));
+                }
+                // No ARP crosses the bridge: the gateway's MAC is static.
+                pod_cmds.push(format!(
+                    "neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
+                    switch.gateway_mac()
+                ));
+                ip_batch(&netns, &pod_cmds)?;
+                let pod_mac = ovs::mac_of(&netns, "eth0")?;
+                switch.add_pod(&host_if, &ip, &pod_mac)?;
+            } else {
+                ip_batch(&netns, &pod_cmds)?;
+                ip_batch(&node.netns, &node_cmds)?;
+            }
             // The underlay knows which node each pod lives on.
             let mut world_cmds = vec![format!("route add {ip}/32 via {}", node.ip)];
             if let Some(v6) = p.ipv6 {
@@ -390,6 +420,15 @@ impl Lab {
             "world".into(),
             "on the world router".into(),
         )
+    }
+
+    /// Node `name`'s Open vSwitch (ovs datapath only).
+    pub fn switch(&mut self, name: &str) -> Result<&mut ovs::OvsSwitch, LabError> {
+        self.switches
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+            .ok_or_else(|| LabError::Spec(format!("node {name:?} has no Open vSwitch (datapath is {})", self.datapath)))
     }
 
     pub fn node(&self, name: &str) -> Result<&LabNode, LabError> {
@@ -583,6 +622,8 @@ impl Lab {
             let _ = c.wait();
         }
         self.children.clear();
+        // Open vSwitch's daemons and bridges before their namespaces.
+        self.switches.clear();
         for dir in self.created_cgroups.iter().rev() {
             remove_cgroup(dir);
         }
