@@ -527,6 +527,7 @@ mod tests {
     fn hub(buffer: usize, queue: usize) -> Arc<ObserveHub> {
         let config = ApiConfig {
             socket: None,
+            socket_group: None,
             tcp: None,
             buffer_records: buffer,
             client_queue: queue,

@@ -229,17 +229,18 @@ pub struct KubeSnapshots {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// [`KubeSnapshots`] taken apart: snapshots, readiness, kinds, tasks.
+pub(crate) type KubeParts = (
+    watch::Receiver<Arc<ClusterSnapshot>>,
+    watch::Receiver<bool>,
+    watch::Receiver<ApiStatus>,
+    Vec<JoinHandle<()>>,
+);
+
 impl KubeSnapshots {
     /// Takes the receivers and the tasks; the tasks then live as long as the
     /// returned handles are kept (dropping a `JoinHandle` does not stop it).
-    pub(crate) fn into_parts(
-        mut self,
-    ) -> (
-        watch::Receiver<Arc<ClusterSnapshot>>,
-        watch::Receiver<bool>,
-        watch::Receiver<ApiStatus>,
-        Vec<JoinHandle<()>>,
-    ) {
+    pub(crate) fn into_parts(mut self) -> KubeParts {
         let tasks = std::mem::take(&mut self.tasks);
         (
             self.snapshots.clone(),
@@ -1262,6 +1263,46 @@ mod tests {
             Event::Delete(named_pod("prod", "z", "")),
         );
         assert!(snapshot.pods.is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let delays: Vec<Duration> = (0..12).map(|_| b.delay()).collect();
+        // 0.5, 1, 2, 4, then 5 s steps; each delay between half and all of it.
+        for (d, step) in delays.iter().zip([0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]) {
+            let step = Duration::from_secs_f64(step);
+            assert!(*d >= step / 2 && *d <= step, "{d:?} for a {step:?} step");
+        }
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(5)));
+        b.reset();
+        assert!(b.delay() <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn stale_kinds_are_named_with_why() {
+        let mut status = ApiStatus::new();
+        status.insert("Pod".into(), KindState::Synced);
+        status.insert("AdminNetworkPolicy".into(), KindState::Absent);
+        assert_eq!(describe_stale(&status), None);
+        status.insert(
+            "NetworkPolicy".into(),
+            KindState::Forbidden {
+                message: "403 Forbidden: no".into(),
+            },
+        );
+        status.insert(
+            "Service".into(),
+            KindState::Failing {
+                since: std::time::Instant::now(),
+                error: "no answer within 30 s".into(),
+            },
+        );
+        let text = describe_stale(&status).unwrap();
+        assert_eq!(
+            text,
+            "NetworkPolicy: forbidden (403 Forbidden: no); Service: stale for 0 s (no answer within 30 s)"
+        );
     }
 
     #[test]
