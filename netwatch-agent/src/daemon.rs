@@ -52,8 +52,12 @@ pub enum IdentitySource {
     None,
     /// Standalone: manifest files, reloaded when they change.
     Manifests(Vec<PathBuf>),
-    /// The API server: in-cluster config, or this kubeconfig.
-    Kube { kubeconfig: Option<PathBuf> },
+    /// The API server: in-cluster config, or this kubeconfig; its timeouts
+    /// (the node name is filled in from [`DaemonConfig::node_name`]).
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        watch: KubeWatchConfig,
+    },
 }
 
 /// Everything the daemon needs to run.
@@ -98,13 +102,13 @@ async fn start_identity(
     let source = match source {
         IdentitySource::None => return Ok(None),
         IdentitySource::Manifests(paths) => SnapshotSource::manifests(paths.clone()),
-        IdentitySource::Kube { kubeconfig } => {
+        IdentitySource::Kube { kubeconfig, watch } => {
             let client = crate::identity::kube::client(kubeconfig.as_deref()).await?;
             SnapshotSource::kube(
                 client,
                 KubeWatchConfig {
                     node_name: Some(node_name.to_string()),
-                    ..KubeWatchConfig::default()
+                    ..watch.clone()
                 },
             )
         }
@@ -347,6 +351,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                         interfaces = ?config.interfaces,
                         "no interface matches --interfaces: no pod traffic is classified (handshakes, refusals); check the CNI's interface names (ip link)"
                     );
+                }
+                // Each API kind's state: /readyz, the stale and forbidden
+                // gauges (a failing kind's age grows, so every tick).
+                if let Some(status) = feed.as_ref().and_then(|f| f.api_status.as_ref()) {
+                    outputs.api_status(&status.borrow());
                 }
                 if last_expire.elapsed() > Duration::from_secs(5) {
                     attribution.expire(now);

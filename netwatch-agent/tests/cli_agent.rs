@@ -44,11 +44,41 @@ fn bad_capture_values_are_named_before_privileges_are_needed() {
             &["--connect-timeout", "0"][..],
             "--connect-timeout 0: must be a positive number",
         ),
+        (
+            &["--api-timeout", "0"][..],
+            "--api-timeout 0: must be a positive number",
+        ),
+        (
+            &["--api-socket-group", "no-such-group-netwatch"][..],
+            "--api-socket-group \"no-such-group-netwatch\": no such group",
+        ),
     ] {
         let o = agent(args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         let e = stderr(&o);
         assert!(e.contains(want), "{args:?}: {e}");
+        assert!(!e.contains("CAP_BPF"), "not a capability problem: {e}");
+    }
+}
+
+/// The observe API has no authentication: any address but loopback is
+/// refused, with one line that says why, before privileges come into it.
+#[test]
+fn the_tcp_observe_api_refuses_every_address_but_loopback() {
+    for addr in [
+        "0.0.0.0:4245",
+        "[::]:4245",
+        "10.0.0.1:4245",
+        "192.168.1.10:0",
+    ] {
+        let o = agent(&["--api-addr", addr]);
+        assert_eq!(o.status.code(), Some(1), "{addr}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+        assert!(
+            e.contains(&format!("--api-addr {addr}")) && e.contains("only loopback"),
+            "{addr}: {e}"
+        );
         assert!(!e.contains("CAP_BPF"), "not a capability problem: {e}");
     }
 }

@@ -1,7 +1,8 @@
 //! The API-server source against a mock API, the kube-rs way: a tower-test
 //! service answers the watchers' list and watch requests with JSON, including
-//! a failed list (403) and a watch that expires (410 Gone), and the test
-//! checks the snapshots that come out.
+//! a refused list (403) and a watch that expires (410 Gone), and the test
+//! checks the snapshots that come out. The same faults and more, over real
+//! HTTP against the agent process, are in xtask/tests/api_faults.rs.
 
 use std::{
     collections::HashMap,
@@ -14,7 +15,10 @@ use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use netwatch::{
     cluster::ClusterSnapshot,
-    identity::{IdentityCache, IdentityConfig, IpResolution, KubeWatchConfig, kube::watch_cluster},
+    identity::{
+        IdentityCache, IdentityConfig, IpResolution, KindState, KubeWatchConfig,
+        kube::{describe_stale, watch_cluster},
+    },
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -233,7 +237,7 @@ fn pod_names(snapshot: &ClusterSnapshot) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn watchers_list_watch_relist_after_410_and_recover_from_403() {
+async fn watchers_list_watch_relist_after_410_and_a_forbidden_kind_holds_nothing_back() {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let api = Arc::new(Mutex::new(MockApi {
@@ -252,20 +256,34 @@ async fn watchers_list_watch_relist_after_410_and_recover_from_403() {
         KubeWatchConfig {
             node_name: Some("node-a".into()),
             debounce: Duration::from_millis(50),
+            ..KubeWatchConfig::default()
         },
     );
     let mut snapshots = feed.snapshots.clone();
     let mut ready = feed.ready.clone();
 
-    // Every kind is listed once, CronJobs after a 403 and a backoff.
+    // Every kind is listed once; CronJobs are refused (403) and must not
+    // hold the others back: the kind counts as listed, empty, and is named
+    // as forbidden.
     tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r))
         .await
         .expect("ready within 30 s")
         .unwrap();
     assert_eq!(
         api.lock().unwrap().lists.get("/apis/batch/v1/cronjobs"),
-        Some(&2)
+        Some(&1)
     );
+    let mut kinds = feed.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        kinds.wait_for(|s| matches!(s.get("CronJob"), Some(KindState::Forbidden { .. }))),
+    )
+    .await
+    .expect("CronJob named forbidden")
+    .unwrap();
+    let stale = describe_stale(&kinds.borrow()).expect("a forbidden kind is not current");
+    assert!(stale.contains("CronJob: forbidden"), "{stale}");
+    assert!(!stale.contains("Pod"), "{stale}");
 
     let first = snapshot_where(&mut snapshots, "alpha", |s| pod_names(s) == ["alpha"]).await;
     assert_eq!(first.namespaces.len(), 1);

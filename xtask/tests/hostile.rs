@@ -255,3 +255,47 @@ fn inside_a_private_cgroup_namespace_the_guessed_cgroup_root_is_flagged() {
         "{stderr}"
     );
 }
+
+/// What the agent exposes: the observe socket is the owner's and the
+/// configured group's only, and the metrics server answers nothing but
+/// GET on its three paths.
+#[test]
+fn the_observe_socket_is_group_only_and_the_endpoints_serve_only_their_paths() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let lab = lab(LAB);
+    let agent = Agent::start(
+        &lab,
+        "node-1",
+        2,
+        &[
+            "--api-socket-group",
+            "65534",
+            "--metrics-addr",
+            "127.0.0.1:9965",
+        ],
+    );
+    let socket = agent.flow_log.with_file_name("api.sock");
+    let meta = std::fs::metadata(&socket).expect("the observe socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660, "{socket:?}");
+    assert_eq!(meta.gid(), 65534, "{socket:?}");
+    assert_eq!(meta.uid(), 0, "{socket:?}");
+
+    let get = |path: &str| {
+        support::node_http_get(&lab, "node-1", &format!("http://127.0.0.1:9965{path}"))
+    };
+    assert!(get("/metrics").contains("netwatch_build_info"));
+    assert!(get("/healthz").starts_with("ok"));
+    for path in [
+        "/",
+        "/metrics/",
+        "/metricsx",
+        "/debug/pprof",
+        "/../etc/passwd",
+        "/readyz/../metrics",
+        "//metrics",
+    ] {
+        let body = get(path);
+        assert!(body.starts_with("not found"), "{path}: {body}");
+        assert!(!body.contains("netwatch_"), "{path}: {body}");
+    }
+}

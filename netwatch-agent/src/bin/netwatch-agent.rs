@@ -14,6 +14,7 @@ use netwatch::{
     },
     daemon::{self, DaemonConfig, IdentitySource},
     export::{ExportConfig, filter::FlowFilter, flowlog::FlowLogTarget},
+    identity::KubeWatchConfig,
     logging::LogFormat,
     policy::EngineOptions,
 };
@@ -114,6 +115,18 @@ struct Args {
     #[arg(long, env = "KUBECONFIG", value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
 
+    /// Seconds a Kubernetes API list, or the answer to a watch request, may
+    /// take before it is given up and retried (a connection that silently
+    /// stops answering is not waited on).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    api_timeout: f64,
+
+    /// Seconds a watch may bring nothing, not even a bookmark (the API
+    /// server sends one about every minute), before it is taken for dead and
+    /// re-opened.
+    #[arg(long, default_value_t = 75.0, value_name = "SECS")]
+    api_idle_timeout: f64,
+
     /// Seconds a flow waits for the first complete view of the cluster before
     /// it goes out unenriched (marked `unenriched`, and counted).
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
@@ -160,8 +173,16 @@ fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // kube's client logs an ERROR per failed request, without the kind;
+    // the agent logs each kind's failure once, and its recovery. A filter
+    // that names kube itself is taken as is.
+    let filter = if args.log.contains("kube") {
+        args.log.clone()
+    } else {
+        format!("{},kube_client=off,kube_runtime=off", args.log)
+    };
     netwatch::logging::init(
-        tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
         args.log_format,
         true,
     );
@@ -209,10 +230,19 @@ fn validate(args: &Args) -> anyhow::Result<()> {
         ("update-interval", args.update_interval),
         ("idle-timeout", args.idle_timeout),
         ("identity-wait", args.identity_wait),
+        ("api-timeout", args.api_timeout),
+        ("api-idle-timeout", args.api_idle_timeout),
     ] {
         if !(v.is_finite() && v > 0.0) {
             anyhow::bail!("--{flag} {v}: must be a positive number of seconds");
         }
+    }
+    // The observe API has no authentication: loopback only, refused before
+    // anything needs privileges.
+    if let Some(addr) = args.export.api_addr().filter(|a| !a.ip().is_loopback()) {
+        anyhow::bail!(
+            "--api-addr {addr}: only loopback addresses (127.0.0.1, [::1]) are allowed; the observe API has no authentication"
+        );
     }
     // Reason names are the running kernel's: its BTF is world-readable, so
     // `--drop-reasons` and the flow log filters' `reason=` are checked here.
@@ -261,6 +291,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else if args.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         IdentitySource::Kube {
             kubeconfig: args.kubeconfig,
+            watch: KubeWatchConfig {
+                request_timeout: secs(args.api_timeout, "api-timeout")?,
+                idle_timeout: secs(args.api_idle_timeout, "api-idle-timeout")?,
+                ..KubeWatchConfig::default()
+            },
         }
     } else {
         IdentitySource::None
@@ -409,6 +444,11 @@ mod export_flags {
         #[arg(long, default_value = netwatch::export::server::DEFAULT_SOCKET, value_name = "PATH|none")]
         api_socket: String,
 
+        /// The observe API socket's group, by name or number: its members may
+        /// read flows (the socket is mode 0660) [default: the agent's own].
+        #[arg(long, value_name = "GROUP")]
+        api_socket_group: Option<String>,
+
         /// Also serve the observe API on TCP, loopback only (e.g. 127.0.0.1:4245;
         /// port 0 picks a free port).
         #[arg(long, value_name = "ADDR")]
@@ -428,6 +468,23 @@ mod export_flags {
         kubernetes_events_interval: f64,
     }
 
+    /// A group's id from its name or number.
+    fn group_id(group: &str) -> anyhow::Result<u32> {
+        if let Ok(gid) = group.parse() {
+            return Ok(gid);
+        }
+        let name = std::ffi::CString::new(group)
+            .map_err(|_| anyhow::anyhow!("--api-socket-group {group:?}: not a group name"))?;
+        // SAFETY: called once at start, before any other thread looks groups
+        // up; the result is copied out at once.
+        let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+        if entry.is_null() {
+            anyhow::bail!("--api-socket-group {group:?}: no such group on this host");
+        }
+        // SAFETY: non-null, returned by getgrnam just above.
+        Ok(unsafe { (*entry).gr_gid })
+    }
+
     impl ExportArgs {
         pub fn flow_log_allow(&self) -> &[String] {
             &self.flow_log_allow
@@ -435,6 +492,10 @@ mod export_flags {
 
         pub fn flow_log_deny(&self) -> &[String] {
             &self.flow_log_deny
+        }
+
+        pub fn api_addr(&self) -> Option<SocketAddr> {
+            self.api_addr
         }
 
         pub fn config(
@@ -485,6 +546,7 @@ mod export_flags {
                 },
                 api: ApiConfig {
                     socket: (self.api_socket != "none").then(|| PathBuf::from(&self.api_socket)),
+                    socket_group: self.api_socket_group.as_deref().map(group_id).transpose()?,
                     tcp: self.api_addr,
                     buffer_records: self.observe_buffer.max(1),
                     ..ApiConfig::default()

@@ -228,6 +228,10 @@ pub struct MetricsRegistry {
     unenriched: IntCounter,
     attached: IntGauge,
     ready_gauge: IntGauge,
+    /// 1 for each API kind whose view is not current.
+    identity_stale: IntGaugeVec,
+    /// 1 for each API kind the API server forbids.
+    api_forbidden: IntGaugeVec,
     hook_info: IntGaugeVec,
     evicted_flows: IntCounter,
     series_overflow: IntCounter,
@@ -324,6 +328,8 @@ pub struct Health {
     /// What capture is missing (hooks off on this kernel), when anything.
     partial: std::sync::Mutex<Option<String>>,
     enrichment_ready: AtomicBool,
+    /// Which API kinds are not current, and why (`None`: all are).
+    identity_stale: std::sync::Mutex<Option<String>>,
     /// Last main-loop tick, seconds since the epoch.
     last_tick: AtomicU64,
     /// The main loop is considered stuck after this long without a tick.
@@ -336,14 +342,30 @@ impl Health {
             capturing: AtomicBool::new(false),
             partial: std::sync::Mutex::new(None),
             enrichment_ready: AtomicBool::new(false),
+            identity_stale: std::sync::Mutex::new(None),
             last_tick: AtomicU64::new(now_secs()),
             stall_after: Duration::from_secs(30),
         }
     }
 
-    /// Ready: capturing, and identity synced when the agent waits for it.
+    /// Ready: capturing, identity synced when the agent waits for it, and
+    /// every API kind current (not stale, not forbidden).
     pub fn ready(&self) -> bool {
-        self.capturing.load(Ordering::Relaxed) && self.enrichment_ready.load(Ordering::Relaxed)
+        self.capturing.load(Ordering::Relaxed)
+            && self.enrichment_ready.load(Ordering::Relaxed)
+            && self.identity_stale().is_none()
+    }
+
+    /// Say which API kinds are not current; `/readyz` is not ready while
+    /// any is, and names them.
+    pub fn set_identity_stale(&self, why: Option<String>) {
+        if let Ok(mut s) = self.identity_stale.lock() {
+            *s = why;
+        }
+    }
+
+    fn identity_stale(&self) -> Option<String> {
+        self.identity_stale.lock().ok().and_then(|s| s.clone())
     }
 
     pub fn set_capturing(&self, v: bool) {
@@ -471,6 +493,22 @@ impl MetricsRegistry {
             "netwatch_ready",
             "1 when the agent is capturing and, if configured, identity is synced.",
         )?;
+        let identity_stale = IntGaugeVec::new(
+            Opts::new(
+                "netwatch_identity_stale",
+                "1 for each Kubernetes kind whose view is not current (not listed yet, its watch failing, or forbidden): flows are named from the last known state.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(identity_stale.clone()))?;
+        let api_forbidden = IntGaugeVec::new(
+            Opts::new(
+                "netwatch_api_forbidden",
+                "1 for each Kubernetes kind the API server forbids the agent to list or watch (RBAC).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(api_forbidden.clone()))?;
         let evicted_flows = counter(
             "netwatch_evicted_flows_total",
             "Flows finalised early because the agent's flow table was full.",
@@ -556,6 +594,8 @@ impl MetricsRegistry {
             hook_info,
             attached,
             ready_gauge,
+            identity_stale,
+            api_forbidden,
             evicted_flows,
             series_overflow,
             observer_dropped,
@@ -572,6 +612,22 @@ impl MetricsRegistry {
             last_evicted: 0,
             health: Arc::new(Health::new()),
         })
+    }
+
+    /// The API source's kinds: the stale and forbidden gauges, and what
+    /// `/readyz` says is stale.
+    pub fn api_status(&self, status: &crate::identity::ApiStatus) {
+        use crate::identity::KindState;
+        for (kind, state) in status {
+            self.identity_stale
+                .with_label_values(&[kind.as_str()])
+                .set(i64::from(!state.is_current()));
+            self.api_forbidden
+                .with_label_values(&[kind.as_str()])
+                .set(i64::from(matches!(state, KindState::Forbidden { .. })));
+        }
+        self.health
+            .set_identity_stale(crate::identity::kube::describe_stale(status));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -882,7 +938,17 @@ pub async fn serve(
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         refresh();
-                        let resp = respond(req.uri().path(), &registry, &health);
+                        // Read-only endpoints: nothing but GET (and HEAD).
+                        let resp =
+                            if matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD) {
+                                respond(req.uri().path(), &registry, &health)
+                            } else {
+                                text(
+                                    StatusCode::METHOD_NOT_ALLOWED,
+                                    "text/plain",
+                                    "only GET is served here\n",
+                                )
+                            };
                         async move { Ok::<_, Infallible>(resp) }
                     });
                 let io = hyper_util::rt::TokioIo::new(stream);
@@ -948,11 +1014,19 @@ fn respond(path: &str, registry: &Registry, health: &Health) -> Response<Full<By
                     "text/plain",
                     "not ready: capture is not running yet\n",
                 )
+            } else if let Some(stale) = health.identity_stale() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: identity is stale or incomplete (capture goes on): {stale}\n"
+                    ),
+                )
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "not ready: waiting for identity (pods, namespaces) to sync\n",
+                    "not ready: waiting for identity to sync\n",
                 )
             }
         }
@@ -1431,7 +1505,11 @@ mod tests {
         assert_eq!(respond("/readyz", &reg, &h).status(), StatusCode::OK);
         h.set_partial(Some("sock_ops off: no cgroup v2 root given".into()));
         let r = respond("/readyz", &reg, &h);
-        assert_eq!(r.status(), StatusCode::OK, "a hook off does not hold readiness back");
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "a hook off does not hold readiness back"
+        );
         let body = futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
             .unwrap()
             .to_bytes();

@@ -214,6 +214,13 @@ impl Exporters {
         self.metrics.health.set_enrichment_ready(ready);
     }
 
+    /// The API source's kinds: `netwatch_identity_stale{kind}`,
+    /// `netwatch_api_forbidden{kind}`, and `/readyz` (not ready while any
+    /// kind is stale, forbidden or not listed yet, naming each).
+    pub fn api_status(&mut self, status: &crate::identity::ApiStatus) {
+        self.metrics.api_status(status);
+    }
+
     /// A pod was deleted: metric series naming it go after the grace period.
     pub fn pod_deleted(&mut self, namespace: &str, pod: &str) {
         self.metrics.pod_deleted(namespace, pod);

@@ -82,6 +82,9 @@ pub enum ServerError {
 pub struct ApiConfig {
     /// Unix socket path (`None`: no socket).
     pub socket: Option<PathBuf>,
+    /// The socket's group (gid): its members may read flows. `None` keeps
+    /// the agent's own group (root's, in a cluster).
+    pub socket_group: Option<u32>,
     /// TCP address on loopback (opt-in).
     pub tcp: Option<SocketAddr>,
     /// Recent records kept for `--last` and `--since`.
@@ -94,6 +97,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             socket: Some(PathBuf::from(DEFAULT_SOCKET)),
+            socket_group: None,
             tcp: None,
             buffer_records: 4096,
             client_queue: 1024,
@@ -312,7 +316,7 @@ impl ObserveServer {
             tasks: Vec::new(),
         };
         if let Some(path) = &config.socket {
-            match bind_unix(path).await {
+            match bind_unix(path, config.socket_group).await {
                 Ok(listener) => {
                     server.socket = Some(path.clone());
                     tracing::info!(socket = %path.display(), "observe API listening on {}", path.display());
@@ -396,7 +400,10 @@ async fn accept_loop<L: Listener>(listener: L, hub: Arc<ObserveHub>) {
     }
 }
 
-async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServerError> {
+async fn bind_unix(
+    path: &Path,
+    group: Option<u32>,
+) -> Result<tokio::net::UnixListener, ServerError> {
     let err = |source| ServerError::Socket {
         path: path.display().to_string(),
         source,
@@ -414,9 +421,21 @@ async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServerError>
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    // Flows name pods and addresses: root and the socket's group only.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    // Flows name pods and addresses: the owner and the socket's group only.
+    // Bound under a temporary name, restricted, then renamed into place, so
+    // that nobody can connect while the socket still has the umask's mode.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.new", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging).map_err(err)?;
+    let restricted = std::os::unix::fs::chown(&staging, None, group)
+        .and_then(|()| std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660)))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = restricted {
+        let _ = std::fs::remove_file(&staging);
+        return Err(err(e));
+    }
     Ok(listener)
 }
 
@@ -508,6 +527,7 @@ mod tests {
     fn hub(buffer: usize, queue: usize) -> Arc<ObserveHub> {
         let config = ApiConfig {
             socket: None,
+            socket_group: None,
             tcp: None,
             buffer_records: buffer,
             client_queue: queue,
@@ -702,8 +722,14 @@ mod tests {
         let server = ObserveServer::start(&config, h.clone()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
+        assert!(
+            std::fs::read_dir(path.parent().unwrap())
+                .unwrap()
+                .all(|e| e.unwrap().file_name() == "netwatch.sock"),
+            "no staging name is left behind"
+        );
         // A second agent on the same socket runs without it.
-        let err = bind_unix(&path).await.err().unwrap().to_string();
+        let err = bind_unix(&path, None).await.err().unwrap().to_string();
         assert!(err.contains("in use"), "{err}");
         let second = ObserveServer::start(&config, h.clone()).await.unwrap();
         assert!(second.socket().is_none());
@@ -718,6 +744,27 @@ mod tests {
         assert_eq!(lines[1]["flow"]["uuid"], "a");
         drop(server);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn the_socket_belongs_to_the_configured_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netwatch.sock");
+        // A group this process may give files to: its own supplementary or
+        // primary one unless it is root, who may give any.
+        // SAFETY: plain getters.
+        let (uid, own_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let gid = if uid == 0 { 65534 } else { own_gid };
+        let config = ApiConfig {
+            socket: Some(path.clone()),
+            socket_group: Some(gid),
+            ..ApiConfig::default()
+        };
+        let _server = ObserveServer::start(&config, hub(10, 8)).await.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.gid(), gid);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     }
 
     #[tokio::test]

@@ -51,11 +51,9 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Config, Resource,
+    api::{ListParams, VersionMatch, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt,
-        watcher::{self, Event, watcher},
-    },
+    runtime::watcher::Event,
 };
 use serde::de::DeserializeOwned;
 use tokio::{
@@ -89,10 +87,19 @@ pub enum KubeSourceError {
     Client(#[source] kube::Error),
 }
 
+/// The User-Agent of every request: the API server's audit log and its
+/// priority and fairness rules can name netwatch.
+pub const USER_AGENT: &str = concat!("netwatch-agent/", env!("CARGO_PKG_VERSION"));
+
+/// How long a TCP connection to the API server may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A client from `kubeconfig` when given, else inferred (`$KUBECONFIG`,
-/// `~/.kube/config`, or the pod's service account in cluster).
+/// `~/.kube/config`, or the pod's service account in cluster), with
+/// netwatch's User-Agent and a connect timeout. Requests and watch streams
+/// get their own timeouts from [`KubeWatchConfig`].
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let to_error = |source| KubeSourceError::Kubeconfig {
                 path: path.display().to_string(),
@@ -105,6 +112,11 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
         }
         None => Config::infer().await.map_err(KubeSourceError::Infer)?,
     };
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     Client::try_from(config).map_err(KubeSourceError::Client)
 }
 
@@ -117,6 +129,22 @@ pub struct KubeWatchConfig {
     pub node_name: Option<String>,
     /// How long to gather changes before publishing a snapshot.
     pub debounce: Duration,
+    /// A list, or a watch request's answer (its headers), that takes longer
+    /// than this is given up and retried: a connection that silently stops
+    /// answering is not waited on for ever.
+    pub request_timeout: Duration,
+    /// A watch stream that brings nothing, not even a bookmark, for this long
+    /// is taken for dead and re-opened from the last resourceVersion. The
+    /// API server sends a bookmark about once a minute to watchers that ask
+    /// for them, so a live quiet watch is not cut by the default.
+    pub idle_timeout: Duration,
+    /// `timeoutSeconds` of each watch request: the API server ends the watch
+    /// after this long and the watcher re-opens it, cheaply, from its last
+    /// resourceVersion.
+    pub watch_timeout: Duration,
+    /// Retries after a failure back off exponentially from 0.5 s up to this
+    /// (with jitter), so a kind is back within this long of the API server.
+    pub backoff_max: Duration,
 }
 
 impl Default for KubeWatchConfig {
@@ -124,34 +152,102 @@ impl Default for KubeWatchConfig {
         KubeWatchConfig {
             node_name: None,
             debounce: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            watch_timeout: Duration::from_secs(290),
+            backoff_max: Duration::from_secs(5),
         }
     }
 }
 
+/// Retries of a kind the API forbids (403) or does not have (404, a CRD
+/// not installed): these change only when someone fixes RBAC or installs
+/// the CRD, so they are not worth a request every few seconds per node.
+const SLOW_RETRY: Duration = Duration::from_secs(60);
+
+/// Where one kind's view stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KindState {
+    /// Not listed yet.
+    Listing,
+    /// Listed, and the watch is open: current.
+    Synced,
+    /// A CRD this cluster does not have: counts as listed and empty.
+    Absent,
+    /// The API refuses this kind (RBAC): its objects are unknown.
+    Forbidden { message: String },
+    /// The API cannot be reached or fails; the last known state is kept.
+    Failing {
+        since: std::time::Instant,
+        error: String,
+    },
+}
+
+impl KindState {
+    /// Whether the kind's view is current.
+    pub fn is_current(&self) -> bool {
+        matches!(self, KindState::Synced | KindState::Absent)
+    }
+}
+
+/// Every kind's state, by kind name (`Pod`, `NetworkPolicy`, ...).
+pub type ApiStatus = std::collections::BTreeMap<String, KindState>;
+
+/// What is wrong with the API source, for `/readyz`: `None` when every
+/// kind is current, else each kind that is not and why.
+pub fn describe_stale(status: &ApiStatus) -> Option<String> {
+    let now = std::time::Instant::now();
+    let stale: Vec<String> = status
+        .iter()
+        .filter(|(_, state)| !state.is_current())
+        .map(|(kind, state)| match state {
+            KindState::Listing => format!("{kind}: not listed yet"),
+            KindState::Forbidden { message } => format!("{kind}: forbidden ({message})"),
+            KindState::Failing { since, error } => format!(
+                "{kind}: stale for {} s ({error})",
+                now.saturating_duration_since(*since).as_secs()
+            ),
+            KindState::Synced | KindState::Absent => String::new(),
+        })
+        .collect();
+    (!stale.is_empty()).then(|| stale.join("; "))
+}
+
 /// The running watchers: the latest snapshot, whether every kind has been
-/// listed once, and the tasks (stopped when this is dropped).
+/// listed once, each kind's state, and the tasks (stopped when this is
+/// dropped).
 #[derive(Debug)]
 pub struct KubeSnapshots {
     /// The latest snapshot; starts empty, updated at most once per debounce
     /// interval while the cluster changes.
     pub snapshots: watch::Receiver<Arc<ClusterSnapshot>>,
-    /// `true` once every kind's initial list is done.
+    /// `true` once every kind's initial list is done (or the kind is
+    /// forbidden or not installed).
     pub ready: watch::Receiver<bool>,
+    /// Each kind's state, updated as watches fail and recover.
+    pub status: watch::Receiver<ApiStatus>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// [`KubeSnapshots`] taken apart: snapshots, readiness, kinds, tasks.
+pub(crate) type KubeParts = (
+    watch::Receiver<Arc<ClusterSnapshot>>,
+    watch::Receiver<bool>,
+    watch::Receiver<ApiStatus>,
+    Vec<JoinHandle<()>>,
+);
 
 impl KubeSnapshots {
     /// Takes the receivers and the tasks; the tasks then live as long as the
     /// returned handles are kept (dropping a `JoinHandle` does not stop it).
-    pub(crate) fn into_parts(
-        mut self,
-    ) -> (
-        watch::Receiver<Arc<ClusterSnapshot>>,
-        watch::Receiver<bool>,
-        Vec<JoinHandle<()>>,
-    ) {
+    pub(crate) fn into_parts(mut self) -> KubeParts {
         let tasks = std::mem::take(&mut self.tasks);
-        (self.snapshots.clone(), self.ready.clone(), tasks)
+        (
+            self.snapshots.clone(),
+            self.ready.clone(),
+            self.status.clone(),
+            tasks,
+        )
     }
 }
 
@@ -350,25 +446,29 @@ fn apply_event<'s, K: SnapshotKind>(
 /// a snapshot still held when the next batch arrives is copied once.
 pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let (status_tx, status) = watch::channel(ApiStatus::new());
+    let ctx = WatchContext {
+        events: events_tx,
+        status: Arc::new(status_tx),
+        config: Arc::new(config.clone()),
+    };
     let node = config.node_name.clone();
     let mut tasks = vec![
-        watch_kind(client.clone(), events_tx.clone(), |ns: &mut Namespace| {
+        watch_kind(client.clone(), &ctx, |ns: &mut Namespace| {
             strip_meta(&mut ns.metadata);
             ns.spec = None;
             ns.status = None;
         }),
-        watch_kind(client.clone(), events_tx.clone(), move |pod: &mut Pod| {
+        watch_kind(client.clone(), &ctx, move |pod: &mut Pod| {
             strip_pod(pod, node.as_deref())
         }),
-        watch_kind(
-            client.clone(),
-            events_tx.clone(),
-            |np: &mut NetworkPolicy| strip_meta(&mut np.metadata),
-        ),
-        watch_kind(client.clone(), events_tx.clone(), strip_service),
-        watch_kind(client.clone(), events_tx.clone(), strip_endpoint_slice),
-        watch_kind(client.clone(), events_tx.clone(), strip_node),
-        watch_kind(client.clone(), events_tx.clone(), |d: &mut Deployment| {
+        watch_kind(client.clone(), &ctx, |np: &mut NetworkPolicy| {
+            strip_meta(&mut np.metadata)
+        }),
+        watch_kind(client.clone(), &ctx, strip_service),
+        watch_kind(client.clone(), &ctx, strip_endpoint_slice),
+        watch_kind(client.clone(), &ctx, strip_node),
+        watch_kind(client.clone(), &ctx, |d: &mut Deployment| {
             strip_meta(&mut d.metadata);
             d.spec = d.spec.take().map(|s| DeploymentSpec {
                 selector: s.selector,
@@ -376,7 +476,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             });
             d.status = None;
         }),
-        watch_kind(client.clone(), events_tx.clone(), |r: &mut ReplicaSet| {
+        watch_kind(client.clone(), &ctx, |r: &mut ReplicaSet| {
             strip_meta(&mut r.metadata);
             r.spec = r.spec.take().map(|s| ReplicaSetSpec {
                 selector: s.selector,
@@ -384,7 +484,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             });
             r.status = None;
         }),
-        watch_kind(client.clone(), events_tx.clone(), |s: &mut StatefulSet| {
+        watch_kind(client.clone(), &ctx, |s: &mut StatefulSet| {
             strip_meta(&mut s.metadata);
             s.spec = s.spec.take().map(|s| StatefulSetSpec {
                 selector: s.selector,
@@ -393,7 +493,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             });
             s.status = None;
         }),
-        watch_kind(client.clone(), events_tx.clone(), |d: &mut DaemonSet| {
+        watch_kind(client.clone(), &ctx, |d: &mut DaemonSet| {
             strip_meta(&mut d.metadata);
             d.spec = d.spec.take().map(|s| DaemonSetSpec {
                 selector: s.selector,
@@ -401,7 +501,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             });
             d.status = None;
         }),
-        watch_kind(client.clone(), events_tx.clone(), |j: &mut Job| {
+        watch_kind(client.clone(), &ctx, |j: &mut Job| {
             strip_meta(&mut j.metadata);
             j.spec = j.spec.take().map(|s| JobSpec {
                 selector: s.selector,
@@ -409,7 +509,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             });
             j.status = None;
         }),
-        watch_kind(client.clone(), events_tx.clone(), |c: &mut CronJob| {
+        watch_kind(client.clone(), &ctx, |c: &mut CronJob| {
             strip_meta(&mut c.metadata);
             c.spec = c.spec.take().map(|s| CronJobSpec {
                 schedule: s.schedule,
@@ -418,23 +518,15 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             c.status = None;
         }),
         // The cluster policies are CRDs a cluster may not have installed.
-        watch_optional_kind(
-            client.clone(),
-            events_tx.clone(),
-            |p: &mut ClusterNetworkPolicy| {
-                strip_meta(&mut p.metadata);
-                p.status = None;
-            },
-        ),
-        watch_optional_kind(
-            client.clone(),
-            events_tx.clone(),
-            |p: &mut AdminNetworkPolicy| {
-                strip_meta(&mut p.metadata);
-                p.status = None;
-            },
-        ),
-        watch_optional_kind(client, events_tx, |p: &mut BaselineAdminNetworkPolicy| {
+        watch_optional_kind(client.clone(), &ctx, |p: &mut ClusterNetworkPolicy| {
+            strip_meta(&mut p.metadata);
+            p.status = None;
+        }),
+        watch_optional_kind(client.clone(), &ctx, |p: &mut AdminNetworkPolicy| {
+            strip_meta(&mut p.metadata);
+            p.status = None;
+        }),
+        watch_optional_kind(client, &ctx, |p: &mut BaselineAdminNetworkPolicy| {
             strip_meta(&mut p.metadata);
             p.status = None;
         }),
@@ -452,6 +544,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
     KubeSnapshots {
         snapshots,
         ready,
+        status,
         tasks,
     }
 }
@@ -498,130 +591,440 @@ async fn publish_snapshots(
     }
 }
 
+/// What every kind's watcher shares: where events go, where each kind's
+/// state is published, and the timeouts.
+struct WatchContext {
+    events: mpsc::Sender<ObjectEvent>,
+    status: Arc<watch::Sender<ApiStatus>>,
+    config: Arc<KubeWatchConfig>,
+}
+
 /// Runs one kind's watcher, sending its events to the publishing task and
-/// logging each kind of error once until the watch recovers.
+/// logging each failure once until the watch recovers.
 fn watch_kind<K: SnapshotKind>(
     client: Client,
-    events: mpsc::Sender<ObjectEvent>,
+    ctx: &WatchContext,
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> JoinHandle<()> {
-    watch_kind_with(client, events, strip, false)
+    watch_kind_with(client, ctx, strip, false)
 }
 
 /// Like [`watch_kind`], for a kind defined by a CRD the cluster may not
 /// have: while the API answers 404 the kind counts as listed and empty (so
 /// readiness does not wait for it), logged once; the watcher keeps trying
-/// with backoff and picks the kind up once the CRD is installed.
+/// now and then and picks the kind up once the CRD is installed.
 fn watch_optional_kind<K: SnapshotKind>(
     client: Client,
-    events: mpsc::Sender<ObjectEvent>,
+    ctx: &WatchContext,
     strip: impl FnMut(&mut K) + Send + 'static,
 ) -> JoinHandle<()> {
-    watch_kind_with(client, events, strip, true)
+    watch_kind_with(client, ctx, strip, true)
 }
 
 fn watch_kind_with<K: SnapshotKind>(
     client: Client,
-    events: mpsc::Sender<ObjectEvent>,
+    ctx: &WatchContext,
     strip: impl FnMut(&mut K) + Send + 'static,
     optional: bool,
 ) -> JoinHandle<()> {
     let kind = K::kind(&()).into_owned();
-    let api: Api<K> = Api::all(client);
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(strip);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut failing: HashSet<String> = HashSet::new();
-        let mut absent = false;
-        while let Some(event) = stream.next().await {
-            match event {
-                Err(error) if optional && not_found(&error) => {
-                    if !absent {
-                        absent = true;
-                        tracing::info!(
-                            kind = %kind,
-                            "Kubernetes API: this kind is not installed (no CRD); its policies are absent until it is"
-                        );
-                        // Listed, and empty.
-                        for event in [Event::Init, Event::InitDone] {
-                            if events.send(K::wrap(event)).await.is_err() {
-                                return;
-                            }
+    ctx.status.send_modify(|s| {
+        s.insert(kind.clone(), KindState::Listing);
+    });
+    let watcher = KindWatcher {
+        api: Api::all(client),
+        kind,
+        optional,
+        events: ctx.events.clone(),
+        status: Arc::clone(&ctx.status),
+        config: Arc::clone(&ctx.config),
+        strip,
+        listed: false,
+        failing: None,
+        backoff: Backoff::new(ctx.config.backoff_max),
+    };
+    tokio::spawn(watcher.run())
+}
+
+/// Exponential backoff from 0.5 s to a cap, each delay drawn between half
+/// and all of its step, so thousands of agents that lost the API server at
+/// the same moment do not come back in lockstep.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: Self::FIRST.min(max),
+            max,
+        }
+    }
+
+    fn delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Jitter from the clock's nanoseconds: good enough to spread nodes.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        step / 2 + step.mul_f64(f64::from(nanos % 1000) / 2000.0)
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST.min(self.max);
+    }
+}
+
+/// Why a list or watch attempt ended.
+enum Failure {
+    /// The API answered with an error status.
+    Api(Box<kube::core::Status>),
+    /// No answer within the request timeout.
+    Timeout(Duration),
+    /// Connection refused or reset, a body that does not parse, ...
+    Other(String),
+}
+
+impl Failure {
+    fn code(&self) -> Option<u16> {
+        match self {
+            Failure::Api(status) => Some(status.code),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+            Failure::Timeout(after) => {
+                format!("no answer within {} s", after.as_secs_f64())
+            }
+            Failure::Other(e) => e.clone(),
+        }
+    }
+
+    /// Errors of the same cause are logged once per episode.
+    fn class(&self) -> String {
+        match self {
+            Failure::Api(s) => format!("api {}", s.code),
+            Failure::Timeout(_) => "timeout".to_owned(),
+            Failure::Other(_) => "unreachable".to_owned(),
+        }
+    }
+}
+
+impl From<kube::Error> for Failure {
+    fn from(error: kube::Error) -> Self {
+        match error {
+            kube::Error::Api(status) => Failure::Api(status),
+            other => Failure::Other(other.to_string()),
+        }
+    }
+}
+
+/// Where the next list reads from.
+enum ListFrom {
+    /// The API server's watch cache, any version (`resourceVersion=0`): the
+    /// first list, and after the cache said a version is gone.
+    Cache,
+    /// The watch cache, no older than what this watcher has seen.
+    NotOlderThan(String),
+    /// etcd (`resourceVersion` unset): after the cache could not serve one.
+    Quorum,
+}
+
+/// One kind's list-then-watch loop. Like kube-rs's `watcher`, with what the
+/// agent needs on top: lists from the watch cache, a 410 to the watch
+/// request itself re-lists, request and idle timeouts, a capped backoff,
+/// and each kind's state published for `/readyz` and the metrics.
+struct KindWatcher<K: SnapshotKind, S> {
+    api: Api<K>,
+    kind: String,
+    optional: bool,
+    events: mpsc::Sender<ObjectEvent>,
+    status: Arc<watch::Sender<ApiStatus>>,
+    config: Arc<KubeWatchConfig>,
+    strip: S,
+    /// Whether an `Init`..`InitDone` was sent (a real list, or an empty one
+    /// for a kind forbidden or not installed).
+    listed: bool,
+    /// The current failure episode: since when, and the causes logged.
+    failing: Option<(std::time::Instant, HashSet<String>)>,
+    backoff: Backoff,
+}
+
+/// The watch loop stopped: the publishing task is gone.
+struct Closed;
+
+impl<K: SnapshotKind, S: FnMut(&mut K) + Send + 'static> KindWatcher<K, S> {
+    async fn run(mut self) {
+        let mut from = ListFrom::Cache;
+        loop {
+            let version = match self.list(&from).await {
+                Ok(Some(version)) => version,
+                Ok(None) => return,
+                Err(failure) => {
+                    if failure.code() == Some(410) {
+                        from = ListFrom::Quorum;
+                    }
+                    let pause = match self.failed(failure).await {
+                        Ok(pause) => pause,
+                        Err(Closed) => return,
+                    };
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            };
+            match self.watch_from(version).await {
+                Ok(version) => from = ListFrom::NotOlderThan(version),
+                Err(Closed) => return,
+            }
+        }
+    }
+
+    /// Lists the kind and sends it as one re-list; `Some(resourceVersion)`
+    /// to watch from, `None` when the publishing task is gone.
+    async fn list(&mut self, from: &ListFrom) -> Result<Option<String>, Failure> {
+        // No `limit`: the API server serves a list at a resourceVersion from
+        // its watch cache only unpaginated (kube-rs drops the version when
+        // a page size is set, which sends every list to etcd).
+        let params = match from {
+            ListFrom::Cache => ListParams::default().match_any(),
+            ListFrom::NotOlderThan(version) => ListParams::default()
+                .at(version)
+                .matching(VersionMatch::NotOlderThan),
+            ListFrom::Quorum => ListParams::default(),
+        };
+        let timeout = self.config.request_timeout;
+        let list = match tokio::time::timeout(timeout, self.api.list(&params)).await {
+            Err(_) => return Err(Failure::Timeout(timeout)),
+            Ok(result) => result?,
+        };
+        let version = list
+            .metadata
+            .resource_version
+            .clone()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Failure::Other("the list has no resourceVersion".into()))?;
+        if !self.send(Event::Init).await {
+            return Ok(None);
+        }
+        for mut object in list.items {
+            (self.strip)(&mut object);
+            if !self.send(Event::InitApply(object)).await {
+                return Ok(None);
+            }
+        }
+        if !self.send(Event::InitDone).await {
+            return Ok(None);
+        }
+        self.listed = true;
+        self.recovered();
+        Ok(Some(version))
+    }
+
+    /// Watches from `version` until the watch must be re-listed; returns the
+    /// last version seen. Failures that a re-watch can cure (the stream
+    /// ends, goes silent, the connection fails) re-watch from the last
+    /// version, after a backoff when the API answered with an error.
+    async fn watch_from(&mut self, mut version: String) -> Result<String, Closed> {
+        let params = WatchParams::default()
+            .timeout(self.config.watch_timeout.as_secs().clamp(1, 3600) as u32);
+        loop {
+            let timeout = self.config.request_timeout;
+            let started =
+                match tokio::time::timeout(timeout, self.api.watch(&params, &version)).await {
+                    Err(_) => Err(Failure::Timeout(timeout)),
+                    Ok(result) => result.map_err(Failure::from),
+                };
+            let stream = match started {
+                Ok(stream) => stream,
+                // The version is older than the API server keeps: only a
+                // re-list can continue (retrying the same version cannot).
+                Err(failure) if failure.code() == Some(410) => {
+                    self.gone(&failure);
+                    return Ok(version);
+                }
+                Err(failure) => {
+                    let pause = self.failed(failure).await?;
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            };
+            // The API answered: the kind is current again.
+            self.recovered();
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let next = tokio::time::timeout(self.config.idle_timeout, stream.next()).await;
+                match next {
+                    Err(_) => {
+                        tracing::debug!(kind = %self.kind, "Kubernetes API: watch silent for {:?}; re-opening it", self.config.idle_timeout);
+                        break;
+                    }
+                    // The server ended the watch (timeoutSeconds) or the
+                    // connection dropped: re-watch from where it was.
+                    Ok(None) => break,
+                    Ok(Some(Ok(
+                        WatchEvent::Added(mut object) | WatchEvent::Modified(mut object),
+                    ))) => {
+                        if let Some(v) = object.meta().resource_version.clone() {
+                            version = v;
+                        }
+                        (self.strip)(&mut object);
+                        if !self.send(Event::Apply(object)).await {
+                            return Err(Closed);
                         }
                     }
-                }
-                Ok(event) => {
-                    if absent && matches!(event, Event::InitDone) {
-                        tracing::info!(kind = %kind, "Kubernetes API: this kind is installed now");
-                        absent = false;
+                    Ok(Some(Ok(WatchEvent::Deleted(mut object)))) => {
+                        if let Some(v) = object.meta().resource_version.clone() {
+                            version = v;
+                        }
+                        (self.strip)(&mut object);
+                        if !self.send(Event::Delete(object)).await {
+                            return Err(Closed);
+                        }
                     }
-                    if matches!(event, Event::InitDone) && !failing.is_empty() {
-                        tracing::info!(kind = %kind, "Kubernetes API: watch recovered");
-                        failing.clear();
+                    Ok(Some(Ok(WatchEvent::Bookmark(bookmark)))) => {
+                        version = bookmark.metadata.resource_version;
                     }
-                    if events.send(K::wrap(event)).await.is_err() {
-                        return;
+                    Ok(Some(Ok(WatchEvent::Error(status)))) if status.code == 410 => {
+                        self.gone(&Failure::Api(status));
+                        return Ok(version);
                     }
-                }
-                Err(error) => {
-                    if failing.insert(error_class(&error)) {
-                        tracing::warn!(
-                            kind = %kind,
-                            error = %error,
-                            hint = hint(&error),
-                            "Kubernetes API: watch failed; re-listing with backoff (logged once until it recovers)"
-                        );
+                    Ok(Some(Ok(WatchEvent::Error(status)))) => {
+                        let pause = self.failed(Failure::Api(status)).await?;
+                        tokio::time::sleep(pause).await;
+                        break;
+                    }
+                    // The stream broke (a reset connection): re-watch, after
+                    // a short pause but without calling the kind stale; if
+                    // the re-watch fails, that failure is what counts.
+                    Ok(Some(Err(error))) => {
+                        tracing::debug!(kind = %self.kind, %error, "Kubernetes API: watch stream broke; re-opening it");
+                        tokio::time::sleep(self.backoff.delay()).await;
+                        break;
                     }
                 }
             }
         }
-    })
-}
+    }
 
-/// Whether the API says the resource does not exist (a CRD not installed).
-fn not_found(error: &watcher::Error) -> bool {
-    matches!(
-        error,
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-            | watcher::Error::WatchFailed(kube::Error::Api(s))
-            if s.code == 404
-    )
-}
+    async fn send(&mut self, event: Event<K>) -> bool {
+        self.events.send(K::wrap(event)).await.is_ok()
+    }
 
-/// A key that groups errors of the same cause, so each is logged once.
-fn error_class(error: &watcher::Error) -> String {
-    let client_error = |e: &kube::Error| match e {
-        kube::Error::Api(status) => format!("api {}", status.code),
-        other => format!("{:?}", std::mem::discriminant(other)),
-    };
-    match error {
-        watcher::Error::InitialListFailed(e) => format!("list {}", client_error(e)),
-        watcher::Error::WatchStartFailed(e) => format!("watch-start {}", client_error(e)),
-        watcher::Error::WatchFailed(e) => format!("watch {}", client_error(e)),
-        watcher::Error::WatchError(status) => format!("watch-event {}", status.code),
-        watcher::Error::NoResourceVersion => "no-resource-version".to_owned(),
+    fn set_state(&self, state: KindState) {
+        self.status.send_if_modified(|s| {
+            let entry = s.entry(self.kind.clone()).or_insert(KindState::Listing);
+            // A failing kind keeps the start of its episode.
+            let same = match (&*entry, &state) {
+                (KindState::Failing { .. }, KindState::Failing { .. }) => true,
+                (a, b) => a == b,
+            };
+            if !same {
+                *entry = state;
+            }
+            !same
+        });
+    }
+
+    /// The watch expired (410 Gone): re-list. Expected now and then (the
+    /// API server keeps a few minutes of history), so logged at info.
+    fn gone(&mut self, failure: &Failure) {
+        tracing::info!(kind = %self.kind, error = %failure.describe(), "Kubernetes API: watch expired; re-listing");
+    }
+
+    /// A list or watch failed: log it (once per cause until the kind
+    /// recovers), publish the kind's state, and say how long to wait.
+    async fn failed(&mut self, failure: Failure) -> Result<Duration, Closed> {
+        let code = failure.code();
+        let (since, logged) = self
+            .failing
+            .get_or_insert_with(|| (std::time::Instant::now(), HashSet::new()));
+        let since = *since;
+        let first = logged.insert(failure.class());
+        if self.optional && code == Some(404) {
+            if first {
+                tracing::info!(kind = %self.kind, "Kubernetes API: this kind is not installed (no CRD); its policies are absent until it is");
+            }
+            self.set_state(KindState::Absent);
+            // Listed, and empty (once: the snapshot need not change again).
+            if first {
+                if !self.send(Event::Init).await || !self.send(Event::InitDone).await {
+                    return Err(Closed);
+                }
+                self.listed = true;
+            }
+            return Ok(SLOW_RETRY);
+        }
+        if code == Some(403) {
+            if first {
+                tracing::warn!(
+                    kind = %self.kind,
+                    error = %failure.describe(),
+                    hint = "grant netwatch's service account list and watch on this kind cluster-wide (a ClusterRole bound to it)",
+                    "Kubernetes API: forbidden; this kind stays unknown (other kinds go on), retried every {} s",
+                    SLOW_RETRY.as_secs()
+                );
+            }
+            self.set_state(KindState::Forbidden {
+                message: failure.describe(),
+            });
+            // The other kinds must not wait for this one: it counts as
+            // listed, empty, until RBAC allows it.
+            if !self.listed {
+                if !self.send(Event::Init).await || !self.send(Event::InitDone).await {
+                    return Err(Closed);
+                }
+                self.listed = true;
+            }
+            return Ok(SLOW_RETRY);
+        }
+        if first {
+            tracing::warn!(
+                kind = %self.kind,
+                error = %failure.describe(),
+                hint = hint(code),
+                "Kubernetes API: watch failed; keeping the last known state, retrying every {} s at most (logged once until it recovers)",
+                self.config.backoff_max.as_secs_f64()
+            );
+        }
+        self.set_state(KindState::Failing {
+            since,
+            error: failure.describe(),
+        });
+        Ok(self.backoff.delay())
+    }
+
+    /// A list or watch worked: the kind is current.
+    fn recovered(&mut self) {
+        self.backoff.reset();
+        if let Some((since, logged)) = self.failing.take() {
+            let was_absent = logged.contains("api 404") && self.optional;
+            if was_absent {
+                tracing::info!(kind = %self.kind, "Kubernetes API: this kind is installed now");
+            } else {
+                tracing::info!(
+                    kind = %self.kind,
+                    after_secs = since.elapsed().as_secs(),
+                    "Kubernetes API: watch recovered"
+                );
+            }
+        }
+        self.set_state(KindState::Synced);
     }
 }
 
-fn hint(error: &watcher::Error) -> &'static str {
-    let code = match error {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
-        watcher::Error::WatchError(s) => s.code,
-        _ => 0,
-    };
+fn hint(code: Option<u16>) -> &'static str {
     match code {
-        401 => "the service account token was rejected; check the agent's credentials",
-        403 => {
-            "grant netwatch's service account list and watch on this kind cluster-wide (a ClusterRole \
-             bound to it)"
-        }
-        410 => "the watch fell too far behind; re-listing",
-        _ => "capture continues; flows are enriched again once the API answers",
+        Some(401) => "the service account token was rejected; check the agent's credentials",
+        Some(429) => "the API server is shedding load (priority and fairness); retrying",
+        _ => "capture continues; flows are named from the last known state until the API answers",
     }
 }
 
@@ -860,6 +1263,46 @@ mod tests {
             Event::Delete(named_pod("prod", "z", "")),
         );
         assert!(snapshot.pods.is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        let delays: Vec<Duration> = (0..12).map(|_| b.delay()).collect();
+        // 0.5, 1, 2, 4, then 5 s steps; each delay between half and all of it.
+        for (d, step) in delays.iter().zip([0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]) {
+            let step = Duration::from_secs_f64(step);
+            assert!(*d >= step / 2 && *d <= step, "{d:?} for a {step:?} step");
+        }
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(5)));
+        b.reset();
+        assert!(b.delay() <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn stale_kinds_are_named_with_why() {
+        let mut status = ApiStatus::new();
+        status.insert("Pod".into(), KindState::Synced);
+        status.insert("AdminNetworkPolicy".into(), KindState::Absent);
+        assert_eq!(describe_stale(&status), None);
+        status.insert(
+            "NetworkPolicy".into(),
+            KindState::Forbidden {
+                message: "403 Forbidden: no".into(),
+            },
+        );
+        status.insert(
+            "Service".into(),
+            KindState::Failing {
+                since: std::time::Instant::now(),
+                error: "no answer within 30 s".into(),
+            },
+        );
+        let text = describe_stale(&status).unwrap();
+        assert_eq!(
+            text,
+            "NetworkPolicy: forbidden (403 Forbidden: no); Service: stale for 0 s (no answer within 30 s)"
+        );
     }
 
     #[test]

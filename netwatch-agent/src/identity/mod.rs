@@ -31,5 +31,5 @@ pub use cache::{
 };
 pub use cgroup::{CgroupDriver, CgroupError, CgroupIndex, ContainerRuntime, PodCgroup, QosClass};
 pub use endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
-pub use kube::{KubeSnapshots, KubeSourceError, KubeWatchConfig};
+pub use kube::{ApiStatus, KindState, KubeSnapshots, KubeSourceError, KubeWatchConfig};
 pub use source::{SnapshotFeed, SnapshotSource, SourceError};

@@ -73,14 +73,16 @@ impl SnapshotSource {
                 Ok(SnapshotFeed {
                     snapshots,
                     ready,
+                    api_status: None,
                     tasks: vec![task],
                 })
             }
             SnapshotSource::Kube { client, config } => {
-                let (snapshots, ready, tasks) = watch_cluster(client, config).into_parts();
+                let (snapshots, ready, status, tasks) = watch_cluster(client, config).into_parts();
                 Ok(SnapshotFeed {
                     snapshots,
                     ready,
+                    api_status: Some(status),
                     tasks,
                 })
             }
@@ -97,6 +99,9 @@ pub struct SnapshotFeed {
     /// `true` once the source has a complete view (manifests: at once; the
     /// API: when every kind has been listed).
     pub ready: watch::Receiver<bool>,
+    /// The API source's kinds and whether each is current (`None` for
+    /// manifests, which are always current).
+    pub api_status: Option<watch::Receiver<super::kube::ApiStatus>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
