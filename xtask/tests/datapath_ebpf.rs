@@ -175,14 +175,14 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
     let dropped = records(&lines, to("10.244.1.4", 8080));
     assert!(!dropped.is_empty());
     for f in &dropped {
-        assert_eq!(f["source"]["pod_name"], "intruder", "only the denied client: {f:#}");
+        assert_eq!(f["IP"]["source"], "10.244.1.3", "only the denied intruder: {f:#}");
         assert_eq!(f["verdict"], "DROPPED", "{f:#}");
         assert_eq!(f["drop_reason_desc"], "TC_INGRESS", "{f:#}");
     }
     let to_server = records(&lines, to("10.244.2.2", 8080));
     for f in &to_server {
         assert_eq!(
-            f["source"]["pod_name"], "local",
+            f["IP"]["source"], "10.244.1.4",
             "the client's answered connection is no TIMED_OUT: {f:#}"
         );
         assert_eq!(f["verdict"], "TIMED_OUT", "{f:#}");
