@@ -191,6 +191,22 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
     assert!(log.contains("sock_state"), "the agent names the socket-state hook:\n{log}");
 }
 
+/// The kernel names a TC_ACT_SHOT drop TC_INGRESS; on kernels without drop
+/// reasons the `location` variant must say the same (the drop's caller is
+/// where sch_handle_ingress is inlined). Also a denied connection to a
+/// closed port is a drop, not a refusal.
+#[test]
+fn the_location_variant_names_the_datapath_drop_tc_ingress() {
+    let b = ebpf_lab(MANIFESTS);
+    let mut agent = Agent::start(&b.lab, "node-1", 3, &["--kfree-skb-variant", "location"]);
+    expect_probe(&b.lab, "shop/intruder", tcp("10.244.1.4:8080", 2), Outcome::TimedOut);
+    let f = agent.wait_for_flow(Duration::from_secs(10), |f| {
+        to("10.244.1.4", 8080)(f) && f["verdict"] == "DROPPED"
+    });
+    assert_eq!(f["drop_reason_desc"], "TC_INGRESS", "{f:#}");
+    agent.stop();
+}
+
 /// The nftables enforcer's truth tables (tests/data/enforce, which the
 /// routed datapath is checked against in tests/enforce.rs) hold for the eBPF
 /// enforcer too: same manifests, same outcomes.
@@ -218,6 +234,10 @@ same_as_nftables! {
     enforcer_end_port: "end-port",
     enforcer_egress_to_pods: "egress-to-pods",
     enforcer_two_nodes: "two-nodes",
+    enforcer_allow_from_same_namespace: "allow-from-same-namespace",
+    enforcer_dns_to_kube_system: "dns-to-kube-system",
+    enforcer_ip_block_pods_excluded: "ip-block-pods-excluded",
+    enforcer_pod_or_namespace: "pod-or-namespace",
 }
 
 // ---------------------------------------------------------------------------
