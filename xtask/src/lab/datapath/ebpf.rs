@@ -520,6 +520,11 @@ fn program(hook: Hook, dp: &NodeDatapath, ct: RawFd, ifindexes: &[u32]) -> Vec<u
             0
         }
         Hook::ToPod => {
+            // A Service's reply, un-DNATed by the node: its connection was
+            // judged after DNAT, under the backend's address.
+            for vip in &dp.service_ips {
+                a.jmp_imm(JMP32, JEQ, SADDR, ne(*vip), pass);
+            }
             if !dp.police_host_to_pod {
                 // Sent by the node itself (no input interface): the API lets
                 // a pod's node reach it.
