@@ -111,7 +111,10 @@ fn the_datapath_is_on_every_veth_and_uplink_before_any_agent() {
         assert!(egress.iter().any(|n| is(n, "lab_to_pod")), "{egress:?}");
     }
     let (ingress, egress) = lab_programs(&b.lab, "node-1", "uplink0");
-    assert!(ingress.iter().any(|n| is(n, "lab_uplink_in")), "{ingress:?}");
+    assert!(
+        ingress.iter().any(|n| is(n, "lab_uplink_in")),
+        "{ingress:?}"
+    );
     assert!(egress.iter().any(|n| is(n, "lab_uplink_out")), "{egress:?}");
     let _ = &b.cluster;
 }
@@ -120,15 +123,40 @@ fn the_datapath_is_on_every_veth_and_uplink_before_any_agent() {
 fn the_programs_enforce_and_deliver_across_nodes() {
     let b = ebpf_lab(MANIFESTS);
     // Allowed across nodes, redirected into the server by node-2's uplink.
-    expect_probe(&b.lab, "shop/client", tcp("10.244.2.2:8080", 5), Outcome::Connected);
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("10.244.2.2:8080", 5),
+        Outcome::Connected,
+    );
     // Allowed on one node, redirected from veth to veth.
-    expect_probe(&b.lab, "shop/client", tcp("10.244.1.4:8080", 5), Outcome::Connected);
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("10.244.1.4:8080", 5),
+        Outcome::Connected,
+    );
     // A closed port: the RST comes back through the datapath.
-    expect_probe(&b.lab, "shop/client", tcp("10.244.2.2:9", 5), Outcome::Refused);
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("10.244.2.2:9", 5),
+        Outcome::Refused,
+    );
     // Denied by the server's ingress policy on node-2.
-    expect_probe(&b.lab, "shop/local", tcp("10.244.2.2:8080", 2), Outcome::TimedOut);
+    expect_probe(
+        &b.lab,
+        "shop/local",
+        tcp("10.244.2.2:8080", 2),
+        Outcome::TimedOut,
+    );
     // Denied by the intruder's egress policy on node-1.
-    expect_probe(&b.lab, "shop/intruder", tcp("10.244.1.4:8080", 2), Outcome::TimedOut);
+    expect_probe(
+        &b.lab,
+        "shop/intruder",
+        tcp("10.244.1.4:8080", 2),
+        Outcome::TimedOut,
+    );
 }
 
 /// The agent on node-1 while its client's answers arrive by redirect, with
@@ -147,11 +175,36 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
     let (ingress, _) = lab_programs(&b.lab, "node-1", &b.lab.pod("shop/client").unwrap().host_if);
     assert!(ingress.iter().any(|n| is(n, "lab_from_pod")), "{ingress:?}");
 
-    expect_probe(&b.lab, "shop/client", tcp("10.244.2.2:8080", 5), Outcome::Connected);
-    expect_probe(&b.lab, "shop/client", tcp("10.244.1.4:8080", 5), Outcome::Connected);
-    expect_probe(&b.lab, "shop/client", tcp("10.244.2.2:9", 5), Outcome::Refused);
-    expect_probe(&b.lab, "shop/intruder", tcp("10.244.1.4:8080", 2), Outcome::TimedOut);
-    expect_probe(&b.lab, "shop/local", tcp("10.244.2.2:8080", 2), Outcome::TimedOut);
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("10.244.2.2:8080", 5),
+        Outcome::Connected,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("10.244.1.4:8080", 5),
+        Outcome::Connected,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("10.244.2.2:9", 5),
+        Outcome::Refused,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/intruder",
+        tcp("10.244.1.4:8080", 2),
+        Outcome::TimedOut,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/local",
+        tcp("10.244.2.2:8080", 2),
+        Outcome::TimedOut,
+    );
 
     agent.wait_for_flow(Duration::from_secs(10), |f| {
         to("10.244.2.2", 9)(f) && f["verdict"] == "REFUSED"
@@ -175,7 +228,10 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
     let dropped = records(&lines, to("10.244.1.4", 8080));
     assert!(!dropped.is_empty());
     for f in &dropped {
-        assert_eq!(f["IP"]["source"], "10.244.1.3", "only the denied intruder: {f:#}");
+        assert_eq!(
+            f["IP"]["source"], "10.244.1.3",
+            "only the denied intruder: {f:#}"
+        );
         assert_eq!(f["verdict"], "DROPPED", "{f:#}");
         assert_eq!(f["drop_reason_desc"], "TC_INGRESS", "{f:#}");
     }
@@ -188,7 +244,10 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
         assert_eq!(f["verdict"], "TIMED_OUT", "{f:#}");
     }
     let log = agent.log();
-    assert!(log.contains("sock_state"), "the agent names the socket-state hook:\n{log}");
+    assert!(
+        log.contains("sock_state"),
+        "the agent names the socket-state hook:\n{log}"
+    );
 }
 
 /// The kernel names a TC_ACT_SHOT drop TC_INGRESS; on kernels without drop
@@ -199,11 +258,17 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
 fn the_location_variant_names_the_datapath_drop_tc_ingress() {
     let b = ebpf_lab(MANIFESTS);
     let mut agent = Agent::start(&b.lab, "node-1", 3, &["--kfree-skb-variant", "location"]);
-    expect_probe(&b.lab, "shop/intruder", tcp("10.244.1.4:8080", 2), Outcome::TimedOut);
+    assert!(agent.log().contains("mode location"), "{}", agent.log());
+    expect_probe(
+        &b.lab,
+        "shop/intruder",
+        tcp("10.244.1.4:8080", 2),
+        Outcome::TimedOut,
+    );
     let f = agent.wait_for_flow(Duration::from_secs(10), |f| {
         to("10.244.1.4", 8080)(f) && f["verdict"] == "DROPPED"
     });
-    assert_eq!(f["drop_reason_desc"], "TC_INGRESS", "{f:#}");
+    assert_eq!(f["flow"]["drop_reason_desc"], "TC_INGRESS", "{f:#}");
     agent.stop();
 }
 
@@ -244,16 +309,29 @@ same_as_nftables! {
 // The scenarios, in ebpf mode, with the records the routed mode gives.
 
 fn scenario(name: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios")
+        .join(name);
     let mut scenario = Scenario::load(&dir).expect("scenario");
     scenario.spec.datapath = Some(Datapath::Ebpf);
     // The kernel's reason is the datapath's: a TC program's drop. Service
     // traffic is judged after the node's DNAT, on the way out (TC egress of
     // the backend's veth or the uplink); direct traffic at the source's veth.
-    let phases = scenario.spec.phases.iter_mut().flat_map(|p| p.flows.iter_mut());
+    let phases = scenario
+        .spec
+        .phases
+        .iter_mut()
+        .flat_map(|p| p.flows.iter_mut());
     for f in scenario.spec.flows.iter_mut().chain(phases) {
         if f.reason.as_deref() == Some("NETFILTER_DROP") {
-            f.reason = Some(if f.service.is_some() { "TC_EGRESS" } else { "TC_INGRESS" }.into());
+            f.reason = Some(
+                if f.service.is_some() {
+                    "TC_EGRESS"
+                } else {
+                    "TC_INGRESS"
+                }
+                .into(),
+            );
         }
     }
     let bins = Binaries {

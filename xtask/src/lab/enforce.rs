@@ -1502,7 +1502,9 @@ impl Lab {
     pub fn enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
         match self.datapath {
             Datapath::Ebpf => self.ebpf_enforce(cluster, options),
-            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => self.nft_enforce(cluster, options),
+            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => {
+                self.nft_enforce(cluster, options)
+            }
         }
     }
 

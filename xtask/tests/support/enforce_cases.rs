@@ -80,7 +80,12 @@ status: {{ podIPs: [ {{ ip: 10.244.{}.{} }}, {{ ip: \"fd00:244:{}::{}\" }} ], co
 
 fn parse_table(table: &str) -> BTreeMap<(String, String), bool> {
     let mut lines = table.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().expect("header").split_whitespace().skip(1).collect();
+    let header: Vec<&str> = lines
+        .next()
+        .expect("header")
+        .split_whitespace()
+        .skip(1)
+        .collect();
     let mut out = BTreeMap::new();
     for line in lines {
         let cells: Vec<&str> = line.split_whitespace().collect();
@@ -98,14 +103,20 @@ fn parse_table(table: &str) -> BTreeMap<(String, String), bool> {
 /// Build case `name` on `datapath` and probe its truth tables; panics naming
 /// every flow the kernel treated otherwise.
 pub fn run_case(name: &str, datapath: Datapath) {
-    let path = format!("{}/tests/data/enforce/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/data/enforce/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let case: Case = serde_yaml::from_str(&std::fs::read_to_string(&path).expect("case file"))
         .unwrap_or_else(|e| panic!("{path}: {e}"));
     let list = serde_yaml::to_string(&serde_yaml::Value::Mapping(
         [
             ("apiVersion".into(), "v1".into()),
             ("kind".into(), "List".into()),
-            ("items".into(), serde_yaml::Value::Sequence(case.manifests.clone())),
+            (
+                "items".into(),
+                serde_yaml::Value::Sequence(case.manifests.clone()),
+            ),
         ]
         .into_iter()
         .collect(),
@@ -121,8 +132,10 @@ pub fn run_case(name: &str, datapath: Datapath) {
     spec.datapath = datapath;
     let lab = Lab::up(&spec, &helper()).expect("lab up (are you root?)");
     let cluster = LabCluster::new(manifests, lab.placements()).unwrap_or_else(|e| panic!("{e}"));
-    lab.enforce(&cluster, &options).unwrap_or_else(|e| panic!("{e}"));
-    lab.proxy_services(&cluster).unwrap_or_else(|e| panic!("{e}"));
+    lab.enforce(&cluster, &options)
+        .unwrap_or_else(|e| panic!("{e}"));
+    lab.proxy_services(&cluster)
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let ids: Vec<String> = NAMESPACES
         .iter()
@@ -160,7 +173,11 @@ pub fn run_case(name: &str, datapath: Datapath) {
     }
     assert!(!jobs.is_empty(), "{name}: no truth table");
     let probe = |tcp: bool, to: SocketAddr, t: Duration| {
-        if tcp { Probe::tcp(to, t) } else { Probe::udp(to, t) }
+        if tcp {
+            Probe::tcp(to, t)
+        } else {
+            Probe::udp(to, t)
+        }
     };
     let next = Mutex::new(0usize);
     let wrong = Mutex::new(Vec::new());
@@ -176,7 +193,10 @@ pub fn run_case(name: &str, datapath: Datapath) {
                     let Some((label, from, to, tcp, expect)) = jobs.get(i) else {
                         break;
                     };
-                    let mut got = lab.probe(from, &probe(*tcp, *to, TIMEOUT)).expect("probe").outcome;
+                    let mut got = lab
+                        .probe(from, &probe(*tcp, *to, TIMEOUT))
+                        .expect("probe")
+                        .outcome;
                     if got == Outcome::TimedOut && *expect != Outcome::TimedOut {
                         got = lab
                             .probe(from, &probe(*tcp, *to, RETRY_TIMEOUT))
@@ -184,7 +204,10 @@ pub fn run_case(name: &str, datapath: Datapath) {
                             .outcome;
                     }
                     if got != *expect {
-                        wrong.lock().unwrap().push(format!("  {label}: expected {expect:?}, got {got:?}"));
+                        wrong
+                            .lock()
+                            .unwrap()
+                            .push(format!("  {label}: expected {expect:?}, got {got:?}"));
                     }
                 }
             });

@@ -795,7 +795,6 @@ fn attach_one(
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // The lab's side: what each node loads, through `xtask lab-helper
 // ebpf-datapath` in the node's namespace (tcx links live with it).
@@ -889,9 +888,16 @@ impl Lab {
         };
         let json = serde_json::to_string(dp).map_err(|e| LabError::Spec(e.to_string()))?;
         let mut cmd = self.on_node(node, &self.helper)?;
-        cmd.args(["lab-helper", "ebpf-datapath", "--mode", mode, "--json", &json])
-            .stdout(Stdio::piped())
-            .stdin(Stdio::piped());
+        cmd.args([
+            "lab-helper",
+            "ebpf-datapath",
+            "--mode",
+            mode,
+            "--json",
+            &json,
+        ])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::piped());
         let mut child = cmd
             .spawn()
             .map_err(|e| LabError::Spec(format!("lab-helper ebpf-datapath: {e}")))?;
@@ -967,7 +973,10 @@ mod tests {
                 if (class == JMP || class == JMP32) && op != 0x80 && op != 0x90 {
                     let off = (*insn >> 16) as u16 as i16;
                     assert!(off >= 0, "{hook:?}: backward jump at {i}");
-                    assert!(i + 1 + (off as usize) < p.len(), "{hook:?}: jump out at {i}");
+                    assert!(
+                        i + 1 + (off as usize) < p.len(),
+                        "{hook:?}: jump out at {i}"
+                    );
                 }
             }
             // Ends in exit.
