@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use netwatch_common::{
-    DROP_SITES_LEN, DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, REASON_FILTER_LEN, event_kind, loss,
+    DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, DROP_SITES_LEN, REASON_FILTER_LEN, event_kind, loss,
 };
 
 use crate::{

@@ -679,31 +679,23 @@ pub fn attach(dp: &NodeDatapath, mode: TcMode) -> Result<Attached, EbpfError> {
         .map(|p| ifindex(&p.host_if))
         .collect::<Result<Vec<_>, _>>()?;
     let mut fds = Vec::new();
-    let mut places: Vec<(Hook, Vec<(u32, String)>, bool)> = vec![(
-        Hook::FromPod,
-        dp.pods
-            .iter()
-            .zip(&ifindexes)
-            .map(|(p, i)| (*i, p.host_if.clone()))
-            .collect(),
-        true,
-    )];
-    places.push((
-        Hook::ToPod,
-        dp.pods
-            .iter()
-            .zip(&ifindexes)
-            .map(|(p, i)| (*i, p.host_if.clone()))
-            .collect(),
-        false,
-    ));
-    let uplink = (ifindex(&dp.uplink)?, dp.uplink.clone());
-    places.push((Hook::UplinkIn, vec![uplink.clone()], true));
-    places.push((Hook::UplinkOut, vec![uplink], false));
+    let pods: Vec<(u32, &str)> = ifindexes
+        .iter()
+        .zip(&dp.pods)
+        .map(|(i, p)| (*i, p.host_if.as_str()))
+        .collect();
+    let uplink = [(ifindex(&dp.uplink)?, dp.uplink.as_str())];
+    // (program, where, on ingress)
+    let places = [
+        (Hook::FromPod, pods.as_slice(), true),
+        (Hook::ToPod, pods.as_slice(), false),
+        (Hook::UplinkIn, uplink.as_slice(), true),
+        (Hook::UplinkOut, uplink.as_slice(), false),
+    ];
     for (hook, interfaces, ingress) in places {
         let prog = load(hook, &program(hook, dp, ct.as_raw_fd(), &ifindexes))?;
         for (index, name) in interfaces {
-            fds.extend(attach_one(&prog, index, &name, ingress, hook, mode)?);
+            fds.extend(attach_one(&prog, *index, name, ingress, hook, mode)?);
         }
         fds.push(prog);
     }
