@@ -49,19 +49,19 @@ static DEV_IFINDEX: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static DEV_ND_NET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static NET_NS_INUM: Global<u32> = Global::new(0);
+pub(crate) static NET_NS_INUM: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static SOCK_NET: Global<u32> = Global::new(0);
+pub(crate) static SOCK_NET: Global<u32> = Global::new(0);
 /// 1 when the tracepoint passes a drop reason (kernels >= 5.17).
 #[unsafe(no_mangle)]
 static HAS_REASON: Global<u32> = Global::new(0);
 /// Set by the agent once the offsets above are filled in; 0 keeps the
 /// program inert rather than reading garbage.
 #[unsafe(no_mangle)]
-static OFFSETS_READY: Global<u32> = Global::new(0);
+pub(crate) static OFFSETS_READY: Global<u32> = Global::new(0);
 /// 1: count only drops in network namespaces listed in NETNS_ALLOW.
 #[unsafe(no_mangle)]
-static FILTER_NETNS: Global<u32> = Global::new(0);
+pub(crate) static FILTER_NETNS: Global<u32> = Global::new(0);
 
 const EEXIST: i32 = 17;
 const ETH_P_IP: u16 = 0x0800;
@@ -70,7 +70,7 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const HEADER_UNSET: u16 = 0xffff;
 
 #[inline(always)]
-fn at<T>(base: *const u8, off: u32) -> Option<T> {
+pub(crate) fn at<T>(base: *const u8, off: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).ok() }
 }

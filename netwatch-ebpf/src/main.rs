@@ -10,6 +10,7 @@ mod drops;
 mod emit;
 mod maps;
 mod sockops;
+mod sockstate;
 mod tc;
 
 use aya_ebpf::{
@@ -34,6 +35,20 @@ pub fn netwatch_to_pod(ctx: TcContext) -> i32 {
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn netwatch_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     drops::on_kfree_skb(&ctx);
+    0
+}
+
+/// A socket's TCP state change: a connecting socket's handshake answered.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn netwatch_sock_state(ctx: BtfTracePointContext) -> i32 {
+    sockstate::on_set_state(&ctx);
+    0
+}
+
+/// A reset received: a connecting socket's handshake refused.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn netwatch_tcp_reset(ctx: BtfTracePointContext) -> i32 {
+    sockstate::on_receive_reset(&ctx);
     0
 }
 

@@ -252,8 +252,15 @@ fn track(ctx: &TcContext, direction: u8, key: &FlowKey, kind: u8) {
 
 /// A handshake answer (SYN-ACK, DNS reply, INIT-ACK) for `key`, the
 /// initiator's flow.
-#[inline(never)]
+#[inline(always)]
 fn answered(ctx: &TcContext, direction: u8, key: &FlowKey) {
+    answered_on(ifindex(ctx), direction, key);
+}
+
+/// [`answered`], seen on interface `ifindex` in `direction` (the socket
+/// hooks pass where the handshake was first seen).
+#[inline(never)]
+pub(crate) fn answered_on(ifindex: u32, direction: u8, key: &FlowKey) {
     let Some(p) = PENDING.get_ptr(key) else {
         return;
     };
@@ -279,7 +286,6 @@ fn answered(ctx: &TcContext, direction: u8, key: &FlowKey) {
         }
     }
     let _ = REPORTED.insert(&pair, &now, 0);
-    let ifindex = ifindex(ctx);
     emit::send(loss::RINGBUF_TC, |e| {
         e.ts_ns = now;
         e.flow = *key;
@@ -292,8 +298,14 @@ fn answered(ctx: &TcContext, direction: u8, key: &FlowKey) {
 
 /// A refusal (RST, ICMP unreachable, ABORT) answering the pending handshake
 /// of `key`, the initiator's flow.
-#[inline(never)]
+#[inline(always)]
 fn refused(ctx: &TcContext, direction: u8, key: &FlowKey, kind: u8, reason: u32) {
+    refused_on(ifindex(ctx), direction, key, kind, reason);
+}
+
+/// [`refused`], seen on interface `ifindex` in `direction`.
+#[inline(never)]
+pub(crate) fn refused_on(ifindex: u32, direction: u8, key: &FlowKey, kind: u8, reason: u32) {
     let Some(p) = PENDING.get_ptr(key) else {
         return;
     };
@@ -303,7 +315,6 @@ fn refused(ctx: &TcContext, direction: u8, key: &FlowKey, kind: u8, reason: u32)
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let ifindex = ifindex(ctx);
     emit::send(loss::RINGBUF_TC, |e| {
         e.ts_ns = now;
         e.flow = *key;

@@ -154,6 +154,14 @@ enum Helper {
         mode: lab::tcprog::TcMode,
         interfaces: Vec<String>,
     },
+    /// Attach a node's eBPF datapath (JSON of lab::datapath::ebpf::NodeDatapath);
+    /// prints `attached`, then holds tcx links until stdin closes or killed.
+    EbpfDatapath {
+        #[arg(long, value_enum)]
+        mode: lab::tcprog::TcMode,
+        #[arg(long)]
+        json: String,
+    },
     /// The TC programs on an interface, in run order, as JSON.
     TcList {
         #[arg(long)]
@@ -409,6 +417,7 @@ fn helper(what: Helper) -> Result<()> {
             drop(held);
             Ok(())
         }
+        Helper::EbpfDatapath { mode, json } => lab::datapath::ebpf::helper(mode, &json),
         Helper::TcList { interface } => {
             println!(
                 "{}",

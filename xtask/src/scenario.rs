@@ -424,7 +424,7 @@ impl ScenarioRun {
         // Nodes whose CNI is "not running": no policy table at all.
         for (node, on) in &self.enforcing {
             if !on {
-                self.lab.nft(node, "delete table inet netwatch_policy\n")?;
+                self.lab.stop_enforcing(node)?;
             }
         }
         self.lab
@@ -1193,7 +1193,11 @@ fn explained_drops(run: &ScenarioRun, report: &mut Report) {
     for a in &run.agents {
         for f in a.records() {
             if f["verdict"] == "DROPPED"
-                && f["drop_reason_desc"] == "NETFILTER_DROP"
+                && run
+                    .lab
+                    .datapath
+                    .policy_drop_reasons()
+                    .contains(&f["drop_reason_desc"].as_str().unwrap_or_default())
                 && f["unenriched"] != true
             {
                 let denied =

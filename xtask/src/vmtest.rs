@@ -116,6 +116,17 @@ pub const TESTS: &[TestEntry] = &[
         kernels: &[],
         threads: 1,
     },
+    // The eBPF datapath's programs on each verifier (clsact before 6.6) and
+    // the agent under bpf_redirect_peer; the scenarios and truth tables stay
+    // on the host (minutes each under TCG).
+    TestEntry {
+        package: "xtask",
+        target: "datapath_ebpf",
+        filters: &["the_"],
+        skip: &[],
+        kernels: &[],
+        threads: 1,
+    },
     // The Open vSwitch datapath: the host kernel has no openvswitch module.
     TestEntry {
         package: "xtask",

@@ -97,6 +97,7 @@ fn hooks_and_modes_are_in_the_metrics_and_readyz() {
         ("kfree_skb", kfree),
         ("tc", tc),
         ("sock_ops", "sock_ops+connect"),
+        ("sock_state", "tp_btf"),
     ] {
         let series = format!("netwatch_hook_info{{hook=\"{hook}\",mode=\"{mode}\"}} 1");
         assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
@@ -108,7 +109,7 @@ fn hooks_and_modes_are_in_the_metrics_and_readyz() {
     let ready = node_http_get(&lab, "node-1", "http://127.0.0.1:19965/readyz");
     assert_eq!(ready.trim(), "ready", "full capture: {ready}");
     let log = agent.log();
-    for hook in ["kfree_skb", "tc", "sock_ops"] {
+    for hook in ["kfree_skb", "tc", "sock_ops", "sock_state"] {
         assert!(
             log.lines()
                 .any(|l| l.contains("capture hook on") && l.contains(hook)),

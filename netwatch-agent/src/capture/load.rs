@@ -23,7 +23,7 @@ use super::{
     hooks::{
         HookReport,
         kfree_skb::{self, KfreeSkbError},
-        sock_ops, tc,
+        sock_ops, sock_state, tc,
     },
     offsets::KernelOffsets,
     reasons::{DropReasons, ReasonError},
@@ -234,6 +234,7 @@ impl KernelCapture {
             hooks: HookReport {
                 kfree_skb: kfree_status,
                 sock_ops: Err(sock_ops::SockOpsError::NoCgroupRoot),
+                sock_state: Err(sock_state::SockStateError::NoBtf),
                 tc: tc::Mode::pick(config.tc_variant),
             },
             own_netns,
@@ -276,6 +277,10 @@ impl KernelCapture {
         capture.hooks.sock_ops = sock_ops::attach(&mut capture.ebpf, config.cgroup_root.as_deref());
         if capture.hooks.sock_ops.is_ok() {
             info!(cgroup = ?config.cgroup_root, "socket capture (sock_ops, connect4, connect6) attached");
+        }
+        capture.hooks.sock_state = sock_state::attach(&mut capture.ebpf, aya_btf.as_ref());
+        if capture.hooks.sock_state.is_ok() {
+            info!("socket state capture (tp_btf/inet_sock_set_state, tcp_receive_reset) attached");
         }
         for state in capture.hooks.states() {
             match &state.off_because {

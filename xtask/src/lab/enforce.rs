@@ -35,7 +35,7 @@ use k8s_openapi::{
 };
 
 use super::{
-    Lab, LabError,
+    Datapath, Lab, LabError,
     manifests::{Manifests, object_id},
 };
 
@@ -893,6 +893,172 @@ pub fn compile_node(
     })
 }
 
+/// What one allowing (policy, rule, peer, port) admits, as concrete
+/// prefixes and a port range: the form an eBPF datapath compiles into
+/// compares ([`super::datapath::ebpf`]). Same evaluation as the nftables
+/// rules, so both enforcers enforce the same policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allow {
+    /// The peer's addresses: (prefix, length). Pods are /32 and /128.
+    pub peers: Vec<(IpAddr, u8)>,
+    /// Prefixes inside `peers` that are not allowed (ipBlock except, and
+    /// pod addresses when ipBlocks do not match pods).
+    pub except: Vec<(IpAddr, u8)>,
+    /// `None`: every protocol and port.
+    pub ports: Option<(L4, u16, u16)>,
+}
+
+/// One local pod's policy, per direction: `None` when no policy isolates it
+/// in that direction (everything allowed), else what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodAllows {
+    pub pod: String,
+    pub host_if: String,
+    pub ips: Vec<IpAddr>,
+    pub ingress: Option<Vec<Allow>>,
+    pub egress: Option<Vec<Allow>>,
+}
+
+/// The policy of every pod wired on `node`, as [`Allow`] lists.
+pub fn compile_allows(
+    cluster: &LabCluster,
+    node: &str,
+    options: &EnforceOptions,
+) -> Result<Vec<PodAllows>, EnforceError> {
+    let policies = cluster
+        .manifests
+        .network_policies
+        .iter()
+        .map(parse_policy)
+        .collect::<Result<Vec<_>, _>>()?;
+    let c = Compiler {
+        cluster,
+        options,
+        sets: Vec::new(),
+        set_keys: BTreeMap::new(),
+        all_pods_needed: false,
+    };
+    let mut out = Vec::new();
+    let mut local: Vec<(&ClusterPod, &str)> = cluster
+        .pods
+        .iter()
+        .filter_map(|p| Some((p, p.local_interface(node)?)))
+        .collect();
+    local.sort_by_key(|(p, _)| p.id());
+    for (pod, host_if) in local {
+        let mut dirs = [None, None];
+        for (slot, d) in dirs.iter_mut().zip([Direction::Ingress, Direction::Egress]) {
+            let selecting: Vec<&Policy> = policies
+                .iter()
+                .filter(|p| {
+                    p.namespace == pod.namespace
+                        && p.selector.matches(&pod.labels)
+                        && p.rules(d).is_some()
+                })
+                .collect();
+            if selecting.is_empty() {
+                continue;
+            }
+            let mut allows = Vec::new();
+            for policy in selecting {
+                for rule in policy.rules(d).unwrap_or_default() {
+                    for (_, peer) in &rule.peers {
+                        for (_, port) in &rule.ports {
+                            allows.extend(c.allows(pod, d, peer, port));
+                        }
+                    }
+                }
+            }
+            *slot = Some(allows);
+        }
+        let [ingress, egress] = dirs;
+        out.push(PodAllows {
+            pod: pod.id(),
+            host_if: host_if.into(),
+            ips: pod.ips.clone(),
+            ingress,
+            egress,
+        });
+    }
+    Ok(out)
+}
+
+impl Compiler<'_> {
+    /// [`Compiler::matches`] as [`Allow`]s.
+    fn allows(&self, pod: &ClusterPod, d: Direction, peer: &Peer, port: &PortMatch) -> Vec<Allow> {
+        let hosts = |ips: &[IpAddr]| -> Vec<(IpAddr, u8)> {
+            ips.iter()
+                .map(|ip| (*ip, if ip.is_ipv4() { 32 } else { 128 }))
+                .collect()
+        };
+        if let (Direction::Egress, PortMatch::Named(l4, name)) = (d, port) {
+            let mut out = Vec::new();
+            for dest in self.peer_pods(peer) {
+                for n in dest.named_port(name, *l4) {
+                    out.push(Allow {
+                        peers: hosts(&dest.ips),
+                        except: Vec::new(),
+                        ports: Some((*l4, n, n)),
+                    });
+                }
+            }
+            return out;
+        }
+        let (peers, except) = match peer {
+            Peer::Any => (
+                vec![
+                    (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0),
+                    (IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
+                ],
+                Vec::new(),
+            ),
+            Peer::Block { cidr, except } => {
+                let mut ex: Vec<(IpAddr, u8)> = except.iter().map(|e| (e.addr, e.len)).collect();
+                if !self.options.ipblock_matches_pods {
+                    let all: Vec<IpAddr> = self
+                        .cluster
+                        .pods
+                        .iter()
+                        .filter(|p| p.is_policy_pod())
+                        .flat_map(|p| p.ips.iter().copied())
+                        .collect();
+                    ex.extend(hosts(&all));
+                }
+                (vec![(cidr.addr, cidr.len)], ex)
+            }
+            Peer::Pods { namespaces, pods } => {
+                let ips: Vec<IpAddr> = self
+                    .selected_pods(namespaces, pods)
+                    .into_iter()
+                    .flat_map(|p| p.ips.iter().copied())
+                    .collect();
+                (hosts(&ips), Vec::new())
+            }
+        };
+        if peers.is_empty() {
+            return Vec::new();
+        }
+        let ports: Vec<Option<(L4, u16, u16)>> = match port {
+            PortMatch::Any => vec![None],
+            PortMatch::Protocol(l4) => vec![Some((*l4, 0, u16::MAX))],
+            PortMatch::Range(l4, a, b) => vec![Some((*l4, *a, *b))],
+            PortMatch::Named(l4, name) => pod
+                .named_port(name, *l4)
+                .into_iter()
+                .map(|n| Some((*l4, n, n)))
+                .collect(),
+        };
+        ports
+            .into_iter()
+            .map(|ports| Allow {
+                peers: peers.clone(),
+                except: except.clone(),
+                ports,
+            })
+            .collect()
+    }
+}
+
 fn all_pods_set(ipv6: bool) -> &'static str {
     if ipv6 { "pods_v6" } else { "pods_v4" }
 }
@@ -1334,6 +1500,27 @@ impl Lab {
     /// Every node is compiled before any is loaded, so bad policies change
     /// nothing. Connections already established stay allowed (conntrack).
     pub fn enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
+        match self.datapath {
+            Datapath::Ebpf => self.ebpf_enforce(cluster, options),
+            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => {
+                self.nft_enforce(cluster, options)
+            }
+        }
+    }
+
+    /// Stop enforcing on `node`, as when its CNI's policy agent is not
+    /// running: the datapath stays, every pod is reachable.
+    pub fn stop_enforcing(&self, node: &str) -> Result<(), LabError> {
+        match self.datapath {
+            Datapath::Ebpf => self.ebpf_stop_enforcing(node),
+            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => {
+                self.nft(node, &format!("delete table inet {POLICY_TABLE}\n"))
+            }
+        }
+    }
+
+    /// [`Lab::enforce`] with nftables (the routed datapath).
+    fn nft_enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
         let rulesets = self
             .nodes
             .iter()

@@ -13,6 +13,7 @@
 //! panic, and (for `cargo xtask lab`) on Ctrl-C. Labs whose process died
 //! without cleaning up are swept by the next one.
 
+pub mod datapath;
 pub mod enforce;
 pub mod manifests;
 pub mod ovs;
@@ -90,7 +91,10 @@ pub struct Lab {
     children: Vec<Child>,
     created_netns: Vec<String>,
     created_cgroups: Vec<PathBuf>,
-    datapath: Datapath,
+    /// The CNI datapath family the nodes emulate.
+    pub datapath: Datapath,
+    /// Per node, the process holding its eBPF datapath's tcx links.
+    ebpf: std::sync::Mutex<std::collections::BTreeMap<String, ChildGuard>>,
     /// Each node's Open vSwitch (ovs datapath), by node name.
     switches: Vec<(String, ovs::OvsSwitch)>,
 }
@@ -122,6 +126,7 @@ impl Lab {
             created_netns: Vec::new(),
             created_cgroups: Vec::new(),
             datapath: spec.datapath,
+            ebpf: Default::default(),
             switches: Vec::new(),
         };
         // On error, `lab` is dropped here and removes what was built so far.
@@ -133,9 +138,9 @@ impl Lab {
         if spec.nodes.is_empty() {
             return Err(LabError::Spec("a lab needs at least one node".into()));
         }
-        if !matches!(spec.datapath, Datapath::Routed | Datapath::Ovs) {
+        if !matches!(spec.datapath, Datapath::Routed | Datapath::Ebpf | Datapath::Ovs) {
             return Err(LabError::Spec(format!(
-                "datapath {} is not built yet; the lab builds: routed, ovs",
+                "datapath {} is not built yet; the lab builds: routed, ebpf, ovs",
                 spec.datapath
             )));
         }
@@ -163,7 +168,10 @@ impl Lab {
                 self.nft(&n.name, rules)?;
             }
         }
-        Ok(())
+        match self.datapath {
+            Datapath::Ebpf => self.ebpf_wire(),
+            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => Ok(()),
+        }
     }
 
     fn add_node(&mut self, n: &NodeSpec) -> Result<(), LabError> {
@@ -617,6 +625,9 @@ impl Lab {
     }
 
     fn teardown(&mut self) {
+        if let Ok(mut held) = self.ebpf.lock() {
+            held.clear();
+        }
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();

@@ -39,6 +39,17 @@ pub enum Datapath {
     Ovs,
 }
 
+impl Datapath {
+    /// The kernel drop reasons of the datapath's policy drops: a DROPPED
+    /// record with one of them is the lab enforcer's doing.
+    pub fn policy_drop_reasons(self) -> &'static [&'static str] {
+        match self {
+            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => &["NETFILTER_DROP"],
+            Datapath::Ebpf => &["TC_INGRESS", "TC_EGRESS"],
+        }
+    }
+}
+
 impl std::fmt::Display for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

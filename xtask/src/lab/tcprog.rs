@@ -32,7 +32,7 @@ const BPF_TCX_EGRESS: u32 = 47;
 /// The stand-in's name, as `bpftool prog` and these listings show it.
 pub const FOREIGN_NAME: &str = "lab_cni_pass";
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<i64> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<i64> {
     // SAFETY: attr is a zero-padded bpf_attr of the size we pass.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
     if r < 0 {
@@ -42,11 +42,11 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<i64> {
     }
 }
 
-fn put32(a: &mut [u8], off: usize, v: u32) {
+pub(crate) fn put32(a: &mut [u8], off: usize, v: u32) {
     a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn put64(a: &mut [u8], off: usize, v: u64) {
+pub(crate) fn put64(a: &mut [u8], off: usize, v: u64) {
     a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
@@ -182,7 +182,7 @@ fn attach_program(prog: &OwnedFd, interface: &str, mode: TcMode) -> Result<Vec<O
 
 /// A mount namespace of this process's own with a fresh bpffs at
 /// /sys/fs/bpf (its pins vanish with the process).
-fn private_bpffs() -> Result<()> {
+pub(crate) fn private_bpffs() -> Result<()> {
     use std::sync::Once;
     static DONE: Once = Once::new();
     let mut result = Ok(());

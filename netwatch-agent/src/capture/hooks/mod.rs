@@ -6,6 +6,7 @@
 //! | `kfree_skb` | [`kfree_skb`] | `reason` (5.17+), `location` (older kernels) |
 //! | `tc` | [`tc`] | `tcx` (6.6+), `clsact` (older kernels) |
 //! | `sock_ops` | [`sock_ops`] | `sock_ops+connect` (every kernel) |
+//! | `sock_state` | [`sock_state`] | `tp_btf` (every kernel with BTF) |
 //!
 //! A new kernel variant goes into its hook's module as another mode; the
 //! rest of the agent only sees [`HookReport`]: which hooks run, in which
@@ -14,6 +15,7 @@
 
 pub mod kfree_skb;
 pub mod sock_ops;
+pub mod sock_state;
 pub mod tc;
 
 /// One hook's state, for logs, metrics and `/readyz`.
@@ -31,6 +33,7 @@ pub struct HookState {
 pub struct HookReport {
     pub kfree_skb: Result<kfree_skb::Mode, kfree_skb::KfreeSkbError>,
     pub sock_ops: Result<sock_ops::Mode, sock_ops::SockOpsError>,
+    pub sock_state: Result<sock_state::Mode, sock_state::SockStateError>,
     pub tc: tc::Mode,
 }
 
@@ -62,6 +65,7 @@ impl HookReport {
                 off_because: None,
             },
             state("sock_ops", &self.sock_ops, |m| m.as_str()),
+            state("sock_state", &self.sock_state, |m| m.as_str()),
         ]
     }
 
