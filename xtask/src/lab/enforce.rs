@@ -1502,9 +1502,8 @@ impl Lab {
     pub fn enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
         match self.datapath {
             Datapath::Ebpf => self.ebpf_enforce(cluster, options),
-            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => {
-                self.nft_enforce(cluster, options)
-            }
+            Datapath::Ovs => self.ovs_enforce(cluster, options),
+            Datapath::Routed | Datapath::Bridge => self.nft_enforce(cluster, options),
         }
     }
 
@@ -1513,7 +1512,8 @@ impl Lab {
     pub fn stop_enforcing(&self, node: &str) -> Result<(), LabError> {
         match self.datapath {
             Datapath::Ebpf => self.ebpf_stop_enforcing(node),
-            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => {
+            Datapath::Ovs => self.ovs_stop_enforcing(node),
+            Datapath::Routed | Datapath::Bridge => {
                 self.nft(node, &format!("delete table inet {POLICY_TABLE}\n"))
             }
         }

@@ -16,7 +16,6 @@
 pub mod datapath;
 pub mod enforce;
 pub mod manifests;
-pub mod ovs;
 pub mod probe;
 pub mod serve;
 pub mod services;
@@ -96,7 +95,7 @@ pub struct Lab {
     /// Per node, the process holding its eBPF datapath's tcx links.
     ebpf: std::sync::Mutex<std::collections::BTreeMap<String, ChildGuard>>,
     /// Each node's Open vSwitch (ovs datapath), by node name.
-    switches: Vec<(String, ovs::OvsSwitch)>,
+    switches: Vec<(String, datapath::ovs::OvsSwitch)>,
 }
 
 impl Lab {
@@ -138,7 +137,10 @@ impl Lab {
         if spec.nodes.is_empty() {
             return Err(LabError::Spec("a lab needs at least one node".into()));
         }
-        if !matches!(spec.datapath, Datapath::Routed | Datapath::Ebpf | Datapath::Ovs) {
+        if !matches!(
+            spec.datapath,
+            Datapath::Routed | Datapath::Ebpf | Datapath::Ovs
+        ) {
             return Err(LabError::Spec(format!(
                 "datapath {} is not built yet; the lab builds: routed, ebpf, ovs",
                 spec.datapath
@@ -222,8 +224,12 @@ impl Lab {
             ],
         )?;
         if self.datapath == Datapath::Ovs {
-            let dir = std::env::temp_dir().join(format!("{NETNS_PREFIX}{}-{}-ovs", self.id, sanitize(&n.name)));
-            let switch = ovs::OvsSwitch::start(&netns, &dir)?;
+            let dir = std::env::temp_dir().join(format!(
+                "{NETNS_PREFIX}{}-{}-ovs",
+                self.id,
+                sanitize(&n.name)
+            ));
+            let switch = datapath::ovs::OvsSwitch::start(&netns, &dir)?;
             self.switches.push((n.name.clone(), switch));
         }
         let cgroup_root =
@@ -264,7 +270,11 @@ impl Lab {
             let hash = format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())));
             let host_if = match self.datapath {
                 // Antrea's: the pod name's start and a hash.
-                Datapath::Ovs => format!("{}-{}", &sanitize(&p.name)[..p.name.len().min(8)], &hash[..6]),
+                Datapath::Ovs => format!(
+                    "{}-{}",
+                    &sanitize(&p.name)[..p.name.len().min(8)],
+                    &hash[..6]
+                ),
                 _ => format!("cali{}", &hash[..11]),
             };
             self.netns_add(&netns)?;
@@ -315,7 +325,7 @@ impl Lab {
                     switch.gateway_mac()
                 ));
                 ip_batch(&netns, &pod_cmds)?;
-                let pod_mac = ovs::mac_of(&netns, "eth0")?;
+                let pod_mac = datapath::ovs::mac_of(&netns, "eth0")?;
                 switch.add_pod(&host_if, &ip, &pod_mac)?;
             } else {
                 ip_batch(&netns, &pod_cmds)?;
@@ -431,12 +441,17 @@ impl Lab {
     }
 
     /// Node `name`'s Open vSwitch (ovs datapath only).
-    pub fn switch(&mut self, name: &str) -> Result<&mut ovs::OvsSwitch, LabError> {
+    pub fn switch(&self, name: &str) -> Result<&datapath::ovs::OvsSwitch, LabError> {
         self.switches
-            .iter_mut()
+            .iter()
             .find(|(n, _)| n == name)
             .map(|(_, s)| s)
-            .ok_or_else(|| LabError::Spec(format!("node {name:?} has no Open vSwitch (datapath is {})", self.datapath)))
+            .ok_or_else(|| {
+                LabError::Spec(format!(
+                    "node {name:?} has no Open vSwitch (datapath is {})",
+                    self.datapath
+                ))
+            })
     }
 
     pub fn node(&self, name: &str) -> Result<&LabNode, LabError> {

@@ -44,8 +44,9 @@ impl Datapath {
     /// record with one of them is the lab enforcer's doing.
     pub fn policy_drop_reasons(self) -> &'static [&'static str] {
         match self {
-            Datapath::Routed | Datapath::Bridge | Datapath::Ovs => &["NETFILTER_DROP"],
+            Datapath::Routed | Datapath::Bridge => &["NETFILTER_DROP"],
             Datapath::Ebpf => &["TC_INGRESS", "TC_EGRESS"],
+            Datapath::Ovs => &["OVS_DROP_LAST_ACTION"],
         }
     }
 }

@@ -2,3 +2,4 @@
 //! the lab's base wiring, in the parent module): one module each.
 
 pub mod ebpf;
+pub mod ovs;

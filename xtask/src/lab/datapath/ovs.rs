@@ -20,12 +20,19 @@
 //! VM matrix), not in the kernel of the machines the host tests run on.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use super::system::{LabError, io, ip_batch, run, slowed};
+use super::super::{
+    Lab,
+    enforce::{self, Allow, EnforceOptions, LabCluster, PodAllows},
+    services,
+    system::{LabError, io, ip_batch, run, slowed},
+};
 
 /// The integration bridge, as Antrea and OVN-Kubernetes name it.
 pub const BRIDGE: &str = "br-int";
@@ -52,8 +59,9 @@ pub struct OvsSwitch {
     gateway_port: u32,
     /// (pod address, pod MAC, OpenFlow port).
     ports: Vec<(String, String, u32)>,
-    /// Flows added on top of forwarding (drops), kept across re-renders.
-    extra: Vec<String>,
+    /// Flows added on top of forwarding (policy, drops), kept across
+    /// re-renders.
+    extra: Mutex<Vec<String>>,
     daemons: Vec<Child>,
 }
 
@@ -77,7 +85,7 @@ impl OvsSwitch {
             gateway_mac: String::new(),
             gateway_port: 0,
             ports: Vec::new(),
-            extra: Vec::new(),
+            extra: Mutex::new(Vec::new()),
             daemons: Vec::new(),
         };
         let db = dir.join("conf.db");
@@ -171,15 +179,19 @@ impl OvsSwitch {
 
     /// Add OpenFlow flows (`ovs-ofctl` syntax, without a table: table 0),
     /// e.g. a drop: `priority=200,tcp,nw_src=A,nw_dst=B,tp_dst=80,actions=drop`.
-    pub fn add_flows(&mut self, flows: &[String]) -> Result<(), LabError> {
-        self.extra.extend(flows.iter().cloned());
+    pub fn add_flows(&self, flows: &[String]) -> Result<(), LabError> {
+        self.extra_flows().extend(flows.iter().cloned());
         self.flows()
     }
 
     /// Replace the flows added with [`OvsSwitch::add_flows`].
-    pub fn set_flows(&mut self, flows: &[String]) -> Result<(), LabError> {
-        self.extra = flows.to_vec();
+    pub fn set_flows(&self, flows: &[String]) -> Result<(), LabError> {
+        *self.extra_flows() = flows.to_vec();
         self.flows()
+    }
+
+    fn extra_flows(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.extra.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Packets matched by the flows at `priority` so far.
@@ -207,7 +219,10 @@ impl OvsSwitch {
     /// user space and installs the kernel flow; a drop there frees no packet
     /// in the kernel. Cached flows expire after 10 s idle: read it soon.
     pub fn datapath_drops(&self) -> Result<u64, LabError> {
-        let out = run("ip", &["netns", "exec", &self.netns, "ovs-dpctl", "dump-flows"])?;
+        let out = run(
+            "ip",
+            &["netns", "exec", &self.netns, "ovs-dpctl", "dump-flows"],
+        )?;
         Ok(out
             .lines()
             .filter(|l| l.trim_end().ends_with("actions:drop"))
@@ -221,10 +236,12 @@ impl OvsSwitch {
 
     /// Install forwarding and the extra flows in one `replace-flows`.
     fn flows(&self) -> Result<(), LabError> {
-        let mut flows = self.extra.clone();
+        let mut flows = self.extra_flows().clone();
         // Table 0 holds drops added by hand and, with a policy, the way
         // into conntrack; the rest goes straight to forwarding.
-        flows.push(format!("table=0,priority=0,actions=goto_table:{TABLE_FORWARD}"));
+        flows.push(format!(
+            "table=0,priority=0,actions=goto_table:{TABLE_FORWARD}"
+        ));
         let gw = self.gateway_port;
         let gw_mac = &self.gateway_mac;
         for (ip, mac, port) in &self.ports {
@@ -321,7 +338,10 @@ impl Drop for OvsSwitch {
 
 /// The MAC address of `interface` in `netns`.
 pub fn mac_of(netns: &str, interface: &str) -> Result<String, LabError> {
-    let out = run("ip", &["-n", netns, "-br", "link", "show", "dev", interface])?;
+    let out = run(
+        "ip",
+        &["-n", netns, "-br", "link", "show", "dev", interface],
+    )?;
     out.split_whitespace()
         .find(|w| w.len() == 17 && w.matches(':').count() == 5)
         .map(str::to_string)
@@ -332,9 +352,240 @@ fn wait_for(path: &Path, what: &str) -> Result<(), LabError> {
     let deadline = Instant::now() + slowed(Duration::from_secs(10));
     while !path.exists() {
         if Instant::now() > deadline {
-            return Err(LabError::Spec(format!("{what} ({}) did not appear", path.display())));
+            return Err(LabError::Spec(format!(
+                "{what} ({}) did not appear",
+                path.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- policy
+
+/// Antrea's conntrack zone: OVS's connection tracking apart from the
+/// node's own (the same kernel table).
+const CT_ZONE: u16 = 65520;
+/// Priorities inside the policy tables.
+const PASS_PRIORITY: u16 = 400;
+const ALLOW_PRIORITY: u16 = 300;
+const POLICY_DROP_PRIORITY: u16 = 200;
+
+/// What the OpenFlow policy needs to know besides the pods' allows.
+pub struct PolicyContext<'a> {
+    /// Addresses traffic can come from or go to in this lab: an allow with
+    /// `except` prefixes (OpenFlow cannot subtract) is written out for each
+    /// of them it admits.
+    pub endpoints: &'a [IpAddr],
+    /// Service frontends: judged after the node's DNAT, on the way back.
+    pub service_ips: &'a [IpAddr],
+    /// The nodes' own addresses: let into pods unless `police_host_to_pod`.
+    pub node_ips: &'a [IpAddr],
+    pub police_host_to_pod: bool,
+}
+
+/// The OpenFlow flows enforcing `pods`' policies (the lab's own compiler,
+/// [`enforce::compile_allows`]): every IPv4 packet goes through conntrack;
+/// a new connection passes the source pod's egress table, then the
+/// destination pod's ingress table, each ending in a drop (an empty action
+/// list) for an isolated pod; established and related packets pass.
+pub fn policy_flows(pods: &[PodAllows], cx: &PolicyContext<'_>) -> Vec<String> {
+    let (e, i, f) = (TABLE_EGRESS, TABLE_INGRESS, TABLE_FORWARD);
+    let z = CT_ZONE;
+    let mut flows = vec![
+        format!("table=0,priority=10,ip,actions=ct(zone={z},table={e})"),
+        format!("table={e},priority=1000,ct_state=+trk+est,ip,actions=goto_table:{f}"),
+        format!("table={e},priority=1000,ct_state=+trk+rel,ip,actions=goto_table:{f}"),
+        format!("table={e},priority=0,actions=goto_table:{i}"),
+        format!("table={i},priority=0,ip,actions=ct(commit,zone={z},table={f})"),
+    ];
+    // To a Service: up to the node's DNAT unjudged; judged on the way back.
+    for vip in cx.service_ips.iter().filter(|a| a.is_ipv4()) {
+        flows.push(format!(
+            "table={e},priority={PASS_PRIORITY},ip,nw_dst={vip},actions=goto_table:{f}"
+        ));
+    }
+    if !cx.police_host_to_pod {
+        for node in cx.node_ips.iter().filter(|a| a.is_ipv4()) {
+            flows.push(format!(
+                "table={i},priority={PASS_PRIORITY},ip,nw_src={node},actions=ct(commit,zone={z},table={f})"
+            ));
+        }
+    }
+    for pod in pods {
+        for ip in pod.ips.iter().filter(|ip| ip.is_ipv4()) {
+            if let Some(allows) = &pod.egress {
+                direction_flows(
+                    &mut flows,
+                    e,
+                    ("nw_src", "nw_dst"),
+                    *ip,
+                    allows,
+                    cx.endpoints,
+                    &format!("goto_table:{i}"),
+                );
+            }
+            if let Some(allows) = &pod.ingress {
+                direction_flows(
+                    &mut flows,
+                    i,
+                    ("nw_dst", "nw_src"),
+                    *ip,
+                    allows,
+                    cx.endpoints,
+                    &format!("ct(commit,zone={z},table={f})"),
+                );
+            }
+        }
+    }
+    flows
+}
+
+/// One pod's flows for one direction: the allows, then the drop.
+fn direction_flows(
+    flows: &mut Vec<String>,
+    table: u8,
+    (pod_field, peer_field): (&str, &str),
+    pod_ip: IpAddr,
+    allows: &[Allow],
+    endpoints: &[IpAddr],
+    pass: &str,
+) {
+    for a in allows {
+        let peers: Vec<String> = if a.except.is_empty() {
+            a.peers
+                .iter()
+                .filter(|(p, _)| p.is_ipv4())
+                .map(|(p, len)| format!("{p}/{len}"))
+                .collect()
+        } else {
+            endpoints
+                .iter()
+                .filter(|e| a.peers.iter().any(|(p, l)| in_prefix(**e, *p, *l)))
+                .filter(|e| !a.except.iter().any(|(p, l)| in_prefix(**e, *p, *l)))
+                .filter(|e| e.is_ipv4())
+                .map(|e| format!("{e}/32"))
+                .collect()
+        };
+        let ports: Vec<String> = match a.ports {
+            None => vec!["ip".to_string()],
+            Some((l4, lo, hi)) => port_masks(lo, hi)
+                .into_iter()
+                .map(|(v, m)| format!("{},tp_dst=0x{v:x}/0x{m:x}", l4.nft()))
+                .collect(),
+        };
+        for peer in &peers {
+            for port in &ports {
+                flows.push(format!(
+                    "table={table},priority={ALLOW_PRIORITY},ct_state=+trk+new,{port},{pod_field}={pod_ip},{peer_field}={peer},actions={pass}"
+                ));
+            }
+        }
+    }
+    flows.push(format!(
+        "table={table},priority={POLICY_DROP_PRIORITY},ct_state=+trk+new,ip,{pod_field}={pod_ip},actions=drop"
+    ));
+}
+
+fn in_prefix(addr: IpAddr, prefix: IpAddr, len: u8) -> bool {
+    match (addr, prefix) {
+        (IpAddr::V4(a), IpAddr::V4(p)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(p) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(p)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(p) & mask
+        }
+        _ => false,
+    }
+}
+
+/// A port range as the (value, mask) pairs OpenFlow matches.
+fn port_masks(lo: u16, hi: u16) -> Vec<(u16, u16)> {
+    let mut out = Vec::new();
+    let (mut start, end) = (u32::from(lo), u32::from(hi));
+    while start <= end {
+        // The largest aligned block from `start` that stays within `end`.
+        let mut size = 1u32;
+        while start % (size * 2) == 0 && start + size * 2 - 1 <= end {
+            size *= 2;
+        }
+        out.push((start as u16, (0x10000 - size) as u16));
+        start += size;
+    }
+    out
+}
+
+impl Lab {
+    /// Compile `cluster`'s policies into each node's OpenFlow tables.
+    pub(in crate::lab) fn ovs_enforce(
+        &self,
+        cluster: &LabCluster,
+        options: &EnforceOptions,
+    ) -> Result<(), LabError> {
+        let service_ips: Vec<IpAddr> = services::frontends(cluster)
+            .map_err(|e| LabError::Spec(e.to_string()))?
+            .into_iter()
+            .map(|f| f.ip)
+            .collect();
+        let node_ips: Vec<IpAddr> = self.nodes.iter().map(|n| IpAddr::V4(n.ip)).collect();
+        let mut endpoints: Vec<IpAddr> = cluster
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        endpoints.extend(&node_ips);
+        let cx = PolicyContext {
+            endpoints: &endpoints,
+            service_ips: &service_ips,
+            node_ips: &node_ips,
+            police_host_to_pod: options.police_host_to_pod,
+        };
+        for n in &self.nodes {
+            let allows = enforce::compile_allows(cluster, &n.name, options)
+                .map_err(|e| LabError::Spec(e.to_string()))?;
+            self.switch(&n.name)?
+                .set_flows(&policy_flows(&allows, &cx))?;
+        }
+        Ok(())
+    }
+
+    /// Police nothing on `node`: forwarding only.
+    pub(in crate::lab) fn ovs_stop_enforcing(&self, node: &str) -> Result<(), LabError> {
+        self.switch(node)?.set_flows(&[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_become_aligned_masks() {
+        assert_eq!(port_masks(80, 80), vec![(80, 0xffff)]);
+        assert_eq!(port_masks(80, 81), vec![(80, 0xfffe)]);
+        assert_eq!(port_masks(1, 3), vec![(1, 0xffff), (2, 0xfffe)]);
+        assert_eq!(port_masks(0, 65535), vec![(0, 0)]);
+        // Every port of a range is covered once, none outside.
+        let masks = port_masks(1000, 2047);
+        for port in 990u32..2100 {
+            let hits = masks.iter().filter(|(v, m)| port as u16 & m == *v).count();
+            assert_eq!(hits, usize::from((1000..=2047).contains(&port)), "{port}");
+        }
+    }
+
+    #[test]
+    fn prefixes_contain_their_addresses() {
+        let a: IpAddr = "10.244.1.7".parse().unwrap();
+        assert!(in_prefix(a, "10.244.0.0".parse().unwrap(), 16));
+        assert!(!in_prefix(a, "10.245.0.0".parse().unwrap(), 16));
+        assert!(in_prefix(a, "0.0.0.0".parse().unwrap(), 0));
+        assert!(!in_prefix(a, "::".parse().unwrap(), 0));
+    }
 }
