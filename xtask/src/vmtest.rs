@@ -150,7 +150,9 @@ pub struct HookMode {
 /// The README's kernel table for these results (the hooks' modes per
 /// kernel, as the agent reported them inside each VM).
 pub fn readme_kernel_table(results: &[KernelResult]) -> String {
-    let mut t = String::from("| kernel | kfree_skb | tc | sock_ops |\n| --- | --- | --- | --- |\n");
+    let mut t = String::from(
+        "| kernel | kfree_skb | tc | sock_ops | sock_state |\n| --- | --- | --- | --- | --- |\n",
+    );
     for r in results {
         let mode = |hook: &str| {
             r.hooks
@@ -171,11 +173,12 @@ pub fn readme_kernel_table(results: &[KernelResult]) -> String {
             .unwrap_or("");
         let _ = writeln!(
             t,
-            "| {}{distro} | {} | {} | {} |",
+            "| {}{distro} | {} | {} | {} | {} |",
             r.kernel,
             mode("kfree_skb"),
             mode("tc"),
-            mode("sock_ops")
+            mode("sock_ops"),
+            mode("sock_state")
         );
     }
     t
@@ -1950,6 +1953,7 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
             ("kfree_skb", "location"),
             ("tc", "clsact"),
             ("sock_ops", "sock_ops+connect"),
+            ("sock_state", "tp_btf"),
         ] {
             r.hooks.push(HookMode {
                 hook: hook.into(),
@@ -1959,7 +1963,7 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         }
         let t = readme_kernel_table(std::slice::from_ref(&r));
         assert!(
-            t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect |\n"),
+            t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect | tp_btf |\n"),
             "{t}"
         );
         let dir = tempfile::tempdir().unwrap();
