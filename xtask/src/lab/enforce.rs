@@ -22,6 +22,28 @@
 //! - named sets of the addresses of the pods a selector peer selects
 //!   (`peer<N>_v4`, `peer<N>_v6`), cluster-wide: pods on other nodes are
 //!   addresses here, policed on their own node as a DaemonSet-based CNI does.
+//!
+//! The cluster policies of kubernetes-sigs/network-policy-api
+//! ([`tiers`]: ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and
+//! BaselineAdminNetworkPolicy v1alpha1) go into the same per-pod chains, in
+//! the order the API judges a direction in:
+//! - the Admin tier first, one rule per (policy, rule, peer, port) by
+//!   ascending priority: Accept/Allow `return`s (allowed this way), Deny
+//!   `drop`s, Pass `goto`s the chain `<direction>/<ns>/<pod>/below-admin`,
+//!   which is also where the chain ends when nothing matched;
+//! - there (or inline when no Admin policy selects the pod): the
+//!   NetworkPolicy rules and their drop when NetworkPolicies isolate the pod;
+//!   otherwise the Baseline tier's rules (Accept and Pass `return`, Deny
+//!   `drop`s), and the end of the chain allows.
+//!
+//! [`NodePolicy::judge`] runs a compiled chain on a packet without a kernel:
+//! the conformance corpus and the random comparison with the engine check
+//! the rules themselves that way.
+
+mod interpret;
+mod tiers;
+
+pub use interpret::{CompiledCluster, Decision, Judgement, Packet};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -51,6 +73,13 @@ pub enum EnforceError {
     #[error("NetworkPolicy {policy}: `{field}`: {detail}")]
     Policy {
         policy: String,
+        field: String,
+        detail: String,
+    },
+    #[error("{kind} {name}: `{field}`: {detail}")]
+    ClusterPolicy {
+        kind: String,
+        name: String,
         field: String,
         detail: String,
     },
@@ -536,6 +565,12 @@ enum Peer {
         cidr: Cidr,
         except: Vec<Cidr>,
     },
+    /// A cluster policy's `networks` entry: pod addresses included, whatever
+    /// [`EnforceOptions::ipblock_matches_pods`] says of ipBlocks.
+    Network(Cidr),
+    /// A cluster policy's `nodes`: the addresses in the selected Node
+    /// objects' `status.addresses`.
+    Nodes(Selector),
 }
 
 #[derive(Clone, Debug)]
@@ -809,10 +844,17 @@ pub struct PolicyChain {
     pub pod: String,
     pub host_if: String,
     pub direction: Direction,
-    /// Policies selecting the pod in this direction; empty: not isolated,
-    /// and the chain has no rules.
+    /// NetworkPolicies selecting the pod in this direction; empty: not
+    /// isolated by NetworkPolicy.
     pub isolated_by: Vec<String>,
-    /// nftables rules: the allowing `return`s, then the counted drop.
+    /// Cluster policies with rules for the pod in this direction, in
+    /// evaluation order (`ClusterNetworkPolicy deny-db (Admin)`).
+    pub cluster_policies: Vec<String>,
+    /// Jumped to from the base chains; false for a `below-admin` chain,
+    /// reached by `goto` from its pod's chain.
+    pub entry: bool,
+    /// nftables rules: the Admin tier's, then the allowing `return`s and the
+    /// counted drop of NetworkPolicy, or the Baseline tier's.
     pub rules: Vec<String>,
 }
 
@@ -849,6 +891,7 @@ pub fn compile_node(
         .iter()
         .map(parse_policy)
         .collect::<Result<Vec<_>, _>>()?;
+    let cluster_policies = tiers::parse_all(&cluster.manifests.tier_policies)?;
     let mut c = Compiler {
         cluster,
         options,
@@ -865,7 +908,7 @@ pub fn compile_node(
     let mut chains = Vec::new();
     for (pod, host_if) in local {
         for d in [Direction::Egress, Direction::Ingress] {
-            chains.push(c.pod_chain(pod, host_if, d, &policies));
+            chains.extend(c.pod_chains(pod, host_if, d, &policies, &cluster_policies));
         }
     }
     if c.all_pods_needed {
@@ -907,13 +950,101 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn pod_chain(
+    /// The pod's chain for `d`, and its `below-admin` chain when an Admin
+    /// tier policy selects it.
+    fn pod_chains(
         &mut self,
         pod: &ClusterPod,
         host_if: &str,
         d: Direction,
         policies: &[Policy],
-    ) -> PolicyChain {
+        cluster_policies: &[tiers::ClusterPolicy],
+    ) -> Vec<PolicyChain> {
+        let id = pod.id();
+        let name = format!("{}/{id}", d.field());
+        let namespace_labels = self.cluster.namespace_labels(&pod.namespace);
+        let acting: Vec<&tiers::ClusterPolicy> = cluster_policies
+            .iter()
+            .filter(|p| {
+                !p.rules(d).is_empty()
+                    && p.subject.namespaces.matches(&namespace_labels)
+                    && p.subject.pods.matches(&pod.labels)
+            })
+            .collect();
+        let (admin, baseline): (Vec<&tiers::ClusterPolicy>, Vec<_>) = acting
+            .iter()
+            .copied()
+            .partition(|p| p.tier == tiers::Tier::Admin);
+        let (isolated_by, mut below) = self.network_policy_rules(pod, d, policies);
+        if isolated_by.is_empty() {
+            for p in &baseline {
+                self.tier_rules(pod, d, p, None, &mut below);
+            }
+        }
+        let chain = |name: String, entry: bool, rules: Vec<String>| PolicyChain {
+            name,
+            pod: id.clone(),
+            host_if: host_if.to_string(),
+            direction: d,
+            isolated_by: isolated_by.clone(),
+            cluster_policies: acting.iter().map(|p| p.label()).collect(),
+            entry,
+            rules,
+        };
+        if admin.is_empty() {
+            return vec![chain(name, true, below)];
+        }
+        let below_name = format!("{name}/below-admin");
+        let mut rules = Vec::new();
+        for p in &admin {
+            self.tier_rules(pod, d, p, Some(&below_name), &mut rules);
+        }
+        rules.push(format!("goto {below_name}"));
+        vec![chain(name, true, rules), chain(below_name, false, below)]
+    }
+
+    /// One cluster policy's rules for `pod` in `d`, in written order. Pass
+    /// goes to `pass_to` (the rest of the Admin tier skipped) or, in the
+    /// Baseline tier, allows.
+    fn tier_rules(
+        &mut self,
+        pod: &ClusterPod,
+        d: Direction,
+        policy: &tiers::ClusterPolicy,
+        pass_to: Option<&str>,
+        out: &mut Vec<String>,
+    ) {
+        let id = pod.id();
+        for rule in policy.rules(d) {
+            let verdict = match (rule.action, pass_to) {
+                (tiers::Action::Accept, _) | (tiers::Action::Pass, None) => "return".to_string(),
+                (tiers::Action::Deny, _) => "drop".to_string(),
+                (tiers::Action::Pass, Some(chain)) => format!("goto {chain}"),
+            };
+            let mut label = format!("{} {}[{}]", policy.label(), d.field(), rule.index);
+            if let Some(n) = &rule.name {
+                let _ = write!(label, " {n}");
+            }
+            let comment = comment(&format!("{label} {id}"));
+            for peer in &rule.peers {
+                for port in &rule.ports {
+                    for m in self.matches(pod, d, peer, port) {
+                        let sep = if m.is_empty() { "" } else { " " };
+                        out.push(format!("{m}{sep}counter {verdict} comment \"{comment}\""));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The NetworkPolicies isolating `pod` in `d`, and their rules: the
+    /// allowing `return`s, then the counted drop (none when not isolated).
+    fn network_policy_rules(
+        &mut self,
+        pod: &ClusterPod,
+        d: Direction,
+        policies: &[Policy],
+    ) -> (Vec<String>, Vec<String>) {
         let id = pod.id();
         let selecting: Vec<&Policy> = policies
             .iter()
@@ -950,14 +1081,7 @@ impl Compiler<'_> {
                 comment(&drop_comment(&id, d))
             ));
         }
-        PolicyChain {
-            name: format!("{}/{id}", d.field()),
-            pod: id,
-            host_if: host_if.to_string(),
-            direction: d,
-            isolated_by: selecting.iter().map(|p| p.id.clone()).collect(),
-            rules,
-        }
+        (selecting.iter().map(|p| p.id.clone()).collect(), rules)
     }
 
     /// nft match expressions (each one rule) for traffic of `pod` in
@@ -1047,6 +1171,11 @@ impl Compiler<'_> {
                 }
                 vec![m]
             }
+            Peer::Network(cidr) => vec![format!("{} {field} {cidr}", cidr.nft_family())],
+            Peer::Nodes(sel) => split_families(&self.node_addresses(sel))
+                .into_iter()
+                .map(|(family, ips)| format!("{family} {field} {{ {} }}", join(&ips)))
+                .collect(),
             Peer::Pods { namespaces, pods } => {
                 let n = self.selector_set(namespaces, pods);
                 let mut out = Vec::new();
@@ -1138,7 +1267,29 @@ impl Compiler<'_> {
                 .filter(|p| !p.ips.is_empty())
                 .collect(),
             Peer::Block { .. } => Vec::new(),
+            Peer::Network(cidr) => policy_pods()
+                .map(|p| {
+                    let mut p = p.clone();
+                    p.ips.retain(|ip| cidr.contains(*ip));
+                    p
+                })
+                .filter(|p| !p.ips.is_empty())
+                .collect(),
+            // Node addresses have no container ports.
+            Peer::Nodes(_) => Vec::new(),
         }
+    }
+
+    /// The addresses of the Node objects `sel` selects.
+    fn node_addresses(&self, sel: &Selector) -> Vec<IpAddr> {
+        self.cluster
+            .manifests
+            .nodes
+            .iter()
+            .filter(|n| sel.matches(&n.metadata.labels.clone().unwrap_or_default()))
+            .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+            .filter_map(|a| a.address.trim().parse().ok())
+            .collect()
     }
 }
 
@@ -1193,7 +1344,7 @@ impl NodePolicy {
             out,
             "  comment \"{}\"",
             comment(&format!(
-                "NetworkPolicy of node {}, compiled by the netwatch lab",
+                "Policies of node {}, compiled by the netwatch lab",
                 self.node
             ))
         );
@@ -1212,12 +1363,12 @@ impl NodePolicy {
         let egress: Vec<&PolicyChain> = self
             .chains
             .iter()
-            .filter(|c| c.direction == Direction::Egress)
+            .filter(|c| c.entry && c.direction == Direction::Egress)
             .collect();
         let ingress: Vec<&PolicyChain> = self
             .chains
             .iter()
-            .filter(|c| c.direction == Direction::Ingress)
+            .filter(|c| c.entry && c.direction == Direction::Ingress)
             .collect();
 
         // Pods' traffic crossing the node: the source's egress, then the
@@ -1276,7 +1427,7 @@ impl NodePolicy {
         let _ = writeln!(out, "  }}");
 
         for c in &self.chains {
-            let why = if c.isolated_by.is_empty() {
+            let mut why = if c.isolated_by.is_empty() {
                 format!("{} {}: not isolated", c.pod, c.direction)
             } else {
                 format!(
@@ -1286,6 +1437,9 @@ impl NodePolicy {
                     c.isolated_by.join(", ")
                 )
             };
+            if !c.cluster_policies.is_empty() {
+                let _ = write!(why, "; tiers: {}", c.cluster_policies.join(", "));
+            }
             let _ = writeln!(
                 out,
                 "  chain {} {{\n    comment \"{}\"",
