@@ -2068,6 +2068,106 @@ spec: { podSelector: {}, egress: [], ingress: [] }
     }
 
     #[test]
+    fn cluster_tiers_wrap_the_network_policy_rules() {
+        let p = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: { name: admin }
+spec:
+  tier: Admin
+  priority: 5
+  subject: { namespaces: { matchLabels: { ns: x } } }
+  ingress:
+    - { name: pass-y, action: Pass, from: [ { namespaces: { matchLabels: { ns: y } } } ] }
+    - { name: deny-all, action: Deny, from: [ { namespaces: {} } ] }
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: { name: default }
+spec:
+  subject: { namespaces: {} }
+  egress: [ { name: no-dns, action: Deny, to: [ { networks: [ 10.0.0.0/8 ] } ], ports: [ { portNumber: { protocol: UDP, port: 53 } } ] } ]
+"#;
+        let n = node(&format!("{DENY_INGRESS_X}---\n{p}"), "node-1");
+        let admin = chain(&n, "ingress/x/a");
+        assert_eq!(
+            admin.cluster_policies,
+            ["ClusterNetworkPolicy admin (Admin)"]
+        );
+        assert!(
+            admin.rules[0].starts_with("ip saddr @peer0_v4 counter goto ingress/x/a/below-admin comment \"ClusterNetworkPolicy admin (Admin) ingress[0] pass-y x/a\""),
+            "{:#?}",
+            admin.rules
+        );
+        assert!(admin.rules.iter().any(|r| r.contains(
+            "counter drop comment \"ClusterNetworkPolicy admin (Admin) ingress[1] deny-all x/a\""
+        )));
+        assert_eq!(admin.rules.last().unwrap(), "goto ingress/x/a/below-admin");
+        let below = chain(&n, "ingress/x/a/below-admin");
+        assert!(!below.entry);
+        assert_eq!(
+            below.rules,
+            ["counter drop comment \"x/a ingress denied\""],
+            "NetworkPolicy isolates x/a: the Baseline tier is not reached"
+        );
+        let egress = chain(&n, "egress/y/a");
+        assert_eq!(
+            egress.rules,
+            [
+                "ip daddr 10.0.0.0/8 meta l4proto udp th dport 53 counter drop comment \"BaselineAdminNetworkPolicy default (Baseline) egress[0] no-dns y/a\""
+            ],
+            "not isolated by NetworkPolicy: the Baseline tier inline"
+        );
+        let text = n.to_nft();
+        assert!(!text.contains("jump ingress/x/a/below-admin"), "{text}");
+        let packet = |saddr: &str| Packet {
+            saddr: saddr.parse().unwrap(),
+            daddr: "10.244.1.2".parse().unwrap(),
+            protocol: L4::Tcp,
+            dport: 80,
+        };
+        assert_eq!(
+            n.judge("ingress/x/a", &packet("10.244.1.3")).unwrap(),
+            Judgement::Dropped {
+                by: "x/a ingress denied".into()
+            },
+            "y/a: passed to NetworkPolicy, which denies"
+        );
+        assert!(matches!(
+            n.judge("ingress/x/a", &packet("10.244.2.2")).unwrap(),
+            Judgement::Dropped { by } if by.contains("deny-all")
+        ));
+    }
+
+    #[test]
+    fn bad_cluster_policies_are_refused_naming_kind_and_field() {
+        let cases = [
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: { name: other }\nspec: { subject: { namespaces: {} } }",
+                "BaselineAdminNetworkPolicy other: `metadata.name`",
+            ),
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: { name: c }\nspec: { tier: admin, priority: 1, subject: { namespaces: {} } }",
+                "ClusterNetworkPolicy c: `spec.tier`",
+            ),
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: { name: a }\nspec: { priority: 1, subject: { namespaces: {} }, ingress: [ { action: Accept, from: [ { namespaces: {} } ] } ] }",
+                "AdminNetworkPolicy a: `spec.ingress[0].action`",
+            ),
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: { name: c }\nspec: { tier: Admin, priority: 1, subject: { namespaces: {} }, egress: [ { action: Deny, to: [ { networks: [ 10.0.0.0/8 ] } ], protocols: [ { destinationNamedPort: http } ] } ] }",
+                "ClusterNetworkPolicy c: `spec.egress[0]`",
+            ),
+        ];
+        for (p, want) in cases {
+            let e = compile(&cluster(p), "node-1", &EnforceOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{p}\n=> {e}");
+        }
+    }
+
+    #[test]
     fn comments_fit_nftables() {
         let long = "x".repeat(300);
         assert_eq!(comment(&long).len(), COMMENT_MAX);

@@ -412,22 +412,22 @@ fn parse_peer(
     Ok((Vec::new(), true))
 }
 
+/// A port range. v1alpha2 requires start below end; v1alpha1 checks
+/// nothing, and a range whose start is after its end matches no port.
 fn range(
     l4: L4,
     start: i32,
     end: i32,
     field: &str,
+    v1alpha2: bool,
     err: &ErrFn<'_>,
-) -> Result<PortMatch, EnforceError> {
+) -> Result<Option<PortMatch>, EnforceError> {
     let a = port_number(start).map_err(|d| err(&format!("{field}.start"), d))?;
     let b = port_number(end).map_err(|d| err(&format!("{field}.end"), d))?;
-    if b < a {
-        return Err(err(
-            &format!("{field}.end"),
-            format!("{b} is below start {a}"),
-        ));
+    if v1alpha2 && a >= b {
+        return Err(err(field, format!("start {a} is not below end {b}")));
     }
-    Ok(PortMatch::Range(l4, a, b))
+    Ok((a <= b).then_some(PortMatch::Range(l4, a, b)))
 }
 
 /// A named port: the destination pod's container port of that name, with
@@ -480,7 +480,10 @@ fn protocols(
                             start,
                             end,
                         }),
-                    ) => range(*l4, *start, *end, &format!("{df}.range"), err)?,
+                    ) => match range(*l4, *start, *end, &format!("{df}.range"), true, err)? {
+                        Some(r) => r,
+                        None => continue,
+                    },
                     (None, Some(_)) => {
                         return Err(err(
                             &format!("{df}.range.protocol"),
@@ -520,11 +523,12 @@ fn ports(list: &[TierPort], field: &str, err: &ErrFn<'_>) -> Result<Vec<PortMatc
             }
             (None, Some(r), None) => {
                 let proto = l4(r.protocol.as_deref(), &format!("{f}.portRange.protocol"))?;
-                out.push(range(
+                out.extend(range(
                     proto,
                     r.start,
                     r.end,
                     &format!("{f}.portRange"),
+                    false,
                     err,
                 )?);
             }
