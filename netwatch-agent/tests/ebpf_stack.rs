@@ -36,7 +36,11 @@ fn insn(data: &[u8], off: u64) -> (u8, u8, u8, i16, i32) {
     (code, regs & 0x0f, regs >> 4, off16, imm)
 }
 
-fn functions(bytes: &[u8]) -> (BTreeMap<(usize, u64), Function>, Vec<(String, usize, u64)>) {
+/// Functions by (section, address), and the programs as (name, section,
+/// address): every function outside .text.
+type Program = (BTreeMap<(usize, u64), Function>, Vec<(String, usize, u64)>);
+
+fn functions(bytes: &[u8]) -> Program {
     let file = object::File::parse(bytes).expect("the embedded eBPF object is ELF");
     let mut funcs = BTreeMap::new();
     let mut programs = Vec::new();

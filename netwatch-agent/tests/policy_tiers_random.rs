@@ -360,6 +360,7 @@ enum Said {
     Nothing,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cluster_tier(
     w: &World,
     policies: &[Value],
