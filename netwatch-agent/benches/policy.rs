@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netwatch::cluster::ClusterSnapshot;
-use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Protocol, Verdict, VerdictCache};
+use netwatch::policy::{EngineOptions, Peer, PolicyEngine, PolicyVerdict, Protocol, VerdictCache};
 
 const APPS: usize = 20;
 
@@ -218,12 +218,12 @@ fn verdicts(c: &mut Criterion) {
     let (allowed_from, allowed_to) = (p("ns-50/pod-3"), p("ns-50/pod-2"));
     assert_eq!(
         engine.decide(&allowed_from, &allowed_to, 8080, Protocol::Tcp),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     // app-7 -> app-2: denied, with near misses for every rule.
     let (denied_from, denied_to) = (p("ns-50/pod-7"), p("ns-50/pod-2"));
     let denied = engine.evaluate(&denied_from, &denied_to, 8080, Protocol::Tcp);
-    assert_eq!(denied.verdict, Verdict::Denied);
+    assert_eq!(denied.verdict, PolicyVerdict::Denied);
     assert!(!denied.ingress.near_misses.is_empty());
     let external = p("192.168.7.7");
 
@@ -319,11 +319,11 @@ fn verdicts(c: &mut Criterion) {
     let (d_from, d_to, a_from) = (p("ns-5/pod-7"), p("ns-5/pod-2"), p("ns-5/pod-3"));
     assert_eq!(
         dense_engine.decide(&d_from, &d_to, 8080, Protocol::Tcp),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_eq!(
         dense_engine.decide(&a_from, &d_to, 8080, Protocol::Tcp),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     let mut g = c.benchmark_group("policy/dense-10-namespaces");
     g.bench_function("evaluate-denied-with-explanation", |b| {

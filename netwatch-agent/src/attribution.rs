@@ -210,7 +210,7 @@ impl Attribution {
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), r.ip.source, at);
         let to = self.peer(&engine, &r.destination, None, r.ip.destination, at);
         let verdict = self.verdicts.evaluate(&engine, &from, &to, port, proto);
-        if verdict.verdict != policy::Verdict::Denied {
+        if verdict.verdict != policy::PolicyVerdict::Denied {
             return None;
         }
         // Only denied handshakes are rate-limited: the key is not needed for
@@ -335,12 +335,12 @@ fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
                 .map(|m| format!("ingress: {m}")),
         )
         .collect();
-    if v.verdict == policy::Verdict::Denied {
+    if v.verdict == policy::PolicyVerdict::Denied {
         r.explanation = Some(v.sentence());
         // The side whose policy stops the packet: a CNI checks the source's
         // egress before the destination's ingress, so when both deny the
         // drop happens at egress.
-        if v.egress.verdict == policy::Verdict::Denied {
+        if v.egress.verdict == policy::PolicyVerdict::Denied {
             r.traffic_direction = "EGRESS".into();
         } else {
             r.traffic_direction = "INGRESS".into();

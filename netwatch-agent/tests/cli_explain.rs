@@ -324,14 +324,14 @@ fn matrix_json_matches_every_conformance_table() {
                 assert_ne!(e["from"], e["to"], "a pod to itself is left out");
             }
             for probe in &step.probes {
-                let actual: BTreeMap<(String, String), netwatch::policy::Verdict> = entries
+                let actual: BTreeMap<(String, String), netwatch::policy::PolicyVerdict> = entries
                     .iter()
                     .filter(|e| e["port"] == probe.port && e["protocol"] == probe.protocol.as_str())
                     .map(|e| {
                         let v = if e["verdict"] == "ALLOWED" {
-                            netwatch::policy::Verdict::Allowed
+                            netwatch::policy::PolicyVerdict::Allowed
                         } else {
-                            netwatch::policy::Verdict::Denied
+                            netwatch::policy::PolicyVerdict::Denied
                         };
                         (
                             (

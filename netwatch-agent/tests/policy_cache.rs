@@ -5,7 +5,7 @@
 mod support;
 
 use netwatch::manifests;
-use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Protocol, Verdict, VerdictCache};
+use netwatch::policy::{EngineOptions, Peer, PolicyEngine, PolicyVerdict, Protocol, VerdictCache};
 
 const TCP: Protocol = Protocol::Tcp;
 
@@ -57,7 +57,7 @@ fn replicas_share_an_entry_but_keep_their_own_endpoints() {
     assert!(std::sync::Arc::ptr_eq(&first.decision, &second.decision));
     assert_eq!(second.source.name.as_deref(), Some("web-2"));
     assert_eq!(second.source.ip, Some("10.1.0.2".parse().unwrap()));
-    assert_eq!(second.verdict, Verdict::Denied);
+    assert_eq!(second.verdict, PolicyVerdict::Denied);
     assert!(
         second.sentence().contains("prod/web-2"),
         "{}",
@@ -78,14 +78,14 @@ fn a_rebuilt_engine_empties_the_cache() {
         cache
             .evaluate(&before, &p("prod/web-1"), &p("prod/api-1"), 80, TCP)
             .verdict,
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     let after = engine("");
     assert_eq!(
         cache
             .evaluate(&after, &p("prod/web-1"), &p("prod/api-1"), 80, TCP)
             .verdict,
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     assert_eq!(cache.stats().entries, 1);
     let key = after.verdict_key(&p("prod/web-2"), &p("prod/api-1"), 80, TCP);
@@ -106,13 +106,13 @@ fn pod_ips_are_part_of_the_identity_when_ip_blocks_can_match_pods() {
         cache
             .evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 80, TCP)
             .verdict,
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     assert_eq!(
         cache
             .evaluate(&e, &p("prod/web-2"), &p("prod/api-1"), 80, TCP)
             .verdict,
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_ne!(
         e.verdict_key(&p("prod/web-1"), &p("prod/api-1"), 80, TCP),
@@ -136,19 +136,19 @@ fn container_ports_are_part_of_the_identity_when_policies_name_ports() {
         cache
             .evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 8080, TCP)
             .verdict,
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     assert_eq!(
         cache
             .evaluate(&e, &p("prod/web-1"), &p("prod/api-2"), 8080, TCP)
             .verdict,
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_eq!(
         cache
             .evaluate(&e, &p("prod/web-1"), &p("prod/api-2"), 9090, TCP)
             .verdict,
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
 }
 

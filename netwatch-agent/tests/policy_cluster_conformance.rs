@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use netwatch::cluster::ClusterSnapshot;
 use netwatch::manifests;
-use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Protocol, Verdict, connectivity_matrix};
+use netwatch::policy::{
+    EngineOptions, Peer, PolicyEngine, PolicyVerdict, Protocol, connectivity_matrix,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -143,8 +145,8 @@ fn every_probe_of_every_upstream_test_gets_the_expected_outcome() {
                 let (from, to): (Peer, Peer) =
                     (probe.from.parse().unwrap(), probe.to.parse().unwrap());
                 let want = match probe.expect.as_str() {
-                    "allowed" => Verdict::Allowed,
-                    "denied" => Verdict::Denied,
+                    "allowed" => PolicyVerdict::Allowed,
+                    "denied" => PolicyVerdict::Denied,
                     other => panic!("{}: expect {other:?}", case.file),
                 };
                 let explained = engine

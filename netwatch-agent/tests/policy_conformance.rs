@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Verdict, connectivity_matrix};
+use netwatch::policy::{EngineOptions, Peer, PolicyEngine, PolicyVerdict, connectivity_matrix};
 
 fn pod(s: &str) -> Peer {
     s.parse().unwrap()
@@ -69,7 +69,7 @@ fn every_case_matches_its_truth_table() {
                             .verdict,
                     );
                 }
-                let matrix: BTreeMap<(String, String), Verdict> =
+                let matrix: BTreeMap<(String, String), PolicyVerdict> =
                     connectivity_matrix(&engine, &[probe.port], &[protocol])
                         .into_iter()
                         .map(|e| ((e.from, e.to), e.verdict))

@@ -3,7 +3,8 @@
 
 use netwatch::manifests;
 use netwatch::policy::{
-    EndpointKind, EngineOptions, Peer, PolicyEngine, PolicyError, PolicyRef, Protocol, Verdict,
+    EndpointKind, EngineOptions, Peer, PolicyEngine, PolicyError, PolicyRef, PolicyVerdict,
+    Protocol,
 };
 
 const TCP: Protocol = Protocol::Tcp;
@@ -68,7 +69,7 @@ fn p(s: &str) -> Peer {
     s.parse().unwrap()
 }
 
-fn verdict(e: &PolicyEngine, from: &str, to: &str, port: u16, protocol: Protocol) -> Verdict {
+fn verdict(e: &PolicyEngine, from: &str, to: &str, port: u16, protocol: Protocol) -> PolicyVerdict {
     let fast = e.decide(&p(from), &p(to), port, protocol);
     let full = e.evaluate(&p(from), &p(to), port, protocol);
     assert_eq!(
@@ -79,7 +80,7 @@ fn verdict(e: &PolicyEngine, from: &str, to: &str, port: u16, protocol: Protocol
 }
 
 fn allowed(e: &PolicyEngine, from: &str, to: &str, port: u16, protocol: Protocol) -> bool {
-    verdict(e, from, to, port, protocol) == Verdict::Allowed
+    verdict(e, from, to, port, protocol) == PolicyVerdict::Allowed
 }
 
 fn policy(name: &str, namespace: &str, spec: &str) -> String {
@@ -99,7 +100,7 @@ fn r(namespace: &str, name: &str) -> PolicyRef {
 fn without_policies_everything_is_allowed_and_nothing_is_isolated() {
     let e = engine("");
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 80, TCP);
-    assert_eq!(v.verdict, Verdict::Allowed);
+    assert_eq!(v.verdict, PolicyVerdict::Allowed);
     assert!(!v.egress.isolated && !v.ingress.isolated);
     assert!(
         v.sentence().contains("no NetworkPolicy isolates"),
@@ -145,10 +146,10 @@ fn both_directions_must_allow() {
         )
     ));
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.egress.verdict, Verdict::Allowed);
+    assert_eq!(v.egress.verdict, PolicyVerdict::Allowed);
     assert_eq!(v.egress.allowed_by, vec![r("prod", "web-egress-to-api")]);
-    assert_eq!(v.ingress.verdict, Verdict::Denied);
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.ingress.verdict, PolicyVerdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     assert!(
         !allowed(&e, "prod/web", "prod/db", 80, TCP),
         "web's egress only allows api"
@@ -167,7 +168,7 @@ fn any_selecting_policy_with_a_matching_rule_allows() {
         )
     ));
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.verdict, Verdict::Allowed);
+    assert_eq!(v.verdict, PolicyVerdict::Allowed);
     assert_eq!(v.ingress.allowed_by, vec![r("prod", "allow-web")]);
     assert!(v.ingress.denied_by.is_empty());
     let v = e.evaluate(&p("prod/db"), &p("prod/api"), 8080, TCP);
@@ -706,7 +707,7 @@ fn near_misses_say_what_matched_and_what_did_not() {
         "podSelector: {matchLabels: {app: api}}\ningress:\n- from:\n  - podSelector: {matchLabels: {app: web, tier: frontend}}\n  ports: [{port: 80}, {port: 443}]\n- from:\n  - namespaceSelector: {matchLabels: {name: kube-system}}",
     ));
     let v = e.evaluate(&p("prod:app=web"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     let misses = &v.ingress.near_misses;
     assert_eq!(misses.len(), 2, "{misses:?}");
     assert_eq!(

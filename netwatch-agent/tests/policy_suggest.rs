@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use netwatch::cluster::ClusterSnapshot;
 use netwatch::manifests;
-use netwatch::policy::{EngineOptions, Peer, PolicyEngine, Protocol, Verdict, suggest};
+use netwatch::policy::{EngineOptions, Peer, PolicyEngine, PolicyVerdict, Protocol, suggest};
 
 const PORTS: [u16; 2] = [80, 81];
 const PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
@@ -21,7 +21,7 @@ fn p(s: &str) -> Peer {
 fn verdicts(
     engine: &PolicyEngine,
     ends: &[String],
-) -> BTreeMap<(String, String, u16, Protocol), Verdict> {
+) -> BTreeMap<(String, String, u16, Protocol), PolicyVerdict> {
     let mut out = BTreeMap::new();
     for from in ends {
         for to in ends {
@@ -85,7 +85,7 @@ fn apply_and_diff(
     let after_engine = PolicyEngine::new(&applied, options).unwrap();
     assert_eq!(
         after_engine.decide(&p(from), &p(to), port, protocol),
-        Verdict::Allowed,
+        PolicyVerdict::Allowed,
         "{from} -> {to} {port}/{protocol} still denied with:\n{yaml}"
     );
     let after = verdicts(&after_engine, &ends);
@@ -117,12 +117,12 @@ fn every_denied_pair_of_every_conformance_case_gets_an_exact_fix() {
             let probe = &step.probes[0];
             let protocol = probe.protocol();
             for ((from, to), expected) in support::parse_table(&probe.reachability) {
-                if expected != Verdict::Denied {
+                if expected != PolicyVerdict::Denied {
                     continue;
                 }
                 assert_eq!(
                     engine.decide(&p(&from), &p(&to), probe.port, protocol),
-                    Verdict::Denied
+                    PolicyVerdict::Denied
                 );
                 let (changed, _) =
                     apply_and_diff(&snapshot, options, &from, &to, probe.port, protocol, &[]);
@@ -346,11 +346,11 @@ fn both_directions_are_fixed_with_workload_selectors_and_only_the_two_workloads_
             5432,
             Protocol::Tcp
         ),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     assert_eq!(
         after.decide(&p("shop/admin"), &p("data/pg-0"), 5432, Protocol::Tcp),
-        Verdict::Denied,
+        PolicyVerdict::Denied,
         "admin shares version=v2 only"
     );
 }
@@ -569,7 +569,7 @@ spec: {podSelector: {}, policyTypes: [Egress]}
     for protocol in [Protocol::Udp, Protocol::Tcp] {
         assert_eq!(
             after.decide(&web, &dns, 53, protocol),
-            Verdict::Allowed,
+            PolicyVerdict::Allowed,
             "{protocol:?}"
         );
     }

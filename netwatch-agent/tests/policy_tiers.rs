@@ -8,7 +8,7 @@ use std::process::Command;
 
 use netwatch::manifests;
 use netwatch::policy::{
-    EngineOptions, Peer, PolicyEngine, PolicyKind, Protocol, Tier, Verdict, suggest,
+    EngineOptions, Peer, PolicyEngine, PolicyKind, PolicyVerdict, Protocol, Tier, suggest,
 };
 
 const TCP: Protocol = Protocol::Tcp;
@@ -107,7 +107,7 @@ fn an_admin_deny_overrides_a_network_policy_that_allows() {
     );
     let e = engine(&policies);
     let v = e.evaluate(&p("prod/web"), &p("data/postgres"), 5432, TCP);
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     assert_eq!(v.egress.decided_in, Some(Tier::Admin));
     let by = &v.egress.denied_by[0];
     assert_eq!(by.kind, PolicyKind::ClusterNetworkPolicy);
@@ -124,7 +124,7 @@ fn an_admin_deny_overrides_a_network_policy_that_allows() {
     // The NetworkPolicy still decides what the Admin tier does not touch.
     assert_eq!(
         e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     let json = serde_json::to_value(&v).unwrap();
     assert_eq!(
@@ -157,7 +157,7 @@ fn pass_skips_the_rest_of_the_admin_tier_and_the_network_policy_decides() {
     );
     let e = engine(&policies);
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     assert_eq!(v.ingress.decided_in, Some(Tier::NetworkPolicy));
     let steps: Vec<(Tier, &str)> = v
         .ingress
@@ -188,14 +188,14 @@ fn the_baseline_tier_decides_only_for_what_network_policies_leave_alone() {
     let banp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec:\n  subject: {namespaces: {matchLabels: {team: shop}}}\n  egress:\n  - {name: dns, action: Allow, to: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: kube-system}}}], ports: [{portNumber: {protocol: UDP, port: 53}}]}\n  - {name: default-deny, action: Deny, to: [{networks: [0.0.0.0/0]}]}\n---\n";
     let e = engine(banp);
     let dns = e.evaluate(&p("prod/web"), &p("kube-system/coredns"), 53, UDP);
-    assert_eq!(dns.verdict, Verdict::Allowed);
+    assert_eq!(dns.verdict, PolicyVerdict::Allowed);
     assert_eq!(dns.egress.decided_in, Some(Tier::Baseline));
     assert_eq!(
         dns.egress.allowed_by[0].kind,
         PolicyKind::BaselineAdminNetworkPolicy
     );
     let v = e.evaluate(&p("prod/web"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     assert_eq!(v.egress.denied_by[0].rule.as_ref().unwrap().index, 1);
     // A NetworkPolicy that isolates web for egress takes over from the baseline.
     let e = engine(&format!(
@@ -208,12 +208,12 @@ fn the_baseline_tier_decides_only_for_what_network_policies_leave_alone() {
     ));
     assert_eq!(
         e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     // ...and then denies the DNS the baseline allowed: NetworkPolicy comes first.
     assert_eq!(
         e.decide(&p("prod/web"), &p("kube-system/coredns"), 53, UDP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
 }
 
@@ -228,7 +228,7 @@ fn the_lowest_priority_number_wins_then_rules_in_written_order() {
     ));
     assert_eq!(
         e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     let e = engine(&format!(
         "{}{}",
@@ -237,7 +237,7 @@ fn the_lowest_priority_number_wins_then_rules_in_written_order() {
     ));
     assert_eq!(
         e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     let both = "subject: {namespaces: {}}\negress:\n- {name: first, action: Deny, to: [{namespaces: {matchLabels: {team: data}}}]}\n- {name: second, action: Accept, to: [{namespaces: {}}]}";
     let v = engine(&cnp("ordered", "Admin", 1, both)).evaluate(
@@ -246,7 +246,7 @@ fn the_lowest_priority_number_wins_then_rules_in_written_order() {
         5432,
         TCP,
     );
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     assert_eq!(
         v.egress.denied_by[0].rule.as_ref().unwrap().name.as_deref(),
         Some("first")
@@ -262,7 +262,7 @@ fn a_policy_without_rules_in_a_direction_does_not_isolate_it() {
         "subject: {namespaces: {}}\negress:\n- {action: Accept, to: [{namespaces: {matchLabels: {team: data}}}]}",
     ));
     let v = e.evaluate(&p("data/postgres"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.verdict, Verdict::Allowed);
+    assert_eq!(v.verdict, PolicyVerdict::Allowed);
     assert_eq!(v.ingress.decided_in, None);
     assert!(!v.ingress.isolated);
 }
@@ -278,14 +278,19 @@ fn host_network_pods_are_never_subjects_nor_pod_peers_but_node_peers_match_them(
     // Not a subject: its egress is untouched; not a namespaces peer either.
     assert_eq!(
         e.decide(&p("ops/node-exporter"), &p("ops/node-exporter"), 1, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     let v = e.evaluate(&p("ops/node-exporter"), &p("prod/api"), 8080, TCP);
-    assert_eq!(v.egress.verdict, Verdict::Allowed);
-    assert_eq!(v.ingress.verdict, Verdict::Allowed, "{}", v.sentence());
+    assert_eq!(v.egress.verdict, PolicyVerdict::Allowed);
+    assert_eq!(
+        v.ingress.verdict,
+        PolicyVerdict::Allowed,
+        "{}",
+        v.sentence()
+    );
     assert_eq!(
         e.decide(&p("prod/web"), &p("ops/node-exporter"), 9100, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     let e = engine(&cnp(
         "no-nodes",
@@ -295,15 +300,15 @@ fn host_network_pods_are_never_subjects_nor_pod_peers_but_node_peers_match_them(
     ));
     assert_eq!(
         e.decide(&p("prod/web"), &p("ops/node-exporter"), 9100, TCP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_eq!(
         e.decide(&p("prod/web"), &p("192.168.0.1"), 22, TCP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_eq!(
         e.decide(&p("prod/web"), &p("192.168.0.2"), 22, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
 }
 
@@ -325,11 +330,11 @@ fn networks_match_pod_addresses_whatever_the_ip_block_setting() {
         .unwrap();
         assert_eq!(
             e.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
-            Verdict::Denied
+            PolicyVerdict::Denied
         );
         assert_eq!(
             e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
-            Verdict::Allowed
+            PolicyVerdict::Allowed
         );
     }
 }
@@ -344,15 +349,15 @@ fn named_ports_resolve_on_the_destination_pod() {
     ));
     assert_eq!(
         e.decide(&p("prod/web"), &p("prod/api"), 8080, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     assert_eq!(
         e.decide(&p("prod/web"), &p("prod/api"), 8081, TCP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_eq!(
         e.decide(&p("prod/web"), &p("prod/api"), 8080, UDP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     let v = e.evaluate(&p("prod/web"), &p("data/postgres"), 8080, TCP);
     assert!(
@@ -399,7 +404,7 @@ fn domain_names_match_nothing_and_say_so() {
         "subject: {namespaces: {}}\negress:\n- {action: Accept, to: [{domainNames: ['*.github.com']}]}\n- {action: Deny, to: [{networks: [0.0.0.0/0]}]}",
     ));
     let v = e.evaluate(&p("prod/web"), &p("140.82.112.3"), 443, TCP);
-    assert_eq!(v.verdict, Verdict::Denied);
+    assert_eq!(v.verdict, PolicyVerdict::Denied);
     assert!(
         v.egress
             .near_misses
@@ -459,16 +464,16 @@ fn suggest_overrides_an_admin_deny_above_it_and_proves_it() {
     let after = PolicyEngine::new(&applied, EngineOptions::default()).unwrap();
     assert_eq!(
         after.decide(&p("prod/web"), &p("data/postgres"), 5432, TCP),
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     );
     // Only that workload pair and port.
     assert_eq!(
         after.decide(&p("prod/api"), &p("data/postgres"), 5432, TCP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
     assert_eq!(
         after.decide(&p("prod/web"), &p("data/postgres"), 5433, TCP),
-        Verdict::Denied
+        PolicyVerdict::Denied
     );
 }
 

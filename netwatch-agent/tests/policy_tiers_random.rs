@@ -11,7 +11,7 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use netwatch::manifests;
-use netwatch::policy::{EngineOptions, PolicyEngine, Protocol, Verdict, connectivity_matrix};
+use netwatch::policy::{EngineOptions, PolicyEngine, PolicyVerdict, Protocol, connectivity_matrix};
 use serde_json::{Value, json};
 
 /// xorshift64*: reproducible without a dependency.
@@ -360,6 +360,7 @@ enum Said {
     Nothing,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cluster_tier(
     w: &World,
     policies: &[Value],
@@ -477,7 +478,7 @@ fn reference(
     to: &Pod,
     port: u16,
     protocol: &str,
-) -> Verdict {
+) -> PolicyVerdict {
     let direction = |egress: bool| {
         let (subject, other) = if egress { (from, to) } else { (to, from) };
         for said in [
@@ -498,9 +499,9 @@ fn reference(
         true
     };
     if direction(true) && direction(false) {
-        Verdict::Allowed
+        PolicyVerdict::Allowed
     } else {
-        Verdict::Denied
+        PolicyVerdict::Denied
     }
 }
 

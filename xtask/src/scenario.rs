@@ -1,7 +1,9 @@
 //! Incident scenarios: a folder of Kubernetes manifests and a
 //! `scenario.yaml` that says what traffic the application drives and what
 //! netwatch must report. The runner builds a lab from the manifests, enforces
-//! their NetworkPolicies and Services the way a CNI and kube-proxy do, runs
+//! their NetworkPolicies, cluster policies (ClusterNetworkPolicy,
+//! AdminNetworkPolicy, BaselineAdminNetworkPolicy) and Services the way a
+//! CNI and kube-proxy do, runs
 //! one agent per lab node in standalone mode, drives the traffic, and checks:
 //!
 //! - every probe ends as the scenario says (connected, timeout, refused);
@@ -767,20 +769,35 @@ impl Traffic {
     }
 }
 
+/// A record's policy list as scenarios write it: `namespace/name` for a
+/// NetworkPolicy; `Kind name (Tier) rule N "rule-name"` for the cluster
+/// kinds (N counting from 1, the rule when the record names one).
 fn policy_names(v: &Value) -> Vec<String> {
+    let name = |p: &Value| {
+        let kind = p["kind"].as_str().unwrap_or("NetworkPolicy");
+        if kind == "NetworkPolicy" || kind.is_empty() {
+            return format!(
+                "{}/{}",
+                p["namespace"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or("")
+            );
+        }
+        let mut s = format!(
+            "{kind} {} ({})",
+            p["name"].as_str().unwrap_or(""),
+            p["tier"].as_str().unwrap_or("")
+        );
+        if let Some(index) = p["rule"]["index"].as_u64() {
+            let _ = write!(s, " rule {}", index + 1);
+            if let Some(n) = p["rule"]["name"].as_str() {
+                let _ = write!(s, " {n:?}");
+            }
+        }
+        s
+    };
     let mut names: Vec<String> = v
         .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    format!(
-                        "{}/{}",
-                        p["namespace"].as_str().unwrap_or(""),
-                        p["name"].as_str().unwrap_or("")
-                    )
-                })
-                .collect()
-        })
+        .map(|a| a.iter().map(name).collect())
         .unwrap_or_default();
     names.sort();
     names
@@ -1174,6 +1191,10 @@ fn check_metrics(
         for p in f[field].as_array().into_iter().flatten() {
             let want = vec![
                 format!("direction=\"{direction}\""),
+                format!(
+                    "policy_kind=\"{}\"",
+                    p["kind"].as_str().unwrap_or("NetworkPolicy")
+                ),
                 format!("policy=\"{}\"", p["name"].as_str().unwrap_or("")),
                 format!(
                     "policy_namespace=\"{}\"",

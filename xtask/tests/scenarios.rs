@@ -32,11 +32,14 @@ fn run(name: &str) {
 #[test]
 fn every_scenario_folder_has_a_test() {
     let tested = [
+        "admin-deny-sensitive",
+        "baseline-default-deny",
         "dns-wrong-label",
         "egress-apiserver-world",
         "label-mismatch",
         "least-privilege",
         "no-ready-endpoints",
+        "pass-to-networkpolicy",
         "policy-not-enforced",
         "prod-default-deny",
     ];
@@ -81,4 +84,19 @@ fn policy_not_enforced() {
 #[test]
 fn least_privilege() {
     run("least-privilege");
+}
+
+#[test]
+fn admin_deny_sensitive() {
+    run("admin-deny-sensitive");
+}
+
+#[test]
+fn baseline_default_deny() {
+    run("baseline-default-deny");
+}
+
+#[test]
+fn pass_to_networkpolicy() {
+    run("pass-to-networkpolicy");
 }

@@ -10,9 +10,10 @@ use aya::maps::{MapData, RingBuf};
 use netwatch_common::{Event, FlowKey, IP_V4, event_kind};
 use tokio::io::unix::AsyncFd;
 
-/// Where a kernel signal was observed.
+/// Which way a kernel signal crossed a pod interface (the policy side of
+/// traffic is [`crate::record::Direction`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub enum Crossing {
     Unknown,
     /// TC ingress on the host side of a pod interface: leaving the pod.
     FromPod,
@@ -20,12 +21,12 @@ pub enum Direction {
     ToPod,
 }
 
-impl From<u8> for Direction {
+impl From<u8> for Crossing {
     fn from(v: u8) -> Self {
         match v {
-            netwatch_common::direction::FROM_POD => Direction::FromPod,
-            netwatch_common::direction::TO_POD => Direction::ToPod,
-            _ => Direction::Unknown,
+            netwatch_common::direction::FROM_POD => Crossing::FromPod,
+            netwatch_common::direction::TO_POD => Crossing::ToPod,
+            _ => Crossing::Unknown,
         }
     }
 }
@@ -60,7 +61,7 @@ pub enum KernelEvent {
         flow: FlowKey,
         how: Refusal,
         ifindex: u32,
-        direction: Direction,
+        direction: Crossing,
         /// Handshake packets (SYNs) sent before the refusal.
         attempts: u32,
     },
@@ -68,7 +69,7 @@ pub enum KernelEvent {
         time: SystemTime,
         flow: FlowKey,
         ifindex: u32,
-        direction: Direction,
+        direction: Crossing,
     },
     /// A connecting socket's first SYN retransmission.
     SockRetransmit {
@@ -298,7 +299,7 @@ mod tests {
                     }
                 );
                 assert_eq!(attempts, 2);
-                assert_eq!(direction, Direction::ToPod);
+                assert_eq!(direction, Crossing::ToPod);
                 assert_eq!(time, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
             }
             other => panic!("{other:?}"),

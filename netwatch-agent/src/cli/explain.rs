@@ -11,7 +11,7 @@ use super::{CliError, OutputFormat};
 use crate::manifests;
 use crate::policy::{
     DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, MatrixEntry, Peer,
-    PolicyEngine, Protocol, Tier, Verdict, connectivity_matrix, suggest,
+    PolicyEngine, PolicyVerdict, Protocol, Tier, connectivity_matrix, suggest,
 };
 
 const EXAMPLES: &str = "\
@@ -217,11 +217,13 @@ pub fn run_with(
         return Ok(0);
     }
     write_verdict(out, &verdict, args.output)?;
-    Ok(if args.exit_code && verdict.verdict == Verdict::Denied {
-        1
-    } else {
-        0
-    })
+    Ok(
+        if args.exit_code && verdict.verdict == PolicyVerdict::Denied {
+            1
+        } else {
+            0
+        },
+    )
 }
 
 /// A `--to` naming a Service (`namespace/name`, or its cluster IP) means
@@ -392,11 +394,11 @@ fn direction_text(name: &str, subject: &Endpoint, d: &DirectionVerdict) -> Strin
             "{name} ALLOWED: {subject} is not isolated for {}\n",
             name.trim()
         ),
-        (true, Verdict::Allowed) => format!("{name} ALLOWED by {}\n", list(&d.allowed_by)),
-        (true, Verdict::Denied) if d.decided_in != Some(Tier::NetworkPolicy) => {
+        (true, PolicyVerdict::Allowed) => format!("{name} ALLOWED by {}\n", list(&d.allowed_by)),
+        (true, PolicyVerdict::Denied) if d.decided_in != Some(Tier::NetworkPolicy) => {
             format!("{name} DENIED by {}\n", list(&d.denied_by))
         }
-        (true, Verdict::Denied) => format!(
+        (true, PolicyVerdict::Denied) => format!(
             "{name} DENIED: {subject} is isolated by {}\n",
             list(&d.denied_by)
         ),
@@ -453,8 +455,8 @@ fn write_matrix(
                         "-"
                     } else {
                         match cells.next().map(|c| c.verdict) {
-                            Some(Verdict::Allowed) => ".",
-                            Some(Verdict::Denied) => "X",
+                            Some(PolicyVerdict::Allowed) => ".",
+                            Some(PolicyVerdict::Denied) => "X",
                             None => "?",
                         }
                     };

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     flow::record::{FlowRecord, L4, Verdict},
     identity::Endpoint,
+    record::Direction,
 };
 
 /// Every key a filter expression accepts, in the order `--help` lists them.
@@ -92,10 +93,11 @@ fn invalid(key: &str, value: &str, reason: impl Into<String>) -> FilterError {
     }
 }
 
-/// Transport protocols a filter can name.
+/// Which of a record's `l4` variants a filter names (the L4 protocols
+/// policies name are [`crate::record::Protocol`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Protocol {
+pub enum L4Kind {
     Tcp,
     Udp,
     Sctp,
@@ -103,65 +105,46 @@ pub enum Protocol {
     Icmpv6,
 }
 
-impl Protocol {
-    pub const ALL: [Protocol; 5] = [
-        Protocol::Tcp,
-        Protocol::Udp,
-        Protocol::Sctp,
-        Protocol::Icmpv4,
-        Protocol::Icmpv6,
+impl L4Kind {
+    pub const ALL: [L4Kind; 5] = [
+        L4Kind::Tcp,
+        L4Kind::Udp,
+        L4Kind::Sctp,
+        L4Kind::Icmpv4,
+        L4Kind::Icmpv6,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-            Protocol::Icmpv4 => "icmpv4",
-            Protocol::Icmpv6 => "icmpv6",
+            L4Kind::Tcp => "tcp",
+            L4Kind::Udp => "udp",
+            L4Kind::Sctp => "sctp",
+            L4Kind::Icmpv4 => "icmpv4",
+            L4Kind::Icmpv6 => "icmpv6",
         }
     }
 
     fn matches(self, l4: &L4) -> bool {
         matches!(
             (self, l4),
-            (Protocol::Tcp, L4::Tcp(_))
-                | (Protocol::Udp, L4::Udp(_))
-                | (Protocol::Sctp, L4::Sctp(_))
-                | (Protocol::Icmpv4, L4::Icmpv4(_))
-                | (Protocol::Icmpv6, L4::Icmpv6(_))
+            (L4Kind::Tcp, L4::Tcp(_))
+                | (L4Kind::Udp, L4::Udp(_))
+                | (L4Kind::Sctp, L4::Sctp(_))
+                | (L4Kind::Icmpv4, L4::Icmpv4(_))
+                | (L4Kind::Icmpv6, L4::Icmpv6(_))
         )
     }
 }
 
-impl FromStr for Protocol {
+impl FromStr for L4Kind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.to_ascii_lowercase();
         let s = if s == "icmp" { "icmpv4".to_string() } else { s };
-        Protocol::ALL
+        L4Kind::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
             .ok_or_else(|| "valid: tcp, udp, sctp, icmpv4 (icmp), icmpv6".into())
-    }
-}
-
-/// `ingress` or `egress`, as in the record's `traffic_direction`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-impl FromStr for Direction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "ingress" => Ok(Direction::Ingress),
-            "egress" => Ok(Direction::Egress),
-            _ => Err("valid: ingress, egress".into()),
-        }
     }
 }
 
@@ -341,7 +324,7 @@ impl EndpointMatch {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowFilter {
     verdicts: Vec<Verdict>,
-    protocols: Vec<Protocol>,
+    protocols: Vec<L4Kind>,
     reasons: Vec<String>,
     directions: Vec<Direction>,
     /// Node name patterns (`*` wildcards), as `hubble observe --node-name`.

@@ -25,7 +25,7 @@ use super::record::{
 };
 use crate::{
     capture::{
-        events::{Direction, KernelEvent, Refusal, addresses},
+        events::{Crossing, KernelEvent, Refusal, addresses},
         reasons::DropReasons,
     },
     identity::Endpoint,
@@ -110,7 +110,7 @@ struct ActiveFlow {
     last_seen: SystemTime,
     last_change: SystemTime,
     ifindex: u32,
-    direction: Direction,
+    direction: Crossing,
     points: BTreeSet<&'static str>,
     cgroup_id: Option<u64>,
     dirty: bool,
@@ -228,7 +228,7 @@ impl FlowAssembler {
                 first,
                 last,
             } => {
-                let side = NatSide::of(Direction::from(pending.direction));
+                let side = NatSide::of(Crossing::from(pending.direction));
                 let f = self.locate(flow, side, first);
                 f.timed_out = true;
                 f.attempts = f.attempts.max(pending.packets);
@@ -240,7 +240,7 @@ impl FlowAssembler {
                 }
                 if f.ifindex == 0 {
                     f.ifindex = pending.ifindex;
-                    f.direction = Direction::from(pending.direction);
+                    f.direction = Crossing::from(pending.direction);
                 }
                 touch(f, last);
             }
@@ -390,7 +390,7 @@ impl FlowAssembler {
         key: FlowKey,
         time: SystemTime,
         ifindex: u32,
-        direction: Direction,
+        direction: Crossing,
         reasons: &DropReasons,
         ifnames: &dyn Fn(u32) -> Option<String>,
     ) -> FlowRecord {
@@ -465,7 +465,7 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         last_seen: time,
         last_change: time,
         ifindex: 0,
-        direction: Direction::Unknown,
+        direction: Crossing::Unknown,
         points: BTreeSet::new(),
         cgroup_id: None,
         dirty: true,
@@ -521,9 +521,9 @@ enum NatSide {
 }
 
 impl NatSide {
-    fn of(direction: Direction) -> NatSide {
+    fn of(direction: Crossing) -> NatSide {
         match direction {
-            Direction::ToPod => NatSide::Post,
+            Crossing::ToPod => NatSide::Post,
             _ => NatSide::Pre,
         }
     }
@@ -559,7 +559,7 @@ fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32) {
     f.points.insert("kfree_skb");
     if f.ifindex == 0 {
         f.ifindex = ifindex;
-        f.direction = Direction::FromPod;
+        f.direction = Crossing::FromPod;
     }
 }
 
@@ -752,8 +752,8 @@ fn render(
         (Verdict::PolicyNotEnforced, _) => "INGRESS",
         // Seen leaving a pod, or its connect never answered: the source's
         // egress, until policy attribution says which side denies.
-        (_, Direction::FromPod | Direction::ToPod) => "EGRESS",
-        (_, Direction::Unknown) => "TRAFFIC_DIRECTION_UNKNOWN",
+        (_, Crossing::FromPod | Crossing::ToPod) => "EGRESS",
+        (_, Crossing::Unknown) => "TRAFFIC_DIRECTION_UNKNOWN",
     };
     FlowRecord {
         time: f.last_seen.into(),
@@ -1154,7 +1154,7 @@ mod tests {
                 flow: k,
                 how: Refusal::TcpReset,
                 ifindex: 3,
-                direction: Direction::ToPod,
+                direction: Crossing::ToPod,
                 attempts: 1,
             }),
             t(0),
@@ -1289,7 +1289,7 @@ mod tests {
             key(40007, 5432, IPPROTO_TCP),
             t(0),
             3,
-            Direction::ToPod,
+            Crossing::ToPod,
             &reasons(),
             &no_names,
         );

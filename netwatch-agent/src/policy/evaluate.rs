@@ -131,38 +131,39 @@ impl FromStr for Peer {
     }
 }
 
-/// ALLOWED or DENIED.
+/// What the policies allow: ALLOWED or DENIED (what happened to a flow is
+/// [`crate::record::Verdict`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Verdict {
+pub enum PolicyVerdict {
     Allowed,
     Denied,
 }
 
-impl Verdict {
+impl PolicyVerdict {
     /// `ALLOWED` / `DENIED`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Verdict::Allowed => "ALLOWED",
-            Verdict::Denied => "DENIED",
+            PolicyVerdict::Allowed => "ALLOWED",
+            PolicyVerdict::Denied => "DENIED",
         }
     }
 
     fn from_bool(allowed: bool) -> Self {
         if allowed {
-            Verdict::Allowed
+            PolicyVerdict::Allowed
         } else {
-            Verdict::Denied
+            PolicyVerdict::Denied
         }
     }
 }
 
-impl fmt::Display for Verdict {
+impl fmt::Display for PolicyVerdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-impl Serialize for Verdict {
+impl Serialize for PolicyVerdict {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
     }
@@ -222,7 +223,7 @@ impl fmt::Display for Endpoint {
 pub struct DirectionVerdict {
     /// Whether a policy selects the pod for this direction.
     pub isolated: bool,
-    pub verdict: Verdict,
+    pub verdict: PolicyVerdict,
     /// Every policy with a rule that matches the flow.
     pub allowed_by: Vec<PolicyRef>,
     /// When nothing allows the flow: every policy that isolates the pod here.
@@ -242,7 +243,7 @@ impl Default for DirectionVerdict {
     fn default() -> Self {
         Self {
             isolated: false,
-            verdict: Verdict::Allowed,
+            verdict: PolicyVerdict::Allowed,
             allowed_by: Vec::new(),
             denied_by: Vec::new(),
             near_misses: Vec::new(),
@@ -257,7 +258,7 @@ impl Default for DirectionVerdict {
 /// can be cached and shared between flows of the same workloads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyDecision {
-    pub verdict: Verdict,
+    pub verdict: PolicyVerdict,
     pub egress: DirectionVerdict,
     pub ingress: DirectionVerdict,
     pub ipblock_matches_pods: bool,
@@ -799,13 +800,13 @@ impl PolicyEngine {
             match &step.outcome {
                 Outcome::Allow(by) => {
                     verdict.isolated = true;
-                    verdict.verdict = Verdict::Allowed;
+                    verdict.verdict = PolicyVerdict::Allowed;
                     verdict.allowed_by = by.clone();
                     verdict.decided_in = Some(tier.tier());
                 }
                 Outcome::Deny(by) => {
                     verdict.isolated = true;
-                    verdict.verdict = Verdict::Denied;
+                    verdict.verdict = PolicyVerdict::Denied;
                     verdict.denied_by = by.clone();
                     verdict.near_misses = tier.near_misses(self, direction, flow);
                     verdict.decided_in = Some(tier.tier());
@@ -824,8 +825,9 @@ impl PolicyEngine {
         let egress = self.direction_verdict(Direction::Egress, flow);
         let ingress = self.direction_verdict(Direction::Ingress, flow);
         PolicyDecision {
-            verdict: Verdict::from_bool(
-                egress.verdict == Verdict::Allowed && ingress.verdict == Verdict::Allowed,
+            verdict: PolicyVerdict::from_bool(
+                egress.verdict == PolicyVerdict::Allowed
+                    && ingress.verdict == PolicyVerdict::Allowed,
             ),
             egress,
             ingress,
@@ -911,22 +913,28 @@ impl PolicyEngine {
     }
 
     /// The verdict alone, without explanations: the fast path.
-    pub fn decide(&self, from: &Peer, to: &Peer, port: u16, protocol: Protocol) -> Verdict {
+    pub fn decide(&self, from: &Peer, to: &Peer, port: u16, protocol: Protocol) -> PolicyVerdict {
         let source = self.resolve_lenient(from);
         let destination = self.resolve_lenient(to);
         let flow = self.flow(source, destination, port, protocol);
-        Verdict::from_bool(
+        PolicyVerdict::from_bool(
             self.direction_allows(Direction::Egress, &flow)
                 && self.direction_allows(Direction::Ingress, &flow),
         )
     }
 
     /// The verdict between two pods of the snapshot, by index.
-    pub(crate) fn decide_pods(&self, from: u32, to: u32, port: u16, protocol: Protocol) -> Verdict {
+    pub(crate) fn decide_pods(
+        &self,
+        from: u32,
+        to: u32,
+        port: u16,
+        protocol: Protocol,
+    ) -> PolicyVerdict {
         let source = self.resolved_pod(from, &self.model.pods[from as usize], None);
         let destination = self.resolved_pod(to, &self.model.pods[to as usize], None);
         let flow = self.flow(source, destination, port, protocol);
-        Verdict::from_bool(
+        PolicyVerdict::from_bool(
             self.direction_allows(Direction::Egress, &flow)
                 && self.direction_allows(Direction::Ingress, &flow),
         )

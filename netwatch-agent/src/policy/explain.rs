@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use super::evaluate::{EndpointKind, Flow, FlowVerdict, PolicyEngine, Resolved, Verdict};
+use super::evaluate::{EndpointKind, Flow, FlowVerdict, PolicyEngine, PolicyVerdict, Resolved};
 use super::model::{
     Direction, NAMESPACE_NAME_LABEL, NamespaceScope, PeerMatcher, PolicyRef, PolicyRule, PortSpec,
 };
@@ -289,11 +289,11 @@ fn isolate_verb(n: usize) -> &'static str {
 pub(crate) fn sentence(v: &FlowVerdict) -> String {
     let (src, dst) = (v.source.to_string(), v.destination.to_string());
     let traffic = format!("{}/{}", v.port, v.protocol);
-    if v.verdict == Verdict::Denied {
+    if v.verdict == PolicyVerdict::Denied {
         let mut parts = Vec::new();
         // A cluster policy's Deny rule decides by itself; no isolation.
         for (d, side) in [(&v.ingress, "ingress"), (&v.egress, "egress")] {
-            if d.verdict == Verdict::Denied
+            if d.verdict == PolicyVerdict::Denied
                 && let Some(tier @ (Tier::Admin | Tier::Baseline)) = d.decided_in
             {
                 parts.push(format!(
@@ -303,7 +303,7 @@ pub(crate) fn sentence(v: &FlowVerdict) -> String {
             }
         }
         let by_network_policy = |d: &super::evaluate::DirectionVerdict| {
-            d.verdict == Verdict::Denied && d.decided_in == Some(Tier::NetworkPolicy)
+            d.verdict == PolicyVerdict::Denied && d.decided_in == Some(Tier::NetworkPolicy)
         };
         if by_network_policy(&v.ingress) {
             parts.push(format!(

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::evaluate::{PolicyEngine, Verdict};
+use super::evaluate::{PolicyEngine, PolicyVerdict};
 use super::model::Protocol;
 
 /// One cell of the table. Serializes to
@@ -14,7 +14,7 @@ pub struct MatrixEntry {
     pub to: String,
     pub port: u16,
     pub protocol: Protocol,
-    pub verdict: Verdict,
+    pub verdict: PolicyVerdict,
 }
 
 /// Every ordered pair of distinct pods, for each port and protocol, ordered

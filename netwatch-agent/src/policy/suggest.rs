@@ -27,12 +27,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::api::cluster::types::{
-    AdminNetworkPolicySpec, AnpEgressRule, AnpIngressRule, AnpPort, AnpPortNumber,
-    ClusterNetworkPolicySpec, CnpEgressRule, CnpIngressRule, CnpPort, CnpProtocol,
-    CnpProtocolPorts, NamespacedPod, Peer as ClusterPeerSpec, Subject, V1ALPHA1, V1ALPHA2,
+    AnpPort, AnpPortNumber, CnpPort, CnpProtocol, CnpProtocolPorts, NamespacedPod,
+    Peer as ClusterPeerSpec, PolicySpec, Rule, Subject, V1ALPHA1, V1ALPHA2,
 };
 use super::api::cluster::{AdminNetworkPolicy, ClusterNetworkPolicy};
-use super::evaluate::{DirectionVerdict, EndpointKind, Peer, PolicyEngine, Resolved, Verdict};
+use super::evaluate::{
+    DirectionVerdict, EndpointKind, Peer, PolicyEngine, PolicyVerdict, Resolved,
+};
 use super::model::{Direction, NAMESPACE_NAME_LABEL, Protocol};
 use super::selector::Labels;
 use super::{EngineOptions, PolicyError};
@@ -133,7 +134,7 @@ pub fn suggest(
 ) -> Result<Suggestion, PolicyError> {
     let verdict = engine.try_evaluate(from, to, port, protocol)?;
     let mut suggestion = Suggestion::default();
-    if verdict.verdict == Verdict::Allowed {
+    if verdict.verdict == PolicyVerdict::Allowed {
         return Ok(suggestion);
     }
     let source = engine.resolve(from)?;
@@ -141,8 +142,8 @@ pub fn suggest(
     let workloads = Workloads::new(snapshot);
     for direction in [Direction::Egress, Direction::Ingress] {
         let denied = match direction {
-            Direction::Egress => verdict.egress.verdict == Verdict::Denied,
-            Direction::Ingress => verdict.ingress.verdict == Verdict::Denied,
+            Direction::Egress => verdict.egress.verdict == PolicyVerdict::Denied,
+            Direction::Ingress => verdict.ingress.verdict == PolicyVerdict::Denied,
         };
         if !denied {
             continue;
@@ -204,7 +205,7 @@ pub fn suggest(
     let applied = with_suggestion(snapshot, &suggestion);
     let check = PolicyEngine::new(&applied, EngineOptions { ..engine.options() })?;
     let after = check.try_evaluate(from, to, port, protocol)?;
-    if after.verdict != Verdict::Allowed {
+    if after.verdict != PolicyVerdict::Allowed {
         return Err(PolicyError::Suggest(format!(
             "the suggested policies would not allow the flow ({}); this is a bug in netwatch, please report it with the manifests",
             after.sentence()
@@ -658,7 +659,7 @@ impl Override<'_> {
                 Direction::Egress => &after.egress,
                 Direction::Ingress => &after.ingress,
             };
-            if this_side.verdict == Verdict::Allowed {
+            if this_side.verdict == PolicyVerdict::Allowed {
                 chosen = Some((candidate, action));
                 break;
             }
@@ -731,7 +732,7 @@ impl Override<'_> {
                 },
             }]);
             let action = if action == "Allow" { "Accept" } else { action };
-            let mut spec = ClusterNetworkPolicySpec {
+            let mut spec = PolicySpec {
                 tier: Some("Admin".into()),
                 priority: Some(i64::from(priority)),
                 subject: Some(subject.clone()),
@@ -740,19 +741,21 @@ impl Override<'_> {
             };
             match direction {
                 Direction::Ingress => {
-                    spec.ingress = Some(vec![CnpIngressRule {
+                    spec.ingress = Some(vec![Rule {
                         name: rule_name,
                         action: Some(action.into()),
                         from: Some(vec![peer.clone()]),
                         protocols,
+                        ..Rule::default()
                     }])
                 }
                 Direction::Egress => {
-                    spec.egress = Some(vec![CnpEgressRule {
+                    spec.egress = Some(vec![Rule {
                         name: rule_name,
                         action: Some(action.into()),
                         to: Some(vec![peer.clone()]),
                         protocols,
+                        ..Rule::default()
                     }])
                 }
             }
@@ -764,6 +767,7 @@ impl Override<'_> {
                     metadata,
                     spec: Some(spec),
                     status: None,
+                    kind_marker: Default::default(),
                 });
         } else {
             let ports = Some(vec![AnpPort {
@@ -773,7 +777,8 @@ impl Override<'_> {
                 }),
                 ..Default::default()
             }]);
-            let mut spec = AdminNetworkPolicySpec {
+            let mut spec = PolicySpec {
+                tier: None,
                 priority: Some(i64::from(priority)),
                 subject: Some(subject.clone()),
                 ingress: None,
@@ -781,19 +786,21 @@ impl Override<'_> {
             };
             match direction {
                 Direction::Ingress => {
-                    spec.ingress = Some(vec![AnpIngressRule {
+                    spec.ingress = Some(vec![Rule {
                         name: rule_name,
                         action: Some(action.into()),
                         from: Some(vec![peer.clone()]),
                         ports,
+                        ..Rule::default()
                     }])
                 }
                 Direction::Egress => {
-                    spec.egress = Some(vec![AnpEgressRule {
+                    spec.egress = Some(vec![Rule {
                         name: rule_name,
                         action: Some(action.into()),
                         to: Some(vec![peer.clone()]),
                         ports,
+                        ..Rule::default()
                     }])
                 }
             }
@@ -803,6 +810,7 @@ impl Override<'_> {
                 metadata,
                 spec: Some(spec),
                 status: None,
+                kind_marker: Default::default(),
             });
         }
     }

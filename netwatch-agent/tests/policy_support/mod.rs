@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use netwatch::cluster::ClusterSnapshot;
 use netwatch::manifests;
-use netwatch::policy::{Protocol, Verdict};
+use netwatch::policy::{PolicyVerdict, Protocol};
 use serde::Deserialize;
 
 pub fn data_dir() -> PathBuf {
@@ -123,7 +123,7 @@ pub fn step_snapshot(case: &Case, index: usize) -> ClusterSnapshot {
 }
 
 /// A truth table: (from, to) -> verdict, the diagonal left out.
-pub fn parse_table(text: &str) -> BTreeMap<(String, String), Verdict> {
+pub fn parse_table(text: &str) -> BTreeMap<(String, String), PolicyVerdict> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
         .next()
@@ -144,8 +144,8 @@ pub fn parse_table(text: &str) -> BTreeMap<(String, String), Verdict> {
         );
         for (to, mark) in header.iter().zip(marks) {
             let verdict = match mark {
-                "." => Verdict::Allowed,
-                "X" => Verdict::Denied,
+                "." => PolicyVerdict::Allowed,
+                "X" => PolicyVerdict::Denied,
                 "-" => {
                     assert_eq!(from, *to, "`-` off the diagonal");
                     continue;
@@ -160,8 +160,8 @@ pub fn parse_table(text: &str) -> BTreeMap<(String, String), Verdict> {
 
 /// Renders differences between two tables as `from -> to: expected X, got Y`.
 pub fn diff(
-    expected: &BTreeMap<(String, String), Verdict>,
-    actual: &BTreeMap<(String, String), Verdict>,
+    expected: &BTreeMap<(String, String), PolicyVerdict>,
+    actual: &BTreeMap<(String, String), PolicyVerdict>,
 ) -> Vec<String> {
     let mut out = Vec::new();
     for (key, want) in expected {

@@ -22,6 +22,28 @@
 //! - named sets of the addresses of the pods a selector peer selects
 //!   (`peer<N>_v4`, `peer<N>_v6`), cluster-wide: pods on other nodes are
 //!   addresses here, policed on their own node as a DaemonSet-based CNI does.
+//!
+//! The cluster policies of kubernetes-sigs/network-policy-api
+//! ([`tiers`]: ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and
+//! BaselineAdminNetworkPolicy v1alpha1) go into the same per-pod chains, in
+//! the order the API judges a direction in:
+//! - the Admin tier first, one rule per (policy, rule, peer, port) by
+//!   ascending priority: Accept/Allow `return`s (allowed this way), Deny
+//!   `drop`s, Pass `goto`s the chain `<direction>/<ns>/<pod>/below-admin`,
+//!   which is also where the chain ends when nothing matched;
+//! - there (or inline when no Admin policy selects the pod): the
+//!   NetworkPolicy rules and their drop when NetworkPolicies isolate the pod;
+//!   otherwise the Baseline tier's rules (Accept and Pass `return`, Deny
+//!   `drop`s), and the end of the chain allows.
+//!
+//! [`NodePolicy::judge`] runs a compiled chain on a packet without a kernel:
+//! the conformance corpus and the random comparison with the engine check
+//! the rules themselves that way.
+
+mod interpret;
+mod tiers;
+
+pub use interpret::{CompiledCluster, Decision, Judgement, Packet};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -51,6 +73,13 @@ pub enum EnforceError {
     #[error("NetworkPolicy {policy}: `{field}`: {detail}")]
     Policy {
         policy: String,
+        field: String,
+        detail: String,
+    },
+    #[error("{kind} {name}: `{field}`: {detail}")]
+    ClusterPolicy {
+        kind: String,
+        name: String,
         field: String,
         detail: String,
     },
@@ -536,6 +565,12 @@ enum Peer {
         cidr: Cidr,
         except: Vec<Cidr>,
     },
+    /// A cluster policy's `networks` entry: pod addresses included, whatever
+    /// [`EnforceOptions::ipblock_matches_pods`] says of ipBlocks.
+    Network(Cidr),
+    /// A cluster policy's `nodes`: the addresses in the selected Node
+    /// objects' `status.addresses`.
+    Nodes(Selector),
 }
 
 #[derive(Clone, Debug)]
@@ -809,10 +844,17 @@ pub struct PolicyChain {
     pub pod: String,
     pub host_if: String,
     pub direction: Direction,
-    /// Policies selecting the pod in this direction; empty: not isolated,
-    /// and the chain has no rules.
+    /// NetworkPolicies selecting the pod in this direction; empty: not
+    /// isolated by NetworkPolicy.
     pub isolated_by: Vec<String>,
-    /// nftables rules: the allowing `return`s, then the counted drop.
+    /// Cluster policies with rules for the pod in this direction, in
+    /// evaluation order (`ClusterNetworkPolicy deny-db (Admin)`).
+    pub cluster_policies: Vec<String>,
+    /// Jumped to from the base chains; false for a `below-admin` chain,
+    /// reached by `goto` from its pod's chain.
+    pub entry: bool,
+    /// nftables rules: the Admin tier's, then the allowing `return`s and the
+    /// counted drop of NetworkPolicy, or the Baseline tier's.
     pub rules: Vec<String>,
 }
 
@@ -849,6 +891,7 @@ pub fn compile_node(
         .iter()
         .map(parse_policy)
         .collect::<Result<Vec<_>, _>>()?;
+    let cluster_policies = tiers::parse_all(&cluster.manifests.tier_policies)?;
     let mut c = Compiler {
         cluster,
         options,
@@ -865,7 +908,7 @@ pub fn compile_node(
     let mut chains = Vec::new();
     for (pod, host_if) in local {
         for d in [Direction::Egress, Direction::Ingress] {
-            chains.push(c.pod_chain(pod, host_if, d, &policies));
+            chains.extend(c.pod_chains(pod, host_if, d, &policies, &cluster_policies));
         }
     }
     if c.all_pods_needed {
@@ -1073,13 +1116,101 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn pod_chain(
+    /// The pod's chain for `d`, and its `below-admin` chain when an Admin
+    /// tier policy selects it.
+    fn pod_chains(
         &mut self,
         pod: &ClusterPod,
         host_if: &str,
         d: Direction,
         policies: &[Policy],
-    ) -> PolicyChain {
+        cluster_policies: &[tiers::ClusterPolicy],
+    ) -> Vec<PolicyChain> {
+        let id = pod.id();
+        let name = format!("{}/{id}", d.field());
+        let namespace_labels = self.cluster.namespace_labels(&pod.namespace);
+        let acting: Vec<&tiers::ClusterPolicy> = cluster_policies
+            .iter()
+            .filter(|p| {
+                !p.rules(d).is_empty()
+                    && p.subject.namespaces.matches(&namespace_labels)
+                    && p.subject.pods.matches(&pod.labels)
+            })
+            .collect();
+        let (admin, baseline): (Vec<&tiers::ClusterPolicy>, Vec<_>) = acting
+            .iter()
+            .copied()
+            .partition(|p| p.tier == tiers::Tier::Admin);
+        let (isolated_by, mut below) = self.network_policy_rules(pod, d, policies);
+        if isolated_by.is_empty() {
+            for p in &baseline {
+                self.tier_rules(pod, d, p, None, &mut below);
+            }
+        }
+        let chain = |name: String, entry: bool, rules: Vec<String>| PolicyChain {
+            name,
+            pod: id.clone(),
+            host_if: host_if.to_string(),
+            direction: d,
+            isolated_by: isolated_by.clone(),
+            cluster_policies: acting.iter().map(|p| p.label()).collect(),
+            entry,
+            rules,
+        };
+        if admin.is_empty() {
+            return vec![chain(name, true, below)];
+        }
+        let below_name = format!("{name}/below-admin");
+        let mut rules = Vec::new();
+        for p in &admin {
+            self.tier_rules(pod, d, p, Some(&below_name), &mut rules);
+        }
+        rules.push(format!("goto {below_name}"));
+        vec![chain(name, true, rules), chain(below_name, false, below)]
+    }
+
+    /// One cluster policy's rules for `pod` in `d`, in written order. Pass
+    /// goes to `pass_to` (the rest of the Admin tier skipped) or, in the
+    /// Baseline tier, allows.
+    fn tier_rules(
+        &mut self,
+        pod: &ClusterPod,
+        d: Direction,
+        policy: &tiers::ClusterPolicy,
+        pass_to: Option<&str>,
+        out: &mut Vec<String>,
+    ) {
+        let id = pod.id();
+        for rule in policy.rules(d) {
+            let verdict = match (rule.action, pass_to) {
+                (tiers::Action::Accept, _) | (tiers::Action::Pass, None) => "return".to_string(),
+                (tiers::Action::Deny, _) => "drop".to_string(),
+                (tiers::Action::Pass, Some(chain)) => format!("goto {chain}"),
+            };
+            let mut label = format!("{} {}[{}]", policy.label(), d.field(), rule.index);
+            if let Some(n) = &rule.name {
+                let _ = write!(label, " {n}");
+            }
+            let comment = comment(&format!("{label} {id}"));
+            for peer in &rule.peers {
+                for port in &rule.ports {
+                    for m in self.matches(pod, d, peer, port) {
+                        let sep = if m.is_empty() { "" } else { " " };
+                        out.push(format!("{m}{sep}counter {verdict} comment \"{comment}\""));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The NetworkPolicies isolating `pod` in `d`, and their rules: the
+    /// allowing `return`s, then the counted drop (none when not isolated).
+    fn network_policy_rules(
+        &mut self,
+        pod: &ClusterPod,
+        d: Direction,
+        policies: &[Policy],
+    ) -> (Vec<String>, Vec<String>) {
         let id = pod.id();
         let selecting: Vec<&Policy> = policies
             .iter()
@@ -1116,14 +1247,7 @@ impl Compiler<'_> {
                 comment(&drop_comment(&id, d))
             ));
         }
-        PolicyChain {
-            name: format!("{}/{id}", d.field()),
-            pod: id,
-            host_if: host_if.to_string(),
-            direction: d,
-            isolated_by: selecting.iter().map(|p| p.id.clone()).collect(),
-            rules,
-        }
+        (selecting.iter().map(|p| p.id.clone()).collect(), rules)
     }
 
     /// nft match expressions (each one rule) for traffic of `pod` in
@@ -1213,6 +1337,11 @@ impl Compiler<'_> {
                 }
                 vec![m]
             }
+            Peer::Network(cidr) => vec![format!("{} {field} {cidr}", cidr.nft_family())],
+            Peer::Nodes(sel) => split_families(&self.node_addresses(sel))
+                .into_iter()
+                .map(|(family, ips)| format!("{family} {field} {{ {} }}", join(&ips)))
+                .collect(),
             Peer::Pods { namespaces, pods } => {
                 let n = self.selector_set(namespaces, pods);
                 let mut out = Vec::new();
@@ -1304,7 +1433,29 @@ impl Compiler<'_> {
                 .filter(|p| !p.ips.is_empty())
                 .collect(),
             Peer::Block { .. } => Vec::new(),
+            Peer::Network(cidr) => policy_pods()
+                .map(|p| {
+                    let mut p = p.clone();
+                    p.ips.retain(|ip| cidr.contains(*ip));
+                    p
+                })
+                .filter(|p| !p.ips.is_empty())
+                .collect(),
+            // Node addresses have no container ports.
+            Peer::Nodes(_) => Vec::new(),
         }
+    }
+
+    /// The addresses of the Node objects `sel` selects.
+    fn node_addresses(&self, sel: &Selector) -> Vec<IpAddr> {
+        self.cluster
+            .manifests
+            .nodes
+            .iter()
+            .filter(|n| sel.matches(&n.metadata.labels.clone().unwrap_or_default()))
+            .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+            .filter_map(|a| a.address.trim().parse().ok())
+            .collect()
     }
 }
 
@@ -1359,7 +1510,7 @@ impl NodePolicy {
             out,
             "  comment \"{}\"",
             comment(&format!(
-                "NetworkPolicy of node {}, compiled by the netwatch lab",
+                "Policies of node {}, compiled by the netwatch lab",
                 self.node
             ))
         );
@@ -1378,12 +1529,12 @@ impl NodePolicy {
         let egress: Vec<&PolicyChain> = self
             .chains
             .iter()
-            .filter(|c| c.direction == Direction::Egress)
+            .filter(|c| c.entry && c.direction == Direction::Egress)
             .collect();
         let ingress: Vec<&PolicyChain> = self
             .chains
             .iter()
-            .filter(|c| c.direction == Direction::Ingress)
+            .filter(|c| c.entry && c.direction == Direction::Ingress)
             .collect();
 
         // Pods' traffic crossing the node: the source's egress, then the
@@ -1442,7 +1593,7 @@ impl NodePolicy {
         let _ = writeln!(out, "  }}");
 
         for c in &self.chains {
-            let why = if c.isolated_by.is_empty() {
+            let mut why = if c.isolated_by.is_empty() {
                 format!("{} {}: not isolated", c.pod, c.direction)
             } else {
                 format!(
@@ -1452,6 +1603,9 @@ impl NodePolicy {
                     c.isolated_by.join(", ")
                 )
             };
+            if !c.cluster_policies.is_empty() {
+                let _ = write!(why, "; tiers: {}", c.cluster_policies.join(", "));
+            }
             let _ = writeln!(
                 out,
                 "  chain {} {{\n    comment \"{}\"",
@@ -2097,6 +2251,106 @@ spec: { podSelector: {}, egress: [], ingress: [] }
                 e.starts_with(&format!("NetworkPolicy y/bad: `{field}`: ")) && e.contains(detail),
                 "{spec}\n=> {e}"
             );
+        }
+    }
+
+    #[test]
+    fn cluster_tiers_wrap_the_network_policy_rules() {
+        let p = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: { name: admin }
+spec:
+  tier: Admin
+  priority: 5
+  subject: { namespaces: { matchLabels: { ns: x } } }
+  ingress:
+    - { name: pass-y, action: Pass, from: [ { namespaces: { matchLabels: { ns: y } } } ] }
+    - { name: deny-all, action: Deny, from: [ { namespaces: {} } ] }
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: { name: default }
+spec:
+  subject: { namespaces: {} }
+  egress: [ { name: no-dns, action: Deny, to: [ { networks: [ 10.0.0.0/8 ] } ], ports: [ { portNumber: { protocol: UDP, port: 53 } } ] } ]
+"#;
+        let n = node(&format!("{DENY_INGRESS_X}---\n{p}"), "node-1");
+        let admin = chain(&n, "ingress/x/a");
+        assert_eq!(
+            admin.cluster_policies,
+            ["ClusterNetworkPolicy admin (Admin)"]
+        );
+        assert!(
+            admin.rules[0].starts_with("ip saddr @peer0_v4 counter goto ingress/x/a/below-admin comment \"ClusterNetworkPolicy admin (Admin) ingress[0] pass-y x/a\""),
+            "{:#?}",
+            admin.rules
+        );
+        assert!(admin.rules.iter().any(|r| r.contains(
+            "counter drop comment \"ClusterNetworkPolicy admin (Admin) ingress[1] deny-all x/a\""
+        )));
+        assert_eq!(admin.rules.last().unwrap(), "goto ingress/x/a/below-admin");
+        let below = chain(&n, "ingress/x/a/below-admin");
+        assert!(!below.entry);
+        assert_eq!(
+            below.rules,
+            ["counter drop comment \"x/a ingress denied\""],
+            "NetworkPolicy isolates x/a: the Baseline tier is not reached"
+        );
+        let egress = chain(&n, "egress/y/a");
+        assert_eq!(
+            egress.rules,
+            [
+                "ip daddr 10.0.0.0/8 meta l4proto udp th dport 53 counter drop comment \"BaselineAdminNetworkPolicy default (Baseline) egress[0] no-dns y/a\""
+            ],
+            "not isolated by NetworkPolicy: the Baseline tier inline"
+        );
+        let text = n.to_nft();
+        assert!(!text.contains("jump ingress/x/a/below-admin"), "{text}");
+        let packet = |saddr: &str| Packet {
+            saddr: saddr.parse().unwrap(),
+            daddr: "10.244.1.2".parse().unwrap(),
+            protocol: L4::Tcp,
+            dport: 80,
+        };
+        assert_eq!(
+            n.judge("ingress/x/a", &packet("10.244.1.3")).unwrap(),
+            Judgement::Dropped {
+                by: "x/a ingress denied".into()
+            },
+            "y/a: passed to NetworkPolicy, which denies"
+        );
+        assert!(matches!(
+            n.judge("ingress/x/a", &packet("10.244.2.2")).unwrap(),
+            Judgement::Dropped { by } if by.contains("deny-all")
+        ));
+    }
+
+    #[test]
+    fn bad_cluster_policies_are_refused_naming_kind_and_field() {
+        let cases = [
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: { name: other }\nspec: { subject: { namespaces: {} } }",
+                "BaselineAdminNetworkPolicy other: `metadata.name`",
+            ),
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: { name: c }\nspec: { tier: admin, priority: 1, subject: { namespaces: {} } }",
+                "ClusterNetworkPolicy c: `spec.tier`",
+            ),
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: { name: a }\nspec: { priority: 1, subject: { namespaces: {} }, ingress: [ { action: Accept, from: [ { namespaces: {} } ] } ] }",
+                "AdminNetworkPolicy a: `spec.ingress[0].action`",
+            ),
+            (
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: { name: c }\nspec: { tier: Admin, priority: 1, subject: { namespaces: {} }, egress: [ { action: Deny, to: [ { networks: [ 10.0.0.0/8 ] } ], protocols: [ { destinationNamedPort: http } ] } ] }",
+                "ClusterNetworkPolicy c: `spec.egress[0]`",
+            ),
+        ];
+        for (p, want) in cases {
+            let e = compile(&cluster(p), "node-1", &EnforceOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{p}\n=> {e}");
         }
     }
 

@@ -1,7 +1,10 @@
 //! The lab's own Kubernetes manifest loader: YAML (or JSON) files and
 //! directories, multi-document, `kind: List` and `<Kind>List`, into typed
 //! k8s-openapi objects. Only the kinds the lab acts on are kept (Namespaces,
-//! Nodes, Pods, Services, EndpointSlices, NetworkPolicies); others
+//! Nodes, Pods, Services, EndpointSlices, NetworkPolicies, and the cluster
+//! policies of kubernetes-sigs/network-policy-api: ClusterNetworkPolicy
+//! v1alpha2, AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1,
+//! typed here as [`TierPolicy`]); others
 //! (Deployments, ReplicaSets, ...) are skipped silently: they matter to the
 //! agent, not to the lab. Independent of the agent's loader on purpose.
 
@@ -11,10 +14,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml::{Mapping, Value};
@@ -61,6 +67,170 @@ pub struct Manifests {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub network_policies: Vec<NetworkPolicy>,
+    /// ClusterNetworkPolicies, AdminNetworkPolicies and
+    /// BaselineAdminNetworkPolicies, told apart by [`TierPolicy::kind`].
+    pub tier_policies: Vec<TierPolicy>,
+}
+
+/// The cluster-scoped policy kinds, with the apiVersion the lab reads each as.
+pub const TIER_POLICY_KINDS: [(&str, &str); 3] = [
+    ("ClusterNetworkPolicy", "policy.networking.k8s.io/v1alpha2"),
+    ("AdminNetworkPolicy", "policy.networking.k8s.io/v1alpha1"),
+    (
+        "BaselineAdminNetworkPolicy",
+        "policy.networking.k8s.io/v1alpha1",
+    ),
+];
+
+/// A ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy
+/// as written. The three share one shape here: which fields a kind may use
+/// (`tier` and `protocols` in v1alpha2, `ports` in v1alpha1, ...) is checked
+/// by the enforcer when it compiles them, naming the field.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TierPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: TierPolicySpec,
+    #[serde(default)]
+    pub status: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPolicySpec {
+    /// v1alpha2: `Admin` or `Baseline`.
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i64>,
+    #[serde(default)]
+    pub subject: Option<TierSubject>,
+    #[serde(default)]
+    pub ingress: Vec<TierRule>,
+    #[serde(default)]
+    pub egress: Vec<TierRule>,
+}
+
+/// `namespaces`, or `pods` (a namespace selector and a pod selector).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierSubject {
+    #[serde(default)]
+    pub namespaces: Option<LabelSelector>,
+    #[serde(default)]
+    pub pods: Option<TierPods>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPods {
+    #[serde(default)]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default)]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+/// An ingress (`from`) or egress (`to`) rule.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub from: Option<Vec<TierPeer>>,
+    #[serde(default)]
+    pub to: Option<Vec<TierPeer>>,
+    /// v1alpha2.
+    #[serde(default)]
+    pub protocols: Option<Vec<TierProtocol>>,
+    /// v1alpha1.
+    #[serde(default)]
+    pub ports: Option<Vec<TierPort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPeer {
+    #[serde(default)]
+    pub namespaces: Option<LabelSelector>,
+    #[serde(default)]
+    pub pods: Option<TierPods>,
+    #[serde(default)]
+    pub nodes: Option<LabelSelector>,
+    #[serde(default)]
+    pub networks: Option<Vec<String>>,
+    #[serde(default)]
+    pub domain_names: Option<Vec<String>>,
+}
+
+/// v1alpha2: `tcp`/`udp`/`sctp` with a `destinationPort`, or
+/// `destinationNamedPort`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierProtocol {
+    #[serde(default)]
+    pub tcp: Option<TierDestination>,
+    #[serde(default)]
+    pub udp: Option<TierDestination>,
+    #[serde(default)]
+    pub sctp: Option<TierDestination>,
+    #[serde(default)]
+    pub destination_named_port: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierDestination {
+    #[serde(default)]
+    pub destination_port: Option<TierPortNumbers>,
+}
+
+/// `number` or `range`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPortNumbers {
+    #[serde(default)]
+    pub number: Option<i32>,
+    #[serde(default)]
+    pub range: Option<TierPortRange>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPortRange {
+    /// v1alpha1 only (TCP when absent).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    pub start: i32,
+    pub end: i32,
+}
+
+/// v1alpha1: `portNumber`, `portRange` or `namedPort`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPort {
+    #[serde(default)]
+    pub port_number: Option<TierPortNumber>,
+    #[serde(default)]
+    pub port_range: Option<TierPortRange>,
+    #[serde(default)]
+    pub named_port: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierPortNumber {
+    #[serde(default)]
+    pub protocol: Option<String>,
+    pub port: i32,
 }
 
 impl Manifests {
@@ -128,6 +298,17 @@ impl Manifests {
         apply(&mut self.network_policies, other.network_policies, |o| {
             &o.metadata
         });
+        // Cluster-scoped: the kind tells objects of one name apart.
+        for object in other.tier_policies {
+            match self
+                .tier_policies
+                .iter_mut()
+                .find(|o| o.kind == object.kind && o.metadata.name == object.metadata.name)
+            {
+                Some(existing) => *existing = object,
+                None => self.tier_policies.push(object),
+            }
+        }
     }
 
     /// `implied` is the (apiVersion, kind) of a `<Kind>List`'s items, which
@@ -205,7 +386,10 @@ impl Manifests {
             "Namespace" | "Node" | "Pod" | "Service" => "v1",
             "EndpointSlice" => "discovery.k8s.io/v1",
             "NetworkPolicy" => "networking.k8s.io/v1",
-            _ => return Ok(()),
+            other => match TIER_POLICY_KINDS.iter().find(|(k, _)| *k == other) {
+                Some((_, version)) => version,
+                None => return Ok(()),
+            },
         };
         if let Some(v) = map
             .get("apiVersion")
@@ -235,6 +419,9 @@ impl Manifests {
             "Service" => self.services.push(ctx.typed(value)?),
             "EndpointSlice" => self.endpoint_slices.push(ctx.typed(value)?),
             "NetworkPolicy" => self.network_policies.push(ctx.typed(value)?),
+            "ClusterNetworkPolicy" | "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => {
+                self.tier_policies.push(ctx.typed(value)?)
+            }
             // Workloads, ConfigMaps, RBAC...: not the lab's business (skipped above).
             _ => {}
         }

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::types::{
     AdminNetworkPolicy, AnpPort, BaselineAdminNetworkPolicy, ClusterNetworkPolicy, CnpProtocol,
-    NamespacedPod, Peer, PortRange, Subject,
+    NamespacedPod, Peer, PortRange, Rule, Subject,
 };
 use crate::policy::model::{FieldProblem, Protocol, parse_cidr, validate_port_name};
 use crate::policy::selector::CompiledSelector;
@@ -237,52 +237,7 @@ pub fn compile_cluster_network_policy(
     let priority = priority(spec.priority)?;
     let subject = subject(spec.subject.as_ref())?;
     let reference = PolicyRef::cluster(PolicyKind::ClusterNetworkPolicy, tier, name);
-    let mut ingress = Vec::new();
-    let rules = spec.ingress.as_deref().unwrap_or_default();
-    max_items(rules.len(), V1ALPHA2_LIMITS.rules, "spec.ingress")?;
-    for (i, rule) in rules.iter().enumerate() {
-        let path = format!("spec.ingress[{i}]");
-        let action = cnp_action(rule.action.as_deref(), &path)?;
-        let peers = peers(
-            rule.from.as_deref(),
-            &path,
-            "from",
-            true,
-            true,
-            &V1ALPHA2_LIMITS,
-        )?;
-        let ports = cnp_protocols(rule.protocols.as_deref(), &path)?;
-        ingress.push(finish_rule(
-            rule.name.as_deref(),
-            action,
-            peers,
-            ports,
-            &path,
-        )?);
-    }
-    let mut egress = Vec::new();
-    let rules = spec.egress.as_deref().unwrap_or_default();
-    max_items(rules.len(), V1ALPHA2_LIMITS.rules, "spec.egress")?;
-    for (i, rule) in rules.iter().enumerate() {
-        let path = format!("spec.egress[{i}]");
-        let action = cnp_action(rule.action.as_deref(), &path)?;
-        let peers = peers(
-            rule.to.as_deref(),
-            &path,
-            "to",
-            false,
-            true,
-            &V1ALPHA2_LIMITS,
-        )?;
-        let ports = cnp_protocols(rule.protocols.as_deref(), &path)?;
-        egress.push(finish_rule(
-            rule.name.as_deref(),
-            action,
-            peers,
-            ports,
-            &path,
-        )?);
-    }
+    let (ingress, egress) = rules(&spec.ingress, &spec.egress, Version::V1alpha2)?;
     Ok(ClusterPolicy {
         reference,
         priority,
@@ -304,13 +259,18 @@ pub fn compile_admin_network_policy(
             "give it spec.priority, spec.subject and rules",
         ));
     };
+    no_field(
+        spec.tier.is_some(),
+        "spec.tier",
+        "an AdminNetworkPolicy has no tier: it is the Admin tier",
+    )?;
     let priority = priority(spec.priority)?;
     let subject = subject(spec.subject.as_ref())?;
     let reference = PolicyRef::cluster(PolicyKind::AdminNetworkPolicy, Tier::Admin, name);
-    let (ingress, egress) = v1alpha1_rules(
-        spec.ingress.as_deref().unwrap_or_default(),
-        spec.egress.as_deref().unwrap_or_default(),
-        true,
+    let (ingress, egress) = rules(
+        &spec.ingress,
+        &spec.egress,
+        Version::V1alpha1 { admin: true },
     )?;
     Ok(ClusterPolicy {
         reference,
@@ -342,13 +302,23 @@ pub fn compile_baseline_admin_network_policy(
             "give it spec.subject and rules",
         ));
     };
+    no_field(
+        spec.tier.is_some(),
+        "spec.tier",
+        "a BaselineAdminNetworkPolicy has no tier: it is the Baseline tier",
+    )?;
+    no_field(
+        spec.priority.is_some(),
+        "spec.priority",
+        "a BaselineAdminNetworkPolicy has no priority: there is only one",
+    )?;
     let subject = subject(spec.subject.as_ref())?;
     let reference =
         PolicyRef::cluster(PolicyKind::BaselineAdminNetworkPolicy, Tier::Baseline, name);
-    let (ingress, egress) = v1alpha1_rules(
-        spec.ingress.as_deref().unwrap_or_default(),
-        spec.egress.as_deref().unwrap_or_default(),
-        false,
+    let (ingress, egress) = rules(
+        &spec.ingress,
+        &spec.egress,
+        Version::V1alpha1 { admin: false },
     )?;
     Ok(ClusterPolicy {
         reference,
@@ -361,26 +331,85 @@ pub fn compile_baseline_admin_network_policy(
 
 type Rules = (Vec<ClusterRule>, Vec<ClusterRule>);
 
-fn v1alpha1_rules(
-    ingress_rules: &[super::types::AnpIngressRule],
-    egress_rules: &[super::types::AnpEgressRule],
-    admin: bool,
+/// Which API a rule is written in: v1alpha2 (ClusterNetworkPolicy), or
+/// v1alpha1 for the Admin (AdminNetworkPolicy) or Baseline
+/// (BaselineAdminNetworkPolicy) tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    V1alpha2,
+    V1alpha1 { admin: bool },
+}
+
+/// A policy's ingress and egress rules, in written order.
+fn rules(
+    ingress: &Option<Vec<Rule>>,
+    egress: &Option<Vec<Rule>>,
+    version: Version,
 ) -> Result<Rules, FieldProblem> {
-    let mut ingress = Vec::new();
-    max_items(ingress_rules.len(), V1ALPHA1_LIMITS.rules, "spec.ingress")?;
-    for (i, rule) in ingress_rules.iter().enumerate() {
-        let path = format!("spec.ingress[{i}]");
-        let action = anp_action(rule.action.as_deref(), &path, admin)?;
+    Ok((
+        direction_rules(ingress.as_deref().unwrap_or_default(), true, version)?,
+        direction_rules(egress.as_deref().unwrap_or_default(), false, version)?,
+    ))
+}
+
+fn direction_rules(
+    rules: &[Rule],
+    ingress: bool,
+    version: Version,
+) -> Result<Vec<ClusterRule>, FieldProblem> {
+    let (field, peers_field, other_field) = if ingress {
+        ("spec.ingress", "from", "to")
+    } else {
+        ("spec.egress", "to", "from")
+    };
+    let (limits, wrong_ports, domain_names) = match version {
+        Version::V1alpha2 => (&V1ALPHA2_LIMITS, ("ports", "protocols"), true),
+        Version::V1alpha1 { admin } => (&V1ALPHA1_LIMITS, ("protocols", "ports"), admin),
+    };
+    max_items(rules.len(), limits.rules, field)?;
+    let mut out = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let path = format!("{field}[{i}]");
+        let (list, other, ports_set) = if ingress {
+            (&rule.from, &rule.to, rule.ports.is_some())
+        } else {
+            (&rule.to, &rule.from, rule.ports.is_some())
+        };
+        if other.is_some() {
+            return Err(problem(
+                format!("{path}.{other_field}"),
+                format!("an {} rule has no `{other_field}`", &field[5..]),
+                format!("list its peers under `{peers_field}`"),
+            ));
+        }
+        let misplaced = match version {
+            Version::V1alpha2 => ports_set,
+            Version::V1alpha1 { .. } => rule.protocols.is_some(),
+        };
+        if misplaced {
+            return Err(problem(
+                format!("{path}.{}", wrong_ports.0),
+                format!("this API version has no `{}` in rules", wrong_ports.0),
+                format!("name ports under `{}`", wrong_ports.1),
+            ));
+        }
+        let action = match version {
+            Version::V1alpha2 => cnp_action(rule.action.as_deref(), &path)?,
+            Version::V1alpha1 { admin } => anp_action(rule.action.as_deref(), &path, admin)?,
+        };
         let peers = peers(
-            rule.from.as_deref(),
+            list.as_deref(),
             &path,
-            "from",
-            true,
-            admin,
-            &V1ALPHA1_LIMITS,
+            peers_field,
+            ingress,
+            domain_names,
+            limits,
         )?;
-        let ports = anp_ports(rule.ports.as_deref(), &path)?;
-        ingress.push(finish_rule(
+        let ports = match version {
+            Version::V1alpha2 => cnp_protocols(rule.protocols.as_deref(), &path)?,
+            Version::V1alpha1 { .. } => anp_ports(rule.ports.as_deref(), &path)?,
+        };
+        out.push(finish_rule(
             rule.name.as_deref(),
             action,
             peers,
@@ -388,29 +417,15 @@ fn v1alpha1_rules(
             &path,
         )?);
     }
-    let mut egress = Vec::new();
-    max_items(egress_rules.len(), V1ALPHA1_LIMITS.rules, "spec.egress")?;
-    for (i, rule) in egress_rules.iter().enumerate() {
-        let path = format!("spec.egress[{i}]");
-        let action = anp_action(rule.action.as_deref(), &path, admin)?;
-        let peers = peers(
-            rule.to.as_deref(),
-            &path,
-            "to",
-            false,
-            admin,
-            &V1ALPHA1_LIMITS,
-        )?;
-        let ports = anp_ports(rule.ports.as_deref(), &path)?;
-        egress.push(finish_rule(
-            rule.name.as_deref(),
-            action,
-            peers,
-            ports,
-            &path,
-        )?);
+    Ok(out)
+}
+
+/// A field the kind does not have (one spec type serves the three kinds).
+fn no_field(set: bool, field: &str, why: &str) -> Result<(), FieldProblem> {
+    if set {
+        return Err(problem(field, why.to_string(), "remove it"));
     }
-    Ok((ingress, egress))
+    Ok(())
 }
 
 fn object_name(name: &Option<String>) -> Result<String, FieldProblem> {
@@ -771,45 +786,68 @@ fn range(
     })
 }
 
+/// The entries of a `protocols` (v1alpha2) or `ports` (v1alpha1) list, each
+/// with its path; none when the list is absent (every port). An empty or
+/// over-long list is refused as the CRDs do.
+fn port_entries<'a, T>(
+    list: Option<&'a [T]>,
+    path: &str,
+    field: &str,
+    entry: &str,
+    limit: usize,
+) -> Result<Vec<(String, &'a T)>, FieldProblem> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    let list_path = format!("{path}.{field}");
+    if list.is_empty() {
+        return Err(problem(
+            list_path,
+            format!("{field} is empty"),
+            format!("list at least one {entry}, or remove `{field}` to match every port"),
+        ));
+    }
+    max_items(list.len(), limit, &list_path)?;
+    Ok(list
+        .iter()
+        .enumerate()
+        .map(|(k, e)| (format!("{list_path}[{k}]"), e))
+        .collect())
+}
+
+/// An entry that must set exactly one of `fields`.
+fn exactly_one(set: &[bool], path: &str, entry: &str, fields: &str) -> Result<(), FieldProblem> {
+    match set.iter().filter(|b| **b).count() {
+        1 => Ok(()),
+        n => Err(problem(
+            path,
+            if n == 0 {
+                format!("the {entry} entry is empty")
+            } else {
+                format!("the {entry} entry sets more than one field")
+            },
+            format!("set exactly one of {fields}; use separate entries for more"),
+        )),
+    }
+}
+
 fn cnp_protocols(
     list: Option<&[CnpProtocol]>,
     path: &str,
 ) -> Result<Vec<ClusterPort>, FieldProblem> {
-    let Some(list) = list else {
-        return Ok(Vec::new());
-    };
-    let list_path = format!("{path}.protocols");
-    if list.is_empty() {
-        return Err(problem(
-            list_path,
-            "protocols is empty",
-            "list at least one protocol, or remove `protocols` to match every port",
-        ));
-    }
-    max_items(list.len(), V1ALPHA2_LIMITS.ports, &list_path)?;
-    let mut out = Vec::with_capacity(list.len());
-    for (k, entry) in list.iter().enumerate() {
-        let p = format!("{list_path}[{k}]");
-        let set = [
-            entry.tcp.is_some(),
-            entry.udp.is_some(),
-            entry.sctp.is_some(),
-            entry.destination_named_port.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if set != 1 {
-            return Err(problem(
-                p,
-                if set == 0 {
-                    "the protocol entry is empty"
-                } else {
-                    "the protocol entry sets more than one field"
-                },
-                "set exactly one of tcp, udp, sctp or destinationNamedPort; use separate entries for more",
-            ));
-        }
+    let mut out = Vec::new();
+    for (p, entry) in port_entries(list, path, "protocols", "protocol", V1ALPHA2_LIMITS.ports)? {
+        exactly_one(
+            &[
+                entry.tcp.is_some(),
+                entry.udp.is_some(),
+                entry.sctp.is_some(),
+                entry.destination_named_port.is_some(),
+            ],
+            &p,
+            "protocol",
+            "tcp, udp, sctp or destinationNamedPort",
+        )?;
         if let Some(name) = &entry.destination_named_port {
             validate_port_name(name, &format!("{p}.destinationNamedPort"))?;
             out.push(ClusterPort::Named(name.clone()));
@@ -882,40 +920,18 @@ fn protocol_v1alpha1(p: Option<&str>, field: &str) -> Result<Protocol, FieldProb
 }
 
 fn anp_ports(list: Option<&[AnpPort]>, path: &str) -> Result<Vec<ClusterPort>, FieldProblem> {
-    let Some(list) = list else {
-        return Ok(Vec::new());
-    };
-    let list_path = format!("{path}.ports");
-    if list.is_empty() {
-        return Err(problem(
-            list_path,
-            "ports is empty",
-            "list at least one port, or remove `ports` to match every port",
-        ));
-    }
-    max_items(list.len(), V1ALPHA1_LIMITS.ports, &list_path)?;
-    let mut out = Vec::with_capacity(list.len());
-    for (k, entry) in list.iter().enumerate() {
-        let p = format!("{list_path}[{k}]");
-        let set = [
-            entry.port_number.is_some(),
-            entry.named_port.is_some(),
-            entry.port_range.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if set != 1 {
-            return Err(problem(
-                p,
-                if set == 0 {
-                    "the port entry is empty"
-                } else {
-                    "the port entry sets more than one field"
-                },
-                "set exactly one of portNumber, portRange or namedPort; use separate entries for more",
-            ));
-        }
+    let mut out = Vec::new();
+    for (p, entry) in port_entries(list, path, "ports", "port", V1ALPHA1_LIMITS.ports)? {
+        exactly_one(
+            &[
+                entry.port_number.is_some(),
+                entry.named_port.is_some(),
+                entry.port_range.is_some(),
+            ],
+            &p,
+            "port",
+            "portNumber, portRange or namedPort",
+        )?;
         if let Some(n) = &entry.port_number {
             let protocol =
                 protocol_v1alpha1(n.protocol.as_deref(), &format!("{p}.portNumber.protocol"))?;
@@ -977,7 +993,6 @@ fn finish_rule(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::api::cluster::types::*;
 
     fn cnp(yaml: &str) -> Result<ClusterPolicy, FieldProblem> {
         let p: ClusterNetworkPolicy = serde_yaml::from_str(&format!(

@@ -15,10 +15,12 @@ pub const API_GROUP: &str = "policy.networking.k8s.io";
 pub const V1ALPHA2: &str = "policy.networking.k8s.io/v1alpha2";
 pub const V1ALPHA1: &str = "policy.networking.k8s.io/v1alpha1";
 
-/// `kind: ClusterNetworkPolicy`, cluster-scoped.
+/// An object of one of the three kinds: `kind: ClusterNetworkPolicy`,
+/// `AdminNetworkPolicy` or `BaselineAdminNetworkPolicy` (all cluster-scoped).
+/// The kind parameter only tells the three apart as Kubernetes resources.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ClusterNetworkPolicy {
+pub struct PolicyObject<K> {
     #[serde(default)]
     pub api_version: String,
     #[serde(default)]
@@ -26,23 +28,46 @@ pub struct ClusterNetworkPolicy {
     #[serde(default)]
     pub metadata: ObjectMeta,
     #[serde(default)]
-    pub spec: Option<ClusterNetworkPolicySpec>,
+    pub spec: Option<PolicySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    #[serde(skip)]
+    pub kind_marker: std::marker::PhantomData<K>,
 }
 
+/// Markers for [`PolicyObject`]'s kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cnp;
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Anp;
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Banp;
+
+/// `kind: ClusterNetworkPolicy` (v1alpha2).
+pub type ClusterNetworkPolicy = PolicyObject<Cnp>;
+/// `kind: AdminNetworkPolicy` (v1alpha1).
+pub type AdminNetworkPolicy = PolicyObject<Anp>;
+/// `kind: BaselineAdminNetworkPolicy` (v1alpha1): one per cluster, named
+/// `default`.
+pub type BaselineAdminNetworkPolicy = PolicyObject<Banp>;
+
+/// The spec of any of the three kinds. Which fields a kind has is checked by
+/// [`super::compile`]: `tier` is v1alpha2's alone, a
+/// BaselineAdminNetworkPolicy has no `priority`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ClusterNetworkPolicySpec {
-    /// `Admin` or `Baseline`.
+pub struct PolicySpec {
+    /// v1alpha2: `Admin` or `Baseline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
     /// 0 to 1000; lower is evaluated first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
     pub subject: Option<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<CnpIngressRule>>,
+    pub ingress: Option<Vec<Rule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<CnpEgressRule>>,
+    pub egress: Option<Vec<Rule>>,
 }
 
 /// Who a policy applies to: exactly one of the two.
@@ -64,27 +89,26 @@ pub struct NamespacedPod {
     pub pod_selector: Option<LabelSelector>,
 }
 
+/// An ingress or egress rule of either version. Which of its fields a rule
+/// may use (ingress `from`, egress `to`; v1alpha2 `protocols`, v1alpha1
+/// `ports`; v1alpha2 actions Accept, Deny, Pass, v1alpha1 Allow, Deny, Pass)
+/// is checked by [`super::compile`], naming the field.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CnpIngressRule {
+pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `Accept`, `Deny` or `Pass`.
     pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Vec<Peer>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocols: Option<Vec<CnpProtocol>>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CnpEgressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub action: Option<String>,
     pub to: Option<Vec<Peer>>,
+    /// v1alpha2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocols: Option<Vec<CnpProtocol>>,
+    /// v1alpha1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<AnpPort>>,
 }
 
 /// A peer of either version: exactly one field. Ingress peers may only be
@@ -143,83 +167,6 @@ pub struct PortRange {
     pub protocol: Option<String>,
     pub start: Option<i64>,
     pub end: Option<i64>,
-}
-
-/// `kind: AdminNetworkPolicy`, cluster-scoped.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AdminNetworkPolicy {
-    #[serde(default)]
-    pub api_version: String,
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: Option<AdminNetworkPolicySpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AdminNetworkPolicySpec {
-    pub priority: Option<i64>,
-    pub subject: Option<Subject>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<AnpIngressRule>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<AnpEgressRule>>,
-}
-
-/// `kind: BaselineAdminNetworkPolicy`: one per cluster, named `default`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BaselineAdminNetworkPolicy {
-    #[serde(default)]
-    pub api_version: String,
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: Option<BaselineAdminNetworkPolicySpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BaselineAdminNetworkPolicySpec {
-    pub subject: Option<Subject>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<AnpIngressRule>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<AnpEgressRule>>,
-}
-
-/// A v1alpha1 ingress rule (AdminNetworkPolicy: Allow, Deny, Pass;
-/// BaselineAdminNetworkPolicy: Allow, Deny).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AnpIngressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub action: Option<String>,
-    pub from: Option<Vec<Peer>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<AnpPort>>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AnpEgressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub action: Option<String>,
-    pub to: Option<Vec<Peer>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<AnpPort>>,
 }
 
 /// One entry of v1alpha1 `ports`: exactly one field.
