@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn,
-    REASON_FILTER_LEN, SockConn, loss,
+    DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn, REASON_FILTER_LEN,
+    SockConn, loss,
 };
 
 /// New dropped flows and connection state changes, in order, to user space.
@@ -66,6 +66,11 @@ pub static CONNECT_BY_COOKIE: LruHashMap<u64, u64> = LruHashMap::with_max_entrie
 /// `FILTER_NETNS` global is set.
 #[map]
 pub static NETNS_ALLOW: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Per-CPU scratch for the drop being recorded (its table value and
+/// tunnel), kept off the 512-byte stack.
+#[map]
+pub static DROP_SCRATCH: PerCpuArray<DropStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// Count one lost or untracked event.
 #[inline(always)]

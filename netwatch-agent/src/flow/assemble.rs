@@ -16,12 +16,12 @@ use std::{
 
 use netwatch_common::{
     DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, PendingConn, pending_kind, tcp_flags,
+    IPPROTO_UDP, Outer, PendingConn, encap, pending_kind, tcp_flags,
 };
 
 use super::record::{
-    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, OriginalDestination, Ports,
-    TcpFlags, Verdict,
+    Encapsulation, EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle,
+    OriginalDestination, OuterHeader, Ports, TcpFlags, Verdict,
 };
 use crate::{
     capture::{
@@ -100,6 +100,9 @@ struct ActiveFlow {
     pre_nat_dst: Option<([u8; 16], u16)>,
     post_nat_dst: Option<([u8; 16], u16)>,
     reply_dropped: bool,
+    /// The tunnel its packets were dropped in, when a node dropped them
+    /// encapsulated.
+    outer: Option<Outer>,
     tcp_flags: u8,
     attempts: u64,
     attempt_bytes: u64,
@@ -186,11 +189,13 @@ impl FlowAssembler {
                 ifindex,
                 bytes,
                 tcp_flags,
+                outer,
                 ..
             }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
                 let f = self.locate(key, NatSide::Post, time);
                 f.drop_keys.insert((flow, reason));
+                f.outer = f.outer.or(outer);
                 note_drop(f, reply, tcp_flags, ifindex);
                 let c = f.drops.entry(reason).or_default();
                 // The event carries the first packet; the table scan brings exact totals.
@@ -211,6 +216,9 @@ impl FlowAssembler {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
                 let f = self.locate(fkey, NatSide::Post, first);
                 f.drop_keys.insert((key.flow, key.reason));
+                if f.outer.is_none() && stats.outer.encap != encap::NONE {
+                    f.outer = Some(stats.outer);
+                }
                 let c = f.drops.entry(key.reason).or_default();
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
@@ -455,6 +463,7 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         pre_nat_dst: None,
         post_nat_dst: None,
         reply_dropped: false,
+        outer: None,
         tcp_flags: 0,
         attempts: 0,
         attempt_bytes: 0,
@@ -560,6 +569,33 @@ fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32) {
     if f.ifindex == 0 {
         f.ifindex = ifindex;
         f.direction = Direction::FromPod;
+    }
+}
+
+/// The record's view of a tunnel header from the kernel.
+fn outer_header(o: &Outer) -> OuterHeader {
+    let as_key = FlowKey {
+        src_addr: o.src_addr,
+        dst_addr: o.dst_addr,
+        ip_version: o.ip_version,
+        ..FlowKey::default()
+    };
+    let (source, destination) = addresses(&as_key);
+    let encapsulation = match o.encap {
+        encap::VXLAN => Encapsulation::Vxlan,
+        encap::GENEVE => Encapsulation::Geneve,
+        _ => Encapsulation::Ipip,
+    };
+    OuterHeader {
+        source,
+        destination,
+        protocol: if o.proto == IPPROTO_UDP {
+            "UDP".into()
+        } else {
+            "IPIP".into()
+        },
+        port: (o.proto == IPPROTO_UDP).then_some(o.dst_port),
+        encapsulation,
     }
 }
 
@@ -774,6 +810,7 @@ fn render(
         source: Endpoint::unresolved(src, has_ports.then_some(f_key.src_port)),
         destination: Endpoint::unresolved(dst, has_ports.then_some(f_key.dst_port)),
         original_destination: original,
+        outer: f.outer.as_ref().map(outer_header),
         flow_type: "L3_L4".into(),
         node_name: config.node_name.clone(),
         event_type,
@@ -890,6 +927,7 @@ mod tests {
             netns: 1,
             bytes: 60,
             tcp_flags: tcp_flags::SYN,
+            outer: None,
         })
     }
 
@@ -1231,6 +1269,7 @@ mod tests {
             netns: 1,
             bytes: 60,
             tcp_flags: tcp_flags::SYN | tcp_flags::ACK,
+            outer: None,
         });
         let out = a.handle(synack, t(1), &reasons(), &no_names);
         assert!(out.is_empty(), "same flow, no new first record");

@@ -74,6 +74,9 @@ pub struct EnforceOptions {
     /// Calico allows host-to-local-workload traffic by default. netwatch's
     /// POLICY_NOT_ENFORCED verdict is tested on exactly this.
     pub police_host_to_pod: bool,
+    /// How the firewall tells which local pod a packet leaves or enters. Set
+    /// by [`Lab::enforce`] from the lab's datapath.
+    pub pod_match: PodMatch,
 }
 
 impl Default for EnforceOptions {
@@ -81,8 +84,21 @@ impl Default for EnforceOptions {
         EnforceOptions {
             ipblock_matches_pods: true,
             police_host_to_pod: false,
+            pod_match: PodMatch::Interface,
         }
     }
+}
+
+/// How the node's base chains dispatch a packet to a local pod's chains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PodMatch {
+    /// By the pod's host interface (`iifname`/`oifname`): routed veths.
+    #[default]
+    Interface,
+    /// By the pod's addresses (`ip saddr`/`ip daddr`): pods on a bridge seen
+    /// through br_netfilter, where the IP hooks name the bridge, not the
+    /// port, as the packet's interface.
+    Address,
 }
 
 /// Direction of traffic relative to a pod.
@@ -808,6 +824,8 @@ pub struct PolicyChain {
     pub name: String,
     pub pod: String,
     pub host_if: String,
+    /// The pod's addresses (dispatch by [`PodMatch::Address`]).
+    pub ips: Vec<IpAddr>,
     pub direction: Direction,
     /// Policies selecting the pod in this direction; empty: not isolated,
     /// and the chain has no rules.
@@ -954,6 +972,7 @@ impl Compiler<'_> {
             name: format!("{}/{id}", d.field()),
             pod: id,
             host_if: host_if.to_string(),
+            ips: pod.ips.clone(),
             direction: d,
             isolated_by: selecting.iter().map(|p| p.id.clone()).collect(),
             rules,
@@ -1228,10 +1247,10 @@ impl NodePolicy {
         );
         let _ = writeln!(out, "    ct state established,related accept");
         for c in &egress {
-            let _ = writeln!(out, "    iifname \"{}\" jump {}", c.host_if, c.name);
+            self.dispatch(&mut out, c);
         }
         for c in &ingress {
-            let _ = writeln!(out, "    oifname \"{}\" jump {}", c.host_if, c.name);
+            self.dispatch(&mut out, c);
         }
         let _ = writeln!(out, "  }}");
 
@@ -1245,7 +1264,7 @@ impl NodePolicy {
             "    ct state established,related accept\n    {ICMPV6_LINK}"
         );
         for c in &egress {
-            let _ = writeln!(out, "    iifname \"{}\" jump {}", c.host_if, c.name);
+            self.dispatch(&mut out, c);
         }
         let _ = writeln!(out, "  }}");
 
@@ -1260,18 +1279,15 @@ impl NodePolicy {
         );
         if self.options.police_host_to_pod {
             for c in &ingress {
-                let _ = writeln!(out, "    oifname \"{}\" jump {}", c.host_if, c.name);
+                self.dispatch(&mut out, c);
             }
         } else if !ingress.is_empty() {
-            let ifs: Vec<String> = ingress
-                .iter()
-                .map(|c| format!("\"{}\"", c.host_if))
-                .collect();
-            let _ = writeln!(
-                out,
-                "    oifname {{ {} }} counter accept comment \"host to local pods: not policed (police_host_to_pod: false)\"",
-                ifs.join(", ")
-            );
+            for m in self.entering_any(&ingress) {
+                let _ = writeln!(
+                    out,
+                    "    {m} counter accept comment \"host to local pods: not policed (police_host_to_pod: false)\""
+                );
+            }
         }
         let _ = writeln!(out, "  }}");
 
@@ -1299,6 +1315,52 @@ impl NodePolicy {
         }
         out.push_str("}\n");
         out
+    }
+}
+
+impl NodePolicy {
+    /// The jump(s) to `c` from a base chain: on the interface or addresses
+    /// the packet leaves (egress) or enters (ingress) the pod by.
+    fn dispatch(&self, out: &mut String, c: &PolicyChain) {
+        let (meta, field) = match c.direction {
+            Direction::Egress => ("iifname", "saddr"),
+            Direction::Ingress => ("oifname", "daddr"),
+        };
+        match self.options.pod_match {
+            PodMatch::Interface => {
+                let _ = writeln!(out, "    {meta} \"{}\" jump {}", c.host_if, c.name);
+            }
+            PodMatch::Address => {
+                for (family, ips) in split_families(&c.ips) {
+                    let _ = writeln!(
+                        out,
+                        "    {family} {field} {{ {} }} jump {}",
+                        join(&ips),
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// Matches (one rule each) for traffic entering any pod of `chains`.
+    fn entering_any(&self, chains: &[&PolicyChain]) -> Vec<String> {
+        match self.options.pod_match {
+            PodMatch::Interface => {
+                let ifs: Vec<String> = chains
+                    .iter()
+                    .map(|c| format!("\"{}\"", c.host_if))
+                    .collect();
+                vec![format!("oifname {{ {} }}", ifs.join(", "))]
+            }
+            PodMatch::Address => {
+                let ips: Vec<IpAddr> = chains.iter().flat_map(|c| c.ips.clone()).collect();
+                split_families(&ips)
+                    .into_iter()
+                    .map(|(family, ips)| format!("{family} daddr {{ {} }}", join(&ips)))
+                    .collect()
+            }
+        }
     }
 }
 
@@ -1334,6 +1396,10 @@ impl Lab {
     /// Every node is compiled before any is loaded, so bad policies change
     /// nothing. Connections already established stay allowed (conntrack).
     pub fn enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
+        let options = &EnforceOptions {
+            pod_match: self.pod_match(),
+            ..options.clone()
+        };
         let rulesets = self
             .nodes
             .iter()

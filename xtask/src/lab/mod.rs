@@ -13,6 +13,7 @@
 //! panic, and (for `cargo xtask lab`) on Ctrl-C. Labs whose process died
 //! without cleaning up are swept by the next one.
 
+pub mod datapath;
 pub mod enforce;
 pub mod manifests;
 pub mod probe;
@@ -33,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use enforce::{Direction, EnforceOptions, LabCluster, PodPlacement};
+pub use enforce::{Direction, EnforceOptions, LabCluster, PodMatch, PodPlacement};
 pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
 pub use spec::{Datapath, LabSpec, NodeSpec, PodSpec, Proto};
@@ -86,6 +87,8 @@ pub struct Lab {
     cgroup_mount: PathBuf,
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
+    /// The CNI datapath family the lab emulates.
+    pub datapath: Datapath,
     children: Vec<Child>,
     created_netns: Vec<String>,
     created_cgroups: Vec<PathBuf>,
@@ -114,6 +117,7 @@ impl Lab {
             cgroup_mount,
             nodes: Vec::new(),
             pods: Vec::new(),
+            datapath: spec.datapath,
             children: Vec::new(),
             created_netns: Vec::new(),
             created_cgroups: Vec::new(),
@@ -127,11 +131,14 @@ impl Lab {
         if spec.nodes.is_empty() {
             return Err(LabError::Spec("a lab needs at least one node".into()));
         }
-        if spec.datapath != Datapath::Routed {
-            return Err(LabError::Spec(format!(
-                "datapath {} is not built yet; the lab builds: routed",
-                spec.datapath
-            )));
+        match spec.datapath {
+            Datapath::Routed => {}
+            Datapath::Bridge => datapath::bridge::validate(&spec.pods)?,
+            other => {
+                return Err(LabError::Spec(format!(
+                    "datapath {other} is not built yet; the lab builds: routed, bridge"
+                )));
+            }
         }
         let world = self.world.clone();
         self.netns_add(&world)?;
@@ -141,9 +148,23 @@ impl Lab {
         )?;
         for n in &spec.nodes {
             self.add_node(n)?;
+            if spec.datapath == Datapath::Bridge {
+                let k = self.nodes.len();
+                let cidr = datapath::bridge::pod_cidr(&spec.pods, &n.name);
+                datapath::bridge::wire_node(&self.nodes[k - 1], k, cidr)?;
+            }
         }
         for p in &spec.pods {
             self.add_pod(p)?;
+        }
+        if spec.datapath == Datapath::Bridge {
+            let cidrs: Vec<_> = spec
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (i + 1, datapath::bridge::pod_cidr(&spec.pods, &n.name)))
+                .collect();
+            datapath::bridge::join_nodes(self, &cidrs)?;
         }
         self.add_world_listeners(&spec.world)?;
         for n in &spec.nodes {
@@ -242,62 +263,69 @@ impl Lab {
                 sanitize(&p.namespace),
                 sanitize(&p.name)
             );
-            let host_if = format!(
-                "cali{}",
-                &format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())))[..11]
-            );
+            let hash = format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())));
             self.netns_add(&netns)?;
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &host_if,
-                    "netns",
+            if self.datapath == Datapath::Bridge {
+                // flannel's bridge plugin names host veths veth + 8 hex digits.
+                let host_if = format!("veth{}", &hash[..8]);
+                let cidr = datapath::bridge::pod_cidr(&[p.clone()], &p.node)
+                    .ok_or_else(|| LabError::Spec("bridge pod without a CIDR".into()))?;
+                datapath::bridge::wire_pod(&node, &netns, &host_if, p, cidr)?;
+                (netns, host_if)
+            } else {
+                let host_if = format!("cali{}", &hash[..11]);
+                run(
+                    "ip",
+                    &[
+                        "link",
+                        "add",
+                        &host_if,
+                        "netns",
+                        &node.netns,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "eth0",
+                        "netns",
+                        &netns,
+                    ],
+                )?;
+                let ip = p.ip.to_string();
+                let mut pod_cmds = vec![
+                    format!("addr add {ip}/32 dev eth0"),
+                    "link set eth0 up".into(),
+                    "route add 169.254.1.1 dev eth0 scope link".into(),
+                    "route add default via 169.254.1.1 dev eth0".into(),
+                ];
+                let mut node_cmds = vec![
+                    format!("link set {host_if} up"),
+                    format!("route add {ip}/32 dev {host_if}"),
+                ];
+                if let Some(v6) = p.ipv6 {
+                    pod_cmds.push(format!("addr add {v6}/128 dev eth0 nodad"));
+                    pod_cmds.push("route add ::/0 via fe80::1 dev eth0".into());
+                    node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
+                    node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
+                }
+                ip_batch(&netns, &pod_cmds)?;
+                ip_batch(&node.netns, &node_cmds)?;
+                // The underlay knows which node each pod lives on.
+                let mut world_cmds = vec![format!("route add {ip}/32 via {}", node.ip)];
+                if let Some(v6) = p.ipv6 {
+                    world_cmds.push(format!("route add {v6}/128 via {}", node.uplink_v6));
+                }
+                ip_batch(&self.world, &world_cmds)?;
+                // Calico's settings: answer ARP for the gateway, without delay.
+                sysctl_in(
                     &node.netns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &netns,
-                ],
-            )?;
-            let ip = p.ip.to_string();
-            let mut pod_cmds = vec![
-                format!("addr add {ip}/32 dev eth0"),
-                "link set eth0 up".into(),
-                "route add 169.254.1.1 dev eth0 scope link".into(),
-                "route add default via 169.254.1.1 dev eth0".into(),
-            ];
-            let mut node_cmds = vec![
-                format!("link set {host_if} up"),
-                format!("route add {ip}/32 dev {host_if}"),
-            ];
-            if let Some(v6) = p.ipv6 {
-                pod_cmds.push(format!("addr add {v6}/128 dev eth0 nodad"));
-                pod_cmds.push("route add ::/0 via fe80::1 dev eth0".into());
-                node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
-                node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
+                    &[
+                        &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+                        &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
+                    ],
+                )?;
+                (netns, host_if)
             }
-            ip_batch(&netns, &pod_cmds)?;
-            ip_batch(&node.netns, &node_cmds)?;
-            // The underlay knows which node each pod lives on.
-            let mut world_cmds = vec![format!("route add {ip}/32 via {}", node.ip)];
-            if let Some(v6) = p.ipv6 {
-                world_cmds.push(format!("route add {v6}/128 via {}", node.uplink_v6));
-            }
-            ip_batch(&self.world, &world_cmds)?;
-            // Calico's settings: answer ARP for the gateway, without delay.
-            sysctl_in(
-                &node.netns,
-                &[
-                    &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-                    &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-                ],
-            )?;
-            (netns, host_if)
         };
         let cgroup = node
             .cgroup_root
@@ -500,6 +528,14 @@ impl Lab {
             pod: from.into(),
             detail: format!("probe printed {text:?}: {e}"),
         })
+    }
+
+    /// How this lab's firewall tells pods apart (see [`PodMatch`]).
+    pub fn pod_match(&self) -> PodMatch {
+        match self.datapath {
+            Datapath::Bridge => PodMatch::Address,
+            _ => PodMatch::Interface,
+        }
     }
 
     /// Load an nftables ruleset into a node.
