@@ -286,3 +286,114 @@ fn drops_before_encapsulation_after_decapsulation_and_of_the_tunnel_name_the_pod
         "{l2:#?}"
     );
 }
+
+// ---- Geneve and IPIP: real packets, crafted ----
+//
+// This kernel has no geneve or ipip driver, but the agent does not need one:
+// it decodes whatever the node's firewall drops. Packets built here, sent
+// from the world router to node-1 and dropped by node-1's input chain, are
+// Geneve (UDP 6081, an Ethernet frame inside) and IP in IP (protocol 4)
+// carrying a SYN from x/server to x/client. (nftables calls protocol 4
+// `ipencap`; its `ipip` is 94.)
+
+/// An IPv4 + TCP SYN from `src:sport` to `dst:dport` (checksums are not
+/// checked by a firewall's drop).
+fn syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![
+        0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, // v4, len 40, DF, TTL 64, TCP
+    ];
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
+/// Run `f` on a thread inside network namespace `netns` (setns applies to
+/// the calling thread only).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; only this thread moves.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+#[test]
+fn geneve_and_ipip_drops_are_reported_as_the_inner_pod_flow() {
+    let lab = lab(OVERLAY);
+    lab.nft(
+        "node-1",
+        "table inet tunnel {\n chain input {\n type filter hook input priority 0; policy accept;\n udp dport 6081 counter drop comment \"geneve\"\n ip protocol 4 counter drop comment \"ipip\"\n }\n}\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(&lab, "node-1", 2, &dir, "none");
+    let node = lab.node("node-1").unwrap().ip;
+    let world = {
+        let o = node.octets();
+        std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] - 1)
+    };
+    let (server, client) = ([10, 244, 2, 2], [10, 244, 1, 2]);
+    in_netns(&lab.world, move || {
+        // Geneve: version 0, no options, protocol 0x6558 (Ethernet), VNI 1.
+        let mut geneve = vec![0, 0, 0x65, 0x58, 0, 0, 1, 0];
+        geneve.extend_from_slice(&[0x0e, 0, 0, 0, 0, 1, 0x0e, 0, 0, 0, 0, 2, 0x08, 0x00]);
+        geneve.extend(syn(server, client, 41000, 9000));
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp.send_to(&geneve, (node, 6081)).unwrap();
+        // IPIP: the kernel writes the outer header (protocol 4).
+        // SAFETY: plain socket calls on our own buffers.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let inner = syn(server, client, 41001, 9001);
+            let to = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(node.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let n = libc::sendto(
+                fd,
+                inner.as_ptr().cast(),
+                inner.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(
+                n,
+                inner.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            libc::close(fd);
+        }
+    });
+    for (port, encap, protocol) in [(9000, "geneve", "UDP"), (9001, "ipip", "IPIP")] {
+        let line = agent.wait_for_flow(Duration::from_secs(10), to("10.244.1.2", port));
+        let f = &line["flow"];
+        assert_eq!(f["verdict"], "DROPPED", "{f:#}");
+        assert_eq!(f["drop_reason_desc"], "NETFILTER_DROP");
+        assert_eq!(f["IP"]["source"], "10.244.2.2");
+        pods_named(f, "server", "client");
+        assert_eq!(f["outer"]["encapsulation"], encap, "{f:#}");
+        assert_eq!(f["outer"]["protocol"], protocol);
+        assert_eq!(f["outer"]["source"], world.to_string());
+        assert_eq!(f["outer"]["destination"], node.to_string());
+    }
+    assert_eq!(lab.nft_counter("node-1", "geneve").unwrap(), 1);
+    assert_eq!(lab.nft_counter("node-1", "ipip").unwrap(), 1);
+}
