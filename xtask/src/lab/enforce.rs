@@ -1539,6 +1539,41 @@ status: { podIP: 100.64.1.2 }
     }
 
     #[test]
+    fn pods_on_a_bridge_are_dispatched_by_address_not_interface() {
+        let mut c = cluster(DENY_INGRESS_X);
+        for p in &mut c.pods {
+            if let Some(pl) = &mut p.placement
+                && !pl.host_network
+            {
+                pl.host_if = format!("veth{}", &pl.name);
+            }
+        }
+        let options = EnforceOptions {
+            pod_match: PodMatch::Address,
+            ..EnforceOptions::default()
+        };
+        let text = compile(&c, "node-1", &options).unwrap();
+        // br_netfilter shows the bridge as the interface: no port names.
+        assert!(!text.contains("iifname"), "{text}");
+        assert!(!text.contains("oifname"), "{text}");
+        for rule in [
+            "ip saddr { 10.244.1.2 } jump egress/x/a",
+            "ip6 saddr { fd00:1::2 } jump egress/x/a",
+            "ip daddr { 10.244.1.2 } jump ingress/x/a",
+            "ip saddr { 10.244.1.3 } jump egress/y/a",
+            // The node to its pods: let through unpoliced, by address too.
+            "ip daddr { 10.244.1.2, 10.244.1.3 } counter accept",
+            "ip6 daddr { fd00:1::2 } counter accept",
+        ] {
+            assert!(text.contains(rule), "{rule}:\n{text}");
+        }
+        assert!(
+            !text.contains("10.244.2.2 } jump"),
+            "x/b lives on node-2: {text}"
+        );
+    }
+
+    #[test]
     fn selector_peers_become_sets_of_pod_addresses_on_every_node() {
         let p = r#"
 apiVersion: networking.k8s.io/v1

@@ -196,3 +196,43 @@ pub fn join_nodes(lab: &Lab, cidrs: &[(usize, Option<Ipv4Addr>)]) -> Result<(), 
     }
     ip_batch(&lab.world, &world)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, node: &str, ip: &str) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: "x".into(),
+            node: node.into(),
+            ip: ip.parse().unwrap(),
+            ipv6: None,
+            listen: Vec::new(),
+            uid: None,
+            host_network: false,
+        }
+    }
+
+    #[test]
+    fn a_nodes_pods_share_its_cidr_and_leave_the_gateway_free() {
+        let ok = [
+            pod("a", "node-1", "10.244.1.2"),
+            pod("b", "node-1", "10.244.1.3"),
+            pod("c", "node-2", "10.244.2.2"),
+        ];
+        validate(&ok).unwrap();
+        assert_eq!(pod_cidr(&ok, "node-2"), Some(Ipv4Addr::new(10, 244, 2, 0)));
+        let split = [
+            pod("a", "node-1", "10.244.1.2"),
+            pod("b", "node-1", "10.244.3.2"),
+        ];
+        let e = validate(&split).unwrap_err().to_string();
+        assert!(e.contains("x/b") && e.contains("10.244.1.0/24"), "{e}");
+        let gateway = [pod("a", "node-1", "10.244.1.1")];
+        assert!(validate(&gateway).is_err());
+        let mut v6 = pod("a", "node-1", "10.244.1.2");
+        v6.ipv6 = Some("fd00::2".parse().unwrap());
+        assert!(validate(&[v6]).unwrap_err().to_string().contains("IPv6"));
+    }
+}
