@@ -44,6 +44,9 @@ pub struct AssemblerConfig {
     pub connect_timeout: Duration,
     /// Flows tracked at once; beyond it the quietest flow is finalised early.
     pub max_flows: usize,
+    /// Inode of the agent's network namespace: interface indexes are only
+    /// named when they are this namespace's (0: take every index as ours).
+    pub own_netns: u32,
 }
 
 impl Default for AssemblerConfig {
@@ -54,6 +57,7 @@ impl Default for AssemblerConfig {
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             max_flows: 65536,
+            own_netns: 0,
         }
     }
 }
@@ -113,6 +117,9 @@ struct ActiveFlow {
     last_seen: SystemTime,
     last_change: SystemTime,
     ifindex: u32,
+    /// Network namespace (inode) of `ifindex`: a drop may happen in a pod's
+    /// namespace, where indexes mean other interfaces; 0 for this node's.
+    netns: u32,
     direction: Direction,
     points: BTreeSet<&'static str>,
     cgroup_id: Option<u64>,
@@ -187,16 +194,16 @@ impl FlowAssembler {
                 flow,
                 reason,
                 ifindex,
+                netns,
                 bytes,
                 tcp_flags,
                 outer,
-                ..
             }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
                 let f = self.locate(key, NatSide::Post, time);
                 f.drop_keys.insert((flow, reason));
                 f.outer = f.outer.or(outer);
-                note_drop(f, reply, tcp_flags, ifindex);
+                note_drop(f, reply, tcp_flags, ifindex, netns);
                 let c = f.drops.entry(reason).or_default();
                 // The event carries the first packet; the table scan brings exact totals.
                 if c.packets == 0 {
@@ -223,7 +230,7 @@ impl FlowAssembler {
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
-                    note_drop(f, reply, stats.tcp_flags, stats.ifindex);
+                    note_drop(f, reply, stats.tcp_flags, stats.ifindex, stats.netns);
                     if first < f.first_seen {
                         f.first_seen = first;
                     }
@@ -474,6 +481,7 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         last_seen: time,
         last_change: time,
         ifindex: 0,
+        netns: 0,
         direction: Direction::Unknown,
         points: BTreeSet::new(),
         cgroup_id: None,
@@ -562,12 +570,13 @@ fn has_ports(key: &FlowKey) -> bool {
 
 /// What a drop seen by kfree_skb (as an event or in the table) says about
 /// its flow, whichever way it arrived.
-fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32) {
+fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32, netns: u32) {
     f.reply_dropped |= reply;
     f.tcp_flags |= tcp;
     f.points.insert("kfree_skb");
     if f.ifindex == 0 {
         f.ifindex = ifindex;
+        f.netns = netns;
         f.direction = Direction::FromPod;
     }
 }
@@ -819,9 +828,14 @@ fn render(
             && f.attempts == 0
             && !f.drops.is_empty()
             && f.tcp_flags & tcp_flags::SYN == 0,
+        // An interface is (network namespace, index): only this
+        // namespace's indexes have names here.
         interface: (f.ifindex != 0).then(|| Interface {
             index: f.ifindex,
-            name: ifnames(f.ifindex).unwrap_or_default(),
+            name: (config.own_netns == 0 || f.netns == 0 || f.netns == config.own_netns)
+                .then(|| ifnames(f.ifindex))
+                .flatten()
+                .unwrap_or_default(),
         }),
         summary,
         egress_allowed_by: Vec::new(),
@@ -1254,6 +1268,53 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].verdict, out[0].packets), (Verdict::Dropped, 5));
+    }
+
+    #[test]
+    fn interfaces_are_named_only_in_the_agents_own_network_namespace() {
+        let names = |i: u32| (i == 7).then(|| "veth0a1b2c3d".to_string());
+        let config = AssemblerConfig {
+            own_netns: 1,
+            ..Default::default()
+        };
+        // Index 7 in this node's namespace (the drop event's netns is 1).
+        let mut a = FlowAssembler::new(config.clone());
+        let out = a.handle(
+            drop_event(key(40010, 80, IPPROTO_TCP), t(0)),
+            t(0),
+            &reasons(),
+            &names,
+        );
+        let i = out[0].interface.as_ref().unwrap();
+        assert_eq!((i.index, i.name.as_str()), (7, "veth0a1b2c3d"));
+        // The same index in a pod's namespace is another interface: unnamed.
+        let mut a = FlowAssembler::new(config);
+        let Signal::Kernel(KernelEvent::Drop {
+            time,
+            flow,
+            reason,
+            ifindex,
+            bytes,
+            tcp_flags,
+            outer,
+            ..
+        }) = drop_event(key(40011, 80, IPPROTO_TCP), t(0))
+        else {
+            unreachable!()
+        };
+        let in_pod = Signal::Kernel(KernelEvent::Drop {
+            time,
+            flow,
+            reason,
+            ifindex,
+            netns: 99,
+            bytes,
+            tcp_flags,
+            outer,
+        });
+        let out = a.handle(in_pod, t(0), &reasons(), &names);
+        let i = out[0].interface.as_ref().unwrap();
+        assert_eq!((i.index, i.name.as_str()), (7, ""));
     }
 
     #[test]

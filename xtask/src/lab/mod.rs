@@ -268,7 +268,7 @@ impl Lab {
             if self.datapath == Datapath::Bridge {
                 // flannel's bridge plugin names host veths veth + 8 hex digits.
                 let host_if = format!("veth{}", &hash[..8]);
-                let cidr = datapath::bridge::pod_cidr(&[p.clone()], &p.node)
+                let cidr = datapath::bridge::pod_cidr(std::slice::from_ref(p), &p.node)
                     .ok_or_else(|| LabError::Spec("bridge pod without a CIDR".into()))?;
                 datapath::bridge::wire_pod(&node, &netns, &host_if, p, cidr)?;
                 (netns, host_if)
