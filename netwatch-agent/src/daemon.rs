@@ -28,9 +28,9 @@ use tracing::{debug, error, info, warn};
 use crate::{
     attribution::{Attribution, AttributionConfig},
     capture::{
-        events::{EventReader, KernelClock, KernelEvent, monotonic_ns},
         hooks::tc::{AttachOutcome, TcAttacher},
         interfaces::{AttachError, InterfacePatterns, LinkChange, watch_links},
+        events::{EventReader, KernelClock, KernelEvent, monotonic_ns},
         load::{CaptureConfig, KernelCapture, LoadError},
         netns::NetnsResolver,
         tables::{KernelTables, Losses},

@@ -643,34 +643,10 @@ fn unknown_field(original: &Value, understood: &Value, path: &str) -> Option<(St
 /// a misspelt `key`: at most two edits away.
 fn did_you_mean(key: &str) -> Option<&'static str> {
     const FIELDS: &[&str] = &[
-        "apiVersion",
-        "kind",
-        "metadata",
-        "spec",
-        "status",
-        "name",
-        "namespace",
-        "labels",
-        "annotations",
-        "podSelector",
-        "policyTypes",
-        "ingress",
-        "egress",
-        "from",
-        "to",
-        "ports",
-        "namespaceSelector",
-        "ipBlock",
-        "cidr",
-        "except",
-        "port",
-        "endPort",
-        "protocol",
-        "matchLabels",
-        "matchExpressions",
-        "key",
-        "operator",
-        "values",
+        "apiVersion", "kind", "metadata", "spec", "status", "name", "namespace", "labels",
+        "annotations", "podSelector", "policyTypes", "ingress", "egress", "from", "to", "ports",
+        "namespaceSelector", "ipBlock", "cidr", "except", "port", "endPort", "protocol",
+        "matchLabels", "matchExpressions", "key", "operator", "values",
     ];
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
@@ -848,25 +824,18 @@ apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: cj, namespace: x}\nspec: {
         let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, creationTimestamp: null}\nspec:\n  podSelector: {}\n  ingres:\n  - from: [{podSelector: {}}]\n";
         let err = load_str("np.yaml", text).unwrap_err().to_string();
         assert!(
-            err.contains(
-                "document 1 (NetworkPolicy x/p): field spec.ingres: unknown field `ingres`"
-            ) && err.contains("did you mean `ingress`?"),
+            err.contains("document 1 (NetworkPolicy x/p): field spec.ingres: unknown field `ingres`")
+                && err.contains("did you mean `ingress`?"),
             "{err}"
         );
         // Deeper down, in a list.
         let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8}\n    prots: [{port: 53}]\n";
         let err = load_str("np.yaml", text).unwrap_err().to_string();
-        assert!(
-            err.contains("field spec.egress[0].prots") && err.contains("`ports`"),
-            "{err}"
-        );
+        assert!(err.contains("field spec.egress[0].prots") && err.contains("`ports`"), "{err}");
         // Metadata of every kind netwatch reads, too.
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, lables: {team: a}}\n";
         let err = load_str("ns.yaml", text).unwrap_err().to_string();
-        assert!(
-            err.contains("field metadata.lables") && err.contains("`labels`"),
-            "{err}"
-        );
+        assert!(err.contains("field metadata.lables") && err.contains("`labels`"), "{err}");
         // Every field it knows, empty ones and explicit nulls included, passes.
         let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, labels: {}}\nspec:\n  podSelector: {matchLabels: {app: a}, matchExpressions: []}\n  policyTypes: [Ingress, Egress]\n  ingress: []\n  egress:\n  - to: [{namespaceSelector: {}, podSelector: {}}]\n    ports: [{port: 53, protocol: UDP, endPort: null}]\n";
         load_str("np.yaml", text).unwrap();

@@ -178,16 +178,10 @@ fn a_misspelt_field_is_an_error_not_a_clean_bill() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "broken input: {err}");
     assert!(
-        err.contains("np.yaml")
-            && err.contains("spec.ingres")
-            && err.contains("did you mean `ingress`?"),
+        err.contains("np.yaml") && err.contains("spec.ingres") && err.contains("did you mean `ingress`?"),
         "{err}"
     );
-    assert!(
-        !text(&out.stdout).contains("no problems"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(!text(&out.stdout).contains("no problems"), "{}", text(&out.stdout));
 }
 
 /// One rule for a namespace the manifests do not define, in lint and
@@ -207,20 +201,9 @@ fn a_namespace_not_in_the_manifests_is_assumed_as_explain_assumes_it() {
             && findings.contains("taken to exist with only its kubernetes.io/metadata.name label"),
         "{findings}"
     );
-    assert!(
-        !findings.contains("allows-nothing"),
-        "the rule can match: {findings}"
-    );
+    assert!(!findings.contains("allows-nothing"), "the rule can match: {findings}");
     let explain = netwatch(&[
-        "explain",
-        "-f",
-        files,
-        "--from",
-        "monitoring:app=prom",
-        "--to",
-        "shop/web",
-        "--port",
-        "80",
+        "explain", "-f", files, "--from", "monitoring:app=prom", "--to", "shop/web", "--port", "80",
     ]);
     let out = fold(text(&explain.stdout));
     assert!(out.starts_with("ALLOWED"), "{out}");

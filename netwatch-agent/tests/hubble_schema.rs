@@ -231,10 +231,7 @@ fn netwatchs_verdict_and_kernel_reason_survive_in_the_summary() {
     assert_eq!(dropped["flow"]["verdict"], "DROPPED");
     assert_eq!(dropped["flow"]["drop_reason_desc"], "POLICY_DENIED");
     assert_eq!(dropped["flow"]["destination_service"]["name"], "api");
-    assert_eq!(
-        dropped["flow"]["egress_denied_by"][0]["kind"],
-        "NetworkPolicy"
-    );
+    assert_eq!(dropped["flow"]["egress_denied_by"][0]["kind"], "NetworkPolicy");
 }
 
 /// The check is strict: netwatch's own format (the default) is not Hubble.

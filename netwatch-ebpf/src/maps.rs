@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn, REASON_FILTER_LEN,
-    SockConn, loss,
+    DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn,
+    REASON_FILTER_LEN, SockConn, loss,
 };
 
 /// New dropped flows and connection state changes, in order, to user space.

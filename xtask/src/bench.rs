@@ -124,10 +124,7 @@ pub fn program_cost(seconds: u64) -> Result<ProgramCost> {
         .map(|d| d.join("netwatch-agent"))
         .context("target directory")?;
     if !agent_bin.exists() {
-        bail!(
-            "{} is missing: cargo build -p netwatch-agent --bins",
-            agent_bin.display()
-        );
+        bail!("{} is missing: cargo build -p netwatch-agent --bins", agent_bin.display());
     }
     let lab = bench_lab()?;
     let server = lab.pod("bench/server")?;
@@ -139,9 +136,7 @@ pub fn program_cost(seconds: u64) -> Result<ProgramCost> {
             .spawn()
             .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?,
     );
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
-        .trim()
-        .to_string();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
     let tcx = xtask::lab::kernel_version() >= (6, 6);
     let mode = if tcx { TcMode::Tcx } else { TcMode::Clsact };
     let interfaces: Vec<&str> = lab.pods.iter().map(|p| p.host_if.as_str()).collect();
@@ -468,10 +463,7 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
         }
         if Instant::now() > deadline {
             let _ = std::fs::remove_file(&log);
-            bail!(
-                "the agent did not attach within {} s:\n{text}",
-                wait.as_secs()
-            );
+            bail!("the agent did not attach within {} s:\n{text}", wait.as_secs());
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -182,8 +182,7 @@ const README_END: &str = "<!-- kernel-matrix:end -->";
 /// The README's kernel table must say what the matrix saw; with `update`,
 /// rewrite it instead.
 pub fn check_readme(readme: &Path, results: &[KernelResult], update: bool) -> Result<()> {
-    let text =
-        fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let text = fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
     let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
         bail!("{}: no kernel-matrix markers", readme.display());
     };
@@ -1274,12 +1273,7 @@ fn run_vm(
             // This binary's directory, not its path: the build above may
             // have replaced the running file ("... (deleted)").
             opts.bench
-                .then(|| {
-                    std::env::current_exe()
-                        .ok()?
-                        .parent()
-                        .map(|d| d.join("xtask"))
-                })
+                .then(|| std::env::current_exe().ok()?.parent().map(|d| d.join("xtask")))
                 .flatten()
                 .as_deref(),
         ),
@@ -1579,10 +1573,9 @@ pub fn vmtest(opts: &Options, stop: &AtomicBool) -> Result<()> {
         match outcome {
             Ok((uname, failure, suites, missing)) => {
                 result.hooks = collect_hooks(&paths, k);
-                result.program_cost =
-                    fs::read_to_string(paths.run(k).join("out").join("bench.json"))
-                        .ok()
-                        .and_then(|t| serde_json::from_str(t.trim()).ok());
+                result.program_cost = fs::read_to_string(paths.run(k).join("out").join("bench.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(t.trim()).ok());
                 result.version = uname;
                 result.error = failure;
                 result.suites = suites;
@@ -1913,38 +1906,19 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
             failed: 0,
             ignored: 0,
         };
-        for (hook, mode) in [
-            ("kfree_skb", "location"),
-            ("tc", "clsact"),
-            ("sock_ops", "sock_ops+connect"),
-        ] {
-            r.hooks.push(HookMode {
-                hook: hook.into(),
-                mode: mode.into(),
-                off_because: None,
-            });
+        for (hook, mode) in [("kfree_skb", "location"), ("tc", "clsact"), ("sock_ops", "sock_ops+connect")] {
+            r.hooks.push(HookMode { hook: hook.into(), mode: mode.into(), off_because: None });
         }
         let t = readme_kernel_table(std::slice::from_ref(&r));
-        assert!(
-            t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect |\n"),
-            "{t}"
-        );
+        assert!(t.ends_with("| 5.10 (Debian 11) | location | clsact | sock_ops+connect |\n"), "{t}");
         let dir = tempfile::tempdir().unwrap();
         let readme = dir.path().join("README.md");
-        fs::write(
-            &readme,
-            format!("x\n{README_BEGIN}| old |\n{README_END}\ny\n"),
-        )
-        .unwrap();
+        fs::write(&readme, format!("x\n{README_BEGIN}| old |\n{README_END}\ny\n")).unwrap();
         let e = check_readme(&readme, std::slice::from_ref(&r), false).unwrap_err();
         assert!(e.to_string().contains("location | clsact"), "{e}");
         check_readme(&readme, std::slice::from_ref(&r), true).unwrap();
         check_readme(&readme, std::slice::from_ref(&r), false).unwrap();
-        assert!(
-            fs::read_to_string(&readme)
-                .unwrap()
-                .ends_with(&format!("{README_END}\ny\n"))
-        );
+        assert!(fs::read_to_string(&readme).unwrap().ends_with(&format!("{README_END}\ny\n")));
     }
 
     #[test]
@@ -2042,17 +2016,8 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
         );
         assert!(s.contains("cd /w/xtask\n"), "{s}");
         assert!(!s.contains("bench --programs"), "{s}");
-        let b = run_script(
-            Path::new("/m"),
-            &[],
-            &[],
-            false,
-            Some(Path::new("/w/target/debug/xtask")),
-        );
-        assert!(
-            b.contains("/w/target/debug/xtask bench --programs --seconds 5 > \"$OUT/bench.json\""),
-            "{b}"
-        );
+        let b = run_script(Path::new("/m"), &[], &[], false, Some(Path::new("/w/target/debug/xtask")));
+        assert!(b.contains("/w/target/debug/xtask bench --programs --seconds 5 > \"$OUT/bench.json\""), "{b}");
         assert!(
             s.contains("{ /w/target/debug/deps/capture-abc --test-threads=1 drop --skip ipv6 --nocapture 2>&1; echo $? > \"$OUT/suite-0.rc\"; } | tee \"$OUT/suite-0.log\""),
             "{s}"

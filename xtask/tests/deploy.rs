@@ -639,14 +639,8 @@ fn group_resource(kind: &str) -> (String, String) {
         "CronJob" => of::<CronJob>(),
         // The network-policy-api CRDs (no k8s-openapi types): their group
         // and plural as the CRDs declare them.
-        "ClusterNetworkPolicy" => (
-            "policy.networking.k8s.io".into(),
-            "clusternetworkpolicies".into(),
-        ),
-        "AdminNetworkPolicy" => (
-            "policy.networking.k8s.io".into(),
-            "adminnetworkpolicies".into(),
-        ),
+        "ClusterNetworkPolicy" => ("policy.networking.k8s.io".into(), "clusternetworkpolicies".into()),
+        "AdminNetworkPolicy" => ("policy.networking.k8s.io".into(), "adminnetworkpolicies".into()),
         "BaselineAdminNetworkPolicy" => (
             "policy.networking.k8s.io".into(),
             "baselineadminnetworkpolicies".into(),

@@ -144,9 +144,10 @@ fn a_cgroup_root_that_is_not_cgroup_v2_turns_off_only_the_socket_hook() {
     let mut agent = Agent::start(&lab, "node-1", 2, &["--cgroup-root", "/tmp"]);
     let log = agent.log();
     assert!(
-        log.lines().any(|l| l.contains("capture hook off")
-            && l.contains("hook=\"sock_ops\"")
-            && l.contains("/tmp")),
+        log.lines()
+            .any(|l| l.contains("capture hook off")
+                && l.contains("hook=\"sock_ops\"")
+                && l.contains("/tmp")),
         "{log}"
     );
     refused_flow_is_reported(&lab, &agent);

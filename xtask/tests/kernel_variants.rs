@@ -41,12 +41,7 @@ fn final_records(agent: &mut Agent, ip: &str, port: u16) -> Vec<serde_json::Valu
     let all = records(&lines, to(ip, port));
     uuids(&all)
         .into_iter()
-        .filter_map(|u| {
-            all.iter()
-                .rev()
-                .find(|r| r["uuid"] == u.as_str())
-                .map(|r| (*r).clone())
-        })
+        .filter_map(|u| all.iter().rev().find(|r| r["uuid"] == u.as_str()).map(|r| (*r).clone()))
         .collect()
 }
 
@@ -59,33 +54,25 @@ fn location_variant_names_a_netfilter_drop_as_the_kernel_reason_does() {
         log.contains("mode location") && log.contains("nf_hook_slow"),
         "the agent says which variant runs and which drop sites it found:\n{log}"
     );
-    expect_probe(
-        &lab,
-        "prod/web",
-        tcp("10.244.1.3:8080", 3),
-        Outcome::TimedOut,
-    );
+    expect_probe(&lab, "prod/web", tcp("10.244.1.3:8080", 3), Outcome::TimedOut);
     agent.wait_for_flow(Duration::from_secs(5), to("10.244.1.3", 8080));
     let flows = final_records(&mut agent, "10.244.1.3", 8080);
     let syns = lab.nft_counter("node-1", "drop-api").unwrap();
     assert_eq!(flows.len(), 1, "{flows:#?}");
-    assert_eq!(
-        flows[0]["verdict"], "DROPPED",
-        "never TIMED_OUT: {:#}",
-        flows[0]
-    );
+    assert_eq!(flows[0]["verdict"], "DROPPED", "never TIMED_OUT: {:#}", flows[0]);
     assert_eq!(flows[0]["drop_reason_desc"], "NETFILTER_DROP");
-    assert_eq!(
-        flows[0]["packets"].as_u64(),
-        Some(syns),
-        "every dropped SYN counted"
-    );
+    assert_eq!(flows[0]["packets"].as_u64(), Some(syns), "every dropped SYN counted");
 }
 
 #[test]
 fn hooks_and_modes_are_in_the_metrics_and_readyz() {
     let lab = lab(TWO_PODS);
-    let mut agent = Agent::start(&lab, "node-1", 2, &["--metrics-addr", "127.0.0.1:19965"]);
+    let mut agent = Agent::start(
+        &lab,
+        "node-1",
+        2,
+        &["--metrics-addr", "127.0.0.1:19965"],
+    );
     agent.wait_for_log(|l| l.contains("metrics listening"));
     let metrics = node_http_get(&lab, "node-1", "http://127.0.0.1:19965/metrics");
     let (kfree, tc) = if kernel_version() >= (5, 17) {
@@ -93,25 +80,17 @@ fn hooks_and_modes_are_in_the_metrics_and_readyz() {
     } else {
         ("location", "clsact")
     };
-    for (hook, mode) in [
-        ("kfree_skb", kfree),
-        ("tc", tc),
-        ("sock_ops", "sock_ops+connect"),
-    ] {
+    for (hook, mode) in [("kfree_skb", kfree), ("tc", tc), ("sock_ops", "sock_ops+connect")] {
         let series = format!("netwatch_hook_info{{hook=\"{hook}\",mode=\"{mode}\"}} 1");
         assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
     }
-    assert!(
-        !metrics.contains("mode=\"off\""),
-        "every hook runs on this kernel:\n{metrics}"
-    );
+    assert!(!metrics.contains("mode=\"off\""), "every hook runs on this kernel:\n{metrics}");
     let ready = node_http_get(&lab, "node-1", "http://127.0.0.1:19965/readyz");
     assert_eq!(ready.trim(), "ready", "full capture: {ready}");
     let log = agent.log();
     for hook in ["kfree_skb", "tc", "sock_ops"] {
         assert!(
-            log.lines()
-                .any(|l| l.contains("capture hook on") && l.contains(hook)),
+            log.lines().any(|l| l.contains("capture hook on") && l.contains(hook)),
             "one log line for {hook}:\n{log}"
         );
     }
@@ -151,10 +130,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
 }
 
 fn count(names: &[String], name: &str) -> usize {
-    names
-        .iter()
-        .filter(|n| name.starts_with(n.as_str()) && !n.is_empty())
-        .count()
+    names.iter().filter(|n| name.starts_with(n.as_str()) && !n.is_empty()).count()
 }
 
 /// SIGKILL and restart: exactly one set of netwatch classifiers per
@@ -217,9 +193,7 @@ fn foreign_program_hides_nothing(mode: TcMode, variant: &str) {
     let lab = lab(TWO_PODS);
     let ifs = interfaces(&lab);
     let names: Vec<&str> = ifs.iter().map(String::as_str).collect();
-    let _cni = lab
-        .attach_foreign_tc("node-1", &names, mode)
-        .expect("stand-in CNI program");
+    let _cni = lab.attach_foreign_tc("node-1", &names, mode).expect("stand-in CNI program");
     let mut agent = Agent::start(&lab, "node-1", 2, &["--tc-variant", variant]);
     for i in &ifs {
         let p = lab.tc_programs("node-1", i).unwrap();
@@ -228,15 +202,12 @@ fn foreign_program_hides_nothing(mode: TcMode, variant: &str) {
             TcMode::Clsact => (&p.clsact_ingress, &p.clsact_egress),
         };
         assert!(
-            ing.first()
-                .is_some_and(|n| "netwatch_from_pod".starts_with(n.as_str()))
+            ing.first().is_some_and(|n| "netwatch_from_pod".starts_with(n.as_str()))
                 && ing.len() == 2,
             "{i}: netwatch first, then the CNI's program: {p:?}"
         );
         assert!(
-            eg.first()
-                .is_some_and(|n| "netwatch_to_pod".starts_with(n.as_str()))
-                && eg.len() == 2,
+            eg.first().is_some_and(|n| "netwatch_to_pod".starts_with(n.as_str())) && eg.len() == 2,
             "{i}: {p:?}"
         );
     }

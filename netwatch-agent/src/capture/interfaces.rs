@@ -1,6 +1,7 @@
 //! Pod interfaces: found from netlink link events (not polling) and matched
 //! by name pattern; [`super::hooks::tc`] attaches the classifiers to them.
 
+
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{

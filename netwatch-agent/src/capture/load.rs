@@ -120,6 +120,7 @@ pub struct KernelMaps {
     pub losses: PerCpuArray<MapData, u64>,
 }
 
+
 impl KernelCapture {
     /// Load the programs, attach `kfree_skb` and `sock_ops`, and hand out
     /// the maps. TC programs are loaded here and attached per interface by

@@ -1431,11 +1431,7 @@ mod tests {
         assert_eq!(respond("/readyz", &reg, &h).status(), StatusCode::OK);
         h.set_partial(Some("sock_ops off: no cgroup v2 root given".into()));
         let r = respond("/readyz", &reg, &h);
-        assert_eq!(
-            r.status(),
-            StatusCode::OK,
-            "a hook off does not hold readiness back"
-        );
+        assert_eq!(r.status(), StatusCode::OK, "a hook off does not hold readiness back");
         let body = futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
             .unwrap()
             .to_bytes();

@@ -22,7 +22,8 @@ use super::evaluate::{Peer, PolicyEngine, Resolved};
 use super::explain::namespace_hint;
 use super::model::{
     CompiledPolicy, Direction, NAMESPACE_NAME_LABEL, NamespaceModel, NamespaceScope, PeerMatcher,
-    PolicyRef, PolicyRule, PortSpec, Protocol, compile_policy,
+    PolicyRef,
+    PolicyRule, PortSpec, Protocol, compile_policy,
 };
 use super::selector::{CompiledSelector, render_labels};
 use crate::cluster::ClusterSnapshot;
@@ -577,9 +578,7 @@ impl Linter<'_> {
                                     .filter(|(key, _)| *key == NAMESPACE_NAME_LABEL)
                                     .map(|(_, name)| name.to_string())
                                     .filter(|name| engine.model.namespace(name).is_none())
-                                    .filter(|name| {
-                                        sel.matches(&NamespaceModel::implicit(name).labels)
-                                    })
+                                    .filter(|name| sel.matches(&NamespaceModel::implicit(name).labels))
                                     .collect();
                                 for name in &assumed {
                                     out.push((

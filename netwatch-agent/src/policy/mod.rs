@@ -66,9 +66,7 @@ pub use evaluate::{
     DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, Peer, PeerSyntaxError,
     PolicyDecision, PolicyEngine, Verdict,
 };
-pub use lint::{
-    Finding, LintCheck, LintOptions, MISSING_NAMESPACE_RULE, Severity, lint, lint_with,
-};
+pub use lint::{Finding, LintCheck, LintOptions, MISSING_NAMESPACE_RULE, Severity, lint, lint_with};
 pub use matrix::{MatrixEntry, connectivity_matrix};
 pub use model::{
     BUILT_IN_NAMESPACES, Direction, FieldProblem, NAMESPACE_NAME_LABEL, PolicyRef, Protocol,

@@ -133,10 +133,7 @@ fn attach_program(prog: &OwnedFd, interface: &str, mode: TcMode) -> Result<Vec<O
             // tc attaches pinned programs only: pin in a bpffs of a private
             // mount namespace, so nothing is left on the host's.
             private_bpffs()?;
-            let pin = format!(
-                "/sys/fs/bpf/netwatch-lab-{}-{interface}",
-                std::process::id()
-            );
+            let pin = format!("/sys/fs/bpf/netwatch-lab-{}-{interface}", std::process::id());
             let path = CString::new(pin.clone())?;
             let mut attr = [0u8; 32];
             put64(&mut attr, 0, path.as_ptr() as u64);

@@ -243,10 +243,7 @@ pub fn kernel_sites(
 }
 
 /// Fill the eBPF drop-site table.
-pub fn write_sites(
-    ebpf: &mut Ebpf,
-    sites: &[(LocatedSite, DropSite)],
-) -> Result<(), KfreeSkbError> {
+pub fn write_sites(ebpf: &mut Ebpf, sites: &[(LocatedSite, DropSite)]) -> Result<(), KfreeSkbError> {
     let Some(map) = ebpf.map_mut("DROP_SITES") else {
         return Err(KfreeSkbError::Load(
             "eBPF object has no DROP_SITES map: the agent and its embedded programs do not match"
@@ -338,10 +335,7 @@ mod tests {
             let sites = locate_sites(map);
             let reasons: Vec<&str> = sites.iter().map(|s| s.reason.as_str()).collect();
             for want in ["TC_INGRESS", "TC_EGRESS", "NO_SOCKET"] {
-                assert!(
-                    reasons.contains(&want),
-                    "{kernel}: {want} missing: {sites:?}"
-                );
+                assert!(reasons.contains(&want), "{kernel}: {want} missing: {sites:?}");
             }
             assert!(sites.len() <= DROP_SITES_LEN as usize);
         }

@@ -83,10 +83,7 @@ pub enum TcError {
     #[error("the eBPF object has no {0}: the agent and its embedded programs do not match")]
     Missing(&'static str),
     #[error("{direction}: {why}")]
-    Attach {
-        direction: &'static str,
-        why: String,
-    },
+    Attach { direction: &'static str, why: String },
 }
 
 struct Attached {
