@@ -15,6 +15,7 @@
 //! - `ct state established,related accept` first: policies are stateful;
 //! - dispatch by interface: `iifname "caliX" jump egress/<ns>/<pod>` (leaving
 //!   a local pod), `oifname "caliX" jump ingress/<ns>/<pod>` (entering it);
+//!   on a bridge datapath by the pod's addresses instead ([`PodMatch`]);
 //! - one chain per local pod and direction. A pod that no policy isolates in a
 //!   direction has an empty chain (the jump returns). Otherwise one rule per
 //!   (policy, rule, peer, port) that `return`s (allowed this way: go on to the
