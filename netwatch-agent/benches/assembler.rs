@@ -47,6 +47,7 @@ fn dropped(n: u32) -> Signal {
         netns: 1,
         bytes: 60,
         tcp_flags: tcp_flags::SYN,
+        outer: None,
     })
 }
 

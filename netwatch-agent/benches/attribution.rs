@@ -102,6 +102,7 @@ fn record(
         netns: 1,
         bytes: 60,
         tcp_flags: tcp_flags::SYN,
+        outer: None,
     };
     assembler
         .handle(Signal::Kernel(drop), now, reasons, &|_| None)

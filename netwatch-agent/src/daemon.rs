@@ -218,6 +218,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         update_interval: config.update_interval,
         idle_timeout: config.idle_timeout,
         connect_timeout: config.connect_timeout,
+        own_netns: capture.own_netns,
         ..AssemblerConfig::default()
     });
     let connect_timeout_ns = config.connect_timeout.as_nanos() as u64;

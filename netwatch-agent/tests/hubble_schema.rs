@@ -171,6 +171,14 @@ fn variety() -> Vec<FlowRecord> {
             "l4": {"ICMPv6": {"type": 128, "code": 0}}, "drop_reason_desc": "IP_OUTNOROUTES", "lifecycle": "FINAL"}),
         ),
         record(
+            json!({"outer": {"source": "100.64.1.2", "destination": "100.64.2.2", "protocol": "UDP",
+            "port": 8472, "encapsulation": "vxlan"}}),
+        ),
+        record(
+            json!({"outer": {"source": "fd64::1", "destination": "fd64::2", "protocol": "IPIP",
+            "encapsulation": "ipip"}}),
+        ),
+        record(
             json!({"l4": {"other": {"protocol": 47}}, "unenriched": true,
             "source": {"identity": 0}, "destination": {"identity": 2, "labels": ["reserved:world"]}}),
         ),
@@ -209,6 +217,15 @@ fn netwatchs_verdict_and_kernel_reason_survive_in_the_summary() {
             assert!(kv.contains(&("explanation", e.as_str())), "{summary}");
         }
         assert!(kv.contains(&("packets", r.packets.to_string().as_str())));
+        // The tunnel of a flow dropped encapsulated, which Hubble has no field for.
+        assert_eq!(
+            kv.iter().find(|(k, _)| *k == "outer").map(|(_, v)| *v),
+            r.outer.as_ref().map(|o| match o.port {
+                Some(_) => "vxlan:100.64.1.2->100.64.2.2:UDP/8472",
+                None => "ipip:fd64::1->fd64::2:IPIP",
+            }),
+            "{summary}"
+        );
     }
     let dropped = to_get_flows_response(&record(json!({})));
     assert_eq!(dropped["flow"]["verdict"], "DROPPED");

@@ -87,9 +87,46 @@ pub struct DropStats {
     pub ifindex: u32,
     /// Inode number of the network namespace of that interface.
     pub netns: u32,
+    /// The tunnel the packet was in when dropped (its first drop's), when
+    /// it was an encapsulated pod packet; `flow` is then the inner one.
+    pub outer: Outer,
     /// OR of the TCP flags of every dropped packet.
     pub tcp_flags: u8,
     pub _pad: [u8; 7],
+}
+
+/// How a pod packet was encapsulated between nodes ([`Outer::encap`]).
+pub mod encap {
+    /// Not encapsulated: the rest of [`super::Outer`] is zero.
+    pub const NONE: u8 = 0;
+    /// VXLAN over UDP 4789 (IANA) or 8472 (Linux's and flannel's default).
+    pub const VXLAN: u8 = 1;
+    /// Geneve over UDP 6081 (OVN-Kubernetes, Antrea, Cilium).
+    pub const GENEVE: u8 = 2;
+    /// IP in IP (protocol 4, Calico's IPIP mode) or IPv6 in IP (41).
+    pub const IPIP: u8 = 3;
+    /// UDP destination ports of the UDP encapsulations.
+    pub const VXLAN_PORT: u16 = 4789;
+    pub const VXLAN_LINUX_PORT: u16 = 8472;
+    pub const GENEVE_PORT: u16 = 6081;
+}
+
+/// The outer header of an encapsulated packet: the nodes' addresses, and
+/// the tunnel's protocol and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Outer {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// UDP destination port (VXLAN, Geneve); 0 for IPIP.
+    pub dst_port: u16,
+    /// IP protocol of the outer packet: 17 (UDP), 4 or 41 (IPIP).
+    pub proto: u8,
+    /// [`IP_V4`] or [`IP_V6`].
+    pub ip_version: u8,
+    /// One of [`encap`].
+    pub encap: u8,
+    pub _pad: [u8; 3],
 }
 
 /// What a pending handshake in [`PendingConn`] waits for.
@@ -200,6 +237,8 @@ pub struct Event {
     pub direction: u8,
     pub tcp_flags: u8,
     pub _pad: [u8; 1],
+    /// DROP of an encapsulated pod packet: its tunnel (`flow` is the inner).
+    pub outer: Outer,
 }
 
 /// Indexes of the per-CPU loss counters. Every event the kernel could not
@@ -275,11 +314,12 @@ mod tests {
     fn sizes_are_stable() {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<DropKey>(), 48);
-        assert_eq!(size_of::<DropStats>(), 48);
+        assert_eq!(size_of::<DropStats>(), 88);
+        assert_eq!(size_of::<Outer>(), 40);
         assert_eq!(size_of::<PendingConn>(), 40);
         assert_eq!(size_of::<SockConn>(), 24);
         assert_eq!(size_of::<PairKey>(), 40);
-        assert_eq!(size_of::<Event>(), 80);
+        assert_eq!(size_of::<Event>(), 120);
         assert_eq!(size_of::<DropSite>(), 24);
     }
 

@@ -13,6 +13,11 @@
 //! agent took from the running kernel's symbols (`nf_hook_slow` is a
 //! netfilter drop, and so on). The agent can also force this variant on a
 //! kernel that has reasons, which is how it is tested on every kernel.
+//!
+//! A dropped packet between nodes may be a pod packet in a tunnel (VXLAN,
+//! Geneve, IPIP): then the flow is the inner one, and the outer header goes
+//! along as [`Outer`], so a node firewall dropping the tunnel's UDP is
+//! reported as the pod flow it broke. One level of encapsulation is decoded.
 
 use aya_ebpf::{
     Global,
@@ -21,14 +26,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use netwatch_common::{
-    DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, DROP_SITES_LEN, REASON_SUBSYS_SHIFT, event_kind, loss,
+    DROP_SITES_LEN, DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, REASON_SUBSYS_SHIFT, encap, event_kind, loss,
 };
 
 use crate::{
     atomic::atomic_add,
     emit,
-    maps::{DROP_SITES, DROPS, NETNS_ALLOW, REASON_FILTER, SUBSYS_FILTER, count_loss},
+    maps::{DROP_SCRATCH, DROP_SITES, DROPS, NETNS_ALLOW, REASON_FILTER, SUBSYS_FILTER, count_loss},
 };
 
 // Field offsets in bytes, from BTF (see the agent's capture::offsets).
@@ -66,6 +71,14 @@ pub(crate) static FILTER_NETNS: Global<u32> = Global::new(0);
 const EEXIST: i32 = 17;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+/// Geneve's protocol type for an Ethernet frame.
+const ETH_P_TEB: u16 = 0x6558;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const ETH_HLEN: usize = 14;
+const UDP_HLEN: usize = 8;
+const VXLAN_HLEN: usize = 8;
+const GENEVE_HLEN: usize = 8;
 /// `skb->network_header` when it was never set.
 const HEADER_UNSET: u16 = 0xffff;
 
@@ -126,14 +139,34 @@ fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
     if head.is_null() || nh == HEADER_UNSET {
         return None;
     }
-    let ip = head.wrapping_add(usize::from(nh));
-    let (key, tcp_flags) = match protocol {
-        ETH_P_IP => parse_ipv4(ip)?,
-        ETH_P_IPV6 => parse_ipv6(ip)?,
+    let mut ip = head.wrapping_add(usize::from(nh));
+    let mut version = match protocol {
+        ETH_P_IP => IP_V4,
+        ETH_P_IPV6 => IP_V6,
         _ => return None,
     };
+    let scratch = DROP_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+    unsafe { (*scratch).outer.encap = encap::NONE };
+    // The packet, and at most once the packet inside its tunnel.
+    let mut depth = 0;
+    let (key, tcp_flags) = loop {
+        let (key, tcp_flags, l4) = match version {
+            IP_V4 => parse_ipv4(ip)?,
+            _ => parse_ipv6(ip)?,
+        };
+        let inner = if depth == 0 { tunnel(&key, l4) } else { None };
+        let Some((inner, kind)) = inner else {
+            break (key, tcp_flags);
+        };
+        // SAFETY: as above.
+        unsafe { set_outer(&mut (*scratch).outer, &key, kind) };
+        version = at::<u8>(inner, 0)? >> 4;
+        ip = inner;
+        depth += 1;
+    };
     let len: u32 = at(skb, SKB_LEN.load())?;
-    record(key, reason, len, tcp_flags, ifindex, netns);
+    record(key, reason, len, tcp_flags, ifindex, netns, scratch);
     Some(())
 }
 
@@ -146,6 +179,64 @@ fn counted(reason: u32) -> bool {
         return SUBSYS_FILTER.get(subsys).copied().unwrap_or(0) != 0;
     }
     REASON_FILTER.get(reason).copied().unwrap_or(0) != 0
+}
+
+/// The inner IP header of a tunnel packet whose outer flow is `key` and
+/// whose L4 header (0 when there is none) starts at `l4`, and the kind of
+/// tunnel; `None` when it is no tunnel packet netwatch decodes.
+#[inline(always)]
+fn tunnel(key: &FlowKey, l4: usize) -> Option<(*const u8, u8)> {
+    if l4 == 0 {
+        return None;
+    }
+    let l4 = l4 as *const u8;
+    match key.proto {
+        IPPROTO_IPIP | IPPROTO_IPV6 => Some((l4, encap::IPIP)),
+        IPPROTO_UDP => match key.dst_port {
+            encap::VXLAN_PORT | encap::VXLAN_LINUX_PORT => {
+                // The I flag: a valid VNI follows.
+                let flags: u8 = at(l4, UDP_HLEN as u32)?;
+                if flags & 0x08 == 0 {
+                    return None;
+                }
+                let inner = ethernet(l4.wrapping_add(UDP_HLEN + VXLAN_HLEN))?;
+                Some((inner, encap::VXLAN))
+            }
+            encap::GENEVE_PORT => {
+                let h: [u8; 4] = at(l4, UDP_HLEN as u32)?;
+                let options = usize::from(h[0] & 0x3f) * 4;
+                let body = l4.wrapping_add(UDP_HLEN + GENEVE_HLEN + options);
+                let inner = match u16::from_be_bytes([h[2], h[3]]) {
+                    ETH_P_TEB => ethernet(body)?,
+                    ETH_P_IP | ETH_P_IPV6 => body,
+                    _ => return None,
+                };
+                Some((inner, encap::GENEVE))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The IP header of the untagged Ethernet frame at `frame`.
+#[inline(always)]
+fn ethernet(frame: *const u8) -> Option<*const u8> {
+    let t: [u8; 2] = at(frame, 12)?;
+    match u16::from_be_bytes(t) {
+        ETH_P_IP | ETH_P_IPV6 => Some(frame.wrapping_add(ETH_HLEN)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn set_outer(outer: &mut Outer, key: &FlowKey, kind: u8) {
+    outer.src_addr = key.src_addr;
+    outer.dst_addr = key.dst_addr;
+    outer.dst_port = key.dst_port;
+    outer.proto = key.proto;
+    outer.ip_version = key.ip_version;
+    outer.encap = kind;
 }
 
 /// The reason of the drop site containing `location`; 0 (not counted unless
@@ -165,7 +256,7 @@ fn site_reason(location: u64) -> u32 {
 
 /// The flow and TCP flags of an IPv4 packet whose header starts at `ip`.
 #[inline(always)]
-fn parse_ipv4(ip: *const u8) -> Option<(FlowKey, u8)> {
+fn parse_ipv4(ip: *const u8) -> Option<(FlowKey, u8, usize)> {
     let hdr: [u8; 20] = at(ip, 0)?;
     if hdr[0] >> 4 != 4 || hdr[0] & 0x0f < 5 {
         count_loss(loss::MALFORMED);
@@ -180,17 +271,19 @@ fn parse_ipv4(ip: *const u8) -> Option<(FlowKey, u8)> {
     key.dst_addr[..4].copy_from_slice(&hdr[16..20]);
     let first_fragment = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff == 0;
     let mut flags = 0;
+    let mut l4 = 0;
     if first_fragment {
-        let l4 = ip.wrapping_add(usize::from(hdr[0] & 0x0f) * 4);
-        flags = fill_l4(l4, &mut key);
+        let p = ip.wrapping_add(usize::from(hdr[0] & 0x0f) * 4);
+        flags = fill_l4(p, &mut key);
+        l4 = p as usize;
     }
-    Some((key, flags))
+    Some((key, flags, l4))
 }
 
 /// The flow and TCP flags of an IPv6 packet, walking up to four extension
 /// headers (hop-by-hop, routing, fragment, destination options).
 #[inline(always)]
-fn parse_ipv6(ip: *const u8) -> Option<(FlowKey, u8)> {
+fn parse_ipv6(ip: *const u8) -> Option<(FlowKey, u8, usize)> {
     let hdr: [u8; 40] = at(ip, 0)?;
     if hdr[0] >> 4 != 6 {
         count_loss(loss::MALFORMED);
@@ -225,10 +318,13 @@ fn parse_ipv6(ip: *const u8) -> Option<(FlowKey, u8)> {
     }
     key.proto = next;
     let mut flags = 0;
+    let mut l4 = 0;
     if has_l4 {
-        flags = fill_l4(ip.wrapping_add(off as usize), &mut key);
+        let p = ip.wrapping_add(off as usize);
+        flags = fill_l4(p, &mut key);
+        l4 = p as usize;
     }
-    Some((key, flags))
+    Some((key, flags, l4))
 }
 
 /// Fill ports (or ICMP type/code) from the L4 header at `l4`; return the TCP
@@ -262,7 +358,15 @@ fn fill_l4(l4: *const u8, key: &mut FlowKey) -> u8 {
 
 /// Count the drop in the drop table; report the first one of a (flow, reason).
 #[inline(always)]
-fn record(flow: FlowKey, reason: u32, len: u32, tcp_flags: u8, ifindex: u32, netns: u32) {
+fn record(
+    flow: FlowKey,
+    reason: u32,
+    len: u32,
+    tcp_flags: u8,
+    ifindex: u32,
+    netns: u32,
+    stats: *mut DropStats,
+) {
     let key = DropKey {
         flow,
         reason,
@@ -272,17 +376,18 @@ fn record(flow: FlowKey, reason: u32, len: u32, tcp_flags: u8, ifindex: u32, net
     if add(&key, len, tcp_flags, now) {
         return;
     }
-    let stats = DropStats {
-        packets: 1,
-        bytes: u64::from(len),
-        first_ns: now,
-        last_ns: now,
-        ifindex,
-        netns,
-        tcp_flags,
-        _pad: [0; 7],
+    // SAFETY: this CPU's scratch slot (its `outer` already filled in).
+    let stats = unsafe {
+        (*stats).packets = 1;
+        (*stats).bytes = u64::from(len);
+        (*stats).first_ns = now;
+        (*stats).last_ns = now;
+        (*stats).ifindex = ifindex;
+        (*stats).netns = netns;
+        (*stats).tcp_flags = tcp_flags;
+        &*stats
     };
-    match DROPS.insert(&key, &stats, u64::from(BPF_NOEXIST)) {
+    match DROPS.insert(&key, stats, u64::from(BPF_NOEXIST)) {
         Ok(()) => emit::send(loss::RINGBUF_DROP, |e| {
             e.ts_ns = now;
             e.flow = flow;
@@ -293,6 +398,7 @@ fn record(flow: FlowKey, reason: u32, len: u32, tcp_flags: u8, ifindex: u32, net
             e.count = 1;
             e.kind = event_kind::DROP;
             e.tcp_flags = tcp_flags;
+            e.outer = stats.outer;
         }),
         // Another CPU created the entry between our lookup and insert.
         Err(e) if e == -EEXIST => {

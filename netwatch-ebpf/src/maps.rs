@@ -72,6 +72,11 @@ pub static CONNECT_BY_COOKIE: LruHashMap<u64, u64> = LruHashMap::with_max_entrie
 #[map]
 pub static NETNS_ALLOW: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
+/// Per-CPU scratch for the drop being recorded (its table value and
+/// tunnel), kept off the 512-byte stack.
+#[map]
+pub static DROP_SCRATCH: PerCpuArray<DropStats> = PerCpuArray::with_max_entries(1, 0);
+
 /// Count one lost or untracked event.
 #[inline(always)]
 pub fn count_loss(index: u32) {

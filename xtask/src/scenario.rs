@@ -452,13 +452,9 @@ impl ScenarioRun {
         let child = self
             .lab
             .on_node(node, &self.bins.agent)?
-            .args([
-                "--node-name",
-                node,
-                "--own-netns-only",
-                "--interfaces",
-                "cali*",
-            ])
+            // The default interface patterns: they must find each
+            // datapath's pod interfaces (and only those) by themselves.
+            .args(["--node-name", node, "--own-netns-only"])
             .arg("--manifests")
             .arg(&self.manifests_dir)
             .arg("--flow-log")

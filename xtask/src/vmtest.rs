@@ -136,6 +136,21 @@ pub const TESTS: &[TestEntry] = &[
         kernels: &[],
         threads: 1,
     },
+    // The bridge datapath (bridge, br_netfilter, VXLAN are modules there):
+    // the overlay's three drop places, tunnels decoded by kfree_skb, and one
+    // scenario end to end (all of them run on the host kernel).
+    TestEntry {
+        package: "xtask",
+        target: "datapath_bridge",
+        filters: &[
+            "drops_before_encapsulation",
+            "geneve_and_ipip",
+            "scenario_prod_default_deny",
+        ],
+        skip: &[],
+        kernels: &[],
+        threads: 1,
+    },
 ];
 
 /// What `netwatch-agent --check-kernel` said in the guest: one hook.

@@ -150,6 +150,7 @@ fn build(name: &str) -> (Case, Built) {
     let options = EnforceOptions {
         ipblock_matches_pods: case.options.ipblock_matches_pods.unwrap_or(true),
         police_host_to_pod: case.options.police_host_to_pod.unwrap_or(false),
+        ..EnforceOptions::default()
     };
     let built = up(&path, &text, &options);
     (case, built)

@@ -33,8 +33,10 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
 
-    /// Glob of host-side pod interface names to attach to; repeat for several.
-    /// [default: cali* lxc* veth* cni* eni* gke* azv*]
+    /// Glob of host-side pod interface names to attach to; repeat for several
+    /// (an empty one stands for the defaults). Bridges, overlay and tunnel
+    /// devices are never attached to, whatever their name: a bridge's ports
+    /// are. [default: cali* lxc* veth* cni* eni* gke* azv*]
     #[arg(long = "interfaces", value_name = "GLOB")]
     interfaces: Vec<String>,
 

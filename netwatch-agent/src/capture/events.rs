@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use netwatch_common::{Event, FlowKey, IP_V4, event_kind};
+use netwatch_common::{Event, FlowKey, IP_V4, Outer, encap, event_kind};
 use tokio::io::unix::AsyncFd;
 
 /// Which way a kernel signal crossed a pod interface (the policy side of
@@ -55,6 +55,8 @@ pub enum KernelEvent {
         netns: u32,
         bytes: u32,
         tcp_flags: u8,
+        /// The tunnel the packet was in (`flow` is then the inner one).
+        outer: Option<Outer>,
     },
     Refused {
         time: SystemTime,
@@ -115,6 +117,7 @@ impl KernelEvent {
                 netns: e.netns,
                 bytes: e.bytes,
                 tcp_flags: e.tcp_flags,
+                outer: (e.outer.encap != encap::NONE).then_some(e.outer),
             },
             event_kind::TCP_RESET | event_kind::ICMP_UNREACH | event_kind::SCTP_ABORT => {
                 let how = match e.kind {

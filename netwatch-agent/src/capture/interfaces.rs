@@ -5,14 +5,37 @@ use futures::{StreamExt, TryStreamExt};
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkInfo, LinkMessage},
 };
 use tokio::sync::mpsc;
 use tracing::warn;
 
-/// Interface name patterns of common CNIs' host-side pod interfaces.
+/// Interface name patterns of common CNIs' host-side pod interfaces:
+/// Calico (`cali`), Cilium (`lxc`), flannel, kube-router, Weave and the
+/// bridge plugin (`veth`), CNIs that prefix `cni`, AWS VPC CNI (`eni`),
+/// GKE (`gke`), Azure CNI (`azv`).
 pub const DEFAULT_INTERFACE_PATTERNS: &[&str] =
     &["cali*", "lxc*", "veth*", "cni*", "eni*", "gke*", "azv*"];
+
+/// Link kinds that are never a pod's host interface, whatever their name:
+/// a bridge (flannel's `cni0`, kube-router's `kube-bridge`) whose ports are
+/// the pods' veths, so hooking it too would see every routed pod packet a
+/// second time; overlay and tunnel devices (`flannel.1`, `tunl0`, Antrea's
+/// `antrea-tun0`), which carry pod traffic already seen on the ports; and
+/// Open vSwitch's internal ports (`antrea-gw0`, `ovn-k8s-mp0`).
+const NOT_POD_KINDS: &[&str] = &[
+    "bridge",
+    "vxlan",
+    "geneve",
+    "ipip",
+    "ip6tnl",
+    "sit",
+    "gre",
+    "gretap",
+    "wireguard",
+    "openvswitch",
+    "dummy",
+];
 
 /// Errors of the link watcher.
 #[derive(Debug, thiserror::Error)]
@@ -33,10 +56,13 @@ pub enum AttachError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkChange {
     /// New or changed (renamed, up/down): attach if the name matches.
-    /// `peer_netns` is the netns id of a veth's other end, when it has one.
+    /// `peer_netns` is the netns id of a veth's other end, when it has one;
+    /// `kind` the link's kind (`veth`, `bridge`, `vxlan`, ...; empty when
+    /// the kernel names none, as for physical devices).
     Present {
         index: u32,
         name: String,
+        kind: String,
         peer_netns: Option<i32>,
     },
     Gone {
@@ -50,13 +76,19 @@ pub struct InterfacePatterns(Vec<glob::Pattern>);
 
 impl InterfacePatterns {
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<InterfacePatterns, AttachError> {
+        // An empty pattern (`--interfaces ''`) stands for the defaults.
+        let patterns: Vec<&str> = patterns
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|p| !p.is_empty())
+            .collect();
         let list = if patterns.is_empty() {
             DEFAULT_INTERFACE_PATTERNS
                 .iter()
                 .map(|s| s.to_string())
                 .collect::<Vec<_>>()
         } else {
-            patterns.iter().map(|s| s.as_ref().to_string()).collect()
+            patterns.iter().map(|s| s.to_string()).collect()
         };
         list.into_iter()
             .map(|p| {
@@ -68,6 +100,12 @@ impl InterfacePatterns {
 
     pub fn matches(&self, name: &str) -> bool {
         self.0.iter().any(|p| p.matches(name))
+    }
+
+    /// A pod's host interface: its name matches and its kind (`veth`,
+    /// `netkit`, ...; empty when unknown) is not a bridge or overlay device.
+    pub fn matches_link(&self, name: &str, kind: &str) -> bool {
+        !NOT_POD_KINDS.contains(&kind) && self.matches(name)
     }
 }
 
@@ -128,10 +166,22 @@ fn present(msg: &LinkMessage) -> Option<LinkChange> {
         LinkAttribute::LinkNetNsId(id) => Some(*id),
         _ => None,
     });
+    let kind = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Kind(k) => Some(k.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .unwrap_or_default();
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(LinkChange::Present {
             index: msg.header.index,
             name: name.clone(),
+            kind: kind.clone(),
             peer_netns,
         }),
         _ => None,
@@ -157,6 +207,33 @@ mod tests {
         for name in ["eth0", "lo", "docker0", "flannel.1", "tunl0"] {
             assert!(!p.matches(name), "{name}");
         }
+    }
+
+    #[test]
+    fn bridges_and_overlays_are_not_pod_interfaces_whatever_their_name() {
+        let p = InterfacePatterns::new::<&str>(&[]).unwrap();
+        // flannel: the bridge cni0 is not hooked, its ports (the pods'
+        // veths) are.
+        assert!(!p.matches_link("cni0", "bridge"));
+        assert!(p.matches_link("veth1a2b3c4d", "veth"));
+        // A CNI whose ports are named cni*: still hooked.
+        assert!(p.matches_link("cni1a2b3c", "veth"));
+        for (name, kind) in [
+            ("flannel.1", "vxlan"),
+            ("cni-vxlan", "vxlan"),
+            ("veth-tun", "geneve"),
+            ("cali-tunl", "ipip"),
+            ("lxc-ovs", "openvswitch"),
+        ] {
+            assert!(!p.matches_link(name, kind), "{name} ({kind})");
+        }
+        // Kinds the kernel does not name (physical NICs) go by name alone.
+        assert!(p.matches_link("eni3f2a", ""));
+        assert!(!p.matches_link("eth0", ""));
+        // Cilium and Calico pod interfaces.
+        assert!(p.matches_link("lxc12ab", "veth"));
+        assert!(p.matches_link("cali1a2b3c4d5e6", "veth"));
+        assert!(p.matches_link("lxc12ab", "netkit"));
     }
 
     #[test]

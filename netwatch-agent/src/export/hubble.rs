@@ -329,6 +329,18 @@ pub fn summary(r: &FlowRecord) -> String {
         };
         kv.push(format!("original_destination={ip}:{}", o.port));
     }
+    if let Some(o) = &r.outer {
+        // Hubble's schema has no field for a tunnel that carried the flow.
+        let port = o.port.map(|p| format!("/{p}")).unwrap_or_default();
+        let encap = serde_json::to_value(o.encapsulation)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        kv.push(format!(
+            "outer={encap}:{}->{}:{}{port}",
+            o.source, o.destination, o.protocol
+        ));
+    }
     kv.push(format!(
         "lifecycle={}",
         serde_json::to_value(r.lifecycle)

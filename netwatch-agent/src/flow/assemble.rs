@@ -16,12 +16,12 @@ use std::{
 
 use netwatch_common::{
     DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, PendingConn, pending_kind, tcp_flags,
+    IPPROTO_UDP, Outer, PendingConn, encap, pending_kind, tcp_flags,
 };
 
 use super::record::{
-    EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle, OriginalDestination, Ports,
-    TcpFlags, Verdict,
+    Encapsulation, EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle,
+    OriginalDestination, OuterHeader, Ports, TcpFlags, Verdict,
 };
 use crate::{
     capture::{
@@ -44,6 +44,9 @@ pub struct AssemblerConfig {
     pub connect_timeout: Duration,
     /// Flows tracked at once; beyond it the quietest flow is finalised early.
     pub max_flows: usize,
+    /// Inode of the agent's network namespace: interface indexes are only
+    /// named when they are this namespace's (0: take every index as ours).
+    pub own_netns: u32,
 }
 
 impl Default for AssemblerConfig {
@@ -54,6 +57,7 @@ impl Default for AssemblerConfig {
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             max_flows: 65536,
+            own_netns: 0,
         }
     }
 }
@@ -100,6 +104,9 @@ struct ActiveFlow {
     pre_nat_dst: Option<([u8; 16], u16)>,
     post_nat_dst: Option<([u8; 16], u16)>,
     reply_dropped: bool,
+    /// The tunnel its packets were dropped in, when a node dropped them
+    /// encapsulated.
+    outer: Option<Outer>,
     tcp_flags: u8,
     attempts: u64,
     attempt_bytes: u64,
@@ -110,6 +117,9 @@ struct ActiveFlow {
     last_seen: SystemTime,
     last_change: SystemTime,
     ifindex: u32,
+    /// Network namespace (inode) of `ifindex`: a drop may happen in a pod's
+    /// namespace, where indexes mean other interfaces; 0 for this node's.
+    netns: u32,
     direction: Crossing,
     points: BTreeSet<&'static str>,
     cgroup_id: Option<u64>,
@@ -184,14 +194,16 @@ impl FlowAssembler {
                 flow,
                 reason,
                 ifindex,
+                netns,
                 bytes,
                 tcp_flags,
-                ..
+                outer,
             }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
                 let f = self.locate(key, NatSide::Post, time);
                 f.drop_keys.insert((flow, reason));
-                note_drop(f, reply, tcp_flags, ifindex);
+                f.outer = f.outer.or(outer);
+                note_drop(f, reply, tcp_flags, ifindex, netns);
                 let c = f.drops.entry(reason).or_default();
                 // The event carries the first packet; the table scan brings exact totals.
                 if c.packets == 0 {
@@ -211,11 +223,14 @@ impl FlowAssembler {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
                 let f = self.locate(fkey, NatSide::Post, first);
                 f.drop_keys.insert((key.flow, key.reason));
+                if f.outer.is_none() && stats.outer.encap != encap::NONE {
+                    f.outer = Some(stats.outer);
+                }
                 let c = f.drops.entry(key.reason).or_default();
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
-                    note_drop(f, reply, stats.tcp_flags, stats.ifindex);
+                    note_drop(f, reply, stats.tcp_flags, stats.ifindex, stats.netns);
                     if first < f.first_seen {
                         f.first_seen = first;
                     }
@@ -455,6 +470,7 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         pre_nat_dst: None,
         post_nat_dst: None,
         reply_dropped: false,
+        outer: None,
         tcp_flags: 0,
         attempts: 0,
         attempt_bytes: 0,
@@ -465,6 +481,7 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         last_seen: time,
         last_change: time,
         ifindex: 0,
+        netns: 0,
         direction: Crossing::Unknown,
         points: BTreeSet::new(),
         cgroup_id: None,
@@ -553,13 +570,41 @@ fn has_ports(key: &FlowKey) -> bool {
 
 /// What a drop seen by kfree_skb (as an event or in the table) says about
 /// its flow, whichever way it arrived.
-fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32) {
+fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32, netns: u32) {
     f.reply_dropped |= reply;
     f.tcp_flags |= tcp;
     f.points.insert("kfree_skb");
     if f.ifindex == 0 {
         f.ifindex = ifindex;
+        f.netns = netns;
         f.direction = Crossing::FromPod;
+    }
+}
+
+/// The record's view of a tunnel header from the kernel.
+fn outer_header(o: &Outer) -> OuterHeader {
+    let as_key = FlowKey {
+        src_addr: o.src_addr,
+        dst_addr: o.dst_addr,
+        ip_version: o.ip_version,
+        ..FlowKey::default()
+    };
+    let (source, destination) = addresses(&as_key);
+    let encapsulation = match o.encap {
+        encap::VXLAN => Encapsulation::Vxlan,
+        encap::GENEVE => Encapsulation::Geneve,
+        _ => Encapsulation::Ipip,
+    };
+    OuterHeader {
+        source,
+        destination,
+        protocol: if o.proto == IPPROTO_UDP {
+            "UDP".into()
+        } else {
+            "IPIP".into()
+        },
+        port: (o.proto == IPPROTO_UDP).then_some(o.dst_port),
+        encapsulation,
     }
 }
 
@@ -774,6 +819,7 @@ fn render(
         source: Endpoint::unresolved(src, has_ports.then_some(f_key.src_port)),
         destination: Endpoint::unresolved(dst, has_ports.then_some(f_key.dst_port)),
         original_destination: original,
+        outer: f.outer.as_ref().map(outer_header),
         flow_type: "L3_L4".into(),
         node_name: config.node_name.clone(),
         event_type,
@@ -782,9 +828,14 @@ fn render(
             && f.attempts == 0
             && !f.drops.is_empty()
             && f.tcp_flags & tcp_flags::SYN == 0,
+        // An interface is (network namespace, index): only this
+        // namespace's indexes have names here.
         interface: (f.ifindex != 0).then(|| Interface {
             index: f.ifindex,
-            name: ifnames(f.ifindex).unwrap_or_default(),
+            name: (config.own_netns == 0 || f.netns == 0 || f.netns == config.own_netns)
+                .then(|| ifnames(f.ifindex))
+                .flatten()
+                .unwrap_or_default(),
         }),
         summary,
         egress_allowed_by: Vec::new(),
@@ -890,6 +941,7 @@ mod tests {
             netns: 1,
             bytes: 60,
             tcp_flags: tcp_flags::SYN,
+            outer: None,
         })
     }
 
@@ -1219,6 +1271,53 @@ mod tests {
     }
 
     #[test]
+    fn interfaces_are_named_only_in_the_agents_own_network_namespace() {
+        let names = |i: u32| (i == 7).then(|| "veth0a1b2c3d".to_string());
+        let config = AssemblerConfig {
+            own_netns: 1,
+            ..Default::default()
+        };
+        // Index 7 in this node's namespace (the drop event's netns is 1).
+        let mut a = FlowAssembler::new(config.clone());
+        let out = a.handle(
+            drop_event(key(40010, 80, IPPROTO_TCP), t(0)),
+            t(0),
+            &reasons(),
+            &names,
+        );
+        let i = out[0].interface.as_ref().unwrap();
+        assert_eq!((i.index, i.name.as_str()), (7, "veth0a1b2c3d"));
+        // The same index in a pod's namespace is another interface: unnamed.
+        let mut a = FlowAssembler::new(config);
+        let Signal::Kernel(KernelEvent::Drop {
+            time,
+            flow,
+            reason,
+            ifindex,
+            bytes,
+            tcp_flags,
+            outer,
+            ..
+        }) = drop_event(key(40011, 80, IPPROTO_TCP), t(0))
+        else {
+            unreachable!()
+        };
+        let in_pod = Signal::Kernel(KernelEvent::Drop {
+            time,
+            flow,
+            reason,
+            ifindex,
+            netns: 99,
+            bytes,
+            tcp_flags,
+            outer,
+        });
+        let out = a.handle(in_pod, t(0), &reasons(), &names);
+        let i = out[0].interface.as_ref().unwrap();
+        assert_eq!((i.index, i.name.as_str()), (7, ""));
+    }
+
+    #[test]
     fn reply_drop_merges_into_the_initiators_flow() {
         let mut a = FlowAssembler::new(AssemblerConfig::default());
         let k = key(40005, 80, IPPROTO_TCP);
@@ -1231,6 +1330,7 @@ mod tests {
             netns: 1,
             bytes: 60,
             tcp_flags: tcp_flags::SYN | tcp_flags::ACK,
+            outer: None,
         });
         let out = a.handle(synack, t(1), &reasons(), &no_names);
         assert!(out.is_empty(), "same flow, no new first record");

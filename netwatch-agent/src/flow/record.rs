@@ -200,6 +200,29 @@ pub struct OriginalDestination {
     pub port: u16,
 }
 
+/// The outer header of an encapsulated pod packet: the nodes' addresses and
+/// the tunnel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OuterHeader {
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    /// `UDP` (VXLAN, Geneve) or `IPIP` (IP in IP, IPv6 in IP).
+    pub protocol: String,
+    /// The tunnel's UDP destination port (absent for IPIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub encapsulation: Encapsulation,
+}
+
+/// The tunnel protocol of an [`OuterHeader`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encapsulation {
+    Vxlan,
+    Geneve,
+    Ipip,
+}
+
 /// Hubble's `event_type`: 1 is a drop (sub_type: the drop reason), 4 a trace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventType {
@@ -250,6 +273,11 @@ pub struct FlowRecord {
     /// and `l4` then hold the backend the packets went to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_destination: Option<OriginalDestination>,
+    /// netwatch: the tunnel between nodes the packets were in where they
+    /// were dropped (a node firewall dropping VXLAN, Geneve or IPIP); `IP`
+    /// and `l4` then hold the pod flow inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer: Option<OuterHeader>,
     #[serde(rename = "Type")]
     pub flow_type: String,
     pub node_name: String,

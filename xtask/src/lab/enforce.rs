@@ -15,6 +15,7 @@
 //! - `ct state established,related accept` first: policies are stateful;
 //! - dispatch by interface: `iifname "caliX" jump egress/<ns>/<pod>` (leaving
 //!   a local pod), `oifname "caliX" jump ingress/<ns>/<pod>` (entering it);
+//!   on a bridge datapath by the pod's addresses instead ([`PodMatch`]);
 //! - one chain per local pod and direction. A pod that no policy isolates in a
 //!   direction has an empty chain (the jump returns). Otherwise one rule per
 //!   (policy, rule, peer, port) that `return`s (allowed this way: go on to the
@@ -103,6 +104,9 @@ pub struct EnforceOptions {
     /// Calico allows host-to-local-workload traffic by default. netwatch's
     /// POLICY_NOT_ENFORCED verdict is tested on exactly this.
     pub police_host_to_pod: bool,
+    /// How the firewall tells which local pod a packet leaves or enters. Set
+    /// by [`Lab::enforce`] from the lab's datapath.
+    pub pod_match: PodMatch,
 }
 
 impl Default for EnforceOptions {
@@ -110,8 +114,21 @@ impl Default for EnforceOptions {
         EnforceOptions {
             ipblock_matches_pods: true,
             police_host_to_pod: false,
+            pod_match: PodMatch::Interface,
         }
     }
+}
+
+/// How the node's base chains dispatch a packet to a local pod's chains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PodMatch {
+    /// By the pod's host interface (`iifname`/`oifname`): routed veths.
+    #[default]
+    Interface,
+    /// By the pod's addresses (`ip saddr`/`ip daddr`): pods on a bridge seen
+    /// through br_netfilter, where the IP hooks name the bridge, not the
+    /// port, as the packet's interface.
+    Address,
 }
 
 /// Direction of traffic relative to a pod.
@@ -843,6 +860,8 @@ pub struct PolicyChain {
     pub name: String,
     pub pod: String,
     pub host_if: String,
+    /// The pod's addresses (dispatch by [`PodMatch::Address`]).
+    pub ips: Vec<IpAddr>,
     pub direction: Direction,
     /// NetworkPolicies selecting the pod in this direction; empty: not
     /// isolated by NetworkPolicy.
@@ -1077,6 +1096,10 @@ impl Compiler<'_> {
                     .collect();
                 (hosts(&ips), Vec::new())
             }
+            // Cluster policies' peers: NetworkPolicy never has them, and
+            // compile_allows compiles NetworkPolicy only.
+            Peer::Network(cidr) => (vec![(cidr.addr, cidr.len)], Vec::new()),
+            Peer::Nodes(sel) => (hosts(&self.node_addresses(sel)), Vec::new()),
         };
         if peers.is_empty() {
             return Vec::new();
@@ -1151,6 +1174,7 @@ impl Compiler<'_> {
             name,
             pod: id.clone(),
             host_if: host_if.to_string(),
+            ips: pod.ips.clone(),
             direction: d,
             isolated_by: isolated_by.clone(),
             cluster_policies: acting.iter().map(|p| p.label()).collect(),
@@ -1545,10 +1569,10 @@ impl NodePolicy {
         );
         let _ = writeln!(out, "    ct state established,related accept");
         for c in &egress {
-            let _ = writeln!(out, "    iifname \"{}\" jump {}", c.host_if, c.name);
+            self.dispatch(&mut out, c);
         }
         for c in &ingress {
-            let _ = writeln!(out, "    oifname \"{}\" jump {}", c.host_if, c.name);
+            self.dispatch(&mut out, c);
         }
         let _ = writeln!(out, "  }}");
 
@@ -1562,7 +1586,7 @@ impl NodePolicy {
             "    ct state established,related accept\n    {ICMPV6_LINK}"
         );
         for c in &egress {
-            let _ = writeln!(out, "    iifname \"{}\" jump {}", c.host_if, c.name);
+            self.dispatch(&mut out, c);
         }
         let _ = writeln!(out, "  }}");
 
@@ -1577,18 +1601,15 @@ impl NodePolicy {
         );
         if self.options.police_host_to_pod {
             for c in &ingress {
-                let _ = writeln!(out, "    oifname \"{}\" jump {}", c.host_if, c.name);
+                self.dispatch(&mut out, c);
             }
         } else if !ingress.is_empty() {
-            let ifs: Vec<String> = ingress
-                .iter()
-                .map(|c| format!("\"{}\"", c.host_if))
-                .collect();
-            let _ = writeln!(
-                out,
-                "    oifname {{ {} }} counter accept comment \"host to local pods: not policed (police_host_to_pod: false)\"",
-                ifs.join(", ")
-            );
+            for m in self.entering_any(&ingress) {
+                let _ = writeln!(
+                    out,
+                    "    {m} counter accept comment \"host to local pods: not policed (police_host_to_pod: false)\""
+                );
+            }
         }
         let _ = writeln!(out, "  }}");
 
@@ -1619,6 +1640,52 @@ impl NodePolicy {
         }
         out.push_str("}\n");
         out
+    }
+}
+
+impl NodePolicy {
+    /// The jump(s) to `c` from a base chain: on the interface or addresses
+    /// the packet leaves (egress) or enters (ingress) the pod by.
+    fn dispatch(&self, out: &mut String, c: &PolicyChain) {
+        let (meta, field) = match c.direction {
+            Direction::Egress => ("iifname", "saddr"),
+            Direction::Ingress => ("oifname", "daddr"),
+        };
+        match self.options.pod_match {
+            PodMatch::Interface => {
+                let _ = writeln!(out, "    {meta} \"{}\" jump {}", c.host_if, c.name);
+            }
+            PodMatch::Address => {
+                for (family, ips) in split_families(&c.ips) {
+                    let _ = writeln!(
+                        out,
+                        "    {family} {field} {{ {} }} jump {}",
+                        join(&ips),
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// Matches (one rule each) for traffic entering any pod of `chains`.
+    fn entering_any(&self, chains: &[&PolicyChain]) -> Vec<String> {
+        match self.options.pod_match {
+            PodMatch::Interface => {
+                let ifs: Vec<String> = chains
+                    .iter()
+                    .map(|c| format!("\"{}\"", c.host_if))
+                    .collect();
+                vec![format!("oifname {{ {} }}", ifs.join(", "))]
+            }
+            PodMatch::Address => {
+                let ips: Vec<IpAddr> = chains.iter().flat_map(|c| c.ips.clone()).collect();
+                split_families(&ips)
+                    .into_iter()
+                    .map(|(family, ips)| format!("{family} daddr {{ {} }}", join(&ips)))
+                    .collect()
+            }
+        }
     }
 }
 
@@ -1675,6 +1742,10 @@ impl Lab {
 
     /// [`Lab::enforce`] with nftables (the routed datapath).
     fn nft_enforce(&self, cluster: &LabCluster, options: &EnforceOptions) -> Result<(), LabError> {
+        let options = &EnforceOptions {
+            pod_match: self.pod_match(),
+            ..options.clone()
+        };
         let rulesets = self
             .nodes
             .iter()
@@ -1811,6 +1882,41 @@ status: { podIP: 100.64.1.2 }
         assert!(!text.contains("cali00000000002"), "{text}");
         let n2 = node(DENY_INGRESS_X, "node-2");
         assert_eq!(chain(&n2, "ingress/x/b").rules.len(), 1);
+    }
+
+    #[test]
+    fn pods_on_a_bridge_are_dispatched_by_address_not_interface() {
+        let mut c = cluster(DENY_INGRESS_X);
+        for p in &mut c.pods {
+            if let Some(pl) = &mut p.placement
+                && !pl.host_network
+            {
+                pl.host_if = format!("veth{}", &pl.name);
+            }
+        }
+        let options = EnforceOptions {
+            pod_match: PodMatch::Address,
+            ..EnforceOptions::default()
+        };
+        let text = compile(&c, "node-1", &options).unwrap();
+        // br_netfilter shows the bridge as the interface: no port names.
+        assert!(!text.contains("iifname"), "{text}");
+        assert!(!text.contains("oifname"), "{text}");
+        for rule in [
+            "ip saddr { 10.244.1.2 } jump egress/x/a",
+            "ip6 saddr { fd00:1::2 } jump egress/x/a",
+            "ip daddr { 10.244.1.2 } jump ingress/x/a",
+            "ip saddr { 10.244.1.3 } jump egress/y/a",
+            // The node to its pods: let through unpoliced, by address too.
+            "ip daddr { 10.244.1.2, 10.244.1.3 } counter accept",
+            "ip6 daddr { fd00:1::2 } counter accept",
+        ] {
+            assert!(text.contains(rule), "{rule}:\n{text}");
+        }
+        assert!(
+            !text.contains("10.244.2.2 } jump"),
+            "x/b lives on node-2: {text}"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use enforce::{Direction, EnforceOptions, LabCluster, PodPlacement};
+pub use enforce::{Direction, EnforceOptions, LabCluster, PodMatch, PodPlacement};
 pub use manifests::Manifests;
 pub use probe::{Outcome, Probe, ProbeResult};
 pub use spec::{Datapath, LabSpec, NodeSpec, PodSpec, Proto};
@@ -137,14 +137,9 @@ impl Lab {
         if spec.nodes.is_empty() {
             return Err(LabError::Spec("a lab needs at least one node".into()));
         }
-        if !matches!(
-            spec.datapath,
-            Datapath::Routed | Datapath::Ebpf | Datapath::Ovs
-        ) {
-            return Err(LabError::Spec(format!(
-                "datapath {} is not built yet; the lab builds: routed, ebpf, ovs",
-                spec.datapath
-            )));
+        match spec.datapath {
+            Datapath::Routed | Datapath::Ebpf | Datapath::Ovs => {}
+            Datapath::Bridge => datapath::bridge::validate(&spec.pods)?,
         }
         let world = self.world.clone();
         self.netns_add(&world)?;
@@ -154,9 +149,23 @@ impl Lab {
         )?;
         for n in &spec.nodes {
             self.add_node(n)?;
+            if spec.datapath == Datapath::Bridge {
+                let k = self.nodes.len();
+                let cidr = datapath::bridge::pod_cidr(&spec.pods, &n.name);
+                datapath::bridge::wire_node(&self.nodes[k - 1], k, cidr)?;
+            }
         }
         for p in &spec.pods {
             self.add_pod(p)?;
+        }
+        if spec.datapath == Datapath::Bridge {
+            let cidrs: Vec<_> = spec
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (i + 1, datapath::bridge::pod_cidr(&spec.pods, &n.name)))
+                .collect();
+            datapath::bridge::join_nodes(self, &cidrs)?;
         }
         self.add_world_listeners(&spec.world)?;
         for n in &spec.nodes {
@@ -268,84 +277,95 @@ impl Lab {
                 sanitize(&p.name)
             );
             let hash = format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())));
-            let host_if = match self.datapath {
-                // Antrea's: the pod name's start and a hash.
-                Datapath::Ovs => format!(
-                    "{}-{}",
-                    &sanitize(&p.name)[..p.name.len().min(8)],
-                    &hash[..6]
-                ),
-                _ => format!("cali{}", &hash[..11]),
-            };
             self.netns_add(&netns)?;
-            run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &host_if,
-                    "netns",
-                    &node.netns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &netns,
-                ],
-            )?;
-            let ip = p.ip.to_string();
-            let mut pod_cmds = vec![
-                format!("addr add {ip}/32 dev eth0"),
-                "link set eth0 up".into(),
-                "route add 169.254.1.1 dev eth0 scope link".into(),
-                "route add default via 169.254.1.1 dev eth0".into(),
-            ];
-            let mut node_cmds = vec![
-                format!("link set {host_if} up"),
-                format!("route add {ip}/32 dev {host_if}"),
-            ];
-            if let Some(v6) = p.ipv6 {
-                pod_cmds.push(format!("addr add {v6}/128 dev eth0 nodad"));
-                pod_cmds.push("route add ::/0 via fe80::1 dev eth0".into());
-                node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
-                node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
-            }
-            if let Some((_, switch)) = self.switches.iter_mut().find(|(n, _)| *n == node.name) {
-                if p.ipv6.is_some() {
-                    return Err(LabError::Spec(format!(
-                        "pod {}: the ovs datapath wires IPv4 pods only",
-                        p.id()
-                    )));
-                }
-                // No ARP crosses the bridge: the gateway's MAC is static.
-                pod_cmds.push(format!(
-                    "neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
-                    switch.gateway_mac()
-                ));
-                ip_batch(&netns, &pod_cmds)?;
-                let pod_mac = datapath::ovs::mac_of(&netns, "eth0")?;
-                switch.add_pod(&host_if, &ip, &pod_mac)?;
+            if self.datapath == Datapath::Bridge {
+                // flannel's bridge plugin names host veths veth + 8 hex digits.
+                let host_if = format!("veth{}", &hash[..8]);
+                let cidr = datapath::bridge::pod_cidr(std::slice::from_ref(p), &p.node)
+                    .ok_or_else(|| LabError::Spec("bridge pod without a CIDR".into()))?;
+                datapath::bridge::wire_pod(&node, &netns, &host_if, p, cidr)?;
+                (netns, host_if)
             } else {
-                ip_batch(&netns, &pod_cmds)?;
-                ip_batch(&node.netns, &node_cmds)?;
+                let host_if = match self.datapath {
+                    // Antrea's: the pod name's start and a hash.
+                    Datapath::Ovs => format!(
+                        "{}-{}",
+                        &sanitize(&p.name)[..p.name.len().min(8)],
+                        &hash[..6]
+                    ),
+                    _ => format!("cali{}", &hash[..11]),
+                };
+                run(
+                    "ip",
+                    &[
+                        "link",
+                        "add",
+                        &host_if,
+                        "netns",
+                        &node.netns,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "eth0",
+                        "netns",
+                        &netns,
+                    ],
+                )?;
+                let ip = p.ip.to_string();
+                let mut pod_cmds = vec![
+                    format!("addr add {ip}/32 dev eth0"),
+                    "link set eth0 up".into(),
+                    "route add 169.254.1.1 dev eth0 scope link".into(),
+                    "route add default via 169.254.1.1 dev eth0".into(),
+                ];
+                let mut node_cmds = vec![
+                    format!("link set {host_if} up"),
+                    format!("route add {ip}/32 dev {host_if}"),
+                ];
+                if let Some(v6) = p.ipv6 {
+                    pod_cmds.push(format!("addr add {v6}/128 dev eth0 nodad"));
+                    pod_cmds.push("route add ::/0 via fe80::1 dev eth0".into());
+                    node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
+                    node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
+                }
+                if let Some((_, switch)) =
+                    self.switches.iter_mut().find(|(n, _)| *n == node.name)
+                {
+                    if p.ipv6.is_some() {
+                        return Err(LabError::Spec(format!(
+                            "pod {}: the ovs datapath wires IPv4 pods only",
+                            p.id()
+                        )));
+                    }
+                    // No ARP crosses the bridge: the gateway's MAC is static.
+                    pod_cmds.push(format!(
+                        "neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
+                        switch.gateway_mac()
+                    ));
+                    ip_batch(&netns, &pod_cmds)?;
+                    let pod_mac = datapath::ovs::mac_of(&netns, "eth0")?;
+                    switch.add_pod(&host_if, &ip, &pod_mac)?;
+                } else {
+                    ip_batch(&netns, &pod_cmds)?;
+                    ip_batch(&node.netns, &node_cmds)?;
+                }
+                // The underlay knows which node each pod lives on.
+                let mut world_cmds = vec![format!("route add {ip}/32 via {}", node.ip)];
+                if let Some(v6) = p.ipv6 {
+                    world_cmds.push(format!("route add {v6}/128 via {}", node.uplink_v6));
+                }
+                ip_batch(&self.world, &world_cmds)?;
+                // Calico's settings: answer ARP for the gateway, without delay.
+                sysctl_in(
+                    &node.netns,
+                    &[
+                        &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+                        &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
+                    ],
+                )?;
+                (netns, host_if)
             }
-            // The underlay knows which node each pod lives on.
-            let mut world_cmds = vec![format!("route add {ip}/32 via {}", node.ip)];
-            if let Some(v6) = p.ipv6 {
-                world_cmds.push(format!("route add {v6}/128 via {}", node.uplink_v6));
-            }
-            ip_batch(&self.world, &world_cmds)?;
-            // Calico's settings: answer ARP for the gateway, without delay.
-            sysctl_in(
-                &node.netns,
-                &[
-                    &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-                    &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-                ],
-            )?;
-            (netns, host_if)
         };
         let cgroup = node
             .cgroup_root
@@ -562,6 +582,14 @@ impl Lab {
             pod: from.into(),
             detail: format!("probe printed {text:?}: {e}"),
         })
+    }
+
+    /// How this lab's firewall tells pods apart (see [`PodMatch`]).
+    pub fn pod_match(&self) -> PodMatch {
+        match self.datapath {
+            Datapath::Bridge => PodMatch::Address,
+            _ => PodMatch::Interface,
+        }
     }
 
     /// Load an nftables ruleset into a node.

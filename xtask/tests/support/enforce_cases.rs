@@ -126,6 +126,7 @@ pub fn run_case(name: &str, datapath: Datapath) {
     let options = EnforceOptions {
         ipblock_matches_pods: case.options.ipblock_matches_pods.unwrap_or(true),
         police_host_to_pod: case.options.police_host_to_pod.unwrap_or(false),
+        ..EnforceOptions::default()
     };
     let manifests = Manifests::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
     let (mut spec, _) = LabSpec::from_manifests(&manifests).unwrap_or_else(|e| panic!("{e}"));

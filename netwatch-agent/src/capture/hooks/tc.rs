@@ -144,18 +144,20 @@ impl TcAttacher {
     /// Attach to or detach from the interface a link change is about.
     pub fn apply(&mut self, capture: &mut KernelCapture, change: LinkChange) -> AttachOutcome {
         match change {
-            LinkChange::Present { index, name, .. } => {
+            LinkChange::Present {
+                index, name, kind, ..
+            } => {
                 if let Some(a) = self.attached.get(&index) {
                     if a.name == name {
                         return AttachOutcome::Unchanged;
                     }
                     // Renamed: detach, then re-attach if the new name matches.
                     let old = self.detach(capture, index);
-                    if !self.patterns.matches(&name) {
+                    if !self.patterns.matches_link(&name, &kind) {
                         return old;
                     }
                 }
-                if !self.patterns.matches(&name) {
+                if !self.patterns.matches_link(&name, &kind) {
                     return AttachOutcome::Unchanged;
                 }
                 match attach_both(capture, &name, self.mode) {
