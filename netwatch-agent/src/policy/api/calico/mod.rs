@@ -1,7 +1,22 @@
-//! Calico's own policies (projectcalico.org/v3).
+//! Calico's own policies (projectcalico.org/v3): NetworkPolicy,
+//! GlobalNetworkPolicy and Tier, evaluated tier by tier together with
+//! Kubernetes NetworkPolicies (issue 15, in progress).
 //!
 //! - [`selector`]: Calico's selector language, parsed and evaluated.
+//! - [`types`]: the objects, as calicoctl and the Calico API server accept
+//!   them (unknown fields refused).
+//! - [`evaluate`]: compilation and Calico's tiered evaluation
+//!   ([`CalicoPolicies`]). Not yet wired into
+//!   [`PolicyEngine`](crate::policy::PolicyEngine), the manifest loader or
+//!   `netwatch explain`: callers build the endpoints themselves.
 
+pub mod evaluate;
 pub mod selector;
+pub mod types;
 
+pub use evaluate::{
+    CalicoDirectionVerdict, CalicoEndpoint, CalicoError, CalicoFlow, CalicoKind, CalicoObjects,
+    CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTierStep, Direction as CalicoDirection,
+};
 pub use selector::{CalicoSelector, Expr as SelectorExpr, SelectorError, SelectorProblem};
+pub use types::{CalicoNetworkPolicy, GlobalNetworkPolicy, Tier as CalicoTier};

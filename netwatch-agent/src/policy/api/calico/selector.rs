@@ -669,7 +669,12 @@ mod tests {
                 .expr()
                 .mentions_global()
         );
-        assert!(!CalicoSelector::parse("all()").unwrap().expr().mentions_global());
+        assert!(
+            !CalicoSelector::parse("all()")
+                .unwrap()
+                .expr()
+                .mentions_global()
+        );
     }
 
     #[test]
@@ -772,7 +777,10 @@ mod tests {
             "selector \"app == 'a' &&\": column 14: expected an expression after &&"
         );
         let e = err("app = 'a'");
-        assert_eq!((e.column, &e.problem), (5, &SelectorProblem::UnexpectedChar('=')));
+        assert_eq!(
+            (e.column, &e.problem),
+            (5, &SelectorProblem::UnexpectedChar('='))
+        );
         let e = err("app == 'a");
         assert_eq!(e.column, 8);
         assert_eq!(e.problem, SelectorProblem::UnterminatedString('\''));
@@ -781,10 +789,16 @@ mod tests {
         assert!(e.to_string().contains("after label \"app\""), "{e}");
         let e = err("app == web");
         assert_eq!(e.column, 8);
-        assert!(matches!(e.problem, SelectorProblem::ExpectedString { after: "==", .. }));
+        assert!(matches!(
+            e.problem,
+            SelectorProblem::ExpectedString { after: "==", .. }
+        ));
         let e = err("(has(a) || has(b)");
         assert_eq!(e.column, 18);
-        assert!(e.to_string().ends_with("expected ), found the end of the selector"));
+        assert!(
+            e.to_string()
+                .ends_with("expected ), found the end of the selector")
+        );
         let e = err("has(a) has(b)");
         assert_eq!(e.column, 8);
         assert!(matches!(e.problem, SelectorProblem::Trailing(_)));
@@ -795,16 +809,25 @@ mod tests {
         let e = err("|| has(a)");
         assert_eq!(e.column, 1);
         let e = err("has(a) || && has(b)");
-        assert_eq!((e.column, &e.problem), (11, &SelectorProblem::ExpectedExpressionAfter("||")));
+        assert_eq!(
+            (e.column, &e.problem),
+            (11, &SelectorProblem::ExpectedExpressionAfter("||"))
+        );
         let e = err("!");
-        assert_eq!((e.column, &e.problem), (2, &SelectorProblem::ExpectedExpressionAfter("!")));
+        assert_eq!(
+            (e.column, &e.problem),
+            (2, &SelectorProblem::ExpectedExpressionAfter("!"))
+        );
         let e = err("has()");
         assert_eq!(e.column, 5);
         let e = err("app starts 'x'");
         assert_eq!(e.column, 5);
         // Columns count characters, not bytes.
         let e = err("app == 'é' && ?");
-        assert_eq!((e.column, &e.problem), (15, &SelectorProblem::UnexpectedChar('?')));
+        assert_eq!(
+            (e.column, &e.problem),
+            (15, &SelectorProblem::UnexpectedChar('?'))
+        );
     }
 
     #[test]
@@ -852,8 +875,14 @@ mod tests {
             8 => Expr::EndsWith(key, value),
             9 => Expr::In(key, vec![]),
             10 => Expr::Not(Box::new(random_expr(rng, depth - 1))),
-            11 => Expr::And(vec![random_expr(rng, depth - 1), random_expr(rng, depth - 1)]),
-            _ => Expr::Or(vec![random_expr(rng, depth - 1), random_expr(rng, depth - 1)]),
+            11 => Expr::And(vec![
+                random_expr(rng, depth - 1),
+                random_expr(rng, depth - 1),
+            ]),
+            _ => Expr::Or(vec![
+                random_expr(rng, depth - 1),
+                random_expr(rng, depth - 1),
+            ]),
         }
     }
 
