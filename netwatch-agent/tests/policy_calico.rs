@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netwatch::policy::api::calico::{
     CalicoDirectionVerdict, CalicoEndpoint, CalicoFlow, CalicoKind, CalicoNetworkPolicy,
-    CalicoObjects, CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTier, GlobalNetworkPolicy,
+    CalicoObjects, CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTier, CalicoWhatIf,
+    GlobalNetworkPolicy, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy,
+    StagedNetworkPolicy, StagedObjects,
 };
 use serde::Deserialize;
 
@@ -18,6 +20,9 @@ struct Objects {
     network_policies: Vec<CalicoNetworkPolicy>,
     global: Vec<GlobalNetworkPolicy>,
     kubernetes: Vec<NetworkPolicy>,
+    staged: Vec<StagedNetworkPolicy>,
+    staged_global: Vec<StagedGlobalNetworkPolicy>,
+    staged_kubernetes: Vec<StagedKubernetesNetworkPolicy>,
 }
 
 fn read(yaml: &str) -> Result<Objects, String> {
@@ -36,6 +41,15 @@ fn read(yaml: &str) -> Result<Objects, String> {
                 .push(serde_yaml::from_value(value).map_err(e)?),
             ("projectcalico.org/v3", "GlobalNetworkPolicy") => objects
                 .global
+                .push(serde_yaml::from_value(value).map_err(e)?),
+            ("projectcalico.org/v3", "StagedNetworkPolicy") => objects
+                .staged
+                .push(serde_yaml::from_value(value).map_err(e)?),
+            ("projectcalico.org/v3", "StagedGlobalNetworkPolicy") => objects
+                .staged_global
+                .push(serde_yaml::from_value(value).map_err(e)?),
+            ("projectcalico.org/v3", "StagedKubernetesNetworkPolicy") => objects
+                .staged_kubernetes
                 .push(serde_yaml::from_value(value).map_err(e)?),
             ("networking.k8s.io/v1", "NetworkPolicy") => objects
                 .kubernetes
@@ -522,5 +536,162 @@ fn invalid_policies_are_refused_with_the_field() {
     assert!(
         e.contains("spec.ingress[0].protocol: ports need protocol"),
         "{e}"
+    );
+}
+
+fn what_if(yaml: &str) -> Result<CalicoWhatIf, String> {
+    let o = read(yaml)?;
+    CalicoWhatIf::build(
+        CalicoObjects {
+            tiers: &o.tiers,
+            network_policies: &o.network_policies,
+            global_network_policies: &o.global,
+            kubernetes_network_policies: &o.kubernetes,
+        },
+        &StagedObjects {
+            network_policies: &o.staged,
+            global_network_policies: &o.staged_global,
+            kubernetes_network_policies: &o.staged_kubernetes,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn staged_policies_are_a_what_if() {
+    let yaml = r#"
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: block-web
+  namespace: prod
+spec:
+  selector: app == 'api'
+  ingress:
+  - action: Deny
+    source:
+      selector: app == 'web'
+  - action: Allow
+---
+apiVersion: projectcalico.org/v3
+kind: StagedNetworkPolicy
+metadata:
+  name: block-web
+  namespace: prod
+spec:
+  stagedAction: Delete
+---
+apiVersion: projectcalico.org/v3
+kind: StagedGlobalNetworkPolicy
+metadata:
+  name: default-deny
+spec:
+  selector: projectcalico.org/namespace == 'prod' && app != 'api'
+  types: [Ingress, Egress]
+---
+apiVersion: projectcalico.org/v3
+kind: StagedKubernetesNetworkPolicy
+metadata:
+  name: db-from-api
+  namespace: prod
+spec:
+  podSelector:
+    matchLabels:
+      app: db
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: api
+"#;
+    let w = what_if(yaml).unwrap();
+    // The forgotten DNS: allowed today, denied by the staged default deny.
+    let preview = w.preview(&udp(web(), dns(), 53));
+    assert!(preview.would_deny(), "{preview:?}");
+    assert_eq!(
+        preview.egress.denied_by(),
+        [reference(
+            CalicoKind::StagedGlobalNetworkPolicy,
+            "default",
+            None,
+            "default-deny",
+            None
+        )]
+    );
+    // Denied today by block-web; the staged Delete removes it, and api
+    // is outside the staged default deny.
+    let preview = w.preview(&tcp(web(), api(), 8080));
+    assert!(!preview.enforced_allowed);
+    assert!(
+        !preview.would_allow(),
+        "web's egress is under the staged default deny"
+    );
+    assert!(!preview.staged_allowed);
+    // ...while api's own ingress, with block-web deleted, would allow it.
+    assert!(preview.ingress.allowed && preview.ingress.tiers.is_empty());
+    assert!(!preview.egress.allowed);
+    let preview = w.preview(&tcp(api(), db(), 5432));
+    assert!(
+        preview.enforced_allowed && preview.staged_allowed,
+        "{preview:?}"
+    );
+    assert_eq!(
+        preview.ingress.allowed_by().map(|r| r.kind),
+        Some(CalicoKind::StagedKubernetesNetworkPolicy)
+    );
+    // Staged policies change nothing enforced.
+    assert!(w.enforced.judge_flow(&udp(web(), dns(), 53)).0);
+    let unknown_action = yaml.replace("stagedAction: Delete", "stagedAction: Remove");
+    assert!(what_if(&unknown_action).unwrap_err().contains("Remove"));
+}
+
+#[test]
+fn lint_finds_selectors_that_select_nothing() {
+    let yaml = r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: typo
+spec:
+  selector: app == 'wbe'
+  ingress:
+  - action: Allow
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: api
+  namespace: prod
+spec:
+  selector: app == 'api'
+  ingress:
+  - action: Allow
+    source:
+      namespaceSelector: projectcalico.org/name == 'monitoring'
+  - action: Allow
+    source:
+      selector: app == 'web'
+"#;
+    let policies = build(yaml).unwrap();
+    let endpoints = [web(), api(), db(), dns()];
+    let found: Vec<(String, String, String)> = policies
+        .selectors_matching_nothing(&endpoints)
+        .into_iter()
+        .map(|f| (f.policy.name, f.field, f.selector))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "api".to_string(),
+                "spec.ingress[0].source".to_string(),
+                "projectcalico.org/name == 'monitoring'".to_string()
+            ),
+            (
+                "typo".to_string(),
+                "spec.selector".to_string(),
+                "app == 'wbe'".to_string()
+            ),
+        ]
     );
 }

@@ -39,7 +39,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::selector::{CalicoSelector, Expr, SelectorError};
 use super::types::{
     Action, CalicoNetworkPolicy, EntityRule, GlobalNetworkPolicy, PolicyType, PortSpec,
-    ProtocolSpec, Rule, Tier,
+    ProtocolSpec, Rule, StagedAction, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy,
+    StagedNetworkPolicy, Tier,
 };
 use crate::policy::Labels;
 
@@ -83,6 +84,10 @@ pub enum CalicoKind {
     CalicoGlobalNetworkPolicy,
     /// networking.k8s.io/v1 NetworkPolicy, in the default tier.
     KubernetesNetworkPolicy,
+    /// The staged kinds: previewed as if enforced (what-if only).
+    StagedNetworkPolicy,
+    StagedGlobalNetworkPolicy,
+    StagedKubernetesNetworkPolicy,
 }
 
 impl CalicoKind {
@@ -91,6 +96,19 @@ impl CalicoKind {
             CalicoKind::CalicoNetworkPolicy => "CalicoNetworkPolicy",
             CalicoKind::CalicoGlobalNetworkPolicy => "CalicoGlobalNetworkPolicy",
             CalicoKind::KubernetesNetworkPolicy => "NetworkPolicy",
+            CalicoKind::StagedNetworkPolicy => "StagedNetworkPolicy",
+            CalicoKind::StagedGlobalNetworkPolicy => "StagedGlobalNetworkPolicy",
+            CalicoKind::StagedKubernetesNetworkPolicy => "StagedKubernetesNetworkPolicy",
+        }
+    }
+
+    /// The enforced kind a staged kind previews (itself for enforced kinds).
+    pub fn enforced(self) -> CalicoKind {
+        match self {
+            CalicoKind::StagedNetworkPolicy => CalicoKind::CalicoNetworkPolicy,
+            CalicoKind::StagedGlobalNetworkPolicy => CalicoKind::CalicoGlobalNetworkPolicy,
+            CalicoKind::StagedKubernetesNetworkPolicy => CalicoKind::KubernetesNetworkPolicy,
+            other => other,
         }
     }
 }
@@ -224,6 +242,15 @@ struct Entity {
     services: bool,
 }
 
+impl Entity {
+    fn selects_endpoints(&self) -> bool {
+        self.selector.is_some()
+            || self.namespace_selector.is_some()
+            || self.service_account_names.is_some()
+            || self.service_account_selector.is_some()
+    }
+}
+
 #[derive(Clone, Debug)]
 struct CompiledRule {
     action: Action,
@@ -258,7 +285,12 @@ impl CompiledPolicy {
     }
 
     fn selects(&self, subject: &CalicoEndpoint, direction: Direction) -> bool {
-        if self.host_only || self.rules(direction).is_none() || !subject.is_workload() {
+        self.rules(direction).is_some() && self.selects_endpoint(subject)
+    }
+
+    /// Whether the policy applies to the endpoint in some direction.
+    fn selects_endpoint(&self, subject: &CalicoEndpoint) -> bool {
+        if self.host_only || !subject.is_workload() {
             return false;
         }
         if let Some(ns) = &self.reference.namespace
@@ -368,6 +400,144 @@ impl CalicoDirectionVerdict {
     }
 }
 
+/// Staged policies, for [`CalicoPolicies::build_staged`].
+#[derive(Clone, Debug, Default)]
+pub struct StagedObjects<'a> {
+    pub network_policies: &'a [StagedNetworkPolicy],
+    pub global_network_policies: &'a [StagedGlobalNetworkPolicy],
+    pub kubernetes_network_policies: &'a [StagedKubernetesNetworkPolicy],
+}
+
+/// One staged policy: kind, namespace, name, action, and (for Set) the
+/// policy compiled.
+type StagedPolicy = (
+    CalicoKind,
+    Option<String>,
+    String,
+    StagedAction,
+    Option<CompiledPolicy>,
+);
+
+impl StagedObjects<'_> {
+    fn compile(&self) -> Result<Vec<StagedPolicy>, CalicoError> {
+        let mut out = Vec::new();
+        for p in self.network_policies {
+            let namespace = p
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let compiled = compile_policy(
+                CalicoKind::CalicoNetworkPolicy,
+                Some(namespace.clone()),
+                name.clone(),
+                &p.spec.spec,
+            )?;
+            out.push((
+                CalicoKind::StagedNetworkPolicy,
+                Some(namespace),
+                name,
+                p.spec.staged_action,
+                Some(compiled),
+            ));
+        }
+        for p in self.global_network_policies {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let compiled = compile_policy(
+                CalicoKind::CalicoGlobalNetworkPolicy,
+                None,
+                name.clone(),
+                &p.spec.spec,
+            )?;
+            out.push((
+                CalicoKind::StagedGlobalNetworkPolicy,
+                None,
+                name,
+                p.spec.staged_action,
+                Some(compiled),
+            ));
+        }
+        for p in self.kubernetes_network_policies {
+            let policy = NetworkPolicy {
+                metadata: p.metadata.clone(),
+                spec: Some(p.spec.spec.clone()),
+            };
+            let compiled = compile_kubernetes_policy(&policy)?;
+            out.push((
+                CalicoKind::StagedKubernetesNetworkPolicy,
+                compiled.reference.namespace.clone(),
+                compiled.reference.name.clone(),
+                p.spec.staged_action,
+                Some(compiled),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// A flow judged by the enforced policies and by the staged preview.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedPreview {
+    pub enforced_allowed: bool,
+    pub staged_allowed: bool,
+    /// The staged set's verdicts per direction.
+    pub egress: CalicoDirectionVerdict,
+    pub ingress: CalicoDirectionVerdict,
+}
+
+impl StagedPreview {
+    /// Allowed today, denied once the staged policies are enforced.
+    pub fn would_deny(&self) -> bool {
+        self.enforced_allowed && !self.staged_allowed
+    }
+
+    /// Denied today, allowed once the staged policies are enforced.
+    pub fn would_allow(&self) -> bool {
+        !self.enforced_allowed && self.staged_allowed
+    }
+}
+
+/// The enforced policies and the same with the staged ones applied.
+#[derive(Clone, Debug)]
+pub struct CalicoWhatIf {
+    pub enforced: CalicoPolicies,
+    pub staged: CalicoPolicies,
+}
+
+impl CalicoWhatIf {
+    pub fn build(
+        objects: CalicoObjects<'_>,
+        staged: &StagedObjects<'_>,
+    ) -> Result<Self, CalicoError> {
+        Ok(Self {
+            enforced: CalicoPolicies::build(objects.clone())?,
+            staged: CalicoPolicies::build_staged(objects, staged)?,
+        })
+    }
+
+    /// "Would deny if enforced": both verdicts of one flow.
+    pub fn preview(&self, flow: &CalicoFlow) -> StagedPreview {
+        let (enforced_allowed, _, _) = self.enforced.judge_flow(flow);
+        let (staged_allowed, egress, ingress) = self.staged.judge_flow(flow);
+        StagedPreview {
+            enforced_allowed,
+            staged_allowed,
+            egress,
+            ingress,
+        }
+    }
+}
+
+/// A selector that picks no endpoint (lint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmptySelection {
+    pub policy: CalicoPolicyRef,
+    /// `spec.selector`, `spec.ingress[0].source`, ...
+    pub field: String,
+    pub selector: String,
+}
+
 /// Compiled Calico tiers, ready to judge flows.
 #[derive(Clone, Debug, Default)]
 pub struct CalicoPolicies {
@@ -387,6 +557,24 @@ impl CalicoPolicies {
     /// Compiles every policy; fails on the first the Calico API server
     /// would refuse, naming it and the field.
     pub fn build(objects: CalicoObjects<'_>) -> Result<Self, CalicoError> {
+        Self::build_with(objects, &StagedObjects::default())
+    }
+
+    /// The policies as they would be with the staged ones applied: `Set`
+    /// replaces (or adds) the enforced policy of the same kind, namespace
+    /// and name, `Delete` removes it. Staged policies keep their staged
+    /// kind, so verdicts name them.
+    pub fn build_staged(
+        objects: CalicoObjects<'_>,
+        staged: &StagedObjects<'_>,
+    ) -> Result<Self, CalicoError> {
+        Self::build_with(objects, staged)
+    }
+
+    fn build_with(
+        objects: CalicoObjects<'_>,
+        staged: &StagedObjects<'_>,
+    ) -> Result<Self, CalicoError> {
         let mut tiers: BTreeMap<String, CompiledTier> = BTreeMap::new();
         for (name, order, pass) in [
             ("kube-admin", Some(1000.0), true),
@@ -450,6 +638,18 @@ impl CalicoPolicies {
         }
         for p in objects.kubernetes_network_policies {
             policies.push(compile_kubernetes_policy(p)?);
+        }
+        for (kind, namespace, name, action, compiled) in staged.compile()? {
+            let enforced = kind.enforced();
+            policies.retain(|p: &CompiledPolicy| {
+                !(p.reference.kind == enforced
+                    && p.reference.namespace == namespace
+                    && p.reference.name == name)
+            });
+            if let (StagedAction::Set, Some(mut policy)) = (action, compiled) {
+                policy.reference.kind = kind;
+                policies.push(policy);
+            }
         }
         for policy in policies {
             let Some(tier) = tiers.get_mut(&policy.reference.tier) else {
@@ -553,6 +753,70 @@ impl CalicoPolicies {
             allowed: true,
             tiers: steps,
         }
+    }
+
+    /// Lint: the policy selectors and rule peer selectors (selector,
+    /// namespaceSelector, serviceAccounts) that pick none of `endpoints`.
+    /// Policies acting on host endpoints only are left out.
+    pub fn selectors_matching_nothing(&self, endpoints: &[CalicoEndpoint]) -> Vec<EmptySelection> {
+        let mut found = Vec::new();
+        for policy in self.tiers.iter().flat_map(|t| &t.policies) {
+            if policy.host_only {
+                continue;
+            }
+            if !endpoints.iter().any(|e| policy.selects_endpoint(e)) {
+                found.push(EmptySelection {
+                    policy: policy.reference.clone(),
+                    field: "spec.selector".into(),
+                    selector: policy.selector.source().to_string(),
+                });
+            }
+            // A NetworkPolicy's rules are split per peer and port: their
+            // indexes are not the manifest's, so only Calico kinds here.
+            if policy.reference.kind.enforced() == CalicoKind::KubernetesNetworkPolicy {
+                continue;
+            }
+            let namespace = policy.reference.namespace.as_deref();
+            for (direction, name) in [
+                (Direction::Ingress, "ingress"),
+                (Direction::Egress, "egress"),
+            ] {
+                for (i, rule) in policy
+                    .rules(direction)
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                {
+                    for (side, entity) in
+                        [("source", &rule.source), ("destination", &rule.destination)]
+                    {
+                        if !entity.selects_endpoints() {
+                            continue;
+                        }
+                        let any = endpoints
+                            .iter()
+                            .any(|e| entity_selects(entity, namespace, e, &e.selector_labels()));
+                        if !any {
+                            let text = [&entity.namespace_selector, &entity.selector]
+                                .into_iter()
+                                .flatten()
+                                .map(|s| s.source().to_string())
+                                .collect::<Vec<_>>()
+                                .join(" / ");
+                            found.push(EmptySelection {
+                                policy: CalicoPolicyRef {
+                                    rule: Some(i),
+                                    ..policy.reference.clone()
+                                },
+                                field: format!("spec.{name}[{i}].{side}"),
+                                selector: text,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// Both directions: (allowed, egress, ingress).
@@ -673,50 +937,8 @@ fn entity_matches(
     // Endpoint selection: selector, namespaceSelector and serviceAccounts
     // pick workload endpoints; in a namespaced policy without
     // namespaceSelector, only those of the policy's namespace.
-    let selects_endpoints = entity.selector.is_some()
-        || entity.namespace_selector.is_some()
-        || entity.service_account_names.is_some()
-        || entity.service_account_selector.is_some();
-    if selects_endpoints {
-        if !endpoint.is_workload() {
-            return false;
-        }
-        match &entity.namespace_selector {
-            Some(ns) => {
-                // global() here means non-namespaced endpoints: never a pod.
-                if ns.expr() == &Expr::Global {
-                    return false;
-                }
-                if !ns.matches(&endpoint.namespace_selector_labels()) {
-                    return false;
-                }
-            }
-            None => {
-                if let Some(ns) = policy_namespace
-                    && endpoint.namespace.as_deref() != Some(ns)
-                {
-                    return false;
-                }
-            }
-        }
-        if let Some(sel) = &entity.selector
-            && !sel.matches(&labels)
-        {
-            return false;
-        }
-        if let Some(names) = &entity.service_account_names
-            && !endpoint
-                .service_account
-                .as_ref()
-                .is_some_and(|sa| names.contains(sa))
-        {
-            return false;
-        }
-        if let Some(sel) = &entity.service_account_selector
-            && !sel.matches(&endpoint.service_account_labels)
-        {
-            return false;
-        }
+    if entity.selects_endpoints() && !entity_selects(entity, policy_namespace, endpoint, &labels) {
+        return false;
     }
     if let Some(sel) = &entity.not_selector
         && endpoint.is_workload()
@@ -745,6 +967,57 @@ fn entity_matches(
     }
     if let Some(port) = port
         && port_in(&entity.not_ports, port)
+    {
+        return false;
+    }
+    true
+}
+
+/// Whether the endpoint-selecting part of an entity (selector,
+/// namespaceSelector, serviceAccounts) picks `endpoint`; in a namespaced
+/// policy without namespaceSelector, only endpoints of its namespace.
+fn entity_selects(
+    entity: &Entity,
+    policy_namespace: Option<&str>,
+    endpoint: &CalicoEndpoint,
+    labels: &Labels,
+) -> bool {
+    if !endpoint.is_workload() {
+        return false;
+    }
+    match &entity.namespace_selector {
+        Some(ns) => {
+            // global() here means non-namespaced endpoints: never a pod.
+            if ns.expr() == &Expr::Global {
+                return false;
+            }
+            if !ns.matches(&endpoint.namespace_selector_labels()) {
+                return false;
+            }
+        }
+        None => {
+            if let Some(ns) = policy_namespace
+                && endpoint.namespace.as_deref() != Some(ns)
+            {
+                return false;
+            }
+        }
+    }
+    if let Some(sel) = &entity.selector
+        && !sel.matches(labels)
+    {
+        return false;
+    }
+    if let Some(names) = &entity.service_account_names
+        && !endpoint
+            .service_account
+            .as_ref()
+            .is_some_and(|sa| names.contains(sa))
+    {
+        return false;
+    }
+    if let Some(sel) = &entity.service_account_selector
+        && !sel.matches(&endpoint.service_account_labels)
     {
         return false;
     }

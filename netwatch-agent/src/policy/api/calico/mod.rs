@@ -8,7 +8,11 @@
 //! - [`evaluate`]: compilation and Calico's tiered evaluation
 //!   ([`CalicoPolicies`]). Not yet wired into
 //!   [`PolicyEngine`](crate::policy::PolicyEngine), the manifest loader or
-//!   `netwatch explain`: callers build the endpoints themselves.
+//!   `netwatch explain`: callers build the endpoints themselves. Staged
+//!   policies (StagedNetworkPolicy, StagedGlobalNetworkPolicy,
+//!   StagedKubernetesNetworkPolicy) as a what-if ([`CalicoWhatIf`]: "would
+//!   deny if enforced"); lint of selectors that pick no endpoint
+//!   ([`CalicoPolicies::selectors_matching_nothing`]).
 
 pub mod evaluate;
 pub mod selector;
@@ -16,7 +20,11 @@ pub mod types;
 
 pub use evaluate::{
     CalicoDirectionVerdict, CalicoEndpoint, CalicoError, CalicoFlow, CalicoKind, CalicoObjects,
-    CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTierStep, Direction as CalicoDirection,
+    CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTierStep, CalicoWhatIf,
+    Direction as CalicoDirection, EmptySelection, StagedObjects, StagedPreview,
 };
 pub use selector::{CalicoSelector, Expr as SelectorExpr, SelectorError, SelectorProblem};
-pub use types::{CalicoNetworkPolicy, GlobalNetworkPolicy, Tier as CalicoTier};
+pub use types::{
+    CalicoNetworkPolicy, GlobalNetworkPolicy, StagedAction, StagedGlobalNetworkPolicy,
+    StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier as CalicoTier,
+};

@@ -227,3 +227,76 @@ pub struct TierSpec {
     #[serde(default)]
     pub default_action: Option<Action>,
 }
+
+/// What applying a staged policy would do to the enforced one of the same
+/// name: `Set` (create or replace it, the default) or `Delete`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StagedAction {
+    #[default]
+    Set,
+    Delete,
+}
+
+/// A staged spec: the enforced kind's spec plus `stagedAction`. (serde
+/// cannot refuse unknown fields through `flatten`, so the action is taken
+/// out first and the rest read strictly.)
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Staged<S> {
+    pub staged_action: StagedAction,
+    pub spec: S,
+}
+
+impl<'de, S: serde::de::DeserializeOwned> Deserialize<'de> for Staged<S> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut value = serde_json::Value::deserialize(d)?;
+        let staged_action = match value.as_object_mut().and_then(|m| m.remove("stagedAction")) {
+            Some(a) => serde_json::from_value(a).map_err(D::Error::custom)?,
+            None => StagedAction::Set,
+        };
+        let spec = serde_json::from_value(value).map_err(D::Error::custom)?;
+        Ok(Self {
+            staged_action,
+            spec,
+        })
+    }
+}
+
+/// StagedNetworkPolicy: a Calico NetworkPolicy previewed, not enforced.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StagedNetworkPolicy {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: Staged<PolicySpec>,
+}
+
+/// StagedGlobalNetworkPolicy: a GlobalNetworkPolicy previewed.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StagedGlobalNetworkPolicy {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: Staged<PolicySpec>,
+}
+
+/// StagedKubernetesNetworkPolicy: a Kubernetes NetworkPolicy previewed.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StagedKubernetesNetworkPolicy {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: Staged<k8s_openapi::api::networking::v1::NetworkPolicySpec>,
+}
