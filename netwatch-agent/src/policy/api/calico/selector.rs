@@ -914,7 +914,7 @@ mod tests {
             .map(|_| {
                 let mut l = Labels::new();
                 for k in KEYS {
-                    if rng.next() % 2 == 0 {
+                    if rng.next().is_multiple_of(2) {
                         l.insert(k.to_string(), rng.pick(VALUES).to_string());
                     }
                 }
