@@ -695,3 +695,31 @@ spec:
         ]
     );
 }
+
+#[test]
+fn manifests_read_calico_documents_and_skip_the_rest() {
+    let text = format!(
+        "{SECURITY_OVER_APP}\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: prod\n---\napiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata:\n  name: from-crd\nspec:\n  selector: has(app)\n"
+    );
+    let m = netwatch::policy::api::calico::CalicoManifests::read_str("p.yaml", &text).unwrap();
+    assert_eq!(
+        (
+            m.tiers.len(),
+            m.network_policies.len(),
+            m.global_network_policies.len()
+        ),
+        (2, 1, 2)
+    );
+    assert!(CalicoPolicies::build(m.objects(&[])).is_ok());
+    let typo = text.replace(
+        "  ingress:\n  - action: Deny",
+        "  ingres:\n  - action: Deny",
+    );
+    let e = netwatch::policy::api::calico::CalicoManifests::read_str("p.yaml", &typo)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("p.yaml: document 3: GlobalNetworkPolicy: unknown field `ingres`"),
+        "{e}"
+    );
+}

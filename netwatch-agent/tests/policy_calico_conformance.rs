@@ -11,57 +11,8 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use netwatch::cluster::ClusterSnapshot;
 use netwatch::policy::Verdict;
-use netwatch::policy::api::calico::{CalicoEndpoint, CalicoFlow, CalicoObjects, CalicoPolicies};
-
-fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint> {
-    let namespace_labels = |ns: &str| {
-        let mut labels: BTreeMap<String, String> = snapshot
-            .namespaces
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(ns))
-            .and_then(|n| n.metadata.labels.clone())
-            .unwrap_or_default();
-        labels.insert("kubernetes.io/metadata.name".into(), ns.into());
-        labels
-    };
-    snapshot
-        .pods
-        .iter()
-        .map(|pod| {
-            let ns = pod.metadata.namespace.clone().unwrap_or_default();
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let mut e = CalicoEndpoint::pod(
-                &ns,
-                pod.metadata.labels.clone().unwrap_or_default(),
-                namespace_labels(&ns),
-            );
-            e.ip = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok());
-            for container in pod.spec.iter().flat_map(|s| &s.containers) {
-                for port in container.ports.iter().flatten() {
-                    if let Some(port_name) = &port.name {
-                        let protocol = match port.protocol.as_deref() {
-                            Some("UDP") => 17,
-                            Some("SCTP") => 132,
-                            _ => 6,
-                        };
-                        e.named_ports.push((
-                            port_name.clone(),
-                            protocol,
-                            port.container_port as u16,
-                        ));
-                    }
-                }
-            }
-            (format!("{ns}/{name}"), e)
-        })
-        .collect()
-}
+use netwatch::policy::api::calico::{CalicoFlow, CalicoObjects, CalicoPolicies, endpoints};
 
 #[test]
 fn the_e2e_truth_tables_hold_for_networkpolicies_in_calicos_default_tier() {

@@ -5,6 +5,7 @@
 //! - [`selector`]: Calico's selector language, parsed and evaluated.
 //! - [`types`]: the objects, as calicoctl and the Calico API server accept
 //!   them (unknown fields refused).
+//! - [`manifests`]: Calico objects from YAML, snapshot pods as endpoints.
 //! - [`evaluate`]: compilation and Calico's tiered evaluation
 //!   ([`CalicoPolicies`]). Not yet wired into
 //!   [`PolicyEngine`](crate::policy::PolicyEngine), the manifest loader or
@@ -15,6 +16,7 @@
 //!   ([`CalicoPolicies::selectors_matching_nothing`]).
 
 pub mod evaluate;
+pub mod manifests;
 pub mod selector;
 pub mod types;
 
@@ -23,6 +25,7 @@ pub use evaluate::{
     CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTierStep, CalicoWhatIf,
     Direction as CalicoDirection, EmptySelection, StagedObjects, StagedPreview,
 };
+pub use manifests::{CalicoManifestError, CalicoManifests, endpoints};
 pub use selector::{CalicoSelector, Expr as SelectorExpr, SelectorError, SelectorProblem};
 pub use types::{
     CalicoNetworkPolicy, GlobalNetworkPolicy, StagedAction, StagedGlobalNetworkPolicy,
