@@ -1,0 +1,165 @@
+//! Calico objects from YAML (what `calicoctl get -o yaml` prints, or the
+//! `crd.projectcalico.org/v1` CRDs, which carry the same fields), and the
+//! pods of a snapshot as Calico endpoints: what `--manifests` will hand
+//! the evaluator once it is wired into the engine.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+
+use super::evaluate::{CalicoEndpoint, CalicoObjects, StagedObjects};
+use super::types::{
+    CalicoNetworkPolicy, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
+    StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier,
+};
+use crate::cluster::ClusterSnapshot;
+
+/// The API versions Calico's objects are read from.
+pub const API_VERSIONS: [&str; 2] = ["projectcalico.org/v3", "crd.projectcalico.org/v1"];
+
+/// A Calico document that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: document {document}: {kind}: {problem}")]
+pub struct CalicoManifestError {
+    pub source_name: String,
+    /// From 1.
+    pub document: usize,
+    pub kind: String,
+    pub problem: String,
+}
+
+/// The Calico objects of some manifests.
+#[derive(Clone, Debug, Default)]
+pub struct CalicoManifests {
+    pub tiers: Vec<Tier>,
+    pub network_policies: Vec<CalicoNetworkPolicy>,
+    pub global_network_policies: Vec<GlobalNetworkPolicy>,
+    pub staged_network_policies: Vec<StagedNetworkPolicy>,
+    pub staged_global_network_policies: Vec<StagedGlobalNetworkPolicy>,
+    pub staged_kubernetes_network_policies: Vec<StagedKubernetesNetworkPolicy>,
+}
+
+impl CalicoManifests {
+    /// Reads the Calico documents of a multi-document YAML text (other
+    /// documents are skipped). Unknown fields are errors.
+    pub fn read_str(source_name: &str, text: &str) -> Result<Self, CalicoManifestError> {
+        let mut out = Self::default();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let error = |kind: &str, problem: String| CalicoManifestError {
+                source_name: source_name.to_string(),
+                document: i + 1,
+                kind: kind.to_string(),
+                problem,
+            };
+            let value =
+                serde_yaml::Value::deserialize(doc).map_err(|e| error("?", e.to_string()))?;
+            let api = value["apiVersion"].as_str().unwrap_or_default();
+            if !API_VERSIONS.contains(&api) {
+                continue;
+            }
+            let kind = value["kind"].as_str().unwrap_or_default().to_string();
+            let e = |err: serde_yaml::Error| error(&kind, err.to_string());
+            match kind.as_str() {
+                "Tier" => out.tiers.push(serde_yaml::from_value(value).map_err(e)?),
+                "NetworkPolicy" => out
+                    .network_policies
+                    .push(serde_yaml::from_value(value).map_err(e)?),
+                "GlobalNetworkPolicy" => out
+                    .global_network_policies
+                    .push(serde_yaml::from_value(value).map_err(e)?),
+                "StagedNetworkPolicy" => out
+                    .staged_network_policies
+                    .push(serde_yaml::from_value(value).map_err(e)?),
+                "StagedGlobalNetworkPolicy" => out
+                    .staged_global_network_policies
+                    .push(serde_yaml::from_value(value).map_err(e)?),
+                "StagedKubernetesNetworkPolicy" => out
+                    .staged_kubernetes_network_policies
+                    .push(serde_yaml::from_value(value).map_err(e)?),
+                // Other Calico kinds (IPPool, FelixConfiguration, ...) do not decide flows.
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// The enforced objects, with the snapshot's Kubernetes NetworkPolicies.
+    pub fn objects<'a>(&'a self, kubernetes: &'a [NetworkPolicy]) -> CalicoObjects<'a> {
+        CalicoObjects {
+            tiers: &self.tiers,
+            network_policies: &self.network_policies,
+            global_network_policies: &self.global_network_policies,
+            kubernetes_network_policies: kubernetes,
+        }
+    }
+
+    /// The staged objects.
+    pub fn staged(&self) -> StagedObjects<'_> {
+        StagedObjects {
+            network_policies: &self.staged_network_policies,
+            global_network_policies: &self.staged_global_network_policies,
+            kubernetes_network_policies: &self.staged_kubernetes_network_policies,
+        }
+    }
+}
+
+/// Every pod of the snapshot as a Calico endpoint, by `namespace/name`:
+/// its labels, its namespace's labels (with `kubernetes.io/metadata.name`),
+/// service account, IP and named container ports.
+pub fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint> {
+    let namespace_labels = |ns: &str| {
+        let mut labels: BTreeMap<String, String> = snapshot
+            .namespaces
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(ns))
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), ns.into());
+        labels
+    };
+    snapshot
+        .pods
+        .iter()
+        .map(|pod| {
+            let ns = pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let mut e = CalicoEndpoint::pod(
+                &ns,
+                pod.metadata.labels.clone().unwrap_or_default(),
+                namespace_labels(&ns),
+            );
+            e.ip = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok());
+            e.service_account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .or_else(|| Some("default".into()));
+            for container in pod.spec.iter().flat_map(|s| &s.containers) {
+                for port in container.ports.iter().flatten() {
+                    if let Some(port_name) = &port.name {
+                        let protocol = match port.protocol.as_deref() {
+                            Some("UDP") => 17,
+                            Some("SCTP") => 132,
+                            _ => 6,
+                        };
+                        e.named_ports.push((
+                            port_name.clone(),
+                            protocol,
+                            port.container_port as u16,
+                        ));
+                    }
+                }
+            }
+            (format!("{ns}/{name}"), e)
+        })
+        .collect()
+}
