@@ -11,7 +11,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use netwatch::policy::Verdict;
+use netwatch::policy::PolicyVerdict as Verdict;
 use netwatch::policy::api::calico::{CalicoFlow, CalicoObjects, CalicoPolicies, endpoints};
 
 #[test]
