@@ -370,3 +370,60 @@ fn gone_failing_and_stalled_watches_recover() {
     wait_ready(&lab, &agent);
     agent.stop();
 }
+
+/// `--kubernetes-events` posts to the API server `--kubeconfig` names, as
+/// the identity watches do (it used the in-cluster or default config, and
+/// a node started with `--kubeconfig` could not start at all).
+#[test]
+fn packet_drop_events_go_to_the_kubeconfig_api_server() {
+    let lab = lab(LAB);
+    lab.nft(
+        "node-1",
+        "table inet lab {\n chain forward {\n  type filter hook forward priority 0; policy accept;\n  ip daddr 10.244.1.3 tcp dport 9999 counter drop\n }\n}\n",
+    )
+    .expect("nft");
+    let api = cluster(&lab);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let agent = Agent::start(
+        &lab,
+        "node-1",
+        3,
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "--kubernetes-events",
+            "--metrics-addr",
+            "127.0.0.1:9965",
+        ],
+    );
+    wait_ready(&lab, &agent);
+    expect_probe(
+        &lab,
+        "prod/web",
+        tcp("10.244.1.3:9999", 2),
+        Outcome::TimedOut,
+    );
+    let f = agent.wait_for_flow(Duration::from_secs(10), |r| {
+        to("10.244.1.3", 9999)(r) && r["verdict"] == "DROPPED"
+    })["flow"]
+        .clone();
+    assert_eq!(pod_name(&f["source"]), "web", "{f:#}");
+    wait_until(&agent, "a PacketDrop Event reaches the fake API server", 30, || {
+        api.requests()
+            .iter()
+            .any(|r| r.path == "/api/v1/namespaces/prod/events")
+    });
+    let posted: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .collect();
+    assert!(
+        posted
+            .iter()
+            .all(|r| r.user_agent.starts_with("netwatch-agent/")),
+        "{posted:?}"
+    );
+}

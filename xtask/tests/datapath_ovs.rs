@@ -233,17 +233,24 @@ fn networkpolicies_become_openflow_drops_on_ovs_nodes() {
     let cluster = LabCluster::new(manifests, lab.placements()).unwrap_or_else(|e| panic!("{e}"));
     lab.enforce(&cluster, &EnforceOptions::default())
         .unwrap_or_else(|e| panic!("{e}"));
-    let interfaces: Vec<String> = lab
-        .pods
-        .iter()
-        .filter(|p| p.spec.node == "node-2")
-        .map(|p| p.host_if.clone())
-        .collect();
-    let mut args = Vec::new();
-    for i in &interfaces {
-        args.extend(["--interfaces", i.as_str()]);
+    // The default patterns: the pods' ports are found as ports of the
+    // switch, not by name.
+    let pods_here = lab.pods.iter().filter(|p| p.spec.node == "node-2").count();
+    let mut agent = Agent::start(&lab, "node-2", pods_here, &["--interfaces", ""]);
+    let log = agent.log();
+    for p in lab.pods.iter().filter(|p| p.spec.node == "node-2") {
+        assert!(
+            log.contains(&format!("interface={} ", p.host_if))
+                || log.contains(&format!("interface=\"{}\"", p.host_if)),
+            "{} ({}) hooked:\n{log}",
+            p.host_if,
+            p.spec.id()
+        );
     }
-    let mut agent = Agent::start(&lab, "node-2", interfaces.len(), &args);
+    assert!(
+        !log.contains("interface=antrea-gw0") && !log.contains("interface=br-int"),
+        "the switch's own ports are not hooked:\n{log}"
+    );
     // Admitted across nodes (through both nodes' tables and the uplinks).
     expect_probe(
         &lab,

@@ -36,7 +36,9 @@ struct Args {
     /// Glob of host-side pod interface names to attach to; repeat for several
     /// (an empty one stands for the defaults). Bridges, overlay and tunnel
     /// devices are never attached to, whatever their name: a bridge's ports
-    /// are. [default: cali* lxc* veth* cni* eni* gke* azv*]
+    /// are. With the defaults, Open vSwitch's veth ports are attached to
+    /// whatever their name (Antrea, OVN-Kubernetes, Kube-OVN).
+    /// [default: cali* lxc* veth* cni* eni* gke* azv*]
     #[arg(long = "interfaces", value_name = "GLOB")]
     interfaces: Vec<String>,
 
@@ -55,7 +57,9 @@ struct Args {
     /// from a decision to block traffic: NETFILTER_DROP, TC_INGRESS,
     /// TC_EGRESS, BPF_CGROUP_EGRESS, BPF_CGROUP_INGRESS, IP_RPFILTER,
     /// XFRM_POLICY, IP_INNOROUTES, IP_OUTNOROUTES, NEIGH_FAILED,
-    /// SOCKET_FILTER. The agent logs the reasons in effect at start.
+    /// SOCKET_FILTER, and OPENVSWITCH: every reason of Open vSwitch's own
+    /// (OVS_DROP_LAST_ACTION for an OpenFlow drop, 6.4+), counted as one
+    /// subsystem. The agent logs the reasons in effect at start.
     #[arg(long, default_value = "default", value_name = "LIST")]
     drop_reasons: String,
 
@@ -288,6 +292,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             detected
         }
     };
+    // PacketDrop Events go to the same API server the identity watches.
+    let events_kubeconfig = args.kubeconfig.clone();
     let identity = if !args.manifests.is_empty() {
         IdentitySource::Manifests(args.manifests)
     } else if args.kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
@@ -312,7 +318,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         not_enforced_interval: secs(args.not_enforced_interval, "not-enforced-interval")?,
     };
     let config = DaemonConfig {
-        export: args.export.config(args.flow_log, &node_name)?,
+        export: args
+            .export
+            .config(args.flow_log, &node_name, events_kubeconfig)?,
         node_name,
         interfaces: args.interfaces,
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
@@ -504,6 +512,7 @@ mod export_flags {
             self,
             flow_log: FlowLogTarget,
             node_name: &str,
+            kubeconfig: Option<PathBuf>,
         ) -> anyhow::Result<ExportConfig> {
             let filters = |flag: &str, list: &[String]| -> anyhow::Result<Vec<FlowFilter>> {
                 list.iter()
@@ -519,6 +528,7 @@ mod export_flags {
                 })
             };
             Ok(ExportConfig {
+                kubeconfig,
                 node_name: node_name.to_string(),
                 flow_log,
                 flow_log_max_size_bytes: self.flow_log_max_size_mb.saturating_mul(1024 * 1024),

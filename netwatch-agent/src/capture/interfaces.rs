@@ -58,11 +58,14 @@ pub enum LinkChange {
     /// New or changed (renamed, up/down): attach if the name matches.
     /// `peer_netns` is the netns id of a veth's other end, when it has one;
     /// `kind` the link's kind (`veth`, `bridge`, `vxlan`, ...; empty when
-    /// the kernel names none, as for physical devices).
+    /// the kernel names none, as for physical devices); `port_kind` the
+    /// kind of the device it is a port of (`openvswitch`, `bridge`; empty
+    /// when none).
     Present {
         index: u32,
         name: String,
         kind: String,
+        port_kind: String,
         peer_netns: Option<i32>,
     },
     Gone {
@@ -70,9 +73,16 @@ pub enum LinkChange {
     },
 }
 
-/// `--interfaces` globs.
+/// `--interfaces` globs. With the defaults, a veth that is a port of an
+/// Open vSwitch datapath is a pod interface whatever its name: Antrea,
+/// OVN-Kubernetes and Kube-OVN name pods' host veths after the pod or the
+/// container (`web-7f9c2a`, `a1b2c3d4e5f6a7b`, `a1b2c3d4e5f6_h`), not by a
+/// prefix.
 #[derive(Clone, Debug)]
-pub struct InterfacePatterns(Vec<glob::Pattern>);
+pub struct InterfacePatterns {
+    globs: Vec<glob::Pattern>,
+    defaults: bool,
+}
 
 impl InterfacePatterns {
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<InterfacePatterns, AttachError> {
@@ -82,7 +92,8 @@ impl InterfacePatterns {
             .map(AsRef::as_ref)
             .filter(|p| !p.is_empty())
             .collect();
-        let list = if patterns.is_empty() {
+        let defaults = patterns.is_empty();
+        let list = if defaults {
             DEFAULT_INTERFACE_PATTERNS
                 .iter()
                 .map(|s| s.to_string())
@@ -95,17 +106,20 @@ impl InterfacePatterns {
                 glob::Pattern::new(&p).map_err(|source| AttachError::Pattern { pattern: p, source })
             })
             .collect::<Result<_, _>>()
-            .map(InterfacePatterns)
+            .map(|globs| InterfacePatterns { globs, defaults })
     }
 
     pub fn matches(&self, name: &str) -> bool {
-        self.0.iter().any(|p| p.matches(name))
+        self.globs.iter().any(|p| p.matches(name))
     }
 
-    /// A pod's host interface: its name matches and its kind (`veth`,
-    /// `netkit`, ...; empty when unknown) is not a bridge or overlay device.
-    pub fn matches_link(&self, name: &str, kind: &str) -> bool {
-        !NOT_POD_KINDS.contains(&kind) && self.matches(name)
+    /// A pod's host interface: its kind (`veth`, `netkit`, ...; empty when
+    /// unknown) is not a bridge or overlay device, and its name matches or
+    /// (with the default patterns) it is a veth port of Open vSwitch.
+    pub fn matches_link(&self, name: &str, kind: &str, port_kind: &str) -> bool {
+        !NOT_POD_KINDS.contains(&kind)
+            && (self.matches(name)
+                || (self.defaults && kind == "veth" && port_kind == "openvswitch"))
     }
 }
 
@@ -166,22 +180,30 @@ fn present(msg: &LinkMessage) -> Option<LinkChange> {
         LinkAttribute::LinkNetNsId(id) => Some(*id),
         _ => None,
     });
-    let kind = msg
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-                LinkInfo::Kind(k) => Some(k.to_string()),
+    let info = |pick: fn(&LinkInfo) -> Option<String>| {
+        msg.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().find_map(pick),
                 _ => None,
-            }),
-            _ => None,
-        })
-        .unwrap_or_default();
+            })
+            .unwrap_or_default()
+    };
+    let kind = info(|i| match i {
+        LinkInfo::Kind(k) => Some(k.to_string()),
+        _ => None,
+    });
+    // IFLA_INFO_SLAVE_KIND: the kind of the device this one is a port of.
+    let port_kind = info(|i| match i {
+        LinkInfo::PortKind(k) => Some(k.to_string()),
+        _ => None,
+    });
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(LinkChange::Present {
             index: msg.header.index,
             name: name.clone(),
             kind: kind.clone(),
+            port_kind: port_kind.clone(),
             peer_netns,
         }),
         _ => None,
@@ -214,10 +236,10 @@ mod tests {
         let p = InterfacePatterns::new::<&str>(&[]).unwrap();
         // flannel: the bridge cni0 is not hooked, its ports (the pods'
         // veths) are.
-        assert!(!p.matches_link("cni0", "bridge"));
-        assert!(p.matches_link("veth1a2b3c4d", "veth"));
+        assert!(!p.matches_link("cni0", "bridge", ""));
+        assert!(p.matches_link("veth1a2b3c4d", "veth", ""));
         // A CNI whose ports are named cni*: still hooked.
-        assert!(p.matches_link("cni1a2b3c", "veth"));
+        assert!(p.matches_link("cni1a2b3c", "veth", ""));
         for (name, kind) in [
             ("flannel.1", "vxlan"),
             ("cni-vxlan", "vxlan"),
@@ -225,15 +247,42 @@ mod tests {
             ("cali-tunl", "ipip"),
             ("lxc-ovs", "openvswitch"),
         ] {
-            assert!(!p.matches_link(name, kind), "{name} ({kind})");
+            assert!(!p.matches_link(name, kind, ""), "{name} ({kind})");
         }
         // Kinds the kernel does not name (physical NICs) go by name alone.
-        assert!(p.matches_link("eni3f2a", ""));
-        assert!(!p.matches_link("eth0", ""));
+        assert!(p.matches_link("eni3f2a", "", ""));
+        assert!(!p.matches_link("eth0", "", ""));
         // Cilium and Calico pod interfaces.
-        assert!(p.matches_link("lxc12ab", "veth"));
-        assert!(p.matches_link("cali1a2b3c4d5e6", "veth"));
-        assert!(p.matches_link("lxc12ab", "netkit"));
+        assert!(p.matches_link("lxc12ab", "veth", ""));
+        assert!(p.matches_link("cali1a2b3c4d5e6", "veth", ""));
+        assert!(p.matches_link("lxc12ab", "netkit", ""));
+        // flannel's ports say they are a bridge's: still hooked by name.
+        assert!(p.matches_link("veth1a2b3c4d", "veth", "bridge"));
+    }
+
+    #[test]
+    fn open_vswitch_pod_ports_are_pod_interfaces_whatever_their_name() {
+        let p = InterfacePatterns::new::<&str>(&[]).unwrap();
+        // Antrea, OVN-Kubernetes and Kube-OVN names of pods' host veths.
+        for name in ["web-7f9c2a", "a1b2c3d4e5f6a7b", "a1b2c3d4e5f6_h"] {
+            assert!(p.matches_link(name, "veth", "openvswitch"), "{name}");
+            // The same name off the switch is nobody's pod interface.
+            assert!(!p.matches_link(name, "veth", ""), "{name}");
+        }
+        // The switch's own devices: the datapath, bridge, gateway and
+        // management ports are kind openvswitch, tunnels their own kinds.
+        for (name, kind) in [
+            ("ovs-system", "openvswitch"),
+            ("br-int", "openvswitch"),
+            ("antrea-gw0", "openvswitch"),
+            ("ovn-k8s-mp0", "openvswitch"),
+            ("genev_sys_6081", "geneve"),
+        ] {
+            assert!(!p.matches_link(name, kind, "openvswitch"), "{name}");
+        }
+        // Patterns given by hand are taken as they are.
+        let only = InterfacePatterns::new(&["cali*".to_string()]).unwrap();
+        assert!(!only.matches_link("web-7f9c2a", "veth", "openvswitch"));
     }
 
     #[test]

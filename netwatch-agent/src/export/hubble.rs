@@ -38,14 +38,16 @@ pub fn hubble_verdict(v: Verdict) -> &'static str {
 /// Hubble's `DropReason` (name, number) for a kernel drop reason.
 ///
 /// Drops by a filtering decision (netfilter, tc and cgroup programs, socket
-/// filters, IPsec policy) are POLICY_DENIED; reverse-path filter drops are
+/// filters, IPsec policy, an OpenFlow drop in Open vSwitch) are
+/// POLICY_DENIED; reverse-path filter drops are
 /// INVALID_SOURCE_IP; no route is FIB_LOOKUP_FAILED; a neighbour that never
 /// answered is STALE_OR_UNROUTABLE_IP. Anything else is DROP_REASON_UNKNOWN
 /// (the kernel's name is in `Summary`).
 pub fn hubble_drop_reason(kernel_reason: &str) -> (&'static str, i32) {
     match kernel_reason {
         "NETFILTER_DROP" | "TC_INGRESS" | "TC_EGRESS" | "BPF_CGROUP_INGRESS"
-        | "BPF_CGROUP_EGRESS" | "SOCKET_FILTER" | "XFRM_POLICY" => ("POLICY_DENIED", 133),
+        | "BPF_CGROUP_EGRESS" | "SOCKET_FILTER" | "XFRM_POLICY" | "OVS_DROP_LAST_ACTION"
+        | "OVS_DROP_EXPLICIT" => ("POLICY_DENIED", 133),
         "IP_RPFILTER" => ("INVALID_SOURCE_IP", 132),
         "IP_INNOROUTES" | "IP_OUTNOROUTES" => ("FIB_LOOKUP_FAILED", 169),
         "NEIGH_FAILED" => ("STALE_OR_UNROUTABLE_IP", 151),
@@ -413,6 +415,10 @@ mod tests {
             summary.starts_with("TCP Flags: SYN; netwatch: verdict=DROPPED"),
             "{summary}"
         );
+
+        // An OpenFlow drop (Antrea's, OVN-Kubernetes') is a policy's too.
+        assert_eq!(hubble_drop_reason("OVS_DROP_LAST_ACTION"), ("POLICY_DENIED", 133));
+        assert_eq!(hubble_drop_reason("OVS_DROP_METER").0, "DROP_REASON_UNKNOWN");
 
         let audit = record(json!({"verdict": "POLICY_NOT_ENFORCED", "drop_reason_desc": null}));
         assert_eq!(to_get_flows_response(&audit)["flow"]["verdict"], "AUDIT");

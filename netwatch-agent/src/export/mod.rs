@@ -48,6 +48,9 @@ pub struct ExportConfig {
     pub api: ApiConfig,
     /// Kubernetes `PacketDrop` Events (`None`: off).
     pub kubernetes_events: Option<EventsConfig>,
+    /// The kubeconfig the Events are posted with (`--kubeconfig`; `None`:
+    /// in-cluster config or `$KUBECONFIG`), as for the identity watches.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl Default for ExportConfig {
@@ -63,6 +66,7 @@ impl Default for ExportConfig {
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
             kubernetes_events: None,
+            kubeconfig: None,
         }
     }
 }
@@ -77,9 +81,9 @@ pub enum ExportError {
     #[error(transparent)]
     Server(#[from] ServerError),
     #[error(
-        "--kubernetes-events: cannot reach the Kubernetes API (in-cluster config or kubeconfig): {0}"
+        "--kubernetes-events: {0}"
     )]
-    Kube(#[from] kube::Error),
+    Kube(#[from] crate::identity::kube::KubeSourceError),
 }
 
 /// What the kernel side reports about itself, for export.
@@ -158,7 +162,8 @@ impl Exporters {
         };
         let events = match &config.kubernetes_events {
             Some(ec) => {
-                let client = kube::Client::try_default().await?;
+                // The identity's client: --kubeconfig and the User-Agent.
+                let client = crate::identity::kube::client(config.kubeconfig.as_deref()).await?;
                 tracing::info!(
                     "posting PacketDrop Kubernetes Events (at most one per flow per {:?})",
                     ec.interval

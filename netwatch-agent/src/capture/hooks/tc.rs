@@ -145,7 +145,11 @@ impl TcAttacher {
     pub fn apply(&mut self, capture: &mut KernelCapture, change: LinkChange) -> AttachOutcome {
         match change {
             LinkChange::Present {
-                index, name, kind, ..
+                index,
+                name,
+                kind,
+                port_kind,
+                ..
             } => {
                 if let Some(a) = self.attached.get(&index) {
                     if a.name == name {
@@ -153,11 +157,11 @@ impl TcAttacher {
                     }
                     // Renamed: detach, then re-attach if the new name matches.
                     let old = self.detach(capture, index);
-                    if !self.patterns.matches_link(&name, &kind) {
+                    if !self.patterns.matches_link(&name, &kind, &port_kind) {
                         return old;
                     }
                 }
-                if !self.patterns.matches_link(&name, &kind) {
+                if !self.patterns.matches_link(&name, &kind, &port_kind) {
                     return AttachOutcome::Unchanged;
                 }
                 match attach_both(capture, &name, self.mode) {
