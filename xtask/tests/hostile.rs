@@ -199,8 +199,8 @@ fn nothing_is_left_in_the_kernel_after_sigterm_or_sigkill() {
     let ids = program_ids(&agent.log());
     assert_eq!(
         ids.len(),
-        6,
-        "TC from/to pod, kfree_skb, sock_ops, connect4, connect6"
+        8,
+        "TC from/to pod, kfree_skb, sock_ops, connect4, connect6, inet_sock_set_state, tcp_receive_reset"
     );
     assert!(ids.iter().all(|id| program_exists(*id)));
     agent.stop();
