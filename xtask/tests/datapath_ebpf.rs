@@ -84,9 +84,11 @@ fn ebpf_lab(text: &str) -> Built {
     Built { lab, cluster }
 }
 
-/// The lab's program names as the kernel keeps them (15 characters).
+/// Whether a listed program is the lab's `name`: tcx lists the kernel's
+/// program name (cut to 15 characters); clsact the filter's name, which tc
+/// takes from the pinned file (`netwatch-lab-<pid>-<program>-<interface>`).
 fn is(listed: &str, name: &str) -> bool {
-    name.starts_with(listed) && !listed.is_empty()
+    (!listed.is_empty() && name.starts_with(listed)) || listed.contains(&format!("-{name}-"))
 }
 
 fn lab_programs(lab: &Lab, node: &str, interface: &str) -> (Vec<String>, Vec<String>) {

@@ -924,6 +924,19 @@ const UPLINK: &str = "uplink0";
 pub fn helper(mode: TcMode, json: &str) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let dp: NodeDatapath = serde_json::from_str(json)?;
+    // Before 5.11 maps and programs are charged to RLIMIT_MEMLOCK (64 KiB
+    // by default), which the connection table alone exceeds.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct it is given; no other effect.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        eprintln!(
+            "lab: cannot lift RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse the datapath's maps",
+            std::io::Error::last_os_error()
+        );
+    }
     let held = attach(&dp, mode)?;
     println!("attached");
     std::io::stdout().flush()?;
