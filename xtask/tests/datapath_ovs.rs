@@ -11,7 +11,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Agent, expect_probe, records, tcp, to, uuids};
+use support::{Agent, expect_probe, final_records, records, tcp, to};
 use xtask::lab::{
     EnforceOptions, Lab, LabCluster, LabSpec, Manifests, Outcome, datapath::ovs, kernel_version,
 };
@@ -100,21 +100,6 @@ fn agent(lab: &Lab) -> Agent {
         args.extend(["--interfaces", p.as_str()]);
     }
     Agent::start(lab, "node-1", patterns.len(), &args)
-}
-
-/// The final record of each flow to `ip:port`.
-fn final_records(agent: &mut Agent, ip: &str, port: u16) -> Vec<serde_json::Value> {
-    let lines = agent.stop();
-    let all = records(&lines, to(ip, port));
-    uuids(&all)
-        .into_iter()
-        .filter_map(|u| {
-            all.iter()
-                .rev()
-                .find(|r| r["uuid"] == u.as_str())
-                .map(|r| (*r).clone())
-        })
-        .collect()
 }
 
 #[test]

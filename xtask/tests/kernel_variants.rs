@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{Agent, expect_probe, lab, node_http_get, records, tcp, to, uuids};
+use support::{Agent, expect_probe, final_records, lab, node_http_get, tcp, to};
 use xtask::lab::{Lab, Outcome, kernel_version, tcprog::TcMode};
 
 const TWO_PODS: &str = r#"
@@ -33,21 +33,6 @@ fn interfaces(lab: &Lab) -> Vec<String> {
 /// tcx exists from 6.6.
 fn has_tcx() -> bool {
     kernel_version() >= (6, 6)
-}
-
-/// The final record of each flow to `ip:port`.
-fn final_records(agent: &mut Agent, ip: &str, port: u16) -> Vec<serde_json::Value> {
-    let lines = agent.stop();
-    let all = records(&lines, to(ip, port));
-    uuids(&all)
-        .into_iter()
-        .filter_map(|u| {
-            all.iter()
-                .rev()
-                .find(|r| r["uuid"] == u.as_str())
-                .map(|r| (*r).clone())
-        })
-        .collect()
 }
 
 #[test]

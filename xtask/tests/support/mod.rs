@@ -272,3 +272,18 @@ pub fn to(ip: &str, port: u16) -> impl Fn(&Value) -> bool {
                 .any(|p| f["l4"][p]["destination_port"] == port)
     }
 }
+
+/// Stop `agent`; the final record of each flow to `ip:port`.
+pub fn final_records(agent: &mut Agent, ip: &str, port: u16) -> Vec<Value> {
+    let lines = agent.stop();
+    let all = records(&lines, to(ip, port));
+    uuids(&all)
+        .into_iter()
+        .filter_map(|u| {
+            all.iter()
+                .rev()
+                .find(|r| r["uuid"] == u.as_str())
+                .map(|r| (*r).clone())
+        })
+        .collect()
+}
