@@ -2,7 +2,7 @@
 //! service answers the watchers' list and watch requests with JSON, including
 //! a refused list (403) and a watch that expires (410 Gone), and the test
 //! checks the snapshots that come out. The same faults and more, over real
-//! HTTP against the agent process, are in xtask/tests/api_faults.rs.
+//! HTTP against the agent process, are in netwatch-e2e/tests/api_faults.rs.
 
 use std::{
     collections::HashMap,

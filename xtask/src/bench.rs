@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::lab::{ChildGuard, Lab, LabSpec, NodeSpec, PodSpec, tcprog::TcMode};
+use netwatch_lab::{ChildGuard, Lab, LabSpec, NodeSpec, PodSpec, tcprog::TcMode};
 
 pub struct BenchOptions {
     pub runs: usize,
@@ -99,7 +99,10 @@ fn bench_lab() -> Result<Lab> {
         world: Vec::new(),
         datapath: Default::default(),
     };
-    Ok(Lab::up(&spec, &std::env::current_exe()?)?)
+    Ok(Lab::up(
+        &spec,
+        &crate::binaries::beside_xtask("netwatch-lab")?,
+    )?)
 }
 
 /// What netwatch's classifiers cost per run against a no-op classifier.
@@ -119,16 +122,7 @@ pub struct ProgramCost {
 /// both directions of both pods' interfaces, the agent's classifiers before
 /// it, iperf3 between the pods for `seconds`, bpf_stats on meanwhile.
 pub fn program_cost(seconds: u64) -> Result<ProgramCost> {
-    let agent_bin = std::env::current_exe()?
-        .parent()
-        .map(|d| d.join("netwatch-agent"))
-        .context("target directory")?;
-    if !agent_bin.exists() {
-        bail!(
-            "{} is missing: cargo build -p netwatch-agent --bins",
-            agent_bin.display()
-        );
-    }
+    let agent_bin = crate::binaries::beside_xtask("netwatch-agent")?;
     let lab = bench_lab()?;
     let server = lab.pod("bench/server")?;
     let _iperf_server = ChildGuard(
@@ -142,7 +136,7 @@ pub fn program_cost(seconds: u64) -> Result<ProgramCost> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_string();
-    let tcx = xtask::lab::kernel_version() >= (6, 6);
+    let tcx = netwatch_lab::kernel_version() >= (6, 6);
     let mode = if tcx { TcMode::Tcx } else { TcMode::Clsact };
     let interfaces: Vec<&str> = lab.pods.iter().map(|p| p.host_if.as_str()).collect();
     let noop = lab.attach_foreign_tc("node-1", &interfaces, mode)?;
@@ -371,7 +365,7 @@ fn first_record_latency_in(
     let mut out = Vec::new();
     let mut seen = 0;
     for _ in 0..samples {
-        let probe = xtask::lab::Probe::udp("10.244.9.3:9999".parse()?, Duration::from_millis(50));
+        let probe = netwatch_lab::Probe::udp("10.244.9.3:9999".parse()?, Duration::from_millis(50));
         // The probe waits for an answer that never comes: send it from another
         // thread so that the file is watched while it waits.
         std::thread::scope(|s| -> Result<()> {
@@ -444,7 +438,7 @@ fn start_agent(lab: &Lab, bin: &Path) -> Result<(ChildGuard, Vec<u32>)> {
         .spawn()?;
     let guard = ChildGuard(child);
     // Longer under emulated CPUs (vmtest's guests set the factor).
-    let wait = xtask::lab::slowed(Duration::from_secs(20));
+    let wait = netwatch_lab::slowed(Duration::from_secs(20));
     let deadline = Instant::now() + wait;
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

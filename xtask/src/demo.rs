@@ -20,15 +20,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use xtask::{
-    lab::ChildGuard,
-    scenario::{Binaries, Scenario, ScenarioRun, Traffic},
+use netwatch_lab::{
+    ChildGuard,
+    scenario::{Scenario, ScenarioRun, Traffic},
 };
 
 pub struct DemoOptions {
     pub scenario: String,
     pub duration: Option<u64>,
-    pub datapath: Option<xtask::lab::Datapath>,
+    pub datapath: Option<netwatch_lab::Datapath>,
 }
 
 pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
@@ -37,11 +37,11 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
-    let bins = build()?;
+    let bins = crate::binaries::build()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
     let dir = root.join(&opts.scenario);
     if !dir.join("scenario.yaml").exists() {
-        let known: Vec<String> = xtask::scenario::discover(&root)?
+        let known: Vec<String> = netwatch_lab::scenario::discover(&root)?
             .into_iter()
             .map(|s| s.name)
             .collect();
@@ -141,7 +141,7 @@ pub fn demo(opts: &DemoOptions, stop: &'static AtomicBool) -> Result<()> {
     let metrics = run
         .lab
         .on_node(&node, &bins.helper)?
-        .args(["lab-helper", "fetch", "http://127.0.0.1:9965/metrics"])
+        .args(["fetch", "http://127.0.0.1:9965/metrics"])
         .output()
         .context("fetching the agent's metrics")?;
     for line in String::from_utf8_lossy(&metrics.stdout).lines() {
@@ -211,7 +211,7 @@ fn drive(
                     if let Ok(r) = run.probe(t) {
                         let ok = matches!(
                             r.outcome,
-                            xtask::lab::Outcome::Connected | xtask::lab::Outcome::Answered
+                            netwatch_lab::Outcome::Connected | netwatch_lab::Outcome::Answered
                         );
                         if let Ok(mut o) = outcomes.lock() {
                             o.push((t.label(), ok));
@@ -276,32 +276,4 @@ fn tempdir() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     Ok(d)
-}
-
-/// Build the agent and the CLI; return every binary the run needs.
-fn build() -> Result<Binaries> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("demo: building netwatch-agent and netwatch");
-    if !Command::new(&cargo)
-        .args(["build", "-p", "netwatch-agent", "--bins"])
-        .status()?
-        .success()
-    {
-        bail!("building netwatch failed");
-    }
-    let meta = Command::new(&cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
-    let target = PathBuf::from(
-        v["target_directory"]
-            .as_str()
-            .context("cargo metadata: target_directory")?,
-    )
-    .join("debug");
-    Ok(Binaries {
-        helper: std::env::current_exe()?,
-        agent: target.join("netwatch-agent"),
-        netwatch: target.join("netwatch"),
-    })
 }

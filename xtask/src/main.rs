@@ -6,11 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use xtask::lab::{self, Lab, LabSpec};
 
 mod bench;
+mod binaries;
 mod demo;
 mod deploy;
 mod setup;
@@ -50,7 +50,7 @@ enum Task {
         scenario: String,
         /// The CNI datapath the lab emulates (the scenario's own when absent).
         #[arg(long, value_enum)]
-        datapath: Option<xtask::lab::Datapath>,
+        datapath: Option<netwatch_lab::Datapath>,
     },
     /// Measure what netwatch costs: datapath throughput with and without the
     /// agent (iperf3 in the lab), then the criterion benchmarks. Run as root.
@@ -126,46 +126,6 @@ enum Task {
     Deploy {
         #[command(subcommand)]
         what: deploy::DeployCommand,
-    },
-    /// Runs inside lab pods (listeners and probes); not for direct use.
-    #[command(hide = true)]
-    LabHelper {
-        #[command(subcommand)]
-        what: Helper,
-    },
-}
-
-#[derive(Subcommand)]
-enum Helper {
-    Serve {
-        #[arg(long)]
-        listen: String,
-    },
-    Probe {
-        #[arg(long)]
-        json: String,
-    },
-    /// An HTTP GET printed to stdout (inside a lab node: its loopback).
-    Fetch { url: String },
-    /// Attach a stand-in CNI program (ends the TC chain) to interfaces;
-    /// prints `attached`, then holds tcx links until stdin closes or killed.
-    TcForeign {
-        #[arg(long, value_enum)]
-        mode: lab::tcprog::TcMode,
-        interfaces: Vec<String>,
-    },
-    /// Attach a node's eBPF datapath (JSON of lab::datapath::ebpf::NodeDatapath);
-    /// prints `attached`, then holds tcx links until stdin closes or killed.
-    EbpfDatapath {
-        #[arg(long, value_enum)]
-        mode: lab::tcprog::TcMode,
-        #[arg(long)]
-        json: String,
-    },
-    /// The TC programs on an interface, in run order, as JSON.
-    TcList {
-        #[arg(long)]
-        interface: String,
     },
 }
 
@@ -259,13 +219,12 @@ fn main() -> Result<()> {
             )
         }
         Task::Deploy { what } => deploy::run(what),
-        Task::LabHelper { what } => helper(what),
     }
 }
 
 fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> Result<()> {
     if cleanup {
-        let n = lab::sweep_stale();
+        let n = netwatch_lab::sweep_stale();
         eprintln!("lab: removed {n} leftovers of crashed labs");
         return Ok(());
     }
@@ -275,39 +234,19 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
     if path.join("scenario.yaml").exists() {
         return run_scenario_lab(&path, duration);
     }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let spec: LabSpec = serde_yaml::from_str(&text)
-        .with_context(|| format!("{}: not a lab scenario", path.display()))?;
+    // A plain lab spec: `netwatch-lab up` builds it and holds it until Ctrl-C
+    // (which reaches it too: same process group).
     install_stop_handler();
-    let helper = std::env::current_exe()?;
-    let lab = Lab::up(&spec, &helper)?;
-    eprintln!("lab {} is up:", lab.id);
-    for n in &lab.nodes {
-        eprintln!(
-            "  node {}: netns {} cgroup {}",
-            n.name,
-            n.netns,
-            n.cgroup_root.display()
-        );
+    let helper = binaries::build()?.helper;
+    let mut cmd = std::process::Command::new(&helper);
+    cmd.arg("up").arg(&path);
+    if let Some(d) = duration {
+        cmd.args(["--duration", &d.to_string()]);
     }
-    for p in &lab.pods {
-        eprintln!(
-            "  pod {} ip {} netns {} interface {} cgroup {}",
-            p.spec.id(),
-            p.spec.ip,
-            p.netns,
-            p.host_if,
-            p.cgroup.display()
-        );
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!("netwatch-lab up {}: {status}", path.display());
     }
-    eprintln!("Ctrl-C tears it down.");
-    let deadline = duration.map(|d| Instant::now() + Duration::from_secs(d));
-    while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    drop(lab);
-    eprintln!("lab: torn down");
     Ok(())
 }
 
@@ -315,27 +254,11 @@ fn run_lab(scenario: Option<PathBuf>, duration: Option<u64>, cleanup: bool) -> R
 /// until Ctrl-C, for poking at by hand.
 fn run_scenario_lab(dir: &std::path::Path, duration: Option<u64>) -> Result<()> {
     install_stop_handler();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    if !std::process::Command::new(&cargo)
-        .args(["build", "-p", "netwatch-agent", "--bins"])
-        .status()?
-        .success()
-    {
-        bail!("building netwatch failed");
-    }
-    let target = std::env::current_exe()?
-        .parent()
-        .map(PathBuf::from)
-        .context("target directory")?;
-    let bins = xtask::scenario::Binaries {
-        helper: std::env::current_exe()?,
-        agent: target.join("netwatch-agent"),
-        netwatch: target.join("netwatch"),
-    };
-    let scenario = xtask::scenario::Scenario::load(dir)?;
+    let bins = binaries::build()?;
+    let scenario = netwatch_lab::scenario::Scenario::load(dir)?;
     let work = std::env::temp_dir().join(format!("netwatch-lab-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let run = xtask::scenario::ScenarioRun::start(&scenario, &bins, &work, &[])?;
+    let run = netwatch_lab::scenario::ScenarioRun::start(&scenario, &bins, &work, &[])?;
     eprintln!(
         "scenario {} is up (policies enforced, services proxied):",
         scenario.name
@@ -376,59 +299,4 @@ fn run_scenario_lab(dir: &std::path::Path, duration: Option<u64>) -> Result<()> 
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("lab: torn down");
     Ok(())
-}
-
-fn helper(what: Helper) -> Result<()> {
-    match what {
-        Helper::Serve { listen } => {
-            let spec = lab::PodSpec {
-                name: "helper".into(),
-                namespace: "lab".into(),
-                node: String::new(),
-                ip: std::net::Ipv4Addr::UNSPECIFIED,
-                ipv6: None,
-                listen: listen.split(',').map(str::to_string).collect(),
-                uid: None,
-                host_network: false,
-            };
-            let listeners = spec.listeners().map_err(anyhow::Error::msg)?;
-            lab::serve::serve(&listeners)?;
-            Ok(())
-        }
-        Helper::Fetch { url } => {
-            print!("{}", lab::probe::http_get(&url)?);
-            Ok(())
-        }
-        Helper::TcForeign { mode, interfaces } => {
-            use std::io::{Read, Write};
-            let mut held = Vec::new();
-            let mut ids = Vec::new();
-            for i in &interfaces {
-                let fds = lab::tcprog::attach_foreign(i, mode)?;
-                if let Some(prog) = fds.last() {
-                    ids.push(lab::tcprog::program_id(prog)?.to_string());
-                }
-                held.extend(fds);
-            }
-            println!("attached {}", ids.join(","));
-            std::io::stdout().flush()?;
-            // Hold the tcx links until the test lets go.
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
-            drop(held);
-            Ok(())
-        }
-        Helper::EbpfDatapath { mode, json } => lab::datapath::ebpf::helper(mode, &json),
-        Helper::TcList { interface } => {
-            println!(
-                "{}",
-                serde_json::to_string(&lab::tcprog::programs_on(&interface)?)?
-            );
-            Ok(())
-        }
-        Helper::Probe { json } => {
-            let probe: lab::Probe = serde_json::from_str(&json)?;
-            println!("{}", serde_json::to_string(&lab::probe::run(&probe))?);
-            Ok(())
-        }
-    }
 }

@@ -17,8 +17,16 @@ pub fn test(extra: &[String], stop: &AtomicBool) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the end-to-end tests load eBPF programs and build network namespaces: run as root");
     }
-    // The end-to-end tests run the agent binary: build it first.
-    cargo(&["build", "--package", "netwatch-agent", "--bins"])?;
+    // The end-to-end tests run the agent's and the lab's binaries: build
+    // them first (netwatch-e2e cannot depend on binaries of other packages).
+    cargo(&[
+        "build",
+        "--package",
+        "netwatch-agent",
+        "--package",
+        "netwatch-lab",
+        "--bins",
+    ])?;
     let mut args = vec![
         "test",
         "--workspace",

@@ -99,7 +99,7 @@ pub const TESTS: &[TestEntry] = &[
     },
     // The real agent on a lab node: drops, refusals, timeouts, DNS, IPv6.
     TestEntry {
-        package: "xtask",
+        package: "netwatch-e2e",
         target: "capture",
         filters: &[],
         skip: &[],
@@ -109,7 +109,7 @@ pub const TESTS: &[TestEntry] = &[
     // Each hook's kernel variants: drops by location, hooks in metrics and
     // readyz, SIGKILL and restart, a CNI's program ending the chain.
     TestEntry {
-        package: "xtask",
+        package: "netwatch-e2e",
         target: "kernel_variants",
         filters: &[],
         skip: &[],
@@ -120,7 +120,7 @@ pub const TESTS: &[TestEntry] = &[
     // the agent under bpf_redirect_peer; the scenarios and truth tables stay
     // on the host (minutes each under TCG).
     TestEntry {
-        package: "xtask",
+        package: "netwatch-e2e",
         target: "datapath_ebpf",
         filters: &["the_"],
         skip: &[],
@@ -131,7 +131,7 @@ pub const TESTS: &[TestEntry] = &[
     // 6.1 shows kernels before 6.4 (no OVS drop reasons, as 5.10), 6.12
     // those after.
     TestEntry {
-        package: "xtask",
+        package: "netwatch-e2e",
         target: "datapath_ovs",
         filters: &[],
         skip: &[],
@@ -144,7 +144,7 @@ pub const TESTS: &[TestEntry] = &[
     // the oldest verifier, and tunnels decoded on the drop-site variant
     // (6.1 and 6.12 passed them when they were added; 2.5 min a kernel).
     TestEntry {
-        package: "xtask",
+        package: "netwatch-e2e",
         target: "datapath_bridge",
         filters: &[
             "drops_before_encapsulation",
@@ -1055,12 +1055,19 @@ struct Executable {
 /// Build the agent's binaries and the selected test targets; the test
 /// executables as cargo reports them.
 fn build(entries: &[&TestEntry]) -> Result<Vec<Executable>> {
-    eprintln!("vmtest: building the agent and the test executables");
+    eprintln!("vmtest: building the agent, the lab and the test executables");
     let st = cargo()
-        .args(["build", "--package", "netwatch-agent", "--bins"])
+        .args([
+            "build",
+            "--package",
+            "netwatch-agent",
+            "--package",
+            "netwatch-lab",
+            "--bins",
+        ])
         .status()?;
     if !st.success() {
-        bail!("cargo build --package netwatch-agent --bins failed");
+        bail!("cargo build --package netwatch-agent --package netwatch-lab --bins failed");
     }
     let mut cmd = cargo();
     cmd.args(["test", "--no-run", "--message-format=json"]);
@@ -2077,7 +2084,7 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
     #[test]
     fn guest_script_runs_each_suite_with_its_filters_and_records_exit_codes() {
         let entry = TestEntry {
-            package: "xtask",
+            package: "netwatch-e2e",
             target: "capture",
             filters: &["drop"],
             skip: &["ipv6"],

@@ -1,0 +1,102 @@
+//! Every incident scenario under scenarios/, end to end: lab, enforcement,
+//! one agent per node, the application's traffic, and every check the
+//! scenario states (probe outcomes, flows with their pods, services and
+//! denying policies, lint, enforcer/engine agreement, the suggested fix).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use netwatch_lab::scenario::{Binaries, Scenario, check, discover};
+use support::{helper, target_binary};
+
+fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+fn run(name: &str) {
+    let scenario = Scenario::load(&scenarios_dir().join(name)).expect("scenario");
+    let bins = Binaries {
+        helper: helper(),
+        agent: target_binary("netwatch-agent"),
+        netwatch: target_binary("netwatch"),
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let report = check(&scenario, &bins, work.path())
+        .unwrap_or_else(|e| panic!("scenario {name} could not run: {e}"));
+    eprintln!("{report}");
+    assert!(report.checks > 0, "scenario {name} checked nothing");
+    assert!(report.is_clean(), "{report}");
+}
+
+#[test]
+fn every_scenario_folder_has_a_test() {
+    let tested = [
+        "admin-deny-sensitive",
+        "baseline-default-deny",
+        "dns-wrong-label",
+        "egress-apiserver-world",
+        "label-mismatch",
+        "least-privilege",
+        "no-ready-endpoints",
+        "pass-to-networkpolicy",
+        "policy-not-enforced",
+        "prod-default-deny",
+    ];
+    let found: Vec<String> = discover(&scenarios_dir())
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(found, tested, "add a test below for each new scenario");
+}
+
+#[test]
+fn prod_default_deny() {
+    run("prod-default-deny");
+}
+
+#[test]
+fn dns_wrong_label() {
+    run("dns-wrong-label");
+}
+
+#[test]
+fn label_mismatch() {
+    run("label-mismatch");
+}
+
+#[test]
+fn no_ready_endpoints() {
+    run("no-ready-endpoints");
+}
+
+#[test]
+fn egress_apiserver_world() {
+    run("egress-apiserver-world");
+}
+
+#[test]
+fn policy_not_enforced() {
+    run("policy-not-enforced");
+}
+
+#[test]
+fn least_privilege() {
+    run("least-privilege");
+}
+
+#[test]
+fn admin_deny_sensitive() {
+    run("admin-deny-sensitive");
+}
+
+#[test]
+fn baseline_default_deny() {
+    run("baseline-default-deny");
+}
+
+#[test]
+fn pass_to_networkpolicy() {
+    run("pass-to-networkpolicy");
+}

@@ -1,0 +1,995 @@
+//! The eBPF datapath (Cilium, Calico eBPF): the lab's own TC programs on
+//! each node enforce the NetworkPolicies and deliver into pods with
+//! `bpf_redirect_peer`, so the host side of the destination veth never sees
+//! the packet leave (its egress hook is bypassed, as with Cilium's host
+//! routing and netkit).
+//!
+//! Policies come from [`enforce::compile_allows`], the same independent
+//! evaluation the nftables enforcer renders (never the agent's engine), and
+//! are compiled into straight-line compares: no loops, forward jumps only,
+//! so every verifier from 5.10 accepts them. The programs are hand-assembled
+//! and loaded with raw `bpf(2)` calls, as the stand-in in [`super::super::tcprog`].
+//!
+//! Per node, four programs share one connection table (an LRU hash of
+//! 5-tuples: policies are stateful, replies and established flows pass):
+//!
+//! - **from-pod**, tc ingress of every pod's host veth: the source pod's
+//!   egress policy, then (to a local pod) the destination's ingress policy,
+//!   then `bpf_redirect_peer` into the destination pod; to anything else,
+//!   up the stack (`TC_ACT_OK`). Traffic to a Service's cluster IP goes up
+//!   the stack unjudged and marked: its DNAT is the node's netfilter
+//!   (services.rs) and a redirect would skip it; it is judged after DNAT.
+//! - **to-pod**, tc egress of every pod's host veth: what reached a pod
+//!   through the stack (after a Service's DNAT, or from the node itself,
+//!   which is not policed unless `police_host_to_pod`).
+//! - **uplink-in**, tc ingress of the node's uplink: traffic from other nodes
+//!   and the world to local pods: their ingress policy, then
+//!   `bpf_redirect_peer`.
+//! - **uplink-out**, tc egress of the uplink: marked Service traffic leaving
+//!   the node after DNAT: the source pod's egress policy.
+//!
+//! Denied packets end with `TC_ACT_SHOT` (the kernel's drop reason
+//! `TC_INGRESS` / `TC_EGRESS`). IPv4 only: IPv6 and ARP go up the stack
+//! unpoliced (scenarios probe over IPv4). ICMP errors pass as related.
+//! Connections replied to through the stack (Service traffic) keep going
+//! through it, so the node un-DNATs their replies.
+
+use std::{
+    ffi::CString,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    process::Command,
+};
+
+use serde::{Deserialize, Serialize};
+
+use std::process::Stdio;
+
+use super::super::{
+    ChildGuard, EnforceOptions, Lab, LabCluster, LabError,
+    enforce::{self, Allow, L4, PodAllows},
+    services,
+    tcprog::{self, TcMode},
+};
+
+/// Errors building or attaching the datapath's programs.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("bpf({what}): {source}")]
+    Bpf {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the verifier rejected the {hook} program: {source}\n{log}")]
+    Verifier {
+        hook: &'static str,
+        source: std::io::Error,
+        log: String,
+    },
+    #[error("no interface {0} in this network namespace")]
+    NoInterface(String),
+    #[error("tc on {interface}: {detail}")]
+    Tc { interface: String, detail: String },
+}
+
+/// `skb->mark` bit of Service traffic sent up the stack unjudged.
+pub const SERVICE_MARK: u32 = 0x0020_0000;
+/// Program names, as `bpftool prog` and [`tcprog::programs_on`] list them.
+pub const FROM_POD: &str = "lab_from_pod";
+pub const TO_POD: &str = "lab_to_pod";
+pub const UPLINK_IN: &str = "lab_uplink_in";
+pub const UPLINK_OUT: &str = "lab_uplink_out";
+
+/// One node's datapath: what the helper in the node's namespace loads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeDatapath {
+    /// The node's uplink interface.
+    pub uplink: String,
+    pub pods: Vec<PodRules>,
+    /// Services' cluster IPs (IPv4): their traffic goes through the stack.
+    pub service_ips: Vec<Ipv4Addr>,
+    pub police_host_to_pod: bool,
+}
+
+/// A local pod's IPv4 address and policy.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodRules {
+    pub host_if: String,
+    pub ip: Ipv4Addr,
+    /// `None`: not isolated in that direction.
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+}
+
+/// One allowing rule, IPv4 part.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Rule {
+    pub peers: Vec<(Ipv4Addr, u8)>,
+    pub except: Vec<(Ipv4Addr, u8)>,
+    /// (IP protocol, first port, last port); `None`: everything.
+    pub ports: Option<(u8, u16, u16)>,
+}
+
+impl PodRules {
+    /// From the enforcer's evaluation; a pod without an IPv4 address has
+    /// nothing this datapath polices.
+    pub fn from_allows(a: &PodAllows) -> Option<PodRules> {
+        let ip = a.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })?;
+        let rules = |list: &Option<Vec<Allow>>| {
+            list.as_ref()
+                .map(|l| l.iter().filter_map(Rule::from_allow).collect())
+        };
+        Some(PodRules {
+            host_if: a.host_if.clone(),
+            ip,
+            ingress: rules(&a.ingress),
+            egress: rules(&a.egress),
+        })
+    }
+}
+
+impl Rule {
+    fn from_allow(a: &Allow) -> Option<Rule> {
+        let v4 = |l: &[(IpAddr, u8)]| -> Vec<(Ipv4Addr, u8)> {
+            l.iter()
+                .filter_map(|(ip, len)| match ip {
+                    IpAddr::V4(v4) => Some((*v4, *len)),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        };
+        let peers = v4(&a.peers);
+        if peers.is_empty() {
+            return None;
+        }
+        let proto = |l4: L4| match l4 {
+            L4::Tcp => 6,
+            L4::Udp => 17,
+            L4::Sctp => 132,
+        };
+        Some(Rule {
+            peers,
+            except: v4(&a.except),
+            ports: a.ports.map(|(l4, lo, hi)| (proto(l4), lo, hi)),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A small assembler: eBPF instructions with forward labels.
+
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    dst: u8,
+    src: u8,
+    off: i16,
+    imm: i32,
+}
+
+impl Insn {
+    fn encode(self) -> u64 {
+        u64::from(self.code)
+            | u64::from(self.dst | (self.src << 4)) << 8
+            | u64::from(self.off as u16) << 16
+            | u64::from(self.imm as u32) << 32
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Label(usize);
+
+// Opcode parts (include/uapi/linux/bpf_common.h, bpf.h).
+const LDX_W: u8 = 0x61;
+const LDX_H: u8 = 0x69;
+const LDX_B: u8 = 0x71;
+const LDX_DW: u8 = 0x79;
+const STX_W: u8 = 0x63;
+const ST_DW: u8 = 0x7a;
+const ALU: u8 = 0x04;
+const ALU64: u8 = 0x07;
+const JMP: u8 = 0x05;
+const JMP32: u8 = 0x06;
+const X: u8 = 0x08;
+const ADD: u8 = 0x00;
+const OR: u8 = 0x40;
+const AND: u8 = 0x50;
+const LSH: u8 = 0x60;
+const RSH: u8 = 0x70;
+const MOV: u8 = 0xb0;
+const JA: u8 = 0x00;
+const JEQ: u8 = 0x10;
+const JGT: u8 = 0x20;
+const JNE: u8 = 0x50;
+const JLT: u8 = 0xa0;
+const JSLT: u8 = 0xc0;
+
+// Helpers.
+const MAP_LOOKUP_ELEM: i32 = 1;
+const MAP_UPDATE_ELEM: i32 = 2;
+const SKB_LOAD_BYTES: i32 = 26;
+const REDIRECT_PEER: i32 = 155;
+
+// struct __sk_buff offsets.
+const SKB_MARK: i16 = 8;
+const SKB_PROTOCOL: i16 = 16;
+const SKB_INGRESS_IFINDEX: i16 = 36;
+
+// Stack layout (offsets from r10).
+const BUF: i16 = -96; // IPv4 header, 20 bytes
+const PORTS: i16 = -72; // 4 bytes of L4 header (ports, or ICMP type/code)
+const FWD: i16 = -64; // conntrack key of this packet, 16 bytes
+const REV: i16 = -48; // and of its reply
+const VAL: i16 = -16;
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const ETH_HLEN: i32 = 14;
+
+#[derive(Default)]
+struct Asm {
+    insns: Vec<Insn>,
+    labels: Vec<Option<usize>>,
+    fixups: Vec<(usize, Label)>,
+}
+
+impl Asm {
+    fn label(&mut self) -> Label {
+        self.labels.push(None);
+        Label(self.labels.len() - 1)
+    }
+    fn bind(&mut self, l: Label) {
+        self.labels[l.0] = Some(self.insns.len());
+    }
+    fn raw(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
+        self.insns.push(Insn {
+            code,
+            dst,
+            src,
+            off,
+            imm,
+        });
+    }
+    fn mov64(&mut self, dst: u8, src: u8) {
+        self.raw(ALU64 | MOV | X, dst, src, 0, 0);
+    }
+    fn mov64_imm(&mut self, dst: u8, imm: i32) {
+        self.raw(ALU64 | MOV, dst, 0, 0, imm);
+    }
+    fn mov32(&mut self, dst: u8, src: u8) {
+        self.raw(ALU | MOV | X, dst, src, 0, 0);
+    }
+    fn alu32_imm(&mut self, op: u8, dst: u8, imm: i32) {
+        self.raw(ALU | op, dst, 0, 0, imm);
+    }
+    fn alu32(&mut self, op: u8, dst: u8, src: u8) {
+        self.raw(ALU | op | X, dst, src, 0, 0);
+    }
+    fn alu64_imm(&mut self, op: u8, dst: u8, imm: i32) {
+        self.raw(ALU64 | op, dst, 0, 0, imm);
+    }
+    fn alu64(&mut self, op: u8, dst: u8, src: u8) {
+        self.raw(ALU64 | op | X, dst, src, 0, 0);
+    }
+    fn ldx(&mut self, code: u8, dst: u8, src: u8, off: i16) {
+        self.raw(code, dst, src, off, 0);
+    }
+    fn stx(&mut self, code: u8, dst: u8, off: i16, src: u8) {
+        self.raw(code, dst, src, off, 0);
+    }
+    /// A jump to `to` if `dst op imm` (`class` JMP: 64-bit, JMP32: 32-bit).
+    fn jmp_imm(&mut self, class: u8, op: u8, dst: u8, imm: i32, to: Label) {
+        self.fixups.push((self.insns.len(), to));
+        self.raw(class | op, dst, 0, 0, imm);
+    }
+    fn ja(&mut self, to: Label) {
+        self.jmp_imm(JMP, JA, 0, 0, to);
+    }
+    fn call(&mut self, helper: i32) {
+        self.raw(JMP | 0x80, 0, 0, 0, helper);
+    }
+    fn exit_with(&mut self, r0: i32) {
+        self.mov64_imm(0, r0);
+        self.raw(JMP | 0x90, 0, 0, 0, 0);
+    }
+    /// r`dst` = the map behind `fd` (two instructions).
+    fn ld_map(&mut self, dst: u8, fd: RawFd) {
+        self.raw(0x18, dst, 1, 0, fd);
+        self.raw(0, 0, 0, 0, 0);
+    }
+    /// r`dst` = r10 + off.
+    fn stack_ptr(&mut self, dst: u8, off: i16) {
+        self.mov64(dst, 10);
+        self.alu64_imm(ADD, dst, i32::from(off));
+    }
+    /// Whether any jump goes to `l` (the verifier rejects unreachable code).
+    fn used(&self, l: Label) -> bool {
+        self.fixups.iter().any(|(_, to)| to.0 == l.0)
+    }
+    fn finish(mut self) -> Vec<u64> {
+        for (at, l) in std::mem::take(&mut self.fixups) {
+            let target = self.labels[l.0].unwrap_or(at + 1);
+            self.insns[at].off = (target as i64 - at as i64 - 1) as i16;
+        }
+        self.insns.into_iter().map(Insn::encode).collect()
+    }
+}
+
+/// An address or mask as the program sees it: the packet's bytes read as a
+/// native u32.
+fn ne(ip: Ipv4Addr) -> i32 {
+    u32::from_ne_bytes(ip.octets()) as i32
+}
+
+fn prefix_mask(len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    })
+}
+
+/// Where a program sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    FromPod,
+    ToPod,
+    UplinkIn,
+    UplinkOut,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::FromPod => FROM_POD,
+            Hook::ToPod => TO_POD,
+            Hook::UplinkIn => UPLINK_IN,
+            Hook::UplinkOut => UPLINK_OUT,
+        }
+    }
+}
+
+// Registers kept across helper calls.
+const SKB: u8 = 6;
+const SADDR: u8 = 7;
+const DADDR: u8 = 8;
+/// protocol << 16 | destination port (host order).
+const PROTO_PORT: u8 = 9;
+
+/// The policy of every local pod in one direction: `local` is the register
+/// holding the local pod's address, `peer` the other end's. Falls through
+/// when allowed, jumps to `drop` when not.
+fn policy(a: &mut Asm, dp: &NodeDatapath, ingress: bool, drop: Label) {
+    let (local, peer) = if ingress {
+        (DADDR, SADDR)
+    } else {
+        (SADDR, DADDR)
+    };
+    let allowed = a.label();
+    for pod in &dp.pods {
+        let Some(rules) = (if ingress { &pod.ingress } else { &pod.egress }) else {
+            continue;
+        };
+        let next_pod = a.label();
+        a.jmp_imm(JMP32, JNE, local, ne(pod.ip), next_pod);
+        for r in rules {
+            let next_rule = a.label();
+            if let Some((proto, lo, hi)) = r.ports {
+                let base = i32::from(proto) << 16;
+                a.jmp_imm(JMP, JLT, PROTO_PORT, base | i32::from(lo), next_rule);
+                a.jmp_imm(JMP, JGT, PROTO_PORT, base | i32::from(hi), next_rule);
+            }
+            for (net, len) in &r.except {
+                a.mov32(1, peer);
+                a.alu32_imm(AND, 1, ne(prefix_mask(*len)));
+                a.jmp_imm(JMP32, JEQ, 1, ne(*net) & ne(prefix_mask(*len)), next_rule);
+            }
+            for (net, len) in &r.peers {
+                if *len == 0 {
+                    a.ja(allowed);
+                    break;
+                }
+                a.mov32(1, peer);
+                a.alu32_imm(AND, 1, ne(prefix_mask(*len)));
+                a.jmp_imm(JMP32, JEQ, 1, ne(*net) & ne(prefix_mask(*len)), allowed);
+            }
+            a.bind(next_rule);
+        }
+        a.ja(drop);
+        a.bind(next_pod);
+    }
+    a.bind(allowed);
+}
+
+/// The program for `hook`, using the conntrack map `ct` and the pods' host
+/// interfaces' indexes (`ifindexes[i]` for `dp.pods[i]`).
+fn program(hook: Hook, dp: &NodeDatapath, ct: RawFd, ifindexes: &[u32]) -> Vec<u64> {
+    let mut a = Asm::default();
+    let pass = a.label();
+    let drop = a.label();
+    let deliver = a.label();
+    let established = a.label();
+    let related = a.label();
+    let allowed = a.label();
+    let delivers = matches!(hook, Hook::FromPod | Hook::UplinkIn);
+
+    a.mov64(SKB, 1);
+    if hook == Hook::UplinkOut {
+        // Direct traffic was judged at the pod's veth; only Service traffic
+        // (judged after DNAT) is left.
+        a.ldx(LDX_W, 1, SKB, SKB_MARK);
+        a.alu32_imm(AND, 1, SERVICE_MARK as i32);
+        a.jmp_imm(JMP32, JEQ, 1, 0, pass);
+    }
+    // IPv4 only (skb->protocol is big-endian: 0x0800 reads 0x0008).
+    a.ldx(LDX_W, 1, SKB, SKB_PROTOCOL);
+    a.jmp_imm(JMP32, JNE, 1, 0x0008, pass);
+    a.raw(ST_DW, 10, 0, PORTS, 0);
+    a.mov64(1, SKB);
+    a.mov64_imm(2, ETH_HLEN);
+    a.stack_ptr(3, BUF);
+    a.mov64_imm(4, 20);
+    a.call(SKB_LOAD_BYTES);
+    a.jmp_imm(JMP, JSLT, 0, 0, pass);
+    a.ldx(LDX_W, SADDR, 10, BUF + 12);
+    a.ldx(LDX_W, DADDR, 10, BUF + 16);
+    a.ldx(LDX_B, PROTO_PORT, 10, BUF + 9);
+    // The L4 header: after the IPv4 header's ihl words.
+    a.ldx(LDX_B, 2, 10, BUF);
+    a.alu32_imm(AND, 2, 0x0f);
+    a.alu32_imm(LSH, 2, 2);
+    a.alu32_imm(ADD, 2, ETH_HLEN);
+    let load_ports = a.label();
+    let no_ports = a.label();
+    for proto in [6, 17, 132, 1] {
+        a.jmp_imm(JMP, JEQ, PROTO_PORT, proto, load_ports);
+    }
+    a.ja(no_ports);
+    a.bind(load_ports);
+    a.mov64(1, SKB);
+    a.stack_ptr(3, PORTS);
+    a.mov64_imm(4, 4);
+    // On failure the helper zeroes the buffer: ports 0.
+    a.call(SKB_LOAD_BYTES);
+    a.bind(no_ports);
+    a.ldx(LDX_H, 1, 10, PORTS + 2);
+    a.raw(ALU | 0xd0 | 0x08, 1, 0, 0, 16); // be16: to host order
+    a.alu64_imm(LSH, PROTO_PORT, 16);
+    a.alu64(OR, PROTO_PORT, 1);
+    // Conntrack keys: saddr, daddr, ports (as on the wire), protocol.
+    a.stx(STX_W, 10, FWD, SADDR);
+    a.stx(STX_W, 10, FWD + 4, DADDR);
+    a.ldx(LDX_W, 1, 10, PORTS);
+    a.stx(STX_W, 10, FWD + 8, 1);
+    a.mov64(2, PROTO_PORT);
+    a.alu64_imm(RSH, 2, 16);
+    a.stx(STX_W, 10, FWD + 12, 2);
+    a.stx(STX_W, 10, REV, DADDR);
+    a.stx(STX_W, 10, REV + 4, SADDR);
+    a.mov32(3, 1);
+    a.alu32_imm(RSH, 3, 16);
+    a.alu32_imm(LSH, 1, 16);
+    a.alu32(OR, 1, 3);
+    a.stx(STX_W, 10, REV + 8, 1);
+    a.stx(STX_W, 10, REV + 12, 2);
+    for key in [FWD, REV] {
+        a.ld_map(1, ct);
+        a.stack_ptr(2, key);
+        a.call(MAP_LOOKUP_ELEM);
+        a.jmp_imm(JMP, JNE, 0, 0, established);
+    }
+    // ICMP errors (unreachable, time exceeded, parameter problem) belong to
+    // the connection they answer: related, as nftables' ct state says.
+    let not_icmp_error = a.label();
+    a.mov64(1, PROTO_PORT);
+    a.alu64_imm(RSH, 1, 16);
+    a.jmp_imm(JMP, JNE, 1, 1, not_icmp_error);
+    a.ldx(LDX_B, 1, 10, PORTS);
+    for ty in [3, 11, 12] {
+        a.jmp_imm(JMP, JEQ, 1, ty, related);
+    }
+    a.bind(not_icmp_error);
+
+    // New traffic: judge it. The conntrack value says how replies travel:
+    // 0 redirected into the pod, 1 through the stack.
+    let through_stack = match hook {
+        Hook::FromPod => {
+            let to_service = a.label();
+            for vip in &dp.service_ips {
+                a.jmp_imm(JMP32, JEQ, DADDR, ne(*vip), to_service);
+            }
+            policy(&mut a, dp, false, drop);
+            policy(&mut a, dp, true, drop);
+            if a.used(to_service) {
+                a.ja(allowed);
+                // Service traffic goes up the stack for the node's DNAT (a
+                // redirect here would skip it), marked to be judged after it.
+                a.bind(to_service);
+                a.ldx(LDX_W, 1, SKB, SKB_MARK);
+                a.alu32_imm(OR, 1, SERVICE_MARK as i32);
+                a.stx(STX_W, SKB, SKB_MARK, 1);
+                a.ja(pass);
+            }
+            0
+        }
+        Hook::UplinkIn => {
+            policy(&mut a, dp, true, drop);
+            0
+        }
+        Hook::ToPod => {
+            // A Service's reply, un-DNATed by the node: its connection was
+            // judged after DNAT, under the backend's address.
+            for vip in &dp.service_ips {
+                a.jmp_imm(JMP32, JEQ, SADDR, ne(*vip), pass);
+            }
+            if !dp.police_host_to_pod {
+                // Sent by the node itself (no input interface): the API lets
+                // a pod's node reach it.
+                a.ldx(LDX_W, 1, SKB, SKB_INGRESS_IFINDEX);
+                a.jmp_imm(JMP32, JEQ, 1, 0, pass);
+            }
+            let ingress = a.label();
+            a.ldx(LDX_W, 1, SKB, SKB_MARK);
+            a.alu32_imm(AND, 1, SERVICE_MARK as i32);
+            a.jmp_imm(JMP32, JEQ, 1, 0, ingress);
+            policy(&mut a, dp, false, drop);
+            a.bind(ingress);
+            policy(&mut a, dp, true, drop);
+            1
+        }
+        Hook::UplinkOut => {
+            policy(&mut a, dp, false, drop);
+            1
+        }
+    };
+    a.bind(allowed);
+    a.raw(ST_DW, 10, 0, VAL, through_stack);
+    a.ld_map(1, ct);
+    a.stack_ptr(2, FWD);
+    a.stack_ptr(3, VAL);
+    a.mov64_imm(4, 0);
+    a.call(MAP_UPDATE_ELEM);
+    if delivers && through_stack == 0 {
+        a.ja(deliver);
+    } else {
+        a.ja(pass);
+    }
+
+    a.bind(established);
+    if delivers {
+        a.ldx(LDX_DW, 1, 0, 0);
+        a.jmp_imm(JMP, JNE, 1, 0, pass);
+    }
+    a.bind(related);
+    if delivers {
+        // Into a local pod's namespace directly: the host side's egress
+        // hook never sees it. No MAC rewrite is needed: the packet arrived
+        // addressed to this host (PACKET_HOST) and keeps that type.
+        a.bind(deliver);
+        for (pod, ifindex) in dp.pods.iter().zip(ifindexes) {
+            let next = a.label();
+            a.jmp_imm(JMP32, JNE, DADDR, ne(pod.ip), next);
+            a.mov64_imm(1, *ifindex as i32);
+            a.mov64_imm(2, 0);
+            a.call(REDIRECT_PEER);
+            a.raw(JMP | 0x90, 0, 0, 0, 0);
+            a.bind(next);
+        }
+    } else {
+        a.bind(deliver);
+    }
+    a.bind(pass);
+    a.exit_with(TC_ACT_OK);
+    if a.used(drop) {
+        a.bind(drop);
+        a.exit_with(TC_ACT_SHOT);
+    }
+    a.finish()
+}
+
+// ---------------------------------------------------------------------------
+// Loading and attaching (in the node's network namespace).
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8], what: &str) -> Result<OwnedFd, EbpfError> {
+    let fd = tcprog::bpf(cmd, attr).map_err(|source| EbpfError::Bpf {
+        what: what.into(),
+        source,
+    })?;
+    // SAFETY: a new fd from the kernel that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn conntrack_map() -> Result<OwnedFd, EbpfError> {
+    let mut attr = [0u8; 72];
+    tcprog::put32(&mut attr, 0, BPF_MAP_TYPE_LRU_HASH);
+    tcprog::put32(&mut attr, 4, 16);
+    tcprog::put32(&mut attr, 8, 8);
+    tcprog::put32(&mut attr, 12, 65536);
+    attr[28..34].copy_from_slice(b"lab_ct");
+    bpf(BPF_MAP_CREATE, &mut attr, "map create lab_ct")
+}
+
+fn load(hook: Hook, insns: &[u64]) -> Result<OwnedFd, EbpfError> {
+    let license = CString::new("GPL").unwrap_or_default();
+    let mut log = vec![0u8; 1 << 20];
+    let attempt = |log_level: u32, log: &mut [u8]| {
+        let mut attr = [0u8; 128];
+        tcprog::put32(&mut attr, 0, BPF_PROG_TYPE_SCHED_CLS);
+        tcprog::put32(&mut attr, 4, insns.len() as u32);
+        tcprog::put64(&mut attr, 8, insns.as_ptr() as u64);
+        tcprog::put64(&mut attr, 16, license.as_ptr() as u64);
+        if log_level > 0 {
+            tcprog::put32(&mut attr, 24, log_level);
+            tcprog::put32(&mut attr, 28, log.len() as u32);
+            tcprog::put64(&mut attr, 32, log.as_mut_ptr() as u64);
+        }
+        let name = hook.name().as_bytes();
+        attr[48..48 + name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+        tcprog::bpf(BPF_PROG_LOAD, &mut attr)
+    };
+    match attempt(0, &mut log) {
+        // SAFETY: a new fd from the kernel.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+        Err(source) => {
+            let _ = attempt(1, &mut log);
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            Err(EbpfError::Verifier {
+                hook: hook.name(),
+                source,
+                log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            })
+        }
+    }
+}
+
+fn ifindex(interface: &str) -> Result<u32, EbpfError> {
+    let c = CString::new(interface).map_err(|_| EbpfError::NoInterface(interface.into()))?;
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        return Err(EbpfError::NoInterface(interface.into()));
+    }
+    Ok(i)
+}
+
+/// The node's programs, attached: tcx links live as long as this value;
+/// clsact filters until replaced or the interface goes.
+pub struct Attached {
+    _fds: Vec<OwnedFd>,
+}
+
+/// Build `dp`'s programs and attach them in this network namespace: after
+/// programs already there (as a CNI that started first or later would be),
+/// replacing this lab's earlier ones on clsact.
+pub fn attach(dp: &NodeDatapath, mode: TcMode) -> Result<Attached, EbpfError> {
+    let ct = conntrack_map()?;
+    let ifindexes = dp
+        .pods
+        .iter()
+        .map(|p| ifindex(&p.host_if))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut fds = Vec::new();
+    let pods: Vec<(u32, &str)> = ifindexes
+        .iter()
+        .zip(&dp.pods)
+        .map(|(i, p)| (*i, p.host_if.as_str()))
+        .collect();
+    let uplink = [(ifindex(&dp.uplink)?, dp.uplink.as_str())];
+    // (program, where, on ingress)
+    let places = [
+        (Hook::FromPod, pods.as_slice(), true),
+        (Hook::ToPod, pods.as_slice(), false),
+        (Hook::UplinkIn, uplink.as_slice(), true),
+        (Hook::UplinkOut, uplink.as_slice(), false),
+    ];
+    for (hook, interfaces, ingress) in places {
+        let prog = load(hook, &program(hook, dp, ct.as_raw_fd(), &ifindexes))?;
+        for (index, name) in interfaces {
+            fds.extend(attach_one(&prog, *index, name, ingress, hook, mode)?);
+        }
+        fds.push(prog);
+    }
+    fds.push(ct);
+    Ok(Attached { _fds: fds })
+}
+
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+fn attach_one(
+    prog: &OwnedFd,
+    index: u32,
+    interface: &str,
+    ingress: bool,
+    hook: Hook,
+    mode: TcMode,
+) -> Result<Vec<OwnedFd>, EbpfError> {
+    match mode {
+        TcMode::Tcx => {
+            let mut attr = [0u8; 64];
+            tcprog::put32(&mut attr, 0, prog.as_raw_fd() as u32);
+            tcprog::put32(&mut attr, 4, index);
+            tcprog::put32(
+                &mut attr,
+                8,
+                if ingress {
+                    BPF_TCX_INGRESS
+                } else {
+                    BPF_TCX_EGRESS
+                },
+            );
+            Ok(vec![bpf(
+                BPF_LINK_CREATE,
+                &mut attr,
+                &format!("tcx attach {} on {interface}", hook.name()),
+            )?])
+        }
+        TcMode::Clsact => {
+            let tc_err = |detail: String| EbpfError::Tc {
+                interface: interface.into(),
+                detail,
+            };
+            tcprog::private_bpffs().map_err(|e| tc_err(e.to_string()))?;
+            let pin = format!(
+                "/sys/fs/bpf/netwatch-lab-{}-{}-{interface}",
+                std::process::id(),
+                hook.name()
+            );
+            let path = CString::new(pin.clone()).map_err(|e| tc_err(e.to_string()))?;
+            let mut attr = [0u8; 32];
+            tcprog::put64(&mut attr, 0, path.as_ptr() as u64);
+            tcprog::put32(&mut attr, 8, prog.as_raw_fd() as u32);
+            tcprog::bpf(6, &mut attr).map_err(|e| tc_err(format!("pinning at {pin}: {e}")))?;
+            let _ = Command::new("tc")
+                .args(["qdisc", "add", "dev", interface, "clsact"])
+                .output();
+            let dir = if ingress { "ingress" } else { "egress" };
+            // Priority 1, handle 1: where Cilium's filters sit; `replace`
+            // swaps this lab's earlier program in one step.
+            let out = Command::new("tc")
+                .args([
+                    "filter",
+                    "replace",
+                    "dev",
+                    interface,
+                    dir,
+                    "prio",
+                    "1",
+                    "handle",
+                    "1",
+                    "bpf",
+                    "object-pinned",
+                    &pin,
+                    "da",
+                ])
+                .output()
+                .map_err(|e| tc_err(e.to_string()));
+            let _ = std::fs::remove_file(&pin);
+            let out = out?;
+            if !out.status.success() {
+                return Err(tc_err(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ));
+            }
+            Ok(Vec::new())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The lab's side: what each node loads, through `netwatch-lab
+// ebpf-datapath` in the node's namespace (tcx links live with it).
+
+impl Lab {
+    /// The node's pods with no policy: the datapath before enforcement.
+    fn ebpf_unpoliced(&self, node: &str) -> Result<NodeDatapath, LabError> {
+        let n = self.node(node)?;
+        Ok(NodeDatapath {
+            uplink: UPLINK.into(),
+            pods: self
+                .pods
+                .iter()
+                .filter(|p| p.spec.node == n.name && !p.host_if.is_empty())
+                .map(|p| PodRules {
+                    host_if: p.host_if.clone(),
+                    ip: p.spec.ip,
+                    ingress: None,
+                    egress: None,
+                })
+                .collect(),
+            service_ips: Vec::new(),
+            police_host_to_pod: false,
+        })
+    }
+
+    /// Wire every node's datapath, policing nothing yet: present before
+    /// any agent starts.
+    pub(crate) fn ebpf_wire(&self) -> Result<(), LabError> {
+        for n in &self.nodes {
+            let dp = self.ebpf_unpoliced(&n.name)?;
+            self.ebpf_load(&n.name, &dp)?;
+        }
+        Ok(())
+    }
+
+    /// Compile `cluster`'s policies for every node and swap them in.
+    pub(crate) fn ebpf_enforce(
+        &self,
+        cluster: &LabCluster,
+        options: &EnforceOptions,
+    ) -> Result<(), LabError> {
+        let mut service_ips: Vec<Ipv4Addr> = services::frontends(cluster)
+            .map_err(|e| LabError::Spec(e.to_string()))?
+            .into_iter()
+            .filter_map(|f| match f.ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        service_ips.sort();
+        service_ips.dedup();
+        let mut nodes = Vec::new();
+        for n in &self.nodes {
+            let allows = enforce::compile_allows(cluster, &n.name, options)
+                .map_err(|e| LabError::Spec(e.to_string()))?;
+            let mut dp = self.ebpf_unpoliced(&n.name)?;
+            for p in &mut dp.pods {
+                if let Some(rules) = allows
+                    .iter()
+                    .find(|a| a.host_if == p.host_if)
+                    .and_then(PodRules::from_allows)
+                {
+                    p.ingress = rules.ingress;
+                    p.egress = rules.egress;
+                }
+            }
+            dp.service_ips = service_ips.clone();
+            dp.police_host_to_pod = options.police_host_to_pod;
+            nodes.push((n.name.clone(), dp));
+        }
+        for (node, dp) in nodes {
+            self.ebpf_load(&node, &dp)?;
+        }
+        Ok(())
+    }
+
+    /// Police nothing on `node` (its policy agent is not running).
+    pub(crate) fn ebpf_stop_enforcing(&self, node: &str) -> Result<(), LabError> {
+        let dp = self.ebpf_unpoliced(node)?;
+        self.ebpf_load(node, &dp)
+    }
+
+    /// Load `dp` on `node`, replacing what was there.
+    fn ebpf_load(&self, node: &str, dp: &NodeDatapath) -> Result<(), LabError> {
+        use std::io::BufRead;
+        let mode = if super::super::kernel_version() >= (6, 6) {
+            "tcx"
+        } else {
+            "clsact"
+        };
+        let json = serde_json::to_string(dp).map_err(|e| LabError::Spec(e.to_string()))?;
+        let mut cmd = self.on_node(node, &self.helper)?;
+        cmd.args(["ebpf-datapath", "--mode", mode, "--json", &json])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LabError::Spec(format!("netwatch-lab ebpf-datapath: {e}")))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        if line.trim() != "attached" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LabError::Spec(format!(
+                "the eBPF datapath did not attach on node {node} (see the error above)"
+            )));
+        }
+        // The new programs run; the old ones (tcx links held by the old
+        // helper) go with it.
+        let old = self
+            .ebpf
+            .lock()
+            .map_err(|_| LabError::Spec("eBPF datapath holder poisoned".into()))?
+            .insert(node.to_string(), ChildGuard(child));
+        drop(old);
+        Ok(())
+    }
+}
+
+/// The node's uplink, as the lab names it.
+const UPLINK: &str = "uplink0";
+
+/// `netwatch-lab ebpf-datapath`: attach, say `attached`, hold the links
+/// until stdin closes.
+pub fn helper(mode: TcMode, json: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let dp: NodeDatapath = serde_json::from_str(json)?;
+    // Before 5.11 maps and programs are charged to RLIMIT_MEMLOCK (64 KiB
+    // by default), which the connection table alone exceeds.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct it is given; no other effect.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        eprintln!(
+            "lab: cannot lift RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse the datapath's maps",
+            std::io::Error::last_os_error()
+        );
+    }
+    let held = attach(&dp, mode)?;
+    println!("attached");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(held);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dp() -> NodeDatapath {
+        NodeDatapath {
+            uplink: "uplink0".into(),
+            pods: vec![PodRules {
+                host_if: "cali0".into(),
+                ip: "10.244.1.2".parse().unwrap(),
+                ingress: Some(vec![Rule {
+                    peers: vec![("10.244.0.0".parse().unwrap(), 16)],
+                    except: vec![("10.244.9.0".parse().unwrap(), 24)],
+                    ports: Some((6, 80, 80)),
+                }]),
+                egress: None,
+            }],
+            service_ips: vec!["10.96.0.10".parse().unwrap()],
+            police_host_to_pod: false,
+        }
+    }
+
+    #[test]
+    fn jumps_only_go_forward_and_land_inside() {
+        for hook in [Hook::FromPod, Hook::ToPod, Hook::UplinkIn, Hook::UplinkOut] {
+            let p = program(hook, &dp(), 3, &[7]);
+            for (i, insn) in p.iter().enumerate() {
+                let code = *insn as u8;
+                let class = code & 0x07;
+                let op = code & 0xf0;
+                if (class == JMP || class == JMP32) && op != 0x80 && op != 0x90 {
+                    let off = (*insn >> 16) as u16 as i16;
+                    assert!(off >= 0, "{hook:?}: backward jump at {i}");
+                    assert!(
+                        i + 1 + (off as usize) < p.len(),
+                        "{hook:?}: jump out at {i}"
+                    );
+                }
+            }
+            // Ends in exit.
+            assert_eq!(*p.last().unwrap() as u8, 0x95);
+        }
+    }
+
+    #[test]
+    fn addresses_compare_as_the_packet_bytes_read() {
+        let ip: Ipv4Addr = "10.244.1.2".parse().unwrap();
+        assert_eq!(ne(ip).to_ne_bytes(), [10, 244, 1, 2]);
+        assert_eq!(
+            (ne("10.244.9.77".parse().unwrap()) & ne(prefix_mask(24))).to_ne_bytes(),
+            [10, 244, 9, 0]
+        );
+        assert_eq!(ne(prefix_mask(0)), 0);
+    }
+}
