@@ -6,31 +6,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-
 use netwatch_lab::Datapath;
-use netwatch_lab::scenario::{Binaries, Scenario, check};
-use support::{helper, target_binary};
-
-fn scenarios_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
-}
+use support::run_scenario;
 
 /// Run scenario `name` on the bridge datapath with every check it states.
 fn scenario(name: &str) {
-    let mut scenario = Scenario::load(&scenarios_dir().join(name)).expect("scenario");
-    scenario.spec.datapath = Some(Datapath::Bridge);
-    let bins = Binaries {
-        helper: helper(),
-        agent: target_binary("netwatch-agent"),
-        netwatch: target_binary("netwatch"),
-    };
-    let work = tempfile::tempdir().expect("tempdir");
-    let report = check(&scenario, &bins, work.path())
-        .unwrap_or_else(|e| panic!("scenario {name} could not run on the bridge datapath: {e}"));
-    eprintln!("{report}");
-    assert!(report.checks > 0, "scenario {name} checked nothing");
-    assert!(report.is_clean(), "{report}");
+    run_scenario(name, Some(Datapath::Bridge), |_| {});
 }
 
 #[test]
@@ -66,6 +47,23 @@ fn scenario_egress_apiserver_world() {
 #[test]
 fn scenario_policy_not_enforced() {
     scenario("policy-not-enforced");
+}
+
+// The cluster-scoped tiers: the nftables enforcer, through br_netfilter.
+
+#[test]
+fn scenario_admin_deny_sensitive() {
+    scenario("admin-deny-sensitive");
+}
+
+#[test]
+fn scenario_baseline_default_deny() {
+    scenario("baseline-default-deny");
+}
+
+#[test]
+fn scenario_pass_to_networkpolicy() {
+    scenario("pass-to-networkpolicy");
 }
 
 // ---- the overlay's three drop places, with the agent on both nodes ----
@@ -285,6 +283,143 @@ fn drops_before_encapsulation_after_decapsulation_and_of_the_tunnel_name_the_pod
         records(&l2, |f| f["IP"]["source"] == outer["source"]).is_empty(),
         "{l2:#?}"
     );
+}
+
+// ---- dual stack: flannel's IPv6 overlay (flannel-v6.1) ----
+
+/// The overlay again, dual-stack: node-1 drops the server's IPv6 port 8081
+/// before encapsulation; later node-2 drops the IPv6 tunnel itself.
+const OVERLAY_V6: &str = r#"
+datapath: bridge
+nodes:
+  - name: node-1
+    nftables: |
+      table inet lab {
+        chain forward {
+          type filter hook forward priority 0; policy accept;
+          ip6 daddr fd00:10:244:2::2 tcp dport 8081 counter drop comment "v6-before-encap"
+        }
+      }
+  - name: node-2
+pods:
+  - { name: client, namespace: x, node: node-1, ip: 10.244.1.2, ipv6: "fd00:10:244:1::2" }
+  - { name: peer, namespace: x, node: node-1, ip: 10.244.1.3, ipv6: "fd00:10:244:1::3", listen: ["8080/tcp"] }
+  - { name: server, namespace: x, node: node-2, ip: 10.244.2.2, ipv6: "fd00:10:244:2::2", listen: ["8080/tcp", "8081/tcp"] }
+"#;
+
+const OVERLAY_V6_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: x }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: client, namespace: x }
+spec: { nodeName: node-1, containers: [ { name: c, image: c } ] }
+status: { phase: Running, podIPs: [ { ip: 10.244.1.2 }, { ip: "fd00:10:244:1::2" } ], conditions: [ { type: Ready, status: "True" } ] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: peer, namespace: x }
+spec: { nodeName: node-1, containers: [ { name: p, image: p } ] }
+status: { phase: Running, podIPs: [ { ip: 10.244.1.3 }, { ip: "fd00:10:244:1::3" } ], conditions: [ { type: Ready, status: "True" } ] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: server, namespace: x }
+spec: { nodeName: node-2, containers: [ { name: s, image: s } ] }
+status: { phase: Running, podIPs: [ { ip: 10.244.2.2 }, { ip: "fd00:10:244:2::2" } ], conditions: [ { type: Ready, status: "True" } ] }
+"#;
+
+fn agent_v6(lab: &Lab, node: &str, pods: usize, dir: &tempfile::TempDir) -> Agent {
+    let manifests = dir.path().join("cluster.yaml");
+    std::fs::write(&manifests, OVERLAY_V6_MANIFESTS).unwrap();
+    Agent::start(
+        lab,
+        node,
+        pods,
+        &[
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--interfaces",
+            "",
+        ],
+    )
+}
+
+#[test]
+fn dual_stack_overlay_drops_name_the_ipv6_pod_flow_inside_the_tunnel_too() {
+    let lab = lab(OVERLAY_V6);
+    let dir1 = tempfile::tempdir().unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut a1 = agent_v6(&lab, "node-1", 2, &dir1);
+    let mut a2 = agent_v6(&lab, "node-2", 1, &dir2);
+    // IPv6 across the overlay and on one bridge; IPv4 still works.
+    for to_addr in [
+        "[fd00:10:244:2::2]:8080",
+        "[fd00:10:244:1::3]:8080",
+        "10.244.2.2:8080",
+    ] {
+        expect_probe(&lab, "x/client", tcp(to_addr, 5), Outcome::Connected);
+    }
+    // Dropped before encapsulation: the pod flow, on node-1.
+    expect_probe(
+        &lab,
+        "x/client",
+        tcp("[fd00:10:244:2::2]:8081", 2),
+        Outcome::TimedOut,
+    );
+    a1.wait_for_flow(Duration::from_secs(10), to("fd00:10:244:2::2", 8081));
+    // Node-2's firewall drops the IPv6 tunnel (VXLAN over the IPv6 underlay).
+    lab.nft(
+        "node-2",
+        "table inet tunnel {\n chain input {\n type filter hook input priority 0; policy accept;\n meta nfproto ipv6 udp dport 8472 counter drop comment \"vxlan6\"\n }\n}\n",
+    )
+    .unwrap();
+    expect_probe(
+        &lab,
+        "x/client",
+        tcp("[fd00:10:244:2::2]:8080", 2),
+        Outcome::TimedOut,
+    );
+    a2.wait_for_flow(Duration::from_secs(10), |f| {
+        to("fd00:10:244:2::2", 8080)(f) && f["verdict"] == "DROPPED"
+    });
+    assert!(lab.nft_counter("node-2", "vxlan6").unwrap() >= 1);
+    let l1 = a1.stop();
+    let l2 = a2.stop();
+
+    let f = one_flow(
+        &l1,
+        to("fd00:10:244:2::2", 8081),
+        "IPv6 before encapsulation",
+    );
+    assert_eq!(f["verdict"], "DROPPED");
+    assert_eq!(f["IP"]["ipVersion"], "IPv6");
+    pods_named(f, "client", "server");
+    // Answered IPv6 connections are no flow at all (nothing denied).
+    assert!(
+        records(&l1, to("fd00:10:244:1::3", 8080)).is_empty(),
+        "{l1:#?}"
+    );
+
+    let dropped: Vec<&Value> = records(&l2, |f| {
+        to("fd00:10:244:2::2", 8080)(f) && f["verdict"] == "DROPPED"
+    });
+    let f = dropped.last().unwrap();
+    assert_eq!(f["IP"]["source"], "fd00:10:244:1::2", "{f:#}");
+    pods_named(f, "client", "server");
+    let outer = &f["outer"];
+    assert_eq!(
+        outer["source"],
+        lab.node("node-1").unwrap().uplink_v6.to_string(),
+        "{f:#}"
+    );
+    assert_eq!(
+        outer["destination"],
+        lab.node("node-2").unwrap().uplink_v6.to_string()
+    );
+    assert_eq!(outer["encapsulation"], "vxlan");
 }
 
 // ---- Geneve and IPIP: real packets, crafted ----

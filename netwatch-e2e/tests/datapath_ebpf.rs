@@ -7,13 +7,12 @@
 
 mod support;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use netwatch_lab::{
     Datapath, EnforceOptions, Lab, LabCluster, LabSpec, Manifests, Outcome, kernel_version,
-    scenario::{Binaries, Scenario, check},
 };
-use support::{Agent, expect_probe, helper, records, target_binary, tcp, to};
+use support::{Agent, expect_probe, helper, records, tcp, to};
 
 /// Two nodes: a client and a denied pod on node-1, a server on node-2; the
 /// server only admits `app: client`.
@@ -311,42 +310,29 @@ same_as_nftables! {
 // The scenarios, in ebpf mode, with the records the routed mode gives.
 
 fn scenario(name: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../scenarios")
-        .join(name);
-    let mut scenario = Scenario::load(&dir).expect("scenario");
-    scenario.spec.datapath = Some(Datapath::Ebpf);
-    // The kernel's reason is the datapath's: a TC program's drop. Service
-    // traffic is judged after the node's DNAT, on the way out (TC egress of
-    // the backend's veth or the uplink); direct traffic at the source's veth.
-    let phases = scenario
-        .spec
-        .phases
-        .iter_mut()
-        .flat_map(|p| p.flows.iter_mut());
-    for f in scenario.spec.flows.iter_mut().chain(phases) {
-        if f.reason.as_deref() == Some("NETFILTER_DROP") {
-            f.reason = Some(
-                if f.service.is_some() {
-                    "TC_EGRESS"
-                } else {
-                    "TC_INGRESS"
-                }
-                .into(),
-            );
+    support::run_scenario(name, Some(Datapath::Ebpf), |scenario| {
+        // The kernel's reason is the datapath's: a TC program's drop. Service
+        // traffic is judged after the node's DNAT, on the way out (TC egress
+        // of the backend's veth or the uplink); direct traffic at the
+        // source's veth.
+        let phases = scenario
+            .spec
+            .phases
+            .iter_mut()
+            .flat_map(|p| p.flows.iter_mut());
+        for f in scenario.spec.flows.iter_mut().chain(phases) {
+            if f.reason.as_deref() == Some("NETFILTER_DROP") {
+                f.reason = Some(
+                    if f.service.is_some() {
+                        "TC_EGRESS"
+                    } else {
+                        "TC_INGRESS"
+                    }
+                    .into(),
+                );
+            }
         }
-    }
-    let bins = Binaries {
-        helper: helper(),
-        agent: target_binary("netwatch-agent"),
-        netwatch: target_binary("netwatch"),
-    };
-    let work = tempfile::tempdir().expect("tempdir");
-    let report = check(&scenario, &bins, work.path())
-        .unwrap_or_else(|e| panic!("scenario {name} could not run in ebpf mode: {e}"));
-    eprintln!("{report}");
-    assert!(report.checks > 0, "scenario {name} checked nothing");
-    assert!(report.is_clean(), "{report}");
+    });
 }
 
 #[test]

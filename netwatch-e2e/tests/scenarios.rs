@@ -5,28 +5,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-
-use netwatch_lab::scenario::{Binaries, Scenario, check, discover};
-use support::{helper, target_binary};
-
-fn scenarios_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
-}
+use netwatch_lab::scenario::discover;
+use support::{run_scenario, scenarios_dir};
 
 fn run(name: &str) {
-    let scenario = Scenario::load(&scenarios_dir().join(name)).expect("scenario");
-    let bins = Binaries {
-        helper: helper(),
-        agent: target_binary("netwatch-agent"),
-        netwatch: target_binary("netwatch"),
-    };
-    let work = tempfile::tempdir().expect("tempdir");
-    let report = check(&scenario, &bins, work.path())
-        .unwrap_or_else(|e| panic!("scenario {name} could not run: {e}"));
-    eprintln!("{report}");
-    assert!(report.checks > 0, "scenario {name} checked nothing");
-    assert!(report.is_clean(), "{report}");
+    run_scenario(name, None, |_| {});
 }
 
 #[test]

@@ -84,6 +84,11 @@ pub enum EnforceError {
         field: String,
         detail: String,
     },
+    #[error(
+        "{kind} {name}: the lab's eBPF and Open vSwitch datapaths enforce NetworkPolicies only; \
+         run the cluster-scoped kinds on the routed or bridge datapath (nftables)"
+    )]
+    NotInThisDatapath { kind: String, name: String },
     #[error("Pod {pod}: `{field}`: {detail}")]
     Pod {
         pod: String,
@@ -981,12 +986,20 @@ pub struct PodAllows {
     pub egress: Option<Vec<Allow>>,
 }
 
-/// The policy of every pod wired on `node`, as [`Allow`] lists.
+/// The policy of every pod wired on `node`, as [`Allow`] lists: the
+/// NetworkPolicies. A cluster-scoped policy (which these lists cannot say:
+/// no Deny, no Pass, no order) is refused rather than left unenforced.
 pub fn compile_allows(
     cluster: &LabCluster,
     node: &str,
     options: &EnforceOptions,
 ) -> Result<Vec<PodAllows>, EnforceError> {
+    if let Some(p) = cluster.manifests.tier_policies.first() {
+        return Err(EnforceError::NotInThisDatapath {
+            kind: p.kind.clone(),
+            name: p.metadata.name.clone().unwrap_or_default(),
+        });
+    }
     let policies = cluster
         .manifests
         .network_policies
@@ -1846,6 +1859,25 @@ status: { podIP: 100.64.1.2 }
     }
 
     const DENY_INGRESS_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: deny, namespace: x }\nspec: { podSelector: {} }\n";
+
+    #[test]
+    fn allow_lists_refuse_a_cluster_scoped_policy_instead_of_ignoring_it() {
+        let anp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n\
+                   metadata: { name: deny-x }\nspec:\n  priority: 10\n  subject: { namespaces: {} }\n  \
+                   ingress: [ { action: Deny, from: [ { namespaces: {} } ] } ]\n";
+        let e = compile_allows(&cluster(anp), "node-1", &EnforceOptions::default())
+            .expect_err("an AdminNetworkPolicy cannot be an allow list");
+        let text = e.to_string();
+        assert!(text.contains("AdminNetworkPolicy deny-x"), "{text}");
+        assert!(
+            compile_allows(
+                &cluster(DENY_INGRESS_X),
+                "node-1",
+                &EnforceOptions::default()
+            )
+            .is_ok()
+        );
+    }
 
     #[test]
     fn a_node_gets_chains_for_its_own_pod_network_pods_only() {

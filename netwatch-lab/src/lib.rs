@@ -152,8 +152,8 @@ impl Lab {
             self.add_node(n)?;
             if spec.datapath == Datapath::Bridge {
                 let k = self.nodes.len();
-                let cidr = datapath::bridge::pod_cidr(&spec.pods, &n.name);
-                datapath::bridge::wire_node(&self.nodes[k - 1], k, cidr)?;
+                let cidrs = datapath::bridge::node_cidrs(&spec.pods, &n.name);
+                datapath::bridge::wire_node(&self.nodes[k - 1], k, cidrs)?;
             }
         }
         for p in &spec.pods {
@@ -164,7 +164,7 @@ impl Lab {
                 .nodes
                 .iter()
                 .enumerate()
-                .map(|(i, n)| (i + 1, datapath::bridge::pod_cidr(&spec.pods, &n.name)))
+                .map(|(i, n)| (i + 1, datapath::bridge::node_cidrs(&spec.pods, &n.name)))
                 .collect();
             datapath::bridge::join_nodes(self, &cidrs)?;
         }
@@ -279,92 +279,33 @@ impl Lab {
             );
             let hash = format!("{:016x}", fnv1a(&format!("{}/{}", self.id, p.id())));
             self.netns_add(&netns)?;
-            if self.datapath == Datapath::Bridge {
-                // flannel's bridge plugin names host veths veth + 8 hex digits.
-                let host_if = format!("veth{}", &hash[..8]);
-                let cidr = datapath::bridge::pod_cidr(std::slice::from_ref(p), &p.node)
-                    .ok_or_else(|| LabError::Spec("bridge pod without a CIDR".into()))?;
-                datapath::bridge::wire_pod(&node, &netns, &host_if, p, cidr)?;
-                (netns, host_if)
-            } else {
-                let host_if = match self.datapath {
-                    // Antrea's: the pod name's start and a hash.
-                    Datapath::Ovs => format!(
-                        "{}-{}",
-                        &sanitize(&p.name)[..p.name.len().min(8)],
-                        &hash[..6]
-                    ),
-                    _ => format!("cali{}", &hash[..11]),
-                };
-                run(
-                    "ip",
-                    &[
-                        "link",
-                        "add",
-                        &host_if,
-                        "netns",
-                        &node.netns,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        "eth0",
-                        "netns",
-                        &netns,
-                    ],
-                )?;
-                let ip = p.ip.to_string();
-                let mut pod_cmds = vec![
-                    format!("addr add {ip}/32 dev eth0"),
-                    "link set eth0 up".into(),
-                    "route add 169.254.1.1 dev eth0 scope link".into(),
-                    "route add default via 169.254.1.1 dev eth0".into(),
-                ];
-                let mut node_cmds = vec![
-                    format!("link set {host_if} up"),
-                    format!("route add {ip}/32 dev {host_if}"),
-                ];
-                if let Some(v6) = p.ipv6 {
-                    pod_cmds.push(format!("addr add {v6}/128 dev eth0 nodad"));
-                    pod_cmds.push("route add ::/0 via fe80::1 dev eth0".into());
-                    node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
-                    node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
+            let host_if = match self.datapath {
+                Datapath::Bridge => {
+                    // flannel's bridge plugin names host veths veth + 8 hex digits.
+                    let host_if = format!("veth{}", &hash[..8]);
+                    let cidrs = datapath::bridge::node_cidrs(std::slice::from_ref(p), &p.node);
+                    datapath::bridge::wire_pod(&node, &netns, &host_if, p, cidrs)?;
+                    host_if
                 }
-                if let Some((_, switch)) = self.switches.iter_mut().find(|(n, _)| *n == node.name) {
-                    if p.ipv6.is_some() {
-                        return Err(LabError::Spec(format!(
-                            "pod {}: the ovs datapath wires IPv4 pods only",
-                            p.id()
-                        )));
-                    }
-                    // No ARP crosses the bridge: the gateway's MAC is static.
-                    pod_cmds.push(format!(
-                        "neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
-                        switch.gateway_mac()
-                    ));
-                    ip_batch(&netns, &pod_cmds)?;
-                    let pod_mac = datapath::ovs::mac_of(&netns, "eth0")?;
-                    switch.add_pod(&host_if, &ip, &pod_mac)?;
-                } else {
-                    ip_batch(&netns, &pod_cmds)?;
-                    ip_batch(&node.netns, &node_cmds)?;
+                Datapath::Ovs => {
+                    let host_if = datapath::ovs::host_if_name(p, &hash);
+                    let world = self.world.clone();
+                    let switch = self
+                        .switches
+                        .iter_mut()
+                        .find(|(n, _)| *n == node.name)
+                        .map(|(_, s)| s)
+                        .ok_or_else(|| LabError::Spec(format!("node {}: no switch", node.name)))?;
+                    datapath::ovs::wire_pod(&node, &world, &netns, &host_if, p, switch)?;
+                    host_if
                 }
-                // The underlay knows which node each pod lives on.
-                let mut world_cmds = vec![format!("route add {ip}/32 via {}", node.ip)];
-                if let Some(v6) = p.ipv6 {
-                    world_cmds.push(format!("route add {v6}/128 via {}", node.uplink_v6));
+                Datapath::Routed | Datapath::Ebpf => {
+                    let host_if = datapath::routed::host_if_name(&hash);
+                    datapath::routed::wire_pod(&node, &self.world, &netns, &host_if, p)?;
+                    host_if
                 }
-                ip_batch(&self.world, &world_cmds)?;
-                // Calico's settings: answer ARP for the gateway, without delay.
-                sysctl_in(
-                    &node.netns,
-                    &[
-                        &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-                        &format!("net.ipv4.neigh.{host_if}.proxy_delay=0"),
-                    ],
-                )?;
-                (netns, host_if)
-            }
+            };
+            (netns, host_if)
         };
         let cgroup = node
             .cgroup_root
@@ -826,7 +767,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     found
 }
 
-fn sanitize(s: &str) -> String {
+pub(crate) fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect()

@@ -492,7 +492,10 @@ impl ScenarioRun {
             .iter()
             .filter(|p| p.spec.node == node && !p.host_if.is_empty())
             .count();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Stretched under emulation (the VM matrix): loading BTF and the
+        // programs takes the agent most of this there.
+        let wait = crate::slowed(Duration::from_secs(30));
+        let deadline = Instant::now() + wait;
         loop {
             let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
             if text.contains("capturing") && text.matches("attached TC classifiers").count() >= pods
@@ -508,7 +511,8 @@ impl ScenarioRun {
             }
             if Instant::now() > deadline {
                 return Err(ScenarioError::Agent(format!(
-                    "netwatch-agent on {node} not ready after 30 s:\n{text}"
+                    "netwatch-agent on {node} not ready after {} s:\n{text}",
+                    wait.as_secs()
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netwatch_lab::{Lab, LabSpec, Outcome, Probe};
+use netwatch_lab::{
+    Datapath, Lab, LabSpec, Outcome, Probe,
+    scenario::{Binaries, Scenario, check},
+};
 use serde_json::Value;
 
 /// The `netwatch-lab` binary (runs listeners and probes inside lab pods).
@@ -286,4 +289,32 @@ pub fn final_records(agent: &mut Agent, ip: &str, port: u16) -> Vec<Value> {
                 .map(|r| (*r).clone())
         })
         .collect()
+}
+
+/// The scenarios' folder (`scenarios/` at the workspace root).
+pub fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+/// Run `scenarios/<name>` with every check it states: on `datapath` (the
+/// scenario's own when `None`), after `adjust` has changed what a datapath
+/// legitimately changes (the kernel's drop reason).
+pub fn run_scenario(name: &str, datapath: Option<Datapath>, adjust: impl FnOnce(&mut Scenario)) {
+    let mut scenario = Scenario::load(&scenarios_dir().join(name)).expect("scenario");
+    if datapath.is_some() {
+        scenario.spec.datapath = datapath;
+    }
+    adjust(&mut scenario);
+    let bins = Binaries {
+        helper: helper(),
+        agent: target_binary("netwatch-agent"),
+        netwatch: target_binary("netwatch"),
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let mode = scenario.spec.datapath.unwrap_or_default();
+    let report = check(&scenario, &bins, work.path())
+        .unwrap_or_else(|e| panic!("scenario {name} could not run on the {mode:?} datapath: {e}"));
+    eprintln!("{report}");
+    assert!(report.checks > 0, "scenario {name} checked nothing");
+    assert!(report.is_clean(), "{report}");
 }

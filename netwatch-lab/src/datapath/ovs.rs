@@ -28,9 +28,9 @@ use std::{
 };
 
 use super::super::{
-    Lab,
+    Lab, LabNode, PodSpec,
     enforce::{self, Allow, EnforceOptions, LabCluster, PodAllows},
-    services,
+    sanitize, services,
     system::{LabError, io, ip_batch, run, slowed},
 };
 
@@ -334,6 +334,42 @@ impl Drop for OvsSwitch {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Antrea's host-side name: the pod name's start and a hash.
+pub fn host_if_name(pod: &PodSpec, hash: &str) -> String {
+    let name = sanitize(&pod.name);
+    format!("{}-{}", &name[..name.len().min(8)], &hash[..6])
+}
+
+/// The pod's veth as a port of the node's `br-int` (`switch`): the pod's
+/// addresses as in the routed wiring, but no route or proxy ARP on the node
+/// (OpenFlow forwards to the port), and the gateway's MAC static in the pod
+/// (no ARP crosses the bridge). IPv4 pods only.
+pub fn wire_pod(
+    node: &LabNode,
+    world: &str,
+    netns: &str,
+    host_if: &str,
+    pod: &PodSpec,
+    switch: &mut OvsSwitch,
+) -> Result<(), LabError> {
+    if pod.ipv6.is_some() {
+        return Err(LabError::Spec(format!(
+            "pod {}: the ovs datapath wires IPv4 pods only",
+            pod.id()
+        )));
+    }
+    super::veth_into_pod(node, netns, host_if)?;
+    let mut pod_cmds = super::pod_address_cmds(pod);
+    pod_cmds.push(format!(
+        "neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
+        switch.gateway_mac()
+    ));
+    ip_batch(netns, &pod_cmds)?;
+    let pod_mac = mac_of(netns, "eth0")?;
+    switch.add_pod(host_if, &pod.ip.to_string(), &pod_mac)?;
+    super::route_on_underlay(node, world, pod)
 }
 
 /// The MAC address of `interface` in `netns`.
