@@ -260,7 +260,9 @@ impl Lab {
         Ok(())
     }
 
-    fn add_pod(&mut self, p: &PodSpec) -> Result<(), LabError> {
+    /// Wire pod `p` as its datapath's CNI does on ADD (also on a lab that is
+    /// up: churn).
+    pub fn add_pod(&mut self, p: &PodSpec) -> Result<(), LabError> {
         let node = self.node(&p.node)?.clone();
         let listeners = p.listeners().map_err(LabError::Spec)?;
         if self.pods.iter().any(|q| q.spec.id() == p.id()) {
@@ -334,6 +336,47 @@ impl Lab {
             )?;
         }
         self.pods.push(pod);
+        Ok(())
+    }
+
+    /// Delete pod `id` (`namespace/name`) as a CNI's DEL and the kubelet do:
+    /// its network namespace (and so its veth and the node's routes through
+    /// it), its route on the underlay, its cgroup. Routed, eBPF and bridge
+    /// datapaths; not a pod with listeners (they would outlive it).
+    pub fn remove_pod(&mut self, id: &str) -> Result<(), LabError> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.spec.id() == id)
+            .ok_or_else(|| LabError::Spec(format!("remove_pod: no pod {id}")))?;
+        if self.datapath == Datapath::Ovs {
+            return Err(LabError::Spec(format!(
+                "remove_pod {id}: the ovs datapath does not remove switch ports"
+            )));
+        }
+        if !self.pods[i].spec.listen.is_empty() {
+            return Err(LabError::Spec(format!(
+                "remove_pod {id}: it has listeners, which would outlive it"
+            )));
+        }
+        let pod = self.pods.remove(i);
+        if !pod.spec.host_network {
+            if matches!(self.datapath, Datapath::Routed | Datapath::Ebpf) {
+                let node = self.node(&pod.spec.node)?.clone();
+                let mut cmds = vec![format!("route del {}/32 via {}", pod.spec.ip, node.ip)];
+                if let Some(v6) = pod.spec.ipv6 {
+                    cmds.push(format!("route del {v6}/128 via {}", node.uplink_v6));
+                }
+                ip_batch(&self.world, &cmds)?;
+            }
+            run("ip", &["netns", "del", &pod.netns])?;
+            self.created_netns.retain(|n| *n != pod.netns);
+        }
+        let slice = pod.cgroup.parent().map(Path::to_path_buf);
+        for dir in std::iter::once(pod.cgroup.clone()).chain(slice) {
+            remove_cgroup(&dir);
+            self.created_cgroups.retain(|d| *d != dir);
+        }
         Ok(())
     }
 

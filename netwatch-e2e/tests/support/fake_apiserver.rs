@@ -297,6 +297,24 @@ impl FakeApiServer {
         });
     }
 
+    /// Deletes an object (a DELETED event with its last state, marked
+    /// deleted); a no-op when there is none.
+    pub fn delete(&self, collection: &'static str, namespace: &str, name: &str) {
+        self.with_state(|s| {
+            let key = format!("{namespace}/{name}");
+            let objects = s.objects.get_mut(collection).expect("known collection");
+            let Some(mut object) = objects.remove(&key) else {
+                return;
+            };
+            s.rv += 1;
+            object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            let rv = s.rv;
+            s.history
+                .push((rv, collection, json!({"type": "DELETED", "object": object})));
+        });
+    }
+
     /// Healthy: every request answered.
     pub fn heal(&self) {
         self.with_state(|s| s.mode = Mode::Healthy);

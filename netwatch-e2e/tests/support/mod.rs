@@ -151,6 +151,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Flow log lines so far.
     pub fn lines(&self) -> Vec<Value> {
         fs::read_to_string(&self.flow_log)
