@@ -41,6 +41,22 @@ pub struct CalicoManifests {
 }
 
 impl CalicoManifests {
+    /// Whether there is no Calico object at all (the engine then judges
+    /// flows by the Kubernetes tiers alone).
+    pub fn is_empty(&self) -> bool {
+        self.tiers.is_empty()
+            && self.network_policies.is_empty()
+            && self.global_network_policies.is_empty()
+            && !self.has_staged()
+    }
+
+    /// Whether any staged policy exists.
+    pub fn has_staged(&self) -> bool {
+        !(self.staged_network_policies.is_empty()
+            && self.staged_global_network_policies.is_empty()
+            && self.staged_kubernetes_network_policies.is_empty())
+    }
+
     /// Reads the Calico documents of a multi-document YAML text (other
     /// documents are skipped). Unknown fields are errors.
     pub fn read_str(source_name: &str, text: &str) -> Result<Self, CalicoManifestError> {
@@ -143,6 +159,11 @@ pub fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint>
                 .as_ref()
                 .and_then(|s| s.service_account_name.clone())
                 .or_else(|| Some("default".into()));
+            // Calico labels every service account with its name.
+            if let Some(sa) = &e.service_account {
+                e.service_account_labels
+                    .insert("projectcalico.org/name".into(), sa.clone());
+            }
             for container in pod.spec.iter().flat_map(|s| &s.containers) {
                 for port in container.ports.iter().flatten() {
                     if let Some(port_name) = &port.name {
