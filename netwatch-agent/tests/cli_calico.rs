@@ -314,3 +314,238 @@ fn a_bad_calico_policy_names_file_document_and_field() {
     assert!(err.contains("document 11"), "{err}");
     assert!(err.contains("spec.ingress[0].source.selector"), "{err}");
 }
+
+/// `explain` of one flow as JSON, with the manifests in `files`.
+fn verdict_of(files: &[&str], from: &str, to: &str, port: &str) -> String {
+    let mut args = vec!["explain"];
+    for f in files {
+        args.extend(["--manifests", f]);
+    }
+    args.extend(["--from", from, "--to", to, "--port", port, "-o", "json"]);
+    let o = netwatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["verdict"].as_str().unwrap().to_string()
+}
+
+/// An app team's Calico NetworkPolicy at order 10 that denies everything
+/// into api except from nobody: only a Calico policy before it can fix
+/// web -> api:8080.
+const EARLY_DENY: &str = r#"---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-lockdown, namespace: prod}
+spec:
+  order: 10
+  selector: app == 'api'
+  ingress: [{action: Deny, source: {selector: app == 'web'}}]
+"#;
+
+#[test]
+fn suggest_proposes_a_calico_policy_in_the_deciding_tier_and_verifies_it() {
+    let (dir, file) = write_manifests(EARLY_DENY);
+    assert_eq!(
+        verdict_of(&[&file], "prod/web", "prod/api", "8080"),
+        "DENIED"
+    );
+    let o = netwatch(&[
+        "explain",
+        "--manifests",
+        &file,
+        "--from",
+        "prod/web",
+        "--to",
+        "prod/api",
+        "--port",
+        "8080",
+        "--suggest",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let yaml = text(&o.stdout);
+    assert!(yaml.contains("apiVersion: projectcalico.org/v3"), "{yaml}");
+    assert!(yaml.contains("order: 9"), "before api-lockdown: {yaml}");
+    // Applied, the flow is allowed; the reverse direction is not opened.
+    let fix = dir.path().join("fix.yaml");
+    std::fs::write(&fix, &yaml).unwrap();
+    let fix = fix.display().to_string();
+    assert_eq!(
+        verdict_of(&[&file, &fix], "prod/web", "prod/api", "8080"),
+        "ALLOWED"
+    );
+    assert_eq!(
+        verdict_of(&[&file, &fix], "prod/web", "prod/api", "8081"),
+        "DENIED"
+    );
+    assert_eq!(
+        verdict_of(&[&file, &fix], "prod/api", "prod/web", "8080"),
+        "DENIED"
+    );
+
+    // A NetworkPolicy sits at order 1000: it cannot beat order 10, and says so.
+    let o = netwatch(&[
+        "explain",
+        "--manifests",
+        &file,
+        "--from",
+        "prod/web",
+        "--to",
+        "prod/api",
+        "--port",
+        "8080",
+        "--suggest",
+        "--suggest-kind",
+        "networkpolicy",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("order 1000"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // Where default-deny (order 2000) decides, a NetworkPolicy is enough.
+    let (dir, file) = write_manifests("");
+    let o = netwatch(&[
+        "explain",
+        "--manifests",
+        &file,
+        "--from",
+        "prod/web",
+        "--to",
+        "prod/api",
+        "--port",
+        "8080",
+        "--suggest",
+        "--suggest-kind",
+        "networkpolicy",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let yaml = text(&o.stdout);
+    assert!(yaml.contains("apiVersion: networking.k8s.io/v1"), "{yaml}");
+    let fix = dir.path().join("fix.yaml");
+    std::fs::write(&fix, &yaml).unwrap();
+    let fix = fix.display().to_string();
+    assert_eq!(
+        verdict_of(&[&file, &fix], "prod/web", "prod/api", "8080"),
+        "ALLOWED"
+    );
+}
+
+fn lint_json(extra: &str) -> Vec<Value> {
+    let (_dir, file) = write_manifests(extra);
+    let o = netwatch(&["lint", "--manifests", &file, "-o", "json"]);
+    serde_json::from_slice::<Value>(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&o.stdout)))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn has(findings: &[Value], check: &str, name: &str) -> bool {
+    findings
+        .iter()
+        .any(|f| f["check"] == check && f["policy"]["name"] == name)
+}
+
+#[test]
+fn lint_finds_calico_mistakes() {
+    let app_allow = r#"---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-from-web, namespace: prod}
+spec:
+  order: 100
+  selector: app == 'api'
+  ingress: [{action: Allow, source: {selector: app == 'web'}}]
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-same-order, namespace: prod}
+spec:
+  order: 100
+  selector: app == 'api'
+  ingress: [{action: Allow, source: {selector: app == 'nothing'}}]
+"#;
+    let findings = lint_json(&format!("{EARLY_DENY}{app_allow}"));
+    // The app team's allow never decides: api-lockdown (order 10) denies first.
+    assert!(
+        has(&findings, "calico-shadowed-rule", "api-from-web"),
+        "{findings:#?}"
+    );
+    assert!(
+        has(&findings, "calico-equal-order", "api-from-web"),
+        "{findings:#?}"
+    );
+    assert!(
+        has(
+            &findings,
+            "calico-selector-matches-nothing",
+            "api-same-order"
+        ),
+        "{findings:#?}"
+    );
+    // The security tier allows DNS: no DNS finding.
+    assert!(
+        !findings.iter().any(|f| f["check"] == "calico-dns-egress"),
+        "{findings:#?}"
+    );
+
+    // The same default deny without the DNS allow: pods lose DNS.
+    let no_dns = POLICIES.replace(
+        "  - action: Allow\n    protocol: UDP\n    destination:\n      selector: k8s-app == 'kube-dns'\n      ports: [53]\n",
+        "",
+    );
+    assert_ne!(no_dns, POLICIES);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("all.yaml");
+    std::fs::write(&path, format!("{CLUSTER}---\n{no_dns}")).unwrap();
+    let o = netwatch(&[
+        "lint",
+        "--manifests",
+        &path.display().to_string(),
+        "-o",
+        "json",
+    ]);
+    let findings: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        has(&findings, "calico-dns-egress", "default-deny"),
+        "{findings:#?}"
+    );
+}
+
+#[test]
+fn lint_finds_a_pass_into_tiers_with_no_policy() {
+    let only_pass = r#"
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: security}
+spec: {order: 100}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: security.pass-all}
+spec:
+  tier: security
+  selector: app == 'api'
+  ingress: [{action: Pass}]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("all.yaml");
+    std::fs::write(&path, format!("{CLUSTER}---\n{only_pass}")).unwrap();
+    let o = netwatch(&[
+        "lint",
+        "--manifests",
+        &path.display().to_string(),
+        "-o",
+        "json",
+    ]);
+    let findings: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        has(
+            &findings,
+            "calico-pass-into-empty-tier",
+            "security.pass-all"
+        ),
+        "{findings:#?}"
+    );
+}

@@ -197,7 +197,7 @@ fn probes(
                                     )
                                 });
                             }
-                            break;
+                            // Pass: on to the next tier.
                         }
                     }
                 }
