@@ -22,12 +22,14 @@
 //!
 //! `types` defaults (Calico's defaulting) to Ingress when the policy has
 //! no egress rules, Egress when it has egress rules but no ingress rules,
-//! and both when it has both. Not evaluated here yet (documented gaps): the cluster policies
-//! of kube-admin / kube-baseline (the engine's Admin and Baseline tiers),
+//! and both when it has both. The cluster policies of kube-admin /
+//! kube-baseline are the engine's Admin and Baseline tiers, walked in
+//! their place by [`super::engine`]. Not evaluated (documented gaps):
 //! rule `services` (match nothing), source `ports` (a flow's source port
-//! is not known: such a rule matches nothing), host endpoints (`preDNAT`,
-//! `doNotTrack`, `applyOnForward` policies select host endpoints, never
-//! pods, so they are parsed and ignored).
+//! is not known: such a rule matches nothing), host endpoints (`preDNAT`
+//! and `doNotTrack` policies act on host endpoints only, never on pods,
+//! so they are parsed and ignored; `applyOnForward` alone changes nothing
+//! for pods).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -1464,9 +1466,9 @@ fn compile_policy(
         )?,
         ingress: pick(ingress, PolicyType::Ingress),
         egress: pick(egress, PolicyType::Egress),
-        host_only: spec.do_not_track == Some(true)
-            || spec.pre_dnat == Some(true)
-            || spec.apply_on_forward == Some(true),
+        // Felix renders untracked and pre-DNAT policies for host endpoints
+        // only; `applyOnForward` alone changes nothing for pods.
+        host_only: spec.do_not_track == Some(true) || spec.pre_dnat == Some(true),
     })
 }
 
