@@ -13,7 +13,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 
-use crate::policy::api::calico::CalicoManifests;
+use crate::policy::api::calico::{CalicoCrds, CalicoManifests};
 use crate::policy::api::cluster::{
     AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
 };
@@ -34,6 +34,9 @@ pub struct ClusterSnapshot {
     /// and the staged kinds. When any is present the engine judges flows
     /// by Calico's tiers (see [`crate::policy::api::calico`]).
     pub calico: CalicoManifests,
+    /// The same kinds from Calico's CRDs (`crd.projectcalico.org/v1`, API
+    /// mode): used when `calico` (the Calico API server's view) is empty.
+    pub calico_crds: CalicoCrds,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,

@@ -51,7 +51,15 @@ impl CalicoEngine {
         snapshot: &ClusterSnapshot,
         pods: &[(String, String)],
     ) -> Result<Option<Self>, CalicoError> {
-        let calico = &snapshot.calico;
+        // The Calico API server's view, else the CRDs it stores them in
+        // (both list the same objects when the API server is installed).
+        let from_crds;
+        let calico = if snapshot.calico.is_empty() {
+            from_crds = snapshot.calico_crds.to_manifests();
+            &from_crds
+        } else {
+            &snapshot.calico
+        };
         if calico.is_empty() {
             return Ok(None);
         }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::evaluate::{CalicoEndpoint, CalicoObjects, StagedObjects};
 use super::types::{
-    CalicoNetworkPolicy, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
+    CalicoNetworkPolicy, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier,
 };
 use crate::cluster::ClusterSnapshot;
@@ -27,6 +27,36 @@ pub struct CalicoManifestError {
     pub document: usize,
     pub kind: String,
     pub problem: String,
+}
+
+/// Calico objects as the watchers read them from the CRDs
+/// (`crd.projectcalico.org/v1`): used when the Calico API server
+/// (`projectcalico.org/v3`) serves nothing.
+#[derive(Clone, Debug, Default)]
+pub struct CalicoCrds {
+    pub tiers: Vec<Crd<Tier>>,
+    pub network_policies: Vec<Crd<CalicoNetworkPolicy>>,
+    pub global_network_policies: Vec<Crd<GlobalNetworkPolicy>>,
+    pub staged_network_policies: Vec<Crd<StagedNetworkPolicy>>,
+    pub staged_global_network_policies: Vec<Crd<StagedGlobalNetworkPolicy>>,
+    pub staged_kubernetes_network_policies: Vec<Crd<StagedKubernetesNetworkPolicy>>,
+}
+
+impl CalicoCrds {
+    /// The same objects (the CRDs carry the v3 fields).
+    pub fn to_manifests(&self) -> CalicoManifests {
+        fn inner<T: Clone>(list: &[Crd<T>]) -> Vec<T> {
+            list.iter().map(|c| c.0.clone()).collect()
+        }
+        CalicoManifests {
+            tiers: inner(&self.tiers),
+            network_policies: inner(&self.network_policies),
+            global_network_policies: inner(&self.global_network_policies),
+            staged_network_policies: inner(&self.staged_network_policies),
+            staged_global_network_policies: inner(&self.staged_global_network_policies),
+            staged_kubernetes_network_policies: inner(&self.staged_kubernetes_network_policies),
+        }
+    }
 }
 
 /// The Calico objects of some manifests.

@@ -30,10 +30,10 @@ pub use evaluate::{
     Direction as CalicoDirection, EmptySelection, StagedObjects, StagedPreview, check_policy,
     check_tier,
 };
-pub use manifests::{CalicoManifestError, CalicoManifests, endpoints};
+pub use manifests::{CalicoCrds, CalicoManifestError, CalicoManifests, endpoints};
 pub use selector::{CalicoSelector, Expr as SelectorExpr, SelectorError, SelectorProblem};
 pub use types::{
-    Action as CalicoAction, CalicoNetworkPolicy, GlobalNetworkPolicy, StagedAction,
+    Action as CalicoAction, CalicoNetworkPolicy, Crd, GlobalNetworkPolicy, StagedAction,
     StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, StagedNetworkPolicy,
     Tier as CalicoTier,
 };
