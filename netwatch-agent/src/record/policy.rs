@@ -467,6 +467,52 @@ mod tests {
     }
 
     #[test]
+    fn a_calico_policy_names_its_api_group_tier_and_rule_in_records() {
+        let r = PolicyRef {
+            namespace: Some("prod".into()),
+            name: "api-lockdown".into(),
+            kind: PolicyKind::CalicoNetworkPolicy,
+            tier: Tier::calico("security"),
+            rule: Some(RuleRef {
+                index: 0,
+                name: None,
+            }),
+        };
+        let mut out = Vec::new();
+        r.serialize_for_record(&mut serde_json::Serializer::new(&mut out))
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            serde_json::json!({"name": "api-lockdown", "namespace": "prod",
+                               "kind": "NetworkPolicy.projectcalico.org", "tier": "security",
+                               "rule": {"index": 0}})
+        );
+        // A NetworkPolicy judged in Calico's default tier says so.
+        let np = PolicyRef {
+            tier: Tier::calico("default"),
+            ..PolicyRef::network_policy("prod", "allow")
+        };
+        assert_eq!(
+            serde_json::to_value(&np).unwrap(),
+            serde_json::json!({"namespace": "prod", "name": "allow", "kind": "NetworkPolicy", "tier": "default"})
+        );
+        #[derive(Serialize, Deserialize)]
+        struct Holder {
+            #[serde(
+                serialize_with = "serialize_record_list",
+                deserialize_with = "deserialize_record_list"
+            )]
+            refs: Vec<PolicyRef>,
+        }
+        let text = serde_json::to_string(&Holder {
+            refs: vec![r.clone()],
+        })
+        .unwrap();
+        let back: Holder = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.refs, vec![r]);
+    }
+
+    #[test]
     fn record_lists_read_back_what_they_write() {
         #[derive(Serialize, Deserialize)]
         struct Holder {
