@@ -13,6 +13,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 
+use crate::policy::api::calico::{CalicoCrds, CalicoManifests};
 use crate::policy::api::cluster::{
     AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
 };
@@ -29,6 +30,13 @@ pub struct ClusterSnapshot {
     pub admin_network_policies: Vec<AdminNetworkPolicy>,
     /// policy.networking.k8s.io/v1alpha1, the Baseline tier (only `default`).
     pub baseline_admin_network_policies: Vec<BaselineAdminNetworkPolicy>,
+    /// projectcalico.org/v3: Tiers, NetworkPolicies, GlobalNetworkPolicies
+    /// and the staged kinds. When any is present the engine judges flows
+    /// by Calico's tiers (see [`crate::policy::api::calico`]).
+    pub calico: CalicoManifests,
+    /// The same kinds from Calico's CRDs (`crd.projectcalico.org/v1`, API
+    /// mode): used when `calico` (the Calico API server's view) is empty.
+    pub calico_crds: CalicoCrds,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,

@@ -9,7 +9,10 @@
 //! EndpointSlice, Node, Deployment, ReplicaSet, StatefulSet, DaemonSet, Job,
 //! CronJob, and the cluster policies of policy.networking.k8s.io:
 //! ClusterNetworkPolicy (v1alpha2), AdminNetworkPolicy and
-//! BaselineAdminNetworkPolicy (v1alpha1), checked as their CRDs check them. Other kinds are skipped with a warning. A namespaced object
+//! BaselineAdminNetworkPolicy (v1alpha1), checked as their CRDs check them; and
+//! Calico's projectcalico.org/v3 (or crd.projectcalico.org/v1) NetworkPolicy,
+//! GlobalNetworkPolicy, Tier and the Staged kinds, as calicoctl accepts them
+//! (unknown fields refused, selectors parsed). Other kinds are skipped with a warning. A namespaced object
 //! without a namespace lands in `default`, as `kubectl apply` would put it;
 //! an object that appears twice replaces the earlier one.
 //!
@@ -28,6 +31,7 @@ use serde_yaml::Value;
 
 use crate::cluster::ClusterSnapshot;
 use crate::policy;
+use crate::policy::api::calico;
 use crate::policy::api::cluster::types as cluster_types;
 use crate::policy::api::cluster::{
     AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
@@ -363,6 +367,11 @@ impl Loader {
             }
             return Ok(());
         }
+        if let Some(api) = text("apiVersion")
+            && calico::manifests::API_VERSIONS.contains(&api.as_str())
+        {
+            return self.add_calico(value, &kind, name, origin);
+        }
         let Some(expected) = api_version_of(&kind) else {
             tracing::warn!(
                 "{}: document {}: skipping {kind} {} (netwatch does not read this kind)",
@@ -482,6 +491,156 @@ impl Loader {
             _ => {}
         }
         Ok(())
+    }
+}
+
+impl Loader {
+    /// A projectcalico.org/v3 (or crd.projectcalico.org/v1) object: the
+    /// policy kinds and Tier, checked as the Calico API server checks them.
+    fn add_calico(
+        &mut self,
+        value: Value,
+        kind: &str,
+        name: Option<String>,
+        origin: &Origin<'_>,
+    ) -> Result<(), ManifestError> {
+        let namespaced = matches!(
+            kind,
+            "NetworkPolicy" | "StagedNetworkPolicy" | "StagedKubernetesNetworkPolicy"
+        );
+        let mut namespace = value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if namespaced && namespace.as_deref().is_none_or(str::is_empty) {
+            namespace = Some("default".into());
+        }
+        let object = describe(
+            &format!("{kind}.projectcalico.org"),
+            namespace.as_deref(),
+            name.as_deref(),
+        );
+        let known = [
+            "Tier",
+            "NetworkPolicy",
+            "GlobalNetworkPolicy",
+            "StagedNetworkPolicy",
+            "StagedGlobalNetworkPolicy",
+            "StagedKubernetesNetworkPolicy",
+        ];
+        if !known.contains(&kind) {
+            tracing::warn!(
+                "{}: document {}: skipping Calico {kind} {} (it does not decide pod flows)",
+                origin.file,
+                origin.document,
+                name.as_deref().unwrap_or("")
+            );
+            return Ok(());
+        }
+        let Some(name) = name else {
+            return Err(origin.invalid(
+                &object,
+                "metadata.name",
+                "missing name",
+                "add `metadata: {name: ...}`",
+            ));
+        };
+        let calico_error = |e: calico::CalicoError| {
+            origin.invalid(
+                &object,
+                e.field(),
+                e.problem(),
+                "see Calico's policy reference (docs.tigera.io, projectcalico.org/v3)",
+            )
+        };
+        let c = &mut self.snapshot.calico;
+        let ns = namespace.as_deref();
+        match kind {
+            "Tier" => {
+                let tier: calico::CalicoTier = typed(value, origin, &object)?;
+                calico::check_tier(&tier).map_err(calico_error)?;
+                replace_named(&mut c.tiers, tier, |t| &t.metadata);
+            }
+            "NetworkPolicy" => {
+                let mut p: calico::CalicoNetworkPolicy = typed(value, origin, &object)?;
+                p.metadata.namespace = namespace.clone();
+                calico::check_policy(calico::CalicoKind::CalicoNetworkPolicy, ns, &name, &p.spec)
+                    .map_err(calico_error)?;
+                replace_named(&mut c.network_policies, p, |p| &p.metadata);
+            }
+            "GlobalNetworkPolicy" => {
+                let p: calico::GlobalNetworkPolicy = typed(value, origin, &object)?;
+                calico::check_policy(
+                    calico::CalicoKind::CalicoGlobalNetworkPolicy,
+                    None,
+                    &name,
+                    &p.spec,
+                )
+                .map_err(calico_error)?;
+                replace_named(&mut c.global_network_policies, p, |p| &p.metadata);
+            }
+            "StagedNetworkPolicy" => {
+                let mut p: calico::StagedNetworkPolicy = typed(value, origin, &object)?;
+                p.metadata.namespace = namespace.clone();
+                calico::check_policy(
+                    calico::CalicoKind::CalicoNetworkPolicy,
+                    ns,
+                    &name,
+                    &p.spec.spec,
+                )
+                .map_err(calico_error)?;
+                replace_named(&mut c.staged_network_policies, p, |p| &p.metadata);
+            }
+            "StagedGlobalNetworkPolicy" => {
+                let p: calico::StagedGlobalNetworkPolicy = typed(value, origin, &object)?;
+                calico::check_policy(
+                    calico::CalicoKind::CalicoGlobalNetworkPolicy,
+                    None,
+                    &name,
+                    &p.spec.spec,
+                )
+                .map_err(calico_error)?;
+                replace_named(&mut c.staged_global_network_policies, p, |p| &p.metadata);
+            }
+            _ => {
+                let mut p: calico::StagedKubernetesNetworkPolicy = typed(value, origin, &object)?;
+                p.metadata.namespace = namespace.clone();
+                let np = k8s_openapi::api::networking::v1::NetworkPolicy {
+                    metadata: p.metadata.clone(),
+                    spec: Some(p.spec.spec.clone()),
+                };
+                if let Err(problem) = policy::check_network_policy(&np) {
+                    return Err(origin.invalid(
+                        &object,
+                        &format!("spec.{}", problem.field.trim_start_matches("spec.")),
+                        problem.problem,
+                        problem.fix,
+                    ));
+                }
+                replace_named(&mut c.staged_kubernetes_network_policies, p, |p| {
+                    &p.metadata
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends a Calico object, replacing an earlier one of the same
+/// namespace and name (as `calicoctl apply` of both would).
+fn replace_named<T>(list: &mut Vec<T>, object: T, meta: impl Fn(&T) -> &ObjectMeta) {
+    let key = |m: &ObjectMeta| (m.namespace.clone(), m.name.clone());
+    let new = key(meta(&object));
+    match list.iter_mut().find(|o| key(meta(o)) == new) {
+        Some(existing) => {
+            tracing::warn!(
+                "{} appears twice; the later one is used",
+                describe("Calico object", new.0.as_deref(), new.1.as_deref())
+            );
+            *existing = object;
+        }
+        None => list.push(object),
     }
 }
 

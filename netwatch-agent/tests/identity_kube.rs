@@ -64,6 +64,68 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
         "policy.networking.k8s.io/v1alpha1",
         "BaselineAdminNetworkPolicyList",
     ),
+    // Calico's kinds, installed and empty (tests/identity_kube_calico.rs
+    // serves them).
+    (
+        "/apis/projectcalico.org/v3/tiers",
+        "projectcalico.org/v3",
+        "TierList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/networkpolicies",
+        "projectcalico.org/v3",
+        "NetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/globalnetworkpolicies",
+        "projectcalico.org/v3",
+        "GlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/stagednetworkpolicies",
+        "projectcalico.org/v3",
+        "StagedNetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/stagedglobalnetworkpolicies",
+        "projectcalico.org/v3",
+        "StagedGlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/stagedkubernetesnetworkpolicies",
+        "projectcalico.org/v3",
+        "StagedKubernetesNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/tiers",
+        "crd.projectcalico.org/v1",
+        "TierList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/networkpolicies",
+        "crd.projectcalico.org/v1",
+        "NetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/globalnetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "GlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/stagednetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "StagedNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/stagedglobalnetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "StagedGlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/stagedkubernetesnetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "StagedKubernetesNetworkPolicyList",
+    ),
 ];
 
 fn pod(name: &str, ip: &str) -> Value {

@@ -440,7 +440,7 @@ spec:
 }
 
 #[test]
-fn types_default_to_ingress_plus_egress_when_there_are_egress_rules() {
+fn types_default_as_calico_defaults_them() {
     let yaml = r#"
 apiVersion: projectcalico.org/v3
 kind: NetworkPolicy
@@ -464,12 +464,25 @@ spec:
             .judge_flow(&tcp(web(), CalicoEndpoint::external(outside), 443))
             .0
     );
-    // Ingress is in the defaulted types too: with no ingress rules, web is isolated.
-    assert!(!policies.judge_flow(&tcp(api(), web(), 80)).0);
-    // Explicit types win: egress only.
-    let egress_only = yaml.replace("  egress:\n", "  types: [Egress]\n  egress:\n");
-    let policies = build(&egress_only).unwrap();
+    // Egress rules and no ingress rules: types defaults to [Egress] only
+    // (Calico's defaulting), so web's ingress is not selected.
     assert!(policies.judge_flow(&tcp(api(), web(), 80)).0);
+    // Explicit types win.
+    let both = yaml.replace("  egress:\n", "  types: [Ingress, Egress]\n  egress:\n");
+    let policies = build(&both).unwrap();
+    assert!(!policies.judge_flow(&tcp(api(), web(), 80)).0);
+    // Ingress and egress rules: both.
+    let with_ingress = yaml.replace(
+        "  egress:\n",
+        "  ingress:\n  - action: Allow\n    source: {selector: app == 'db'}\n  egress:\n",
+    );
+    let policies = build(&with_ingress).unwrap();
+    assert!(!policies.judge_flow(&tcp(api(), web(), 80)).0);
+    // No rules at all: Ingress.
+    let none = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: x, namespace: prod}\nspec: {selector: app == 'web'}\n";
+    let policies = build(none).unwrap();
+    assert!(!policies.judge_flow(&tcp(api(), web(), 80)).0);
+    assert!(policies.judge_flow(&tcp(web(), api(), 8080)).0);
 }
 
 #[test]

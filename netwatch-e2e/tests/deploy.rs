@@ -651,10 +651,41 @@ fn group_resource(kind: &str) -> (String, String) {
             "policy.networking.k8s.io".into(),
             "baselineadminnetworkpolicies".into(),
         ),
+        // Calico's kinds: through the Calico API server (projectcalico.org)
+        // and its CRDs (crd.projectcalico.org), same plurals.
+        calico if calico_plural(calico).is_some() => {
+            let group = if calico.starts_with("Crd") {
+                "crd.projectcalico.org"
+            } else {
+                "projectcalico.org"
+            };
+            (
+                group.into(),
+                calico_plural(calico).unwrap_or_default().into(),
+            )
+        }
         other => panic!(
             "the agent now watches {other}: add it to group_resource here and to the chart's ClusterRole"
         ),
     }
+}
+
+/// The plural of a Calico kind as kube.rs names it (`CalicoTier`,
+/// `GlobalNetworkPolicy`; `Crd...` for the CRD group).
+fn calico_plural(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "CalicoTier" | "CrdTier" => "tiers",
+        "CalicoNetworkPolicy" | "CrdNetworkPolicy" => "networkpolicies",
+        "GlobalNetworkPolicy" | "CrdGlobalNetworkPolicy" => "globalnetworkpolicies",
+        "StagedNetworkPolicy" | "CrdStagedNetworkPolicy" => "stagednetworkpolicies",
+        "StagedGlobalNetworkPolicy" | "CrdStagedGlobalNetworkPolicy" => {
+            "stagedglobalnetworkpolicies"
+        }
+        "StagedKubernetesNetworkPolicy" | "CrdStagedKubernetesNetworkPolicy" => {
+            "stagedkubernetesnetworkpolicies"
+        }
+        _ => return None,
+    })
 }
 
 /// (group, resource) -> verbs the ClusterRole grants.

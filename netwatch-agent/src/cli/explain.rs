@@ -11,7 +11,7 @@ use super::{CliError, OutputFormat};
 use crate::manifests;
 use crate::policy::{
     DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, MatrixEntry, Peer,
-    PolicyEngine, PolicyVerdict, Protocol, Tier, connectivity_matrix, suggest,
+    PolicyEngine, PolicyVerdict, Protocol, SuggestKind, Tier, connectivity_matrix, suggest_kind,
 };
 
 const EXAMPLES: &str = "\
@@ -97,6 +97,18 @@ pub struct ExplainArgs {
     /// when the flow is already allowed.
     #[arg(long, conflicts_with = "matrix")]
     pub suggest: bool,
+
+    /// Where a Calico tier decides, what --suggest proposes: a Calico NetworkPolicy in that tier
+    /// (calico), or a Kubernetes NetworkPolicy (networkpolicy: Calico's default tier at order
+    /// 1000, so only when nothing earlier denies).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "KIND",
+        default_value = "calico",
+        requires = "suggest"
+    )]
+    pub suggest_kind: SuggestKind,
 
     /// Print the connectivity table between all pods of the manifests (a pod to itself is left
     /// out) instead of explaining one flow.
@@ -208,7 +220,15 @@ pub fn run_with(
     if args.suggest {
         // Stdout carries only YAML, so `| kubectl apply -f -` works.
         write_verdict(err, &verdict, args.output)?;
-        let suggestion = suggest(&engine, &snapshot, &from, &to, port, args.protocol)?;
+        let suggestion = suggest_kind(
+            &engine,
+            &snapshot,
+            &from,
+            &to,
+            port,
+            args.protocol,
+            args.suggest_kind,
+        )?;
         if suggestion.is_empty() {
             writeln!(err, "nothing to suggest: the flow is already allowed")?;
         } else {
@@ -354,6 +374,22 @@ pub fn render_text(v: &FlowVerdict) -> String {
     }
     s.push_str(&direction_text("egress ", &v.source, &v.egress));
     s.push_str(&direction_text("ingress", &v.destination, &v.ingress));
+    if let Some(staged) = &v.staged {
+        // Staged Calico policies: what-if only, never enforced.
+        let headline = match (v.verdict, staged.verdict) {
+            (PolicyVerdict::Allowed, PolicyVerdict::Denied) => "would be DENIED if enforced",
+            (PolicyVerdict::Denied, PolicyVerdict::Allowed) => "would be ALLOWED if enforced",
+            (_, PolicyVerdict::Allowed) => "ALLOWED either way",
+            (_, PolicyVerdict::Denied) => "DENIED either way",
+        };
+        s.push_str(&format!("staged policies (not enforced): {headline}\n"));
+        s.push_str(&direction_text("  egress ", &v.source, &staged.egress));
+        s.push_str(&direction_text(
+            "  ingress",
+            &v.destination,
+            &staged.ingress,
+        ));
+    }
     s.push_str(&ipblock_line(v.ipblock_matches_pods));
     s.push('\n');
     s

@@ -63,6 +63,10 @@ use tokio::{
 };
 
 use crate::cluster::ClusterSnapshot;
+use crate::policy::api::calico::{
+    CalicoNetworkPolicy, CalicoTier, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
+    StagedKubernetesNetworkPolicy, StagedNetworkPolicy,
+};
 use crate::policy::api::cluster::{
     AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
 };
@@ -272,7 +276,7 @@ pub trait SnapshotKind:
 }
 
 macro_rules! snapshot_kinds {
-    ($($kind:ident => $field:ident),* $(,)?) => {
+    ($($kind:ident => $($field:ident).+),* $(,)?) => {
         /// A watcher event of any kind netwatch reads.
         // Unboxed: most events are pods, the largest variant, anyway.
         #[allow(clippy::large_enum_variant)]
@@ -286,9 +290,11 @@ macro_rules! snapshot_kinds {
         /// replaces by namespace/name, `Delete` removes, and an
         /// `Init`..`InitDone` re-list is buffered and then replaces the kind
         /// whole.
+        // One index per kind, named after it.
+        #[allow(non_snake_case)]
         #[derive(Debug, Default)]
         pub struct SnapshotWriter {
-            $($field: KindIndex<$kind>,)*
+            $($kind: KindIndex<$kind>,)*
         }
 
         impl SnapshotWriter {
@@ -308,16 +314,16 @@ macro_rules! snapshot_kinds {
 
             /// Whether every kind has completed its initial list.
             pub fn all_listed(&self) -> bool {
-                true $(&& self.$field.listed)*
+                true $(&& self.$kind.listed)*
             }
         }
 
         $(impl SnapshotKind for $kind {
             fn objects(snapshot: &mut ClusterSnapshot) -> &mut Vec<Self> {
-                &mut snapshot.$field
+                &mut snapshot$(.$field)+
             }
             fn index(writer: &mut SnapshotWriter) -> &mut KindIndex<Self> {
-                &mut writer.$field
+                &mut writer.$kind
             }
             fn wrap(event: Event<Self>) -> ObjectEvent {
                 ObjectEvent::$kind(event)
@@ -342,7 +348,27 @@ snapshot_kinds! {
     ClusterNetworkPolicy => cluster_network_policies,
     AdminNetworkPolicy => admin_network_policies,
     BaselineAdminNetworkPolicy => baseline_admin_network_policies,
+    CalicoTier => calico.tiers,
+    CalicoNetworkPolicy => calico.network_policies,
+    GlobalNetworkPolicy => calico.global_network_policies,
+    StagedNetworkPolicy => calico.staged_network_policies,
+    StagedGlobalNetworkPolicy => calico.staged_global_network_policies,
+    StagedKubernetesNetworkPolicy => calico.staged_kubernetes_network_policies,
+    CrdTier => calico_crds.tiers,
+    CrdNetworkPolicy => calico_crds.network_policies,
+    CrdGlobalNetworkPolicy => calico_crds.global_network_policies,
+    CrdStagedNetworkPolicy => calico_crds.staged_network_policies,
+    CrdStagedGlobalNetworkPolicy => calico_crds.staged_global_network_policies,
+    CrdStagedKubernetesNetworkPolicy => calico_crds.staged_kubernetes_network_policies,
 }
+
+// Calico's kinds under both groups (see `watch_cluster`).
+type CrdTier = Crd<CalicoTier>;
+type CrdNetworkPolicy = Crd<CalicoNetworkPolicy>;
+type CrdGlobalNetworkPolicy = Crd<GlobalNetworkPolicy>;
+type CrdStagedNetworkPolicy = Crd<StagedNetworkPolicy>;
+type CrdStagedGlobalNetworkPolicy = Crd<StagedGlobalNetworkPolicy>;
+type CrdStagedKubernetesNetworkPolicy = Crd<StagedKubernetesNetworkPolicy>;
 
 /// Where each object of one kind sits in the snapshot's list, and the
 /// re-list in progress.
@@ -526,11 +552,41 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
             strip_meta(&mut p.metadata);
             p.status = None;
         }),
-        watch_optional_kind(client, &ctx, |p: &mut BaselineAdminNetworkPolicy| {
-            strip_meta(&mut p.metadata);
-            p.status = None;
-        }),
+        watch_optional_kind(
+            client.clone(),
+            &ctx,
+            |p: &mut BaselineAdminNetworkPolicy| {
+                strip_meta(&mut p.metadata);
+                p.status = None;
+            },
+        ),
     ];
+    // Calico's policies: through the Calico API server (projectcalico.org/v3)
+    // when it is installed, and from the CRDs Calico stores them in
+    // (crd.projectcalico.org/v1); the engine uses the CRDs' view only when
+    // the API server's is empty (both list the same objects). A kind not
+    // installed is logged once and counts as empty, like the cluster policies.
+    macro_rules! calico_watch {
+        ($($kind:ty),*) => {
+            $(tasks.push(watch_optional_kind(client.clone(), &ctx, |p: &mut $kind| {
+                strip_meta(k8s_openapi::Metadata::metadata_mut(p))
+            }));)*
+        };
+    }
+    calico_watch!(
+        CalicoTier,
+        CalicoNetworkPolicy,
+        GlobalNetworkPolicy,
+        StagedNetworkPolicy,
+        StagedGlobalNetworkPolicy,
+        StagedKubernetesNetworkPolicy,
+        CrdTier,
+        CrdNetworkPolicy,
+        CrdGlobalNetworkPolicy,
+        CrdStagedNetworkPolicy,
+        CrdStagedGlobalNetworkPolicy,
+        CrdStagedKubernetesNetworkPolicy
+    );
 
     let (snapshot_tx, snapshots) = watch::channel(Arc::new(ClusterSnapshot::default()));
     let (ready_tx, ready) = watch::channel(false);

@@ -276,6 +276,9 @@ pub struct FlowVerdict {
     pub port: u16,
     pub protocol: Protocol,
     pub decision: Arc<PolicyDecision>,
+    /// With staged Calico policies: the verdict once they are enforced
+    /// (what-if only; `decision` is what is enforced).
+    pub staged: Option<Arc<PolicyDecision>>,
 }
 
 impl Deref for FlowVerdict {
@@ -296,6 +299,26 @@ impl Serialize for FlowVerdict {
         st.serialize_field("egress", &self.decision.egress)?;
         st.serialize_field("ingress", &self.decision.ingress)?;
         st.serialize_field("ipblock_matches_pods", &self.decision.ipblock_matches_pods)?;
+        if let Some(staged) = &self.staged {
+            st.serialize_field("staged", &StagedJson(staged, self.decision.verdict))?;
+        }
+        st.end()
+    }
+}
+
+/// `{"verdict", "would_deny_if_enforced", "egress", "ingress"}`.
+struct StagedJson<'a>(&'a PolicyDecision, PolicyVerdict);
+
+impl Serialize for StagedJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Staged", 4)?;
+        st.serialize_field("verdict", &self.0.verdict)?;
+        st.serialize_field(
+            "would_deny_if_enforced",
+            &(self.1 == PolicyVerdict::Allowed && self.0.verdict == PolicyVerdict::Denied),
+        )?;
+        st.serialize_field("egress", &self.0.egress)?;
+        st.serialize_field("ingress", &self.0.ingress)?;
         st.end()
     }
 }
@@ -342,6 +365,8 @@ pub struct PolicyEngine {
     /// Whether a pod's IP can change a verdict (ipBlocks that match pods).
     pub(crate) ip_sensitive: bool,
     pub(crate) named_ports_used: bool,
+    /// Calico's tiers, when the snapshot has Calico objects.
+    pub(crate) calico: Option<Box<super::api::calico::engine::CalicoEngine>>,
 }
 
 /// A peer resolved against the model.
@@ -437,6 +462,23 @@ impl PolicyEngine {
             || cluster.uses_addresses();
         let named_ports_used =
             policies.iter().any(CompiledPolicy::has_named_ports) || cluster.uses_named_ports();
+        let model_pods: Vec<(String, String)> = model
+            .pods
+            .iter()
+            .map(|p| {
+                (
+                    model.namespaces[p.namespace as usize].name.clone(),
+                    p.name.clone(),
+                )
+            })
+            .collect();
+        let calico = super::api::calico::engine::CalicoEngine::build(snapshot, &model_pods)
+            .map_err(|e| PolicyError::Calico(Box::new(e)))?
+            .map(Box::new);
+        // Calico's nets, service accounts and named ports make a verdict
+        // depend on the pod itself: cache per pod (its IP).
+        let ip_sensitive = ip_sensitive || calico.is_some();
+        let named_ports_used = named_ports_used || calico.is_some();
 
         let mut engine = PolicyEngine {
             model,
@@ -449,6 +491,7 @@ impl PolicyEngine {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             ip_sensitive,
             named_ports_used,
+            calico,
         };
         engine.index_identities();
         Ok(engine)
@@ -772,6 +815,12 @@ impl PolicyEngine {
     /// The fast path: the first tier that allows or denies decides; a
     /// direction no tier decides is allowed.
     pub(crate) fn direction_allows(&self, direction: Direction, flow: &Flow<'_>) -> bool {
+        if let Some(calico) = self.calico.as_deref() {
+            return self
+                .calico_direction_verdict(calico, &calico.enforced, direction, flow)
+                .verdict
+                == PolicyVerdict::Allowed;
+        }
         for tier in self.tiers() {
             match tier.decide(self, direction, flow) {
                 Decision::Allow => return true,
@@ -790,6 +839,9 @@ impl PolicyEngine {
         direction: Direction,
         flow: &Flow<'_>,
     ) -> DirectionVerdict {
+        if let Some(calico) = self.calico.as_deref() {
+            return self.calico_direction_verdict(calico, &calico.enforced, direction, flow);
+        }
         let mut verdict = DirectionVerdict::default();
         for tier in self.tiers() {
             if tier.tier() != Tier::NetworkPolicy && tier.is_empty(self) {
@@ -848,6 +900,7 @@ impl PolicyEngine {
             port: flow.port,
             protocol: flow.protocol,
             decision,
+            staged: self.staged_decision_of(flow).map(Arc::new),
         }
     }
 

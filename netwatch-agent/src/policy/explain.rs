@@ -302,6 +302,30 @@ pub(crate) fn sentence(v: &FlowVerdict) -> String {
                 ));
             }
         }
+        // A Calico tier: a Deny rule, or the end-of-tier deny of the
+        // policies that selected the pod.
+        for (d, side) in [(&v.ingress, "ingress"), (&v.egress, "egress")] {
+            if d.verdict == PolicyVerdict::Denied
+                && let Some(Tier::Calico(tier)) = d.decided_in
+            {
+                let end_of_tier = d.denied_by.iter().all(|r| r.rule.is_none());
+                parts.push(if end_of_tier {
+                    format!(
+                        "{} {} {} for {side} in Calico tier {} and no rule there allows {src} -> {dst} on {traffic}: end-of-tier deny",
+                        list(&d.denied_by),
+                        if d.denied_by.len() == 1 { "selects" } else { "select" },
+                        if side == "ingress" { &dst } else { &src },
+                        tier.as_str()
+                    )
+                } else {
+                    format!(
+                        "{} (Calico tier {}) denies {side} {src} -> {dst} on {traffic}",
+                        list(&d.denied_by),
+                        tier.as_str()
+                    )
+                });
+            }
+        }
         let by_network_policy = |d: &super::evaluate::DirectionVerdict| {
             d.verdict == PolicyVerdict::Denied && d.decided_in == Some(Tier::NetworkPolicy)
         };
@@ -328,6 +352,7 @@ pub(crate) fn sentence(v: &FlowVerdict) -> String {
     }
     let by_tier = |d: &super::evaluate::DirectionVerdict| match d.decided_in {
         Some(tier @ (Tier::Admin | Tier::Baseline)) => format!(" ({tier} tier)"),
+        Some(Tier::Calico(tier)) => format!(" (Calico tier {})", tier.as_str()),
         _ => String::new(),
     };
     let egress = if v.egress.isolated {

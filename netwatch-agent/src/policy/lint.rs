@@ -81,6 +81,16 @@ pub enum LintCheck {
     ClusterSelectorMatchesNothing,
     /// A domainNames peer, which netwatch cannot judge.
     DomainNamesNotEvaluated,
+    /// A Calico rule every flow of which an earlier rule decides.
+    CalicoShadowedRule,
+    /// Calico policies of one tier and order selecting the same pods.
+    CalicoEqualOrder,
+    /// A Calico policy or rule selector that picks no pod.
+    CalicoSelectorMatchesNothing,
+    /// A Calico policy denies pods' DNS.
+    CalicoDnsEgress,
+    /// A Pass into later tiers that have no policy for the endpoint.
+    CalicoPassIntoEmptyTier,
 }
 
 impl fmt::Display for LintCheck {
@@ -178,6 +188,7 @@ pub fn lint_with(snapshot: &ClusterSnapshot, options: &LintOptions) -> Vec<Findi
         lint.policy(policy, &mut findings);
     }
     super::api::cluster::lint(&engine, &mut findings);
+    super::api::calico::lint::lint(&engine, options, &mut findings);
     findings.sort_by(|a, b| {
         a.policy
             .cmp(&b.policy)

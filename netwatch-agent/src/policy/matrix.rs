@@ -15,6 +15,9 @@ pub struct MatrixEntry {
     pub port: u16,
     pub protocol: Protocol,
     pub verdict: PolicyVerdict,
+    /// With staged Calico policies: the verdict once they are enforced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_verdict: Option<PolicyVerdict>,
 }
 
 /// Every ordered pair of distinct pods, for each port and protocol, ordered
@@ -52,6 +55,7 @@ pub fn connectivity_matrix(
                         port,
                         protocol,
                         verdict: engine.decide_pods(from, to, port, protocol),
+                        staged_verdict: engine.staged_pods(from, to, port, protocol),
                     });
                 }
             }

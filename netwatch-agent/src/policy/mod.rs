@@ -75,7 +75,7 @@ pub use model::{
     UnknownProtocol,
 };
 pub use selector::{CompiledSelector, LabelRequirement, Labels, render_labels};
-pub use suggest::{Suggestion, render_suggestion, suggest};
+pub use suggest::{SuggestKind, Suggestion, render_suggestion, suggest, suggest_kind};
 pub use verdict::{Outcome, TierStep};
 
 pub use crate::record::{PolicyKind, RuleRef, Tier};
@@ -101,6 +101,10 @@ pub enum PolicyError {
         name: String,
         known: String,
     },
+    /// Calico policies the Calico API server would refuse, or that name a
+    /// tier that does not exist.
+    #[error("{0}")]
+    Calico(Box<api::calico::CalicoError>),
     /// No policy can be suggested for this flow.
     #[error("cannot suggest a policy: {0}")]
     Suggest(String),

@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::api::calico::CalicoNetworkPolicy;
 use super::api::cluster::types::{
     AnpPort, AnpPortNumber, CnpPort, CnpProtocol, CnpProtocolPorts, NamespacedPod,
     Peer as ClusterPeerSpec, PolicySpec, Rule, Subject, V1ALPHA1, V1ALPHA2,
@@ -65,6 +66,10 @@ pub struct Suggestion {
     pub cluster_network_policies: Vec<ClusterNetworkPolicy>,
     /// The same, when the deciding Deny is an AdminNetworkPolicy's.
     pub admin_network_policies: Vec<AdminNetworkPolicy>,
+    /// When a Calico tier decides: a Calico NetworkPolicy in that tier,
+    /// ordered before every policy of it that selects the pod, allowing
+    /// this workload pair and port.
+    pub calico_network_policies: Vec<CalicoNetworkPolicy>,
     /// What each policy does, and any compromise a reader must know about.
     pub notes: Vec<String>,
 }
@@ -75,6 +80,7 @@ impl Suggestion {
         self.policies.is_empty()
             && self.cluster_network_policies.is_empty()
             && self.admin_network_policies.is_empty()
+            && self.calico_network_policies.is_empty()
     }
 
     /// The policies as YAML documents for `kubectl apply -f -`, notes as
@@ -106,6 +112,7 @@ pub fn render_suggestion(suggestion: &Suggestion) -> String {
                 .iter()
                 .map(|p| serde_yaml::to_string(p).unwrap_or_default()),
         )
+        .chain(suggestion.calico_network_policies.iter().map(calico_yaml))
         .chain(
             suggestion
                 .policies
@@ -121,6 +128,41 @@ pub fn render_suggestion(suggestion: &Suggestion) -> String {
     out
 }
 
+/// A Calico policy as calicoctl prints it (no null fields).
+fn calico_yaml(policy: &CalicoNetworkPolicy) -> String {
+    fn strip(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => serde_json::Value::Object(
+                map.into_iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k, strip(v)))
+                    .collect(),
+            ),
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.into_iter().map(strip).collect())
+            }
+            other => other,
+        }
+    }
+    serde_json::to_value(policy)
+        .map(strip)
+        .ok()
+        .and_then(|v| serde_yaml::to_string(&v).ok())
+        .unwrap_or_default()
+}
+
+/// What kind of policy `--suggest` proposes where a Calico tier decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SuggestKind {
+    /// A projectcalico.org/v3 NetworkPolicy in the deciding tier.
+    #[default]
+    Calico,
+    /// A networking.k8s.io/v1 NetworkPolicy (Calico's default tier, order
+    /// 1000): only a fix when nothing earlier denies.
+    #[value(name = "networkpolicy")]
+    NetworkPolicy,
+}
+
 /// Suggests the least-privilege NetworkPolicies that turn `from` -> `to` on
 /// `port`/`protocol` to ALLOWED without changing the verdict of any other
 /// pair of workloads. Returns no policy when the flow is already allowed.
@@ -131,6 +173,27 @@ pub fn suggest(
     to: &Peer,
     port: u16,
     protocol: Protocol,
+) -> Result<Suggestion, PolicyError> {
+    suggest_kind(
+        engine,
+        snapshot,
+        from,
+        to,
+        port,
+        protocol,
+        SuggestKind::Calico,
+    )
+}
+
+/// [`suggest`], choosing what to propose where a Calico tier decides.
+pub fn suggest_kind(
+    engine: &PolicyEngine,
+    snapshot: &ClusterSnapshot,
+    from: &Peer,
+    to: &Peer,
+    port: u16,
+    protocol: Protocol,
+    kind: SuggestKind,
 ) -> Result<Suggestion, PolicyError> {
     let verdict = engine.try_evaluate(from, to, port, protocol)?;
     let mut suggestion = Suggestion::default();
@@ -160,6 +223,20 @@ pub fn suggest(
         // cannot override the Admin tier; the Baseline tier yields to any
         // NetworkPolicy that selects the pod.
         let isolates_new = match decided.decided_in {
+            Some(Tier::Calico(tier)) if kind == SuggestKind::Calico => {
+                let policy = calico_policy_for(
+                    engine,
+                    direction,
+                    subject,
+                    other,
+                    port,
+                    protocol,
+                    tier.as_str(),
+                    &mut suggestion.notes,
+                )?;
+                suggestion.calico_network_policies.push(policy);
+                continue;
+            }
             Some(Tier::Admin) => {
                 let ctx = Override {
                     engine,
@@ -205,6 +282,12 @@ pub fn suggest(
     let applied = with_suggestion(snapshot, &suggestion);
     let check = PolicyEngine::new(&applied, EngineOptions { ..engine.options() })?;
     let after = check.try_evaluate(from, to, port, protocol)?;
+    if after.verdict != PolicyVerdict::Allowed && engine.calico_in_use() {
+        return Err(PolicyError::Suggest(format!(
+            "a NetworkPolicy (order 1000 of Calico's default tier) cannot allow this flow ({}); drop --suggest-kind networkpolicy for a Calico policy in the deciding tier",
+            after.sentence()
+        )));
+    }
     if after.verdict != PolicyVerdict::Allowed {
         return Err(PolicyError::Suggest(format!(
             "the suggested policies would not allow the flow ({}); this is a bug in netwatch, please report it with the manifests",
@@ -517,6 +600,132 @@ fn with_suggestion(snapshot: &ClusterSnapshot, suggestion: &Suggestion) -> Clust
         .admin_network_policies
         .extend(suggestion.admin_network_policies.iter().cloned());
     applied
+        .calico
+        .network_policies
+        .extend(suggestion.calico_network_policies.iter().cloned());
+    applied
+}
+
+/// A Calico selector for labels: `app == 'web' && tier == 'front'`.
+fn calico_selector(labels: &Labels) -> String {
+    let stable: Vec<String> = labels
+        .iter()
+        .filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k} == '{v}'"))
+        .collect();
+    if stable.is_empty() {
+        "all()".into()
+    } else {
+        stable.join(" && ")
+    }
+}
+
+/// A Calico NetworkPolicy in `tier`, in the subject's namespace, ordered
+/// before every policy of the tier that selects the subject, allowing
+/// exactly the other end on this port.
+#[allow(clippy::too_many_arguments)]
+fn calico_policy_for(
+    engine: &PolicyEngine,
+    direction: Direction,
+    subject: &Resolved<'_>,
+    other: &Resolved<'_>,
+    port: u16,
+    protocol: Protocol,
+    tier: &str,
+    notes: &mut Vec<String>,
+) -> Result<CalicoNetworkPolicy, PolicyError> {
+    use super::api::calico::types::{
+        EntityRule, PolicySpec as CalicoSpec, PolicyType, PortSpec, ProtocolSpec,
+        Rule as CalicoRule,
+    };
+    let Some(namespace) = subject.namespace.as_ref().map(|n| n.name.clone()) else {
+        return Err(PolicyError::Suggest(
+            "an address outside the pod network has no policies to change".into(),
+        ));
+    };
+    let min_order = engine.calico_min_order(tier, subject, direction);
+    let order = match min_order {
+        Some(o) if o >= 1.0 => o - 1.0,
+        Some(o) => o / 2.0,
+        None => 100.0,
+    };
+    let peer = match (other.kind, &other.namespace) {
+        (EndpointKind::External, _) | (_, None) => EntityRule {
+            nets: other.given_ip.map(|ip| {
+                vec![match ip {
+                    std::net::IpAddr::V4(_) => format!("{ip}/32"),
+                    std::net::IpAddr::V6(_) => format!("{ip}/128"),
+                }]
+            }),
+            ..EntityRule::default()
+        },
+        (_, Some(ns)) => EntityRule {
+            selector: Some(calico_selector(&other.labels)),
+            namespace_selector: Some(format!("projectcalico.org/name == '{}'", ns.name)),
+            ..EntityRule::default()
+        },
+    };
+    let ports = Some(vec![PortSpec::Number(port)]);
+    let (source, destination) = match direction {
+        Direction::Ingress => (
+            peer,
+            EntityRule {
+                ports,
+                ..EntityRule::default()
+            },
+        ),
+        Direction::Egress => (EntityRule::default(), EntityRule { ports, ..peer }),
+    };
+    let rule = CalicoRule {
+        action: super::api::calico::CalicoAction::Allow,
+        protocol: Some(ProtocolSpec::Name(protocol.to_string())),
+        not_protocol: None,
+        icmp: None,
+        not_icmp: None,
+        ip_version: None,
+        source,
+        destination,
+        metadata: None,
+    };
+    let name = dns_label(&format!(
+        "allow-{}-{}-{port}",
+        display(subject).replace('/', "-"),
+        match direction {
+            Direction::Ingress => "from",
+            Direction::Egress => "to",
+        }
+    ));
+    let name = dns_label(&format!(
+        "{name}-{}",
+        display(other).replace(['/', '.', ':'], "-")
+    ));
+    let (ingress, egress, types) = match direction {
+        Direction::Ingress => (Some(vec![rule]), None, PolicyType::Ingress),
+        Direction::Egress => (None, Some(vec![rule]), PolicyType::Egress),
+    };
+    notes.push(format!(
+        "{direction} of {} is decided in Calico tier {tier}: a Calico NetworkPolicy there at order {order} (before every policy of the tier selecting the pod) allows {} on {port}/{protocol}",
+        display(subject),
+        display(other)
+    ));
+    Ok(CalicoNetworkPolicy {
+        api_version: Some("projectcalico.org/v3".into()),
+        kind: Some("NetworkPolicy".into()),
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace),
+            ..ObjectMeta::default()
+        },
+        spec: CalicoSpec {
+            tier: (tier != "default").then(|| tier.to_string()),
+            order: Some(order),
+            selector: Some(calico_selector(&subject.labels)),
+            types: Some(vec![types]),
+            ingress,
+            egress,
+            ..CalicoSpec::default()
+        },
+    })
 }
 
 /// What an Admin-tier override is built from.

@@ -105,7 +105,6 @@ impl TierStep {
                 "NetworkPolicy: not isolated (no NetworkPolicy selects the pod for this direction)"
                     .to_string()
             }
-            (Outcome::NotSelected, tier) => format!("{tier}: no rule matches"),
             (Outcome::Deny(refs), Tier::NetworkPolicy) => format!(
                 "NetworkPolicy: isolated by {}, nothing allows -> DENY",
                 list(refs)
@@ -113,6 +112,24 @@ impl TierStep {
             (Outcome::Allow(refs), Tier::NetworkPolicy) => {
                 format!("NetworkPolicy: ALLOW by {}", list(refs))
             }
+            (Outcome::NotSelected, Tier::Calico(name)) => format!(
+                "tier {}: selected, no rule decided -> default action PASS",
+                name.as_str()
+            ),
+            (Outcome::Deny(refs), Tier::Calico(name)) if refs.iter().all(|r| r.rule.is_none()) => {
+                format!(
+                    "tier {}: selected by {}, no rule decided -> end-of-tier DENY",
+                    name.as_str(),
+                    list(refs)
+                )
+            }
+            (Outcome::NotSelected, tier) => format!("{tier}: no rule matches"),
+            (outcome, Tier::Calico(name)) => format!(
+                "tier {}: {} by {}",
+                name.as_str(),
+                outcome.as_str(),
+                list(outcome.policies())
+            ),
             (outcome, tier) => format!(
                 "{tier}: {} by {}",
                 outcome.as_str(),

@@ -24,9 +24,7 @@ use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
 /// The policy APIs netwatch evaluates.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PolicyKind {
     /// networking.k8s.io/v1, namespaced.
     #[default]
@@ -37,6 +35,14 @@ pub enum PolicyKind {
     AdminNetworkPolicy,
     /// policy.networking.k8s.io/v1alpha1, the Baseline tier (only `default`).
     BaselineAdminNetworkPolicy,
+    /// projectcalico.org/v3 NetworkPolicy, namespaced, in a Calico tier.
+    CalicoNetworkPolicy,
+    /// projectcalico.org/v3 GlobalNetworkPolicy, in a Calico tier.
+    CalicoGlobalNetworkPolicy,
+    /// projectcalico.org/v3 staged kinds: previewed, never enforced.
+    StagedNetworkPolicy,
+    StagedGlobalNetworkPolicy,
+    StagedKubernetesNetworkPolicy,
 }
 
 impl PolicyKind {
@@ -47,12 +53,39 @@ impl PolicyKind {
             PolicyKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             PolicyKind::AdminNetworkPolicy => "AdminNetworkPolicy",
             PolicyKind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+            // Kind and API group, as `kubectl get` names them: Calico's
+            // NetworkPolicy is not networking.k8s.io's.
+            PolicyKind::CalicoNetworkPolicy => "NetworkPolicy.projectcalico.org",
+            PolicyKind::CalicoGlobalNetworkPolicy => "GlobalNetworkPolicy.projectcalico.org",
+            PolicyKind::StagedNetworkPolicy => "StagedNetworkPolicy.projectcalico.org",
+            PolicyKind::StagedGlobalNetworkPolicy => "StagedGlobalNetworkPolicy.projectcalico.org",
+            PolicyKind::StagedKubernetesNetworkPolicy => {
+                "StagedKubernetesNetworkPolicy.projectcalico.org"
+            }
         }
     }
 
     /// Whether objects of this kind live in a namespace.
     pub fn is_namespaced(self) -> bool {
-        self == PolicyKind::NetworkPolicy
+        matches!(
+            self,
+            PolicyKind::NetworkPolicy
+                | PolicyKind::CalicoNetworkPolicy
+                | PolicyKind::StagedNetworkPolicy
+                | PolicyKind::StagedKubernetesNetworkPolicy
+        )
+    }
+
+    /// Whether this is one of Calico's kinds (projectcalico.org).
+    pub fn is_calico(self) -> bool {
+        matches!(
+            self,
+            PolicyKind::CalicoNetworkPolicy
+                | PolicyKind::CalicoGlobalNetworkPolicy
+                | PolicyKind::StagedNetworkPolicy
+                | PolicyKind::StagedGlobalNetworkPolicy
+                | PolicyKind::StagedKubernetesNetworkPolicy
+        )
     }
 }
 
@@ -62,10 +95,25 @@ impl fmt::Display for PolicyKind {
     }
 }
 
+impl Serialize for PolicyKind {
+    /// The kind as [`PolicyKind::as_str`] names it (Calico's with their
+    /// API group).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for PolicyKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Error of [`PolicyKind::from_str`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown policy kind {0:?}: use NetworkPolicy, ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy"
+    "unknown policy kind {0:?}: use NetworkPolicy, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, or a Calico kind (NetworkPolicy.projectcalico.org, GlobalNetworkPolicy.projectcalico.org, Staged*.projectcalico.org)"
 )]
 pub struct UnknownPolicyKind(pub String);
 
@@ -77,6 +125,11 @@ impl FromStr for PolicyKind {
             PolicyKind::ClusterNetworkPolicy,
             PolicyKind::AdminNetworkPolicy,
             PolicyKind::BaselineAdminNetworkPolicy,
+            PolicyKind::CalicoNetworkPolicy,
+            PolicyKind::CalicoGlobalNetworkPolicy,
+            PolicyKind::StagedNetworkPolicy,
+            PolicyKind::StagedGlobalNetworkPolicy,
+            PolicyKind::StagedKubernetesNetworkPolicy,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -85,37 +138,91 @@ impl FromStr for PolicyKind {
 }
 
 /// Where a policy sits in the order a direction is judged in: Admin, then
-/// NetworkPolicy, then Baseline.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+/// NetworkPolicy, then Baseline; with Calico policies loaded, Calico's
+/// tiers by their order (see [`crate::policy::api::calico`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tier {
-    /// ClusterNetworkPolicy tier Admin and AdminNetworkPolicy.
+    /// ClusterNetworkPolicy tier Admin and AdminNetworkPolicy (Calico's
+    /// `kube-admin` tier).
     Admin,
     /// networking.k8s.io/v1 NetworkPolicy.
     #[default]
     NetworkPolicy,
-    /// ClusterNetworkPolicy tier Baseline and BaselineAdminNetworkPolicy.
+    /// ClusterNetworkPolicy tier Baseline and BaselineAdminNetworkPolicy
+    /// (Calico's `kube-baseline` tier).
     Baseline,
+    /// A Calico tier, by name (`default`, `security`, ...).
+    Calico(CalicoTierName),
+}
+
+/// The name of a Calico tier. Interned: there are few tiers, and [`Tier`]
+/// stays `Copy` for the hot paths that pass it around.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CalicoTierName(&'static str);
+
+impl CalicoTierName {
+    pub fn new(name: &str) -> Self {
+        use std::collections::HashSet;
+        use std::sync::{Mutex, OnceLock};
+        static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut names = NAMES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(&known) = names.get(name) {
+            return CalicoTierName(known);
+        }
+        let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+        names.insert(leaked);
+        CalicoTierName(leaked)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
 }
 
 impl Tier {
     /// The three tiers, in evaluation order.
     pub const ORDER: [Tier; 3] = [Tier::Admin, Tier::NetworkPolicy, Tier::Baseline];
 
-    /// `Admin`, `NetworkPolicy`, `Baseline`.
+    /// `Admin`, `NetworkPolicy`, `Baseline`, or the Calico tier's name.
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Admin => "Admin",
             Tier::NetworkPolicy => "NetworkPolicy",
             Tier::Baseline => "Baseline",
+            Tier::Calico(name) => name.as_str(),
         }
+    }
+
+    /// A Calico tier by name.
+    pub fn calico(name: &str) -> Tier {
+        Tier::Calico(CalicoTierName::new(name))
     }
 }
 
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Tier {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Tier {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(match name.as_str() {
+            "Admin" => Tier::Admin,
+            "NetworkPolicy" => Tier::NetworkPolicy,
+            "Baseline" => Tier::Baseline,
+            other => Tier::calico(other),
+        })
     }
 }
 
@@ -204,7 +311,8 @@ impl PolicyRef {
     pub fn policy_name(&self) -> String {
         match (&self.namespace, self.kind) {
             (Some(ns), PolicyKind::NetworkPolicy) => format!("{ns}/{}", self.name),
-            (_, kind) => format!("{kind} {}", self.name),
+            (Some(ns), kind) => format!("{kind} {ns}/{}", self.name),
+            (None, kind) => format!("{kind} {}", self.name),
         }
     }
 
@@ -212,7 +320,7 @@ impl PolicyRef {
     /// cluster-scoped kinds), `kind` always, and netwatch's `tier` and `rule`
     /// for the cluster-scoped kinds.
     pub fn serialize_for_record<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let cluster = self.kind != PolicyKind::NetworkPolicy;
+        let cluster = self.kind != PolicyKind::NetworkPolicy || self.tier != Tier::NetworkPolicy;
         let mut st = s.serialize_struct("Policy", 5)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("namespace", self.namespace_or_empty())?;
@@ -236,7 +344,8 @@ impl Serialize for PolicyRef {
             st.serialize_field("namespace", ns)?;
         }
         st.serialize_field("name", &self.name)?;
-        if self.kind != PolicyKind::NetworkPolicy {
+        // A NetworkPolicy in a Calico tier (`default`) says so.
+        if self.kind != PolicyKind::NetworkPolicy || self.tier != Tier::NetworkPolicy {
             st.serialize_field("kind", &self.kind)?;
             st.serialize_field("tier", &self.tier)?;
         }
@@ -312,6 +421,7 @@ pub(crate) fn deserialize_record_list<'de, D: serde::Deserializer<'de>>(
                 tier: w.tier.unwrap_or(match kind {
                     PolicyKind::NetworkPolicy => Tier::NetworkPolicy,
                     PolicyKind::BaselineAdminNetworkPolicy => Tier::Baseline,
+                    kind if kind.is_calico() => Tier::calico("default"),
                     _ => Tier::Admin,
                 }),
                 rule: w.rule,
@@ -354,6 +464,52 @@ mod tests {
             r.to_string(),
             "ClusterNetworkPolicy deny-db rule 2 \"deny-to-db\""
         );
+    }
+
+    #[test]
+    fn a_calico_policy_names_its_api_group_tier_and_rule_in_records() {
+        let r = PolicyRef {
+            namespace: Some("prod".into()),
+            name: "api-lockdown".into(),
+            kind: PolicyKind::CalicoNetworkPolicy,
+            tier: Tier::calico("security"),
+            rule: Some(RuleRef {
+                index: 0,
+                name: None,
+            }),
+        };
+        let mut out = Vec::new();
+        r.serialize_for_record(&mut serde_json::Serializer::new(&mut out))
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            serde_json::json!({"name": "api-lockdown", "namespace": "prod",
+                               "kind": "NetworkPolicy.projectcalico.org", "tier": "security",
+                               "rule": {"index": 0}})
+        );
+        // A NetworkPolicy judged in Calico's default tier says so.
+        let np = PolicyRef {
+            tier: Tier::calico("default"),
+            ..PolicyRef::network_policy("prod", "allow")
+        };
+        assert_eq!(
+            serde_json::to_value(&np).unwrap(),
+            serde_json::json!({"namespace": "prod", "name": "allow", "kind": "NetworkPolicy", "tier": "default"})
+        );
+        #[derive(Serialize, Deserialize)]
+        struct Holder {
+            #[serde(
+                serialize_with = "serialize_record_list",
+                deserialize_with = "deserialize_record_list"
+            )]
+            refs: Vec<PolicyRef>,
+        }
+        let text = serde_json::to_string(&Holder {
+            refs: vec![r.clone()],
+        })
+        .unwrap();
+        let back: Holder = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.refs, vec![r]);
     }
 
     #[test]

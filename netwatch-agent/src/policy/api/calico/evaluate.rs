@@ -20,13 +20,16 @@
 //! 5. After the last tier (or no tier applied): the namespace profile,
 //!    which allows.
 //!
-//! `types` defaults to Ingress, plus Egress when the policy has egress
-//! rules. Not evaluated here yet (documented gaps): the cluster policies
-//! of kube-admin / kube-baseline (the engine's Admin and Baseline tiers),
+//! `types` defaults (Calico's defaulting) to Ingress when the policy has
+//! no egress rules, Egress when it has egress rules but no ingress rules,
+//! and both when it has both. The cluster policies of kube-admin /
+//! kube-baseline are the engine's Admin and Baseline tiers, walked in
+//! their place by [`super::engine`]. Not evaluated (documented gaps):
 //! rule `services` (match nothing), source `ports` (a flow's source port
-//! is not known: such a rule matches nothing), host endpoints (`preDNAT`,
-//! `doNotTrack`, `applyOnForward` policies select host endpoints, never
-//! pods, so they are parsed and ignored).
+//! is not known: such a rule matches nothing), host endpoints (`preDNAT`
+//! and `doNotTrack` policies act on host endpoints only, never on pods,
+//! so they are parsed and ignored; `applyOnForward` alone changes nothing
+//! for pods).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -669,8 +672,9 @@ impl CalicoPolicies {
         tiers.sort_by(|a, b| order_key(a.order, &a.name).cmp(&order_key(b.order, &b.name)));
         for tier in &mut tiers {
             tier.policies.sort_by(|a, b| {
-                order_key(a.order, &a.reference.name)
-                    .cmp(&order_key(b.order, &b.reference.name))
+                let (na, nb) = (felix_name(&a.reference), felix_name(&b.reference));
+                order_key(a.order, &na)
+                    .cmp(&order_key(b.order, &nb))
                     .then_with(|| a.reference.cmp(&b.reference))
             });
         }
@@ -679,73 +683,27 @@ impl CalicoPolicies {
 
     /// Judges one direction of a flow.
     pub fn judge(&self, direction: Direction, flow: &CalicoFlow) -> CalicoDirectionVerdict {
-        let (subject, _) = sides(direction, flow);
         let mut steps = Vec::new();
-        'tiers: for tier in &self.tiers {
-            let selecting: Vec<&CompiledPolicy> = tier
-                .policies
-                .iter()
-                .filter(|p| p.selects(subject, direction))
-                .collect();
-            if selecting.is_empty() {
+        for index in 0..self.tiers.len() {
+            let Some(step) = self.judge_tier(index, direction, flow) else {
                 continue;
-            }
-            let mut logged = Vec::new();
-            for policy in &selecting {
-                let rules = policy.rules(direction).unwrap_or_default();
-                for (i, rule) in rules.iter().enumerate() {
-                    if !rule_matches(policy, rule, direction, flow) {
-                        continue;
-                    }
-                    let by = CalicoPolicyRef {
-                        rule: Some(i),
-                        ..policy.reference.clone()
+            };
+            let outcome = step.outcome.clone();
+            steps.push(step);
+            match outcome {
+                CalicoOutcome::Allow(_) => {
+                    return CalicoDirectionVerdict {
+                        allowed: true,
+                        tiers: steps,
                     };
-                    let outcome = match rule.action {
-                        Action::Log => {
-                            logged.push(by);
-                            continue;
-                        }
-                        Action::Allow => CalicoOutcome::Allow(by),
-                        Action::Deny => CalicoOutcome::Deny(by),
-                        Action::Pass => CalicoOutcome::Pass(by),
-                    };
-                    let last = !matches!(outcome, CalicoOutcome::Pass(_));
-                    steps.push(CalicoTierStep {
-                        tier: tier.name.clone(),
-                        logged,
-                        outcome,
-                    });
-                    if last {
-                        let allowed = matches!(
-                            steps.last().map(|s| &s.outcome),
-                            Some(CalicoOutcome::Allow(_))
-                        );
-                        return CalicoDirectionVerdict {
-                            allowed,
-                            tiers: steps,
-                        };
-                    }
-                    continue 'tiers;
                 }
-            }
-            let refs = selecting.iter().map(|p| p.reference.clone()).collect();
-            if tier.pass_at_end {
-                steps.push(CalicoTierStep {
-                    tier: tier.name.clone(),
-                    logged,
-                    outcome: CalicoOutcome::EndOfTierPass(refs),
-                });
-            } else {
-                steps.push(CalicoTierStep {
-                    tier: tier.name.clone(),
-                    logged,
-                    outcome: CalicoOutcome::EndOfTierDeny(refs),
-                });
-                return CalicoDirectionVerdict {
-                    allowed: false,
-                    tiers: steps,
-                };
+                CalicoOutcome::Deny(_) | CalicoOutcome::EndOfTierDeny(_) => {
+                    return CalicoDirectionVerdict {
+                        allowed: false,
+                        tiers: steps,
+                    };
+                }
+                CalicoOutcome::Pass(_) | CalicoOutcome::EndOfTierPass(_) => {}
             }
         }
         // The namespace profile allows.
@@ -753,6 +711,181 @@ impl CalicoPolicies {
             allowed: true,
             tiers: steps,
         }
+    }
+
+    /// The tiers, in evaluation order: (name, order, whether any policy
+    /// is in it).
+    pub fn tiers(&self) -> Vec<(&str, Option<f64>, bool)> {
+        self.tiers
+            .iter()
+            .map(|t| (t.name.as_str(), t.order, !t.policies.is_empty()))
+            .collect()
+    }
+
+    /// Whether no Calico policy (of any tier) exists.
+    pub fn is_empty(&self) -> bool {
+        self.tiers.iter().all(|t| t.policies.is_empty())
+    }
+
+    /// The policies of a tier in evaluation order, with their order.
+    pub fn tier_policies(&self, index: usize) -> Vec<(&CalicoPolicyRef, Option<f64>)> {
+        self.tiers
+            .get(index)
+            .map(|t| t.policies.iter().map(|p| (&p.reference, p.order)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a policy selects the endpoint for the direction.
+    pub fn policy_selects(
+        &self,
+        policy: &CalicoPolicyRef,
+        subject: &CalicoEndpoint,
+        direction: Direction,
+    ) -> bool {
+        self.tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .find(|p| {
+                p.reference.kind == policy.kind
+                    && p.reference.namespace == policy.namespace
+                    && p.reference.name == policy.name
+            })
+            .is_some_and(|p| p.selects(subject, direction))
+    }
+
+    /// Lint: every rule of the tier's policies selecting the subject that
+    /// matches the flow, in evaluation order, with its action.
+    pub fn matching_rules(
+        &self,
+        index: usize,
+        direction: Direction,
+        flow: &CalicoFlow,
+    ) -> Vec<(CalicoPolicyRef, Action)> {
+        let Some(tier) = self.tiers.get(index) else {
+            return Vec::new();
+        };
+        let (subject, _) = sides(direction, flow);
+        let mut out = Vec::new();
+        for policy in tier
+            .policies
+            .iter()
+            .filter(|p| p.selects(subject, direction))
+        {
+            for (i, rule) in policy
+                .rules(direction)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                if rule_matches(policy, rule, direction, flow) {
+                    out.push((
+                        CalicoPolicyRef {
+                            rule: Some(i),
+                            ..policy.reference.clone()
+                        },
+                        rule.action,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Lint: the ports worth probing (both ends of every destination port
+    /// range of every rule).
+    pub fn probe_ports(&self) -> std::collections::BTreeSet<u16> {
+        let mut ports = std::collections::BTreeSet::new();
+        for policy in self.tiers.iter().flat_map(|t| &t.policies) {
+            for rule in [&policy.ingress, &policy.egress]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for p in rule.destination.ports.iter().flatten() {
+                    if let PortMatch::Range(a, b) = p {
+                        ports.insert(*a);
+                        ports.insert(*b);
+                    }
+                }
+            }
+        }
+        ports
+    }
+
+    /// Lint: the policies of the tier that select `subject` for the direction.
+    pub fn selecting(
+        &self,
+        index: usize,
+        subject: &CalicoEndpoint,
+        direction: Direction,
+    ) -> Vec<&CalicoPolicyRef> {
+        self.tiers
+            .get(index)
+            .map(|t| {
+                t.policies
+                    .iter()
+                    .filter(|p| p.selects(subject, direction))
+                    .map(|p| &p.reference)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One tier's answer for one direction; `None` when no policy of the
+    /// tier selects the subject for it (the tier does not apply).
+    pub fn judge_tier(
+        &self,
+        index: usize,
+        direction: Direction,
+        flow: &CalicoFlow,
+    ) -> Option<CalicoTierStep> {
+        let tier = self.tiers.get(index)?;
+        let (subject, _) = sides(direction, flow);
+        let selecting: Vec<&CompiledPolicy> = tier
+            .policies
+            .iter()
+            .filter(|p| p.selects(subject, direction))
+            .collect();
+        if selecting.is_empty() {
+            return None;
+        }
+        let mut logged = Vec::new();
+        for policy in &selecting {
+            let rules = policy.rules(direction).unwrap_or_default();
+            for (i, rule) in rules.iter().enumerate() {
+                if !rule_matches(policy, rule, direction, flow) {
+                    continue;
+                }
+                let by = CalicoPolicyRef {
+                    rule: Some(i),
+                    ..policy.reference.clone()
+                };
+                let outcome = match rule.action {
+                    Action::Log => {
+                        logged.push(by);
+                        continue;
+                    }
+                    Action::Allow => CalicoOutcome::Allow(by),
+                    Action::Deny => CalicoOutcome::Deny(by),
+                    Action::Pass => CalicoOutcome::Pass(by),
+                };
+                return Some(CalicoTierStep {
+                    tier: tier.name.clone(),
+                    logged,
+                    outcome,
+                });
+            }
+        }
+        let refs = selecting.iter().map(|p| p.reference.clone()).collect();
+        Some(CalicoTierStep {
+            tier: tier.name.clone(),
+            logged,
+            outcome: if tier.pass_at_end {
+                CalicoOutcome::EndOfTierPass(refs)
+            } else {
+                CalicoOutcome::EndOfTierDeny(refs)
+            },
+        })
     }
 
     /// Lint: the policy selectors and rule peer selectors (selector,
@@ -841,6 +974,65 @@ impl CalicoPolicies {
             }
         };
         (egress.allowed && ingress.allowed, egress, ingress)
+    }
+}
+
+/// Checks one Calico NetworkPolicy or GlobalNetworkPolicy (or the policy
+/// a staged one previews) as the Calico API server would: the error names
+/// the field.
+pub fn check_policy(
+    kind: CalicoKind,
+    namespace: Option<&str>,
+    name: &str,
+    spec: &super::types::PolicySpec,
+) -> Result<(), CalicoError> {
+    compile_policy(
+        kind.enforced(),
+        namespace.map(str::to_string),
+        name.to_string(),
+        spec,
+    )
+    .map(|_| ())
+}
+
+/// Checks a Tier's spec.
+pub fn check_tier(tier: &Tier) -> Result<(), CalicoError> {
+    CalicoPolicies::build(CalicoObjects {
+        tiers: std::slice::from_ref(tier),
+        ..CalicoObjects::default()
+    })
+    .map(|_| ())
+}
+
+impl CalicoError {
+    /// The field the error is about (`spec.ingress[0].source.selector`).
+    pub fn field(&self) -> &str {
+        match self {
+            CalicoError::Selector { field, .. } | CalicoError::Field { field, .. } => field,
+        }
+    }
+
+    /// What is wrong, without the policy's name.
+    pub fn problem(&self) -> String {
+        match self {
+            CalicoError::Selector { source, .. } => source.to_string(),
+            CalicoError::Field { problem, .. } => problem.clone(),
+        }
+    }
+}
+
+/// The name Felix sorts policies of equal order by (libcalico-go's v1
+/// policy name): `namespace/name` for namespaced policies, with
+/// Kubernetes NetworkPolicies named `knp.default.<name>`; the plain name
+/// for global ones.
+fn felix_name(r: &CalicoPolicyRef) -> String {
+    let name = match r.kind.enforced() {
+        CalicoKind::KubernetesNetworkPolicy => format!("knp.default.{}", r.name),
+        _ => r.name.clone(),
+    };
+    match &r.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name,
     }
 }
 
@@ -1241,13 +1433,16 @@ fn compile_policy(
     };
     let ingress = compile_rules(&spec.ingress, "ingress")?;
     let egress = compile_rules(&spec.egress, "egress")?;
-    // types: explicit wins; else Ingress, plus Egress when there are egress rules.
+    // types: explicit wins; else (Calico's defaulting) Ingress when there
+    // are no egress rules, Egress when there are egress rules but no
+    // ingress rules, both when there are both.
     let types = spec.types.clone().unwrap_or_else(|| {
-        let mut t = vec![PolicyType::Ingress];
-        if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
-            t.push(PolicyType::Egress);
+        let has = |r: &Option<Vec<Rule>>| r.as_ref().is_some_and(|r| !r.is_empty());
+        match (has(&spec.ingress), has(&spec.egress)) {
+            (_, false) => vec![PolicyType::Ingress],
+            (false, true) => vec![PolicyType::Egress],
+            (true, true) => vec![PolicyType::Ingress, PolicyType::Egress],
         }
-        t
     });
     let pick = |rules: Option<Vec<CompiledRule>>, t: PolicyType| {
         types.contains(&t).then(|| rules.unwrap_or_default())
@@ -1271,9 +1466,9 @@ fn compile_policy(
         )?,
         ingress: pick(ingress, PolicyType::Ingress),
         egress: pick(egress, PolicyType::Egress),
-        host_only: spec.do_not_track == Some(true)
-            || spec.pre_dnat == Some(true)
-            || spec.apply_on_forward == Some(true),
+        // Felix renders untracked and pre-DNAT policies for host endpoints
+        // only; `applyOnForward` alone changes nothing for pods.
+        host_only: spec.do_not_track == Some(true) || spec.pre_dnat == Some(true),
     })
 }
 
@@ -1326,13 +1521,18 @@ fn compile_kubernetes_policy(policy: &NetworkPolicy) -> Result<CompiledPolicy, C
         name: &name,
     };
     let spec = policy.spec.clone().unwrap_or_default();
-    let types = spec.policy_types.clone().unwrap_or_else(|| {
-        let mut t = vec!["Ingress".to_string()];
-        if spec.egress.is_some() {
-            t.push("Egress".into());
+    // The API server's defaulting: a missing or empty list is Ingress,
+    // plus Egress when there are egress rules.
+    let types = match spec.policy_types.clone() {
+        Some(t) if !t.is_empty() => t,
+        _ => {
+            let mut t = vec!["Ingress".to_string()];
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                t.push("Egress".into());
+            }
+            t
         }
-        t
-    });
+    };
     let peers_to_entities =
         |peers: Option<&Vec<NetworkPolicyPeer>>| -> Result<Vec<Entity>, CalicoError> {
             let Some(peers) = peers.filter(|p| !p.is_empty()) else {

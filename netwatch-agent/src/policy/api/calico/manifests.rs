@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::evaluate::{CalicoEndpoint, CalicoObjects, StagedObjects};
 use super::types::{
-    CalicoNetworkPolicy, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
+    CalicoNetworkPolicy, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier,
 };
 use crate::cluster::ClusterSnapshot;
@@ -29,6 +29,36 @@ pub struct CalicoManifestError {
     pub problem: String,
 }
 
+/// Calico objects as the watchers read them from the CRDs
+/// (`crd.projectcalico.org/v1`): used when the Calico API server
+/// (`projectcalico.org/v3`) serves nothing.
+#[derive(Clone, Debug, Default)]
+pub struct CalicoCrds {
+    pub tiers: Vec<Crd<Tier>>,
+    pub network_policies: Vec<Crd<CalicoNetworkPolicy>>,
+    pub global_network_policies: Vec<Crd<GlobalNetworkPolicy>>,
+    pub staged_network_policies: Vec<Crd<StagedNetworkPolicy>>,
+    pub staged_global_network_policies: Vec<Crd<StagedGlobalNetworkPolicy>>,
+    pub staged_kubernetes_network_policies: Vec<Crd<StagedKubernetesNetworkPolicy>>,
+}
+
+impl CalicoCrds {
+    /// The same objects (the CRDs carry the v3 fields).
+    pub fn to_manifests(&self) -> CalicoManifests {
+        fn inner<T: Clone>(list: &[Crd<T>]) -> Vec<T> {
+            list.iter().map(|c| c.0.clone()).collect()
+        }
+        CalicoManifests {
+            tiers: inner(&self.tiers),
+            network_policies: inner(&self.network_policies),
+            global_network_policies: inner(&self.global_network_policies),
+            staged_network_policies: inner(&self.staged_network_policies),
+            staged_global_network_policies: inner(&self.staged_global_network_policies),
+            staged_kubernetes_network_policies: inner(&self.staged_kubernetes_network_policies),
+        }
+    }
+}
+
 /// The Calico objects of some manifests.
 #[derive(Clone, Debug, Default)]
 pub struct CalicoManifests {
@@ -41,6 +71,22 @@ pub struct CalicoManifests {
 }
 
 impl CalicoManifests {
+    /// Whether there is no Calico object at all (the engine then judges
+    /// flows by the Kubernetes tiers alone).
+    pub fn is_empty(&self) -> bool {
+        self.tiers.is_empty()
+            && self.network_policies.is_empty()
+            && self.global_network_policies.is_empty()
+            && !self.has_staged()
+    }
+
+    /// Whether any staged policy exists.
+    pub fn has_staged(&self) -> bool {
+        !(self.staged_network_policies.is_empty()
+            && self.staged_global_network_policies.is_empty()
+            && self.staged_kubernetes_network_policies.is_empty())
+    }
+
     /// Reads the Calico documents of a multi-document YAML text (other
     /// documents are skipped). Unknown fields are errors.
     pub fn read_str(source_name: &str, text: &str) -> Result<Self, CalicoManifestError> {
@@ -143,6 +189,11 @@ pub fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint>
                 .as_ref()
                 .and_then(|s| s.service_account_name.clone())
                 .or_else(|| Some("default".into()));
+            // Calico labels every service account with its name.
+            if let Some(sa) = &e.service_account {
+                e.service_account_labels
+                    .insert("projectcalico.org/name".into(), sa.clone());
+            }
             for container in pod.spec.iter().flat_map(|s| &s.containers) {
                 for port in container.ports.iter().flatten() {
                     if let Some(port_name) = &port.name {

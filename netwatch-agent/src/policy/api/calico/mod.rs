@@ -7,15 +7,19 @@
 //!   them (unknown fields refused).
 //! - [`manifests`]: Calico objects from YAML, snapshot pods as endpoints.
 //! - [`evaluate`]: compilation and Calico's tiered evaluation
-//!   ([`CalicoPolicies`]). Not yet wired into
-//!   [`PolicyEngine`](crate::policy::PolicyEngine), the manifest loader or
-//!   `netwatch explain`: callers build the endpoints themselves. Staged
+//!   ([`CalicoPolicies`]).
+//! - `engine`: Calico's tiers inside
+//!   [`PolicyEngine`](crate::policy::PolicyEngine) (with the cluster
+//!   policies in kube-admin / kube-baseline), used whenever the snapshot
+//!   has a Calico object: `--manifests`, `netwatch explain`, flows. Staged
 //!   policies (StagedNetworkPolicy, StagedGlobalNetworkPolicy,
 //!   StagedKubernetesNetworkPolicy) as a what-if ([`CalicoWhatIf`]: "would
 //!   deny if enforced"); lint of selectors that pick no endpoint
 //!   ([`CalicoPolicies::selectors_matching_nothing`]).
 
+pub(crate) mod engine;
 pub mod evaluate;
+pub(crate) mod lint;
 pub mod manifests;
 pub mod selector;
 pub mod types;
@@ -23,11 +27,13 @@ pub mod types;
 pub use evaluate::{
     CalicoDirectionVerdict, CalicoEndpoint, CalicoError, CalicoFlow, CalicoKind, CalicoObjects,
     CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTierStep, CalicoWhatIf,
-    Direction as CalicoDirection, EmptySelection, StagedObjects, StagedPreview,
+    Direction as CalicoDirection, EmptySelection, StagedObjects, StagedPreview, check_policy,
+    check_tier,
 };
-pub use manifests::{CalicoManifestError, CalicoManifests, endpoints};
+pub use manifests::{CalicoCrds, CalicoManifestError, CalicoManifests, endpoints};
 pub use selector::{CalicoSelector, Expr as SelectorExpr, SelectorError, SelectorProblem};
 pub use types::{
-    CalicoNetworkPolicy, GlobalNetworkPolicy, StagedAction, StagedGlobalNetworkPolicy,
-    StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier as CalicoTier,
+    Action as CalicoAction, CalicoNetworkPolicy, Crd, GlobalNetworkPolicy, StagedAction,
+    StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, StagedNetworkPolicy,
+    Tier as CalicoTier,
 };

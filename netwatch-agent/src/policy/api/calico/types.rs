@@ -300,3 +300,126 @@ pub struct StagedKubernetesNetworkPolicy {
     pub metadata: ObjectMeta,
     pub spec: Staged<k8s_openapi::api::networking::v1::NetworkPolicySpec>,
 }
+
+/// How the API serves each Calico kind, for the watchers: the Calico API
+/// server (`projectcalico.org/v3`) when it is installed, else the CRDs
+/// Calico stores them in (`crd.projectcalico.org/v1`, [`Crd`]), with the
+/// same fields.
+pub trait CalicoResource {
+    /// The Kubernetes kind (`NetworkPolicy`).
+    const CALICO_KIND: &'static str;
+    /// The resource (`networkpolicies`).
+    const PLURAL: &'static str;
+    /// The kind as netwatch's API status names it (`NetworkPolicy.projectcalico.org`):
+    /// distinct from networking.k8s.io's NetworkPolicy.
+    const STATUS_KIND: &'static str;
+    /// The same, for the CRD.
+    const CRD_STATUS_KIND: &'static str;
+    type Scope: k8s_openapi::ResourceScope;
+    fn meta(&self) -> &ObjectMeta;
+    fn meta_mut(&mut self) -> &mut ObjectMeta;
+}
+
+/// The CRD group Calico stores its objects in.
+pub const CRD_API_VERSION: &str = "crd.projectcalico.org/v1";
+
+macro_rules! calico_resource {
+    ($ty:ident, $kind:literal, $plural:literal, $scope:ty) => {
+        impl CalicoResource for $ty {
+            const CALICO_KIND: &'static str = $kind;
+            const PLURAL: &'static str = $plural;
+            const STATUS_KIND: &'static str = concat!($kind, ".projectcalico.org");
+            const CRD_STATUS_KIND: &'static str = concat!($kind, ".crd.projectcalico.org");
+            type Scope = $scope;
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+
+        impl k8s_openapi::Resource for $ty {
+            const API_VERSION: &'static str = API_VERSION;
+            const GROUP: &'static str = "projectcalico.org";
+            const KIND: &'static str = concat!($kind, ".projectcalico.org");
+            const VERSION: &'static str = "v3";
+            const URL_PATH_SEGMENT: &'static str = $plural;
+            type Scope = $scope;
+        }
+
+        impl k8s_openapi::ListableResource for $ty {
+            const LIST_KIND: &'static str = concat!($kind, "List");
+        }
+
+        impl k8s_openapi::Metadata for $ty {
+            type Ty = ObjectMeta;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+calico_resource!(
+    CalicoNetworkPolicy,
+    "NetworkPolicy",
+    "networkpolicies",
+    k8s_openapi::NamespaceResourceScope
+);
+calico_resource!(
+    GlobalNetworkPolicy,
+    "GlobalNetworkPolicy",
+    "globalnetworkpolicies",
+    k8s_openapi::ClusterResourceScope
+);
+calico_resource!(Tier, "Tier", "tiers", k8s_openapi::ClusterResourceScope);
+calico_resource!(
+    StagedNetworkPolicy,
+    "StagedNetworkPolicy",
+    "stagednetworkpolicies",
+    k8s_openapi::NamespaceResourceScope
+);
+calico_resource!(
+    StagedGlobalNetworkPolicy,
+    "StagedGlobalNetworkPolicy",
+    "stagedglobalnetworkpolicies",
+    k8s_openapi::ClusterResourceScope
+);
+calico_resource!(
+    StagedKubernetesNetworkPolicy,
+    "StagedKubernetesNetworkPolicy",
+    "stagedkubernetesnetworkpolicies",
+    k8s_openapi::NamespaceResourceScope
+);
+
+/// A Calico object as its `crd.projectcalico.org/v1` CRD serves it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Crd<T>(pub T);
+
+impl<T: CalicoResource> k8s_openapi::Resource for Crd<T> {
+    const API_VERSION: &'static str = CRD_API_VERSION;
+    const GROUP: &'static str = "crd.projectcalico.org";
+    const KIND: &'static str = T::CRD_STATUS_KIND;
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = T::PLURAL;
+    type Scope = T::Scope;
+}
+
+impl<T: CalicoResource> k8s_openapi::ListableResource for Crd<T> {
+    const LIST_KIND: &'static str = "List";
+}
+
+impl<T: CalicoResource> k8s_openapi::Metadata for Crd<T> {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        self.0.meta()
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        self.0.meta_mut()
+    }
+}
