@@ -203,7 +203,10 @@ fn short_lived_pods_are_named_as_the_pod_that_held_the_ip_and_leave_nothing_behi
             assert_eq!(f["verdict"], "DROPPED", "{name}: {f:#}");
             assert_eq!(f["IP"]["source"], ip.as_str(), "{f:#}");
             assert_eq!(
-                (f["source"]["namespace"].as_str(), f["source"]["pod_name"].as_str()),
+                (
+                    f["source"]["namespace"].as_str(),
+                    f["source"]["pod_name"].as_str()
+                ),
                 (Some("jobs"), Some(name.as_str())),
                 "the pod that held {ip} then, not a later one: {f:#}"
             );
@@ -211,7 +214,10 @@ fn short_lived_pods_are_named_as_the_pod_that_held_the_ip_and_leave_nothing_behi
     }
     if tcx {
         let left = detached_tcx_links();
-        assert!(left.is_empty(), "tcx links of vanished interfaces: {left:#?}");
+        assert!(
+            left.is_empty(),
+            "tcx links of vanished interfaces: {left:#?}"
+        );
     }
     // 180 pods came and went after the warm-up; a per-pod leak of even
     // 64 KiB would show. (Tombstones are bounded by count and age.)
