@@ -72,6 +72,11 @@ enum Task {
         /// xtask vmtest --bench` runs it on each kernel of the matrix.
         #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only"])]
         programs: bool,
+        /// Only the flood benchmark: SYN floods of new denied flows at
+        /// increasing rates (`--seconds` each); the highest rate the agent
+        /// takes with zero loss, and its CPU.
+        #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only", "programs"])]
+        flood: bool,
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
@@ -162,6 +167,12 @@ enum Helper {
         #[arg(long)]
         json: String,
     },
+    /// A flood of new TCP flows (JSON of xtask::flood::Flood); prints
+    /// what was sent as JSON.
+    Flood {
+        #[arg(long)]
+        json: String,
+    },
     /// The TC programs on an interface, in run order, as JSON.
     TcList {
         #[arg(long)]
@@ -213,6 +224,11 @@ fn main() -> Result<()> {
         }
         Task::Bench {
             seconds,
+            flood: true,
+            ..
+        } => bench::flood(seconds),
+        Task::Bench {
+            seconds,
             programs: true,
             ..
         } => {
@@ -226,6 +242,7 @@ fn main() -> Result<()> {
             datapath_only,
             criterion_only,
             programs: false,
+            flood: false,
         } => bench::bench(&bench::BenchOptions {
             runs,
             seconds,
@@ -418,6 +435,12 @@ fn helper(what: Helper) -> Result<()> {
             Ok(())
         }
         Helper::EbpfDatapath { mode, json } => lab::datapath::ebpf::helper(mode, &json),
+        Helper::Flood { json } => {
+            let flood: xtask::flood::Flood = serde_json::from_str(&json)?;
+            let sent = xtask::flood::send(&flood)?;
+            println!("{}", serde_json::to_string(&sent)?);
+            Ok(())
+        }
         Helper::TcList { interface } => {
             println!(
                 "{}",
