@@ -4,8 +4,11 @@
 //! --flood` and of the flood end-to-end test; runs inside the pod as
 //! `xtask lab-helper flood`.
 //!
-//! Flow `i` of `n` goes to destination port `first_port + i % ports` from
-//! source port `1024 + i / ports`, so up to 64,512 flows per destination
+//! Flow `i` comes from source port `1024 + i % 64512`: the first 64,512
+//! flows each from their own source port (like hping3's), so no two of them
+//! look like one connection seen before and after DNAT (same source port,
+//! another destination). Destination ports rotate over `ports`, shifted by
+//! one each round of source ports, so up to 64,512 flows per destination
 //! port are all distinct, and which flows went where is known exactly.
 
 use std::{
@@ -43,18 +46,16 @@ impl Flood {
     /// The (source port, destination port) of flow `i`.
     pub fn ports_of(&self, i: u64) -> (u16, u16) {
         let ports = u64::from(self.ports.max(1));
-        let src = FIRST_SOURCE_PORT as u64 + i / ports;
-        (src as u16, self.first_port + (i % ports) as u16)
+        let (round, j) = (i / SOURCE_PORTS, i % SOURCE_PORTS);
+        let src = FIRST_SOURCE_PORT as u64 + j;
+        (src as u16, self.first_port + ((j + round) % ports) as u16)
     }
 
     /// Flows sent to destination port `port`.
     pub fn flows_to(&self, port: u16) -> u64 {
-        let ports = u64::from(self.ports.max(1));
-        let k = u64::from(port.wrapping_sub(self.first_port));
-        if port < self.first_port || k >= ports {
-            return 0;
-        }
-        self.flows / ports + u64::from(k < self.flows % ports)
+        (0..self.flows)
+            .filter(|i| self.ports_of(*i).1 == port)
+            .count() as u64
     }
 
     fn check(&self) -> io::Result<()> {
@@ -226,7 +227,15 @@ mod tests {
         let all: std::collections::BTreeSet<_> = (0..10).map(|i| f.ports_of(i)).collect();
         assert_eq!(all.len(), 10);
         assert_eq!(f.ports_of(0), (1024, 8080));
-        assert_eq!(f.ports_of(4), (1025, 8081));
+        assert_eq!(f.ports_of(4), (1028, 8081));
+        let two_rounds = Flood {
+            flows: SOURCE_PORTS * 2,
+            ..f.clone()
+        };
+        assert_eq!(two_rounds.ports_of(SOURCE_PORTS), (1024, 8081));
+        let all: std::collections::BTreeSet<_> =
+            (0..two_rounds.flows).map(|i| two_rounds.ports_of(i)).collect();
+        assert_eq!(all.len() as u64, two_rounds.flows);
         assert_eq!(
             (f.flows_to(8080), f.flows_to(8081), f.flows_to(8082)),
             (4, 3, 3)
