@@ -1064,6 +1064,68 @@ mod tests {
         }
     }
 
+    /// An entry of the kernel's drop aggregate: `flows` flows from 10.0.0.1
+    /// to 10.0.0.2:8080, `packets` SYNs.
+    fn aggregate_counts(flows: u64, packets: u64, first: u64, last: u64) -> Signal {
+        let k = key(0, 8080, IPPROTO_TCP);
+        Signal::AggregateCounts {
+            key: AggKey {
+                src_addr: k.src_addr,
+                dst_addr: k.dst_addr,
+                dst_port: 8080,
+                proto: IPPROTO_TCP,
+                ip_version: IP_V4,
+                reason: 12,
+            },
+            stats: AggStats {
+                packets,
+                bytes: packets * 60,
+                flows,
+                tcp_flags: tcp_flags::SYN,
+                ifindex: 7,
+                ..AggStats::default()
+            },
+            first: t(first),
+            last: t(last),
+        }
+    }
+
+    #[test]
+    fn an_aggregate_is_one_dropped_record_that_says_how_many_flows_it_stands_for() {
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            update_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            ..Default::default()
+        });
+        let out = a.handle(aggregate_counts(40, 41, 0, 0), t(0), &reasons(), &no_names);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!(r.verdict, Verdict::Dropped);
+        assert_eq!(r.lifecycle, Lifecycle::New);
+        assert_eq!(r.aggregate, Some(Aggregate { flows: 40 }));
+        assert_eq!((r.packets, r.bytes), (41, 41 * 60));
+        assert_eq!(r.l4.ports().map(|p| p.source_port), Some(0));
+        assert_eq!(r.source.port, None, "an aggregate has no one source port");
+        assert_eq!(r.summary, "TCP Flags: SYN; 40 flows from any source port, 41 packets dropped");
+        assert_eq!(a.active_aggregates(), 1);
+        // The same counts again: nothing new to say.
+        assert!(a.handle(aggregate_counts(40, 41, 0, 0), t(1), &reasons(), &no_names).is_empty());
+        assert!(a.tick(t(2), &reasons(), &no_names).records.is_empty());
+        // More flows: an update, same uuid.
+        a.handle(aggregate_counts(90, 95, 0, 2), t(2), &reasons(), &no_names);
+        let out = a.tick(t(3), &reasons(), &no_names);
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].uuid, r.uuid);
+        assert_eq!(out.records[0].aggregate, Some(Aggregate { flows: 90 }));
+        assert_eq!(out.records[0].lifecycle, Lifecycle::Update);
+        // Quiet: a final record, and the kernel entry is handed back.
+        let out = a.tick(t(13), &reasons(), &no_names);
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].lifecycle, Lifecycle::Final);
+        assert_eq!(out.finished_aggregates.len(), 1);
+        assert_eq!(a.active_aggregates(), 0);
+    }
+
     #[test]
     fn first_drop_is_emitted_at_once_with_reason_name() {
         let mut a = FlowAssembler::new(AssemblerConfig {
