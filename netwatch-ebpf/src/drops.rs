@@ -31,16 +31,17 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use netwatch_common::{
-    AggKey, DROP_SITES_LEN, DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, REASON_SUBSYS_SHIFT, encap, event_kind, loss,
+    AggKey, DROP_SITES_LEN, DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, REASON_SUBSYS_SHIFT, encap,
+    event_kind, loss,
 };
 
 use crate::{
     atomic::atomic_add,
     emit,
     maps::{
-        AGG_SCRATCH, AGG_SEEN, DROP_AGG, DROP_SCRATCH, DROP_SITES, DROPS, NETNS_ALLOW, PENDING, REASON_FILTER,
-        SUBSYS_FILTER, UNTRACKED, count_loss,
+        AGG_SCRATCH, AGG_SEEN, DROP_AGG, DROP_SCRATCH, DROP_SITES, DROPS, NETNS_ALLOW, PENDING,
+        REASON_FILTER, SUBSYS_FILTER, UNTRACKED, count_loss,
     },
 };
 

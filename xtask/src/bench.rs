@@ -656,7 +656,12 @@ pub fn flood(seconds: u64) -> Result<()> {
         let started = Instant::now();
         let out = lab
             .in_pod(client, &std::env::current_exe()?)
-            .args(["lab-helper", "flood", "--json", &serde_json::to_string(&flood)?])
+            .args([
+                "lab-helper",
+                "flood",
+                "--json",
+                &serde_json::to_string(&flood)?,
+            ])
             .output()?;
         if !out.status.success() {
             bail!("flood: {}", String::from_utf8_lossy(&out.stderr));

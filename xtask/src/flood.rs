@@ -133,9 +133,8 @@ fn send_on(fd: i32, src: Ipv4Addr, flood: &Flood) -> io::Result<Sent> {
         let mut done = 0;
         while done < n {
             // SAFETY: msgs[done..n] are valid headers.
-            let r = unsafe {
-                libc::sendmmsg(fd, msgs.as_mut_ptr().add(done), (n - done) as u32, 0)
-            };
+            let r =
+                unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr().add(done), (n - done) as u32, 0) };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 // A full device queue: wait for it to drain, send again.
@@ -233,8 +232,9 @@ mod tests {
             ..f.clone()
         };
         assert_eq!(two_rounds.ports_of(SOURCE_PORTS), (1024, 8081));
-        let all: std::collections::BTreeSet<_> =
-            (0..two_rounds.flows).map(|i| two_rounds.ports_of(i)).collect();
+        let all: std::collections::BTreeSet<_> = (0..two_rounds.flows)
+            .map(|i| two_rounds.ports_of(i))
+            .collect();
         assert_eq!(all.len() as u64, two_rounds.flows);
         assert_eq!(
             (f.flows_to(8080), f.flows_to(8081), f.flows_to(8082)),

@@ -14,7 +14,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use netwatch_common::{
-    AggKey, AggStats, DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN, REASON_SUBSYS_LEN, SockConn,
+    AggKey, AggStats, DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN,
+    REASON_SUBSYS_LEN, SockConn,
 };
 use tracing::{info, warn};
 

@@ -2,9 +2,7 @@
 //! handshakes waiting for an answer, connecting sockets, loss counters.
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
-use netwatch_common::{
-    AggKey, AggStats, DropKey, DropStats, FlowKey, PendingConn, SockConn, loss,
-};
+use netwatch_common::{AggKey, AggStats, DropKey, DropStats, FlowKey, PendingConn, SockConn, loss};
 
 use super::load::KernelMaps;
 

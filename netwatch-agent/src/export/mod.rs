@@ -80,9 +80,7 @@ pub enum ExportError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Server(#[from] ServerError),
-    #[error(
-        "--kubernetes-events: {0}"
-    )]
+    #[error("--kubernetes-events: {0}")]
     Kube(#[from] crate::identity::kube::KubeSourceError),
 }
 

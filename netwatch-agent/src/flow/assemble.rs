@@ -15,8 +15,8 @@ use std::{
 };
 
 use netwatch_common::{
-    AggKey, AggStats, DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, Outer, PendingConn, encap, pending_kind, tcp_flags,
+    AggKey, AggStats, DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, PendingConn, encap, pending_kind, tcp_flags,
 };
 
 use super::record::{
@@ -434,25 +434,15 @@ impl FlowAssembler {
             let quiet =
                 now.duration_since(a.last_change).unwrap_or_default() >= self.config.idle_timeout;
             if quiet {
-                out.records.push(render(
-                    a,
-                    &self.config,
-                    reasons,
-                    ifnames,
-                    Lifecycle::Final,
-                ));
+                out.records
+                    .push(render(a, &self.config, reasons, ifnames, Lifecycle::Final));
                 out.finished_aggregates.push(*key);
             } else if a.dirty
                 && now.duration_since(a.last_emitted).unwrap_or_default()
                     >= self.config.update_interval
             {
-                out.records.push(render(
-                    a,
-                    &self.config,
-                    reasons,
-                    ifnames,
-                    Lifecycle::Update,
-                ));
+                out.records
+                    .push(render(a, &self.config, reasons, ifnames, Lifecycle::Update));
                 a.dirty = false;
                 a.last_emitted = now;
             }
@@ -1106,10 +1096,16 @@ mod tests {
         assert_eq!((r.packets, r.bytes), (41, 41 * 60));
         assert_eq!(r.l4.ports().map(|p| p.source_port), Some(0));
         assert_eq!(r.source.port, None, "an aggregate has no one source port");
-        assert_eq!(r.summary, "TCP Flags: SYN; 40 flows from any source port, 41 packets dropped");
+        assert_eq!(
+            r.summary,
+            "TCP Flags: SYN; 40 flows from any source port, 41 packets dropped"
+        );
         assert_eq!(a.active_aggregates(), 1);
         // The same counts again: nothing new to say.
-        assert!(a.handle(aggregate_counts(40, 41, 0, 0), t(1), &reasons(), &no_names).is_empty());
+        assert!(
+            a.handle(aggregate_counts(40, 41, 0, 0), t(1), &reasons(), &no_names)
+                .is_empty()
+        );
         assert!(a.tick(t(2), &reasons(), &no_names).records.is_empty());
         // More flows: an update, same uuid.
         a.handle(aggregate_counts(90, 95, 0, 2), t(2), &reasons(), &no_names);
