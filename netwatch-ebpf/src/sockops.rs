@@ -68,9 +68,7 @@ fn try_on_sock_ops(ctx: &SockOpsContext) -> Option<()> {
             // SAFETY: the helper takes the program's own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             // SAFETY: read-only lookup of a plain value.
-            let cgroup_id = unsafe { CONNECT_BY_COOKIE.get(&cookie) }
-                .copied()
-                .unwrap_or(0);
+            let cgroup_id = unsafe { CONNECT_BY_COOKIE.get(&cookie) }.copied().unwrap_or(0);
             let _ = CONNECT_BY_COOKIE.remove(&cookie);
             let conn = SockConn {
                 cgroup_id,

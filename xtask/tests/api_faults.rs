@@ -410,16 +410,11 @@ fn packet_drop_events_go_to_the_kubeconfig_api_server() {
     })["flow"]
         .clone();
     assert_eq!(pod_name(&f["source"]), "web", "{f:#}");
-    wait_until(
-        &agent,
-        "a PacketDrop Event reaches the fake API server",
-        30,
-        || {
-            api.requests()
-                .iter()
-                .any(|r| r.path == "/api/v1/namespaces/prod/events")
-        },
-    );
+    wait_until(&agent, "a PacketDrop Event reaches the fake API server", 30, || {
+        api.requests()
+            .iter()
+            .any(|r| r.path == "/api/v1/namespaces/prod/events")
+    });
     let posted: Vec<_> = api
         .requests()
         .into_iter()

@@ -131,8 +131,9 @@ impl DropReasons {
                     .iter()
                     .find(|(_, n)| n.as_str() == *subsys)
                     .map(|(k, _)| *k)?;
-                (!self.modules_read.contains(&number) && dir.join(module).exists())
-                    .then_some((number, *module, *enum_name))
+                (!self.modules_read.contains(&number)
+                    && dir.join(module).exists())
+                .then_some((number, *module, *enum_name))
             })
             .collect();
         if wanted.is_empty() {
@@ -153,9 +154,7 @@ impl DropReasons {
             for t in types {
                 let Type::Enum(e) = t else { continue };
                 for m in &e.members {
-                    let Ok(name) = btf.resolve_name(m) else {
-                        continue;
-                    };
+                    let Ok(name) = btf.resolve_name(m) else { continue };
                     let v = m.val();
                     // __OVS_DROP_REASON and OVS_DROP_MAX are markers.
                     if v >> REASON_SUBSYS_SHIFT != number

@@ -45,14 +45,8 @@ pub fn hubble_verdict(v: Verdict) -> &'static str {
 /// (the kernel's name is in `Summary`).
 pub fn hubble_drop_reason(kernel_reason: &str) -> (&'static str, i32) {
     match kernel_reason {
-        "NETFILTER_DROP"
-        | "TC_INGRESS"
-        | "TC_EGRESS"
-        | "BPF_CGROUP_INGRESS"
-        | "BPF_CGROUP_EGRESS"
-        | "SOCKET_FILTER"
-        | "XFRM_POLICY"
-        | "OVS_DROP_LAST_ACTION"
+        "NETFILTER_DROP" | "TC_INGRESS" | "TC_EGRESS" | "BPF_CGROUP_INGRESS"
+        | "BPF_CGROUP_EGRESS" | "SOCKET_FILTER" | "XFRM_POLICY" | "OVS_DROP_LAST_ACTION"
         | "OVS_DROP_EXPLICIT" => ("POLICY_DENIED", 133),
         "IP_RPFILTER" => ("INVALID_SOURCE_IP", 132),
         "IP_INNOROUTES" | "IP_OUTNOROUTES" => ("FIB_LOOKUP_FAILED", 169),
@@ -426,14 +420,8 @@ mod tests {
         );
 
         // An OpenFlow drop (Antrea's, OVN-Kubernetes') is a policy's too.
-        assert_eq!(
-            hubble_drop_reason("OVS_DROP_LAST_ACTION"),
-            ("POLICY_DENIED", 133)
-        );
-        assert_eq!(
-            hubble_drop_reason("OVS_DROP_METER").0,
-            "DROP_REASON_UNKNOWN"
-        );
+        assert_eq!(hubble_drop_reason("OVS_DROP_LAST_ACTION"), ("POLICY_DENIED", 133));
+        assert_eq!(hubble_drop_reason("OVS_DROP_METER").0, "DROP_REASON_UNKNOWN");
 
         let audit = record(json!({"verdict": "POLICY_NOT_ENFORCED", "drop_reason_desc": null}));
         assert_eq!(to_get_flows_response(&audit)["flow"]["verdict"], "AUDIT");

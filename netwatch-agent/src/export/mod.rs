@@ -80,7 +80,9 @@ pub enum ExportError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Server(#[from] ServerError),
-    #[error("--kubernetes-events: {0}")]
+    #[error(
+        "--kubernetes-events: {0}"
+    )]
     Kube(#[from] crate::identity::kube::KubeSourceError),
 }
 

@@ -329,7 +329,9 @@ impl Lab {
                     node_cmds.push(format!("addr add fe80::1/64 dev {host_if} nodad"));
                     node_cmds.push(format!("route add {v6}/128 dev {host_if}"));
                 }
-                if let Some((_, switch)) = self.switches.iter_mut().find(|(n, _)| *n == node.name) {
+                if let Some((_, switch)) =
+                    self.switches.iter_mut().find(|(n, _)| *n == node.name)
+                {
                     if p.ipv6.is_some() {
                         return Err(LabError::Spec(format!(
                             "pod {}: the ovs datapath wires IPv4 pods only",
