@@ -365,6 +365,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 for k in &out.finished_drop_keys {
                     tables.remove_drop(k);
                 }
+                for k in &out.finished_aggregates {
+                    tables.remove_aggregate(k);
+                }
                 if let Ok(l) = tables.losses() {
                     if l.total_lost() > last_losses.total_lost() {
                         warn!(lost = ?l.by_source(), "the kernel could not deliver or track some events");
@@ -376,6 +379,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     attached_interfaces: attacher.len(),
                     undecodable_events: reader.undecodable,
                     evicted_flows: assembler.evicted,
+                    aggregate_entries: assembler.active_aggregates(),
                 });
                 outputs.flush();
             }
@@ -480,6 +484,23 @@ fn scan_tables(
                 // or the flow was evicted) must not fill the table.
                 if now_ns.saturating_sub(stats.last_ns) > stale_ns {
                     tables.remove_drop(&key);
+                }
+            }
+        }
+        Err(e) => warn!("{e}"),
+    }
+    match tables.aggregates() {
+        Ok(aggregates) => {
+            let stale_ns = (idle_timeout + Duration::from_secs(10)).as_nanos() as u64;
+            for (key, stats) in aggregates {
+                out.push(Signal::AggregateCounts {
+                    key,
+                    stats,
+                    first: clock.to_wall(stats.first_ns),
+                    last: clock.to_wall(stats.last_ns),
+                });
+                if now_ns.saturating_sub(stats.last_ns) > stale_ns {
+                    tables.remove_aggregate(&key);
                 }
             }
         }

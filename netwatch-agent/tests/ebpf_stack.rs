@@ -10,7 +10,8 @@ use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SymbolKind};
 
 /// The verifier's limit: 512 bytes for the whole call chain. Measured at
 /// this commit (rounded frames): the TC classifiers 512 (classifier ->
-/// try_observe 368 -> track 72), kfree_skb 416 (its drop-table value and
+/// try_observe 368 -> track 72), kfree_skb 448 (its drop-table value,
+/// the aggregate's key and value and
 /// tunnel header live in a per-CPU scratch map), sock_ops 224, connect 32.
 /// The classifiers sit at the limit: any growth of their stack fails here
 /// first. (Moving work out of line made LLVM's frames larger, not smaller;

@@ -129,6 +129,40 @@ pub struct Outer {
     pub _pad: [u8; 3],
 }
 
+/// Key of the drop aggregate, where drops go once the per-flow drop table
+/// is full: a dropped flow without its source port (for ICMP: without its
+/// type), and the drop reason. Every source, destination and port of a
+/// flood is still told apart; only the source ports are summarised.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub dst_port: u16,
+    pub proto: u8,
+    pub ip_version: u8,
+    pub reason: u32,
+}
+
+/// Value of the drop aggregate. Counters are updated with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AggStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Distinct flows (source ports) counted here: a flow counts once while
+    /// the kernel's recently-aggregated set (`AGG_SEEN`, LRU) remembers it.
+    pub flows: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Interface and network namespace of the first drop.
+    pub ifindex: u32,
+    pub netns: u32,
+    /// OR of the TCP flags of every dropped packet.
+    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
+}
+
 /// What a pending handshake in [`PendingConn`] waits for.
 pub mod pending_kind {
     /// A TCP SYN waiting for its SYN-ACK.
@@ -244,20 +278,28 @@ pub struct Event {
 /// Indexes of the per-CPU loss counters. Every event the kernel could not
 /// deliver, and every flow it could not track, is counted in one of these.
 pub mod loss {
-    /// Ring buffer full when reporting a new drop.
+    /// Ring buffer full when reporting a new drop (no longer counted: see
+    /// [`DROP_EVENT_DEFERRED`]; kept so the index and the exported series stay).
     pub const RINGBUF_DROP: u32 = 0;
     /// Ring buffer full when reporting a TC signal (refused, established).
     pub const RINGBUF_TC: u32 = 1;
     /// Ring buffer full when reporting a socket signal.
     pub const RINGBUF_SOCK: u32 = 2;
-    /// Drop table full: a new dropped flow could not be tracked.
+    /// Drop table and drop aggregate both full: a new dropped flow could
+    /// not be tracked at all.
     pub const TABLE_DROPS: u32 = 3;
-    /// Handshake table full: a new connection attempt could not be tracked.
+    /// Handshake table full: a new connection attempt could not be tracked,
+    /// and the node did not drop it right after (a dropped one is reported
+    /// as a drop). Counted when the next untracked attempt on the same CPU
+    /// comes; see the TC programs' `untracked`.
     pub const TABLE_PENDING: u32 = 4;
     /// Socket table full.
     pub const TABLE_SOCKS: u32 = 5;
     /// Packets too short or malformed to parse (not lost, but not tracked).
     pub const MALFORMED: u32 = 6;
+    /// Ring buffer full when reporting a new drop. Not a loss: the drop is
+    /// in the drop table, whose scan reports it (a moment later).
+    pub const DROP_EVENT_DEFERRED: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -302,6 +344,8 @@ mod user {
     unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for DropSite {}
+    unsafe impl aya::Pod for AggKey {}
+    unsafe impl aya::Pod for AggStats {}
 }
 
 #[cfg(test)]
@@ -321,6 +365,8 @@ mod tests {
         assert_eq!(size_of::<PairKey>(), 40);
         assert_eq!(size_of::<Event>(), 120);
         assert_eq!(size_of::<DropSite>(), 24);
+        assert_eq!(size_of::<AggKey>(), 40);
+        assert_eq!(size_of::<AggStats>(), 56);
     }
 
     #[test]

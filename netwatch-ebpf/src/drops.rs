@@ -7,6 +7,11 @@
 //! Per drop: one filter lookup, a few probe reads, one hash update; only the
 //! first drop of a (flow, reason) reaches user space as an event.
 //!
+//! When the drop table is full (a flood of new flows), a new flow's drops go
+//! to `DROP_AGG` by (source, destination, port, protocol, reason) with
+//! packet and distinct-flow counts, which user space scans: every source,
+//! destination and port is still reported, and never as a loss.
+//!
 //! Kernels before 5.17 pass no drop reason. There the reason comes from
 //! where `kfree_skb()` was called: the tracepoint's `location` (a return
 //! address) is looked up in `DROP_SITES`, a few function address ranges the
@@ -26,14 +31,18 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use netwatch_common::{
-    DROP_SITES_LEN, DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, REASON_SUBSYS_SHIFT, encap, event_kind, loss,
+    AggKey, DROP_SITES_LEN, DropKey, DropStats, FlowKey, IP_V4, IP_V6, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, REASON_SUBSYS_SHIFT, encap,
+    event_kind, loss,
 };
 
 use crate::{
     atomic::atomic_add,
     emit,
-    maps::{DROP_SCRATCH, DROP_SITES, DROPS, NETNS_ALLOW, REASON_FILTER, SUBSYS_FILTER, count_loss},
+    maps::{
+        AGG_SCRATCH, AGG_SEEN, DROP_AGG, DROP_SCRATCH, DROP_SITES, DROPS, NETNS_ALLOW, PENDING,
+        REASON_FILTER, SUBSYS_FILTER, UNTRACKED, count_loss,
+    },
 };
 
 // Field offsets in bytes, from BTF (see the agent's capture::offsets).
@@ -166,8 +175,24 @@ fn try_on_kfree_skb(ctx: &BtfTracePointContext) -> Option<()> {
         depth += 1;
     };
     let len: u32 = at(skb, SKB_LEN.load())?;
-    record(key, reason, len, tcp_flags, ifindex, netns, scratch);
+    if record(key, reason, len, tcp_flags, ifindex, netns, scratch) {
+        settle_untracked(&key);
+    }
     Some(())
+}
+
+/// A handshake opener the full handshake table could not take was dropped
+/// here: the drop reports it, so it is no loss.
+#[inline(always)]
+fn settle_untracked(flow: &FlowKey) {
+    if let Some(slot) = UNTRACKED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if (*slot).ip_version != 0 && *slot == *flow {
+                (*slot).ip_version = 0;
+            }
+        }
+    }
 }
 
 /// Whether drops with `reason` are counted: core reasons one by one, a
@@ -356,7 +381,9 @@ fn fill_l4(l4: *const u8, key: &mut FlowKey) -> u8 {
     0
 }
 
-/// Count the drop in the drop table; report the first one of a (flow, reason).
+/// Count the drop in the drop table, or in the aggregate once the table is
+/// full; report the first one of a (flow, reason). False when it could be
+/// counted nowhere.
 #[inline(always)]
 fn record(
     flow: FlowKey,
@@ -366,7 +393,7 @@ fn record(
     ifindex: u32,
     netns: u32,
     stats: *mut DropStats,
-) {
+) -> bool {
     let key = DropKey {
         flow,
         reason,
@@ -374,7 +401,7 @@ fn record(
     };
     let now = unsafe { bpf_ktime_get_ns() };
     if add(&key, len, tcp_flags, now) {
-        return;
+        return true;
     }
     // SAFETY: this CPU's scratch slot (its `outer` already filled in).
     let stats = unsafe {
@@ -387,8 +414,15 @@ fn record(
         (*stats).tcp_flags = tcp_flags;
         &*stats
     };
+    // A flow that overflowed into the aggregate stays there, so it is
+    // reported once, not in both places.
+    // SAFETY: read-only lookup.
+    if unsafe { AGG_SEEN.get(&key) }.is_some() {
+        return aggregate(&key, stats);
+    }
     match DROPS.insert(&key, stats, u64::from(BPF_NOEXIST)) {
-        Ok(()) => emit::send(loss::RINGBUF_DROP, |e| {
+        // A full ring buffer loses nothing: the table scan reports the entry.
+        Ok(()) => emit::send(loss::DROP_EVENT_DEFERRED, |e| {
             e.ts_ns = now;
             e.flow = flow;
             e.reason = reason;
@@ -404,8 +438,79 @@ fn record(
         Err(e) if e == -EEXIST => {
             add(&key, len, tcp_flags, now);
         }
-        Err(_) => count_loss(loss::TABLE_DROPS),
+        Err(_) => return aggregate(&key, stats),
     }
+    true
+}
+
+/// Count a drop (`drop`: its packet, as a new drop-table value) of a flow
+/// the per-flow table has no room for in the aggregate of its (source,
+/// destination, port, protocol, reason).
+#[inline(never)]
+fn aggregate(key: &DropKey, drop: &DropStats) -> bool {
+    let flow = &key.flow;
+    let Some(scratch) = AGG_SCRATCH.get_ptr_mut(0) else {
+        count_loss(loss::TABLE_DROPS);
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let (agg, entry) = unsafe {
+        let s = &mut *scratch;
+        s.key = AggKey {
+            src_addr: flow.src_addr,
+            dst_addr: flow.dst_addr,
+            dst_port: flow.dst_port,
+            proto: flow.proto,
+            ip_version: flow.ip_version,
+            reason: key.reason,
+        };
+        (&s.key, &mut s.stats)
+    };
+    // One insert decides whether this flow is new here, race-free.
+    let new_flow = AGG_SEEN.insert(key, &1, u64::from(BPF_NOEXIST)).is_ok();
+    if !add_aggregate(agg, drop, new_flow) {
+        entry.packets = 1;
+        entry.bytes = drop.bytes;
+        entry.flows = u64::from(new_flow);
+        entry.first_ns = drop.first_ns;
+        entry.last_ns = drop.last_ns;
+        entry.ifindex = drop.ifindex;
+        entry.netns = drop.netns;
+        entry.tcp_flags = drop.tcp_flags;
+        match DROP_AGG.insert(agg, entry, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {}
+            Err(e) if e == -EEXIST => {
+                add_aggregate(agg, drop, new_flow);
+            }
+            Err(_) => {
+                count_loss(loss::TABLE_DROPS);
+                return false;
+            }
+        }
+    }
+    // The drop is reported, but not as a flow of its own: its handshake
+    // must not wait in the pending table to be reported as unanswered
+    // (TIMED_OUT) after the connect timeout.
+    let _ = PENDING.remove(flow);
+    true
+}
+
+#[inline(always)]
+fn add_aggregate(agg: &AggKey, drop: &DropStats, new_flow: bool) -> bool {
+    let Some(p) = DROP_AGG.get_ptr_mut(agg) else {
+        return false;
+    };
+    // SAFETY: p points at a live map value; counters use atomic adds.
+    unsafe {
+        atomic_add(&mut (*p).packets, 1);
+        atomic_add(&mut (*p).bytes, drop.bytes);
+        if new_flow {
+            atomic_add(&mut (*p).flows, 1);
+        }
+        (*p).last_ns = drop.last_ns;
+        (*p).tcp_flags |= drop.tcp_flags;
+    }
+    true
 }
 
 /// Add one packet to an existing entry; false when there is none.

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn,
+    AggKey, AggStats, DROP_SITES_LEN, DropKey, DropSite, DropStats, FlowKey, PairKey, PendingConn,
     REASON_FILTER_LEN, REASON_SUBSYS_LEN, SockConn, loss,
 };
 
@@ -21,6 +21,26 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Dropped flows by (flow, kernel drop reason), with exact counters.
 #[map]
 pub static DROPS: HashMap<DropKey, DropStats> = HashMap::with_max_entries(16384, 0);
+
+/// Drops that found the per-flow table full, by (source, destination,
+/// destination port, protocol, reason), with packets and distinct flows:
+/// a flood of new flows is summarised here instead of lost.
+#[map]
+pub static DROP_AGG: HashMap<AggKey, AggStats> = HashMap::with_max_entries(16384, 0);
+
+/// Flows recently counted in [`DROP_AGG`], so a flow's further packets do
+/// not count as new flows there, and stay in the aggregate rather than
+/// starting a per-flow entry when the table has room again. A cache (LRU):
+/// forgetting one only counts it twice.
+#[map]
+pub static AGG_SEEN: LruHashMap<DropKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Per CPU: the last handshake opener the full handshake table could not
+/// take (`ip_version` 0: none). Its drop, which follows on the same CPU
+/// when the node drops it, clears it: only an opener that was not dropped
+/// is a loss.
+#[map]
+pub static UNTRACKED: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
 /// Handshakes (TCP SYN, DNS query, SCTP INIT) seen on pod interfaces and not
 /// answered yet, keyed by the initiator's flow.
@@ -76,6 +96,18 @@ pub static NETNS_ALLOW: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 /// tunnel), kept off the 512-byte stack.
 #[map]
 pub static DROP_SCRATCH: PerCpuArray<DropStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// An aggregate's key and new value, as built for one drop.
+#[repr(C)]
+pub struct AggScratch {
+    pub key: AggKey,
+    pub stats: AggStats,
+}
+
+/// Per-CPU scratch for [`DROP_AGG`]'s key and value, kept off the stack
+/// (kfree_skb's own frame leaves no room for them).
+#[map]
+pub static AGG_SCRATCH: PerCpuArray<AggScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Count one lost or untracked event.
 #[inline(always)]

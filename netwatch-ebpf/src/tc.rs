@@ -16,7 +16,7 @@ use netwatch_common::{
 use crate::{
     atomic::atomic_add,
     emit,
-    maps::{PENDING, REPORTED, count_loss},
+    maps::{PENDING, REPORTED, UNTRACKED, count_loss},
 };
 
 /// Leave the packet to the next program / the stack.
@@ -245,8 +245,25 @@ fn track(ctx: &TcContext, direction: u8, key: &FlowKey, kind: u8) {
     if let Err(e) = PENDING.insert(key, &entry, u64::from(BPF_NOEXIST)) {
         // EEXIST: another CPU inserted it first; that is not a loss.
         if e != -EEXIST {
+            untracked(key);
+        }
+    }
+}
+
+/// The handshake table is full: remember `key` on this CPU until its drop
+/// (see `drops::settle_untracked`); the previous one, never dropped, was lost.
+#[inline(always)]
+fn untracked(key: &FlowKey) {
+    let Some(slot) = UNTRACKED.get_ptr_mut(0) else {
+        count_loss(loss::TABLE_PENDING);
+        return;
+    };
+    // SAFETY: this CPU's slot.
+    unsafe {
+        if (*slot).ip_version != 0 {
             count_loss(loss::TABLE_PENDING);
         }
+        *slot = *key;
     }
 }
 

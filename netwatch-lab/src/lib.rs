@@ -15,6 +15,7 @@
 
 pub mod datapath;
 pub mod enforce;
+pub mod flood;
 pub mod manifests;
 pub mod probe;
 pub mod scenario;

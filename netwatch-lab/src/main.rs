@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use netwatch_lab::{Lab, LabSpec, PodSpec, Probe, datapath, probe, serve, tcprog};
+use netwatch_lab::{Lab, LabSpec, PodSpec, Probe, datapath, flood, probe, serve, tcprog};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +62,12 @@ enum Command {
     EbpfDatapath {
         #[arg(long, value_enum)]
         mode: tcprog::TcMode,
+        #[arg(long)]
+        json: String,
+    },
+    /// A flood of new TCP flows (JSON of netwatch_lab::flood::Flood);
+    /// prints what was sent as JSON.
+    Flood {
         #[arg(long)]
         json: String,
     },
@@ -117,6 +123,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::EbpfDatapath { mode, json } => datapath::ebpf::helper(mode, &json),
+        Command::Flood { json } => {
+            let flood: flood::Flood = serde_json::from_str(&json)?;
+            println!("{}", serde_json::to_string(&flood::send(&flood)?)?);
+            Ok(())
+        }
         Command::TcList { interface } => {
             println!(
                 "{}",

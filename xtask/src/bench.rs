@@ -552,6 +552,255 @@ fn throughput(lab: &Lab, seconds: u64) -> Result<f64> {
         })
 }
 
+/// The flood lab: a client and a target pod, the node's firewall dropping
+/// every TCP port from 10000 of the target.
+const FLOOD_LAB: &str = r#"
+nodes:
+  - name: node-1
+    nftables: |
+      table inet lab {
+        chain forward {
+          type filter hook forward priority 0; policy accept;
+          ip daddr 10.244.9.3 tcp dport 10000-30000 counter drop comment "drop-flood"
+        }
+      }
+pods:
+  - { name: client, namespace: bench, node: node-1, ip: 10.244.9.2 }
+  - { name: target, namespace: bench, node: node-1, ip: 10.244.9.3 }
+"#;
+
+const FLOOD_METRICS: &str = "127.0.0.1:9464";
+
+/// New denied flows per second tried, in order.
+const FLOOD_RATES: [u64; 7] = [25_000, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000];
+
+/// `cargo xtask bench --flood`: SYN floods of new flows (each from its own
+/// source port) to ports the node drops, at increasing rates, each for
+/// `seconds`, against the release agent with its default tables. A rate is
+/// taken with zero loss when the flow log accounts for every flow sent
+/// (records of single flows plus the `aggregate.flows` of aggregate
+/// records) and the agent's loss counters and the flow log's dropped
+/// records did not move.
+pub fn flood(seconds: u64) -> Result<()> {
+    crate::setup::setup()?;
+    let agent_bin = cargo_build_release()?;
+    let spec: LabSpec = serde_yaml::from_str(FLOOD_LAB)?;
+    let lab = Lab::up(&spec, &crate::binaries::build()?.helper)?;
+    let dir = std::env::temp_dir().join(format!("netwatch-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let flow_log = dir.join("flows.jsonl");
+    let log = dir.join("agent.log");
+    let child = lab
+        .on_node("node-1", &agent_bin)?
+        .args([
+            "--node-name",
+            "node-1",
+            "--interfaces",
+            "cali*",
+            "--own-netns-only",
+            "--cgroup-root",
+            "none",
+            "--update-interval",
+            "1",
+            "--metrics-addr",
+            FLOOD_METRICS,
+        ])
+        .arg("--flow-log")
+        .arg(&flow_log)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let agent = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("capturing")
+        || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("attached TC classifiers")
+            .count()
+            < 2
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut tail = FlowLogTail::new(flow_log);
+    let client = lab.pod("bench/client")?;
+    let mut rows = Vec::new();
+    let mut first_port = 10000u16;
+    for rate in FLOOD_RATES {
+        let flows = rate * seconds;
+        let ports = flows.div_ceil(netwatch_lab::flood::SOURCE_PORTS) as u16;
+        let flood = netwatch_lab::flood::Flood {
+            to: "10.244.9.3".parse()?,
+            first_port,
+            ports,
+            flows,
+            rate,
+        };
+        first_port += ports;
+        let lost_before = flood_losses(&lab)?;
+        let cpu_before = process_cpu_seconds(agent.0.id());
+        let started = Instant::now();
+        let out = lab
+            .in_pod(client, &crate::binaries::beside_xtask("netwatch-lab")?)
+            .args(["flood", "--json", &serde_json::to_string(&flood)?])
+            .output()?;
+        if !out.status.success() {
+            bail!("flood: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let sent: netwatch_lab::flood::Sent = serde_json::from_slice(&out.stdout)?;
+        // Until every flow is accounted for, or 30 s without progress.
+        let mut reported = 0;
+        let mut progress = Instant::now();
+        while reported < flows && progress.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = tail.flows_to(first_port - ports, first_port)?;
+            if now > reported {
+                progress = Instant::now();
+            }
+            reported = now;
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let cpu = process_cpu_seconds(agent.0.id())
+            .zip(cpu_before)
+            .map(|(a, b)| a - b);
+        let lost = flood_losses(&lab)?.saturating_sub(lost_before);
+        eprintln!(
+            "bench: flood at {rate}/s: sent {} in {:.2} s, reported {reported}, lost {lost}",
+            sent.packets, sent.seconds
+        );
+        rows.push(FloodRow {
+            rate,
+            achieved: sent.packets as f64 / sent.seconds,
+            flows,
+            reported,
+            lost,
+            cpu_share: cpu.map(|c| c / wall * 100.0),
+            cpu_per_100k: cpu.map(|c| c / flows as f64 * 100_000.0),
+        });
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(lab);
+
+    println!(
+        "Command: `cargo xtask bench --flood --seconds {seconds}` (raw-socket SYNs from one lab pod, each flow its own source port, to TCP ports the node's nftables drops; release agent, default tables)\n"
+    );
+    println!(
+        "| target new flows/s | sent new flows/s | flows | reported | lost | agent CPU (% of one core, send + drain) | agent CPU s per 100k flows |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} |",
+            r.rate,
+            r.achieved,
+            r.flows,
+            r.reported,
+            r.lost,
+            r.cpu_share.map_or("-".into(), |c| format!("{c:.0}")),
+            r.cpu_per_100k.map_or("-".into(), |c| format!("{c:.2}")),
+        );
+    }
+    let best = rows
+        .iter()
+        .filter(|r| r.lost == 0 && r.reported == r.flows)
+        .map(|r| r.achieved)
+        .fold(0.0, f64::max);
+    println!("\nHighest rate of new denied flows taken with zero loss: {best:.0}/s");
+    Ok(())
+}
+
+struct FloodRow {
+    rate: u64,
+    achieved: f64,
+    flows: u64,
+    reported: u64,
+    lost: u64,
+    cpu_share: Option<f64>,
+    cpu_per_100k: Option<f64>,
+}
+
+/// Events the agent counted lost, and records its flow log dropped.
+fn flood_losses(lab: &Lab) -> Result<u64> {
+    let out = lab
+        .on_node("node-1", &crate::binaries::beside_xtask("netwatch-lab")?)?
+        .args(["fetch", &format!("http://{FLOOD_METRICS}/metrics")])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let total = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("netwatch_lost_events_total")
+                || l.starts_with("netwatch_flow_log_dropped_records_total")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    Ok(total as u64)
+}
+
+/// The flow log read as it grows: the latest record of each flow.
+struct FlowLogTail {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    /// uuid -> (destination port, flows the record stands for).
+    latest: std::collections::HashMap<String, (u16, u64)>,
+}
+
+impl FlowLogTail {
+    fn new(path: PathBuf) -> FlowLogTail {
+        FlowLogTail {
+            path,
+            offset: 0,
+            partial: String::new(),
+            latest: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Flows reported to destination ports `from..to`.
+    fn flows_to(&mut self, from: u16, to: u16) -> Result<u64> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path)?;
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut chunk = String::new();
+        self.offset += f.read_to_string(&mut chunk)? as u64;
+        self.partial.push_str(&chunk);
+        let complete = self.partial.rfind('\n').map_or(0, |i| i + 1);
+        for line in self.partial[..complete].lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let flow = &v["flow"];
+            let (Some(uuid), Some(port)) = (
+                flow["uuid"].as_str(),
+                flow["l4"]["TCP"]["destination_port"].as_u64(),
+            ) else {
+                continue;
+            };
+            if flow["verdict"] != "DROPPED" {
+                continue;
+            }
+            let n = flow["aggregate"]["flows"].as_u64().unwrap_or(1);
+            self.latest.insert(uuid.to_string(), (port as u16, n));
+        }
+        self.partial.drain(..complete);
+        Ok(self
+            .latest
+            .values()
+            .filter(|(p, _)| (from..to).contains(p))
+            .map(|(_, n)| n)
+            .sum())
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));

@@ -72,6 +72,11 @@ enum Task {
         /// xtask vmtest --bench` runs it on each kernel of the matrix.
         #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only"])]
         programs: bool,
+        /// Only the flood benchmark: SYN floods of new denied flows at
+        /// increasing rates (`--seconds` each); the highest rate the agent
+        /// takes with zero loss, and its CPU.
+        #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only", "programs"])]
+        flood: bool,
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
@@ -173,6 +178,11 @@ fn main() -> Result<()> {
         }
         Task::Bench {
             seconds,
+            flood: true,
+            ..
+        } => bench::flood(seconds),
+        Task::Bench {
+            seconds,
             programs: true,
             ..
         } => {
@@ -186,6 +196,7 @@ fn main() -> Result<()> {
             datapath_only,
             criterion_only,
             programs: false,
+            flood: false,
         } => bench::bench(&bench::BenchOptions {
             runs,
             seconds,

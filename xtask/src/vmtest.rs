@@ -106,6 +106,16 @@ pub const TESTS: &[TestEntry] = &[
         kernels: &[],
         threads: 1,
     },
+    // A flood beyond the drop table: the drop aggregate, the handshake
+    // table's overflow, on each kernel's verifier.
+    TestEntry {
+        package: "xtask",
+        target: "flood",
+        filters: &[],
+        skip: &[],
+        kernels: &[],
+        threads: 1,
+    },
     // Each hook's kernel variants: drops by location, hooks in metrics and
     // readyz, SIGKILL and restart, a CNI's program ending the chain.
     TestEntry {

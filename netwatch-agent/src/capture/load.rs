@@ -14,7 +14,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use netwatch_common::{
-    DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN, REASON_SUBSYS_LEN, SockConn,
+    AggKey, AggStats, DropKey, DropStats, FlowKey, PendingConn, REASON_FILTER_LEN,
+    REASON_SUBSYS_LEN, SockConn,
 };
 use tracing::{info, warn};
 
@@ -45,7 +46,9 @@ pub struct CaptureConfig {
     /// A completed handshake of the same (client, server, port) is reported
     /// at most once per this interval.
     pub established_report_interval: Duration,
-    /// Entries of each flow table (drops, pending handshakes, sockets).
+    /// Entries of each flow table (drops, the drop aggregate, pending
+    /// handshakes, sockets); the aggregate's set of recently seen flows
+    /// holds four times as many (at least 4096).
     pub table_entries: u32,
     /// Ring buffer size in bytes (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
@@ -116,6 +119,7 @@ pub struct KernelCapture {
 pub struct KernelMaps {
     pub events: RingBuf<MapData>,
     pub drops: BpfHashMap<MapData, DropKey, DropStats>,
+    pub drop_aggregate: BpfHashMap<MapData, AggKey, AggStats>,
     pub pending: BpfHashMap<MapData, FlowKey, PendingConn>,
     pub socks: BpfHashMap<MapData, FlowKey, SockConn>,
     pub connect_cgroups: BpfHashMap<MapData, FlowKey, u64>,
@@ -179,6 +183,9 @@ impl KernelCapture {
             .override_global("FILTER_NETNS", &filter_netns, true)
             .override_global("REPORT_INTERVAL_NS", &interval_ns, true)
             .map_max_entries("DROPS", config.table_entries)
+            .map_max_entries("DROP_AGG", config.table_entries)
+            // Remembers the flows of a flood's aggregate, so each counts once.
+            .map_max_entries("AGG_SEEN", config.table_entries.saturating_mul(4).max(4096))
             .map_max_entries("PENDING", config.table_entries)
             .map_max_entries("SOCKS", config.table_entries)
             .map_max_entries("REPORTED", config.table_entries)
@@ -331,6 +338,7 @@ impl KernelCapture {
         Ok(KernelMaps {
             events: take(&mut self.ebpf, "EVENTS")?,
             drops: take(&mut self.ebpf, "DROPS")?,
+            drop_aggregate: take(&mut self.ebpf, "DROP_AGG")?,
             pending: take(&mut self.ebpf, "PENDING")?,
             socks: take(&mut self.ebpf, "SOCKS")?,
             connect_cgroups: take(&mut self.ebpf, "CONNECT_CGROUPS")?,

@@ -2,7 +2,7 @@
 //! handshakes waiting for an answer, connecting sockets, loss counters.
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
-use netwatch_common::{DropKey, DropStats, FlowKey, PendingConn, SockConn, loss};
+use netwatch_common::{AggKey, AggStats, DropKey, DropStats, FlowKey, PendingConn, SockConn, loss};
 
 use super::load::KernelMaps;
 
@@ -34,6 +34,12 @@ impl Losses {
         ]
     }
 
+    /// New drops whose ring buffer event did not fit: not lost, the drop
+    /// table's scan reports them a moment later.
+    pub fn deferred_drop_events(&self) -> u64 {
+        self.0[loss::DROP_EVENT_DEFERRED as usize]
+    }
+
     /// Events or flows the kernel could not deliver or track (malformed
     /// packets are counted but are not losses).
     pub fn total_lost(&self) -> u64 {
@@ -48,6 +54,7 @@ impl Losses {
 /// The tables, owned by the flow side of the agent.
 pub struct KernelTables {
     drops: BpfHashMap<MapData, DropKey, DropStats>,
+    drop_aggregate: BpfHashMap<MapData, AggKey, AggStats>,
     pending: BpfHashMap<MapData, FlowKey, PendingConn>,
     socks: BpfHashMap<MapData, FlowKey, SockConn>,
     connect_cgroups: BpfHashMap<MapData, FlowKey, u64>,
@@ -64,6 +71,7 @@ impl KernelTables {
         let KernelMaps {
             events,
             drops,
+            drop_aggregate,
             pending,
             socks,
             connect_cgroups,
@@ -72,6 +80,7 @@ impl KernelTables {
         (
             KernelTables {
                 drops,
+                drop_aggregate,
                 pending,
                 socks,
                 connect_cgroups,
@@ -99,6 +108,19 @@ impl KernelTables {
 
     pub fn remove_drop(&mut self, key: &DropKey) {
         let _ = self.drops.remove(key);
+    }
+
+    /// Every entry of the drop aggregate (drops of flows the drop table had
+    /// no room for).
+    pub fn aggregates(&self) -> Result<Vec<(AggKey, AggStats)>, TableError> {
+        self.drop_aggregate
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("DROP_AGG"))
+    }
+
+    pub fn remove_aggregate(&mut self, key: &AggKey) {
+        let _ = self.drop_aggregate.remove(key);
     }
 
     /// Every handshake still waiting for an answer.

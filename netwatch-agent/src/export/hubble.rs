@@ -352,6 +352,9 @@ pub fn summary(r: &FlowRecord) -> String {
     ));
     kv.push(format!("packets={}", r.packets));
     kv.push(format!("bytes={}", r.bytes));
+    if let Some(a) = &r.aggregate {
+        kv.push(format!("aggregate_flows={}", a.flows));
+    }
     if r.unenriched {
         kv.push("unenriched=true".into());
     }

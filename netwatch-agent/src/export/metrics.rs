@@ -234,6 +234,10 @@ pub struct MetricsRegistry {
     api_forbidden: IntGaugeVec,
     hook_info: IntGaugeVec,
     evicted_flows: IntCounter,
+    /// Entries of the kernel's drop aggregate being reported.
+    aggregate_entries: IntGauge,
+    /// New drops whose ring buffer event did not fit (reported from the table).
+    deferred_drop_events: IntCounter,
     series_overflow: IntCounter,
     /// Records the observe API could not deliver to a slow client.
     pub observer_dropped: IntCounter,
@@ -255,6 +259,7 @@ pub struct MetricsRegistry {
     last_losses: HashMap<&'static str, u64>,
     last_undecodable: u64,
     last_evicted: u64,
+    last_deferred: u64,
     /// Shared with the HTTP endpoints.
     pub health: Arc<Health>,
 }
@@ -513,6 +518,14 @@ impl MetricsRegistry {
             "netwatch_evicted_flows_total",
             "Flows finalised early because the agent's flow table was full.",
         )?;
+        let aggregate_entries = gauge(
+            "netwatch_drop_aggregate_entries",
+            "Entries of the kernel's drop aggregate: (source, destination, port, protocol, reason) summaries of new dropped flows that found the per-flow drop table full (a flood). Each is reported as a record with `aggregate.flows`.",
+        )?;
+        let deferred_drop_events = counter(
+            "netwatch_deferred_drop_events_total",
+            "New drops whose ring buffer event did not fit; not lost: the drop table's scan reports them moments later.",
+        )?;
         let series_overflow = counter(
             "netwatch_metrics_series_overflow_total",
             "Observations folded into the `_other` context series because --metrics-max-series was reached.",
@@ -597,6 +610,8 @@ impl MetricsRegistry {
             identity_stale,
             api_forbidden,
             evicted_flows,
+            aggregate_entries,
+            deferred_drop_events,
             series_overflow,
             observer_dropped,
             observer_clients,
@@ -610,6 +625,7 @@ impl MetricsRegistry {
             last_losses: HashMap::new(),
             last_undecodable: 0,
             last_evicted: 0,
+            last_deferred: 0,
             health: Arc::new(Health::new()),
         })
     }
@@ -839,6 +855,13 @@ impl MetricsRegistry {
                 .inc_by(stats.evicted_flows - self.last_evicted);
         }
         self.last_evicted = stats.evicted_flows;
+        let deferred = stats.losses.deferred_drop_events();
+        if deferred > self.last_deferred {
+            self.deferred_drop_events
+                .inc_by(deferred - self.last_deferred);
+        }
+        self.last_deferred = deferred;
+        self.aggregate_entries.set(stats.aggregate_entries as i64);
         self.attached.set(stats.attached_interfaces as i64);
         self.expire(Instant::now());
     }

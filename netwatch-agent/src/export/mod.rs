@@ -96,6 +96,8 @@ pub struct KernelStats {
     pub undecodable_events: u64,
     /// Flows the assembler finalised early because its table was full.
     pub evicted_flows: u64,
+    /// Entries of the kernel's drop aggregate being reported.
+    pub aggregate_entries: usize,
 }
 
 /// The agent's outputs.

@@ -15,12 +15,12 @@ use std::{
 };
 
 use netwatch_common::{
-    DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, Outer, PendingConn, encap, pending_kind, tcp_flags,
+    AggKey, AggStats, DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Outer, PendingConn, encap, pending_kind, tcp_flags,
 };
 
 use super::record::{
-    Encapsulation, EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle,
+    Aggregate, Encapsulation, EventType, FlowRecord, Icmp, Interface, IpInfo, L4, Lifecycle,
     OriginalDestination, OuterHeader, Ports, TcpFlags, Verdict,
 };
 use crate::{
@@ -71,6 +71,14 @@ pub enum Signal {
     DropCounts {
         key: DropKey,
         stats: DropStats,
+        first: SystemTime,
+        last: SystemTime,
+    },
+    /// Counters of one entry of the kernel's drop aggregate (drops of new
+    /// flows that found the drop table full).
+    AggregateCounts {
+        key: AggKey,
+        stats: AggStats,
         first: SystemTime,
         last: SystemTime,
     },
@@ -125,6 +133,8 @@ struct ActiveFlow {
     cgroup_id: Option<u64>,
     dirty: bool,
     last_emitted: SystemTime,
+    /// Distinct flows summarised, for an entry of the kernel's drop aggregate.
+    aggregated_flows: Option<u64>,
 }
 
 /// Merges signals into flows and decides when records go out.
@@ -146,6 +156,9 @@ pub struct FlowAssembler {
     /// them back for removal. Their counts were reported, so until then a
     /// table scan must not make a new flow of them.
     released: HashSet<(FlowKey, u32)>,
+    /// Entries of the kernel's drop aggregate, each reported as one record
+    /// (bounded by the kernel table).
+    aggregates: HashMap<AggKey, ActiveFlow>,
 }
 
 /// What the assembler wants done after a tick.
@@ -154,6 +167,8 @@ pub struct TickOutput {
     pub records: Vec<FlowRecord>,
     /// Kernel drop-table entries of finished flows, to remove.
     pub finished_drop_keys: Vec<DropKey>,
+    /// Kernel drop-aggregate entries whose final record went out, to remove.
+    pub finished_aggregates: Vec<AggKey>,
 }
 
 impl FlowAssembler {
@@ -166,11 +181,17 @@ impl FlowAssembler {
             socket_cgroups: HashMap::new(),
             evicted: 0,
             released: HashSet::new(),
+            aggregates: HashMap::new(),
         }
     }
 
     pub fn active_flows(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Entries of the kernel's drop aggregate being reported.
+    pub fn active_aggregates(&self) -> usize {
+        self.aggregates.len()
     }
 
     /// Take one signal; returns the records to emit now (first records).
@@ -189,6 +210,37 @@ impl FlowAssembler {
             // record of it only hides the real denials.
             Signal::Kernel(KernelEvent::Drop { flow, .. }) if !is_pod_flow(&flow) => {}
             Signal::DropCounts { key, .. } if !is_pod_flow(&key.flow) => {}
+            Signal::AggregateCounts { key, .. } if !is_pod_flow(&aggregate_flow(&key)) => {}
+            Signal::AggregateCounts {
+                key,
+                stats,
+                first,
+                last,
+            } => {
+                let a = self.aggregates.entry(key).or_insert_with(|| {
+                    let mut f = new_flow(aggregate_flow(&key), first);
+                    f.aggregated_flows = Some(0);
+                    f.ifindex = stats.ifindex;
+                    f.netns = stats.netns;
+                    f.direction = Crossing::FromPod;
+                    f.points.insert("kfree_skb");
+                    f.last_emitted = SystemTime::UNIX_EPOCH;
+                    f
+                });
+                let c = a.drops.entry(key.reason).or_default();
+                if c.packets != stats.packets || a.aggregated_flows != Some(stats.flows) {
+                    c.packets = stats.packets;
+                    c.bytes = stats.bytes;
+                    a.aggregated_flows = Some(stats.flows);
+                    a.tcp_flags |= stats.tcp_flags;
+                    touch(a, last);
+                }
+                if a.last_emitted == SystemTime::UNIX_EPOCH {
+                    out.push(render(a, &self.config, reasons, ifnames, Lifecycle::New));
+                    a.dirty = false;
+                    a.last_emitted = now;
+                }
+            }
             Signal::Kernel(KernelEvent::Drop {
                 time,
                 flow,
@@ -378,6 +430,24 @@ impl FlowAssembler {
         }
         out.finished_drop_keys
             .extend(self.released.drain().map(drop_key));
+        self.aggregates.retain(|key, a| {
+            let quiet =
+                now.duration_since(a.last_change).unwrap_or_default() >= self.config.idle_timeout;
+            if quiet {
+                out.records
+                    .push(render(a, &self.config, reasons, ifnames, Lifecycle::Final));
+                out.finished_aggregates.push(*key);
+            } else if a.dirty
+                && now.duration_since(a.last_emitted).unwrap_or_default()
+                    >= self.config.update_interval
+            {
+                out.records
+                    .push(render(a, &self.config, reasons, ifnames, Lifecycle::Update));
+                a.dirty = false;
+                a.last_emitted = now;
+            }
+            !quiet
+        });
         let horizon = self.config.idle_timeout;
         self.socket_cgroups
             .retain(|_, (_, t)| now.duration_since(*t).unwrap_or_default() < horizon);
@@ -392,7 +462,8 @@ impl FlowAssembler {
     ) -> Vec<FlowRecord> {
         let mut out = Vec::new();
         self.by_client.clear();
-        for (_, f) in self.flows.drain() {
+        let flows = self.flows.drain().map(|(_, f)| f);
+        for f in flows.chain(self.aggregates.drain().map(|(_, a)| a)) {
             out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
         }
         out
@@ -487,6 +558,21 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         cgroup_id: None,
         dirty: true,
         last_emitted: SystemTime::UNIX_EPOCH,
+        aggregated_flows: None,
+    }
+}
+
+/// The flow an aggregate entry is reported as: source port 0 (for ICMP,
+/// whose type sits in the source port: type 0).
+fn aggregate_flow(key: &AggKey) -> FlowKey {
+    FlowKey {
+        src_addr: key.src_addr,
+        dst_addr: key.dst_addr,
+        src_port: 0,
+        dst_port: key.dst_port,
+        proto: key.proto,
+        ip_version: key.ip_version,
+        _pad: [0; 2],
     }
 }
 
@@ -761,6 +847,8 @@ fn render(
         other => L4::Other { protocol: other },
     };
     let has_ports = l4.ports().is_some();
+    // An aggregate's source ports are many: its endpoint names none.
+    let source_port = (has_ports && f.aggregated_flows.is_none()).then_some(f_key.src_port);
     let (packets, bytes) = if f.drops.is_empty() {
         (f.attempts, f.attempt_bytes)
     } else {
@@ -816,7 +904,7 @@ fn render(
             },
         },
         l4,
-        source: Endpoint::unresolved(src, has_ports.then_some(f_key.src_port)),
+        source: Endpoint::unresolved(src, source_port),
         destination: Endpoint::unresolved(dst, has_ports.then_some(f_key.dst_port)),
         original_destination: original,
         outer: f.outer.as_ref().map(outer_header),
@@ -856,6 +944,7 @@ fn render(
         explanation: None,
         near_misses: Vec::new(),
         unenriched: false,
+        aggregate: f.aggregated_flows.map(|flows| Aggregate { flows }),
     }
 }
 
@@ -882,6 +971,12 @@ fn summary(
     }
     match verdict {
         Verdict::Dropped => {
+            if let Some(flows) = f.aggregated_flows {
+                s.push_str(&format!(
+                    "; {flows} flow{} from any source port, {packets} packets dropped",
+                    if flows == 1 { "" } else { "s" }
+                ));
+            }
             if f.timed_out {
                 s.push_str(&format!("; {packets} packets dropped, never answered"));
             }
@@ -957,6 +1052,74 @@ mod tests {
             first,
             last,
         }
+    }
+
+    /// An entry of the kernel's drop aggregate: `flows` flows from 10.0.0.1
+    /// to 10.0.0.2:8080, `packets` SYNs.
+    fn aggregate_counts(flows: u64, packets: u64, first: u64, last: u64) -> Signal {
+        let k = key(0, 8080, IPPROTO_TCP);
+        Signal::AggregateCounts {
+            key: AggKey {
+                src_addr: k.src_addr,
+                dst_addr: k.dst_addr,
+                dst_port: 8080,
+                proto: IPPROTO_TCP,
+                ip_version: IP_V4,
+                reason: 12,
+            },
+            stats: AggStats {
+                packets,
+                bytes: packets * 60,
+                flows,
+                tcp_flags: tcp_flags::SYN,
+                ifindex: 7,
+                ..AggStats::default()
+            },
+            first: t(first),
+            last: t(last),
+        }
+    }
+
+    #[test]
+    fn an_aggregate_is_one_dropped_record_that_says_how_many_flows_it_stands_for() {
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            update_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            ..Default::default()
+        });
+        let out = a.handle(aggregate_counts(40, 41, 0, 0), t(0), &reasons(), &no_names);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!(r.verdict, Verdict::Dropped);
+        assert_eq!(r.lifecycle, Lifecycle::New);
+        assert_eq!(r.aggregate, Some(Aggregate { flows: 40 }));
+        assert_eq!((r.packets, r.bytes), (41, 41 * 60));
+        assert_eq!(r.l4.ports().map(|p| p.source_port), Some(0));
+        assert_eq!(r.source.port, None, "an aggregate has no one source port");
+        assert_eq!(
+            r.summary,
+            "TCP Flags: SYN; 40 flows from any source port, 41 packets dropped"
+        );
+        assert_eq!(a.active_aggregates(), 1);
+        // The same counts again: nothing new to say.
+        assert!(
+            a.handle(aggregate_counts(40, 41, 0, 0), t(1), &reasons(), &no_names)
+                .is_empty()
+        );
+        assert!(a.tick(t(2), &reasons(), &no_names).records.is_empty());
+        // More flows: an update, same uuid.
+        a.handle(aggregate_counts(90, 95, 0, 2), t(2), &reasons(), &no_names);
+        let out = a.tick(t(3), &reasons(), &no_names);
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].uuid, r.uuid);
+        assert_eq!(out.records[0].aggregate, Some(Aggregate { flows: 90 }));
+        assert_eq!(out.records[0].lifecycle, Lifecycle::Update);
+        // Quiet: a final record, and the kernel entry is handed back.
+        let out = a.tick(t(13), &reasons(), &no_names);
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].lifecycle, Lifecycle::Final);
+        assert_eq!(out.finished_aggregates.len(), 1);
+        assert_eq!(a.active_aggregates(), 0);
     }
 
     #[test]

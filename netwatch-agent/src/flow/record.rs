@@ -360,6 +360,20 @@ pub struct FlowRecord {
     /// netwatch: identity did not arrive within the enrichment deadline.
     #[serde(default, skip_serializing_if = "is_false")]
     pub unenriched: bool,
+    /// netwatch: this record summarises many flows the kernel could not
+    /// track one by one (its per-flow drop table was full: a flood): all
+    /// drops from `IP.source` to `IP.destination` and the destination port,
+    /// with one reason, whatever their source port (`source_port` is 0).
+    /// `packets` and `bytes` count all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<Aggregate>,
+}
+
+/// What an aggregated record stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// Distinct flows (source ports) summarised, each counted once.
+    pub flows: u64,
 }
 
 impl FlowRecord {
