@@ -42,8 +42,11 @@ const FLOWS: u16 = 150;
 const SYNS: u32 = 5;
 const FIRST_PORT: u16 = 43_000;
 
+/// Whether a follower's filter admits a record, decided here.
+type Admits = Box<dyn Fn(&Value) -> bool + Send + Sync>;
+
 /// The filters followers ask for, and the same decision made here.
-fn filter_of(i: usize) -> (Value, Box<dyn Fn(&Value) -> bool + Send + Sync>) {
+fn filter_of(i: usize) -> (Value, Admits) {
     let port = |f: &Value| f["l4"]["TCP"]["source_port"].as_u64().unwrap_or(0);
     match i % 4 {
         0 => (
