@@ -3,7 +3,7 @@
 //! peers the fast verdict (`decide`) is the explained one (`evaluate`).
 #![no_main]
 
-use libfuzzer_sys::{arbitrary::Arbitrary, fuzz_target};
+use libfuzzer_sys::fuzz_target;
 use netwatch::{
     manifests,
     policy::{EngineOptions, Peer, PolicyEngine},
@@ -37,27 +37,23 @@ metadata: { name: tool, namespace: dev }
 status: { podIP: 10.0.1.1 }
 "#;
 
-#[derive(Arbitrary, Debug)]
-struct Input<'a> {
-    policies: &'a str,
-    port: u16,
-    protocol: u8,
-    address: [u8; 4],
-    ipblock_matches_pods: bool,
-}
+/// A port, a protocol, an address, whether ipBlocks match pods, then the
+/// policies' text (last: it takes the rest of the input).
+type Input<'a> = (u16, u8, [u8; 4], bool, &'a str);
 
 fuzz_target!(|input: Input| {
-    let text = format!("{PODS}\n---\n{}", input.policies);
+    let (port, protocol, address, ipblock_matches_pods, policies) = input;
+    let text = format!("{PODS}\n---\n{policies}");
     let Ok(snapshot) = manifests::load_str("fuzz.yaml", &text) else {
         return;
     };
     let options = EngineOptions {
-        ipblock_matches_pods: input.ipblock_matches_pods,
+        ipblock_matches_pods,
     };
     let Ok(engine) = PolicyEngine::new(&snapshot, options) else {
         return;
     };
-    let protocol = match input.protocol % 3 {
+    let protocol = match protocol % 3 {
         0 => Protocol::Tcp,
         1 => Protocol::Udp,
         _ => Protocol::Sctp,
@@ -66,16 +62,15 @@ fuzz_target!(|input: Input| {
         "prod/web".parse::<Peer>().unwrap(),
         "prod/api".parse().unwrap(),
         "dev/tool".parse().unwrap(),
-        Peer::Ip(std::net::Ipv4Addr::from(input.address).into()),
+        Peer::Ip(std::net::Ipv4Addr::from(address).into()),
     ];
     for from in &peers {
         for to in &peers {
-            let fast = engine.decide(from, to, input.port, protocol);
-            let full = engine.evaluate(from, to, input.port, protocol);
+            let fast = engine.decide(from, to, port, protocol);
+            let full = engine.evaluate(from, to, port, protocol);
             assert_eq!(
                 fast, full.verdict,
-                "decide and evaluate disagree on {from} -> {to} {}/{protocol:?}",
-                input.port
+                "decide and evaluate disagree on {from} -> {to} {port}/{protocol:?}"
             );
             let _ = full.sentence();
         }
