@@ -235,3 +235,114 @@ fn truncated_and_malformed_packets_pass_untouched_and_are_counted() {
         "the impossible header is counted as malformed"
     );
 }
+
+/// A small deterministic generator: the same packets on every run and kernel.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Whether a frame could be a TCP SYN the classifier tracks at all (IPv4 or
+/// IPv6, TCP, SYN set): a loose upper bound on what may be counted.
+fn may_be_syn(p: &[u8]) -> bool {
+    let tcp = match p.get(12..14) {
+        Some([0x08, 0x00]) if p.get(14).is_some_and(|b| b >> 4 == 4) && p.get(23) == Some(&6) => {
+            14 + usize::from(p[14] & 0x0f) * 4
+        }
+        Some([0x86, 0xdd]) if p.get(20) == Some(&6) => 14 + 40,
+        _ => return false,
+    };
+    p.get(tcp + 13).is_some_and(|f| f & 0x02 != 0)
+}
+
+#[test]
+fn random_and_truncated_packets_never_change_a_packets_fate_and_counts_stay_consistent() {
+    let Some(ebpf) = load() else { return };
+    let mut rng = XorShift(0x6e65_7477_6174_6368);
+    let mut valid = std::collections::BTreeSet::new();
+    let (mut junk, mut maybe_syns, mut refused_by_test_run) = (0u64, 0u64, 0u64);
+    for i in 0..300u16 {
+        // A real SYN on a port of its own, then junk around it.
+        let sport = 20_000 + i;
+        let syn = packet(CLIENT, SERVER, 6, &tcp(sport, 8080, 0x02));
+        assert_eq!(run(&ebpf, "netwatch_from_pod", &syn), TC_ACT_UNSPEC);
+        valid.insert(client_key(sport, 8080));
+        maybe_syns += 1;
+        let base = match i % 3 {
+            0 => packet(SERVER, CLIENT, 6, &tcp(8080, 30_000 + i, 0x12)),
+            1 => packet(CLIENT, SERVER, 17, &[0x9c, 0x40, 0, 53, 0, 8, 0, 0]),
+            _ => packet(SERVER, CLIENT, 1, &[3, 3, 0, 0, 0, 0, 0, 0]),
+        };
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        // Cut anywhere.
+        cases.push(base[..rng.below(base.len() + 1)].to_vec());
+        // A few bytes changed.
+        let mut mutated = base.clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(mutated.len());
+            mutated[at] = rng.next() as u8;
+        }
+        cases.push(mutated);
+        // Random bytes behind a valid Ethernet + IP type, and pure noise.
+        let mut noise = eth(if i % 2 == 0 { 0x0800 } else { 0x86DD });
+        noise.extend((0..rng.below(120)).map(|_| rng.next() as u8));
+        cases.push(noise);
+        cases.push((0..rng.below(200)).map(|_| rng.next() as u8).collect());
+        for p in &cases {
+            for prog in ["netwatch_from_pod", "netwatch_to_pod"] {
+                let sched: &SchedClassifier = ebpf.program(prog).unwrap().try_into().unwrap();
+                match sched.test_run(TestRunOptions {
+                    data_in: Some(p),
+                    ..TestRunOptions::default()
+                }) {
+                    Ok(r) => {
+                        assert_eq!(
+                            r.return_value as i32, TC_ACT_UNSPEC,
+                            "{prog} changed the fate of {p:02x?}"
+                        );
+                        junk += 1;
+                        maybe_syns += u64::from(may_be_syn(p));
+                    }
+                    // The kernel refuses frames shorter than its minimum
+                    // before the program runs.
+                    Err(_) => {
+                        assert!(p.len() < 14 + 40, "test run refused {p:02x?}");
+                        refused_by_test_run += 1;
+                    }
+                }
+            }
+        }
+    }
+    let tracked = pending(&ebpf);
+    let keys: std::collections::BTreeSet<FlowKey> = tracked.iter().map(|(k, _)| *k).collect();
+    assert!(
+        valid.is_subset(&keys),
+        "every real SYN is tracked: {} of {}",
+        valid.intersection(&keys).count(),
+        valid.len()
+    );
+    let counted: u64 = tracked.iter().map(|(_, c)| c.packets).sum();
+    assert!(
+        counted >= valid.len() as u64 && counted <= maybe_syns,
+        "tracked packets {counted}: between the real SYNs ({}) and what could be a SYN ({maybe_syns})",
+        valid.len()
+    );
+    assert!(
+        malformed(&ebpf) <= junk,
+        "malformed {} of {junk} junk packets",
+        malformed(&ebpf)
+    );
+    eprintln!(
+        "{junk} junk packets run, {refused_by_test_run} refused by BPF_PROG_TEST_RUN, malformed {}",
+        malformed(&ebpf)
+    );
+}

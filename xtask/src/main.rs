@@ -13,6 +13,7 @@ mod bench;
 mod binaries;
 mod demo;
 mod deploy;
+mod fuzz;
 mod setup;
 mod test;
 mod vmtest;
@@ -127,6 +128,26 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Run the cargo-fuzz targets under fuzz/ (nightly, libFuzzer): each
+    /// for a fixed number of inputs (what `cargo xtask test` runs) or a time.
+    /// A crash fails the task and leaves its input in fuzz/artifacts/.
+    Fuzz {
+        /// Inputs per target.
+        #[arg(long, default_value_t = fuzz::CI_RUNS, conflicts_with = "seconds")]
+        runs: u64,
+        /// Seconds per target instead of a number of inputs.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
+    /// Long runs of what CI runs briefly. Today: every fuzz target for
+    /// `--fuzz-minutes` each. Run as root.
+    Soak {
+        /// Minutes each fuzz target runs (0: no fuzzing).
+        #[arg(long, default_value_t = 5)]
+        fuzz_minutes: u64,
+    },
     /// The Helm chart and the plain manifests under deploy/: render, check, template.
     Deploy {
         #[command(subcommand)]
@@ -228,6 +249,28 @@ fn main() -> Result<()> {
                 },
                 &STOP,
             )
+        }
+        Task::Fuzz {
+            runs,
+            seconds,
+            targets,
+        } => {
+            install_stop_handler();
+            let budget = match seconds {
+                Some(s) => fuzz::Budget::Seconds(s),
+                None => fuzz::Budget::Runs {
+                    runs,
+                    cap_seconds: 120,
+                },
+            };
+            fuzz::fuzz(budget, &targets, &STOP)
+        }
+        Task::Soak { fuzz_minutes } => {
+            install_stop_handler();
+            if fuzz_minutes > 0 {
+                fuzz::fuzz(fuzz::Budget::Seconds(fuzz_minutes * 60), &[], &STOP)?;
+            }
+            Ok(())
         }
         Task::Deploy { what } => deploy::run(what),
     }

@@ -2,7 +2,8 @@
 //!
 //! Debian packages the tests and the lab use, the nightly toolchain's
 //! `rust-src` (for `-Z build-std=core`), and `bpf-linker` built against the
-//! nightly toolchain's own libLLVM (no system LLVM matches it).
+//! nightly toolchain's own libLLVM (no system LLVM matches it), and
+//! cargo-fuzz for the fuzz targets.
 
 use std::{path::Path, process::Command};
 
@@ -34,11 +35,15 @@ pub const PACKAGES: &[&str] = &[
 /// rpath, so it must be stable (not /tmp).
 pub const LLVM_PREFIX: &str = "/opt/netwatch/llvm";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz, for `cargo xtask fuzz` (the nightly toolchain builds the
+/// targets with libFuzzer and the address sanitizer, nothing else needed).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn setup() -> Result<()> {
     packages()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     eprintln!("setup: done");
     Ok(())
 }
@@ -186,6 +191,26 @@ fn bpf_linker() -> Result<()> {
     ]);
     if !status(&mut install)? {
         bail!("cargo install bpf-linker failed");
+    }
+    Ok(())
+}
+
+fn cargo_fuzz() -> Result<()> {
+    if let Ok(v) = output(Command::new("cargo").args(["fuzz", "--version"]))
+        && v.contains(CARGO_FUZZ_VERSION)
+    {
+        eprintln!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (a few minutes)");
+    if !status(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))? {
+        bail!("cargo install cargo-fuzz failed");
     }
     Ok(())
 }

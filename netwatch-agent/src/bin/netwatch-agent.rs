@@ -468,6 +468,11 @@ mod export_flags {
         #[arg(long, default_value_t = 4096, value_name = "N")]
         observe_buffer: usize,
 
+        /// Records queued per following observe client; a client that falls
+        /// further behind loses records, and is told how many.
+        #[arg(long, default_value_t = 1024, value_name = "N")]
+        observe_client_queue: usize,
+
         /// Post a Warning `PacketDrop` Kubernetes Event on the source pod of
         /// dropped flows (needs `create` on `events`).
         #[arg(long)]
@@ -561,7 +566,7 @@ mod export_flags {
                     socket_group: self.api_socket_group.as_deref().map(group_id).transpose()?,
                     tcp: self.api_addr,
                     buffer_records: self.observe_buffer.max(1),
-                    ..ApiConfig::default()
+                    client_queue: self.observe_client_queue.max(1),
                 },
                 kubernetes_events: self
                     .kubernetes_events

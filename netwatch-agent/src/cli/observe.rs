@@ -558,6 +558,15 @@ impl ObserveStream {
                 Box::new(BufReader::new(s))
             }
         };
+        ObserveStream::from_reader(reader, &server.to_string())
+    }
+
+    /// Read the status line from an agent's answer already connected to
+    /// `reader` (`server` names it in errors).
+    pub fn from_reader(
+        reader: Box<dyn BufRead + Send>,
+        server: &str,
+    ) -> Result<ObserveStream, CliError> {
         let mut stream = ObserveStream {
             reader,
             status: ObserveStatus {
