@@ -76,8 +76,7 @@ impl KernelOffsets {
             net_ns_inum: field_offset(btf, "net", &["ns", "inum"])?,
             sock_net: field_offset(btf, "sock_common", &["skc_net"])?,
             sock_v6_daddr: field_offset(btf, "sock_common", &["skc_v6_daddr"]).unwrap_or(0),
-            sock_v6_rcv_saddr: field_offset(btf, "sock_common", &["skc_v6_rcv_saddr"])
-                .unwrap_or(0),
+            sock_v6_rcv_saddr: field_offset(btf, "sock_common", &["skc_v6_rcv_saddr"]).unwrap_or(0),
             has_reason: kfree_skb_has_reason(btf),
         })
     }
