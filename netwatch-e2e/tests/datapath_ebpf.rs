@@ -251,6 +251,91 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
     );
 }
 
+/// Dual-stack pods on two nodes: node-2's uplink redirects the server's
+/// IPv6 answers into the client past its veth's egress hook.
+const DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: client, namespace: shop, labels: { app: client } }
+spec: { nodeName: node-1, containers: [ { name: c } ] }
+status: { podIPs: [ { ip: 10.244.1.2 }, { ip: "fd00:244:1::2" } ], conditions: [ { type: Ready, status: "True" } ] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: server, namespace: shop, labels: { app: server } }
+spec: { nodeName: node-2, containers: [ { name: c, ports: [ { containerPort: 8080 } ] } ] }
+status: { podIPs: [ { ip: 10.244.2.2 }, { ip: "fd00:244:2::2" } ], conditions: [ { type: Ready, status: "True" } ] }
+"#;
+
+/// IPv6 under redirect: the SYN-ACK and the RST reach the client only by
+/// `bpf_redirect_peer` from node-1's uplink, which the agent does not hook,
+/// so only the socket sees them. An answered IPv6 connection is no
+/// TIMED_OUT, a refused one is REFUSED; an IPv6 socket connecting to a
+/// v4-mapped address (IPv4 on the wire) is settled under its IPv4 flow.
+#[test]
+fn the_agent_settles_ipv6_handshakes_answered_past_its_tc_hooks() {
+    let b = ebpf_lab(DUAL_STACK);
+    let mut agent = Agent::start(&b.lab, "node-1", 1, &[]);
+    // The datapath again, after the agent: under tcx its programs end the
+    // chain, so the agent's classifier must come first to see the SYN.
+    b.lab
+        .enforce(&b.cluster, &EnforceOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("[fd00:244:2::2]:8080", 5),
+        Outcome::Connected,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("[fd00:244:2::2]:9", 5),
+        Outcome::Refused,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("[::ffff:10.244.2.2]:8080", 5),
+        Outcome::Connected,
+    );
+    expect_probe(
+        &b.lab,
+        "shop/client",
+        tcp("[::ffff:10.244.2.2]:9", 5),
+        Outcome::Refused,
+    );
+
+    agent.wait_for_flow(Duration::from_secs(10), |f| {
+        to("fd00:244:2::2", 9)(f) && f["verdict"] == "REFUSED"
+    });
+    agent.wait_for_flow(Duration::from_secs(10), |f| {
+        to("10.244.2.2", 9)(f) && f["verdict"] == "REFUSED"
+    });
+    // Past the connect timeout (1 s) several times over: a false TIMED_OUT
+    // for the answered connections would be out by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = agent.stop();
+    for ip in ["fd00:244:2::2", "10.244.2.2"] {
+        let refused = records(&lines, to(ip, 9));
+        assert!(
+            refused.iter().all(|f| f["verdict"] == "REFUSED")
+                && refused.iter().any(|f| f["refusal"] == "TCP_RESET"),
+            "{refused:#?}"
+        );
+        let answered = records(&lines, to(ip, 8080));
+        assert!(
+            answered.iter().all(|f| f["verdict"] != "TIMED_OUT"),
+            "the answered connection is no TIMED_OUT: {answered:#?}"
+        );
+    }
+}
+
 /// The kernel names a TC_ACT_SHOT drop TC_INGRESS; on kernels without drop
 /// reasons the `location` variant must say the same (the drop's caller is
 /// where sch_handle_ingress is inlined). Also a denied connection to a

@@ -178,6 +178,8 @@ impl KernelCapture {
             .override_global("DEV_ND_NET", &o.dev_nd_net, true)
             .override_global("NET_NS_INUM", &o.net_ns_inum, true)
             .override_global("SOCK_NET", &o.sock_net, true)
+            .override_global("SKC_V6_DADDR", &o.sock_v6_daddr, true)
+            .override_global("SKC_V6_RCV_SADDR", &o.sock_v6_rcv_saddr, true)
             .override_global("HAS_REASON", &has_reason, true)
             .override_global("OFFSETS_READY", &ready, true)
             .override_global("FILTER_NETNS", &filter_netns, true)

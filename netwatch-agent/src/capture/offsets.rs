@@ -45,6 +45,10 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     pub net_ns_inum: u32,
     pub sock_net: u32,
+    /// `sock_common`'s IPv6 addresses (for sock_state); 0 when the kernel
+    /// has no IPv6 (CONFIG_IPV6=n drops the fields).
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
     /// `kfree_skb` has an `enum skb_drop_reason` argument (kernels >= 5.17).
     pub has_reason: bool,
 }
@@ -71,6 +75,8 @@ impl KernelOffsets {
             dev_nd_net: field_offset(btf, "net_device", &["nd_net"])?,
             net_ns_inum: field_offset(btf, "net", &["ns", "inum"])?,
             sock_net: field_offset(btf, "sock_common", &["skc_net"])?,
+            sock_v6_daddr: field_offset(btf, "sock_common", &["skc_v6_daddr"]).unwrap_or(0),
+            sock_v6_rcv_saddr: field_offset(btf, "sock_common", &["skc_v6_rcv_saddr"]).unwrap_or(0),
             has_reason: kfree_skb_has_reason(btf),
         })
     }
@@ -183,6 +189,10 @@ mod tests {
         assert_eq!(o.skb_network_header, transport + 2);
         assert!(o.skb_head > o.skb_dev, "head comes after dev in sk_buff");
         assert!(o.net_ns_inum > 0);
+        // After the fixed IPv4 part (daddr, rcv_saddr, hash, ports, family,
+        // state...), 16 bytes apart.
+        assert!(o.sock_v6_daddr > 18, "{o:?}");
+        assert_eq!(o.sock_v6_rcv_saddr, o.sock_v6_daddr + 16, "{o:?}");
         assert!(o.has_reason, "this kernel (>= 5.17) passes a drop reason");
     }
 

@@ -29,14 +29,16 @@
 //!   the node after DNAT: the source pod's egress policy.
 //!
 //! Denied packets end with `TC_ACT_SHOT` (the kernel's drop reason
-//! `TC_INGRESS` / `TC_EGRESS`). IPv4 only: IPv6 and ARP go up the stack
-//! unpoliced (scenarios probe over IPv4). ICMP errors pass as related.
+//! `TC_INGRESS` / `TC_EGRESS`). Policies are IPv4 only: IPv6 to a local
+//! pod is delivered with `bpf_redirect_peer` unpoliced (so its answers skip
+//! the host side's egress hook too), other IPv6 and ARP go up the stack
+//! (scenarios probe over IPv4). ICMP errors pass as related.
 //! Connections replied to through the stack (Service traffic) keep going
 //! through it, so the node un-DNATs their replies.
 
 use std::{
     ffi::CString,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     process::Command,
 };
@@ -91,11 +93,14 @@ pub struct NodeDatapath {
     pub police_host_to_pod: bool,
 }
 
-/// A local pod's IPv4 address and policy.
+/// A local pod's addresses and (IPv4) policy.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PodRules {
     pub host_if: String,
     pub ip: Ipv4Addr,
+    /// Delivered to, not policed.
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
     /// `None`: not isolated in that direction.
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
@@ -125,6 +130,10 @@ impl PodRules {
         Some(PodRules {
             host_if: a.host_if.clone(),
             ip,
+            ipv6: a.ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            }),
             ingress: rules(&a.ingress),
             egress: rules(&a.egress),
         })
@@ -211,6 +220,8 @@ const JSLT: u8 = 0xc0;
 const MAP_LOOKUP_ELEM: i32 = 1;
 const MAP_UPDATE_ELEM: i32 = 2;
 const SKB_LOAD_BYTES: i32 = 26;
+// ETH_P_IPV6 as skb->protocol reads (big-endian in a u32).
+const PROTOCOL_IPV6: i32 = 0xdd86;
 const REDIRECT_PEER: i32 = 155;
 
 // struct __sk_buff offsets.
@@ -404,6 +415,42 @@ fn policy(a: &mut Asm, dp: &NodeDatapath, ingress: bool, drop: Label) {
     a.bind(allowed);
 }
 
+/// IPv6 to a local pod: into it with `bpf_redirect_peer`, unpoliced; other
+/// IPv6 to `pass`. Falls through for anything else.
+fn deliver_ipv6(a: &mut Asm, dp: &NodeDatapath, ifindexes: &[u32], pass: Label) {
+    if dp.pods.iter().all(|p| p.ipv6.is_none()) {
+        return;
+    }
+    let not_ipv6 = a.label();
+    a.ldx(LDX_W, 1, SKB, SKB_PROTOCOL);
+    a.jmp_imm(JMP32, JNE, 1, PROTOCOL_IPV6, not_ipv6);
+    // The destination address: bytes 24..40 of the IPv6 header.
+    a.mov64(1, SKB);
+    a.mov64_imm(2, ETH_HLEN + 24);
+    a.stack_ptr(3, BUF);
+    a.mov64_imm(4, 16);
+    a.call(SKB_LOAD_BYTES);
+    a.jmp_imm(JMP, JSLT, 0, 0, pass);
+    for (pod, ifindex) in dp.pods.iter().zip(ifindexes) {
+        let Some(v6) = pod.ipv6 else {
+            continue;
+        };
+        let next = a.label();
+        for (i, word) in v6.octets().chunks_exact(4).enumerate() {
+            a.ldx(LDX_W, 1, 10, BUF + 4 * i as i16);
+            let word = i32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
+            a.jmp_imm(JMP32, JNE, 1, word, next);
+        }
+        a.mov64_imm(1, *ifindex as i32);
+        a.mov64_imm(2, 0);
+        a.call(REDIRECT_PEER);
+        a.raw(JMP | 0x90, 0, 0, 0, 0);
+        a.bind(next);
+    }
+    a.ja(pass);
+    a.bind(not_ipv6);
+}
+
 /// The program for `hook`, using the conntrack map `ct` and the pods' host
 /// interfaces' indexes (`ifindexes[i]` for `dp.pods[i]`).
 fn program(hook: Hook, dp: &NodeDatapath, ct: RawFd, ifindexes: &[u32]) -> Vec<u64> {
@@ -423,6 +470,9 @@ fn program(hook: Hook, dp: &NodeDatapath, ct: RawFd, ifindexes: &[u32]) -> Vec<u
         a.ldx(LDX_W, 1, SKB, SKB_MARK);
         a.alu32_imm(AND, 1, SERVICE_MARK as i32);
         a.jmp_imm(JMP32, JEQ, 1, 0, pass);
+    }
+    if delivers {
+        deliver_ipv6(&mut a, dp, ifindexes, pass);
     }
     // IPv4 only (skb->protocol is big-endian: 0x0800 reads 0x0008).
     a.ldx(LDX_W, 1, SKB, SKB_PROTOCOL);
@@ -804,6 +854,7 @@ impl Lab {
                 .map(|p| PodRules {
                     host_if: p.host_if.clone(),
                     ip: p.spec.ip,
+                    ipv6: p.spec.ipv6,
                     ingress: None,
                     egress: None,
                 })
@@ -948,6 +999,7 @@ mod tests {
             pods: vec![PodRules {
                 host_if: "cali0".into(),
                 ip: "10.244.1.2".parse().unwrap(),
+                ipv6: Some("fd00:244:1::2".parse().unwrap()),
                 ingress: Some(vec![Rule {
                     peers: vec![("10.244.0.0".parse().unwrap(), 16)],
                     except: vec![("10.244.9.0".parse().unwrap(), 24)],

@@ -8,7 +8,8 @@
 //! side's egress hook, and a healthy connection would age into TIMED_OUT, a
 //! refused one too. These programs settle the handshakes the TC classifiers
 //! track (never start one), so on datapaths where TC sees the answer nothing
-//! changes. IPv4 sockets (the fields read sit at fixed offsets).
+//! changes. IPv4 sockets (fields at fixed offsets) and IPv6 ones (address
+//! offsets from kernel BTF, see `offsets.rs`).
 //!
 //! One variant on every kernel from 5.8 (tp_btf needs kernel BTF; both
 //! tracepoints exist since 4.16).
