@@ -51,7 +51,8 @@ pub fn test(extra: &[String], stop: &AtomicBool) -> Result<()> {
             &crate::vmtest::Options {
                 kernels: vec!["all".into()],
                 keep: false,
-                timeout: Duration::from_secs(1200),
+                // Per VM; 6.12 runs the most (OVS with a scenario): 18-19 min under TCG.
+                timeout: Duration::from_secs(1800),
                 test_args: Vec::new(),
                 update_readme: false,
                 bench: false,
