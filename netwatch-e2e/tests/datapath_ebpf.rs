@@ -216,9 +216,9 @@ fn the_agent_reports_refusals_drops_and_no_false_timeouts_under_redirect_peer() 
     agent.wait_for_flow(Duration::from_secs(10), |f| {
         to("10.244.2.2", 8080)(f) && f["verdict"] == "TIMED_OUT"
     });
-    // Past the connect timeout (1 s) several times over: a false TIMED_OUT
+    // Past the connect timeout (2 s) three times over: a false TIMED_OUT
     // for the answered connections would be out by now.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(6));
     let lines = agent.stop();
     let refused = records(&lines, to("10.244.2.2", 9));
     assert!(
@@ -279,7 +279,14 @@ status: { podIPs: [ { ip: 10.244.2.2 }, { ip: "fd00:244:2::2" } ], conditions: [
 #[test]
 fn the_agent_settles_ipv6_handshakes_answered_past_its_tc_hooks() {
     let b = ebpf_lab(DUAL_STACK);
-    let mut agent = Agent::start(&b.lab, "node-1", 1, &[]);
+    // Before the agent: neighbour discovery on both nodes, so that no first
+    // answer waits on it (its retransmit timer is 1 s, the agent's connect
+    // timeout here is 2 s; on a loaded machine a first IPv6 handshake was
+    // once answered only after the timeout, legitimately TIMED_OUT).
+    for to_addr in ["[fd00:244:2::2]:8080", "[::ffff:10.244.2.2]:8080"] {
+        expect_probe(&b.lab, "shop/client", tcp(to_addr, 5), Outcome::Connected);
+    }
+    let mut agent = Agent::start(&b.lab, "node-1", 1, &["--connect-timeout", "2"]);
     // The datapath again, after the agent: under tcx its programs end the
     // chain, so the agent's classifier must come first to see the SYN.
     b.lab
@@ -317,9 +324,9 @@ fn the_agent_settles_ipv6_handshakes_answered_past_its_tc_hooks() {
     agent.wait_for_flow(Duration::from_secs(10), |f| {
         to("10.244.2.2", 9)(f) && f["verdict"] == "REFUSED"
     });
-    // Past the connect timeout (1 s) several times over: a false TIMED_OUT
+    // Past the connect timeout (2 s) three times over: a false TIMED_OUT
     // for the answered connections would be out by now.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(6));
     let lines = agent.stop();
     for ip in ["fd00:244:2::2", "10.244.2.2"] {
         let refused = records(&lines, to(ip, 9));
