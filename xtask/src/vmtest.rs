@@ -109,7 +109,7 @@ pub const TESTS: &[TestEntry] = &[
     // A flood beyond the drop table: the drop aggregate, the handshake
     // table's overflow, on each kernel's verifier.
     TestEntry {
-        package: "xtask",
+        package: "netwatch-e2e",
         target: "flood",
         filters: &[],
         skip: &[],
@@ -2051,10 +2051,19 @@ test result: FAILED. 1 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; 
 
     #[test]
     fn every_test_entry_names_known_kernels_and_selection_works() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for t in TESTS {
             for k in t.kernels {
                 assert!(KERNELS.iter().any(|x| x.name == *k), "{t:?}");
             }
+            // The package's own test target: cargo would otherwise find it
+            // in another selected package and the results would be
+            // labelled wrongly.
+            let file = workspace
+                .join(t.package)
+                .join("tests")
+                .join(format!("{}.rs", t.target));
+            assert!(file.exists(), "{t:?}: no {}", file.display());
             assert!(t.threads >= 1);
         }
         assert_eq!(select_kernels(&[]).unwrap().len(), KERNELS.len());
