@@ -22,7 +22,7 @@ use std::{
 use fake_apiserver::{COLLECTIONS, FakeApiServer, NETWORK_POLICIES, PODS, pod, seed};
 use netwatch_lab::{Lab, Outcome};
 use serde_json::Value;
-use support::{Agent, expect_probe, lab, node_http_get, slowed, tcp, to};
+use support::{Agent, expect_probe, lab, node_http_get, slowed, tcp, to, wait_until};
 
 const LAB: &str = r#"
 nodes: [ { name: node-1 } ]
@@ -78,20 +78,6 @@ fn gauge(lab: &Lab, metric: &str, kind: &str) -> Option<i64> {
     get(lab, "/metrics")
         .lines()
         .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
-}
-
-/// Waits (generously) until `done`; panics with the agent's log.
-fn wait_until(agent: &Agent, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-    let limit = slowed(Duration::from_secs(secs));
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "not within {limit:?}: {what}\nagent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn wait_ready(lab: &Lab, agent: &Agent) {

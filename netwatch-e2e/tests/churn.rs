@@ -16,15 +16,12 @@ mod support;
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeMap;
 
 use fake_apiserver::{FakeApiServer, NAMESPACES, PODS, pod, seed};
 use netwatch_lab::{Lab, Outcome, PodSpec};
 use serde_json::json;
-use support::{Agent, lab, node_http_get, slowed, tcp};
+use support::{Agent, lab, node_http_get, tcp, wait_until};
 
 const LAB: &str = r#"
 nodes:
@@ -58,19 +55,6 @@ fn attached(lab: &Lab) -> Option<usize> {
         .lines()
         .find_map(|l| l.strip_prefix("netwatch_attached_interfaces "))
         .and_then(|v| v.trim().parse().ok())
-}
-
-fn wait_until(agent: &Agent, what: &str, mut done: impl FnMut() -> bool) {
-    let limit = slowed(Duration::from_secs(60));
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "not within {limit:?}: {what}\nagent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -153,7 +137,7 @@ fn short_lived_pods_are_named_as_the_pod_that_held_the_ip_and_leave_nothing_behi
         for p in &specs {
             lab.add_pod(p).unwrap_or_else(|e| panic!("{}: {e}", p.id()));
         }
-        wait_until(&agent, "the batch's interfaces attached", || {
+        wait_until(&agent, "the batch's interfaces attached", 60, || {
             attached(&lab) == Some(PER_BATCH + 1)
         });
         // Each pod's connection to its own denied port, all at once.
@@ -177,13 +161,13 @@ fn short_lived_pods_are_named_as_the_pod_that_held_the_ip_and_leave_nothing_behi
             rss_after_warmup = rss_kib(pid);
         }
     }
-    wait_until(&agent, "the gauge back to the one live pod", || {
+    wait_until(&agent, "the gauge back to the one live pod", 60, || {
         attached(&lab) == Some(1)
     });
     // Every short-lived pod's denied flow, by its own port.
     let want = BATCHES * PER_BATCH;
     let mut by_port: BTreeMap<u64, serde_json::Value> = BTreeMap::new();
-    wait_until(&agent, "a record for every short-lived pod", || {
+    wait_until(&agent, "a record for every short-lived pod", 60, || {
         for l in agent.lines() {
             let f = &l["flow"];
             if f["IP"]["destination"] == "10.244.1.100"

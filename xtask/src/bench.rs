@@ -65,14 +65,7 @@ fn cargo_build_release() -> Result<PathBuf> {
     {
         bail!("building the agent failed");
     }
-    let meta = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&meta.stdout)?;
-    let target = v["target_directory"]
-        .as_str()
-        .context("cargo metadata: target_directory")?;
-    Ok(Path::new(target).join("release/netwatch-agent"))
+Ok(crate::binaries::target_dir()?.join("release/netwatch-agent"))
 }
 
 /// Two pods on one node, for iperf3.

@@ -1,10 +1,7 @@
 //! The programs xtask's tasks start: the agent, the CLI and the lab's
 //! in-pod `netwatch-lab`, built by cargo next to xtask itself.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 use netwatch_lab::scenario::Binaries;
@@ -58,17 +55,9 @@ pub fn beside_xtask(name: &str) -> Result<PathBuf> {
         .context("target directory")?;
     if !bin.exists() {
         bail!(
-            "{} is missing: cargo build -p {} --bins",
-            bin.display(),
-            package_of(&bin)
+            "{} is missing: cargo build -p netwatch-agent -p netwatch-lab --bins",
+            bin.display()
         );
     }
     Ok(bin)
-}
-
-fn package_of(bin: &Path) -> &'static str {
-    match bin.file_name().and_then(|n| n.to_str()) {
-        Some("netwatch-lab") => "netwatch-lab",
-        _ => "netwatch-agent",
-    }
 }

@@ -323,3 +323,18 @@ pub fn run_scenario(name: &str, datapath: Option<Datapath>, adjust: impl FnOnce(
     assert!(report.checks > 0, "scenario {name} checked nothing");
     assert!(report.is_clean(), "{report}");
 }
+
+/// Waits (generously: `secs`, stretched under emulation) until `done`;
+/// panics naming `what`, with the agent's log.
+pub fn wait_until(agent: &Agent, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let limit = slowed(Duration::from_secs(secs));
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "not within {limit:?}: {what}\nagent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

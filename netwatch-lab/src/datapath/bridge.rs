@@ -26,7 +26,7 @@
 //! interface names. The nftables bridge family would see the ports, but its
 //! `ct state` needs nf_conntrack_bridge, which not every node kernel has.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::super::{
     Lab, LabError, LabNode, PodSpec,
@@ -187,23 +187,7 @@ pub fn wire_pod(
     pod: &PodSpec,
     cidrs: NodeCidrs,
 ) -> Result<(), LabError> {
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            host_if,
-            "netns",
-            &node.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns,
-        ],
-    )?;
+    super::veth_into_pod(node, netns, host_if)?;
     let o = cidrs.v4.unwrap_or(Ipv4Addr::UNSPECIFIED).octets();
     let gateway = Ipv4Addr::new(o[0], o[1], o[2], 1);
     let mtu = if pod.ipv6.is_some() {
@@ -235,51 +219,51 @@ pub fn wire_pod(
 pub fn join_nodes(lab: &Lab, cidrs: &[(usize, NodeCidrs)]) -> Result<(), LabError> {
     let mut world = Vec::new();
     for (k, c) in cidrs {
-        if let Some(p) = c.v6 {
-            join_v6(lab, *k, p, &mut world)?;
-        }
-        let Some(cidr) = c.v4 else { continue };
         let node = &lab.nodes[k - 1];
-        world.push(format!("route add {cidr}/24 via {}", node.ip));
-        for (j, other) in lab.nodes.iter().enumerate() {
-            if j + 1 == *k {
-                continue;
-            }
-            ip_batch(
-                &other.netns,
-                &[
-                    format!(
-                        "neigh add {cidr} lladdr {} dev {VXLAN_DEVICE} nud permanent",
-                        vxlan_mac(*k)
-                    ),
-                    format!("route add {cidr}/24 via {cidr} dev {VXLAN_DEVICE} onlink"),
-                ],
-            )?;
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &other.netns,
-                    "bridge",
-                    "fdb",
-                    "append",
-                    &vxlan_mac(*k),
-                    "dev",
-                    VXLAN_DEVICE,
-                    "dst",
-                    &node.ip.to_string(),
-                ],
-            )?;
+        if let Some(cidr) = c.v4 {
+            let overlay = Overlay {
+                device: VXLAN_DEVICE,
+                mac: vxlan_mac(*k),
+                underlay: node.ip.into(),
+            };
+            join(lab, *k, &overlay, cidr.into(), 24, &mut world)?;
+        }
+        if let Some(prefix) = c.v6 {
+            let overlay = Overlay {
+                device: VXLAN6_DEVICE,
+                mac: vxlan6_mac(*k),
+                underlay: node.uplink_v6.into(),
+            };
+            join(lab, *k, &overlay, prefix.into(), 64, &mut world)?;
         }
     }
     ip_batch(&lab.world, &world)
 }
 
-/// The IPv6 overlay's entries for node `k`'s /64 `prefix` on every other node.
-fn join_v6(lab: &Lab, k: usize, prefix: Ipv6Addr, world: &mut Vec<String>) -> Result<(), LabError> {
-    let node = &lab.nodes[k - 1];
-    world.push(format!("route add {prefix}/64 via {}", node.uplink_v6));
+/// Node `k`'s end of one overlay (one address family).
+struct Overlay {
+    device: &'static str,
+    mac: String,
+    underlay: IpAddr,
+}
+
+/// The entries for node `k`'s pod CIDR `network`/`len` on every other node
+/// (neighbour, onlink route via the network address, forwarding entry to
+/// its underlay address), and the world router's route to it.
+fn join(
+    lab: &Lab,
+    k: usize,
+    overlay: &Overlay,
+    network: IpAddr,
+    len: u8,
+    world: &mut Vec<String>,
+) -> Result<(), LabError> {
+    let Overlay {
+        device,
+        mac,
+        underlay,
+    } = overlay;
+    world.push(format!("route add {network}/{len} via {underlay}"));
     for (j, other) in lab.nodes.iter().enumerate() {
         if j + 1 == k {
             continue;
@@ -287,11 +271,8 @@ fn join_v6(lab: &Lab, k: usize, prefix: Ipv6Addr, world: &mut Vec<String>) -> Re
         ip_batch(
             &other.netns,
             &[
-                format!(
-                    "neigh add {prefix} lladdr {} dev {VXLAN6_DEVICE} nud permanent",
-                    vxlan6_mac(k)
-                ),
-                format!("route add {prefix}/64 via {prefix} dev {VXLAN6_DEVICE} onlink"),
+                format!("neigh add {network} lladdr {mac} dev {device} nud permanent"),
+                format!("route add {network}/{len} via {network} dev {device} onlink"),
             ],
         )?;
         run(
@@ -303,11 +284,11 @@ fn join_v6(lab: &Lab, k: usize, prefix: Ipv6Addr, world: &mut Vec<String>) -> Re
                 "bridge",
                 "fdb",
                 "append",
-                &vxlan6_mac(k),
+                mac,
                 "dev",
-                VXLAN6_DEVICE,
+                device,
                 "dst",
-                &node.uplink_v6.to_string(),
+                &underlay.to_string(),
             ],
         )?;
     }

@@ -14,7 +14,7 @@ use super::{
 };
 
 /// A veth pair: `host_if` on the node, `eth0` in the pod's namespace.
-fn veth_into_pod(node: &LabNode, netns: &str, host_if: &str) -> Result<(), LabError> {
+pub(super) fn veth_into_pod(node: &LabNode, netns: &str, host_if: &str) -> Result<(), LabError> {
     run(
         "ip",
         &[
@@ -37,7 +37,7 @@ fn veth_into_pod(node: &LabNode, netns: &str, host_if: &str) -> Result<(), LabEr
 
 /// The pod side of a /32 pod behind the link-local gateway `169.254.1.1`
 /// (Calico's and Antrea-in-the-lab's).
-fn pod_address_cmds(pod: &PodSpec) -> Vec<String> {
+pub(super) fn pod_address_cmds(pod: &PodSpec) -> Vec<String> {
     vec![
         format!("addr add {}/32 dev eth0", pod.ip),
         "link set eth0 up".into(),
@@ -47,7 +47,11 @@ fn pod_address_cmds(pod: &PodSpec) -> Vec<String> {
 }
 
 /// The underlay (the lab's world router) routes each pod to its node.
-fn route_on_underlay(node: &LabNode, world: &str, pod: &PodSpec) -> Result<(), LabError> {
+pub(super) fn route_on_underlay(
+    node: &LabNode,
+    world: &str,
+    pod: &PodSpec,
+) -> Result<(), LabError> {
     let mut cmds = vec![format!("route add {}/32 via {}", pod.ip, node.ip)];
     if let Some(v6) = pod.ipv6 {
         cmds.push(format!("route add {v6}/128 via {}", node.uplink_v6));
