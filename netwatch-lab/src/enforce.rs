@@ -37,10 +37,17 @@
 //!   otherwise the Baseline tier's rules (Accept and Pass `return`, Deny
 //!   `drop`s), and the end of the chain allows.
 //!
+//! Calico's own policies ([`calico`]: projectcalico.org/v3 NetworkPolicy,
+//! GlobalNetworkPolicy, Tier) replace that order when the manifests hold
+//! any: the pod's chain goes to one chain per Calico tier that applies, in
+//! tier order, the cluster policies in the kube-admin and kube-baseline
+//! tiers and NetworkPolicies in the default tier.
+//!
 //! [`NodePolicy::judge`] runs a compiled chain on a packet without a kernel:
 //! the conformance corpus and the random comparison with the engine check
 //! the rules themselves that way.
 
+pub mod calico;
 mod interpret;
 mod tiers;
 
@@ -59,7 +66,7 @@ use k8s_openapi::{
 
 use super::{
     Datapath, Lab, LabError,
-    manifests::{Manifests, object_id},
+    manifests::{self, Manifests, object_id},
 };
 
 /// The nftables table the enforcer owns on each node.
@@ -916,6 +923,7 @@ pub fn compile_node(
         .map(parse_policy)
         .collect::<Result<Vec<_>, _>>()?;
     let cluster_policies = tiers::parse_all(&cluster.manifests.tier_policies)?;
+    let calico = calico::CalicoTiers::parse(&cluster.manifests, &policies)?;
     let mut c = Compiler {
         cluster,
         options,
@@ -932,7 +940,17 @@ pub fn compile_node(
     let mut chains = Vec::new();
     for (pod, host_if) in local {
         for d in [Direction::Egress, Direction::Ingress] {
-            chains.extend(c.pod_chains(pod, host_if, d, &policies, &cluster_policies));
+            match &calico {
+                Some(calico) => chains.extend(c.calico_chains(
+                    pod,
+                    host_if,
+                    d,
+                    &policies,
+                    &cluster_policies,
+                    calico,
+                )),
+                None => chains.extend(c.pod_chains(pod, host_if, d, &policies, &cluster_policies)),
+            }
         }
     }
     if c.all_pods_needed {
@@ -998,6 +1016,12 @@ pub fn compile_allows(
         return Err(EnforceError::NotInThisDatapath {
             kind: p.kind.clone(),
             name: p.metadata.name.clone().unwrap_or_default(),
+        });
+    }
+    if let Some(p) = cluster.manifests.calico_policies.first() {
+        return Err(EnforceError::NotInThisDatapath {
+            kind: format!("{} ({})", p.kind, manifests::CALICO_API_VERSION),
+            name: object_id(&p.metadata),
         });
     }
     let policies = cluster
@@ -1259,24 +1283,7 @@ impl Compiler<'_> {
             .collect();
         let mut rules = Vec::new();
         for policy in &selecting {
-            for rule in policy.rules(d).unwrap_or_default() {
-                for (j, peer) in &rule.peers {
-                    for (k, port) in &rule.ports {
-                        let mut where_ = format!("{} {}[{}]", policy.id, d.field(), rule.index);
-                        if let Some(j) = j {
-                            let _ = write!(where_, ".{}[{j}]", d.peers_field());
-                        }
-                        if let Some(k) = k {
-                            let _ = write!(where_, ".ports[{k}]");
-                        }
-                        let comment = comment(&format!("{where_} {id}"));
-                        for m in self.matches(pod, d, peer, port) {
-                            let sep = if m.is_empty() { "" } else { " " };
-                            rules.push(format!("{m}{sep}counter return comment \"{comment}\""));
-                        }
-                    }
-                }
-            }
+            self.network_policy_allows(pod, d, policy, &mut rules);
         }
         if !selecting.is_empty() {
             rules.push(format!(
@@ -1285,6 +1292,35 @@ impl Compiler<'_> {
             ));
         }
         (selecting.iter().map(|p| p.id.clone()).collect(), rules)
+    }
+
+    /// One NetworkPolicy's allowing `return`s for `pod` in `d`.
+    fn network_policy_allows(
+        &mut self,
+        pod: &ClusterPod,
+        d: Direction,
+        policy: &Policy,
+        out: &mut Vec<String>,
+    ) {
+        let id = pod.id();
+        for rule in policy.rules(d).unwrap_or_default() {
+            for (j, peer) in &rule.peers {
+                for (k, port) in &rule.ports {
+                    let mut where_ = format!("{} {}[{}]", policy.id, d.field(), rule.index);
+                    if let Some(j) = j {
+                        let _ = write!(where_, ".{}[{j}]", d.peers_field());
+                    }
+                    if let Some(k) = k {
+                        let _ = write!(where_, ".ports[{k}]");
+                    }
+                    let comment = comment(&format!("{where_} {id}"));
+                    for m in self.matches(pod, d, peer, port) {
+                        let sep = if m.is_empty() { "" } else { " " };
+                        out.push(format!("{m}{sep}counter return comment \"{comment}\""));
+                    }
+                }
+            }
+        }
     }
 
     /// nft match expressions (each one rule) for traffic of `pod` in

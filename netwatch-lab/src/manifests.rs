@@ -4,7 +4,10 @@
 //! Nodes, Pods, Services, EndpointSlices, NetworkPolicies, and the cluster
 //! policies of kubernetes-sigs/network-policy-api: ClusterNetworkPolicy
 //! v1alpha2, AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1,
-//! typed here as [`TierPolicy`]); others
+//! typed here as [`TierPolicy`]; Calico's projectcalico.org/v3
+//! NetworkPolicy, GlobalNetworkPolicy and Tier, typed as [`CalicoPolicy`]
+//! and [`CalicoTier`], and the staged kinds, kept as [`CalicoStaged`] and
+//! never enforced); others
 //! (Deployments, ReplicaSets, ...) are skipped silently: they matter to the
 //! agent, not to the lab. Independent of the agent's loader on purpose.
 
@@ -70,6 +73,195 @@ pub struct Manifests {
     /// ClusterNetworkPolicies, AdminNetworkPolicies and
     /// BaselineAdminNetworkPolicies, told apart by [`TierPolicy::kind`].
     pub tier_policies: Vec<TierPolicy>,
+    /// projectcalico.org/v3 NetworkPolicies and GlobalNetworkPolicies, told
+    /// apart by [`CalicoPolicy::kind`].
+    pub calico_policies: Vec<CalicoPolicy>,
+    pub calico_tiers: Vec<CalicoTier>,
+    /// StagedNetworkPolicy, StagedGlobalNetworkPolicy and
+    /// StagedKubernetesNetworkPolicy: a what-if, parsed and never enforced.
+    pub calico_staged: Vec<CalicoStaged>,
+}
+
+/// Calico's API group, as calicoctl and the Calico API server read it.
+pub const CALICO_API_VERSION: &str = "projectcalico.org/v3";
+
+/// The Calico kinds the lab reads (all `projectcalico.org/v3`).
+pub const CALICO_KINDS: [&str; 6] = [
+    "NetworkPolicy",
+    "GlobalNetworkPolicy",
+    "Tier",
+    "StagedNetworkPolicy",
+    "StagedGlobalNetworkPolicy",
+    "StagedKubernetesNetworkPolicy",
+];
+
+/// A Calico NetworkPolicy (namespaced) or GlobalNetworkPolicy. Unknown
+/// fields are refused, as by the Calico API server.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: CalicoPolicySpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoPolicySpec {
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub order: Option<f64>,
+    #[serde(default)]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub namespace_selector: Option<String>,
+    #[serde(default)]
+    pub service_account_selector: Option<String>,
+    /// `Ingress`, `Egress`.
+    #[serde(default)]
+    pub types: Option<Vec<String>>,
+    #[serde(default)]
+    pub ingress: Option<Vec<CalicoRule>>,
+    #[serde(default)]
+    pub egress: Option<Vec<CalicoRule>>,
+    #[serde(default)]
+    pub do_not_track: Option<bool>,
+    #[serde(default, rename = "preDNAT")]
+    pub pre_dnat: Option<bool>,
+    #[serde(default)]
+    pub apply_on_forward: Option<bool>,
+    #[serde(default)]
+    pub performance_hints: Option<Vec<String>>,
+}
+
+/// A protocol or port as Calico writes it: a number or a string.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum NumberOrName {
+    Number(u32),
+    Name(String),
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoRule {
+    #[serde(default)]
+    pub action: String,
+    #[serde(default)]
+    pub protocol: Option<NumberOrName>,
+    #[serde(default)]
+    pub not_protocol: Option<NumberOrName>,
+    #[serde(default)]
+    pub icmp: Option<CalicoIcmp>,
+    #[serde(default, rename = "notICMP")]
+    pub not_icmp: Option<CalicoIcmp>,
+    #[serde(default)]
+    pub ip_version: Option<u8>,
+    #[serde(default)]
+    pub source: CalicoEntity,
+    #[serde(default)]
+    pub destination: CalicoEntity,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub http: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoIcmp {
+    #[serde(default, rename = "type")]
+    pub icmp_type: Option<u8>,
+    #[serde(default)]
+    pub code: Option<u8>,
+}
+
+/// A rule's `source` or `destination`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoEntity {
+    #[serde(default)]
+    pub nets: Option<Vec<String>>,
+    #[serde(default)]
+    pub not_nets: Option<Vec<String>>,
+    #[serde(default)]
+    pub selector: Option<String>,
+    #[serde(default)]
+    pub not_selector: Option<String>,
+    #[serde(default)]
+    pub namespace_selector: Option<String>,
+    #[serde(default)]
+    pub ports: Option<Vec<NumberOrName>>,
+    #[serde(default)]
+    pub not_ports: Option<Vec<NumberOrName>>,
+    #[serde(default)]
+    pub service_accounts: Option<CalicoServiceAccounts>,
+    #[serde(default)]
+    pub services: Option<Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoServiceAccounts {
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    #[serde(default)]
+    pub selector: Option<String>,
+}
+
+/// A Calico Tier.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoTier {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: CalicoTierSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CalicoTierSpec {
+    #[serde(default)]
+    pub order: Option<f64>,
+    /// `Deny` (absent) or `Pass`.
+    #[serde(default)]
+    pub default_action: Option<String>,
+}
+
+/// A staged Calico policy: its kind, name and `stagedAction`; the policy
+/// itself is left as written (the lab never enforces it).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CalicoStaged {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Mapping,
+}
+
+impl CalicoStaged {
+    /// `Set` (absent) or `Delete`.
+    pub fn staged_action(&self) -> &str {
+        self.spec
+            .get("stagedAction")
+            .and_then(Value::as_str)
+            .unwrap_or("Set")
+    }
 }
 
 /// The cluster-scoped policy kinds, with the apiVersion the lab reads each as.
@@ -298,6 +490,15 @@ impl Manifests {
         apply(&mut self.network_policies, other.network_policies, |o| {
             &o.metadata
         });
+        apply_kind(&mut self.calico_policies, other.calico_policies, |o| {
+            (&o.kind, &o.metadata)
+        });
+        apply_kind(&mut self.calico_tiers, other.calico_tiers, |o| {
+            (&o.kind, &o.metadata)
+        });
+        apply_kind(&mut self.calico_staged, other.calico_staged, |o| {
+            (&o.kind, &o.metadata)
+        });
         // Cluster-scoped: the kind tells objects of one name apart.
         for object in other.tier_policies {
             match self
@@ -382,10 +583,18 @@ impl Manifests {
                 }
             })
             .unwrap_or_else(|| "(no metadata.name)".into());
+        let calico = map.get("apiVersion").and_then(Value::as_str) == Some(CALICO_API_VERSION)
+            && CALICO_KINDS.contains(&kind.as_str());
         let expected = match kind.as_str() {
+            _ if calico => CALICO_API_VERSION,
             "Namespace" | "Node" | "Pod" | "Service" => "v1",
             "EndpointSlice" => "discovery.k8s.io/v1",
             "NetworkPolicy" => "networking.k8s.io/v1",
+            "GlobalNetworkPolicy"
+            | "Tier"
+            | "StagedNetworkPolicy"
+            | "StagedGlobalNetworkPolicy"
+            | "StagedKubernetesNetworkPolicy" => CALICO_API_VERSION,
             other => match TIER_POLICY_KINDS.iter().find(|(k, _)| *k == other) {
                 Some((_, version)) => version,
                 None => return Ok(()),
@@ -413,6 +622,13 @@ impl Manifests {
             name: &name,
         };
         match kind.as_str() {
+            "NetworkPolicy" | "GlobalNetworkPolicy" if calico => {
+                self.calico_policies.push(ctx.typed(value)?)
+            }
+            "Tier" => self.calico_tiers.push(ctx.typed(value)?),
+            "StagedNetworkPolicy"
+            | "StagedGlobalNetworkPolicy"
+            | "StagedKubernetesNetworkPolicy" => self.calico_staged.push(ctx.typed(value)?),
             "Namespace" => self.namespaces.push(ctx.typed(value)?),
             "Node" => self.nodes.push(ctx.typed(value)?),
             "Pod" => self.pods.push(ctx.typed(value)?),
@@ -466,7 +682,21 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// `namespace/name` of an object.
+/// [`apply`] for kinds sharing one list: kind, namespace and name identify.
+fn apply_kind<T>(into: &mut Vec<T>, from: Vec<T>, key: impl Fn(&T) -> (&String, &ObjectMeta)) {
+    for object in from {
+        let (kind, meta) = key(&object);
+        let id = (kind.clone(), object_id(meta));
+        match into.iter_mut().find(|o| {
+            let (k, m) = key(o);
+            (k.clone(), object_id(m)) == id
+        }) {
+            Some(existing) => *existing = object,
+            None => into.push(object),
+        }
+    }
+}
+
 /// Replace objects of `into` with those of `from` that have the same
 /// namespace and name; append the others.
 fn apply<T>(

@@ -1,7 +1,9 @@
 //! A node's compiled chains run on one packet without a kernel: the rule
 //! text read as nftables reads it, for the expressions the compiler writes
 //! (`ip`/`ip6` `saddr`/`daddr` [`!=`] address, prefix, `{ list }` or
-//! `@set`; `meta l4proto`; `th dport` number or range; `counter`; the
+//! `@set`; `meta l4proto` [`!=`] name or number; `meta nfproto`; `th
+//! dport` [`!=`] number or range; `icmp`/`icmpv6` `type`/`code` (never an
+//! ICMP packet here); `counter`; the
 //! verdicts `return`, `drop`, `accept`, `jump`, `goto`). What the kernel
 //! would do with the same text, as long as the compiler writes nothing else:
 //! anything else is an error, not a guess.
@@ -120,23 +122,46 @@ impl NodePolicy {
                     matched &= inside != negated;
                 }
                 "meta" => {
-                    if next(i + 1)? != "l4proto" {
-                        return Err(format!("meta {}", next(i + 1)?));
-                    }
-                    matched &= next(i + 2)? == packet.protocol.nft();
-                    i += 3;
+                    let negated = next(i + 2)? == "!=";
+                    let value = next(i + 2 + usize::from(negated))?;
+                    let is = match next(i + 1)? {
+                        // Names for TCP, UDP and SCTP, numbers for the rest
+                        // (which a packet here never is).
+                        "l4proto" => value == packet.protocol.nft(),
+                        "nfproto" => {
+                            value
+                                == if packet.daddr.is_ipv4() {
+                                    "ipv4"
+                                } else {
+                                    "ipv6"
+                                }
+                        }
+                        other => return Err(format!("meta {other}")),
+                    };
+                    matched &= is != negated;
+                    i += 3 + usize::from(negated);
                 }
                 "th" => {
                     if next(i + 1)? != "dport" {
                         return Err(format!("th {}", next(i + 1)?));
                     }
-                    let ports = next(i + 2)?;
+                    let negated = next(i + 2)? == "!=";
+                    let ports = next(i + 2 + usize::from(negated))?;
                     let (a, b) = ports.split_once('-').unwrap_or((ports, ports));
                     let (a, b): (u16, u16) = (
                         a.parse().map_err(|_| format!("port {ports}"))?,
                         b.parse().map_err(|_| format!("port {ports}"))?,
                     );
-                    matched &= (a..=b).contains(&packet.dport);
+                    matched &= (a..=b).contains(&packet.dport) != negated;
+                    i += 3 + usize::from(negated);
+                }
+                "icmp" | "icmpv6" => {
+                    if !matches!(next(i + 1)?, "type" | "code") {
+                        return Err(format!("{} {}", tokens[i], next(i + 1)?));
+                    }
+                    next(i + 2)?;
+                    // The packets judged here are TCP, UDP or SCTP.
+                    matched = false;
                     i += 3;
                 }
                 "counter" => i += 1,
