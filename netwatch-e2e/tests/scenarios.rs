@@ -17,6 +17,7 @@ fn every_scenario_folder_has_a_test() {
     let tested = [
         "admin-deny-sensitive",
         "baseline-default-deny",
+        "calico-gnp-forgets-dns",
         "dns-wrong-label",
         "egress-apiserver-world",
         "label-mismatch",
@@ -32,6 +33,11 @@ fn every_scenario_folder_has_a_test() {
         .map(|s| s.name)
         .collect();
     assert_eq!(found, tested, "add a test below for each new scenario");
+}
+
+#[test]
+fn calico_gnp_forgets_dns() {
+    run("calico-gnp-forgets-dns");
 }
 
 #[test]
