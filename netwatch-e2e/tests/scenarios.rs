@@ -17,6 +17,7 @@ fn every_scenario_folder_has_a_test() {
     let tested = [
         "admin-deny-sensitive",
         "baseline-default-deny",
+        "calico-deny-shadows-allow",
         "calico-gnp-forgets-dns",
         "dns-wrong-label",
         "egress-apiserver-world",
@@ -33,6 +34,11 @@ fn every_scenario_folder_has_a_test() {
         .map(|s| s.name)
         .collect();
     assert_eq!(found, tested, "add a test below for each new scenario");
+}
+
+#[test]
+fn calico_deny_shadows_allow() {
+    run("calico-deny-shadows-allow");
 }
 
 #[test]
