@@ -19,6 +19,7 @@ fn every_scenario_folder_has_a_test() {
         "baseline-default-deny",
         "calico-deny-shadows-allow",
         "calico-gnp-forgets-dns",
+        "calico-staged-preview",
         "dns-wrong-label",
         "egress-apiserver-world",
         "label-mismatch",
@@ -44,6 +45,41 @@ fn calico_deny_shadows_allow() {
 #[test]
 fn calico_gnp_forgets_dns() {
     run("calico-gnp-forgets-dns");
+}
+
+/// The staged phase end to end, then what on-call runs before applying:
+/// `netwatch explain` on the staged manifests previews the drop.
+#[test]
+fn calico_staged_preview() {
+    run("calico-staged-preview");
+    let dir = scenarios_dir().join("calico-staged-preview");
+    let out = std::process::Command::new(support::target_binary("netwatch"))
+        .arg("explain")
+        .arg("--manifests")
+        .arg(dir.join("../prod-default-deny/manifests"))
+        .arg("--manifests")
+        .arg(dir.join("staged"))
+        .args([
+            "--from",
+            "prod/web-7f9c4-q8z2m",
+            "--to",
+            "prod/db-0",
+            "--port",
+            "5432",
+        ])
+        .output()
+        .expect("netwatch explain");
+    let text = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("ALLOWED"), "enforcement unchanged: {text}");
+    assert!(
+        text.contains("would be DENIED if enforced")
+            && text.contains("StagedNetworkPolicy.projectcalico.org prod/lock-db"),
+        "{text}"
+    );
 }
 
 #[test]
