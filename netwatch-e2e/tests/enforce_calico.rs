@@ -193,6 +193,14 @@ fn rule(d: &mut Dice, ingress: bool, global: bool) -> String {
         _ => (None, None),
     };
     let mut out = format!("  - action: {action}\n");
+    if d.chance(12) {
+        let v = d.one(&["4", "6"]);
+        let _ = writeln!(out, "    ipVersion: {v}");
+    }
+    if protocol.is_none() && d.chance(12) {
+        out.push_str("    protocol: ICMP\n    icmp: {type: 8}\n");
+        return out;
+    }
     if let Some(p) = protocol {
         let _ = writeln!(out, "    protocol: {p}");
     } else if d.chance(6) {
@@ -303,6 +311,13 @@ fn random_policies(d: &mut Dice) -> String {
             d.one(&["Allow", "Deny", "Pass"])
         );
     }
+    if d.chance(5) {
+        let _ = writeln!(
+            out,
+            "---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: default}}\nspec:\n  subject: {{namespaces: {{}}}}\n  egress: [{{name: b, action: {}, to: [{{pods: {{namespaceSelector: {{matchLabels: {{team: data}}}}, podSelector: {{}}}}}}]}}]",
+            d.one(&["Allow", "Deny"])
+        );
+    }
     if d.chance(4) {
         // Staged: previewed by the engine, never enforced by either.
         out.push_str("---\napiVersion: projectcalico.org/v3\nkind: StagedGlobalNetworkPolicy\nmetadata: {name: lockdown}\nspec:\n  selector: all()\n  types: [Ingress, Egress]\n");
@@ -323,6 +338,41 @@ fn placements(m: &Manifests) -> Vec<PodPlacement> {
             host_network: false,
         })
         .collect()
+}
+
+/// The kernel's nftables accepts every node's ruleset (`nft -c`, in a
+/// network namespace of its own; skipped without root).
+fn nft_accepts(compiled: &CompiledCluster, seed: u64, yaml: &str) {
+    if !nix_root() {
+        return;
+    }
+    for node in &compiled.nodes {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), node.to_nft()).unwrap();
+        let out = std::process::Command::new("unshare")
+            .args(["--net", "nft", "-c", "-f"])
+            .arg(file.path())
+            .output()
+            .expect("unshare nft");
+        assert!(
+            out.status.success(),
+            "seed {seed}, {}: nft -c refuses the ruleset: {}\n{}\n{yaml}",
+            node.node,
+            String::from_utf8_lossy(&out.stderr),
+            node.to_nft()
+        );
+    }
+}
+
+fn nix_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 fn address(cluster: &LabCluster, id: &str) -> IpAddr {
@@ -382,6 +432,9 @@ fn the_compiled_calico_chains_agree_with_the_engine_on_random_policy_sets() {
         let cluster = LabCluster::new(m, placed).unwrap();
         let compiled = CompiledCluster::new(&cluster, &EnforceOptions::default())
             .unwrap_or_else(|e| panic!("seed {seed}: {e}\n{yaml}"));
+        if seed % 10 == 0 {
+            nft_accepts(&compiled, seed, &yaml);
+        }
         for c in &cells {
             let (from, to) = (c["from"].as_str().unwrap(), c["to"].as_str().unwrap());
             let port = c["port"].as_u64().unwrap() as u16;

@@ -947,7 +947,14 @@ impl Compiler<'_> {
         for s in &sources {
             for t in &destinations {
                 for (v6, clause) in &port_clauses {
-                    if !compatible(s.v6, t.v6) || !compatible(s.v6, *v6) || !compatible(t.v6, *v6) {
+                    // ipVersion, the addresses and a named port's pods
+                    // must agree on the family.
+                    let family = r.ip_version.map(|v| v == 6);
+                    let families = [s.v6, t.v6, *v6, family];
+                    if families
+                        .iter()
+                        .any(|a| families.iter().any(|b| !compatible(*a, *b)))
+                    {
                         continue;
                     }
                     let mut parts = fixed.clone();
