@@ -143,7 +143,7 @@ impl CompiledPolicy {
 /// A member of a tier, in evaluation order.
 #[derive(Clone, Debug)]
 enum Member {
-    Calico(CompiledPolicy),
+    Calico(Box<CompiledPolicy>),
     /// Index into the NetworkPolicies.
     Kubernetes(usize),
 }
@@ -246,7 +246,7 @@ impl CalicoTiers {
                     rank,
                     c.namespace.clone(),
                     c.name.clone(),
-                    Member::Calico(c),
+                    Member::Calico(Box::new(c)),
                 ),
             ));
         }
@@ -287,7 +287,7 @@ impl CalicoTiers {
             t.members.push(member);
         }
         let mut tiers: Vec<Tier> = tiers.into_values().collect();
-        tiers.sort_by(|a, b| order_key(a.order, &a.name).cmp(&order_key(b.order, &b.name)));
+        tiers.sort_by_key(|t| order_key(t.order, &t.name));
         Ok(Some(CalicoTiers { tiers }))
     }
 }
