@@ -134,6 +134,9 @@ fn equal_orders(set: &CalicoPolicies, endpoints: &[CalicoEndpoint], findings: &m
     }
 }
 
+/// One probe: protocol number, destination port, ICMP type and code.
+type Probe = (u8, u16, Option<(u8, u8)>);
+
 fn probes(
     engine: &PolicyEngine,
     calico: &CalicoEngine,
@@ -153,7 +156,7 @@ fn probes(
     );
     // (protocol, port, ICMP type and code): TCP and UDP on every port, and
     // the ICMP types and codes the rules name.
-    let probe_set: Vec<(u8, u16, Option<(u8, u8)>)> = ports
+    let probe_set: Vec<Probe> = ports
         .iter()
         .flat_map(|&port| [(6u8, port, None), (17, port, None)])
         .chain(
