@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::{
     cluster::ClusterSnapshot,
-    flow::record::{FlowRecord, L4, Verdict},
+    flow::record::{FlowRecord, L4, StagedWhatIf, Verdict},
     identity::{
         CgroupIndex, Endpoint, IdentityCache, IdentityConfig, IpResolution, PodIdentity,
         ServiceReadiness,
@@ -317,8 +317,37 @@ fn ip_protocol(p: Protocol) -> u8 {
     }
 }
 
+/// The staged policies' what-if for a record: only when enforcing them
+/// would change the verdict or the policies that decide it.
+fn staged_what_if(
+    enforced: &policy::PolicyDecision,
+    staged: &policy::PolicyDecision,
+) -> Option<StagedWhatIf> {
+    let same = staged.verdict == enforced.verdict
+        && staged.egress.denied_by == enforced.egress.denied_by
+        && staged.ingress.denied_by == enforced.ingress.denied_by
+        && staged.egress.allowed_by == enforced.egress.allowed_by
+        && staged.ingress.allowed_by == enforced.ingress.allowed_by;
+    if same {
+        return None;
+    }
+    Some(StagedWhatIf {
+        verdict: staged.verdict.as_str().into(),
+        would_deny_if_enforced: enforced.verdict == policy::PolicyVerdict::Allowed
+            && staged.verdict == policy::PolicyVerdict::Denied,
+        egress_denied_by: staged.egress.denied_by.clone(),
+        ingress_denied_by: staged.ingress.denied_by.clone(),
+        egress_allowed_by: staged.egress.allowed_by.clone(),
+        ingress_allowed_by: staged.ingress.allowed_by.clone(),
+    })
+}
+
 /// Write a policy verdict into a record.
 fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
+    r.staged = v
+        .staged
+        .as_deref()
+        .and_then(|staged| staged_what_if(&v.decision, staged));
     r.egress_allowed_by = v.egress.allowed_by.clone();
     r.ingress_allowed_by = v.ingress.allowed_by.clone();
     r.egress_denied_by = v.egress.denied_by.clone();

@@ -549,3 +549,68 @@ spec:
         "{findings:#?}"
     );
 }
+
+/// ICMP rules are probed with the types and codes they name: a Deny of
+/// all ICMP before an Allow of echo requests shadows the Allow. Calico
+/// refuses ICMP fields without an ICMP protocol, and a code without a
+/// type; so does netwatch, naming the field.
+#[test]
+fn lint_probes_icmp_types_and_codes() {
+    let shadowed = r#"---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: api-icmp, namespace: prod}
+spec:
+  order: 50
+  selector: app == 'api'
+  ingress:
+  - {action: Deny, protocol: ICMP}
+  - {action: Allow, protocol: ICMP, icmp: {type: 8}}
+"#;
+    let findings = lint_json(shadowed);
+    let finding = findings
+        .iter()
+        .find(|f| f["check"] == "calico-shadowed-rule" && f["policy"]["name"] == "api-icmp")
+        .unwrap_or_else(|| panic!("the echo Allow is shadowed: {findings:#?}"));
+    assert_eq!(finding["policy"]["rule"]["index"], 1, "{finding:#}");
+
+    // The other order: the echo Allow decides echo requests, the Deny the
+    // rest; nothing is shadowed.
+    let ordered = shadowed.replace(
+        "  - {action: Deny, protocol: ICMP}\n  - {action: Allow, protocol: ICMP, icmp: {type: 8}}\n",
+        "  - {action: Allow, protocol: ICMP, icmp: {type: 8}}\n  - {action: Deny, protocol: ICMP}\n",
+    );
+    assert_ne!(ordered, shadowed);
+    let findings = lint_json(&ordered);
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f["check"] == "calico-shadowed-rule" && f["policy"]["name"] == "api-icmp"),
+        "{findings:#?}"
+    );
+
+    for (rule, field, problem) in [
+        (
+            "{action: Allow, protocol: TCP, icmp: {type: 8}}",
+            "spec.ingress[0].icmp",
+            "need protocol ICMP or ICMPv6",
+        ),
+        (
+            "{action: Allow, protocol: ICMP, notICMP: {code: 0}}",
+            "spec.ingress[0].notICMP.code",
+            "needs a type",
+        ),
+    ] {
+        let bad = format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: x, namespace: prod}}\nspec:\n  selector: app == 'api'\n  ingress:\n  - {rule}\n"
+        );
+        let (_dir, file) = write_manifests(&bad);
+        let o = netwatch(&["lint", "--manifests", &file]);
+        assert!(!o.status.success(), "{rule} accepted");
+        let err = text(&o.stderr);
+        assert!(
+            err.contains(field) && err.contains(problem),
+            "{rule}: {err}"
+        );
+    }
+}

@@ -64,6 +64,12 @@ const COLLECTIONS: &[(&str, &str, &str)] = &[
         "policy.networking.k8s.io/v1alpha1",
         "BaselineAdminNetworkPolicyList",
     ),
+    // The CRDs, watched (metadata only) to pick up a kind installed later.
+    (
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinitionList",
+    ),
     // Calico's kinds, installed and empty (tests/identity_kube_calico.rs
     // serves them).
     (

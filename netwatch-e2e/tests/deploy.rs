@@ -604,6 +604,24 @@ fn an_unknown_or_mistyped_field_is_rejected_with_its_path() {
 
 /// The kinds the agent's identity source watches, as named in its
 /// `snapshot_kinds!` list (netwatch-agent/src/identity/kube.rs).
+/// The agent also watches CRDs (kube.rs `watch_crds`), to pick up a
+/// policy kind whose CRD is installed later.
+fn crd_watch() -> ((String, String), BTreeSet<String>) {
+    let source =
+        std::fs::read_to_string(root().join("netwatch-agent/src/identity/kube.rs")).unwrap();
+    assert!(
+        source.contains("Api<CustomResourceDefinition>") && !source.contains("crds.get("),
+        "the agent's CRD watch changed"
+    );
+    (
+        (
+            "apiextensions.k8s.io".into(),
+            "customresourcedefinitions".into(),
+        ),
+        ["list", "watch"].map(String::from).into(),
+    )
+}
+
 fn watched_kinds() -> Vec<String> {
     let source =
         std::fs::read_to_string(root().join("netwatch-agent/src/identity/kube.rs")).unwrap();
@@ -722,6 +740,7 @@ fn the_cluster_role_grants_list_and_watch_on_exactly_the_kinds_the_agent_watches
                 ["list", "watch"].map(String::from).into(),
             )
         })
+        .chain([crd_watch()])
         .collect();
     for (name, docs) in [
         ("deploy/manifests", plain_docs()),
@@ -763,6 +782,7 @@ fn events_add_only_create_on_events_and_only_when_the_agent_posts_them() {
                 ["list", "watch"].map(String::from).into(),
             )
         })
+        .chain([crd_watch()])
         .collect();
     expected.insert(
         (String::new(), "events".into()),

@@ -873,6 +873,23 @@ fn ends(r: &FlowRecord) -> (String, String) {
     (src, dst)
 }
 
+/// Calico's staged policies' what-if, when they would change the
+/// decision: `staged: would deny if enforced by StagedGlobalNetworkPolicy.projectcalico.org security.x rule 0 [egress]`.
+pub fn staged_text(r: &FlowRecord) -> Option<String> {
+    let staged = r.staged.as_ref()?;
+    let what = if staged.would_deny_if_enforced {
+        "would deny if enforced".to_string()
+    } else {
+        format!("would be {} if enforced", staged.verdict)
+    };
+    let by = staged.labels();
+    Some(if by.is_empty() {
+        format!("staged: {what}")
+    } else {
+        format!("staged: {what} by {}", by.join(", "))
+    })
+}
+
 fn verdict_colour(v: Verdict) -> &'static str {
     match v {
         Verdict::Dropped => "\x1b[31m",
@@ -935,6 +952,9 @@ pub fn format_compact_for(r: &FlowRecord, color: bool, width: usize, node: &str)
         .unwrap_or_default();
     if !policies.is_empty() {
         tail.push_str(&format!(" denied by {policies}"));
+    }
+    if let Some(staged) = staged_text(r) {
+        tail.push_str(&format!(" ({staged})"));
     }
     tail.push_str(&lifecycle_text(r));
     let proto = protocol_text(r);
@@ -1086,6 +1106,9 @@ pub fn format_dict(r: &FlowRecord, node: bool) -> String {
     let policies = policy_text(r);
     if !policies.is_empty() {
         rows.push(("DENIED BY", policies));
+    }
+    if let Some(staged) = staged_text(r) {
+        rows.push(("STAGED", staged));
     }
     let mut out = String::new();
     for (k, v) in rows {

@@ -45,8 +45,14 @@ pub fn hubble_verdict(v: Verdict) -> &'static str {
 /// (the kernel's name is in `Summary`).
 pub fn hubble_drop_reason(kernel_reason: &str) -> (&'static str, i32) {
     match kernel_reason {
-        "NETFILTER_DROP" | "TC_INGRESS" | "TC_EGRESS" | "BPF_CGROUP_INGRESS"
-        | "BPF_CGROUP_EGRESS" | "SOCKET_FILTER" | "XFRM_POLICY" | "OVS_DROP_LAST_ACTION"
+        "NETFILTER_DROP"
+        | "TC_INGRESS"
+        | "TC_EGRESS"
+        | "BPF_CGROUP_INGRESS"
+        | "BPF_CGROUP_EGRESS"
+        | "SOCKET_FILTER"
+        | "XFRM_POLICY"
+        | "OVS_DROP_LAST_ACTION"
         | "OVS_DROP_EXPLICIT" => ("POLICY_DENIED", 133),
         "IP_RPFILTER" => ("INVALID_SOURCE_IP", 132),
         "IP_INNOROUTES" | "IP_OUTNOROUTES" => ("FIB_LOOKUP_FAILED", 169),
@@ -358,6 +364,42 @@ pub fn summary(r: &FlowRecord) -> String {
     if r.unenriched {
         kv.push("unenriched=true".into());
     }
+    if let Some(staged) = &r.staged {
+        // Hubble's Policy lists are for enforced policies: the staged
+        // what-if goes here, each policy as kind/[namespace/]name (no spaces).
+        kv.push(format!("staged_verdict={}", staged.verdict));
+        if staged.would_deny_if_enforced {
+            kv.push("staged_would_deny_if_enforced=true".into());
+        }
+        let names = |side: &str, list: &[crate::record::PolicyRef]| {
+            list.iter()
+                .map(|p| {
+                    let ns = p
+                        .namespace
+                        .as_deref()
+                        .map(|n| format!("{n}/"))
+                        .unwrap_or_default();
+                    let tier = match p.tier {
+                        crate::record::Tier::Calico(t) => format!("@{}", t.as_str()),
+                        _ => String::new(),
+                    };
+                    let rule = p
+                        .rule
+                        .as_ref()
+                        .map(|r| format!("#{}", r.index))
+                        .unwrap_or_default();
+                    format!("{side}:{}/{ns}{}{tier}{rule}", p.kind.as_str(), p.name)
+                })
+                .collect::<Vec<_>>()
+        };
+        let by: Vec<String> = names("egress", &staged.egress_denied_by)
+            .into_iter()
+            .chain(names("ingress", &staged.ingress_denied_by))
+            .collect();
+        if !by.is_empty() {
+            kv.push(format!("staged_denied_by={}", by.join(",")));
+        }
+    }
     if let Some(e) = &r.explanation {
         kv.push(format!("explanation={e}"));
     }
@@ -420,8 +462,14 @@ mod tests {
         );
 
         // An OpenFlow drop (Antrea's, OVN-Kubernetes') is a policy's too.
-        assert_eq!(hubble_drop_reason("OVS_DROP_LAST_ACTION"), ("POLICY_DENIED", 133));
-        assert_eq!(hubble_drop_reason("OVS_DROP_METER").0, "DROP_REASON_UNKNOWN");
+        assert_eq!(
+            hubble_drop_reason("OVS_DROP_LAST_ACTION"),
+            ("POLICY_DENIED", 133)
+        );
+        assert_eq!(
+            hubble_drop_reason("OVS_DROP_METER").0,
+            "DROP_REASON_UNKNOWN"
+        );
 
         let audit = record(json!({"verdict": "POLICY_NOT_ENFORCED", "drop_reason_desc": null}));
         assert_eq!(to_get_flows_response(&audit)["flow"]["verdict"], "AUDIT");

@@ -945,6 +945,7 @@ fn render(
         near_misses: Vec::new(),
         unenriched: false,
         aggregate: f.aggregated_flows.map(|flows| Aggregate { flows }),
+        staged: None,
     }
 }
 

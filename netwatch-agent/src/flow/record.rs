@@ -367,6 +367,68 @@ pub struct FlowRecord {
     /// `packets` and `bytes` count all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<Aggregate>,
+    /// netwatch: Calico's staged policies (never enforced), when enforcing
+    /// them would change this flow's policy decision: the verdict they
+    /// would give and the policies that would decide (see [`StagedWhatIf`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedWhatIf>,
+}
+
+/// A what-if of Calico's staged policies (StagedNetworkPolicy,
+/// StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy) for one flow:
+/// present on a record only when enforcing them would change the verdict
+/// or the policies that decide it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StagedWhatIf {
+    /// `ALLOWED` or `DENIED`: the policy verdict with the staged policies
+    /// enforced.
+    pub verdict: String,
+    /// The policies allow this flow today and the staged ones would deny
+    /// it ("would deny if enforced").
+    pub would_deny_if_enforced: bool,
+    /// The deciding policies with the staged ones enforced (kind, tier,
+    /// rule as in `*_denied_by`; staged kinds are `Staged*.projectcalico.org`).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
+    pub egress_denied_by: Vec<PolicyRef>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
+    pub ingress_denied_by: Vec<PolicyRef>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
+    pub egress_allowed_by: Vec<PolicyRef>,
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_record_list",
+        deserialize_with = "deserialize_record_list"
+    )]
+    pub ingress_allowed_by: Vec<PolicyRef>,
+}
+
+impl StagedWhatIf {
+    /// `kind tier/policy rule N [side]` for each deciding staged policy,
+    /// for one-line outputs.
+    pub fn labels(&self) -> Vec<String> {
+        let label = |p: &PolicyRef, side: &str| format!("{p} [{side}]");
+        self.egress_denied_by
+            .iter()
+            .map(|p| label(p, "egress"))
+            .chain(self.ingress_denied_by.iter().map(|p| label(p, "ingress")))
+            .collect()
+    }
 }
 
 /// What an aggregated record stands for.

@@ -3,7 +3,9 @@
 //! policy.networking.k8s.io (ClusterNetworkPolicy, AdminNetworkPolicy,
 //! BaselineAdminNetworkPolicy), which are CRDs a cluster may not have: a
 //! kind not installed is logged once, counts as listed and empty, and is
-//! picked up when its CRD appears.
+//! picked up when its CRD appears: one watch of CustomResourceDefinitions
+//! (metadata only) wakes the kind's watcher as soon as its CRD is created,
+//! with a slow poll as the fallback when that watch is not allowed.
 //!
 //! Each kind runs `watcher -> default_backoff -> modify(strip)`: the watcher
 //! lists then watches, re-lists when the API says the watch is too old (410
@@ -25,7 +27,7 @@
 //! answers, and identity catches up when the snapshots arrive.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fmt::Debug,
     path::Path,
     sync::Arc,
@@ -47,6 +49,7 @@ use k8s_openapi::{
         discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice},
         networking::v1::NetworkPolicy,
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -473,10 +476,13 @@ fn apply_event<'s, K: SnapshotKind>(
 pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (status_tx, status) = watch::channel(ApiStatus::new());
+    let (crds_tx, crds) = watch::channel(BTreeSet::new());
     let ctx = WatchContext {
         events: events_tx,
         status: Arc::new(status_tx),
         config: Arc::new(config.clone()),
+        crds,
+        optional_crds: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
     };
     let node = config.node_name.clone();
     let mut tasks = vec![
@@ -588,6 +594,19 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
         CrdStagedKubernetesNetworkPolicy
     );
 
+    // Every optional kind has registered its CRD's name by now.
+    let wanted = ctx
+        .optional_crds
+        .lock()
+        .map(|names| names.clone())
+        .unwrap_or_default();
+    tasks.push(tokio::spawn(watch_crds(
+        Api::all(client.clone()),
+        wanted,
+        crds_tx,
+        Arc::clone(&ctx.config),
+    )));
+
     let (snapshot_tx, snapshots) = watch::channel(Arc::new(ClusterSnapshot::default()));
     let (ready_tx, ready) = watch::channel(false);
     tasks.push(tokio::spawn(publish_snapshots(
@@ -653,6 +672,10 @@ struct WatchContext {
     events: mpsc::Sender<ObjectEvent>,
     status: Arc<watch::Sender<ApiStatus>>,
     config: Arc<KubeWatchConfig>,
+    /// The installed CRDs among `optional_crds`, from [`watch_crds`].
+    crds: watch::Receiver<BTreeSet<String>>,
+    /// The CRD names of the optional kinds, collected as they start.
+    optional_crds: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 /// Runs one kind's watcher, sending its events to the publishing task and
@@ -687,10 +710,17 @@ fn watch_kind_with<K: SnapshotKind>(
     ctx.status.send_modify(|s| {
         s.insert(kind.clone(), KindState::Listing);
     });
+    // `<plural>.<group>`, as CustomResourceDefinitions are named.
+    let crd = optional.then(|| format!("{}.{}", K::plural(&()), K::group(&())));
+    if let (Some(name), Ok(mut names)) = (&crd, ctx.optional_crds.lock()) {
+        names.insert(name.clone());
+    }
     let watcher = KindWatcher {
         api: Api::all(client),
         kind,
         optional,
+        crd,
+        crds: ctx.crds.clone(),
         events: ctx.events.clone(),
         status: Arc::clone(&ctx.status),
         config: Arc::clone(&ctx.config),
@@ -802,6 +832,10 @@ struct KindWatcher<K: SnapshotKind, S> {
     api: Api<K>,
     kind: String,
     optional: bool,
+    /// The CRD defining this kind (optional kinds only).
+    crd: Option<String>,
+    /// The installed CRDs, to pick the kind up as soon as its CRD appears.
+    crds: watch::Receiver<BTreeSet<String>>,
     events: mpsc::Sender<ObjectEvent>,
     status: Arc<watch::Sender<ApiStatus>>,
     config: Arc<KubeWatchConfig>,
@@ -832,7 +866,7 @@ impl<K: SnapshotKind, S: FnMut(&mut K) + Send + 'static> KindWatcher<K, S> {
                         Ok(pause) => pause,
                         Err(Closed) => return,
                     };
-                    tokio::time::sleep(pause).await;
+                    self.pause(pause).await;
                     continue;
                 }
             };
@@ -908,7 +942,7 @@ impl<K: SnapshotKind, S: FnMut(&mut K) + Send + 'static> KindWatcher<K, S> {
                 }
                 Err(failure) => {
                     let pause = self.failed(failure).await?;
-                    tokio::time::sleep(pause).await;
+                    self.pause(pause).await;
                     continue;
                 }
             };
@@ -974,6 +1008,34 @@ impl<K: SnapshotKind, S: FnMut(&mut K) + Send + 'static> KindWatcher<K, S> {
         self.events.send(K::wrap(event)).await.is_ok()
     }
 
+    /// Waits `pause` before the next attempt; a kind whose CRD is missing
+    /// waits only until the CRD appears.
+    async fn pause(&mut self, pause: Duration) {
+        let Some(crd) = self.crd.clone() else {
+            return tokio::time::sleep(pause).await;
+        };
+        if self.crds.borrow_and_update().contains(&crd) {
+            // Installed already (and still 404: being established), or a
+            // failure unrelated to the CRD.
+            return tokio::time::sleep(pause).await;
+        }
+        let crds = &mut self.crds;
+        let appeared = async {
+            // The guard `wait_for` returns is dropped here, not held.
+            let appeared = crds.wait_for(|installed| installed.contains(&crd)).await;
+            appeared.is_ok()
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            appeared = appeared => if appeared {
+                tracing::debug!(kind = %self.kind, crd = %crd, "Kubernetes API: the kind's CRD appeared; listing it");
+            } else {
+                // The CRD watch is gone: the sleep alone decides.
+                tokio::time::sleep(pause).await;
+            },
+        }
+    }
+
     fn set_state(&self, state: KindState) {
         self.status.send_if_modified(|s| {
             let entry = s.entry(self.kind.clone()).or_insert(KindState::Listing);
@@ -1016,7 +1078,17 @@ impl<K: SnapshotKind, S: FnMut(&mut K) + Send + 'static> KindWatcher<K, S> {
                 }
                 self.listed = true;
             }
-            return Ok(SLOW_RETRY);
+            // Served soon after its CRD is created: retry at the normal pace
+            // then; else until the CRD appears (see `pause`).
+            let installed = self
+                .crd
+                .as_ref()
+                .is_some_and(|crd| self.crds.borrow().contains(crd));
+            return Ok(if installed {
+                self.backoff.delay()
+            } else {
+                SLOW_RETRY
+            });
         }
         if code == Some(403) {
             if first {
@@ -1073,6 +1145,111 @@ impl<K: SnapshotKind, S: FnMut(&mut K) + Send + 'static> KindWatcher<K, S> {
             }
         }
         self.set_state(KindState::Synced);
+    }
+}
+
+/// Watches CustomResourceDefinitions, metadata only (a CRD's schema can be
+/// hundreds of kilobytes), and publishes which of `wanted` are installed.
+/// Field selectors cannot say "one of these names", so the names are
+/// filtered here; clusters have tens to hundreds of CRDs, and their
+/// metadata changes rarely. When the API refuses (an older ClusterRole
+/// without customresourcedefinitions), the optional kinds fall back to
+/// polling every [`SLOW_RETRY`]; this is retried as seldom.
+async fn watch_crds(
+    api: Api<CustomResourceDefinition>,
+    wanted: BTreeSet<String>,
+    installed: watch::Sender<BTreeSet<String>>,
+    config: Arc<KubeWatchConfig>,
+) {
+    let mut backoff = Backoff::new(config.backoff_max);
+    let mut logged = false;
+    let params =
+        WatchParams::default().timeout(config.watch_timeout.as_secs().clamp(1, 3600) as u32);
+    loop {
+        let timeout = config.request_timeout;
+        let listed = tokio::time::timeout(
+            timeout,
+            api.list_metadata(&ListParams::default().match_any()),
+        )
+        .await;
+        let listed = match listed {
+            Ok(Ok(list)) => Ok(list),
+            Err(_) => Err((
+                format!("no answer within {} s", timeout.as_secs()),
+                backoff.delay(),
+            )),
+            Ok(Err(kube::Error::Api(status))) if matches!(status.code, 401 | 403) => {
+                Err((format!("{} {}", status.code, status.message), SLOW_RETRY))
+            }
+            Ok(Err(error)) => Err((error.to_string(), backoff.delay())),
+        };
+        let list = match listed {
+            Ok(list) => list,
+            Err((error, pause)) => {
+                if !logged {
+                    logged = true;
+                    tracing::info!(
+                        error = %error,
+                        hint = "grant list and watch on customresourcedefinitions so that CRDs installed later are picked up at once",
+                        "Kubernetes API: cannot watch CustomResourceDefinitions; kinds whose CRD is missing are retried every {} s",
+                        SLOW_RETRY.as_secs()
+                    );
+                }
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        logged = false;
+        backoff.reset();
+        let names: BTreeSet<String> = list
+            .items
+            .iter()
+            .filter_map(|crd| crd.metadata.name.clone())
+            .filter(|name| wanted.contains(name))
+            .collect();
+        installed.send_if_modified(|current| {
+            let changed = *current != names;
+            *current = names;
+            changed
+        });
+        let Some(version) = list.metadata.resource_version.clone() else {
+            tokio::time::sleep(backoff.delay()).await;
+            continue;
+        };
+        // Watch until it ends or fails, then re-list (cheap: metadata of
+        // a few CRDs, from the watch cache).
+        let started = tokio::time::timeout(timeout, api.watch_metadata(&params, &version)).await;
+        let Ok(Ok(stream)) = started else {
+            tokio::time::sleep(backoff.delay()).await;
+            continue;
+        };
+        let mut stream = std::pin::pin!(stream);
+        while let Ok(Some(Ok(event))) =
+            tokio::time::timeout(config.idle_timeout, stream.next()).await
+        {
+            let (name, present) = match event {
+                WatchEvent::Added(crd) | WatchEvent::Modified(crd) => {
+                    (crd.metadata.name, crd.metadata.deletion_timestamp.is_none())
+                }
+                WatchEvent::Deleted(crd) => (crd.metadata.name, false),
+                WatchEvent::Bookmark(_) => continue,
+                WatchEvent::Error(_) => break,
+            };
+            let Some(name) = name.filter(|n| wanted.contains(n)) else {
+                continue;
+            };
+            installed.send_if_modified(|current| {
+                if present {
+                    current.insert(name)
+                } else {
+                    current.remove(&name)
+                }
+            });
+        }
+        if installed.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff.delay()).await;
     }
 }
 

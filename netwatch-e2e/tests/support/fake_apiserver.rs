@@ -64,7 +64,86 @@ pub const COLLECTIONS: &[(&str, &str, &str)] = &[
         "policy.networking.k8s.io/v1alpha1",
         "BaselineAdminNetworkPolicyList",
     ),
+    (
+        CRDS,
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinitionList",
+    ),
+    // Calico's kinds through the Calico API server (an aggregated API)...
+    (
+        "/apis/projectcalico.org/v3/tiers",
+        "projectcalico.org/v3",
+        "TierList",
+    ),
+    (
+        CALICO_NETWORK_POLICIES,
+        "projectcalico.org/v3",
+        "NetworkPolicyList",
+    ),
+    (
+        CALICO_GLOBAL_NETWORK_POLICIES,
+        "projectcalico.org/v3",
+        "GlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/stagednetworkpolicies",
+        "projectcalico.org/v3",
+        "StagedNetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/stagedglobalnetworkpolicies",
+        "projectcalico.org/v3",
+        "StagedGlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/projectcalico.org/v3/stagedkubernetesnetworkpolicies",
+        "projectcalico.org/v3",
+        "StagedKubernetesNetworkPolicyList",
+    ),
+    // ... and in the CRDs Calico stores them in.
+    (
+        "/apis/crd.projectcalico.org/v1/tiers",
+        "crd.projectcalico.org/v1",
+        "TierList",
+    ),
+    (
+        CRD_NETWORK_POLICIES,
+        "crd.projectcalico.org/v1",
+        "NetworkPolicyList",
+    ),
+    (
+        CRD_GLOBAL_NETWORK_POLICIES,
+        "crd.projectcalico.org/v1",
+        "GlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/stagednetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "StagedNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/stagedglobalnetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "StagedGlobalNetworkPolicyList",
+    ),
+    (
+        "/apis/crd.projectcalico.org/v1/stagedkubernetesnetworkpolicies",
+        "crd.projectcalico.org/v1",
+        "StagedKubernetesNetworkPolicyList",
+    ),
 ];
+
+pub const CRDS: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+pub const CALICO_NETWORK_POLICIES: &str = "/apis/projectcalico.org/v3/networkpolicies";
+pub const CALICO_GLOBAL_NETWORK_POLICIES: &str = "/apis/projectcalico.org/v3/globalnetworkpolicies";
+pub const CRD_NETWORK_POLICIES: &str = "/apis/crd.projectcalico.org/v1/networkpolicies";
+pub const CRD_GLOBAL_NETWORK_POLICIES: &str =
+    "/apis/crd.projectcalico.org/v1/globalnetworkpolicies";
+
+/// Whether `path` is one of Calico's collections (absent until installed).
+fn is_calico(path: &str) -> bool {
+    path.starts_with("/apis/projectcalico.org/") || path.starts_with("/apis/crd.projectcalico.org/")
+}
 
 pub const PODS: &str = "/api/v1/pods";
 pub const NAMESPACES: &str = "/api/v1/namespaces";
@@ -108,6 +187,10 @@ struct State {
     history: Vec<(u64, &'static str, Value)>,
     mode: Mode,
     forbidden: HashSet<&'static str>,
+    /// Not installed (404): the CRDs of AdminNetworkPolicy and
+    /// BaselineAdminNetworkPolicy, as on most clusters, and Calico's kinds
+    /// until [`FakeApiServer::install`] or [`FakeApiServer::install_crd`].
+    absent: HashSet<&'static str>,
     /// The next watch request of these collections is answered HTTP 410.
     gone_next_watch: HashSet<&'static str>,
     /// Bumped to end every open watch (cut), or to expire them (410 event).
@@ -132,9 +215,6 @@ pub struct FakeApiServer {
     netns: String,
     pub port: u16,
     listening: Option<(Arc<AtomicBool>, thread::JoinHandle<()>)>,
-    /// The CRDs of AdminNetworkPolicy and BaselineAdminNetworkPolicy are not
-    /// installed (404), as on most clusters.
-    absent: HashSet<&'static str>,
 }
 
 /// `/run/netns/NAME`: the lab's named namespaces.
@@ -182,6 +262,11 @@ impl FakeApiServer {
                 history: Vec::new(),
                 mode: Mode::Healthy,
                 forbidden: HashSet::new(),
+                absent: COLLECTIONS
+                    .iter()
+                    .map(|(p, _, _)| *p)
+                    .filter(|p| is_calico(p) || p.contains("adminnetworkpolicies"))
+                    .collect(),
                 gone_next_watch: HashSet::new(),
                 cut_generation: 0,
                 expire_generation: 0,
@@ -196,12 +281,6 @@ impl FakeApiServer {
             netns: netns.to_string(),
             port: 0,
             listening: None,
-            absent: [
-                "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
-                "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies",
-            ]
-            .into_iter()
-            .collect(),
         };
         server.up();
         server
@@ -228,7 +307,6 @@ impl FakeApiServer {
         listener.set_nonblocking(true).expect("nonblocking");
         let run = Arc::new(AtomicBool::new(true));
         let shared = Arc::clone(&self.shared);
-        let absent = self.absent.clone();
         let keep = Arc::clone(&run);
         let accept = thread::spawn(move || {
             while keep.load(Ordering::Relaxed) {
@@ -239,8 +317,7 @@ impl FakeApiServer {
                             shared.connections.lock().unwrap().push(clone);
                         }
                         let shared = Arc::clone(&shared);
-                        let absent = absent.clone();
-                        thread::spawn(move || serve_connection(stream, &shared, &absent));
+                        thread::spawn(move || serve_connection(stream, &shared));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(20)),
                 }
@@ -343,6 +420,34 @@ impl FakeApiServer {
         });
     }
 
+    /// `collection` is served from now on (an aggregated API such as the
+    /// Calico API server, installed).
+    pub fn install(&self, collection: &'static str) {
+        self.with_state(|s| {
+            s.absent.remove(collection);
+        });
+    }
+
+    /// The CRD serving `collection` (`/apis/GROUP/VERSION/PLURAL`) is
+    /// created: a CustomResourceDefinition `PLURAL.GROUP` appears, and the
+    /// collection is served.
+    pub fn install_crd(&self, collection: &'static str) {
+        let mut parts = collection.trim_start_matches("/apis/").split('/');
+        let (group, version, plural) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        self.install(collection);
+        self.apply(
+            CRDS,
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                   "metadata": {"name": format!("{plural}.{group}")},
+                   "spec": {"group": group, "names": {"plural": plural},
+                            "versions": [{"name": version, "served": true, "storage": true}]}}),
+        );
+    }
+
     /// Ends every open watch stream, cleanly (as the API server does at a
     /// watch's timeout or on a restart of a proxy).
     pub fn cut_watches(&self) {
@@ -430,7 +535,7 @@ fn hold(shared: &Shared) {
     }
 }
 
-fn serve_connection(stream: TcpStream, shared: &Shared, absent: &HashSet<&'static str>) {
+fn serve_connection(stream: TcpStream, shared: &Shared) {
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -497,7 +602,8 @@ fn serve_connection(stream: TcpStream, shared: &Shared, absent: &HashSet<&'stati
                 ),
             ),
             (Mode::Healthy, Some((path, api_version, list_kind))) => {
-                if absent.contains(path) {
+                let absent = shared.state.lock().unwrap().absent.contains(path);
+                if absent {
                     respond(
                         &mut stream,
                         404,

@@ -24,9 +24,11 @@
 //! no egress rules, Egress when it has egress rules but no ingress rules,
 //! and both when it has both. The cluster policies of kube-admin /
 //! kube-baseline are the engine's Admin and Baseline tiers, walked in
-//! their place by [`super::engine`]. Not evaluated (documented gaps):
-//! rule `services` (match nothing), source `ports` (a flow's source port
-//! is not known: such a rule matches nothing), host endpoints (`preDNAT`
+//! their place by [`super::engine`]. A rule's `services` matches the pods
+//! backing the Service (by its selector, or its EndpointSlices), and as a
+//! destination only on the ports each pod serves the Service on. Not
+//! evaluated (documented gaps): source `ports` (a flow's source port is
+//! not known: such a rule matches nothing), host endpoints (`preDNAT`
 //! and `doNotTrack` policies act on host endpoints only, never on pods,
 //! so they are parsed and ignored; `applyOnForward` alone changes nothing
 //! for pods).
@@ -167,6 +169,18 @@ pub struct CalicoEndpoint {
     pub ip: Option<IpAddr>,
     /// Container ports: (name, protocol number, port).
     pub named_ports: Vec<(String, u8, u16)>,
+    /// The Services this endpoint backs (rule `services`).
+    pub services: Vec<ServiceBacking>,
+}
+
+/// A Service an endpoint backs, and the ports it serves it on (the
+/// Service's target ports on this pod): what a rule's `services` matches.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceBacking {
+    pub namespace: String,
+    pub name: String,
+    /// (protocol number, port).
+    pub ports: Vec<(u8, u16)>,
 }
 
 impl CalicoEndpoint {
@@ -242,7 +256,8 @@ struct Entity {
     not_ports: Vec<PortMatch>,
     service_account_names: Option<Vec<String>>,
     service_account_selector: Option<CalicoSelector>,
-    services: bool,
+    /// `services`: (namespace, name); no namespace means the policy's.
+    services: Option<(Option<String>, String)>,
 }
 
 impl Entity {
@@ -812,6 +827,36 @@ impl CalicoPolicies {
         ports
     }
 
+    /// Lint: the ICMP probes worth making, `(protocol, type, code)`: every
+    /// type and code a rule of an ICMP protocol names (a type alone probed
+    /// with code 0), a type other than each named one (what a `notICMP`
+    /// or a narrower rule leaves), and echo requests.
+    pub fn probe_icmp(&self) -> std::collections::BTreeSet<(u8, u8, u8)> {
+        let mut probes = std::collections::BTreeSet::new();
+        for policy in self.tiers.iter().flat_map(|t| &t.policies) {
+            for rule in [&policy.ingress, &policy.egress]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let Some(protocol @ (1 | 58)) = rule.protocol else {
+                    continue;
+                };
+                let echo = if protocol == 1 { 8 } else { 128 };
+                probes.insert((protocol, echo, 0));
+                for (t, c) in [rule.icmp, rule.not_icmp].into_iter().flatten() {
+                    if let Some(t) = t {
+                        probes.insert((protocol, t, c.unwrap_or(0)));
+                        // Another code of the type, and another type.
+                        probes.insert((protocol, t, c.map_or(1, |c| c.wrapping_add(1))));
+                        probes.insert((protocol, t.wrapping_add(1) % 255, 0));
+                    }
+                }
+            }
+        }
+        probes
+    }
+
     /// Lint: the policies of the tier that select `subject` for the direction.
     pub fn selecting(
         &self,
@@ -923,6 +968,28 @@ impl CalicoPolicies {
                     for (side, entity) in
                         [("source", &rule.source), ("destination", &rule.destination)]
                     {
+                        if let Some((service_namespace, service)) = &entity.services {
+                            let service_namespace = service_namespace
+                                .as_deref()
+                                .or(namespace)
+                                .unwrap_or_default();
+                            let backed = endpoints.iter().any(|e| {
+                                e.services
+                                    .iter()
+                                    .any(|s| s.namespace == service_namespace && s.name == *service)
+                            });
+                            if !backed {
+                                found.push(EmptySelection {
+                                    policy: CalicoPolicyRef {
+                                        rule: Some(i),
+                                        ..policy.reference.clone()
+                                    },
+                                    field: format!("spec.{name}[{i}].{side}.services"),
+                                    selector: format!("{service_namespace}/{service}"),
+                                });
+                            }
+                            continue;
+                        }
                         if !entity.selects_endpoints() {
                             continue;
                         }
@@ -1138,8 +1205,25 @@ fn entity_matches(
     {
         return false;
     }
-    if entity.services {
-        return false;
+    // `services`: the Service's endpoints; as a destination, only on the
+    // ports each endpoint serves the Service on.
+    if let Some((namespace, name)) = &entity.services {
+        let namespace = namespace.as_deref().or(policy_namespace);
+        let Some(backing) = endpoint
+            .services
+            .iter()
+            .find(|s| Some(s.namespace.as_str()) == namespace && s.name == *name)
+        else {
+            return false;
+        };
+        if let Some(port) = port
+            && !backing
+                .ports
+                .iter()
+                .any(|&(protocol, p)| protocol == flow.protocol && p == port)
+        {
+            return false;
+        }
     }
     let port_in = |ports: &[PortMatch], port: u16| {
         ports.iter().any(|p| match p {
@@ -1354,7 +1438,41 @@ fn entity(cx: &Context<'_>, field: &str, e: &EntityRule) -> Result<Entity, Calic
             &format!("{field}.serviceAccounts.selector"),
             sa.and_then(|s| s.selector.as_deref()),
         )?,
-        services: e.services.is_some(),
+        services: match &e.services {
+            None => None,
+            Some(m) => {
+                let combined = [
+                    ("selector", e.selector.is_some()),
+                    ("notSelector", e.not_selector.is_some()),
+                    ("namespaceSelector", e.namespace_selector.is_some()),
+                    ("nets", e.nets.is_some()),
+                    ("notNets", e.not_nets.is_some()),
+                    ("serviceAccounts", e.service_accounts.is_some()),
+                ];
+                if let Some((other, _)) = combined.iter().find(|(_, set)| *set) {
+                    return Err(cx.field(
+                        format!("{field}.services"),
+                        format!("services cannot be combined with {other} in one rule side"),
+                    ));
+                }
+                let Some(name) = m.name.clone().filter(|n| !n.is_empty()) else {
+                    return Err(
+                        cx.field(format!("{field}.services.name"), "a Service name is needed")
+                    );
+                };
+                let namespace = m.namespace.clone().filter(|n| !n.is_empty());
+                // A GlobalNetworkPolicy has no namespace to default to.
+                if namespace.is_none()
+                    && cx.kind.enforced() == CalicoKind::CalicoGlobalNetworkPolicy
+                {
+                    return Err(cx.field(
+                        format!("{field}.services.namespace"),
+                        "a GlobalNetworkPolicy must name the Service's namespace",
+                    ));
+                }
+                Some((namespace, name))
+            }
+        },
     })
 }
 
@@ -1372,6 +1490,27 @@ fn rule(cx: &Context<'_>, field: &str, r: &Rule) -> Result<CompiledRule, CalicoE
             format!("{field}.protocol"),
             "ports need protocol TCP, UDP, SCTP or UDPLite",
         ));
+    }
+    // Calico refuses these (its dataplanes cannot match them).
+    for (name, fields) in [("icmp", &r.icmp), ("notICMP", &r.not_icmp)] {
+        let Some(fields) = fields else {
+            continue;
+        };
+        if !matches!(protocol, Some(1 | 58)) {
+            return Err(cx.field(
+                format!("{field}.{name}"),
+                "ICMP type and code need protocol ICMP or ICMPv6",
+            ));
+        }
+        if fields.code.is_some() && fields.icmp_type.is_none() {
+            return Err(cx.field(format!("{field}.{name}.code"), "an ICMP code needs a type"));
+        }
+        if fields.icmp_type == Some(255) {
+            return Err(cx.field(
+                format!("{field}.{name}.type"),
+                "ICMP type 255 is reserved: use 0-254",
+            ));
+        }
     }
     let icmp = |f: &Option<super::types::IcmpFields>| f.as_ref().map(|i| (i.icmp_type, i.code));
     Ok(CompiledRule {

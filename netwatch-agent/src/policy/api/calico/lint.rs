@@ -4,8 +4,10 @@
 //! forgets DNS, a Pass into tiers with no policy for the endpoint.
 //!
 //! Probes: every ordered pair of pods (the subject's direction), on the
-//! ports the rules name plus 53, 80 and 443, TCP and UDP. A rule that
-//! matches no probe is not judged (no false alarm from missing pods).
+//! ports the rules name plus 53, 80 and 443, TCP and UDP, and for rules of
+//! protocol ICMP or ICMPv6 the types and codes they name (plus echo, and a
+//! neighbouring type and code). A rule that matches no probe is not judged
+//! (no false alarm from missing pods).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,6 +41,7 @@ pub(crate) fn lint(engine: &PolicyEngine, options: &LintOptions, findings: &mut 
                 e.labels.clone(),
                 e.service_account.clone(),
                 e.named_ports.clone(),
+                e.services.clone(),
             ))
         })
         .map(|(pod, e)| CalicoEndpoint {
@@ -72,10 +75,17 @@ fn selectors_matching_nothing(
             severity: Severity::Warning,
             check: LintCheck::CalicoSelectorMatchesNothing,
             policy: Some(policy_ref(&empty.policy)),
-            message: format!(
-                "{} {:?} selects no pod of the manifests",
-                empty.field, empty.selector
-            ),
+            message: if empty.field.ends_with(".services") {
+                format!(
+                    "{} names Service {}, which no pod of the manifests backs",
+                    empty.field, empty.selector
+                )
+            } else {
+                format!(
+                    "{} {:?} selects no pod of the manifests",
+                    empty.field, empty.selector
+                )
+            },
             fix: "check the labels (Calico selectors: app == 'web', projectcalico.org/namespace == 'prod')".into(),
         });
     }
@@ -124,6 +134,9 @@ fn equal_orders(set: &CalicoPolicies, endpoints: &[CalicoEndpoint], findings: &m
     }
 }
 
+/// One probe: protocol number, destination port, ICMP type and code.
+type Probe = (u8, u16, Option<(u8, u8)>);
+
 fn probes(
     engine: &PolicyEngine,
     calico: &CalicoEngine,
@@ -134,6 +147,24 @@ fn probes(
 ) {
     let mut ports = set.probe_ports();
     ports.extend([53, 80, 443]);
+    // The ports pods serve their Services on (rules' `services`).
+    ports.extend(
+        endpoints
+            .iter()
+            .flat_map(|e| &e.services)
+            .flat_map(|s| s.ports.iter().map(|&(_, port)| port)),
+    );
+    // (protocol, port, ICMP type and code): TCP and UDP on every port, and
+    // the ICMP types and codes the rules name.
+    let probe_set: Vec<Probe> = ports
+        .iter()
+        .flat_map(|&port| [(6u8, port, None), (17, port, None)])
+        .chain(
+            set.probe_icmp()
+                .into_iter()
+                .map(|(protocol, t, c)| (protocol, 0, Some((t, c)))),
+        )
+        .collect();
     let tiers = set.tiers();
     // Per rule: matched some probe, decided some probe.
     let mut matched: BTreeSet<CalicoPolicyRef> = BTreeSet::new();
@@ -147,58 +178,55 @@ fn probes(
                 continue;
             }
             for direction in [CalicoDirection::Ingress, CalicoDirection::Egress] {
-                for &port in &ports {
-                    for protocol in [6u8, 17] {
-                        let (source, destination) = match direction {
-                            CalicoDirection::Ingress => (peer, subject),
-                            CalicoDirection::Egress => (subject, peer),
+                for &(protocol, port, icmp) in &probe_set {
+                    let (source, destination) = match direction {
+                        CalicoDirection::Ingress => (peer, subject),
+                        CalicoDirection::Egress => (subject, peer),
+                    };
+                    let flow = CalicoFlow {
+                        source: source.clone(),
+                        destination: destination.clone(),
+                        protocol,
+                        port,
+                        icmp,
+                    };
+                    for (index, _) in tiers.iter().enumerate() {
+                        let rules = set.matching_rules(index, direction, &flow);
+                        let Some((first, action)) = rules.iter().find(|(_, a)| *a != Action::Log)
+                        else {
+                            if set.selecting(index, subject, direction).is_empty() {
+                                continue;
+                            }
+                            break; // end of tier
                         };
-                        let flow = CalicoFlow {
-                            source: source.clone(),
-                            destination: destination.clone(),
-                            protocol,
-                            port,
-                            icmp: None,
-                        };
-                        for (index, _) in tiers.iter().enumerate() {
-                            let rules = set.matching_rules(index, direction, &flow);
-                            let Some((first, action)) =
-                                rules.iter().find(|(_, a)| *a != Action::Log)
-                            else {
-                                if set.selecting(index, subject, direction).is_empty() {
-                                    continue;
-                                }
-                                break; // end of tier
-                            };
-                            for (r, a) in &rules {
-                                if *a == Action::Log {
-                                    continue;
-                                }
-                                matched.insert(r.clone());
-                                if r != first {
-                                    shadowed_by
-                                        .entry(r.clone())
-                                        .or_insert_with(|| first.clone());
-                                }
+                        for (r, a) in &rules {
+                            if *a == Action::Log {
+                                continue;
                             }
-                            decided.insert(first.clone());
-                            if *action != Action::Pass {
-                                break;
+                            matched.insert(r.clone());
+                            if r != first {
+                                shadowed_by
+                                    .entry(r.clone())
+                                    .or_insert_with(|| first.clone());
                             }
-                            let later = (index + 1..tiers.len())
-                                .any(|j| !set.selecting(j, subject, direction).is_empty());
-                            if !later && !cluster_tiers {
-                                pass_into_nothing.entry(first.clone()).or_insert_with(|| {
-                                    format!(
-                                        "{} -> {} on {port}/{}",
-                                        endpoint_name(source),
-                                        endpoint_name(destination),
-                                        if protocol == 6 { "TCP" } else { "UDP" }
-                                    )
-                                });
-                            }
-                            // Pass: on to the next tier.
                         }
+                        decided.insert(first.clone());
+                        if *action != Action::Pass {
+                            break;
+                        }
+                        let later = (index + 1..tiers.len())
+                            .any(|j| !set.selecting(j, subject, direction).is_empty());
+                        if !later && !cluster_tiers {
+                            pass_into_nothing.entry(first.clone()).or_insert_with(|| {
+                                format!(
+                                    "{} -> {} {}",
+                                    endpoint_name(source),
+                                    endpoint_name(destination),
+                                    probe_name(protocol, port, icmp)
+                                )
+                            });
+                        }
+                        // Pass: on to the next tier.
                     }
                 }
             }
@@ -234,6 +262,17 @@ fn probes(
         });
     }
     dns(engine, calico, options, findings);
+}
+
+/// `on 80/TCP`, `ICMP type 8 code 0`.
+fn probe_name(protocol: u8, port: u16, icmp: Option<(u8, u8)>) -> String {
+    match (protocol, icmp) {
+        (1, Some((t, c))) => format!("ICMP type {t} code {c}"),
+        (58, Some((t, c))) => format!("ICMPv6 type {t} code {c}"),
+        (6, _) => format!("on {port}/TCP"),
+        (17, _) => format!("on {port}/UDP"),
+        (p, _) => format!("on {port}/protocol {p}"),
+    }
 }
 
 fn endpoint_name(e: &CalicoEndpoint) -> String {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
-use super::evaluate::{CalicoEndpoint, CalicoObjects, StagedObjects};
+use super::evaluate::{CalicoEndpoint, CalicoObjects, ServiceBacking, StagedObjects};
 use super::types::{
     CalicoNetworkPolicy, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier,
@@ -210,7 +210,98 @@ pub fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint>
                     }
                 }
             }
+            e.services = service_backings(snapshot, pod, &ns, &e);
             (format!("{ns}/{name}"), e)
+        })
+        .collect()
+}
+
+fn protocol_number(name: Option<&str>) -> u8 {
+    match name {
+        Some("UDP") => 17,
+        Some("SCTP") => 132,
+        _ => 6,
+    }
+}
+
+/// The Services `pod` backs, with the ports it serves each on: a Service of
+/// its namespace whose selector matches its labels (target ports resolved
+/// on the pod, named ones through its container ports), and any Service
+/// whose EndpointSlices list its IP (Services without a selector too).
+fn service_backings(
+    snapshot: &ClusterSnapshot,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    namespace: &str,
+    endpoint: &CalicoEndpoint,
+) -> Vec<ServiceBacking> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let mut out: BTreeMap<(String, String), std::collections::BTreeSet<(u8, u16)>> =
+        BTreeMap::new();
+    for svc in &snapshot.services {
+        if svc.metadata.namespace.as_deref().unwrap_or("default") != namespace {
+            continue;
+        }
+        let Some(spec) = &svc.spec else { continue };
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            continue;
+        }
+        let ports = out
+            .entry((
+                namespace.to_string(),
+                svc.metadata.name.clone().unwrap_or_default(),
+            ))
+            .or_default();
+        for port in spec.ports.iter().flatten() {
+            let protocol = protocol_number(port.protocol.as_deref());
+            let target = match &port.target_port {
+                None => Some(port.port as u16),
+                Some(IntOrString::Int(n)) => Some(*n as u16),
+                Some(IntOrString::String(name)) => endpoint
+                    .named_ports
+                    .iter()
+                    .find(|(n, p, _)| n == name && *p == protocol)
+                    .map(|(_, _, number)| *number),
+            };
+            if let Some(target) = target {
+                ports.insert((protocol, target));
+            }
+        }
+    }
+    if let Some(ip) = endpoint.ip.map(|ip| ip.to_string()) {
+        for slice in &snapshot.endpoint_slices {
+            let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+            else {
+                continue;
+            };
+            let slice_namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+            if slice_namespace != namespace
+                || !slice.endpoints.iter().any(|e| e.addresses.contains(&ip))
+            {
+                continue;
+            }
+            let ports = out
+                .entry((namespace.to_string(), service.clone()))
+                .or_default();
+            for port in slice.ports.iter().flatten() {
+                if let Some(number) = port.port {
+                    ports.insert((protocol_number(port.protocol.as_deref()), number as u16));
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|((namespace, name), ports)| ServiceBacking {
+            namespace,
+            name,
+            ports: ports.into_iter().collect(),
         })
         .collect()
 }

@@ -27,8 +27,8 @@ pub mod types;
 pub use evaluate::{
     CalicoDirectionVerdict, CalicoEndpoint, CalicoError, CalicoFlow, CalicoKind, CalicoObjects,
     CalicoOutcome, CalicoPolicies, CalicoPolicyRef, CalicoTierStep, CalicoWhatIf,
-    Direction as CalicoDirection, EmptySelection, StagedObjects, StagedPreview, check_policy,
-    check_tier,
+    Direction as CalicoDirection, EmptySelection, ServiceBacking, StagedObjects, StagedPreview,
+    check_policy, check_tier,
 };
 pub use manifests::{CalicoCrds, CalicoManifestError, CalicoManifests, endpoints};
 pub use selector::{CalicoSelector, Expr as SelectorExpr, SelectorError, SelectorProblem};
