@@ -46,7 +46,7 @@ pub enum Budget {
 
 /// Runs in CI (`cargo xtask test`), per target: the same work on every
 /// machine; see README "Fuzzing" for what it takes.
-pub const CI_RUNS: u64 = 20_000;
+pub const CI_RUNS: u64 = 100_000;
 /// ... capped per target, so that a slow machine still finishes.
 pub const CI_CAP_SECONDS: u64 = 60;
 
