@@ -369,6 +369,7 @@ fn soak_under_load_churn_and_api_faults_keeps_memory_flat_and_loses_nothing() {
     let mut warm: Option<(Usage, String)> = None;
     let mut churn_ports: Vec<(String, u64)> = Vec::new();
     let mut cycle = 0usize;
+    let mut progress = Duration::from_secs(300);
     while started.elapsed() < run {
         let fault = FAULTS[cycle % FAULTS.len()];
         let held = Instant::now();
@@ -429,6 +430,18 @@ fn soak_under_load_churn_and_api_faults_keeps_memory_flat_and_loses_nothing() {
             let m = metrics(&lab);
             report("after warm-up", u, &m);
             warm = Some((u, m));
+        }
+        // RSS every 5 minutes, to see whether growth levels off.
+        if started.elapsed() >= progress {
+            let u = usage(pid);
+            eprintln!(
+                "soak at {:.0} min: rss={} KiB fds={} cpu={:.1} s",
+                started.elapsed().as_secs_f64() / 60.0,
+                u.rss_kib,
+                u.fds,
+                u.cpu_seconds
+            );
+            progress += Duration::from_secs(300);
         }
         if let Ok(Some(status)) = flood_child.try_wait() {
             assert!(status.success(), "the flood exited early: {status}");
