@@ -15,6 +15,7 @@ mod demo;
 mod deploy;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod vmtest;
 
@@ -141,9 +142,14 @@ enum Task {
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
-    /// Long runs of what CI runs briefly. Today: every fuzz target for
+    /// Long runs of what CI runs briefly: the soak test (denied-flow load,
+    /// pod churn and API faults together; prints RSS, fds, CPU and every
+    /// loss counter) for `--minutes`, then every fuzz target for
     /// `--fuzz-minutes` each. Run as root.
     Soak {
+        /// Minutes the soak test runs (0: none).
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
         /// Minutes each fuzz target runs (0: no fuzzing).
         #[arg(long, default_value_t = 5)]
         fuzz_minutes: u64,
@@ -260,17 +266,17 @@ fn main() -> Result<()> {
                 Some(s) => fuzz::Budget::Seconds(s),
                 None => fuzz::Budget::Runs {
                     runs,
-                    cap_seconds: 120,
+                    cap_seconds: fuzz::CI_CAP_SECONDS,
                 },
             };
             fuzz::fuzz(budget, &targets, &STOP)
         }
-        Task::Soak { fuzz_minutes } => {
+        Task::Soak {
+            minutes,
+            fuzz_minutes,
+        } => {
             install_stop_handler();
-            if fuzz_minutes > 0 {
-                fuzz::fuzz(fuzz::Budget::Seconds(fuzz_minutes * 60), &[], &STOP)?;
-            }
-            Ok(())
+            soak::soak(minutes, fuzz_minutes, &STOP)
         }
         Task::Deploy { what } => deploy::run(what),
     }

@@ -1,5 +1,7 @@
 //! `cargo xtask test`: set up the machine, build, and run every test,
-//! including the end-to-end tests against the real kernel (as root), then the
+//! including the end-to-end tests against the real kernel (as root) and
+//! the short soak (netwatch-e2e/tests/soak.rs, 1 minute), every fuzz target
+//! for a fixed number of inputs, then the
 //! kernel matrix (`cargo xtask vmtest`: the kernel-side tests on Debian's
 //! 5.10, 6.1 and 6.12 kernels under QEMU).
 
@@ -39,6 +41,26 @@ pub fn test(extra: &[String], stop: &AtomicBool) -> Result<()> {
     if let Err(e) = &host {
         eprintln!("xtask: {e}; the kernel matrix runs all the same");
     }
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    // Every fuzz target for a fixed number of inputs (README "Fuzzing").
+    let fuzzed = crate::fuzz::fuzz(
+        crate::fuzz::Budget::Runs {
+            runs: crate::fuzz::CI_RUNS,
+            cap_seconds: crate::fuzz::CI_CAP_SECONDS,
+        },
+        &[],
+        stop,
+    );
+    if let Err(e) = &fuzzed {
+        eprintln!("xtask: {e}; the kernel matrix runs all the same");
+    }
+    let host = match (host, fuzzed) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(e), Err(f)) => Err(anyhow::anyhow!("{e}; and {f}")),
+    };
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
         bail!("interrupted");
     }

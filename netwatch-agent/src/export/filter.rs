@@ -372,7 +372,10 @@ impl FlowFilter {
         for v in values {
             self.set_one(key, v)?;
         }
-        self.terms.push((key.to_string(), value.to_string()));
+        // In key order (stable within a key), the order of the JSON form (an
+        // object): a filter and its wire form are the same filter.
+        let at = self.terms.partition_point(|(k, _)| k.as_str() <= key);
+        self.terms.insert(at, (key.to_string(), value.to_string()));
         Ok(())
     }
 
@@ -909,5 +912,28 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("DROPPED"), "{err}");
+    }
+
+    /// Found by the `filter` fuzz target (its own seed): the terms kept in
+    /// the order typed came back from the JSON form in key order, so a
+    /// filter and its wire form compared unequal.
+    #[test]
+    fn json_form_round_trips_to_an_equal_filter_whatever_the_order_typed() {
+        for expr in [
+            "verdict=DROPPED,TIMED_OUT namespace=prod to-port=53",
+            "namespace=prod verdict=DROPPED namespace=dev",
+        ] {
+            let filter = f(expr);
+            let wire = filter.to_json().to_string();
+            assert_eq!(
+                FlowFilter::from_json(&wire).unwrap(),
+                filter,
+                "{expr} -> {wire}"
+            );
+        }
+        assert_eq!(
+            f("verdict=DROPPED namespace=prod namespace=dev").to_string(),
+            "namespace=prod namespace=dev verdict=DROPPED"
+        );
     }
 }
