@@ -288,7 +288,7 @@ fn verdicts(c: &mut Criterion) {
                 black_box(&replica),
                 black_box(&denied_to),
                 None,
-                 8080,
+                8080,
                 Protocol::Tcp,
             ))
         })

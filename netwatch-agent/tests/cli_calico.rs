@@ -682,7 +682,14 @@ fn explain_judges_calico_source_ports_with_the_clients_source_port() {
     assert!(out.contains("deny-sports"), "{out}");
 
     // The matrix takes no source port.
-    let o = netwatch(&["explain", "--manifests", &file, "--matrix", "--source-port", "1"]);
+    let o = netwatch(&[
+        "explain",
+        "--manifests",
+        &file,
+        "--matrix",
+        "--source-port",
+        "1",
+    ]);
     assert!(!o.status.success());
 }
 
@@ -702,8 +709,7 @@ spec:
     let v = explain_json(&file, &["--source-port", "45000"]);
     assert_eq!(v["verdict"], "DENIED", "{v:#}");
     assert_eq!(
-        v["ingress"]["denied_by"][0]["name"],
-        "deny-other-sports",
+        v["ingress"]["denied_by"][0]["name"], "deny-other-sports",
         "{v:#}"
     );
     let v = explain_json(&file, &["--source-port", "35000"]);
@@ -712,7 +718,8 @@ spec:
 
 #[test]
 fn lint_probes_the_source_ports_rules_name() {
-    // The Allow decides the flows from 30000-40000: not shadowed.
+    // The Allow decides the TCP flows from 30000-40000: not shadowed (with
+    // an unknown source port only, the Deny would take every TCP flow).
     let findings = lint_json(
         r#"---
 apiVersion: projectcalico.org/v3
@@ -723,7 +730,7 @@ spec:
   selector: app == 'api'
   ingress:
   - {action: Deny, protocol: TCP, source: {notPorts: ["30000:40000"]}}
-  - {action: Allow}
+  - {action: Allow, protocol: TCP}
 "#,
     );
     assert!(

@@ -422,7 +422,10 @@ fn a_deny_on_source_ports_denies_flows_from_those_ports_only() {
     );
     assert_eq!(v.ingress.denied_by.len(), 1);
     assert_eq!(v.ingress.denied_by[0].name, "deny-high-sports");
-    assert_eq!(v.ingress.denied_by[0].rule.as_ref().map(|r| r.index), Some(0));
+    assert_eq!(
+        v.ingress.denied_by[0].rule.as_ref().map(|r| r.index),
+        Some(0)
+    );
 }
 
 #[test]

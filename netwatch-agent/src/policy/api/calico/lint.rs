@@ -166,9 +166,9 @@ fn probes(
     let probe_set: Vec<Probe> = ports
         .iter()
         .flat_map(|&port| {
-            source_ports.iter().flat_map(move |&sport| {
-                [(6u8, port, None, sport), (17, port, None, sport)]
-            })
+            source_ports
+                .iter()
+                .flat_map(move |&sport| [(6u8, port, None, sport), (17, port, None, sport)])
         })
         .chain(
             set.probe_icmp()
