@@ -279,7 +279,7 @@ fn verdicts(c: &mut Criterion) {
         })
     });
     let cache = VerdictCache::new(100_000);
-    cache.evaluate(&engine, &denied_from, &denied_to, 8080, Protocol::Tcp);
+    cache.evaluate(&engine, &denied_from, &denied_to, None, 8080, Protocol::Tcp);
     let replica = p("ns-50/pod-27"); // same labels as pod-7: a cache hit
     g.bench_function("cache-hit-denied", |b| {
         b.iter(|| {
@@ -287,6 +287,7 @@ fn verdicts(c: &mut Criterion) {
                 &engine,
                 black_box(&replica),
                 black_box(&denied_to),
+                None,
                 8080,
                 Protocol::Tcp,
             ))

@@ -139,6 +139,7 @@ impl Attribution {
     pub fn enrich(&mut self, r: &mut FlowRecord) {
         let at: SystemTime = r.first_seen.into();
         let dport = r.destination.port;
+        let sport = source_port(r);
         let (src_ip, dst_ip) = (r.ip.source, r.ip.destination);
         let client_pod = self.enrich_endpoints(r);
 
@@ -185,7 +186,9 @@ impl Attribution {
         }
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), src_ip, at);
         let to = self.peer(&engine, &r.destination, None, dst_ip, at);
-        let verdict = self.verdicts.evaluate(&engine, &from, &to, port, proto);
+        let verdict = self
+            .verdicts
+            .evaluate(&engine, &from, &to, sport, port, proto);
         apply_verdict(r, &verdict);
     }
 
@@ -209,13 +212,18 @@ impl Attribution {
         let client_pod = self.enrich_endpoints(&mut r);
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), r.ip.source, at);
         let to = self.peer(&engine, &r.destination, None, r.ip.destination, at);
-        let verdict = self.verdicts.evaluate(&engine, &from, &to, port, proto);
+        let sport = source_port(&r);
+        let verdict = self
+            .verdicts
+            .evaluate(&engine, &from, &to, sport, port, proto);
         if verdict.verdict != policy::PolicyVerdict::Denied {
             return None;
         }
         // Only denied handshakes are rate-limited: the key is not needed for
         // the common, allowed case.
-        let key = engine.verdict_key(&from, &to, port, proto);
+        // Per identity pair, whatever the source port (each connection has
+        // its own).
+        let key = engine.verdict_key(&from, &to, None, port, proto);
         if let Some(t) = self.not_enforced_seen.get(&key)
             && now.duration_since(*t).unwrap_or_default() < self.config.not_enforced_interval
         {
@@ -343,6 +351,12 @@ fn staged_what_if(
 }
 
 /// Write a policy verdict into a record.
+/// The source port policies judge the record by: unknown for an aggregate
+/// (it stands for many source ports and carries 0).
+fn source_port(r: &FlowRecord) -> Option<u16> {
+    r.source.port.filter(|_| r.aggregate.is_none())
+}
+
 fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
     r.staged = v
         .staged

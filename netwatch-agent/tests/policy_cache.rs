@@ -50,8 +50,8 @@ const DENY_API: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nm
 fn replicas_share_an_entry_but_keep_their_own_endpoints() {
     let e = engine(DENY_API);
     let cache = VerdictCache::new(100);
-    let first = cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 8080, TCP);
-    let second = cache.evaluate(&e, &p("prod/web-2"), &p("prod/api-1"), 8080, TCP);
+    let first = cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), None, 8080, TCP);
+    let second = cache.evaluate(&e, &p("prod/web-2"), &p("prod/api-1"), None, 8080, TCP);
     let stats = cache.stats();
     assert_eq!((stats.misses, stats.hits, stats.entries), (1, 1, 1));
     assert!(std::sync::Arc::ptr_eq(&first.decision, &second.decision));
@@ -64,9 +64,16 @@ fn replicas_share_an_entry_but_keep_their_own_endpoints() {
         second.sentence()
     );
     // Another port, protocol or identity is another entry.
-    cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 8081, TCP);
-    cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 8080, Protocol::Udp);
-    cache.evaluate(&e, &p("prod/api-1"), &p("prod/web-1"), 8080, TCP);
+    cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), None, 8081, TCP);
+    cache.evaluate(
+        &e,
+        &p("prod/web-1"),
+        &p("prod/api-1"),
+        None,
+        8080,
+        Protocol::Udp,
+    );
+    cache.evaluate(&e, &p("prod/api-1"), &p("prod/web-1"), None, 8080, TCP);
     assert_eq!(cache.stats().entries, 4);
 }
 
@@ -76,19 +83,19 @@ fn a_rebuilt_engine_empties_the_cache() {
     let before = engine(DENY_API);
     assert_eq!(
         cache
-            .evaluate(&before, &p("prod/web-1"), &p("prod/api-1"), 80, TCP)
+            .evaluate(&before, &p("prod/web-1"), &p("prod/api-1"), None, 80, TCP)
             .verdict,
         PolicyVerdict::Denied
     );
     let after = engine("");
     assert_eq!(
         cache
-            .evaluate(&after, &p("prod/web-1"), &p("prod/api-1"), 80, TCP)
+            .evaluate(&after, &p("prod/web-1"), &p("prod/api-1"), None, 80, TCP)
             .verdict,
         PolicyVerdict::Allowed
     );
     assert_eq!(cache.stats().entries, 1);
-    let key = after.verdict_key(&p("prod/web-2"), &p("prod/api-1"), 80, TCP);
+    let key = after.verdict_key(&p("prod/web-2"), &p("prod/api-1"), None, 80, TCP);
     assert!(cache.get(&after, &key).is_some(), "replica key hits");
     assert!(
         cache.get(&before, &key).is_none(),
@@ -104,25 +111,25 @@ fn pod_ips_are_part_of_the_identity_when_ip_blocks_can_match_pods() {
     let cache = VerdictCache::new(100);
     assert_eq!(
         cache
-            .evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 80, TCP)
+            .evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), None, 80, TCP)
             .verdict,
         PolicyVerdict::Allowed
     );
     assert_eq!(
         cache
-            .evaluate(&e, &p("prod/web-2"), &p("prod/api-1"), 80, TCP)
+            .evaluate(&e, &p("prod/web-2"), &p("prod/api-1"), None, 80, TCP)
             .verdict,
         PolicyVerdict::Denied
     );
     assert_ne!(
-        e.verdict_key(&p("prod/web-1"), &p("prod/api-1"), 80, TCP),
-        e.verdict_key(&p("prod/web-2"), &p("prod/api-1"), 80, TCP)
+        e.verdict_key(&p("prod/web-1"), &p("prod/api-1"), None, 80, TCP),
+        e.verdict_key(&p("prod/web-2"), &p("prod/api-1"), None, 80, TCP)
     );
     // Without ipBlocks, replicas share a key.
     let e = engine(DENY_API);
     assert_eq!(
-        e.verdict_key(&p("prod/web-1"), &p("prod/api-1"), 80, TCP),
-        e.verdict_key(&p("prod/web-2"), &p("prod/api-1"), 80, TCP)
+        e.verdict_key(&p("prod/web-1"), &p("prod/api-1"), None, 80, TCP),
+        e.verdict_key(&p("prod/web-2"), &p("prod/api-1"), None, 80, TCP)
     );
 }
 
@@ -134,19 +141,19 @@ fn container_ports_are_part_of_the_identity_when_policies_name_ports() {
     let cache = VerdictCache::new(100);
     assert_eq!(
         cache
-            .evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), 8080, TCP)
+            .evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), None, 8080, TCP)
             .verdict,
         PolicyVerdict::Allowed
     );
     assert_eq!(
         cache
-            .evaluate(&e, &p("prod/web-1"), &p("prod/api-2"), 8080, TCP)
+            .evaluate(&e, &p("prod/web-1"), &p("prod/api-2"), None, 8080, TCP)
             .verdict,
         PolicyVerdict::Denied
     );
     assert_eq!(
         cache
-            .evaluate(&e, &p("prod/web-1"), &p("prod/api-2"), 9090, TCP)
+            .evaluate(&e, &p("prod/web-1"), &p("prod/api-2"), None, 9090, TCP)
             .verdict,
         PolicyVerdict::Allowed
     );
@@ -157,7 +164,7 @@ fn the_cache_stays_within_its_capacity() {
     let e = engine(DENY_API);
     let cache = VerdictCache::new(3);
     for port in 1..=10 {
-        cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), port, TCP);
+        cache.evaluate(&e, &p("prod/web-1"), &p("prod/api-1"), None, port, TCP);
         assert!(cache.stats().entries <= 3);
     }
 }
@@ -177,8 +184,14 @@ fn cached_verdicts_equal_fresh_ones_on_every_conformance_case() {
                 for (from, to) in support::parse_table(&probe.reachability).keys() {
                     // Twice: the second answer comes from the cache.
                     for _ in 0..2 {
-                        let cached =
-                            cache.evaluate(&e, &p(from), &p(to), probe.port, probe.protocol());
+                        let cached = cache.evaluate(
+                            &e,
+                            &p(from),
+                            &p(to),
+                            None,
+                            probe.port,
+                            probe.protocol(),
+                        );
                         let fresh = e.evaluate(&p(from), &p(to), probe.port, probe.protocol());
                         assert_eq!(cached, fresh, "{} {from} -> {to}", case.file);
                         compared += 1;

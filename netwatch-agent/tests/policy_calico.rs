@@ -112,6 +112,7 @@ fn tcp(source: CalicoEndpoint, destination: CalicoEndpoint, port: u16) -> Calico
         protocol: 6,
         port,
         icmp: None,
+        source_port: None,
     }
 }
 

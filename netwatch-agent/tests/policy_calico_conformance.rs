@@ -47,6 +47,7 @@ fn the_e2e_truth_tables_hold_for_networkpolicies_in_calicos_default_tier() {
                             protocol,
                             port: probe.port,
                             icmp: None,
+                            source_port: None,
                         };
                         let verdict = if policies.judge_flow(&flow).0 {
                             Verdict::Allowed

@@ -367,3 +367,154 @@ fn bad_calico_documents_name_the_file_document_and_field() {
         .to_string();
     assert!(err.contains("ingres"), "{err}");
 }
+
+fn verdict_from_port(e: &PolicyEngine, from: &str, to: &str, sport: Option<u16>) -> PolicyVerdict {
+    e.evaluate_with_source_port(&peer(from), &peer(to), sport, 8080, Protocol::Tcp)
+        .verdict
+}
+
+const DENY_HIGH_SOURCE_PORTS: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-high-sports}
+spec:
+  selector: app == 'api'
+  types: [Ingress]
+  ingress:
+  - action: Deny
+    protocol: TCP
+    source: {ports: ["30000:40000"]}
+  - action: Allow
+"#;
+
+#[test]
+fn a_deny_on_source_ports_denies_flows_from_those_ports_only() {
+    let e = engine(DENY_HIGH_SOURCE_PORTS);
+    assert!(e.uses_source_ports());
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", Some(35000)),
+        PolicyVerdict::Denied
+    );
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", Some(45000)),
+        PolicyVerdict::Allowed
+    );
+    // The range's ends are in it.
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", Some(30000)),
+        PolicyVerdict::Denied
+    );
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", Some(40001)),
+        PolicyVerdict::Allowed
+    );
+    // Unknown source port: the source ports match nothing.
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", None),
+        PolicyVerdict::Allowed
+    );
+    let v = e.evaluate_with_source_port(
+        &peer("prod/web"),
+        &peer("prod/api"),
+        Some(35000),
+        8080,
+        Protocol::Tcp,
+    );
+    assert_eq!(v.ingress.denied_by.len(), 1);
+    assert_eq!(v.ingress.denied_by[0].name, "deny-high-sports");
+    assert_eq!(
+        v.ingress.denied_by[0].rule.as_ref().map(|r| r.index),
+        Some(0)
+    );
+}
+
+#[test]
+fn source_not_ports_exclude_the_flows_from_those_ports() {
+    let e = engine(
+        r#"
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: allow-ephemeral, namespace: prod}
+spec:
+  selector: app == 'api'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source: {notPorts: ["1:1023"]}
+"#,
+    );
+    assert!(e.uses_source_ports());
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", Some(50000)),
+        PolicyVerdict::Allowed
+    );
+    // A privileged source port is excluded: end of tier.
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", Some(80)),
+        PolicyVerdict::Denied
+    );
+    // Unknown: the notPorts exclude nothing.
+    assert_eq!(
+        verdict_from_port(&e, "prod/web", "prod/api", None),
+        PolicyVerdict::Allowed
+    );
+}
+
+#[test]
+fn named_source_ports_are_the_source_pods_container_ports() {
+    let e = engine(
+        r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-from-http}
+spec:
+  selector: app == 'web'
+  types: [Ingress]
+  ingress:
+  - action: Deny
+    protocol: TCP
+    source: {ports: [http]}
+  - action: Allow
+"#,
+    );
+    // api's container port http is 8080; web has no named port.
+    let from_api = |sport| {
+        e.evaluate_with_source_port(
+            &peer("prod/api"),
+            &peer("prod/web"),
+            Some(sport),
+            80,
+            Protocol::Tcp,
+        )
+        .verdict
+    };
+    assert_eq!(from_api(8080), PolicyVerdict::Denied);
+    assert_eq!(from_api(8081), PolicyVerdict::Allowed);
+}
+
+#[test]
+fn the_verdict_cache_tells_source_ports_apart_only_when_a_rule_reads_them() {
+    use netwatch::policy::VerdictCache;
+    let e = engine(DENY_HIGH_SOURCE_PORTS);
+    let cache = VerdictCache::new(100);
+    let (web, api) = (peer("prod/web"), peer("prod/api"));
+    let judge = |sport| {
+        cache
+            .evaluate(&e, &web, &api, Some(sport), 8080, Protocol::Tcp)
+            .verdict
+    };
+    assert_eq!(judge(35000), PolicyVerdict::Denied);
+    assert_eq!(judge(45000), PolicyVerdict::Allowed);
+    assert_eq!(judge(35001), PolicyVerdict::Denied);
+    assert_eq!(cache.stats().entries, 3);
+
+    // Without source-port rules every source port shares one entry.
+    let plain = engine(ALLOW_API_NP);
+    assert!(!plain.uses_source_ports());
+    let cache = VerdictCache::new(100);
+    for sport in [35000, 45000, 50000] {
+        cache.evaluate(&plain, &web, &api, Some(sport), 8080, Protocol::Tcp);
+    }
+    assert_eq!(cache.stats().entries, 1);
+    assert_eq!(cache.stats().hits, 2);
+}

@@ -2486,6 +2486,7 @@ spec:
             daddr: "10.244.1.2".parse().unwrap(),
             protocol: L4::Tcp,
             dport: 80,
+            sport: None,
         };
         assert_eq!(
             n.judge("ingress/x/a", &packet("10.244.1.3")).unwrap(),

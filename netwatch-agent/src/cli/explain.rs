@@ -80,6 +80,17 @@ pub struct ExplainArgs {
     )]
     pub port: Option<u16>,
 
+    /// The client's source port (1-65535), for Calico rules with source `ports`/`notPorts`.
+    /// Without it the source port is unknown: such `ports` match nothing and such `notPorts`
+    /// exclude nothing. --suggest judges with an unknown source port.
+    #[arg(
+        long,
+        value_name = "PORT",
+        conflicts_with_all = ["matrix", "suggest"],
+        value_parser = parse_port
+    )]
+    pub source_port: Option<u16>,
+
     /// Exit 1 when the flow is DENIED (0 when ALLOWED), for scripts.
     #[arg(long, conflicts_with = "matrix")]
     pub exit_code: bool,
@@ -215,7 +226,8 @@ pub fn run_with(
         }
         None => to,
     };
-    let verdict = engine.try_evaluate(&from, &to, port, args.protocol)?;
+    let verdict =
+        engine.try_evaluate_with_source_port(&from, &to, args.source_port, port, args.protocol)?;
 
     if args.suggest {
         // Stdout carries only YAML, so `| kubectl apply -f -` works.
@@ -354,8 +366,12 @@ fn write_verdict(
 /// The text form of a verdict: verdict first, then the sentence, then each
 /// direction with its policies and near misses.
 pub fn render_text(v: &FlowVerdict) -> String {
+    let from_port = v
+        .source_port
+        .map(|p| format!(" from source port {p}"))
+        .unwrap_or_default();
     let mut s = format!(
-        "{}: {} -> {} on {}/{}\n",
+        "{}: {} -> {} on {}/{}{from_port}\n",
         v.verdict, v.source, v.destination, v.port, v.protocol
     );
     s.push_str(&v.sentence());

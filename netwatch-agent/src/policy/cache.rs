@@ -1,5 +1,6 @@
 //! Verdicts cached per (source identity, destination identity, port,
-//! protocol), for the agent that judges every denied flow it sees.
+//! protocol, and the source port when some rule matches source ports), for
+//! the agent that judges every denied flow it sees.
 //!
 //! An identity is what the policies can see of an endpoint: for a pod its
 //! namespace and labels, plus its IP when an ipBlock could match pods and
@@ -31,13 +32,16 @@ pub enum IdentityKey {
     External(IpAddr),
 }
 
-/// The cache key: both identities, the port and the protocol.
+/// The cache key: both identities, the port and the protocol, and the
+/// source port only when the engine has a rule on source ports (else
+/// `None`, so that every source port of a pair shares one entry).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     pub source: IdentityKey,
     pub destination: IdentityKey,
     pub port: u16,
     pub protocol: Protocol,
+    pub source_port: Option<u16>,
 }
 
 impl PolicyEngine {
@@ -66,14 +70,27 @@ impl PolicyEngine {
         }
     }
 
-    /// The cache key of a flow.
-    pub fn verdict_key(&self, from: &Peer, to: &Peer, port: u16, protocol: Protocol) -> VerdictKey {
+    /// The cache key of a flow from `source_port` (`None`: unknown).
+    pub fn verdict_key(
+        &self,
+        from: &Peer,
+        to: &Peer,
+        source_port: Option<u16>,
+        port: u16,
+        protocol: Protocol,
+    ) -> VerdictKey {
         VerdictKey {
             source: self.identity_key(&self.resolve_lenient(from)),
             destination: self.identity_key(&self.resolve_lenient(to)),
             port,
             protocol,
+            source_port: self.source_port_key(source_port),
         }
+    }
+
+    /// The source port as far as it can change a verdict.
+    fn source_port_key(&self, source_port: Option<u16>) -> Option<u16> {
+        source_port.filter(|_| self.source_ports_used)
     }
 }
 
@@ -117,14 +134,16 @@ impl VerdictCache {
         }
     }
 
-    /// The verdict on `from` -> `to`, from the cache when an identical
-    /// identity pair was judged by the same engine. The endpoints of the
-    /// result are always this flow's own.
+    /// The verdict on `from` (port `source_port`, `None` when unknown) ->
+    /// `to`, from the cache when an identical identity pair was judged by
+    /// the same engine. The endpoints of the result are always this flow's
+    /// own.
     pub fn evaluate(
         &self,
         engine: &PolicyEngine,
         from: &Peer,
         to: &Peer,
+        source_port: Option<u16>,
         port: u16,
         protocol: Protocol,
     ) -> FlowVerdict {
@@ -135,8 +154,13 @@ impl VerdictCache {
             destination: engine.identity_key(&destination),
             port,
             protocol,
+            source_port: engine.source_port_key(source_port),
         };
-        let flow = engine.flow(source, destination, port, protocol);
+        let mut flow = engine.flow(source, destination, port, protocol);
+        // Without source-port rules the port changes nothing: leave it
+        // unknown, so the cached decision is the same whichever flow of the
+        // pair filled the entry.
+        flow.source_port = key.source_port;
         if let Ok(mut state) = self.state.write() {
             if state.generation == engine.generation() {
                 if let Some(decision) = state.entries.get(&key).cloned() {

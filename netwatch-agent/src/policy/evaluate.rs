@@ -275,6 +275,8 @@ pub struct FlowVerdict {
     pub destination: Endpoint,
     pub port: u16,
     pub protocol: Protocol,
+    /// The source port the flow was judged with (`None`: unknown).
+    pub source_port: Option<u16>,
     pub decision: Arc<PolicyDecision>,
     /// With staged Calico policies: the verdict once they are enforced
     /// (what-if only; `decision` is what is enforced).
@@ -290,12 +292,15 @@ impl Deref for FlowVerdict {
 
 impl Serialize for FlowVerdict {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("FlowVerdict", 8)?;
+        let mut st = s.serialize_struct("FlowVerdict", 10)?;
         st.serialize_field("verdict", &self.decision.verdict)?;
         st.serialize_field("source", &self.source)?;
         st.serialize_field("destination", &self.destination)?;
         st.serialize_field("port", &self.port)?;
         st.serialize_field("protocol", &self.protocol)?;
+        if let Some(source_port) = self.source_port {
+            st.serialize_field("source_port", &source_port)?;
+        }
         st.serialize_field("egress", &self.decision.egress)?;
         st.serialize_field("ingress", &self.decision.ingress)?;
         st.serialize_field("ipblock_matches_pods", &self.decision.ipblock_matches_pods)?;
@@ -365,6 +370,8 @@ pub struct PolicyEngine {
     /// Whether a pod's IP can change a verdict (ipBlocks that match pods).
     pub(crate) ip_sensitive: bool,
     pub(crate) named_ports_used: bool,
+    /// Whether a rule matches source ports (enforced or staged).
+    pub(crate) source_ports_used: bool,
     /// Calico's tiers, when the snapshot has Calico objects.
     pub(crate) calico: Option<Box<super::api::calico::engine::CalicoEngine>>,
 }
@@ -406,6 +413,9 @@ pub(crate) struct Flow<'a> {
     pub destination: Resolved<'a>,
     pub port: u16,
     pub protocol: Protocol,
+    /// The source port, when known; only Calico rules' source `ports` and
+    /// `notPorts` read it.
+    pub source_port: Option<u16>,
     /// Picks the address family of the flow: the address given by the
     /// caller, else the destination's primary IP, else the source's.
     pub family_hint: Option<IpAddr>,
@@ -479,6 +489,10 @@ impl PolicyEngine {
         // depend on the pod itself: cache per pod (its IP).
         let ip_sensitive = ip_sensitive || calico.is_some();
         let named_ports_used = named_ports_used || calico.is_some();
+        let source_ports_used = calico.as_deref().is_some_and(|c| {
+            c.enforced.uses_source_ports()
+                || c.staged.as_ref().is_some_and(|s| s.uses_source_ports())
+        });
 
         let mut engine = PolicyEngine {
             model,
@@ -491,6 +505,7 @@ impl PolicyEngine {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             ip_sensitive,
             named_ports_used,
+            source_ports_used,
             calico,
         };
         engine.index_identities();
@@ -692,6 +707,7 @@ impl PolicyEngine {
             destination,
             port,
             protocol,
+            source_port: None,
             family_hint,
         }
     }
@@ -899,6 +915,7 @@ impl PolicyEngine {
                 .endpoint(flow.destination.address(flow.family_hint)),
             port: flow.port,
             protocol: flow.protocol,
+            source_port: flow.source_port,
             decision,
             staged: self.staged_decision_of(flow).map(Arc::new),
         }
@@ -909,10 +926,29 @@ impl PolicyEngine {
     /// misses. A pod the snapshot does not have is judged as a pod of its
     /// namespace with no labels and no IP; use [`PolicyEngine::try_evaluate`]
     /// to refuse it instead.
+    ///
+    /// The source port is unknown here: Calico rules' source `ports` match
+    /// nothing and their source `notPorts` exclude nothing; see
+    /// [`PolicyEngine::evaluate_with_source_port`].
     pub fn evaluate(&self, from: &Peer, to: &Peer, port: u16, protocol: Protocol) -> FlowVerdict {
+        self.evaluate_with_source_port(from, to, None, port, protocol)
+    }
+
+    /// Like [`PolicyEngine::evaluate`], for a flow from `source_port`
+    /// (`None`: unknown), which Calico rules' source `ports` and `notPorts`
+    /// match.
+    pub fn evaluate_with_source_port(
+        &self,
+        from: &Peer,
+        to: &Peer,
+        source_port: Option<u16>,
+        port: u16,
+        protocol: Protocol,
+    ) -> FlowVerdict {
         let source = self.resolve_lenient(from);
         let destination = self.resolve_lenient(to);
-        let flow = self.flow(source, destination, port, protocol);
+        let mut flow = self.flow(source, destination, port, protocol);
+        flow.source_port = source_port;
         let decision = Arc::new(self.decide_flow(&flow));
         self.flow_verdict(&flow, decision)
     }
@@ -926,11 +962,30 @@ impl PolicyEngine {
         port: u16,
         protocol: Protocol,
     ) -> Result<FlowVerdict, PolicyError> {
+        self.try_evaluate_with_source_port(from, to, None, port, protocol)
+    }
+
+    /// Like [`PolicyEngine::try_evaluate`], for a flow from `source_port`.
+    pub fn try_evaluate_with_source_port(
+        &self,
+        from: &Peer,
+        to: &Peer,
+        source_port: Option<u16>,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<FlowVerdict, PolicyError> {
         let source = self.resolve(from)?;
         let destination = self.resolve(to)?;
-        let flow = self.flow(source, destination, port, protocol);
+        let mut flow = self.flow(source, destination, port, protocol);
+        flow.source_port = source_port;
         let decision = Arc::new(self.decide_flow(&flow));
         Ok(self.flow_verdict(&flow, decision))
+    }
+
+    /// Whether some rule matches source ports (Calico's source `ports` or
+    /// `notPorts`): only then can a flow's source port change its verdict.
+    pub fn uses_source_ports(&self) -> bool {
+        self.source_ports_used
     }
 
     /// Checks that `peer` names something the engine knows (a pod of the
@@ -966,6 +1021,7 @@ impl PolicyEngine {
     }
 
     /// The verdict alone, without explanations: the fast path.
+    /// The source port is unknown here, as in [`PolicyEngine::evaluate`].
     pub fn decide(&self, from: &Peer, to: &Peer, port: u16, protocol: Protocol) -> PolicyVerdict {
         let source = self.resolve_lenient(from);
         let destination = self.resolve_lenient(to);

@@ -28,7 +28,8 @@
 //! `notNets` and `notSelector` exclusions, and for `selector`,
 //! `namespaceSelector` and `serviceAccounts` the addresses of the pods they
 //! pick (in a namespaced policy without namespaceSelector, its namespace's).
-//! Not compiled, refused by name: source ports, `services`, `notICMP`,
+//! Source `ports`/`notPorts` (numbers, ranges) become `th sport` matches.
+//! Not compiled, refused by name: named source ports, `services`, `notICMP`,
 //! named `notPorts` of egress rules (a per-destination exception an
 //! nftables rule cannot say). Policies with `doNotTrack` or `preDNAT` act on
 //! host endpoints only, so on no pod. Staged kinds are never enforced.
@@ -460,10 +461,19 @@ fn rule(
             "ports need protocol TCP, UDP, SCTP or UDPLite".into(),
         ));
     }
-    if has_ports(&r.source) {
+    let source = entity(&r.source, &format!("{field}.source"), err)?;
+    // Numbers and ranges become `th sport`; a named source port would be
+    // a per-source-pod exception, like egress named notPorts.
+    if source
+        .ports
+        .iter()
+        .flatten()
+        .chain(&source.not_ports)
+        .any(|p| matches!(p, CalicoPort::Named(_)))
+    {
         return Err(err(
             &format!("{field}.source"),
-            "source ports are not compiled by the lab".into(),
+            "named source ports are not compiled by the lab".into(),
         ));
     }
     if r.not_icmp.is_some() {
@@ -513,7 +523,7 @@ fn rule(
             .transpose()?,
         icmp: r.icmp.as_ref().map(|i| (i.icmp_type, i.code)),
         ip_version: r.ip_version,
-        source: entity(&r.source, &format!("{field}.source"), err)?,
+        source,
         destination,
     })
 }
@@ -943,10 +953,35 @@ impl Compiler<'_> {
                 }
             }
         }
+        // Source ports: one alternative per range of `ports` (none: the
+        // rule matches nothing), every range of `notPorts` excluded.
+        let source_clauses: Vec<String> = match &r.source.ports {
+            None => vec![String::new()],
+            Some(list) => list
+                .iter()
+                .filter_map(|p| match p {
+                    CalicoPort::Range(a, b) => Some(format!("th sport {}", range_nft(*a, *b))),
+                    // Refused at parse time.
+                    CalicoPort::Named(_) => None,
+                })
+                .collect(),
+        };
+        let source_excluded: Vec<String> = r
+            .source
+            .not_ports
+            .iter()
+            .filter_map(|p| match p {
+                CalicoPort::Range(a, b) => Some(format!("th sport != {}", range_nft(*a, *b))),
+                CalicoPort::Named(_) => None,
+            })
+            .collect();
         let mut out = Vec::new();
         for s in &sources {
             for t in &destinations {
-                for (v6, clause) in &port_clauses {
+                for ((v6, clause), source_clause) in port_clauses
+                    .iter()
+                    .flat_map(|c| source_clauses.iter().map(move |sc| (c, sc)))
+                {
                     // ipVersion, the addresses and a named port's pods
                     // must agree on the family.
                     let family = r.ip_version.map(|v| v == 6);
@@ -966,6 +1001,10 @@ impl Compiler<'_> {
                     for (a, b) in &excluded {
                         parts.push(format!("th dport != {}", range_nft(*a, *b)));
                     }
+                    if !source_clause.is_empty() {
+                        parts.push(source_clause.clone());
+                    }
+                    parts.extend(source_excluded.iter().cloned());
                     out.push(parts.join(" "));
                 }
             }
@@ -1323,6 +1362,54 @@ spec:
             .unwrap();
             assert!(e.contains(field), "{spec}: {e}");
         }
+    }
+
+    #[test]
+    fn source_ports_and_not_ports_match_the_source_port() {
+        let c = compiled(
+            r#"
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: { name: sports, namespace: x }
+spec:
+  selector: app == 'api'
+  ingress:
+  - { action: Deny, protocol: TCP, source: { ports: ["30000:40000"] } }
+  - { action: Deny, protocol: TCP, source: { notPorts: [1024:65535] } }
+  - { action: Allow }
+"#,
+        );
+        let api = c.0.pod("x/api").unwrap().ips[0];
+        let from = |sport| {
+            c.1.decide_from_port("x/web", sport, api, L4::Tcp, 8080)
+                .unwrap()
+                .allowed()
+        };
+        assert!(!from(Some(35000)), "in the Deny's source ports");
+        assert!(!from(Some(30000)) && !from(Some(40000)), "the range's ends");
+        assert!(from(Some(45000)), "outside them");
+        assert!(!from(Some(80)), "a privileged source port: not in notPorts");
+        // Unknown, as the engine takes it: ports match nothing, notPorts
+        // exclude nothing, so the second Deny decides.
+        assert!(!from(None));
+        let d =
+            c.1.decide_from_port("x/web", Some(35000), api, L4::Tcp, 8080)
+                .unwrap();
+        assert!(
+            matches!(&d.ingress, Some(super::super::Judgement::Dropped { by }) if by.contains("ingress[0]")),
+            "{d:?}"
+        );
+
+        // Named source ports are refused by name.
+        let e = try_compiled(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: { name: p, namespace: x }\nspec: { ingress: [ { action: Allow, protocol: TCP, source: { ports: [http] } } ] }\n",
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.contains("spec.ingress[0].source") && e.contains("named source ports"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct Packet {
     pub daddr: IpAddr,
     pub protocol: L4,
     pub dport: u16,
+    /// `None`: unknown, as the policy engine takes it without one (`th
+    /// sport` ranges match nothing, `th sport !=` excludes nothing).
+    pub sport: Option<u16>,
 }
 
 /// How a chain ended for a packet.
@@ -142,9 +145,11 @@ impl NodePolicy {
                     i += 3 + usize::from(negated);
                 }
                 "th" => {
-                    if next(i + 1)? != "dport" {
-                        return Err(format!("th {}", next(i + 1)?));
-                    }
+                    let port = match next(i + 1)? {
+                        "dport" => Some(packet.dport),
+                        "sport" => packet.sport,
+                        other => return Err(format!("th {other}")),
+                    };
                     let negated = next(i + 2)? == "!=";
                     let ports = next(i + 2 + usize::from(negated))?;
                     let (a, b) = ports.split_once('-').unwrap_or((ports, ports));
@@ -152,7 +157,7 @@ impl NodePolicy {
                         a.parse().map_err(|_| format!("port {ports}"))?,
                         b.parse().map_err(|_| format!("port {ports}"))?,
                     );
-                    matched &= (a..=b).contains(&packet.dport) != negated;
+                    matched &= port.is_some_and(|p| (a..=b).contains(&p)) != negated;
                     i += 3 + usize::from(negated);
                 }
                 "icmp" | "icmpv6" => {
@@ -289,10 +294,22 @@ impl CompiledCluster {
     }
 
     /// Pod `from` (`namespace/name`) opening a connection to `to`:`port`,
-    /// from its address of `to`'s family.
+    /// from its address of `to`'s family, from an unknown source port.
     pub fn decide(
         &self,
         from: &str,
+        to: IpAddr,
+        protocol: L4,
+        port: u16,
+    ) -> Result<Decision, String> {
+        self.decide_from_port(from, None, to, protocol, port)
+    }
+
+    /// Like [`CompiledCluster::decide`], from source port `sport`.
+    pub fn decide_from_port(
+        &self,
+        from: &str,
+        sport: Option<u16>,
         to: IpAddr,
         protocol: L4,
         port: u16,
@@ -312,6 +329,7 @@ impl CompiledCluster {
             daddr: to,
             protocol,
             dport: port,
+            sport,
         };
         let chain_of = |pod: &super::ClusterPod, d: super::Direction| {
             let node = &pod.placement.as_ref()?.node;

@@ -168,6 +168,7 @@ impl PolicyEngine {
             protocol: protocol_number(flow.protocol),
             port: flow.port,
             icmp: None,
+            source_port: flow.source_port,
         }
     }
 

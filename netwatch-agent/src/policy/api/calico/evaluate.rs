@@ -26,9 +26,12 @@
 //! kube-baseline are the engine's Admin and Baseline tiers, walked in
 //! their place by [`super::engine`]. A rule's `services` matches the pods
 //! backing the Service (by its selector, or its EndpointSlices), and as a
-//! destination only on the ports each pod serves the Service on. Not
-//! evaluated (documented gaps): source `ports` (a flow's source port is
-//! not known: such a rule matches nothing), host endpoints (`preDNAT`
+//! destination only on the ports each pod serves the Service on. Source
+//! `ports`/`notPorts` match the flow's source port (named ones against the
+//! source pod's container ports); when the source port is not known
+//! (explain without `--source-port`, the matrix, lint), source `ports`
+//! match nothing and source `notPorts` exclude nothing. Not evaluated
+//! (documented gaps): host endpoints (`preDNAT`
 //! and `doNotTrack` policies act on host endpoints only, never on pods,
 //! so they are parsed and ignored; `applyOnForward` alone changes nothing
 //! for pods).
@@ -229,7 +232,7 @@ impl CalicoEndpoint {
 }
 
 /// A flow: source, destination, IP protocol number, destination port (or
-/// ICMP type and code).
+/// ICMP type and code), and the source port when it is known.
 #[derive(Clone, Debug)]
 pub struct CalicoFlow {
     pub source: CalicoEndpoint,
@@ -237,6 +240,9 @@ pub struct CalicoFlow {
     pub protocol: u8,
     pub port: u16,
     pub icmp: Option<(u8, u8)>,
+    /// `None`: unknown; source `ports` then match nothing and source
+    /// `notPorts` exclude nothing.
+    pub source_port: Option<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -827,6 +833,43 @@ impl CalicoPolicies {
         ports
     }
 
+    /// Whether any rule matches source ports (`source.ports` or
+    /// `source.notPorts`): only then does a verdict depend on one.
+    pub fn uses_source_ports(&self) -> bool {
+        self.rules()
+            .any(|r| r.source.ports.is_some() || !r.source.not_ports.is_empty())
+    }
+
+    /// Lint: the source ports worth probing besides an unknown one (both
+    /// ends of every source port range of every rule).
+    pub fn probe_source_ports(&self) -> std::collections::BTreeSet<u16> {
+        let mut ports = std::collections::BTreeSet::new();
+        for rule in self.rules() {
+            for p in rule
+                .source
+                .ports
+                .iter()
+                .flatten()
+                .chain(&rule.source.not_ports)
+            {
+                if let PortMatch::Range(a, b) = p {
+                    ports.insert(*a);
+                    ports.insert(*b);
+                }
+            }
+        }
+        ports
+    }
+
+    fn rules(&self) -> impl Iterator<Item = &CompiledRule> {
+        self.tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .flat_map(|p| [&p.ingress, &p.egress])
+            .flatten()
+            .flatten()
+    }
+
     /// Lint: the ICMP probes worth making, `(protocol, type, code)`: every
     /// type and code a rule of an ICMP protocol names (a type alone probed
     /// with code 0), a type other than each named one (what a `notICMP`
@@ -1162,15 +1205,21 @@ fn rule_matches(
         return false;
     }
     let namespace = policy.reference.namespace.as_deref();
-    // Source ports are not known: a rule that needs one matches nothing.
-    entity_matches(&rule.source, namespace, &flow.source, flow, None)
-        && entity_matches(
-            &rule.destination,
-            namespace,
-            &flow.destination,
-            flow,
-            Some(flow.port),
-        )
+    entity_matches(
+        &rule.source,
+        namespace,
+        &flow.source,
+        flow,
+        flow.source_port,
+        false,
+    ) && entity_matches(
+        &rule.destination,
+        namespace,
+        &flow.destination,
+        flow,
+        Some(flow.port),
+        true,
+    )
 }
 
 fn entity_matches(
@@ -1179,6 +1228,7 @@ fn entity_matches(
     endpoint: &CalicoEndpoint,
     flow: &CalicoFlow,
     port: Option<u16>,
+    is_destination: bool,
 ) -> bool {
     if let Some(nets) = &entity.nets
         && !endpoint
@@ -1216,7 +1266,8 @@ fn entity_matches(
         else {
             return false;
         };
-        if let Some(port) = port
+        if is_destination
+            && let Some(port) = port
             && !backing
                 .ports
                 .iter()
@@ -1225,11 +1276,11 @@ fn entity_matches(
             return false;
         }
     }
+    // Named ports are the container ports of this side's own endpoint.
     let port_in = |ports: &[PortMatch], port: u16| {
         ports.iter().any(|p| match p {
             PortMatch::Range(a, b) => (*a..=*b).contains(&port),
-            PortMatch::Named(name) => flow
-                .destination
+            PortMatch::Named(name) => endpoint
                 .named_ports
                 .iter()
                 .any(|(n, proto, num)| n == name && *proto == flow.protocol && *num == port),
@@ -1524,15 +1575,7 @@ fn rule(cx: &Context<'_>, field: &str, r: &Rule) -> Result<CompiledRule, CalicoE
         icmp: icmp(&r.icmp),
         not_icmp: icmp(&r.not_icmp),
         ip_version: r.ip_version,
-        source: {
-            let mut s = entity(cx, &format!("{field}.source"), &r.source)?;
-            // Source ports are unknown to netwatch: the rule matches nothing.
-            if s.ports.is_some() {
-                s.ports = Some(Vec::new());
-            }
-            s.not_ports.clear();
-            s
-        },
+        source: entity(cx, &format!("{field}.source"), &r.source)?,
         destination: entity(cx, &format!("{field}.destination"), &r.destination)?,
     })
 }

@@ -134,8 +134,9 @@ fn equal_orders(set: &CalicoPolicies, endpoints: &[CalicoEndpoint], findings: &m
     }
 }
 
-/// One probe: protocol number, destination port, ICMP type and code.
-type Probe = (u8, u16, Option<(u8, u8)>);
+/// One probe: protocol number, destination port, ICMP type and code,
+/// source port (`None`: unknown).
+type Probe = (u8, u16, Option<(u8, u8)>, Option<u16>);
 
 fn probes(
     engine: &PolicyEngine,
@@ -156,13 +157,23 @@ fn probes(
     );
     // (protocol, port, ICMP type and code): TCP and UDP on every port, and
     // the ICMP types and codes the rules name.
+    // Source ports: unknown, and both ends of the rules' source port
+    // ranges (else a rule after a source `notPorts` one would look
+    // shadowed).
+    let source_ports: Vec<Option<u16>> = std::iter::once(None)
+        .chain(set.probe_source_ports().into_iter().map(Some))
+        .collect();
     let probe_set: Vec<Probe> = ports
         .iter()
-        .flat_map(|&port| [(6u8, port, None), (17, port, None)])
+        .flat_map(|&port| {
+            source_ports
+                .iter()
+                .flat_map(move |&sport| [(6u8, port, None, sport), (17, port, None, sport)])
+        })
         .chain(
             set.probe_icmp()
                 .into_iter()
-                .map(|(protocol, t, c)| (protocol, 0, Some((t, c)))),
+                .map(|(protocol, t, c)| (protocol, 0, Some((t, c)), None)),
         )
         .collect();
     let tiers = set.tiers();
@@ -178,7 +189,7 @@ fn probes(
                 continue;
             }
             for direction in [CalicoDirection::Ingress, CalicoDirection::Egress] {
-                for &(protocol, port, icmp) in &probe_set {
+                for &(protocol, port, icmp, source_port) in &probe_set {
                     let (source, destination) = match direction {
                         CalicoDirection::Ingress => (peer, subject),
                         CalicoDirection::Egress => (subject, peer),
@@ -189,6 +200,7 @@ fn probes(
                         protocol,
                         port,
                         icmp,
+                        source_port,
                     };
                     for (index, _) in tiers.iter().enumerate() {
                         let rules = set.matching_rules(index, direction, &flow);
