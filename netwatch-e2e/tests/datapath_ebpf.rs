@@ -461,3 +461,21 @@ fn scenario_policy_not_enforced() {
 fn scenario_least_privilege() {
     scenario("least-privilege");
 }
+
+// The cluster tiers (Admin and Baseline, with Deny, Allow and Pass), compiled
+// into the programs' first-match lists.
+
+#[test]
+fn scenario_admin_deny_sensitive() {
+    scenario("admin-deny-sensitive");
+}
+
+#[test]
+fn scenario_baseline_default_deny() {
+    scenario("baseline-default-deny");
+}
+
+#[test]
+fn scenario_pass_to_networkpolicy() {
+    scenario("pass-to-networkpolicy");
+}

@@ -41,9 +41,11 @@
 //! the conformance corpus and the random comparison with the engine check
 //! the rules themselves that way.
 
+mod first_match;
 mod interpret;
 mod tiers;
 
+pub use first_match::{Action, FirstMatch, MatchRule, PodFirstMatch, compile_first_match};
 pub use interpret::{CompiledCluster, Decision, Judgement, Packet};
 
 use std::{

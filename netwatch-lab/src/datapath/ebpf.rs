@@ -48,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use std::process::Stdio;
 
 use super::super::{
-    ChildGuard, EnforceOptions, Lab, LabCluster, LabError,
-    enforce::{self, Allow, L4, PodAllows},
+    ChildGuard, Direction, EnforceOptions, Lab, LabCluster, LabError,
+    enforce::{self, Action, FirstMatch, L4, MatchRule, PodFirstMatch},
     services,
     tcprog::{self, TcMode},
 };
@@ -101,31 +101,46 @@ pub struct PodRules {
     /// Delivered to, not policed.
     #[serde(default)]
     pub ipv6: Option<Ipv6Addr>,
-    /// `None`: not isolated in that direction.
-    pub ingress: Option<Vec<Rule>>,
-    pub egress: Option<Vec<Rule>>,
+    /// `None`: not policed in that direction.
+    pub ingress: Option<Judge>,
+    pub egress: Option<Judge>,
 }
 
-/// One allowing rule, IPv4 part.
+/// A pod's policy in one direction as the program compares it: the
+/// first matching rule decides ([`enforce::FirstMatch`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Judge {
+    /// The Admin tier: Allow, Deny, or Pass (on to `below`).
+    pub admin: Vec<Rule>,
+    /// NetworkPolicies' allows or the Baseline tier.
+    pub below: Vec<Rule>,
+    pub otherwise: Action,
+}
+
+/// One rule.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Rule {
-    pub peers: Vec<(Ipv4Addr, u8)>,
-    pub except: Vec<(Ipv4Addr, u8)>,
+    pub peers: Vec<(IpAddr, u8)>,
+    pub except: Vec<(IpAddr, u8)>,
     /// (IP protocol, first port, last port); `None`: everything.
     pub ports: Option<(u8, u16, u16)>,
+    pub action: Action,
 }
 
 impl PodRules {
     /// From the enforcer's evaluation; a pod without an IPv4 address has
     /// nothing this datapath polices.
-    pub fn from_allows(a: &PodAllows) -> Option<PodRules> {
+    pub fn from_first_match(a: &PodFirstMatch) -> Option<PodRules> {
         let ip = a.ips.iter().find_map(|ip| match ip {
             IpAddr::V4(v4) => Some(*v4),
             IpAddr::V6(_) => None,
         })?;
-        let rules = |list: &Option<Vec<Allow>>| {
-            list.as_ref()
-                .map(|l| l.iter().filter_map(Rule::from_allow).collect())
+        let judge = |f: &Option<FirstMatch>| {
+            f.as_ref().map(|f| Judge {
+                admin: f.admin.iter().map(Rule::from_match).collect(),
+                below: f.below.iter().map(Rule::from_match).collect(),
+                otherwise: f.otherwise,
+            })
         };
         Some(PodRules {
             host_if: a.host_if.clone(),
@@ -134,37 +149,101 @@ impl PodRules {
                 IpAddr::V6(v6) => Some(*v6),
                 IpAddr::V4(_) => None,
             }),
-            ingress: rules(&a.ingress),
-            egress: rules(&a.egress),
+            ingress: judge(&a.ingress),
+            egress: judge(&a.egress),
         })
+    }
+
+    /// What this pod's rules decide for a new connection in direction `d`
+    /// whose other end is `peer`: the lists the programs are assembled
+    /// from, read as the programs compare them (IPv4 only: IPv6 passes).
+    pub fn allows(&self, d: Direction, peer: IpAddr, protocol: L4, port: u16) -> bool {
+        let judge = match d {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        };
+        let Some(judge) = judge else {
+            return true;
+        };
+        if peer.is_ipv6() {
+            return true;
+        }
+        let packet = (u32::from(proto_number(protocol)) << 16) | u32::from(port);
+        let first = |rules: &[Rule]| {
+            rules
+                .iter()
+                .find(|r| r.matches(peer, packet))
+                .map(|r| r.action)
+        };
+        let decided = match first(&judge.admin) {
+            Some(Action::Pass) | None => first(&judge.below).unwrap_or(judge.otherwise),
+            Some(action) => action,
+        };
+        // A Pass below the Admin tier allows, as the program treats it.
+        decided != Action::Deny
     }
 }
 
 impl Rule {
-    fn from_allow(a: &Allow) -> Option<Rule> {
-        let v4 = |l: &[(IpAddr, u8)]| -> Vec<(Ipv4Addr, u8)> {
-            l.iter()
-                .filter_map(|(ip, len)| match ip {
-                    IpAddr::V4(v4) => Some((*v4, *len)),
-                    IpAddr::V6(_) => None,
-                })
-                .collect()
-        };
-        let peers = v4(&a.peers);
-        if peers.is_empty() {
-            return None;
+    fn from_match(m: &MatchRule) -> Rule {
+        let a = &m.matches;
+        Rule {
+            peers: a.peers.clone(),
+            except: a.except.clone(),
+            ports: a.ports.map(|(l4, lo, hi)| (proto_number(l4), lo, hi)),
+            action: m.action,
         }
-        let proto = |l4: L4| match l4 {
-            L4::Tcp => 6,
-            L4::Udp => 17,
-            L4::Sctp => 132,
-        };
-        Some(Rule {
-            peers,
-            except: v4(&a.except),
-            ports: a.ports.map(|(l4, lo, hi)| (proto(l4), lo, hi)),
-        })
     }
+
+    /// `packet`: protocol << 16 | destination port, as the program's
+    /// register holds it.
+    fn matches(&self, peer: IpAddr, packet: u32) -> bool {
+        let inside = |(net, len): &(IpAddr, u8)| in_prefix(peer, *net, *len);
+        let ports = self.ports.is_none_or(|(proto, lo, hi)| {
+            let base = u32::from(proto) << 16;
+            (base | u32::from(lo)..=base | u32::from(hi)).contains(&packet)
+        });
+        ports && !self.except.iter().any(inside) && self.peers.iter().any(inside)
+    }
+}
+
+fn proto_number(l4: L4) -> u8 {
+    match l4 {
+        L4::Tcp => 6,
+        L4::Udp => 17,
+        L4::Sctp => 132,
+    }
+}
+
+fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            let m = u32::from(prefix_mask(len));
+            u32::from(ip) & m == u32::from(net) & m
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len.min(128)))
+            };
+            u128::from(ip) & m == u128::from(net) & m
+        }
+        _ => false,
+    }
+}
+
+/// The lists of every pod wired on `node`, as [`Lab::enforce`] loads them
+/// there (without a lab: pure, for comparisons with the nftables chains).
+pub fn compile(
+    cluster: &LabCluster,
+    node: &str,
+    options: &EnforceOptions,
+) -> Result<Vec<PodRules>, enforce::EnforceError> {
+    Ok(enforce::compile_first_match(cluster, node, options)?
+        .iter()
+        .filter_map(PodRules::from_first_match)
+        .collect())
 }
 
 // ---------------------------------------------------------------------------
@@ -215,6 +294,8 @@ const JGT: u8 = 0x20;
 const JNE: u8 = 0x50;
 const JLT: u8 = 0xa0;
 const JSLT: u8 = 0xc0;
+const EXIT: u8 = JMP | 0x90;
+const LD_IMM64: u8 = 0x18;
 
 // Helpers.
 const MAP_LOOKUP_ELEM: i32 = 1;
@@ -316,16 +397,64 @@ impl Asm {
         self.mov64(dst, 10);
         self.alu64_imm(ADD, dst, i32::from(off));
     }
-    /// Whether any jump goes to `l` (the verifier rejects unreachable code).
+    /// Whether any jump goes to `l`.
     fn used(&self, l: Label) -> bool {
         self.fixups.iter().any(|(_, to)| to.0 == l.0)
     }
+    /// The program, without the instructions no path reaches (the
+    /// verifier rejects them; a first-match list leaves some, e.g. the rules
+    /// after one that matches everything).
     fn finish(mut self) -> Vec<u64> {
-        for (at, l) in std::mem::take(&mut self.fixups) {
-            let target = self.labels[l.0].unwrap_or(at + 1);
-            self.insns[at].off = (target as i64 - at as i64 - 1) as i16;
+        let n = self.insns.len();
+        let mut target = vec![None; n];
+        for (at, l) in &self.fixups {
+            target[*at] = Some(self.labels[l.0].unwrap_or(at + 1));
         }
-        self.insns.into_iter().map(Insn::encode).collect()
+        let mut reached = vec![false; n];
+        let mut work = vec![0];
+        while let Some(i) = work.pop() {
+            if i >= n || reached[i] {
+                continue;
+            }
+            reached[i] = true;
+            let code = self.insns[i].code;
+            if code == LD_IMM64 {
+                // Two slots.
+                if i + 1 < n {
+                    reached[i + 1] = true;
+                }
+                work.push(i + 2);
+                continue;
+            }
+            if code == EXIT {
+                continue;
+            }
+            if let Some(t) = target[i] {
+                work.push(t);
+                if code == JMP | JA {
+                    continue;
+                }
+            }
+            work.push(i + 1);
+        }
+        let mut index = vec![0usize; n + 1];
+        let mut kept = 0;
+        for i in 0..n {
+            index[i] = kept;
+            kept += usize::from(reached[i]);
+        }
+        index[n] = kept;
+        for i in 0..n {
+            if let Some(t) = target[i] {
+                self.insns[i].off = (index[t] as i64 - index[i] as i64 - 1) as i16;
+            }
+        }
+        self.insns
+            .into_iter()
+            .zip(reached)
+            .filter(|(_, r)| *r)
+            .map(|(insn, _)| insn.encode())
+            .collect()
     }
 }
 
@@ -381,38 +510,68 @@ fn policy(a: &mut Asm, dp: &NodeDatapath, ingress: bool, drop: Label) {
     };
     let allowed = a.label();
     for pod in &dp.pods {
-        let Some(rules) = (if ingress { &pod.ingress } else { &pod.egress }) else {
+        let Some(judge) = (if ingress { &pod.ingress } else { &pod.egress }) else {
             continue;
         };
         let next_pod = a.label();
         a.jmp_imm(JMP32, JNE, local, ne(pod.ip), next_pod);
-        for r in rules {
-            let next_rule = a.label();
-            if let Some((proto, lo, hi)) = r.ports {
-                let base = i32::from(proto) << 16;
-                a.jmp_imm(JMP, JLT, PROTO_PORT, base | i32::from(lo), next_rule);
-                a.jmp_imm(JMP, JGT, PROTO_PORT, base | i32::from(hi), next_rule);
-            }
-            for (net, len) in &r.except {
-                a.mov32(1, peer);
-                a.alu32_imm(AND, 1, ne(prefix_mask(*len)));
-                a.jmp_imm(JMP32, JEQ, 1, ne(*net) & ne(prefix_mask(*len)), next_rule);
-            }
-            for (net, len) in &r.peers {
-                if *len == 0 {
-                    a.ja(allowed);
-                    break;
-                }
-                a.mov32(1, peer);
-                a.alu32_imm(AND, 1, ne(prefix_mask(*len)));
-                a.jmp_imm(JMP32, JEQ, 1, ne(*net) & ne(prefix_mask(*len)), allowed);
-            }
-            a.bind(next_rule);
-        }
-        a.ja(drop);
+        let below = a.label();
+        rules(a, &judge.admin, peer, [allowed, drop, below]);
+        a.bind(below);
+        rules(a, &judge.below, peer, [allowed, drop, allowed]);
+        a.ja(match judge.otherwise {
+            Action::Deny => drop,
+            Action::Allow | Action::Pass => allowed,
+        });
         a.bind(next_pod);
     }
     a.bind(allowed);
+}
+
+/// First match: each rule jumps to its action's label (`[allow, deny,
+/// pass]`) when the packet's protocol, port and `peer` address match;
+/// falls through when none does.
+fn rules(a: &mut Asm, rules: &[Rule], peer: u8, [allow, deny, pass]: [Label; 3]) {
+    let v4 = |l: &[(IpAddr, u8)]| -> Vec<(Ipv4Addr, u8)> {
+        l.iter()
+            .filter_map(|(ip, len)| match ip {
+                IpAddr::V4(v4) => Some((*v4, *len)),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    };
+    for r in rules {
+        let peers = v4(&r.peers);
+        if peers.is_empty() {
+            continue;
+        }
+        let to = match r.action {
+            Action::Allow => allow,
+            Action::Deny => deny,
+            Action::Pass => pass,
+        };
+        let next_rule = a.label();
+        if let Some((proto, lo, hi)) = r.ports {
+            let base = i32::from(proto) << 16;
+            a.jmp_imm(JMP, JLT, PROTO_PORT, base | i32::from(lo), next_rule);
+            a.jmp_imm(JMP, JGT, PROTO_PORT, base | i32::from(hi), next_rule);
+        }
+        for (net, len) in v4(&r.except) {
+            a.mov32(1, peer);
+            a.alu32_imm(AND, 1, ne(prefix_mask(len)));
+            a.jmp_imm(JMP32, JEQ, 1, ne(net) & ne(prefix_mask(len)), next_rule);
+        }
+        for (net, len) in peers {
+            if len == 0 {
+                a.ja(to);
+                break;
+            }
+            a.mov32(1, peer);
+            a.alu32_imm(AND, 1, ne(prefix_mask(len)));
+            a.jmp_imm(JMP32, JEQ, 1, ne(net) & ne(prefix_mask(len)), to);
+        }
+        a.bind(next_rule);
+    }
 }
 
 /// IPv6 to a local pod: into it with `bpf_redirect_peer`, unpoliced; other
@@ -892,15 +1051,11 @@ impl Lab {
         service_ips.dedup();
         let mut nodes = Vec::new();
         for n in &self.nodes {
-            let allows = enforce::compile_allows(cluster, &n.name, options)
-                .map_err(|e| LabError::Spec(e.to_string()))?;
+            let compiled =
+                compile(cluster, &n.name, options).map_err(|e| LabError::Spec(e.to_string()))?;
             let mut dp = self.ebpf_unpoliced(&n.name)?;
             for p in &mut dp.pods {
-                if let Some(rules) = allows
-                    .iter()
-                    .find(|a| a.host_if == p.host_if)
-                    .and_then(PodRules::from_allows)
-                {
+                if let Some(rules) = compiled.iter().find(|c| c.host_if == p.host_if).cloned() {
                     p.ingress = rules.ingress;
                     p.egress = rules.egress;
                 }
@@ -1000,37 +1155,98 @@ mod tests {
                 host_if: "cali0".into(),
                 ip: "10.244.1.2".parse().unwrap(),
                 ipv6: Some("fd00:244:1::2".parse().unwrap()),
-                ingress: Some(vec![Rule {
-                    peers: vec![("10.244.0.0".parse().unwrap(), 16)],
-                    except: vec![("10.244.9.0".parse().unwrap(), 24)],
-                    ports: Some((6, 80, 80)),
-                }]),
-                egress: None,
+                ingress: Some(Judge {
+                    admin: vec![
+                        rule("10.244.7.0/24", Some((6, 80, 80)), Action::Deny),
+                        rule("10.244.8.0/24", None, Action::Pass),
+                        rule("10.244.0.0/16", Some((17, 53, 53)), Action::Allow),
+                    ],
+                    below: vec![Rule {
+                        peers: vec![("10.244.0.0".parse().unwrap(), 16)],
+                        except: vec![("10.244.9.0".parse().unwrap(), 24)],
+                        ports: Some((6, 80, 80)),
+                        action: Action::Allow,
+                    }],
+                    otherwise: Action::Deny,
+                }),
+                egress: Some(Judge {
+                    admin: Vec::new(),
+                    // Everything after the first rule is unreachable.
+                    below: vec![
+                        rule("0.0.0.0/0", None, Action::Deny),
+                        rule("10.0.0.0/8", None, Action::Allow),
+                    ],
+                    otherwise: Action::Allow,
+                }),
             }],
             service_ips: vec!["10.96.0.10".parse().unwrap()],
             police_host_to_pod: false,
         }
     }
 
+    fn rule(cidr: &str, ports: Option<(u8, u16, u16)>, action: Action) -> Rule {
+        let (net, len) = cidr.split_once('/').unwrap();
+        Rule {
+            peers: vec![(net.parse().unwrap(), len.parse().unwrap())],
+            except: Vec::new(),
+            ports,
+            action,
+        }
+    }
+
     #[test]
-    fn jumps_only_go_forward_and_land_inside() {
+    fn the_first_matching_rule_decides_and_pass_goes_below_the_admin_tier() {
+        let pod = &dp().pods[0];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let ingress = |peer: &str, l4, port| pod.allows(Direction::Ingress, ip(peer), l4, port);
+        // Denied by the Admin tier, although allowed below it.
+        assert!(!ingress("10.244.7.5", L4::Tcp, 80));
+        // Passed: the NetworkPolicy allow below decides.
+        assert!(ingress("10.244.8.5", L4::Tcp, 80));
+        assert!(!ingress("10.244.8.5", L4::Udp, 53), "passed, then isolated");
+        // Allowed by the Admin tier, although isolated below it.
+        assert!(ingress("10.244.1.9", L4::Udp, 53));
+        assert!(!ingress("10.244.9.1", L4::Tcp, 80), "except");
+        assert!(!ingress("192.0.2.1", L4::Tcp, 80));
+        assert!(!pod.allows(Direction::Egress, ip("192.0.2.1"), L4::Tcp, 1));
+    }
+
+    #[test]
+    fn jumps_only_go_forward_and_land_inside_and_every_instruction_is_reached() {
         for hook in [Hook::FromPod, Hook::ToPod, Hook::UplinkIn, Hook::UplinkOut] {
             let p = program(hook, &dp(), 3, &[7]);
+            let mut reached = vec![false; p.len()];
+            reached[0] = true;
             for (i, insn) in p.iter().enumerate() {
                 let code = *insn as u8;
                 let class = code & 0x07;
                 let op = code & 0xf0;
+                if !reached[i] {
+                    panic!("{hook:?}: instruction {i} is unreachable");
+                }
+                if code == LD_IMM64 {
+                    reached[i + 1] = true;
+                    if i + 2 < p.len() {
+                        reached[i + 2] = true;
+                    }
+                    continue;
+                }
                 if (class == JMP || class == JMP32) && op != 0x80 && op != 0x90 {
                     let off = (*insn >> 16) as u16 as i16;
                     assert!(off >= 0, "{hook:?}: backward jump at {i}");
-                    assert!(
-                        i + 1 + (off as usize) < p.len(),
-                        "{hook:?}: jump out at {i}"
-                    );
+                    let to = i + 1 + off as usize;
+                    assert!(to < p.len(), "{hook:?}: jump out at {i}");
+                    reached[to] = true;
+                    if code == JMP | JA {
+                        continue;
+                    }
+                }
+                if code != EXIT && i + 1 < p.len() {
+                    reached[i + 1] = true;
                 }
             }
             // Ends in exit.
-            assert_eq!(*p.last().unwrap() as u8, 0x95);
+            assert_eq!(*p.last().unwrap() as u8, EXIT);
         }
     }
 
