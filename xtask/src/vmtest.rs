@@ -145,7 +145,10 @@ pub const TESTS: &[TestEntry] = &[
         target: "datapath_ovs",
         filters: &[],
         // One scenario on OVS is 4-5 min under TCG: CI runs one.
-        skip: &["ovs_scenario_label_mismatch"],
+        skip: &[
+            "ovs_scenario_label_mismatch",
+            "ovs_scenario_pass_to_networkpolicy",
+        ],
         kernels: &["6.1", "6.12"],
         threads: 1,
     },
