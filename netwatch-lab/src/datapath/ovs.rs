@@ -412,6 +412,9 @@ const CT_ZONE: u16 = 65520;
 const PASS_PRIORITY: u16 = 40000;
 const RULE_PRIORITY: u16 = 30000;
 const OTHERWISE_PRIORITY: u16 = 200;
+/// A new connection admitted: committed, with whether it came from the
+/// gateway (reg0 bit 0, set in table 0) as its ct_mark; on to forwarding.
+const ADMIT: &str = "ct(commit,zone=65520,exec(move:NXM_NX_REG0[0]->NXM_NX_CT_MARK[0]),table=5)";
 
 /// What the OpenFlow policy needs to know besides the pods' lists.
 pub struct PolicyContext<'a> {
@@ -420,6 +423,8 @@ pub struct PolicyContext<'a> {
     /// The nodes' own addresses: let into pods unless `police_host_to_pod`.
     pub node_ips: &'a [IpAddr],
     pub police_host_to_pod: bool,
+    /// The OpenFlow port of the gateway to the node's stack.
+    pub gateway_port: u32,
 }
 
 /// The OpenFlow flows enforcing `pods`' policies (the lab's own compiler,
@@ -440,30 +445,42 @@ pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<Strin
         TABLE_FORWARD,
     );
     let z = CT_ZONE;
+    let gw = cx.gateway_port;
+    // Connections that entered from the node's stack (the node, other
+    // nodes, a Service after its DNAT) carry ct_mark 1, and their replies
+    // go back through it: a Service's reply must be un-DNATed there, even
+    // from a backend on the client's own node.
     let mut flows = vec![
+        format!(
+            "table=0,priority=11,in_port={gw},ip,actions=load:1->NXM_NX_REG0[0],ct(zone={z},table={e})"
+        ),
         format!("table=0,priority=10,ip,actions=ct(zone={z},table={e})"),
+        format!(
+            "table={f},priority={},ct_state=+trk+rpl,ct_mark=0x1/0x1,ip,actions=output:{gw}",
+            FORWARD_PRIORITY + 20
+        ),
         format!("table={e},priority=1000,ct_state=+trk+est,ip,actions=goto_table:{f}"),
         format!("table={e},priority=1000,ct_state=+trk+rel,ip,actions=goto_table:{f}"),
         format!("table={e},priority=0,actions=goto_table:{eb}"),
         format!("table={eb},priority=0,actions=goto_table:{i}"),
         format!("table={i},priority=0,actions=goto_table:{ib}"),
-        format!("table={ib},priority=0,ip,actions=ct(commit,zone={z},table={f})"),
+        format!("table={ib},priority=0,ip,actions={ADMIT}"),
     ];
     // To a Service: up to the node's DNAT unjudged; judged on the way back.
     for vip in cx.service_ips.iter().filter(|a| a.is_ipv4()) {
         flows.push(format!(
-            "table={e},priority={PASS_PRIORITY},ip,nw_dst={vip},actions=goto_table:{f}"
+            "table={e},priority={PASS_PRIORITY},ip,nw_dst={vip},actions=ct(commit,zone={z}),goto_table:{f}"
         ));
     }
     if !cx.police_host_to_pod {
         for node in cx.node_ips.iter().filter(|a| a.is_ipv4()) {
             flows.push(format!(
-                "table={i},priority={PASS_PRIORITY},ip,nw_src={node},actions=ct(commit,zone={z},table={f})"
+                "table={i},priority={PASS_PRIORITY},ip,nw_src={node},actions={ADMIT}"
             ));
         }
     }
     let to_ingress = format!("goto_table:{i}");
-    let admit = format!("ct(commit,zone={z},table={f})");
+    let admit = ADMIT.to_string();
     for pod in pods {
         for ip in pod.ips.iter().filter(|ip| ip.is_ipv4()) {
             if let Some(list) = &pod.egress {
@@ -639,12 +656,17 @@ impl Lab {
             service_ips: &service_ips,
             node_ips: &node_ips,
             police_host_to_pod: options.police_host_to_pod,
+            gateway_port: 0,
         };
         for n in &self.nodes {
             let lists = enforce::compile_first_match(cluster, &n.name, options)
                 .map_err(|e| LabError::Spec(e.to_string()))?;
-            self.switch(&n.name)?
-                .set_flows(&policy_flows(&lists, &cx))?;
+            let switch = self.switch(&n.name)?;
+            let cx = PolicyContext {
+                gateway_port: switch.gateway_port,
+                ..cx
+            };
+            switch.set_flows(&policy_flows(&lists, &cx))?;
         }
         Ok(())
     }
@@ -721,7 +743,11 @@ mod tests {
             if actions == "drop" {
                 return false;
             }
-            if actions.starts_with(&format!("ct(commit,zone={CT_ZONE},table={TABLE_FORWARD})")) {
+            if actions == ADMIT {
+                return true;
+            }
+            if let Some(next) = actions.strip_prefix(&format!("ct(commit,zone={CT_ZONE}),")) {
+                assert_eq!(next, format!("goto_table:{TABLE_FORWARD}"));
                 return true;
             }
             let next: u8 = actions
@@ -818,6 +844,7 @@ mod tests {
             service_ips: &[ip("10.96.0.10")],
             node_ips: &[ip("172.18.0.2")],
             police_host_to_pod: false,
+            gateway_port: 1,
         };
         let flows = policy_flows(&[server], &cx);
         let to_server =
@@ -858,6 +885,11 @@ mod tests {
             "{pass}"
         );
         assert!(priority(deny) > priority(pass));
+        assert!(
+            ADMIT.contains(&format!("zone={CT_ZONE},"))
+                && ADMIT.ends_with(&format!("table={TABLE_FORWARD})")),
+            "{ADMIT}"
+        );
     }
 
     #[test]
