@@ -303,10 +303,11 @@ fn networkpolicies_become_openflow_drops_on_ovs_nodes() {
 // The scenarios on Open vSwitch, with the records the routed datapath gives
 // except the kernel's reason: the switch's (6.4+; before, a drop in the
 // datapath is silent and such flows are TIMED_OUT, as the tests above show).
-// The cluster-scoped tiers are not compiled into OpenFlow (the lab refuses
-// them in this datapath). Each scenario takes 4-5 minutes under TCG with two
-// switches: the VM matrix runs least-privilege (label-mismatch passes too:
-// `cargo xtask vmtest --kernel 6.12 -- ovs_scenario`). dns-wrong-label
+// The cluster tiers are OpenFlow priorities (Deny, Allow, Pass to the table
+// below the Admin tier's). Each scenario takes 4-5 minutes under TCG with
+// two switches: the VM matrix runs least-privilege (label-mismatch and the
+// three tier scenarios pass too: `cargo xtask vmtest --kernel 6.12 --
+// ovs_scenario`). dns-wrong-label
 // failed here and is not run (open: see the README's lab datapaths).
 
 fn scenario(name: &str) {
@@ -348,4 +349,19 @@ fn ovs_scenario_label_mismatch() {
 #[test]
 fn ovs_scenario_least_privilege() {
     scenario("least-privilege");
+}
+
+#[test]
+fn ovs_scenario_pass_to_networkpolicy() {
+    scenario("pass-to-networkpolicy");
+}
+
+#[test]
+fn ovs_scenario_admin_deny_sensitive() {
+    scenario("admin-deny-sensitive");
+}
+
+#[test]
+fn ovs_scenario_baseline_default_deny() {
+    scenario("baseline-default-deny");
 }

@@ -9,7 +9,10 @@
 //!   cluster, the chains loaded into nftables, TCP and UDP probes;
 //! - against netwatch's engine on random policy sets: `netwatch explain
 //!   --matrix -o json` (the engine, a separate program) and the compiled
-//!   chains must reach the same verdict on every pair, port and protocol.
+//!   chains must reach the same verdict on every pair, port and protocol;
+//! - the eBPF datapath's first-match lists (what its TC programs compare)
+//!   against the chains, on the conformance probes and random policy sets:
+//!   the lab's two compilers must agree, direction by direction.
 
 mod support;
 
@@ -22,8 +25,9 @@ use std::{
 };
 
 use netwatch_lab::{
-    EnforceOptions, Lab, LabCluster, LabSpec, Manifests, Outcome, PodPlacement, Probe,
-    enforce::{CompiledCluster, L4},
+    Direction, EnforceOptions, Lab, LabCluster, LabSpec, Manifests, Outcome, PodPlacement, Probe,
+    datapath::ebpf,
+    enforce::{CompiledCluster, Decision, L4},
 };
 use serde::Deserialize;
 
@@ -488,6 +492,154 @@ fn the_compiled_chains_agree_with_the_engine_on_random_policy_sets() {
                 protocol.nft(),
                 c["verdict"]
             );
+        }
+    }
+    assert!(compared > 10_000, "{compared}");
+    assert!(
+        denied * 10 > compared && denied * 10 < compared * 9,
+        "the sets are not trivial: {denied} of {compared} denied"
+    );
+}
+
+/// The eBPF datapath's lists of every node of `cluster`, by host interface.
+fn ebpf_lists(cluster: &LabCluster, options: &EnforceOptions) -> BTreeMap<String, ebpf::PodRules> {
+    ["node-1", "node-2"]
+        .into_iter()
+        .flat_map(|n| ebpf::compile(cluster, n, options).unwrap_or_else(|e| panic!("{e}")))
+        .map(|p| (p.host_if.clone(), p))
+        .collect()
+}
+
+/// What the eBPF lists decide for `from` opening a connection to `to`, in
+/// the shape of the chains' [`Decision`]: per direction, `None` where the
+/// end is no policed pod.
+fn ebpf_decide(
+    cluster: &LabCluster,
+    lists: &BTreeMap<String, ebpf::PodRules>,
+    from: &str,
+    to: IpAddr,
+    protocol: L4,
+    port: u16,
+) -> (Option<bool>, Option<bool>) {
+    let source = cluster.pod(from).unwrap();
+    let saddr = source
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == to.is_ipv4())
+        .unwrap();
+    let rules_of = |p: &netwatch_lab::enforce::ClusterPod| {
+        let host_if = &p.placement.as_ref()?.host_if;
+        lists.get(host_if)
+    };
+    let egress = rules_of(source).map(|r| r.allows(Direction::Egress, to, protocol, port));
+    let ingress = cluster
+        .pods
+        .iter()
+        .find(|p| !p.host_network && p.ips.contains(&to))
+        .and_then(rules_of)
+        .map(|r| r.allows(Direction::Ingress, saddr, protocol, port));
+    (egress, ingress)
+}
+
+fn chains_decide(d: &Decision) -> (Option<bool>, Option<bool>) {
+    (
+        d.egress.as_ref().map(|j| j.allowed()),
+        d.ingress.as_ref().map(|j| j.allowed()),
+    )
+}
+
+#[test]
+fn the_ebpf_lists_agree_with_the_chains_on_every_conformance_probe() {
+    let mut probes = 0;
+    let mut failures = Vec::new();
+    for case in &cases() {
+        for (i, step) in case.steps.iter().enumerate() {
+            let m = step_manifests(case, step);
+            let placed = placements(&m);
+            let cluster = LabCluster::new(m, placed).unwrap();
+            let options = EnforceOptions::default();
+            let chains = CompiledCluster::new(&cluster, &options).unwrap();
+            let lists = ebpf_lists(&cluster, &options);
+            for p in &step.probes {
+                probes += 1;
+                let protocol = L4::from_api(Some(&p.protocol)).unwrap();
+                let to = address(&cluster, &p.to);
+                let want = chains_decide(&chains.decide(&p.from, to, protocol, p.port).unwrap());
+                let got = ebpf_decide(&cluster, &lists, &p.from, to, protocol, p.port);
+                if got != want {
+                    failures.push(format!(
+                        "{} step {}: {} -> {} {}/{}: chains (egress, ingress) {want:?}, eBPF lists {got:?}",
+                        case.file,
+                        i + 1,
+                        p.from,
+                        p.to,
+                        p.port,
+                        p.protocol
+                    ));
+                }
+            }
+        }
+    }
+    assert!(probes >= 550, "only {probes} probes");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Random policy sets (the generator of the engine comparison), every pair
+/// of pods and some addresses outside the pods, on ports hitting numbers,
+/// ranges and named ports, with both ipBlock choices.
+#[test]
+fn the_ebpf_lists_agree_with_the_chains_on_random_policy_sets() {
+    let mut dice = Dice(41);
+    let mut compared = 0;
+    let mut denied = 0;
+    let outside: [IpAddr; 3] = [
+        "172.18.0.2".parse().unwrap(),
+        "10.244.1.77".parse().unwrap(),
+        "192.0.2.9".parse().unwrap(),
+    ];
+    for round in 0..80 {
+        let yaml = random_policies(&mut dice);
+        let mut m = Manifests::load(&corpus_dir().join("cluster.yaml")).unwrap();
+        m.extend(Manifests::parse("random", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}")));
+        let placed = placements(&m);
+        let cluster = LabCluster::new(m, placed).unwrap();
+        let options = EnforceOptions {
+            ipblock_matches_pods: round % 2 == 0,
+            ..EnforceOptions::default()
+        };
+        let chains = CompiledCluster::new(&cluster, &options).unwrap();
+        let lists = ebpf_lists(&cluster, &options);
+        let sources: Vec<String> = cluster
+            .pods
+            .iter()
+            .filter(|p| !p.host_network)
+            .map(|p| p.id())
+            .collect();
+        let targets: Vec<IpAddr> = cluster
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .chain(outside)
+            .collect();
+        for from in &sources {
+            for to in &targets {
+                for protocol in [L4::Tcp, L4::Udp] {
+                    for port in [80, 8080, 53, 55, 34345] {
+                        let decision = chains.decide(from, *to, protocol, port).unwrap();
+                        let want = chains_decide(&decision);
+                        let got = ebpf_decide(&cluster, &lists, from, *to, protocol, port);
+                        compared += 1;
+                        denied += usize::from(!decision.allowed());
+                        assert_eq!(
+                            got,
+                            want,
+                            "round {round}: {from} -> {to} {port}/{}: the chains {decision:?}, the eBPF lists (egress, ingress) {got:?}\n{yaml}",
+                            protocol.nft()
+                        );
+                    }
+                }
+            }
         }
     }
     assert!(compared > 10_000, "{compared}");

@@ -48,9 +48,11 @@
 //! the rules themselves that way.
 
 pub mod calico;
+mod first_match;
 mod interpret;
 mod tiers;
 
+pub use first_match::{Action, FirstMatch, MatchRule, PodFirstMatch, compile_first_match};
 pub use interpret::{CompiledCluster, Decision, Judgement, Packet};
 
 use std::{
@@ -92,8 +94,8 @@ pub enum EnforceError {
         detail: String,
     },
     #[error(
-        "{kind} {name}: the lab's eBPF and Open vSwitch datapaths enforce NetworkPolicies only; \
-         run the cluster-scoped kinds on the routed or bridge datapath (nftables)"
+        "{kind} {name}: the lab's eBPF and Open vSwitch datapaths enforce NetworkPolicies and \
+         the cluster tiers only; run Calico's policies on the routed or bridge datapath (nftables)"
     )]
     NotInThisDatapath { kind: String, name: String },
     #[error("Pod {pod}: `{field}`: {detail}")]
@@ -993,95 +995,6 @@ pub struct Allow {
     pub ports: Option<(L4, u16, u16)>,
 }
 
-/// One local pod's policy, per direction: `None` when no policy isolates it
-/// in that direction (everything allowed), else what is allowed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodAllows {
-    pub pod: String,
-    pub host_if: String,
-    pub ips: Vec<IpAddr>,
-    pub ingress: Option<Vec<Allow>>,
-    pub egress: Option<Vec<Allow>>,
-}
-
-/// The policy of every pod wired on `node`, as [`Allow`] lists: the
-/// NetworkPolicies. A cluster-scoped policy (which these lists cannot say:
-/// no Deny, no Pass, no order) is refused rather than left unenforced.
-pub fn compile_allows(
-    cluster: &LabCluster,
-    node: &str,
-    options: &EnforceOptions,
-) -> Result<Vec<PodAllows>, EnforceError> {
-    if let Some(p) = cluster.manifests.tier_policies.first() {
-        return Err(EnforceError::NotInThisDatapath {
-            kind: p.kind.clone(),
-            name: p.metadata.name.clone().unwrap_or_default(),
-        });
-    }
-    if let Some(p) = cluster.manifests.calico_policies.first() {
-        return Err(EnforceError::NotInThisDatapath {
-            kind: format!("{} ({})", p.kind, manifests::CALICO_API_VERSION),
-            name: object_id(&p.metadata),
-        });
-    }
-    let policies = cluster
-        .manifests
-        .network_policies
-        .iter()
-        .map(parse_policy)
-        .collect::<Result<Vec<_>, _>>()?;
-    let c = Compiler {
-        cluster,
-        options,
-        sets: Vec::new(),
-        set_keys: BTreeMap::new(),
-        all_pods_needed: false,
-    };
-    let mut out = Vec::new();
-    let mut local: Vec<(&ClusterPod, &str)> = cluster
-        .pods
-        .iter()
-        .filter_map(|p| Some((p, p.local_interface(node)?)))
-        .collect();
-    local.sort_by_key(|(p, _)| p.id());
-    for (pod, host_if) in local {
-        let mut dirs = [None, None];
-        for (slot, d) in dirs.iter_mut().zip([Direction::Ingress, Direction::Egress]) {
-            let selecting: Vec<&Policy> = policies
-                .iter()
-                .filter(|p| {
-                    p.namespace == pod.namespace
-                        && p.selector.matches(&pod.labels)
-                        && p.rules(d).is_some()
-                })
-                .collect();
-            if selecting.is_empty() {
-                continue;
-            }
-            let mut allows = Vec::new();
-            for policy in selecting {
-                for rule in policy.rules(d).unwrap_or_default() {
-                    for (_, peer) in &rule.peers {
-                        for (_, port) in &rule.ports {
-                            allows.extend(c.allows(pod, d, peer, port));
-                        }
-                    }
-                }
-            }
-            *slot = Some(allows);
-        }
-        let [ingress, egress] = dirs;
-        out.push(PodAllows {
-            pod: pod.id(),
-            host_if: host_if.into(),
-            ips: pod.ips.clone(),
-            ingress,
-            egress,
-        });
-    }
-    Ok(out)
-}
-
 impl Compiler<'_> {
     /// [`Compiler::matches`] as [`Allow`]s.
     fn allows(&self, pod: &ClusterPod, d: Direction, peer: &Peer, port: &PortMatch) -> Vec<Allow> {
@@ -1133,8 +1046,7 @@ impl Compiler<'_> {
                     .collect();
                 (hosts(&ips), Vec::new())
             }
-            // Cluster policies' peers: NetworkPolicy never has them, and
-            // compile_allows compiles NetworkPolicy only.
+            // Cluster policies' peers (NetworkPolicy never has them).
             Peer::Network(cidr) => (vec![(cidr.addr, cidr.len)], Vec::new()),
             Peer::Nodes(sel) => (hosts(&self.node_addresses(sel)), Vec::new()),
         };
@@ -1897,21 +1809,19 @@ status: { podIP: 100.64.1.2 }
     const DENY_INGRESS_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: { name: deny, namespace: x }\nspec: { podSelector: {} }\n";
 
     #[test]
-    fn allow_lists_refuse_a_cluster_scoped_policy_instead_of_ignoring_it() {
+    fn first_match_lists_refuse_calico_policies_instead_of_ignoring_them() {
+        let gnp = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\n\
+                   metadata: { name: deny-all }\nspec:\n  selector: all()\n  types: [Ingress]\n";
+        let e = compile_first_match(&cluster(gnp), "node-1", &EnforceOptions::default())
+            .expect_err("the eBPF and OVS lists do not compile Calico's tiers");
+        let text = e.to_string();
+        assert!(text.contains("GlobalNetworkPolicy"), "{text}");
+        assert!(text.contains("deny-all"), "{text}");
         let anp = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n\
                    metadata: { name: deny-x }\nspec:\n  priority: 10\n  subject: { namespaces: {} }\n  \
                    ingress: [ { action: Deny, from: [ { namespaces: {} } ] } ]\n";
-        let e = compile_allows(&cluster(anp), "node-1", &EnforceOptions::default())
-            .expect_err("an AdminNetworkPolicy cannot be an allow list");
-        let text = e.to_string();
-        assert!(text.contains("AdminNetworkPolicy deny-x"), "{text}");
         assert!(
-            compile_allows(
-                &cluster(DENY_INGRESS_X),
-                "node-1",
-                &EnforceOptions::default()
-            )
-            .is_ok()
+            compile_first_match(&cluster(anp), "node-1", &EnforceOptions::default()).is_ok()
         );
     }
 

@@ -29,7 +29,7 @@ use std::{
 
 use super::super::{
     Lab, LabNode, PodSpec,
-    enforce::{self, Allow, EnforceOptions, LabCluster, PodAllows},
+    enforce::{self, Action, EnforceOptions, LabCluster, MatchRule, PodFirstMatch},
     sanitize, services,
     system::{LabError, io, ip_batch, run, slowed},
 };
@@ -44,12 +44,15 @@ const GATEWAY_IP: &str = "169.254.1.1";
 const FORWARD_PRIORITY: u16 = 100;
 /// Priority of the drops a test adds to table 0, ahead of everything.
 pub const DROP_PRIORITY: u16 = 200;
-/// OpenFlow tables: 0 (entry), conntrack then each pod's egress, then its
-/// ingress, then forwarding. Replies of an admitted connection pass on
-/// conntrack state, as every OVS CNI does.
+/// OpenFlow tables: 0 (entry), conntrack then each pod's egress (the Admin
+/// tier, then below it: NetworkPolicies or the Baseline tier), then its
+/// ingress (the same two), then forwarding. Replies of an admitted
+/// connection pass on conntrack state, as every OVS CNI does.
 const TABLE_EGRESS: u8 = 1;
-const TABLE_INGRESS: u8 = 2;
-const TABLE_FORWARD: u8 = 3;
+const TABLE_EGRESS_BELOW: u8 = 2;
+const TABLE_INGRESS: u8 = 3;
+const TABLE_INGRESS_BELOW: u8 = 4;
+const TABLE_FORWARD: u8 = 5;
 
 /// One node's Open vSwitch: its daemons, bridge and ports.
 pub struct OvsSwitch {
@@ -403,125 +406,203 @@ fn wait_for(path: &Path, what: &str) -> Result<(), LabError> {
 /// Antrea's conntrack zone: OVS's connection tracking apart from the
 /// node's own (the same kernel table).
 const CT_ZONE: u16 = 65520;
-/// Priorities inside the policy tables.
-const PASS_PRIORITY: u16 = 400;
-const ALLOW_PRIORITY: u16 = 300;
-const POLICY_DROP_PRIORITY: u16 = 200;
+/// Priorities inside the policy tables: conntrack state and Services
+/// first, then each pod's rules from `RULE_PRIORITY` down in first-match
+/// order, then what a pod's list ends in.
+const PASS_PRIORITY: u16 = 40000;
+const RULE_PRIORITY: u16 = 30000;
+const OTHERWISE_PRIORITY: u16 = 200;
+/// A new connection admitted: committed, with whether it came from the
+/// gateway (reg0 bit 0, set in table 0) as its ct_mark; on to forwarding.
+const ADMIT: &str = "ct(commit,zone=65520,exec(move:NXM_NX_REG0[0]->NXM_NX_CT_MARK[0]),table=5)";
 
-/// What the OpenFlow policy needs to know besides the pods' allows.
+/// What the OpenFlow policy needs to know besides the pods' lists.
 pub struct PolicyContext<'a> {
-    /// Addresses traffic can come from or go to in this lab: an allow with
-    /// `except` prefixes (OpenFlow cannot subtract) is written out for each
-    /// of them it admits.
-    pub endpoints: &'a [IpAddr],
     /// Service frontends: judged after the node's DNAT, on the way back.
     pub service_ips: &'a [IpAddr],
     /// The nodes' own addresses: let into pods unless `police_host_to_pod`.
     pub node_ips: &'a [IpAddr],
     pub police_host_to_pod: bool,
+    /// The OpenFlow port of the gateway to the node's stack.
+    pub gateway_port: u32,
 }
 
 /// The OpenFlow flows enforcing `pods`' policies (the lab's own compiler,
-/// [`enforce::compile_allows`]): every IPv4 packet goes through conntrack;
-/// a new connection passes the source pod's egress table, then the
-/// destination pod's ingress table, each ending in a drop (an empty action
-/// list) for an isolated pod; established and related packets pass.
-pub fn policy_flows(pods: &[PodAllows], cx: &PolicyContext<'_>) -> Vec<String> {
-    let (e, i, f) = (TABLE_EGRESS, TABLE_INGRESS, TABLE_FORWARD);
+/// [`enforce::compile_first_match`]): every IPv4 packet goes through
+/// conntrack; a new connection passes the source pod's egress tables, then
+/// the destination pod's ingress tables; established and related packets
+/// pass. Per pod and direction, the first-match list becomes descending
+/// priorities: the Admin tier's rules in the first table (Allow on to the
+/// next direction, Deny a drop, an empty action list; Pass, and no match,
+/// on to the table below), then NetworkPolicies' or the Baseline tier's
+/// rules, ending in what the list says otherwise.
+pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<String> {
+    let (e, eb, i, ib, f) = (
+        TABLE_EGRESS,
+        TABLE_EGRESS_BELOW,
+        TABLE_INGRESS,
+        TABLE_INGRESS_BELOW,
+        TABLE_FORWARD,
+    );
     let z = CT_ZONE;
+    let gw = cx.gateway_port;
+    // Connections that entered from the node's stack (the node, other
+    // nodes, a Service after its DNAT) carry ct_mark 1, and their replies
+    // go back through it: a Service's reply must be un-DNATed there, even
+    // from a backend on the client's own node.
     let mut flows = vec![
+        format!(
+            "table=0,priority=11,in_port={gw},ip,actions=load:1->NXM_NX_REG0[0],ct(zone={z},table={e})"
+        ),
         format!("table=0,priority=10,ip,actions=ct(zone={z},table={e})"),
+        format!(
+            "table={f},priority={},ct_state=+trk+rpl,ct_mark=0x1/0x1,ip,actions=output:{gw}",
+            FORWARD_PRIORITY + 20
+        ),
         format!("table={e},priority=1000,ct_state=+trk+est,ip,actions=goto_table:{f}"),
         format!("table={e},priority=1000,ct_state=+trk+rel,ip,actions=goto_table:{f}"),
-        format!("table={e},priority=0,actions=goto_table:{i}"),
-        format!("table={i},priority=0,ip,actions=ct(commit,zone={z},table={f})"),
+        format!("table={e},priority=0,actions=goto_table:{eb}"),
+        format!("table={eb},priority=0,actions=goto_table:{i}"),
+        format!("table={i},priority=0,actions=goto_table:{ib}"),
+        format!("table={ib},priority=0,ip,actions={ADMIT}"),
     ];
     // To a Service: up to the node's DNAT unjudged; judged on the way back.
     for vip in cx.service_ips.iter().filter(|a| a.is_ipv4()) {
         flows.push(format!(
-            "table={e},priority={PASS_PRIORITY},ip,nw_dst={vip},actions=goto_table:{f}"
+            "table={e},priority={PASS_PRIORITY},ip,nw_dst={vip},actions=ct(commit,zone={z}),goto_table:{f}"
         ));
     }
     if !cx.police_host_to_pod {
         for node in cx.node_ips.iter().filter(|a| a.is_ipv4()) {
             flows.push(format!(
-                "table={i},priority={PASS_PRIORITY},ip,nw_src={node},actions=ct(commit,zone={z},table={f})"
+                "table={i},priority={PASS_PRIORITY},ip,nw_src={node},actions={ADMIT}"
             ));
         }
     }
+    let to_ingress = format!("goto_table:{i}");
+    let admit = ADMIT.to_string();
     for pod in pods {
         for ip in pod.ips.iter().filter(|ip| ip.is_ipv4()) {
-            if let Some(allows) = &pod.egress {
-                direction_flows(
-                    &mut flows,
-                    e,
-                    ("nw_src", "nw_dst"),
-                    *ip,
-                    allows,
-                    cx.endpoints,
-                    &format!("goto_table:{i}"),
-                );
+            if let Some(list) = &pod.egress {
+                let fields = ("nw_src", "nw_dst");
+                let tables = (e, eb);
+                direction_flows(&mut flows, tables, fields, *ip, &list.admin, &to_ingress);
+                direction_flows(&mut flows, (eb, i), fields, *ip, &list.below, &to_ingress);
+                flows.push(otherwise(eb, fields.0, *ip, list.otherwise, &to_ingress));
             }
-            if let Some(allows) = &pod.ingress {
-                direction_flows(
-                    &mut flows,
-                    i,
-                    ("nw_dst", "nw_src"),
-                    *ip,
-                    allows,
-                    cx.endpoints,
-                    &format!("ct(commit,zone={z},table={f})"),
-                );
+            if let Some(list) = &pod.ingress {
+                let fields = ("nw_dst", "nw_src");
+                direction_flows(&mut flows, (i, ib), fields, *ip, &list.admin, &admit);
+                direction_flows(&mut flows, (ib, f), fields, *ip, &list.below, &admit);
+                flows.push(otherwise(ib, fields.0, *ip, list.otherwise, &admit));
             }
         }
     }
     flows
 }
 
-/// One pod's flows for one direction: the allows, then the drop.
+/// One pod's rules in `table`, first match first: Allow does `allow`, Deny
+/// drops, Pass goes on to `below` (the table after).
 fn direction_flows(
     flows: &mut Vec<String>,
-    table: u8,
+    (table, below): (u8, u8),
     (pod_field, peer_field): (&str, &str),
     pod_ip: IpAddr,
-    allows: &[Allow],
-    endpoints: &[IpAddr],
-    pass: &str,
+    rules: &[MatchRule],
+    allow: &str,
 ) {
-    for a in allows {
-        let peers: Vec<String> = if a.except.is_empty() {
-            a.peers
-                .iter()
-                .filter(|(p, _)| p.is_ipv4())
-                .map(|(p, len)| format!("{p}/{len}"))
-                .collect()
-        } else {
-            endpoints
-                .iter()
-                .filter(|e| a.peers.iter().any(|(p, l)| in_prefix(**e, *p, *l)))
-                .filter(|e| !a.except.iter().any(|(p, l)| in_prefix(**e, *p, *l)))
-                .filter(|e| e.is_ipv4())
-                .map(|e| format!("{e}/32"))
-                .collect()
-        };
-        let ports: Vec<String> = match a.ports {
+    for (rank, r) in rules.iter().enumerate() {
+        let priority = RULE_PRIORITY
+            .saturating_sub(rank as u16)
+            .max(OTHERWISE_PRIORITY + 1);
+        let m = &r.matches;
+        // OpenFlow cannot subtract: the peers minus their exceptions, as
+        // the prefixes that cover exactly the rest.
+        let peers: Vec<String> = m
+            .peers
+            .iter()
+            .filter(|(p, _)| p.is_ipv4())
+            .flat_map(|(p, len)| subtract((*p, *len), &m.except))
+            .map(|(p, len)| format!("{p}/{len}"))
+            .collect();
+        let ports: Vec<String> = match m.ports {
             None => vec!["ip".to_string()],
             Some((l4, lo, hi)) => port_masks(lo, hi)
                 .into_iter()
                 .map(|(v, m)| format!("{},tp_dst=0x{v:x}/0x{m:x}", l4.nft()))
                 .collect(),
         };
+        let actions = match r.action {
+            Action::Allow => allow.to_string(),
+            Action::Deny => "drop".to_string(),
+            Action::Pass => format!("goto_table:{below}"),
+        };
         for peer in &peers {
             for port in &ports {
                 flows.push(format!(
-                    "table={table},priority={ALLOW_PRIORITY},ct_state=+trk+new,{port},{pod_field}={pod_ip},{peer_field}={peer},actions={pass}"
+                    "table={table},priority={priority},ct_state=+trk+new,{port},{pod_field}={pod_ip},{peer_field}={peer},actions={actions}"
                 ));
             }
         }
     }
-    flows.push(format!(
-        "table={table},priority={POLICY_DROP_PRIORITY},ct_state=+trk+new,ip,{pod_field}={pod_ip},actions=drop"
-    ));
+}
+
+/// The end of a pod's list: allowed, or the drop (an empty action list).
+fn otherwise(table: u8, pod_field: &str, pod_ip: IpAddr, action: Action, allow: &str) -> String {
+    let actions = match action {
+        Action::Deny => "drop",
+        Action::Allow | Action::Pass => allow,
+    };
+    format!(
+        "table={table},priority={OTHERWISE_PRIORITY},ct_state=+trk+new,ip,{pod_field}={pod_ip},actions={actions}"
+    )
+}
+
+/// The prefixes covering exactly `net` minus `except`: halves of `net`
+/// until each lies wholly outside every exception.
+fn subtract(net: (IpAddr, u8), except: &[(IpAddr, u8)]) -> Vec<(IpAddr, u8)> {
+    let (addr, len) = net;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    // Inside an exception: nothing left.
+    if except
+        .iter()
+        .any(|(e, el)| *el <= len && in_prefix(addr, *e, *el))
+    {
+        return Vec::new();
+    }
+    // No exception inside: all of it.
+    if !except
+        .iter()
+        .any(|(e, el)| *el > len && in_prefix(*e, addr, len))
+        || len >= max
+    {
+        return vec![(mask(addr, len), len)];
+    }
+    let low = mask(addr, len);
+    let high = match low {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) | (1 << (31 - u32::from(len)))).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) | (1 << (127 - u32::from(len)))).into()),
+    };
+    let mut out = subtract((low, len + 1), except);
+    out.extend(subtract((high, len + 1), except));
+    out
+}
+
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
 }
 
 fn in_prefix(addr: IpAddr, prefix: IpAddr, len: u8) -> bool {
@@ -571,23 +652,21 @@ impl Lab {
             .map(|f| f.ip)
             .collect();
         let node_ips: Vec<IpAddr> = self.nodes.iter().map(|n| IpAddr::V4(n.ip)).collect();
-        let mut endpoints: Vec<IpAddr> = cluster
-            .pods
-            .iter()
-            .flat_map(|p| p.ips.iter().copied())
-            .collect();
-        endpoints.extend(&node_ips);
         let cx = PolicyContext {
-            endpoints: &endpoints,
             service_ips: &service_ips,
             node_ips: &node_ips,
             police_host_to_pod: options.police_host_to_pod,
+            gateway_port: 0,
         };
         for n in &self.nodes {
-            let allows = enforce::compile_allows(cluster, &n.name, options)
+            let lists = enforce::compile_first_match(cluster, &n.name, options)
                 .map_err(|e| LabError::Spec(e.to_string()))?;
-            self.switch(&n.name)?
-                .set_flows(&policy_flows(&allows, &cx))?;
+            let switch = self.switch(&n.name)?;
+            let cx = PolicyContext {
+                gateway_port: switch.gateway_port,
+                ..cx
+            };
+            switch.set_flows(&policy_flows(&lists, &cx))?;
         }
         Ok(())
     }
@@ -614,6 +693,203 @@ mod tests {
             let hits = masks.iter().filter(|(v, m)| port as u16 & m == *v).count();
             assert_eq!(hits, usize::from((1000..=2047).contains(&port)), "{port}");
         }
+    }
+
+    #[test]
+    fn exceptions_leave_the_prefixes_that_cover_exactly_the_rest() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let rest = subtract(
+            (ip("10.244.0.0"), 16),
+            &[(ip("10.244.1.0"), 24), (ip("10.244.200.7"), 32)],
+        );
+        for a in [
+            "10.244.0.9",
+            "10.244.1.3",
+            "10.244.2.1",
+            "10.244.200.7",
+            "10.244.200.8",
+            "10.245.0.1",
+        ] {
+            let covered = rest
+                .iter()
+                .filter(|(p, l)| in_prefix(ip(a), *p, *l))
+                .count();
+            let want = in_prefix(ip(a), ip("10.244.0.0"), 16)
+                && !in_prefix(ip(a), ip("10.244.1.0"), 24)
+                && a != "10.244.200.7";
+            assert_eq!(covered, usize::from(want), "{a}: {rest:?}");
+        }
+        assert_eq!(
+            subtract((ip("10.0.0.0"), 8), &[]),
+            vec![(ip("10.0.0.0"), 8)]
+        );
+        assert!(subtract((ip("10.1.0.0"), 16), &[(ip("10.0.0.0"), 8)]).is_empty());
+        assert!(rest.len() <= 2 * (32 - 16), "{}", rest.len());
+    }
+
+    /// The flows of `pods` run on a new connection's first packet from
+    /// table 1 (after conntrack), as ovs-vswitchd picks flows: the highest
+    /// priority that matches. Whether it reaches forwarding admitted.
+    fn run(flows: &[String], src: &str, dst: &str, proto: &str, port: u16) -> bool {
+        let mut table = TABLE_EGRESS;
+        for _ in 0..10 {
+            let best = flows
+                .iter()
+                .filter(|f| f.starts_with(&format!("table={table},")))
+                .filter(|f| matches(f, src, dst, proto, port))
+                .max_by_key(|f| priority(f))
+                .unwrap_or_else(|| panic!("no flow in table {table} for {src} -> {dst}"));
+            let actions = best.split("actions=").nth(1).unwrap();
+            if actions == "drop" {
+                return false;
+            }
+            if actions == ADMIT {
+                return true;
+            }
+            if let Some(next) = actions.strip_prefix(&format!("ct(commit,zone={CT_ZONE}),")) {
+                assert_eq!(next, format!("goto_table:{TABLE_FORWARD}"));
+                return true;
+            }
+            let next: u8 = actions
+                .strip_prefix("goto_table:")
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(next > table, "{best}: tables only go forward");
+            if next == TABLE_FORWARD {
+                return true;
+            }
+            table = next;
+        }
+        panic!("too many tables");
+    }
+
+    fn priority(flow: &str) -> u16 {
+        flow.split(',')
+            .find_map(|f| f.strip_prefix("priority="))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn matches(flow: &str, src: &str, dst: &str, proto: &str, port: u16) -> bool {
+        let body = flow.split(",actions=").next().unwrap();
+        body.split(',').all(|field| {
+            let (k, v) = field.split_once('=').unwrap_or((field, ""));
+            let addr = |a: &str| {
+                let (p, l) = v.split_once('/').unwrap_or((v, "32"));
+                in_prefix(a.parse().unwrap(), p.parse().unwrap(), l.parse().unwrap())
+            };
+            match k {
+                "table" | "priority" | "ip" => true,
+                "ct_state" => v == "+trk+new",
+                "tcp" | "udp" | "sctp" => k == proto,
+                "nw_src" => addr(src),
+                "nw_dst" => addr(dst),
+                "tp_dst" => {
+                    let (val, m) = v.split_once('/').unwrap();
+                    let hex =
+                        |h: &str| u16::from_str_radix(h.trim_start_matches("0x"), 16).unwrap();
+                    port & hex(m) == hex(val)
+                }
+                other => panic!("unexpected match {other} in {flow}"),
+            }
+        })
+    }
+
+    #[test]
+    fn first_match_lists_become_priorities_with_deny_allow_and_pass() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let rule = |peer: &str, len, except: &[(&str, u8)], ports, action| MatchRule {
+            matches: enforce::Allow {
+                peers: vec![(ip(peer), len)],
+                except: except.iter().map(|(e, l)| (ip(e), *l)).collect(),
+                ports,
+            },
+            action,
+        };
+        use enforce::L4::{Tcp, Udp};
+        let server = PodFirstMatch {
+            pod: "x/server".into(),
+            host_if: "server-1a2b3c".into(),
+            ips: vec![ip("10.244.1.2")],
+            ingress: Some(enforce::FirstMatch {
+                admin: vec![
+                    rule("10.244.7.0", 24, &[], Some((Tcp, 80, 80)), Action::Deny),
+                    rule("10.244.8.0", 24, &[], None, Action::Pass),
+                    rule(
+                        "10.244.0.0",
+                        16,
+                        &[("10.244.9.0", 24)],
+                        Some((Udp, 53, 53)),
+                        Action::Allow,
+                    ),
+                ],
+                below: vec![rule(
+                    "10.244.0.0",
+                    16,
+                    &[],
+                    Some((Tcp, 80, 81)),
+                    Action::Allow,
+                )],
+                otherwise: Action::Deny,
+            }),
+            egress: Some(enforce::FirstMatch {
+                admin: Vec::new(),
+                below: vec![rule("192.0.2.0", 24, &[], None, Action::Deny)],
+                otherwise: Action::Allow,
+            }),
+        };
+        let cx = PolicyContext {
+            service_ips: &[ip("10.96.0.10")],
+            node_ips: &[ip("172.18.0.2")],
+            police_host_to_pod: false,
+            gateway_port: 1,
+        };
+        let flows = policy_flows(&[server], &cx);
+        let to_server =
+            |src: &str, proto: &str, port: u16| run(&flows, src, "10.244.1.2", proto, port);
+        // Denied by the Admin tier although allowed below it.
+        assert!(!to_server("10.244.7.5", "tcp", 80));
+        // Passed: the NetworkPolicy below decides.
+        assert!(to_server("10.244.8.5", "tcp", 81));
+        assert!(!to_server("10.244.8.5", "udp", 53), "passed, then isolated");
+        // Allowed by the Admin tier although isolated below it.
+        assert!(to_server("10.244.3.1", "udp", 53));
+        assert!(
+            !to_server("10.244.9.1", "udp", 53),
+            "an exception of the Allow"
+        );
+        assert!(!to_server("198.51.100.1", "tcp", 80), "isolated");
+        assert!(to_server("172.18.0.2", "tcp", 9), "the node itself");
+        // Egress: a Baseline-style Deny, then allowed.
+        assert!(!run(&flows, "10.244.1.2", "192.0.2.7", "tcp", 443));
+        assert!(run(&flows, "10.244.1.2", "198.51.100.1", "tcp", 443));
+        assert!(
+            run(&flows, "10.244.1.2", "10.96.0.10", "tcp", 443),
+            "a Service: judged later"
+        );
+        // The Admin tier's Deny is a drop (an empty action list) above the
+        // Pass, above the rest.
+        let deny = flows
+            .iter()
+            .find(|f| f.contains("nw_src=10.244.7.0/24"))
+            .unwrap();
+        assert!(deny.ends_with("actions=drop"), "{deny}");
+        let pass = flows
+            .iter()
+            .find(|f| f.contains("nw_src=10.244.8.0/24"))
+            .unwrap();
+        assert!(
+            pass.ends_with(&format!("actions=goto_table:{TABLE_INGRESS_BELOW}")),
+            "{pass}"
+        );
+        assert!(priority(deny) > priority(pass));
+        assert!(
+            ADMIT.contains(&format!("zone={CT_ZONE},"))
+                && ADMIT.ends_with(&format!("table={TABLE_FORWARD})")),
+            "{ADMIT}"
+        );
     }
 
     #[test]
