@@ -68,7 +68,7 @@ use k8s_openapi::{
 
 use super::{
     Datapath, Lab, LabError,
-    manifests::{self, Manifests, object_id},
+    manifests::{Manifests, object_id},
 };
 
 /// The nftables table the enforcer owns on each node.
