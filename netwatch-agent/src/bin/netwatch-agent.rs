@@ -445,7 +445,8 @@ mod export_flags {
         #[arg(long, default_value_t = 10_000, value_name = "N")]
         metrics_max_series: usize,
 
-        /// Seconds after a pod is deleted that the series naming it are removed.
+        /// Seconds after a pod is deleted that the series naming it (or one
+        /// end of which only deleted pods gave) are removed.
         #[arg(long, default_value_t = 60.0, value_name = "SECS")]
         metrics_deleted_pod_grace: f64,
 

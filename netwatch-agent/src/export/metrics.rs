@@ -11,7 +11,8 @@
 //! number of context series: past it, new label sets are folded into one
 //! series whose context labels are `_other` (totals stay exact) and counted
 //! in `netwatch_metrics_series_overflow_total`. Series naming a deleted pod
-//! are removed after a grace period, as Hubble does.
+//! are removed after a grace period, as Hubble does, and so are series one
+//! end of which only deleted pods gave.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -276,10 +277,19 @@ impl MetricsRegistry {
     }
 }
 
+/// The pods a context series is tied to.
 #[derive(Clone, Debug, Default)]
 struct SeriesPods {
+    /// The pods its labels name (`pod` context): it goes when either does.
     source: Option<(String, String)>,
     destination: Option<(String, String)>,
+    /// The pods at the source and at the destination of the flows counted
+    /// into it (for an end with context labels): it goes when every pod of
+    /// one end is deleted, as no pod is left to give that end's labels.
+    /// Without this, series of labels no pod is named by (a Job's workload,
+    /// a port only a deleted pod was denied on) outlived their pods and
+    /// piled up to the cap.
+    referrers: [HashSet<(String, String)>; 2],
 }
 
 #[derive(Debug, Default)]
@@ -685,7 +695,19 @@ impl MetricsRegistry {
         let pod = |ep: &Endpoint| {
             (!ep.pod_name.is_empty()).then(|| (ep.namespace.clone(), ep.pod_name.clone()))
         };
+        let end = |contexts: &[ContextLabel], ep: &Endpoint| {
+            if contexts.is_empty() {
+                HashSet::new()
+            } else {
+                pod(ep).into_iter().collect()
+            }
+        };
+        let referrers = [
+            end(&self.config.source_context, &r.source),
+            end(&self.config.destination_context, &r.destination),
+        ];
         let pods = SeriesPods {
+            referrers,
             source: if self.config.source_context.contains(&ContextLabel::Pod) {
                 pod(&r.source)
             } else {
@@ -718,7 +740,14 @@ impl MetricsRegistry {
             return values;
         }
         let key = (metric, values.clone());
-        if self.series.contains_key(&key) {
+        if let Some(known) = self.series.get_mut(&key) {
+            for (known, new) in known.referrers.iter_mut().zip(&pods.referrers) {
+                for p in new {
+                    if !known.contains(p) {
+                        known.insert(p.clone());
+                    }
+                }
+            }
             return values;
         }
         if self.context_series >= self.config.max_series {
@@ -906,9 +935,17 @@ impl MetricsRegistry {
         let names = |p: &Option<(String, String)>| p.as_ref().is_some_and(|p| gone.contains(p));
         let doomed: Vec<(FlowMetric, Vec<String>)> = self
             .series
-            .iter()
-            .filter(|(_, pods)| names(&pods.source) || names(&pods.destination))
-            .map(|(k, _)| k.clone())
+            .iter_mut()
+            .filter_map(|(k, pods)| {
+                let named = names(&pods.source) || names(&pods.destination);
+                let mut orphaned = false;
+                for end in &mut pods.referrers {
+                    let had = !end.is_empty();
+                    end.retain(|p| !gone.contains(p));
+                    orphaned |= had && end.is_empty();
+                }
+                (named || orphaned).then(|| k.clone())
+            })
             .collect();
         for key in doomed {
             let vec = match key.0 {
@@ -1407,6 +1444,80 @@ mod tests {
                 &[("destination_pod", "api-5d4e")]
             ),
             None
+        );
+    }
+
+    #[test]
+    fn series_one_end_of_which_only_deleted_pods_gave_go_with_them() {
+        // The default context names no pod. Short-lived pods (as Jobs or
+        // the soak's churn give), each denied on a port of its own to a live
+        // pod: their series must not outlive them, or they pile up to the
+        // cap.
+        let config = MetricsConfig {
+            deleted_pod_grace: Duration::from_secs(60),
+            ..MetricsConfig::default()
+        };
+        let mut m = MetricsRegistry::new(config).unwrap();
+        let pod = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        let job = |i: u16, workload: &str| {
+            record(json!({
+                "uuid": format!("job-{i}"), "lifecycle": "FINAL",
+                "l4": {"TCP": {"source_port": 40000, "destination_port": 10000 + i, "flags": {"SYN": true}}},
+                "source": {"namespace": "jobs", "pod_name": format!("job-{i}"),
+                           "workloads": [{"name": workload, "kind": "Job"}]},
+            }))
+        };
+        m.observe(&record(json!({"uuid": "steady"})));
+        let baseline = m.context_series();
+        assert_eq!(baseline, 3, "drops, drop bytes, denied flows");
+        let steady_pods = [pod("prod", "web-7f9c"), pod("prod", "api-5d4e")];
+        let mut all = steady_pods.to_vec();
+        for i in 0..200 {
+            all.push(pod("jobs", &format!("job-{i}")));
+        }
+        all.push(pod("jobs", "cron-live"));
+        m.sync_pods(all);
+        for i in 0..200 {
+            m.observe(&job(i, &format!("job-{i}")));
+        }
+        // A series a live pod counts into too stays.
+        let mut live = job(0, "job-0");
+        live.uuid = "cron-live".into();
+        live.source.pod_name = "cron-live".into();
+        m.observe(&live);
+        assert_eq!(m.context_series(), baseline + 3 * 200);
+
+        m.sync_pods(
+            steady_pods
+                .iter()
+                .cloned()
+                .chain([pod("jobs", "cron-live")]),
+        );
+        m.expire(Instant::now() + Duration::from_secs(30));
+        assert_eq!(m.context_series(), baseline + 3 * 200, "grace period");
+        m.expire(Instant::now() + Duration::from_secs(61));
+        assert_eq!(m.context_series(), baseline + 3);
+        assert_eq!(m.series.len(), m.context_series());
+        assert_eq!(
+            series(&m, "netwatch_denied_flows_total"),
+            2,
+            "the steady pod's and the live Job pod's"
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_denied_flows_total",
+                &[("source_workload", "job-0"), ("destination_port", "10000")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &m,
+                "netwatch_drops_total",
+                &[("source_workload", "web"), ("destination_port", "8080")]
+            ),
+            Some(3.0)
         );
     }
 
