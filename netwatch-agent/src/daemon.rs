@@ -249,27 +249,20 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 if let Err(e) = r {
                     error!("reading the ring buffer: {e}");
                 }
-                let now = SystemTime::now();
-                let names = |i: u32| attacher.name_of(i).map(str::to_string);
-                for e in events.drain(..) {
-                    if let KernelEvent::Established { time, flow, ifindex, direction } = e {
-                        if attribution.is_synced() {
-                            let mut r = assembler.established_record(flow, time, ifindex, direction, &capture.reasons, &names);
-                            r.cgroup_id = tables.connect_cgroup(&flow);
-                            if let Some(r) = attribution.not_enforced(r, now) {
-                                outputs.publish(&r);
-                            }
-                        }
-                        continue;
-                    }
-                    // A subsystem's reason (Open vSwitch's) whose module was
-                    // loaded after start: read its names before the record.
-                    if let KernelEvent::Drop { reason, .. } = &e {
-                        capture.reasons.learn(*reason, &config.capture.btf_path);
-                    }
-                    let records = assembler.handle(Signal::Kernel(e), now, &capture.reasons, &names);
-                    route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
-                }
+                handle_events(
+                    &mut events,
+                    &mut EventSinks {
+                        assembler: &mut assembler,
+                        attribution: &mut attribution,
+                        waiting: &mut waiting,
+                        tables: &tables,
+                        outputs: &mut outputs,
+                        capture: &mut capture,
+                        attacher: &attacher,
+                        btf_path: &config.capture.btf_path,
+                        has_source: feed.is_some(),
+                    },
+                );
             }
             Some(change) = link_rx.recv() => {
                 let peer = match &change {
@@ -390,6 +383,23 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
 
     info!("stopping: writing final records and detaching");
+    // What the kernel wrote before the signal (a refusal's ICMP, a drop)
+    // is still in the ring: read it, or those events are lost silently.
+    reader.read_now(&clock, &mut events);
+    handle_events(
+        &mut events,
+        &mut EventSinks {
+            assembler: &mut assembler,
+            attribution: &mut attribution,
+            waiting: &mut waiting,
+            tables: &tables,
+            outputs: &mut outputs,
+            capture: &mut capture,
+            attacher: &attacher,
+            btf_path: &config.capture.btf_path,
+            has_source: feed.is_some(),
+        },
+    );
     let names = |i: u32| attacher.name_of(i).map(str::to_string);
     let now = SystemTime::now();
     let mut records = Vec::new();
@@ -417,6 +427,68 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Dropping the loaded object detaches every program and link.
     drop(capture);
     Ok(())
+}
+
+/// Where a batch of kernel events goes: the assembler, then attribution and
+/// the outputs.
+struct EventSinks<'a> {
+    assembler: &'a mut FlowAssembler,
+    attribution: &'a mut Attribution,
+    waiting: &'a mut WaitingRoom,
+    tables: &'a KernelTables,
+    outputs: &'a mut Exporters,
+    capture: &'a mut KernelCapture,
+    attacher: &'a TcAttacher,
+    btf_path: &'a std::path::Path,
+    has_source: bool,
+}
+
+/// One batch of kernel events (drained from `events`) into records.
+fn handle_events(events: &mut Vec<KernelEvent>, s: &mut EventSinks<'_>) {
+    let now = SystemTime::now();
+    let attacher = s.attacher;
+    let names = |i: u32| attacher.name_of(i).map(str::to_string);
+    for e in events.drain(..) {
+        if let KernelEvent::Established {
+            time,
+            flow,
+            ifindex,
+            direction,
+        } = e
+        {
+            if s.attribution.is_synced() {
+                let mut r = s.assembler.established_record(
+                    flow,
+                    time,
+                    ifindex,
+                    direction,
+                    &s.capture.reasons,
+                    &names,
+                );
+                r.cgroup_id = s.tables.connect_cgroup(&flow);
+                if let Some(r) = s.attribution.not_enforced(r, now) {
+                    s.outputs.publish(&r);
+                }
+            }
+            continue;
+        }
+        // A subsystem's reason (Open vSwitch's) whose module was loaded
+        // after start: read its names before the record.
+        if let KernelEvent::Drop { reason, .. } = &e {
+            s.capture.reasons.learn(*reason, s.btf_path);
+        }
+        let records = s
+            .assembler
+            .handle(Signal::Kernel(e), now, &s.capture.reasons, &names);
+        route(
+            records,
+            s.attribution,
+            s.waiting,
+            s.tables,
+            s.outputs,
+            s.has_source,
+        );
+    }
 }
 
 /// Enrich and publish records, or park them until identities arrive.

@@ -254,6 +254,18 @@ impl EventReader {
         guard.clear_ready();
         Ok(())
     }
+
+    /// Drain whatever the ring holds now, without waiting: at shutdown,
+    /// what the kernel wrote after the last wake-up.
+    pub fn read_now(&mut self, clock: &KernelClock, out: &mut Vec<KernelEvent>) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            match KernelEvent::decode(&item, clock) {
+                Some(e) => out.push(e),
+                None => self.undecodable += 1,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
