@@ -156,10 +156,12 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Flow log lines so far.
+    /// Flow log lines so far: complete lines only, as the agent may be
+    /// writing the last one while it runs.
     pub fn lines(&self) -> Vec<Value> {
-        fs::read_to_string(&self.flow_log)
-            .unwrap_or_default()
+        let text = fs::read_to_string(&self.flow_log).unwrap_or_default();
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        text[..complete]
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
