@@ -574,7 +574,10 @@ const FLOOD_RATES: [u64; 7] = [25_000, 50_000, 100_000, 150_000, 200_000, 300_00
 /// (records of single flows plus the `aggregate.flows` of aggregate
 /// records) and the agent's loss counters and the flow log's dropped
 /// records did not move.
-pub fn flood(seconds: u64) -> Result<()> {
+/// `stop` (Ctrl-C, SIGTERM) ends the sweep early: the agent and the lab are
+/// dropped, not orphaned.
+pub fn flood(seconds: u64, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    let stopped = || stop.load(std::sync::atomic::Ordering::SeqCst);
     crate::setup::setup()?;
     let agent_bin = cargo_build_release()?;
     let spec: LabSpec = serde_yaml::from_str(FLOOD_LAB)?;
@@ -618,6 +621,9 @@ pub fn flood(seconds: u64) -> Result<()> {
             .count()
             < 2
     {
+        if stopped() {
+            bail!("interrupted");
+        }
         if Instant::now() > deadline {
             bail!(
                 "the agent did not start:\n{}",
@@ -631,6 +637,9 @@ pub fn flood(seconds: u64) -> Result<()> {
     let mut rows = Vec::new();
     let mut first_port = 10000u16;
     for rate in FLOOD_RATES {
+        if stopped() {
+            bail!("interrupted");
+        }
         let flows = rate * seconds;
         let ports = flows.div_ceil(netwatch_lab::flood::SOURCE_PORTS) as u16;
         let flood = netwatch_lab::flood::Flood {
@@ -655,7 +664,7 @@ pub fn flood(seconds: u64) -> Result<()> {
         // Until every flow is accounted for, or 30 s without progress.
         let mut reported = 0;
         let mut progress = Instant::now();
-        while reported < flows && progress.elapsed() < Duration::from_secs(30) {
+        while reported < flows && progress.elapsed() < Duration::from_secs(30) && !stopped() {
             std::thread::sleep(Duration::from_millis(500));
             let now = tail.flows_to(first_port - ports, first_port)?;
             if now > reported {

@@ -207,7 +207,10 @@ fn main() -> Result<()> {
             seconds,
             flood: true,
             ..
-        } => bench::flood(seconds),
+        } => {
+            install_stop_handler();
+            bench::flood(seconds, &STOP)
+        }
         Task::Bench {
             seconds,
             programs: true,
