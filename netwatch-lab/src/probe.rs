@@ -17,9 +17,22 @@ pub enum Probe {
     /// A TCP connect() with a timeout.
     Tcp { to: SocketAddr, timeout_ms: u64 },
     /// A UDP datagram that expects an echo.
-    Udp { to: SocketAddr, timeout_ms: u64 },
+    Udp {
+        to: SocketAddr,
+        timeout_ms: u64,
+        /// Send the datagram again after this long without an answer, from
+        /// the same socket; 0: once.
+        #[serde(default)]
+        resend_ms: u64,
+    },
     /// A DNS query for an A record.
-    Dns { to: SocketAddr, timeout_ms: u64 },
+    Dns {
+        to: SocketAddr,
+        timeout_ms: u64,
+        /// As for `Udp`: a resolver retransmits its query.
+        #[serde(default)]
+        resend_ms: u64,
+    },
     /// `count` raw TCP SYNs from `from` to `to`, one source port: a flood of
     /// one flow. Reports how many the kernel accepted.
     SynFlood {
@@ -40,13 +53,25 @@ impl Probe {
         Probe::Udp {
             to,
             timeout_ms: timeout.as_millis() as u64,
+            resend_ms: 0,
         }
     }
     pub fn dns(to: SocketAddr, timeout: Duration) -> Probe {
         Probe::Dns {
             to,
             timeout_ms: timeout.as_millis() as u64,
+            resend_ms: 0,
         }
+    }
+
+    /// A UDP or DNS probe that sends its datagram again after `after`
+    /// without an answer, as resolvers and most UDP clients do (TCP's SYN
+    /// is retransmitted by the kernel); other probes unchanged.
+    pub fn resending_after(mut self, after: Duration) -> Probe {
+        if let Probe::Udp { resend_ms, .. } | Probe::Dns { resend_ms, .. } = &mut self {
+            *resend_ms = after.as_millis() as u64;
+        }
+        self
     }
 }
 
@@ -90,8 +115,16 @@ pub fn run(probe: &Probe) -> ProbeResult {
                 Err(e) => (classify(&e), 0, e.to_string()),
             }
         }
-        Probe::Udp { to, timeout_ms } => udp_exchange(*to, *timeout_ms, b"netwatch-lab-probe"),
-        Probe::Dns { to, timeout_ms } => udp_exchange(*to, *timeout_ms, &dns_query(0x4e57)),
+        Probe::Udp {
+            to,
+            timeout_ms,
+            resend_ms,
+        } => udp_exchange(*to, *timeout_ms, *resend_ms, b"netwatch-lab-probe"),
+        Probe::Dns {
+            to,
+            timeout_ms,
+            resend_ms,
+        } => udp_exchange(*to, *timeout_ms, *resend_ms, &dns_query(0x4e57)),
         Probe::SynFlood { from, to, count } => match syn_flood(*from, *to, *count) {
             Ok(n) => (Outcome::Sent, n, String::new()),
             Err(e) => (Outcome::Error, 0, e.to_string()),
@@ -117,7 +150,12 @@ fn classify(e: &std::io::Error) -> Outcome {
     }
 }
 
-fn udp_exchange(to: SocketAddr, timeout_ms: u64, payload: &[u8]) -> (Outcome, u32, String) {
+fn udp_exchange(
+    to: SocketAddr,
+    timeout_ms: u64,
+    resend_ms: u64,
+    payload: &[u8],
+) -> (Outcome, u32, String) {
     let bind: SocketAddr = if to.is_ipv4() {
         "0.0.0.0:0".parse().unwrap_or(to)
     } else {
@@ -126,9 +164,19 @@ fn udp_exchange(to: SocketAddr, timeout_ms: u64, payload: &[u8]) -> (Outcome, u3
     let result = (|| -> std::io::Result<usize> {
         let sock = UdpSocket::bind(bind)?;
         sock.connect(to)?;
-        sock.set_read_timeout(Some(Duration::from_millis(timeout_ms.max(1))))?;
-        sock.send(payload)?;
         let mut buf = [0u8; 512];
+        sock.send(payload)?;
+        if resend_ms > 0 && resend_ms < timeout_ms {
+            sock.set_read_timeout(Some(Duration::from_millis(resend_ms)))?;
+            match sock.recv(&mut buf) {
+                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                    sock.send(payload)?;
+                }
+                answered_or_refused => return answered_or_refused,
+            }
+        }
+        let left = timeout_ms.saturating_sub(if resend_ms < timeout_ms { resend_ms } else { 0 });
+        sock.set_read_timeout(Some(Duration::from_millis(left.max(1))))?;
         sock.recv(&mut buf)
     })();
     match result {
@@ -152,8 +200,9 @@ pub fn http_get(url: &str) -> std::io::Result<String> {
         .map(|(h, p)| (h, format!("/{p}")))
         .unwrap_or((rest, "/".into()));
     let addr: SocketAddr = host.parse().map_err(|_| bad())?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Stretched under emulation, where an agent under load answers slowly.
+    let mut s = TcpStream::connect_timeout(&addr, crate::slowed(Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(crate::slowed(Duration::from_secs(5))))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;

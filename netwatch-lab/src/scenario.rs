@@ -411,9 +411,20 @@ impl ScenarioRun {
         };
         run.enforce()?;
         let nodes: Vec<String> = run.lab.nodes.iter().map(|n| n.name.clone()).collect();
+        // All agents load their programs at once: on an emulated CPU that
+        // is most of a scenario's start.
         for node in nodes {
-            let agent = run.start_agent(&node, agent_args)?;
+            let agent = run.spawn_agent(&node, agent_args)?;
             run.agents.push(agent);
+        }
+        for agent in &mut run.agents {
+            let pods = run
+                .lab
+                .pods
+                .iter()
+                .filter(|p| p.spec.node == agent.node && !p.host_if.is_empty())
+                .count();
+            ScenarioRun::wait_ready(agent, pods)?;
         }
         Ok(run)
     }
@@ -435,7 +446,7 @@ impl ScenarioRun {
         Ok(())
     }
 
-    fn start_agent(&self, node: &str, extra: &[String]) -> Result<NodeAgent, ScenarioError> {
+    fn spawn_agent(&self, node: &str, extra: &[String]) -> Result<NodeAgent, ScenarioError> {
         let dir = self.workdir.join(node);
         std::fs::create_dir_all(&dir).map_err(|source| ScenarioError::Read {
             path: dir.display().to_string(),
@@ -479,19 +490,18 @@ impl ScenarioRun {
             .stderr(stderr)
             .spawn()
             .map_err(|e| ScenarioError::Agent(format!("starting netwatch-agent on {node}: {e}")))?;
-        let mut agent = NodeAgent {
+        Ok(NodeAgent {
             node: node.to_string(),
             child: Some(child),
             flow_log,
             log,
             api_socket,
-        };
-        let pods = self
-            .lab
-            .pods
-            .iter()
-            .filter(|p| p.spec.node == node && !p.host_if.is_empty())
-            .count();
+        })
+    }
+
+    /// Until `agent` captures on its node's `pods` pod interfaces.
+    fn wait_ready(agent: &mut NodeAgent, pods: usize) -> Result<(), ScenarioError> {
+        let node = agent.node.clone();
         // Stretched under emulation (the VM matrix): loading BTF and the
         // programs takes the agent most of this there.
         let wait = crate::slowed(Duration::from_secs(30));
@@ -500,7 +510,7 @@ impl ScenarioRun {
             let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
             if text.contains("capturing") && text.matches("attached TC classifiers").count() >= pods
             {
-                return Ok(agent);
+                return Ok(());
             }
             if let Some(c) = agent.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
@@ -601,11 +611,16 @@ impl ScenarioRun {
         let (ip, port, _, _) = self.target(t)?;
         let to = SocketAddr::new(ip, port);
         let timeout = Duration::from_secs(2);
+        // Clients retransmit: the kernel a SYN after 1 s, a resolver its
+        // query. On Open vSwitch the first packet of a new megaflow is
+        // judged in ovs-vswitchd, where a drop never reaches kfree_skb: the
+        // retransmission is the packet whose drop the kernel names.
         let probe = match t.protocol {
             TrafficProtocol::Tcp => Probe::tcp(to, timeout),
             TrafficProtocol::Udp => Probe::udp(to, timeout),
             TrafficProtocol::Dns => Probe::dns(to, timeout),
-        };
+        }
+        .resending_after(Duration::from_secs(1));
         Ok(self.lab.probe(&t.from, &probe)?)
     }
 
@@ -813,7 +828,18 @@ pub fn check(
         scenario: scenario.name.clone(),
         ..Report::default()
     };
+    let started = Instant::now();
+    // Progress on stderr (libtest shows it with a failure): where a slow
+    // run spends its time, on an emulated CPU above all.
+    let step = |what: &str| {
+        eprintln!(
+            "scenario {}: {what} (+{:.1} s)",
+            scenario.name,
+            started.elapsed().as_secs_f64()
+        )
+    };
     let mut run = ScenarioRun::start(scenario, bins, workdir, &[])?;
+    step("lab up, policies enforced, agents capturing");
     let phases = scenario.phases();
     let mut fixable = Vec::new();
     let mut all_traffic = Vec::new();
@@ -824,22 +850,28 @@ pub fn check(
         if let Some(lint) = &phase.lint {
             check_lint(&run, lint, &phase.name, &mut report)?;
         }
+        step(&format!("[{}] applied", phase.name));
         probe_all(&run, &phase.traffic, &phase.name, &mut report)?;
+        step(&format!("[{}] probed", phase.name));
         agreement(&run, &phase.traffic, &phase.name, &mut report)?;
+        step(&format!("[{}] engine agreement checked", phase.name));
         if !phase.flows.is_empty() {
             // Let the agents write what they saw (timeouts, final counts).
             std::thread::sleep(Duration::from_millis(2500));
             check_flows(&run, &phase.flows, &phase.name, &mut report)?;
+            step(&format!("[{}] records checked", phase.name));
         }
         fixable.extend(phase.traffic.iter().filter(|t| t.fix).cloned());
         all_traffic = phase.traffic.clone();
     }
     if !fixable.is_empty() {
         check_fix(&mut run, &fixable, &all_traffic, &mut report)?;
+        step("[fix] checked");
     }
     for a in &mut run.agents {
         a.stop();
     }
+    step("agents stopped");
     explained_drops(&run, &mut report);
     let expected: Vec<FlowExpectation> = phases.iter().flat_map(|p| p.flows.clone()).collect();
     no_unexpected_not_enforced(&run, &expected, &mut report);
@@ -1158,13 +1190,27 @@ fn check_metrics(
     label: &str,
     report: &mut Report,
 ) -> Result<(), ScenarioError> {
-    let out = run
-        .lab
-        .on_node(node, &run.bins.helper)?
-        .args(["fetch", "http://127.0.0.1:9965/metrics"])
-        .output()
-        .map_err(|err| ScenarioError::Agent(format!("fetching metrics on {node}: {err}")))?;
-    let metrics = String::from_utf8_lossy(&out.stdout);
+    // A scrape can fail on a loaded (emulated) machine: retry a few times
+    // before judging what it says.
+    let mut metrics = String::new();
+    for attempt in 0..5 {
+        let out = run
+            .lab
+            .on_node(node, &run.bins.helper)?
+            .args(["fetch", "http://127.0.0.1:9965/metrics"])
+            .output()
+            .map_err(|err| ScenarioError::Agent(format!("fetching metrics on {node}: {err}")))?;
+        if out.status.success() {
+            metrics = String::from_utf8_lossy(&out.stdout).into_owned();
+            break;
+        }
+        metrics = format!(
+            "(scrape {} failed: {})",
+            attempt + 1,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let (from_ns, _) = e.from.split_once('/').unwrap_or(("", ""));
     let counted = |name: &str, labels: &[String]| {
         metrics.lines().any(|l| {
@@ -1182,7 +1228,16 @@ fn check_metrics(
     ];
     report.check(
         counted("netwatch_denied_flows_total{", &flow_labels),
-        || format!("{label}: netwatch_denied_flows_total has no series with {flow_labels:?} >= 1"),
+        || {
+            let present: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("netwatch_denied_flows_total{") || l.starts_with("(scrape"))
+                .collect();
+            format!(
+                "{label}: netwatch_denied_flows_total has no series with {flow_labels:?} >= 1; it has:\n      {}",
+                present.join("\n      ")
+            )
+        },
     );
     for (field, direction) in [
         ("egress_denied_by", "egress"),

@@ -65,7 +65,7 @@ fn cargo_build_release() -> Result<PathBuf> {
     {
         bail!("building the agent failed");
     }
-Ok(crate::binaries::target_dir()?.join("release/netwatch-agent"))
+    Ok(crate::binaries::target_dir()?.join("release/netwatch-agent"))
 }
 
 /// Two pods on one node, for iperf3.

@@ -39,7 +39,8 @@ pub const BRIDGE: &str = "br-int";
 /// The internal port that is the pods' way to the node's stack.
 pub const GATEWAY: &str = "antrea-gw0";
 /// The gateway address pods route through (the lab's usual one).
-const GATEWAY_IP: &str = "169.254.1.1";
+/// The gateway's address: the node's source address towards its pods.
+const GATEWAY_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 /// Priority of forwarding flows; policy drops sit above it.
 const FORWARD_PRIORITY: u16 = 100;
 /// Priority of the drops a test adds to table 0, ahead of everything.
@@ -151,6 +152,16 @@ impl OvsSwitch {
             &[
                 format!("link set {GATEWAY} up"),
                 format!("addr add {GATEWAY_IP}/32 dev {GATEWAY}"),
+            ],
+        )?;
+        // Service traffic turns back out of the gateway after the node's
+        // DNAT; the kernel would answer each such packet with an ICMP
+        // redirect, which the switch then drops. Antrea turns them off too.
+        crate::system::sysctl_in(
+            netns,
+            &[
+                "net.ipv4.conf.all.send_redirects=0",
+                &format!("net.ipv4.conf.{GATEWAY}.send_redirects=0"),
             ],
         )?;
         switch.gateway_mac = mac_of(netns, GATEWAY)?;
@@ -473,7 +484,15 @@ pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<Strin
         ));
     }
     if !cx.police_host_to_pod {
-        for node in cx.node_ips.iter().filter(|a| a.is_ipv4()) {
+        // The node's own traffic to a local pod leaves from the gateway's
+        // address (the route to pods goes through it), as with Antrea.
+        let gateway = IpAddr::V4(GATEWAY_IP);
+        for node in cx
+            .node_ips
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .chain(std::iter::once(&gateway))
+        {
             flows.push(format!(
                 "table={i},priority={PASS_PRIORITY},ip,nw_src={node},actions={ADMIT}"
             ));
@@ -862,6 +881,10 @@ mod tests {
         );
         assert!(!to_server("198.51.100.1", "tcp", 80), "isolated");
         assert!(to_server("172.18.0.2", "tcp", 9), "the node itself");
+        assert!(
+            to_server(&GATEWAY_IP.to_string(), "tcp", 9),
+            "the node from its gateway address (a hostNetwork pod's connect)"
+        );
         // Egress: a Baseline-style Deny, then allowed.
         assert!(!run(&flows, "10.244.1.2", "192.0.2.7", "tcp", 443));
         assert!(run(&flows, "10.244.1.2", "198.51.100.1", "tcp", 443));
