@@ -101,7 +101,7 @@ pub struct ChangeLog {
 
 /// Changes kept: more than any debounce interval's worth in a steady
 /// cluster; past it consumers rebuild.
-const CHANGE_LOG_CAPACITY: usize = 4096;
+const CHANGE_LOG_CAPACITY: usize = 2048;
 
 impl Default for ChangeLog {
     fn default() -> Self {
@@ -163,5 +163,56 @@ impl ChangeLog {
                 .map(|(_, c)| c)
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str) -> Change {
+        Change {
+            kind: ChangeKind::Pod,
+            namespace: "x".into(),
+            name: Some(name.into()),
+            position: None,
+        }
+    }
+
+    #[test]
+    fn a_change_log_gives_what_happened_since_a_position_or_nothing_when_it_cannot() {
+        let mut log = ChangeLog::default();
+        let start = log.position();
+        assert_eq!(log.since(start), Some(vec![]));
+        log.record(pod("a"));
+        let middle = log.position();
+        log.record(pod("b"));
+        let names = |changes: Vec<&Change>| -> Vec<String> {
+            changes.iter().filter_map(|c| c.name.clone()).collect()
+        };
+        assert_eq!(
+            log.since(start).map(names),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(log.since(middle).map(names), Some(vec!["b".into()]));
+        // Another lineage (a manifest reload, another source): rebuild.
+        assert_eq!(ChangeLog::default().since(middle), None);
+        // A copy goes on from the same position (the API source's
+        // copy-on-write).
+        let mut copy = log.clone();
+        copy.record(pod("c"));
+        assert_eq!(
+            copy.since(middle).map(names),
+            Some(vec!["b".into(), "c".into()])
+        );
+        // Past its capacity the oldest changes are gone: rebuild.
+        for i in 0..CHANGE_LOG_CAPACITY {
+            log.record(pod(&i.to_string()));
+        }
+        assert_eq!(log.since(start), None);
+        assert_eq!(log.since(middle), None);
+        let recent = log.position();
+        log.record(pod("d"));
+        assert_eq!(log.since(recent).map(names), Some(vec!["d".into()]));
     }
 }
