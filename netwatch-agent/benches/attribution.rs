@@ -334,6 +334,7 @@ fn updates(c: &mut Criterion) {
             if let Some(spec) = policy.spec.as_mut() {
                 let app = format!("app-{}", n % APPS);
                 spec.pod_selector
+                    .get_or_insert_default()
                     .match_labels
                     .get_or_insert_default()
                     .insert("app".into(), app);
