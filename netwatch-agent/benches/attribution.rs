@@ -13,7 +13,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use netwatch::{
     attribution::{Attribution, AttributionConfig},
     capture::{events::KernelEvent, reasons::DropReasons},
-    cluster::ClusterSnapshot,
+    cluster::{Change, ChangeKind, ChangeLog, ClusterSnapshot},
     flow::{
         assemble::{AssemblerConfig, FlowAssembler, Signal},
         record::FlowRecord,
@@ -183,5 +183,177 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(attribution_benches, benches);
+/// Services and their EndpointSlices, one per app and namespace (1,000 of
+/// each), for the update benchmarks.
+fn with_services(mut snapshot: ClusterSnapshot) -> ClusterSnapshot {
+    for n in 0..NAMESPACES {
+        for app in 0..APPS {
+            snapshot.services.push(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("app-{app}"), "namespace": format!("ns-{n}")},
+                    "spec": {
+                        "clusterIP": format!("10.96.{n}.{}", app + 1),
+                        "selector": {"app": format!("app-{app}")},
+                        "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+                    },
+                }))
+                .expect("a service"),
+            );
+            let endpoints: Vec<serde_json::Value> = (0..PODS_PER_NAMESPACE / APPS)
+                .map(|k| {
+                    let [a, b, c, d] = pod_ip(n, app + k * APPS);
+                    serde_json::json!({"addresses": [format!("{a}.{b}.{c}.{d}")], "conditions": {"ready": true}})
+                })
+                .collect();
+            snapshot.endpoint_slices.push(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {
+                        "name": format!("app-{app}-x"), "namespace": format!("ns-{n}"),
+                        "labels": {"kubernetes.io/service-name": format!("app-{app}")},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080}],
+                    "endpoints": endpoints,
+                }))
+                .expect("an EndpointSlice"),
+            );
+        }
+    }
+    snapshot
+}
+
+/// What one change costs the agent: applied in place, against a rebuild
+/// from the snapshot, in the same run.
+fn updates(c: &mut Criterion) {
+    let mut snapshot = with_services(cluster());
+    let mut attribution = Attribution::new(AttributionConfig {
+        node_name: "node-1".into(),
+        ..AttributionConfig::default()
+    });
+    let now = SystemTime::now();
+    attribution.update(&snapshot, true, now);
+    let mut group = c.benchmark_group("cluster update");
+    group.measurement_time(Duration::from_secs(5));
+
+    group.sample_size(10);
+    group.bench_function("full rebuild (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            // A new log: what a manifest reload, a re-list or a
+            // non-incremental change does.
+            snapshot.changes = ChangeLog::default();
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    group.sample_size(100);
+
+    let originals: Vec<Option<String>> = snapshot
+        .pods
+        .iter()
+        .map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+        .collect();
+    // A rollout step: one pod gets a new template hash (a new identity the
+    // first time) and another address, then back.
+    let mut n = 0usize;
+    group.bench_function("one pod change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            let at = (n * 37) % snapshot.pods.len();
+            let pod = &mut snapshot.pods[at];
+            let labels = pod.metadata.labels.get_or_insert_default();
+            let hash = if n % 2 == 0 { "a" } else { "b" };
+            labels.insert("pod-template-hash".into(), hash.into());
+            pod.metadata.resource_version = Some(n.to_string());
+            if let Some(status) = pod.status.as_mut() {
+                status.pod_ip = if n % 2 == 0 {
+                    originals[at].clone()
+                } else {
+                    Some(format!("10.200.{}.{}", at / 250, at % 250 + 1))
+                };
+            }
+            let (namespace, name) = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
+            snapshot.changes.record(Change {
+                kind: ChangeKind::Pod,
+                namespace: namespace.unwrap_or_default(),
+                name,
+                position: Some(at),
+            });
+            attribution.update(&snapshot, true, now);
+        })
+    });
+
+    let mut n = 0usize;
+    group.bench_function("one namespace label change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            let at = n % NAMESPACES;
+            let ns = &mut snapshot.namespaces[at];
+            let team = format!("t{}", (at + n % 2) % 10);
+            ns.metadata
+                .labels
+                .get_or_insert_default()
+                .insert("team".into(), team);
+            let name = ns.metadata.name.clone();
+            snapshot.changes.record(Change {
+                kind: ChangeKind::Namespace,
+                namespace: String::new(),
+                name,
+                position: Some(at),
+            });
+            attribution.update(&snapshot, true, now);
+        })
+    });
+
+    let mut n = 0usize;
+    group.bench_function("one service change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            let at = (n * 7) % snapshot.services.len();
+            let svc = &mut snapshot.services[at];
+            if let Some(spec) = svc.spec.as_mut()
+                && let Some(port) = spec.ports.as_mut().and_then(|p| p.first_mut())
+            {
+                port.port = if n % 2 == 0 { 80 } else { 8080 };
+            }
+            let (namespace, name) = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
+            snapshot.changes.record(Change {
+                kind: ChangeKind::Service,
+                namespace: namespace.unwrap_or_default(),
+                name,
+                position: Some(at),
+            });
+            attribution.update(&snapshot, true, now);
+        })
+    });
+
+    let mut n = 0usize;
+    group.bench_function("one policy change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            let at = (n * 13) % snapshot.network_policies.len();
+            let policy = &mut snapshot.network_policies[at];
+            if let Some(spec) = policy.spec.as_mut() {
+                let app = format!("app-{}", n % APPS);
+                spec.pod_selector
+                    .get_or_insert_default()
+                    .match_labels
+                    .get_or_insert_default()
+                    .insert("app".into(), app);
+            }
+            let (namespace, name) = (
+                policy.metadata.namespace.clone(),
+                policy.metadata.name.clone(),
+            );
+            snapshot.changes.record(Change {
+                kind: ChangeKind::NetworkPolicy,
+                namespace: namespace.unwrap_or_default(),
+                name,
+                position: Some(at),
+            });
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(attribution_benches, benches, updates);
 criterion_main!(attribution_benches);

@@ -26,7 +26,7 @@ use std::{
 use tracing::{debug, warn};
 
 use crate::{
-    cluster::ClusterSnapshot,
+    cluster::{Change, ClusterSnapshot, LogPosition},
     flow::record::{FlowRecord, L4, StagedWhatIf, Verdict},
     identity::{
         CgroupIndex, Endpoint, IdentityCache, IdentityConfig, IpResolution, PodIdentity,
@@ -78,6 +78,16 @@ pub struct Attribution {
     not_enforced_seen: HashMap<VerdictKey, SystemTime>,
     /// The last policy error, logged once per change.
     policy_error: Option<String>,
+    /// Where in the snapshots' change log the state is.
+    applied: Option<LogPosition>,
+    updates: UpdateCounts,
+}
+
+/// How snapshots were taken in: change by change, or by a rebuild.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpdateCounts {
+    pub incremental: u64,
+    pub rebuilds: u64,
 }
 
 impl Attribution {
@@ -97,6 +107,8 @@ impl Attribution {
             synced: false,
             not_enforced_seen: HashMap::new(),
             policy_error: None,
+            applied: None,
+            updates: UpdateCounts::default(),
         }
     }
 
@@ -105,9 +117,49 @@ impl Attribution {
         self.synced
     }
 
-    /// A new snapshot: rebuild identities and the policy engine. `complete`
-    /// says whether the source has listed everything once.
+    /// A new snapshot. The changes it records since the last one are
+    /// applied object by object where identity and policy state know how
+    /// (see [`PolicyEngine::apply_changes`], [`IdentityCache::apply_changes`]),
+    /// dropping only the cached verdicts they reach; anything else
+    /// rebuilds both from the snapshot. `complete` says whether the source
+    /// has listed everything once.
     pub fn update(&mut self, snapshot: &ClusterSnapshot, complete: bool, now: SystemTime) {
+        let changes = self.applied.and_then(|at| snapshot.changes.since(at));
+        self.applied = Some(snapshot.changes.position());
+        if changes.is_some_and(|changes| self.apply_changes(snapshot, &changes, now)) {
+            self.updates.incremental += 1;
+        } else {
+            self.rebuild(snapshot, now);
+            self.updates.rebuilds += 1;
+        }
+        self.synced |= complete;
+    }
+
+    /// Applies `changes` in place; `false` (with nothing changed) when only
+    /// a rebuild can bring the state to `snapshot`.
+    fn apply_changes(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        changes: &[&Change],
+        now: SystemTime,
+    ) -> bool {
+        // A re-list, or an engine kept after a policy error: rebuild.
+        if changes.iter().any(|c| c.name.is_none()) || self.policy_error.is_some() {
+            return false;
+        }
+        let Some(engine) = self.engine.as_mut().and_then(Arc::get_mut) else {
+            return false;
+        };
+        match engine.apply_changes(snapshot, changes) {
+            Ok(Ok(reached)) => self.verdicts.invalidate(engine, &reached),
+            Ok(Err(policy::Unapplied::Rebuild)) | Err(_) => return false,
+        }
+        // Only re-lists stop the identity cache, and they were ruled out.
+        self.identity.apply_changes(snapshot, changes, now)
+    }
+
+    /// Rebuilds identities and the policy engine from `snapshot`.
+    fn rebuild(&mut self, snapshot: &ClusterSnapshot, now: SystemTime) {
         self.identity.update(snapshot, now);
         match PolicyEngine::new(snapshot, self.config.engine) {
             Ok(engine) => {
@@ -124,7 +176,33 @@ impl Attribution {
                 }
             }
         }
-        self.synced |= complete;
+    }
+
+    /// How many updates were applied change by change, and how many rebuilt.
+    pub fn update_counts(&self) -> UpdateCounts {
+        self.updates
+    }
+
+    /// The identity cache, as the last update left it.
+    pub fn identity(&self) -> &IdentityCache {
+        &self.identity
+    }
+
+    /// The verdict on a flow, through the verdict cache, as records get
+    /// it; `None` before the policies are known.
+    pub fn verdict(
+        &self,
+        from: &Peer,
+        to: &Peer,
+        source_port: Option<u16>,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<FlowVerdict> {
+        let engine = self.engine.as_deref()?;
+        Some(
+            self.verdicts
+                .evaluate(engine, from, to, source_port, port, protocol),
+        )
     }
 
     /// Forget tombstones and rate-limit state past their time.

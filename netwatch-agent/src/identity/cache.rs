@@ -21,13 +21,16 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
 };
 use netwatch_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
 
 /// How long a vanished pod (or a pod's released IP) still resolves.
 pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(5 * 60);
@@ -370,6 +373,8 @@ enum Expiring {
 /// An EndpointSlice reduced to what readiness needs.
 #[derive(Clone, Debug)]
 struct SliceSummary {
+    /// The slice's own name.
+    name: String,
     /// `addressType`: IPv4, IPv6 or FQDN.
     address_type: String,
     /// Port names (with protocol) the slice serves; `None` or empty: all.
@@ -413,6 +418,8 @@ pub struct IdentityCache {
     services: HashMap<ServiceRef, Arc<ServiceIdentity>>,
     services_by_ip: HashMap<IpAddr, Arc<ServiceIdentity>>,
     slices: HashMap<ServiceRef, Vec<SliceSummary>>,
+    /// (namespace, slice name) -> the service it serves.
+    slice_service: HashMap<(String, String), ServiceRef>,
     /// API server addresses (from `default/kubernetes`'s EndpointSlices) and
     /// their ports.
     apiserver: HashMap<IpAddr, Vec<u16>>,
@@ -544,15 +551,26 @@ impl IdentityCache {
         // Which pod holds each IP now. Two live pods claiming one IP is a
         // transient of the API (the old one not yet marked finished): the one
         // that started last holds it.
-        let pods = &self.pods;
-        let mut holders: HashMap<IpAddr, (&String, &Arc<PodIdentity>)> =
-            HashMap::with_capacity(pods.len());
-        for (key, entry) in pods {
+        let holders = self.holders(|_| true);
+        let ips: HashSet<IpAddr> = self.tenures.keys().chain(holders.keys()).copied().collect();
+        for ip in ips {
+            let holder = holders.get(&ip).cloned();
+            self.settle_tenures(ip, holder, now);
+        }
+    }
+
+    /// The live pod holding each address `wanted` accepts.
+    fn holders(
+        &self,
+        wanted: impl Fn(&IpAddr) -> bool,
+    ) -> HashMap<IpAddr, (String, Arc<PodIdentity>)> {
+        let mut holders: HashMap<IpAddr, (&String, &Arc<PodIdentity>)> = HashMap::new();
+        for (key, entry) in &self.pods {
             let pod = &entry.pod;
             if !pod.holds_ips() {
                 continue;
             }
-            for ip in &pod.ips {
+            for ip in pod.ips.iter().filter(|ip| wanted(ip)) {
                 let replace = holders
                     .get(ip)
                     .is_none_or(|(_, other)| pod_start(other) < pod_start(pod));
@@ -561,55 +579,69 @@ impl IdentityCache {
                 }
             }
         }
-        // Close tenures whose pod no longer holds the IP; refresh the rest.
-        for (ip, tenures) in &mut self.tenures {
-            for tenure in tenures.iter_mut().filter(|t| t.end.is_none()) {
-                match holders.get(ip) {
-                    Some((key, pod)) if **key == tenure.key => {
-                        if !Arc::ptr_eq(&tenure.pod, pod) {
-                            tenure.pod = Arc::clone(pod);
-                        }
+        holders
+            .into_iter()
+            .map(|(ip, (key, pod))| (ip, (key.clone(), Arc::clone(pod))))
+            .collect()
+    }
+
+    /// Closes the tenure of a pod that no longer holds `ip`, refreshes the
+    /// holder's, or opens one for a new holder.
+    fn settle_tenures(
+        &mut self,
+        ip: IpAddr,
+        holder: Option<(String, Arc<PodIdentity>)>,
+        now: SystemTime,
+    ) {
+        let grace = self.config.tombstone_grace;
+        let pods = &self.pods;
+        let tenures = self.tenures.entry(ip).or_default();
+        let mut held = false;
+        for tenure in tenures.iter_mut().filter(|t| t.end.is_none()) {
+            match &holder {
+                Some((key, pod)) if *key == tenure.key => {
+                    held = true;
+                    if !Arc::ptr_eq(&tenure.pod, pod) {
+                        tenure.pod = Arc::clone(pod);
                     }
-                    _ => {
-                        let last_seen = pods.get(&tenure.key).map_or(&tenure.pod, |e| &e.pod);
-                        let end = last_seen
-                            .deletion
-                            .map_or(now, |d| d.min(now))
-                            .max(tenure.start);
-                        let expires = now + grace;
-                        tenure.pod = Arc::clone(last_seen);
-                        tenure.end = Some(end);
-                        tenure.expires = Some(expires);
-                        self.expiry.push_back((
-                            expires,
-                            Expiring::Tenure {
-                                ip: *ip,
-                                key: tenure.key.clone(),
-                            },
-                        ));
-                    }
+                }
+                _ => {
+                    let last_seen = pods.get(&tenure.key).map_or(&tenure.pod, |e| &e.pod);
+                    let end = last_seen
+                        .deletion
+                        .map_or(now, |d| d.min(now))
+                        .max(tenure.start);
+                    let expires = now + grace;
+                    tenure.pod = Arc::clone(last_seen);
+                    tenure.end = Some(end);
+                    tenure.expires = Some(expires);
+                    self.expiry.push_back((
+                        expires,
+                        Expiring::Tenure {
+                            ip,
+                            key: tenure.key.clone(),
+                        },
+                    ));
                 }
             }
         }
-        // Open tenures for new holders.
-        for (ip, (key, pod)) in holders {
-            let tenures = self.tenures.entry(ip).or_default();
-            if tenures.iter().any(|t| t.end.is_none() && t.key == *key) {
-                continue;
-            }
+        if let Some((key, pod)) = holder.filter(|_| !held) {
             // The cache may see a pod well after it got its IP; flows from
             // that gap belong to it, so its tenure starts at the pod's own
             // start time when that is earlier. An overlap with the previous
             // holder's tenure resolves to the previous holder (oldest first).
-            let start = pod_start(pod).map_or(now, |s| s.min(now));
+            let start = pod_start(&pod).map_or(now, |s| s.min(now));
             tenures.push(Tenure {
-                pod: Arc::clone(pod),
-                key: key.clone(),
+                pod,
+                key,
                 start,
                 end: None,
                 expires: None,
             });
             tenures.sort_by_key(|t| t.start);
+        }
+        if tenures.is_empty() {
+            self.tenures.remove(&ip);
         }
     }
 
@@ -628,73 +660,269 @@ impl IdentityCache {
         }
 
         let mut slices: HashMap<ServiceRef, Vec<SliceSummary>> = HashMap::new();
+        let mut slice_service = HashMap::new();
         let mut apiserver: HashMap<IpAddr, Vec<u16>> = HashMap::new();
         for slice in &snapshot.endpoint_slices {
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-            else {
+            let Some((service, summary)) = slice_summary(slice) else {
                 continue;
             };
-            let service = ServiceRef {
-                namespace: namespace_of(&slice.metadata).to_owned(),
-                name: service.clone(),
-            };
-            let ports = slice.ports.as_ref().map(|ports| {
-                ports
-                    .iter()
-                    .map(|p| {
-                        (
-                            p.name.clone().filter(|n| !n.is_empty()),
-                            protocol_number(p.protocol.as_deref()),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            });
-            let is_apiserver = service.namespace == "default" && service.name == "kubernetes";
-            let (mut ready, mut not_ready) = (0, 0);
-            for endpoint in &slice.endpoints {
-                // The API: a nil `ready` condition means ready.
-                let is_ready = endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true);
-                if is_ready {
-                    ready += 1;
-                } else {
-                    not_ready += 1;
-                }
-                if is_apiserver {
-                    let ports: Vec<u16> = slice
-                        .ports
-                        .iter()
-                        .flatten()
-                        .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
-                        .collect();
-                    for address in &endpoint.addresses {
-                        if let Ok(ip) = address.parse::<IpAddr>() {
-                            apiserver
-                                .entry(ip)
-                                .or_default()
-                                .extend(ports.iter().copied());
-                        }
-                    }
-                }
+            if is_apiserver(&service) {
+                add_apiserver(&mut apiserver, slice);
             }
-            slices.entry(service).or_default().push(SliceSummary {
-                address_type: slice.address_type.clone(),
-                ports,
-                ready,
-                not_ready,
-            });
+            slice_service.insert(
+                (service.namespace.clone(), summary.name.clone()),
+                service.clone(),
+            );
+            slices.entry(service).or_default().push(summary);
         }
         self.services = services;
         self.services_by_ip = by_ip;
         self.slices = slices;
+        self.slice_service = slice_service;
         self.apiserver = apiserver;
+    }
+
+    /// Brings one service (`namespace/name`) to what `snapshot` has.
+    fn apply_service(&mut self, snapshot: &ClusterSnapshot, change: &Change) {
+        let Some(name) = change.name.as_deref() else {
+            return;
+        };
+        let reference = ServiceRef {
+            namespace: change_namespace(change).to_owned(),
+            name: name.to_owned(),
+        };
+        if let Some(old) = self.services.remove(&reference) {
+            for ip in &old.cluster_ips {
+                if self
+                    .services_by_ip
+                    .get(ip)
+                    .is_some_and(|s| Arc::ptr_eq(s, &old))
+                {
+                    self.services_by_ip.remove(ip);
+                }
+            }
+        }
+        let found = find(&snapshot.services, change, |s| &s.metadata);
+        if let Some(identity) = found.and_then(service_identity) {
+            let identity = Arc::new(identity);
+            for ip in &identity.cluster_ips {
+                self.services_by_ip.insert(*ip, Arc::clone(&identity));
+            }
+            self.services.insert(reference, identity);
+        }
+    }
+
+    /// Brings one EndpointSlice (`namespace/name`) to what `snapshot` has.
+    fn apply_endpoint_slice(&mut self, snapshot: &ClusterSnapshot, change: &Change) {
+        let Some(name) = change.name.as_deref() else {
+            return;
+        };
+        let key = (change_namespace(change).to_owned(), name.to_owned());
+        let mut apiserver_changed = false;
+        if let Some(service) = self.slice_service.remove(&key) {
+            apiserver_changed |= is_apiserver(&service);
+            if let Some(list) = self.slices.get_mut(&service) {
+                list.retain(|s| s.name != name);
+                if list.is_empty() {
+                    self.slices.remove(&service);
+                }
+            }
+        }
+        let found = find(&snapshot.endpoint_slices, change, |s| &s.metadata);
+        if let Some((service, summary)) = found.and_then(slice_summary) {
+            apiserver_changed |= is_apiserver(&service);
+            self.slice_service.insert(key, service.clone());
+            self.slices.entry(service).or_default().push(summary);
+        }
+        if apiserver_changed {
+            let mut apiserver = HashMap::new();
+            for slice in &snapshot.endpoint_slices {
+                if slice_summary(slice).is_some_and(|(service, _)| is_apiserver(&service)) {
+                    add_apiserver(&mut apiserver, slice);
+                }
+            }
+            self.apiserver = apiserver;
+        }
+    }
+
+    /// Applies the changes `snapshot` records since the cache last saw it,
+    /// object by object: pods, services, EndpointSlices, namespaces, nodes
+    /// and pod owners. The result is what [`update`](Self::update) with
+    /// the same snapshot would give. Returns `false`, having changed
+    /// nothing, when a change is not one it applies (a re-list): call
+    /// `update` then.
+    pub fn apply_changes(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        changes: &[&Change],
+        now: SystemTime,
+    ) -> bool {
+        if changes.iter().any(|c| c.name.is_none()) {
+            return false;
+        }
+        // Pods of a changed ReplicaSet or Job, as changes of their own.
+        let mut owned: Vec<Change> = Vec::new();
+        let mut pods: Vec<&Change> = Vec::new();
+        let mut nodes = false;
+        for change in changes {
+            match change.kind {
+                ChangeKind::Pod => pods.push(change),
+                ChangeKind::Service => self.apply_service(snapshot, change),
+                ChangeKind::EndpointSlice => self.apply_endpoint_slice(snapshot, change),
+                ChangeKind::Namespace => {
+                    let name = change.name.as_deref().unwrap_or_default();
+                    let found = find(&snapshot.namespaces, change, |n| &n.metadata);
+                    match found {
+                        Some(ns) => {
+                            self.namespaces.insert(
+                                name.to_owned(),
+                                ns.metadata.labels.clone().unwrap_or_default(),
+                            );
+                        }
+                        None => {
+                            self.namespaces.remove(name);
+                        }
+                    }
+                }
+                ChangeKind::Node => nodes = true,
+                ChangeKind::PodOwner => {
+                    // The pods it controls may name another workload now.
+                    let owner = change.name.as_deref().unwrap_or_default();
+                    let namespace = change_namespace(change);
+                    for (i, pod) in snapshot.pods.iter().enumerate() {
+                        if namespace_of(&pod.metadata) == namespace
+                            && controller_of(&pod.metadata).is_some_and(|o| o.name == owner)
+                            && let Some(name) = pod.metadata.name.clone()
+                        {
+                            owned.push(Change {
+                                kind: ChangeKind::Pod,
+                                namespace: namespace.to_owned(),
+                                name: Some(name),
+                                position: Some(i),
+                            });
+                        }
+                    }
+                }
+                ChangeKind::Workload => {}
+                ChangeKind::NetworkPolicy | ChangeKind::Other => {}
+            }
+        }
+        pods.extend(owned.iter());
+        if !pods.is_empty() {
+            nodes |= self.apply_pods(snapshot, &pods, now);
+        }
+        if nodes {
+            self.update_nodes(snapshot);
+        }
+        self.expire(now);
+        true
+    }
+
+    /// Brings the pods `changes` name to what `snapshot` has, as
+    /// `update_pods` would; returns whether a hostNetwork pod changed (the
+    /// node addresses then need a refresh).
+    fn apply_pods(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        changes: &[&Change],
+        now: SystemTime,
+    ) -> bool {
+        let grace = self.config.tombstone_grace;
+        let found: Vec<(&Change, Option<&Pod>)> = changes
+            .iter()
+            .map(|c| (*c, find(&snapshot.pods, c, |p| &p.metadata)))
+            .collect();
+        let owners = Owners::for_pods(snapshot, found.iter().filter_map(|(_, p)| *p));
+        let mut affected: Vec<IpAddr> = Vec::new();
+        let mut host_network = false;
+        for (change, pod) in found {
+            let namespace = change_namespace(change);
+            let name = change.name.as_deref().unwrap_or_default();
+            let old = self
+                .pods_by_name
+                .get(namespace)
+                .and_then(|names| names.get(name))
+                .cloned();
+            let mut current: Option<Arc<PodIdentity>> = None;
+            if let Some(pod) = pod {
+                let meta = &pod.metadata;
+                let key = match meta.uid.as_deref() {
+                    Some(uid) if !uid.is_empty() => uid.to_owned(),
+                    _ => format!("{namespace}/{name}"),
+                };
+                let version = meta.resource_version.as_deref();
+                if let Some(entry) = self.pods.get_mut(&key)
+                    && version.is_some()
+                    && entry.resource_version.as_deref() == version
+                {
+                    let workload = owners.workload_of(namespace, meta);
+                    let now_named = entry
+                        .pod
+                        .workload
+                        .as_ref()
+                        .map(|w| (w.name.as_str(), w.kind.as_str()));
+                    if workload != now_named {
+                        let mut refreshed = PodIdentity::clone(&entry.pod);
+                        refreshed.workload = workload.map(owned_workload);
+                        entry.pod = Arc::new(refreshed);
+                    }
+                    current = Some(Arc::clone(&entry.pod));
+                } else if let Some(identity) = pod_identity(pod, &owners) {
+                    let identity = Arc::new(identity);
+                    self.pods.insert(
+                        key,
+                        PodEntry {
+                            pod: Arc::clone(&identity),
+                            resource_version: version.map(str::to_owned),
+                            seen: self.generation,
+                        },
+                    );
+                    current = Some(identity);
+                }
+            }
+            // The previous object under this name, if it is another pod (or
+            // gone), vanishes.
+            if let Some(old) = &old {
+                let key = old.key();
+                let replaced = current.as_ref().is_none_or(|c| c.key() != key);
+                if replaced && let Some(entry) = self.pods.remove(&key) {
+                    if let Some(names) = self.pods_by_name.get_mut(namespace) {
+                        names.remove(name);
+                        if names.is_empty() {
+                            self.pods_by_name.remove(namespace);
+                        }
+                    }
+                    let expires = now + grace;
+                    self.expiry.push_back((expires, Expiring::Pod(key.clone())));
+                    self.tombstones.insert(
+                        key,
+                        Tombstone {
+                            pod: entry.pod,
+                            expires,
+                        },
+                    );
+                }
+                host_network |= old.host_network;
+                affected.extend(old.ips.iter().copied());
+            }
+            if let Some(pod) = current {
+                self.tombstones.remove(&pod.key());
+                host_network |= pod.host_network;
+                affected.extend(pod.ips.iter().copied());
+                self.pods_by_name
+                    .entry(pod.namespace.clone())
+                    .or_default()
+                    .insert(pod.name.clone(), pod);
+            }
+        }
+        affected.sort_unstable();
+        affected.dedup();
+        let holders = self.holders(|ip| affected.binary_search(ip).is_ok());
+        for ip in affected {
+            let holder = holders.get(&ip).cloned();
+            self.settle_tenures(ip, holder, now);
+        }
+        host_network
     }
 
     fn update_nodes(&mut self, snapshot: &ClusterSnapshot) {
@@ -1056,6 +1284,32 @@ impl<'a> Owners<'a> {
         }
     }
 
+    /// Like [`Owners::from_snapshot`], for the owners of `pods` only.
+    fn for_pods<'p>(snapshot: &'a ClusterSnapshot, pods: impl Iterator<Item = &'p Pod>) -> Self {
+        let wanted: HashSet<(String, String)> = pods
+            .filter_map(|p| {
+                let owner = controller_of(&p.metadata)?;
+                Some((namespace_of(&p.metadata).to_owned(), owner.name.clone()))
+            })
+            .collect();
+        let index = |metas: &mut dyn Iterator<Item = &'a ObjectMeta>| {
+            metas
+                .filter_map(|m| {
+                    let name = m.name.as_deref()?;
+                    let key = (namespace_of(m), name);
+                    wanted
+                        .iter()
+                        .any(|(ns, n)| ns == key.0 && n == key.1)
+                        .then(|| (key, controller_of(m)))
+                })
+                .collect::<HashMap<_, _>>()
+        };
+        Owners {
+            replica_sets: index(&mut snapshot.replica_sets.iter().map(|r| &r.metadata)),
+            jobs: index(&mut snapshot.jobs.iter().map(|j| &j.metadata)),
+        }
+    }
+
     /// The workload a pod belongs to: its controller, or the controller's
     /// controller for ReplicaSets (-> Deployment) and Jobs (-> CronJob).
     ///
@@ -1097,6 +1351,107 @@ impl<'a> Owners<'a> {
             },
             _ => workload(owner),
         })
+    }
+}
+
+/// The object `change` names, found at its position hint or by a scan.
+fn find<'s, T>(
+    objects: &'s [T],
+    change: &Change,
+    meta: impl Fn(&T) -> &ObjectMeta,
+) -> Option<&'s T> {
+    let name = change.name.as_deref()?;
+    let cluster_scoped = matches!(change.kind, ChangeKind::Namespace | ChangeKind::Node);
+    let is = |o: &&T| {
+        let m = meta(o);
+        m.name.as_deref() == Some(name)
+            && (cluster_scoped || m.namespace.as_deref().unwrap_or_default() == change.namespace)
+    };
+    change
+        .position
+        .and_then(|at| objects.get(at))
+        .filter(is)
+        .or_else(|| objects.iter().rev().find(is))
+}
+
+/// The namespace of a changed object, as [`namespace_of`] reads it.
+fn change_namespace(change: &Change) -> &str {
+    match change.kind {
+        ChangeKind::Namespace | ChangeKind::Node => "",
+        _ if change.namespace.is_empty() => "default",
+        _ => &change.namespace,
+    }
+}
+
+fn is_apiserver(service: &ServiceRef) -> bool {
+    service.namespace == "default" && service.name == "kubernetes"
+}
+
+/// The service an EndpointSlice serves and what readiness needs of it.
+fn slice_summary(slice: &EndpointSlice) -> Option<(ServiceRef, SliceSummary)> {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))?;
+    let service = ServiceRef {
+        namespace: namespace_of(&slice.metadata).to_owned(),
+        name: service.clone(),
+    };
+    let ports = slice.ports.as_ref().map(|ports| {
+        ports
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone().filter(|n| !n.is_empty()),
+                    protocol_number(p.protocol.as_deref()),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    let (mut ready, mut not_ready) = (0, 0);
+    for endpoint in &slice.endpoints {
+        // The API: a nil `ready` condition means ready.
+        let is_ready = endpoint
+            .conditions
+            .as_ref()
+            .and_then(|c| c.ready)
+            .unwrap_or(true);
+        if is_ready {
+            ready += 1;
+        } else {
+            not_ready += 1;
+        }
+    }
+    Some((
+        service,
+        SliceSummary {
+            name: slice.metadata.name.clone().unwrap_or_default(),
+            address_type: slice.address_type.clone(),
+            ports,
+            ready,
+            not_ready,
+        },
+    ))
+}
+
+/// The API server's addresses and ports from one of its slices.
+fn add_apiserver(apiserver: &mut HashMap<IpAddr, Vec<u16>>, slice: &EndpointSlice) {
+    let ports: Vec<u16> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
+        .collect();
+    for endpoint in &slice.endpoints {
+        for address in &endpoint.addresses {
+            if let Ok(ip) = address.parse::<IpAddr>() {
+                apiserver
+                    .entry(ip)
+                    .or_default()
+                    .extend(ports.iter().copied());
+            }
+        }
     }
 }
 

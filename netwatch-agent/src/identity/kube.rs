@@ -65,7 +65,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
 use crate::policy::api::calico::{
     CalicoNetworkPolicy, CalicoTier, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy,
@@ -401,6 +401,34 @@ fn object_key<K: Resource>(object: &K) -> String {
     )
 }
 
+/// How consumers of the snapshot's [`crate::cluster::ChangeLog`] file a
+/// change of kind `K`.
+fn change_kind<K: SnapshotKind>() -> ChangeKind {
+    match (K::group(&()).as_ref(), K::kind(&()).as_ref()) {
+        ("", "Namespace") => ChangeKind::Namespace,
+        ("", "Pod") => ChangeKind::Pod,
+        ("", "Service") => ChangeKind::Service,
+        ("", "Node") => ChangeKind::Node,
+        ("discovery.k8s.io", "EndpointSlice") => ChangeKind::EndpointSlice,
+        ("networking.k8s.io", "NetworkPolicy") => ChangeKind::NetworkPolicy,
+        ("apps", "ReplicaSet") | ("batch", "Job") => ChangeKind::PodOwner,
+        ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "CronJob") => {
+            ChangeKind::Workload
+        }
+        _ => ChangeKind::Other,
+    }
+}
+
+fn change_of<K: SnapshotKind>(object: &K) -> Change {
+    let meta = object.meta();
+    Change {
+        kind: change_kind::<K>(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: Some(meta.name.clone().unwrap_or_default()),
+        position: None,
+    }
+}
+
 fn apply_event<'s, K: SnapshotKind>(
     writer: &mut SnapshotWriter,
     event: Event<K>,
@@ -422,7 +450,14 @@ fn apply_event<'s, K: SnapshotKind>(
         },
         Event::InitDone => {
             let listed = index.relist.take().unwrap_or_default();
-            let objects = K::objects(snapshot());
+            let snapshot = snapshot();
+            snapshot.changes.record(Change {
+                kind: change_kind::<K>(),
+                namespace: String::new(),
+                name: None,
+                position: None,
+            });
+            let objects = K::objects(snapshot);
             objects.clear();
             index.positions.clear();
             for object in listed {
@@ -440,21 +475,32 @@ fn apply_event<'s, K: SnapshotKind>(
         }
         Event::Apply(object) => {
             let key = object_key(&object);
-            let objects = K::objects(snapshot());
-            match index.positions.get(&key) {
-                Some(&at) if at < objects.len() => objects[at] = object,
+            let change = change_of(&object);
+            let snapshot = snapshot();
+            let objects = K::objects(snapshot);
+            let position = match index.positions.get(&key) {
+                Some(&at) if at < objects.len() => {
+                    objects[at] = object;
+                    at
+                }
                 _ => {
                     index.positions.insert(key, objects.len());
                     objects.push(object);
+                    objects.len() - 1
                 }
-            }
+            };
+            snapshot.changes.record(Change {
+                position: Some(position),
+                ..change
+            });
             true
         }
         Event::Delete(object) => {
             let Some(at) = index.positions.remove(&object_key(&object)) else {
                 return false;
             };
-            let objects = K::objects(snapshot());
+            let snapshot = snapshot();
+            let objects = K::objects(snapshot);
             if at >= objects.len() {
                 return false;
             }
@@ -462,6 +508,7 @@ fn apply_event<'s, K: SnapshotKind>(
             if let Some(moved) = objects.get(at) {
                 index.positions.insert(object_key(moved), at);
             }
+            snapshot.changes.record(change_of(&object));
             true
         }
     }

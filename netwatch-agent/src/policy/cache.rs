@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use super::FlowVerdict;
 use super::evaluate::{EndpointKind, Peer, PolicyDecision, PolicyEngine, Resolved};
 use super::model::Protocol;
 use super::selector::Labels;
+use super::{FlowVerdict, Invalidation};
 
 /// What the policies can see of one end of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -191,6 +191,36 @@ impl VerdictCache {
         (state.generation == engine.generation())
             .then(|| state.entries.get(key).cloned())
             .flatten()
+    }
+
+    /// Drops the entries a change to `engine` (applied in place, same
+    /// generation) can have changed.
+    pub fn invalidate(&self, engine: &PolicyEngine, what: &Invalidation) {
+        if what.is_empty() {
+            return;
+        }
+        let Ok(mut state) = self.state.write() else {
+            return;
+        };
+        if what.all {
+            state.entries.clear();
+            return;
+        }
+        let reached = |end: &IdentityKey| match end {
+            IdentityKey::Pod { identity, .. } => {
+                what.identities.contains(identity)
+                    || engine
+                        .identities
+                        .get(*identity as usize)
+                        .and_then(|i| engine.model.namespaces.get(i.namespace as usize))
+                        .is_none_or(|ns| what.namespaces.contains(&ns.name))
+            }
+            IdentityKey::Labels { namespace, .. } => what.namespaces.contains(namespace),
+            IdentityKey::External(_) => false,
+        };
+        state
+            .entries
+            .retain(|key, _| !reached(&key.source) && !reached(&key.destination));
     }
 
     /// Drops every entry.

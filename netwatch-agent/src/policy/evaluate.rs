@@ -342,6 +342,8 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 /// Pods sharing namespace and labels: the same policies select them.
 #[derive(Clone, Debug)]
 pub(crate) struct SelectionIdentity {
+    /// Index of its namespace in the model.
+    pub namespace: u32,
     pub ingress: Vec<u32>,
     pub egress: Vec<u32>,
     /// Cluster policies (both tiers, evaluation order) with the pod as
@@ -362,6 +364,16 @@ pub struct PolicyEngine {
     /// BaselineAdminNetworkPolicy, in evaluation order.
     pub(crate) cluster: ClusterPolicies,
     pub(crate) identities: Vec<SelectionIdentity>,
+    /// (namespace, labels, host network) -> identity, and how many pods
+    /// each identity has: what changes of single pods keep up to date
+    /// (see [`super::incremental`]).
+    pub(crate) identity_index: HashMap<(u32, Labels, bool), u32>,
+    pub(crate) identity_pods: Vec<u32>,
+    /// Identities no pod has any more, and pod slots of deleted pods,
+    /// for reuse.
+    pub(crate) free_identities: Vec<u32>,
+    pub(crate) free_pods: Vec<u32>,
+    pub(crate) port_class_index: HashMap<Vec<super::model::ContainerPortModel>, u32>,
     /// Per pod: an index of its set of container ports (named ports resolve
     /// against it), so cache keys can tell pods with other ports apart.
     pub(crate) port_classes: Vec<u32>,
@@ -500,6 +512,11 @@ impl PolicyEngine {
             policies_by_namespace,
             cluster,
             identities: Vec::new(),
+            identity_index: HashMap::new(),
+            identity_pods: Vec::new(),
+            free_identities: Vec::new(),
+            free_pods: Vec::new(),
+            port_class_index: HashMap::new(),
             port_classes: Vec::new(),
             options,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -517,43 +534,58 @@ impl PolicyEngine {
     fn index_identities(&mut self) {
         // Host-network pods are never subjects of cluster policies, so they
         // are an identity of their own.
-        let mut index: HashMap<(u32, &Labels, bool), u32> = HashMap::new();
+        let mut index: HashMap<(u32, Labels, bool), u32> = HashMap::new();
         let mut identities = Vec::new();
+        let mut counts: Vec<u32> = Vec::new();
         let mut pod_identity = Vec::with_capacity(self.model.pods.len());
         for pod in &self.model.pods {
-            let id = *index
-                .entry((pod.namespace, &pod.labels, pod.host_network))
-                .or_insert_with(|| {
-                    let namespace = &self.model.namespaces[pod.namespace as usize];
-                    let (ingress, egress) = self.selecting_policies(&namespace.name, &pod.labels);
-                    let (cluster_ingress, cluster_egress) =
-                        self.cluster
-                            .selecting(namespace, &pod.labels, pod.host_network);
-                    identities.push(SelectionIdentity {
-                        ingress,
-                        egress,
-                        cluster_ingress,
-                        cluster_egress,
-                    });
-                    (identities.len() - 1) as u32
-                });
+            let key = (pod.namespace, pod.labels.clone(), pod.host_network);
+            let id = match index.get(&key) {
+                Some(&id) => id,
+                None => {
+                    identities.push(self.selection(pod.namespace, &pod.labels, pod.host_network));
+                    counts.push(0);
+                    let id = (identities.len() - 1) as u32;
+                    index.insert(key, id);
+                    id
+                }
+            };
             pod_identity.push(id);
         }
-        let mut classes: HashMap<&[super::model::ContainerPortModel], u32> = HashMap::new();
+        // Pods replaced by a later one of the same name are no pod: only
+        // the named ones count.
+        for &slot in self.model.pod_index.values().flat_map(|m| m.values()) {
+            counts[pod_identity[slot as usize] as usize] += 1;
+        }
+        let mut classes: HashMap<Vec<super::model::ContainerPortModel>, u32> = HashMap::new();
         let port_classes: Vec<u32> = self
             .model
             .pods
             .iter()
             .map(|p| {
                 let next = classes.len() as u32;
-                *classes.entry(p.ports.as_slice()).or_insert(next)
+                *classes.entry(p.ports.clone()).or_insert(next)
             })
             .collect();
         for (pod, id) in self.model.pods.iter_mut().zip(pod_identity) {
             pod.identity = id;
         }
         self.identities = identities;
+        self.identity_index = index;
+        self.identity_pods = counts;
         self.port_classes = port_classes;
+        self.port_class_index = classes;
+        // Slots of replaced duplicates are free; their identity keeps a
+        // count of zero until reused by name.
+        let live: std::collections::HashSet<u32> = self
+            .model
+            .pod_index
+            .values()
+            .flat_map(|m| m.values().copied())
+            .collect();
+        self.free_pods = (0..self.model.pods.len() as u32)
+            .filter(|s| !live.contains(s))
+            .collect();
     }
 
     /// The policies of `namespace` selecting `labels`, for ingress and egress.

@@ -53,6 +53,7 @@ pub mod api;
 mod cache;
 mod evaluate;
 mod explain;
+mod incremental;
 mod lint;
 mod matrix;
 mod model;
@@ -66,6 +67,7 @@ pub use evaluate::{
     DirectionVerdict, Endpoint, EndpointKind, EngineOptions, FlowVerdict, Peer, PeerSyntaxError,
     PolicyDecision, PolicyEngine, PolicyVerdict,
 };
+pub use incremental::{Invalidation, Unapplied};
 pub use lint::{
     Finding, LintCheck, LintOptions, MISSING_NAMESPACE_RULE, Severity, lint, lint_with,
 };

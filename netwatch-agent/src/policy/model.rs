@@ -526,7 +526,7 @@ impl NamespaceModel {
         }
     }
 
-    fn from_object(ns: &Namespace) -> Option<Self> {
+    pub(crate) fn from_object(ns: &Namespace) -> Option<Self> {
         let name = ns.metadata.name.clone()?;
         let mut labels = ns.metadata.labels.clone().unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());

@@ -1,0 +1,467 @@
+//! Applying one object's change to a built [`PolicyEngine`] instead of
+//! rebuilding it, for the agent, which sees pods come and go all the time.
+//!
+//! - A pod joins or leaves its (namespace, labels) identity; the policies
+//!   selecting an identity are computed once, when it first appears, and
+//!   an identity no pod has any more is freed.
+//! - A namespace's labels: its identities' selections are recomputed (a
+//!   deleted namespace rebuilds: it may leave the model).
+//! - A NetworkPolicy: that policy alone is compiled, and the selections of
+//!   its namespace's identities recomputed.
+//!
+//! What changes reach is returned as an [`Invalidation`], so a
+//! [`VerdictCache`](super::VerdictCache) drops only the decisions it
+//! touches. Calico's policies, cluster-scoped tiers with namespace or node
+//! changes, and re-lists are not applied here: the engine says so and the
+//! caller rebuilds.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+
+use super::PolicyError;
+use super::evaluate::{PolicyEngine, SelectionIdentity};
+use super::model::{
+    CompiledPolicy, ContainerPortModel, NamespaceModel, PodModel, PolicyRef, compile_policy,
+    read_pod,
+};
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
+
+/// Which cached verdicts a change can have changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Invalidation {
+    /// Everything (a change of what verdicts are keyed by).
+    pub all: bool,
+    /// Verdicts with an end in these namespaces (their policies or labels
+    /// changed).
+    pub namespaces: HashSet<String>,
+    /// Verdicts with an end of these identities (freed, their numbers may
+    /// be reused).
+    pub identities: HashSet<u32>,
+}
+
+impl Invalidation {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.namespaces.is_empty() && self.identities.is_empty()
+    }
+
+    fn merge(&mut self, other: Invalidation) {
+        self.all |= other.all;
+        self.namespaces.extend(other.namespaces);
+        self.identities.extend(other.identities);
+    }
+}
+
+/// Why the engine did not apply changes: rebuild it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unapplied {
+    /// Changes of kinds it does not apply one by one.
+    Rebuild,
+}
+
+impl PolicyEngine {
+    /// Applies `changes` (see [`crate::cluster::ChangeLog`]) made to the
+    /// snapshot it was built from, giving `snapshot` as it is now. On
+    /// `Ok(Err(Unapplied))` nothing was changed: rebuild. A policy that
+    /// does not compile is an error, as in [`PolicyEngine::new`], and
+    /// leaves the engine unchanged.
+    pub fn apply_changes(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        changes: &[&Change],
+    ) -> Result<Result<Invalidation, Unapplied>, PolicyError> {
+        let cluster_tiers = !self.cluster.policies.is_empty();
+        let applicable = self.calico.is_none()
+            && changes.iter().all(|c| {
+                c.name.is_some()
+                    && match c.kind {
+                        ChangeKind::Pod
+                        | ChangeKind::NetworkPolicy
+                        | ChangeKind::Service
+                        | ChangeKind::EndpointSlice
+                        | ChangeKind::PodOwner
+                        | ChangeKind::Workload => true,
+                        // A deleted namespace may leave the model, which
+                        // only a rebuild does.
+                        ChangeKind::Namespace => {
+                            !cluster_tiers
+                                && find(&snapshot.namespaces, c, |n| &n.metadata).is_some()
+                        }
+                        ChangeKind::Node => !cluster_tiers,
+                        ChangeKind::Other => false,
+                    }
+            });
+        if !applicable {
+            return Ok(Err(Unapplied::Rebuild));
+        }
+        // Compile the changed policies first: one the API server would
+        // refuse leaves the engine as it was.
+        let mut compiled: Vec<Option<CompiledPolicy>> = Vec::new();
+        for change in changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::NetworkPolicy)
+        {
+            let object = find(&snapshot.network_policies, change, |p| &p.metadata);
+            compiled.push(
+                object
+                    .map(|policy| {
+                        compile_policy(policy).map_err(|problem| PolicyError::InvalidPolicy {
+                            policy: Box::new(PolicyRef::of(policy)),
+                            problem: Box::new(problem),
+                        })
+                    })
+                    .transpose()?,
+            );
+        }
+        let mut compiled = compiled.into_iter();
+        let mut invalidation = Invalidation::default();
+        for change in changes {
+            let namespace = namespace_of_change(change);
+            let name = change.name.as_deref().unwrap_or_default();
+            match change.kind {
+                ChangeKind::Pod => {
+                    let pod = find(&snapshot.pods, change, |p| &p.metadata);
+                    invalidation.merge(self.apply_pod(namespace, name, pod));
+                }
+                ChangeKind::Namespace => {
+                    let object = find(&snapshot.namespaces, change, |n| &n.metadata);
+                    invalidation.merge(self.apply_namespace(name, object));
+                }
+                ChangeKind::NetworkPolicy => {
+                    let policy = compiled.next().flatten();
+                    invalidation.merge(self.apply_policy(namespace, name, policy));
+                }
+                // Services, slices, nodes (without cluster tiers) and
+                // workloads are not policy inputs.
+                _ => {}
+            }
+        }
+        Ok(Ok(invalidation))
+    }
+
+    /// The identity of (namespace, labels, host network), made when new.
+    fn intern_identity(
+        &mut self,
+        namespace: u32,
+        labels: &BTreeMap<String, String>,
+        host: bool,
+    ) -> u32 {
+        if let Some(&id) = self.identity_index.get(&(namespace, labels.clone(), host)) {
+            self.identity_pods[id as usize] += 1;
+            return id;
+        }
+        let selection = self.selection(namespace, labels, host);
+        let id = match self.free_identities.pop() {
+            Some(id) => {
+                self.identities[id as usize] = selection;
+                self.identity_pods[id as usize] = 1;
+                id
+            }
+            None => {
+                self.identities.push(selection);
+                self.identity_pods.push(1);
+                (self.identities.len() - 1) as u32
+            }
+        };
+        self.identity_index
+            .insert((namespace, labels.clone(), host), id);
+        id
+    }
+
+    /// What policies select pods of (namespace, labels, host network).
+    pub(crate) fn selection(
+        &self,
+        namespace: u32,
+        labels: &BTreeMap<String, String>,
+        host: bool,
+    ) -> SelectionIdentity {
+        let ns = &self.model.namespaces[namespace as usize];
+        let (ingress, egress) = self.selecting_policies(&ns.name, labels);
+        let (cluster_ingress, cluster_egress) = self.cluster.selecting(ns, labels, host);
+        SelectionIdentity {
+            namespace,
+            ingress,
+            egress,
+            cluster_ingress,
+            cluster_egress,
+        }
+    }
+
+    /// Brings pod `namespace/name` to `pod` (`None`: gone).
+    fn apply_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        pod: Option<&k8s_openapi::api::core::v1::Pod>,
+    ) -> Invalidation {
+        let mut invalidation = Invalidation::default();
+        let mut affected: Vec<IpAddr> = Vec::new();
+        let existing = self
+            .model
+            .pod_index
+            .get(namespace)
+            .and_then(|m| m.get(name))
+            .copied();
+        if let Some(slot) = existing {
+            // Leave the slot empty: no name, no address, no identity.
+            let old = std::mem::replace(
+                &mut self.model.pods[slot as usize],
+                PodModel {
+                    namespace: 0,
+                    name: String::new(),
+                    labels: Default::default(),
+                    ips: Vec::new(),
+                    ports: Vec::new(),
+                    host_network: true,
+                    identity: u32::MAX,
+                },
+            );
+            if let Some(names) = self.model.pod_index.get_mut(namespace) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.model.pod_index.remove(namespace);
+                }
+            }
+            if !old.host_network {
+                affected.extend(old.ips.iter().copied());
+            }
+            let id = old.identity;
+            self.identity_pods[id as usize] -= 1;
+            if self.identity_pods[id as usize] == 0 {
+                self.identity_index
+                    .remove(&(old.namespace, old.labels, old.host_network));
+                self.free_identities.push(id);
+                invalidation.identities.insert(id);
+            }
+            self.free_pods.push(slot);
+        }
+        if let Some(pod) = pod {
+            // A namespace new to the model changes what explanations say
+            // of namespace selectors.
+            invalidation.all |= !self.model.namespace_index.contains_key(namespace);
+            let ns = self.model.namespace_id(namespace);
+            let (ips, ports, _) = read_pod(pod);
+            let host_network = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let identity = self.intern_identity(ns, &labels, host_network);
+            let class = self.port_class(&ports);
+            if !host_network {
+                affected.extend(ips.iter().copied());
+            }
+            let model = PodModel {
+                namespace: ns,
+                name: name.to_owned(),
+                labels,
+                ips,
+                ports,
+                host_network,
+                identity,
+            };
+            let slot = match self.free_pods.pop() {
+                Some(slot) => {
+                    self.model.pods[slot as usize] = model;
+                    self.port_classes[slot as usize] = class;
+                    slot
+                }
+                None => {
+                    self.model.pods.push(model);
+                    self.port_classes.push(class);
+                    (self.model.pods.len() - 1) as u32
+                }
+            };
+            self.model
+                .pod_index
+                .entry(namespace.to_owned())
+                .or_default()
+                .insert(name.to_owned(), slot);
+        }
+        // An address names a pod only when exactly one pod claims it.
+        affected.sort_unstable();
+        affected.dedup();
+        if !affected.is_empty() {
+            let mut owners: Vec<(IpAddr, u32, usize)> =
+                affected.iter().map(|ip| (*ip, 0, 0)).collect();
+            let model = &self.model;
+            // Free slots (deleted pods, replaced duplicates) claim nothing.
+            let live = |slot: usize, p: &PodModel| {
+                model
+                    .pod_index
+                    .get(&model.namespaces[p.namespace as usize].name)
+                    .and_then(|m| m.get(&p.name))
+                    == Some(&(slot as u32))
+            };
+            for (slot, p) in model.pods.iter().enumerate() {
+                if p.host_network {
+                    continue;
+                }
+                for ip in &p.ips {
+                    if let Ok(i) = affected.binary_search(ip)
+                        && live(slot, p)
+                    {
+                        owners[i].1 = slot as u32;
+                        owners[i].2 += 1;
+                    }
+                }
+            }
+            for (ip, slot, count) in owners {
+                if count == 1 {
+                    self.model.ip_index.insert(ip, slot);
+                } else {
+                    self.model.ip_index.remove(&ip);
+                }
+            }
+        }
+        invalidation
+    }
+
+    /// The index of a set of container ports, made when new.
+    fn port_class(&mut self, ports: &[ContainerPortModel]) -> u32 {
+        if let Some(&class) = self.port_class_index.get(ports) {
+            return class;
+        }
+        let class = self.port_class_index.len() as u32;
+        self.port_class_index.insert(ports.to_vec(), class);
+        class
+    }
+
+    /// Namespace `name`'s labels are now `object`'s (`None`: deleted, so
+    /// only its name label).
+    fn apply_namespace(
+        &mut self,
+        name: &str,
+        object: Option<&k8s_openapi::api::core::v1::Namespace>,
+    ) -> Invalidation {
+        let id = self.model.namespace_id(name);
+        let model = object
+            .and_then(NamespaceModel::from_object)
+            .unwrap_or_else(|| NamespaceModel::implicit(name));
+        let mut invalidation = Invalidation::default();
+        if self.model.namespaces[id as usize].labels != model.labels
+            || self.model.namespaces[id as usize].defined != model.defined
+        {
+            self.model.namespaces[id as usize] = model;
+            self.reselect(id);
+            // Explanations read every namespace's labels ("matches no
+            // namespace"): every cached one may change.
+            invalidation.all = true;
+        }
+        invalidation
+    }
+
+    /// Recomputes the selections of namespace `id`'s identities.
+    fn reselect(&mut self, id: u32) {
+        let keys: Vec<(BTreeMap<String, String>, bool, u32)> = self
+            .identity_index
+            .iter()
+            .filter(|((ns, _, _), _)| *ns == id)
+            .map(|((_, labels, host), identity)| (labels.clone(), *host, *identity))
+            .collect();
+        for (labels, host, identity) in keys {
+            self.identities[identity as usize] = self.selection(id, &labels, host);
+        }
+    }
+
+    /// NetworkPolicy `namespace/name` is now `compiled` (`None`: deleted).
+    fn apply_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        compiled: Option<CompiledPolicy>,
+    ) -> Invalidation {
+        let reference = compiled
+            .as_ref()
+            .map(|c| c.reference.clone())
+            .unwrap_or_else(|| PolicyRef::network_policy(namespace, name));
+        let at = self
+            .policies
+            .binary_search_by(|p| p.reference.cmp(&reference));
+        // Indices at or after `from` move by `shift`.
+        let (from, shift): (u32, i64) = match (at, compiled) {
+            (Ok(i), Some(c)) => {
+                self.policies[i] = c;
+                (u32::MAX, 0)
+            }
+            (Ok(i), None) => {
+                self.policies.remove(i);
+                (i as u32, -1)
+            }
+            (Err(i), Some(c)) => {
+                self.policies.insert(i, c);
+                (i as u32, 1)
+            }
+            (Err(_), None) => return Invalidation::default(),
+        };
+        if shift != 0 {
+            for identity in &mut self.identities {
+                for list in [&mut identity.ingress, &mut identity.egress] {
+                    // A removed policy's own index goes with it below.
+                    list.retain(|&p| !(shift < 0 && p == from));
+                    for p in list.iter_mut().filter(|p| **p >= from) {
+                        *p = (i64::from(*p) + shift) as u32;
+                    }
+                }
+            }
+            self.policies_by_namespace.clear();
+            for (i, p) in self.policies.iter().enumerate() {
+                self.policies_by_namespace
+                    .entry(p.reference.namespace_or_empty().to_string())
+                    .or_default()
+                    .push(i as u32);
+            }
+        }
+        let mut invalidation = Invalidation::default();
+        invalidation.all |= !self
+            .model
+            .namespace_index
+            .contains_key(reference.namespace_or_empty());
+        let ns = self.model.namespace_id(reference.namespace_or_empty());
+        self.reselect(ns);
+        invalidation
+            .namespaces
+            .insert(reference.namespace_or_empty().to_owned());
+        // What verdicts are keyed by may change with the policies.
+        let ip_sensitive = (self.options.ipblock_matches_pods
+            && self.policies.iter().any(CompiledPolicy::has_ip_blocks))
+            || self.cluster.uses_addresses();
+        let named_ports_used = self.policies.iter().any(CompiledPolicy::has_named_ports)
+            || self.cluster.uses_named_ports();
+        if ip_sensitive != self.ip_sensitive || named_ports_used != self.named_ports_used {
+            self.ip_sensitive = ip_sensitive;
+            self.named_ports_used = named_ports_used;
+            invalidation.all = true;
+        }
+        invalidation
+    }
+}
+
+/// The namespace of a changed namespaced object, as the engine files it.
+fn namespace_of_change(change: &Change) -> &str {
+    if change.namespace.is_empty() {
+        "default"
+    } else {
+        &change.namespace
+    }
+}
+
+/// The object `change` names, found at its position hint or by a scan.
+fn find<'s, T>(
+    objects: &'s [T],
+    change: &Change,
+    meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<&'s T> {
+    let name = change.name.as_deref()?;
+    let is = |o: &&T| {
+        let m = meta(o);
+        m.name.as_deref() == Some(name)
+            && (change.kind == ChangeKind::Namespace
+                || m.namespace.as_deref().unwrap_or_default() == change.namespace)
+    };
+    change
+        .position
+        .and_then(|at| objects.get(at))
+        .filter(is)
+        .or_else(|| objects.iter().rev().find(is))
+}

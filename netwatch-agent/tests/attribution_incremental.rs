@@ -1,0 +1,463 @@
+//! Incremental cluster updates against full rebuilds: random sequences of
+//! watch events (pods, namespaces, services, EndpointSlices,
+//! NetworkPolicies, ReplicaSets; adds, changes, deletes, occasional
+//! re-lists) go through the API source's snapshot writer, which records
+//! them in the snapshot's change log. One [`Attribution`] applies them
+//! change by change; another sees every snapshot as new and rebuilds.
+//! After each batch both must resolve every address alike (pods,
+//! tombstones, services, readiness), and the verdicts on sampled flows,
+//! through the incremental side's verdict cache (kept warm across batches
+//! so a stale entry would show), must equal a freshly built engine's.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::runtime::watcher::Event;
+use netwatch::{
+    attribution::{Attribution, AttributionConfig},
+    cluster::{ChangeLog, ClusterSnapshot},
+    identity::kube::{ObjectEvent, SnapshotWriter},
+    policy::{EngineOptions, Peer, PolicyEngine, Protocol},
+};
+use serde_json::{Value, json};
+
+/// xorshift64*: reproducible without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+const NAMESPACES: [&str; 4] = ["a", "b", "c", "d"];
+const APPS: [&str; 4] = ["web", "api", "db", "cache"];
+const TEAMS: [&str; 3] = ["red", "blue", "green"];
+const PORTS: [u16; 4] = [80, 443, 8080, 9000];
+
+fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("valid object")
+}
+
+/// A small pool of addresses, so that they get reused and contested.
+fn pod_ip(i: usize) -> String {
+    format!("10.1.0.{}", i % 24 + 1)
+}
+
+fn service_ip(i: usize) -> String {
+    format!("10.96.0.{}", i + 1)
+}
+
+struct Cluster {
+    rng: Rng,
+    version: u64,
+    clock: u64,
+}
+
+impl Cluster {
+    fn version(&mut self) -> String {
+        self.version += 1;
+        self.version.to_string()
+    }
+
+    fn pod(&mut self, name: &str) -> Pod {
+        let rng = &mut self.rng;
+        let namespace = *rng.pick(&NAMESPACES);
+        let app = *rng.pick(&APPS);
+        let mut labels = json!({"app": app, "pod-template-hash": format!("h{}", rng.below(3))});
+        if rng.chance(50) {
+            labels["tier"] = json!(rng.pick(&["front", "back"]));
+        }
+        let phase = *rng.pick(&["Running", "Running", "Running", "Pending", "Succeeded"]);
+        let host = rng.chance(5);
+        let ip = pod_ip(rng.below(40));
+        let ready = rng.chance(70);
+        let owner = rng.chance(60).then(|| format!("{app}-rs{}", rng.below(2)));
+        self.clock += 1;
+        let created = 1_700_000_000 + self.clock;
+        let version = self.version();
+        // Same name, same namespace most of the time; a new UID when
+        // recreated.
+        let uid = format!("{namespace}-{name}-{}", self.rng.below(2));
+        let mut pod = json!({
+            "metadata": {
+                "name": name, "namespace": namespace, "uid": uid,
+                "resourceVersion": version, "labels": labels,
+                "creationTimestamp": rfc3339(created),
+            },
+            "spec": {
+                "nodeName": "node-1", "hostNetwork": host,
+                "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}],
+            },
+            "status": {
+                "phase": phase, "podIP": ip,
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            },
+        });
+        if let Some(owner) = owner {
+            pod["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner,
+                "uid": "rs", "controller": true,
+            }]);
+        }
+        from(pod)
+    }
+
+    fn namespace(&mut self, name: &str) -> Namespace {
+        let team = *self.rng.pick(&TEAMS);
+        let version = self.version();
+        from(
+            json!({"metadata": {"name": name, "labels": {"team": team}, "resourceVersion": version}}),
+        )
+    }
+
+    fn policy(&mut self, name: &str) -> NetworkPolicy {
+        let rng = &mut self.rng;
+        let namespace = *rng.pick(&NAMESPACES);
+        let selector = if rng.chance(30) {
+            json!({})
+        } else {
+            json!({"matchLabels": {"app": rng.pick(&APPS)}})
+        };
+        let peer = match rng.below(4) {
+            0 => json!({"podSelector": {"matchLabels": {"app": rng.pick(&APPS)}}}),
+            1 => json!({"namespaceSelector": {"matchLabels": {"team": rng.pick(&TEAMS)}}}),
+            2 => json!({"ipBlock": {"cidr": "10.1.0.0/28"}}),
+            _ => json!({
+                "namespaceSelector": {},
+                "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["front"]}]},
+            }),
+        };
+        let port = if rng.chance(30) {
+            json!({"port": "http"})
+        } else {
+            json!({"port": rng.pick(&PORTS)})
+        };
+        let mut spec =
+            json!({"podSelector": selector, "ingress": [{"from": [peer], "ports": [port]}]});
+        if rng.chance(40) {
+            spec["egress"] = json!([{"to": [{"podSelector": {}}]}]);
+        }
+        if rng.chance(20) {
+            spec["ingress"] = json!([]);
+        }
+        from(json!({"metadata": {"name": name, "namespace": namespace}, "spec": spec}))
+    }
+
+    fn service(&mut self, i: usize) -> Service {
+        let rng = &mut self.rng;
+        let app = *rng.pick(&APPS);
+        from(json!({
+            "metadata": {"name": format!("svc-{i}"), "namespace": "a"},
+            "spec": {
+                "clusterIP": service_ip(i),
+                "selector": {"app": app},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+            },
+        }))
+    }
+
+    fn slice(&mut self, i: usize) -> EndpointSlice {
+        let rng = &mut self.rng;
+        let service = format!("svc-{}", rng.below(4));
+        let endpoints: Vec<Value> = (0..rng.below(3))
+            .map(|_| json!({"addresses": [pod_ip(rng.below(40))], "conditions": {"ready": rng.chance(50)}}))
+            .collect();
+        from(json!({
+            "metadata": {
+                "name": format!("slice-{i}"), "namespace": "a",
+                "labels": {"kubernetes.io/service-name": service},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": endpoints,
+        }))
+    }
+
+    fn replica_set(&mut self, name: &str, namespace: &str) -> ReplicaSet {
+        let deployment = format!("deploy-{}", self.rng.below(3));
+        from(json!({
+            "metadata": {
+                "name": name, "namespace": namespace,
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment, "uid": "d", "controller": true}],
+            },
+        }))
+    }
+
+    /// One random watch event.
+    fn event(&mut self, snapshot: &ClusterSnapshot) -> ObjectEvent {
+        let delete = self.rng.chance(25);
+        match self.rng.below(10) {
+            0..=3 => {
+                let name = format!("pod-{}", self.rng.below(30));
+                if delete
+                    && let Some(p) = snapshot
+                        .pods
+                        .get(self.rng.below(snapshot.pods.len().max(1)))
+                {
+                    return ObjectEvent::Pod(Event::Delete(p.clone()));
+                }
+                ObjectEvent::Pod(Event::Apply(self.pod(&name)))
+            }
+            4 => {
+                let name = *self.rng.pick(&NAMESPACES);
+                if delete {
+                    return ObjectEvent::Namespace(Event::Delete(from(
+                        json!({"metadata": {"name": name}}),
+                    )));
+                }
+                ObjectEvent::Namespace(Event::Apply(self.namespace(name)))
+            }
+            5 => {
+                let i = self.rng.below(4);
+                if delete {
+                    let svc = self.service(i);
+                    return ObjectEvent::Service(Event::Delete(svc));
+                }
+                ObjectEvent::Service(Event::Apply(self.service(i)))
+            }
+            6 => {
+                let i = self.rng.below(6);
+                if delete {
+                    return ObjectEvent::EndpointSlice(Event::Delete(self.slice(i)));
+                }
+                ObjectEvent::EndpointSlice(Event::Apply(self.slice(i)))
+            }
+            7 | 8 => {
+                let name = format!("np-{}", self.rng.below(12));
+                let policy = self.policy(&name);
+                if delete {
+                    return ObjectEvent::NetworkPolicy(Event::Delete(policy));
+                }
+                ObjectEvent::NetworkPolicy(Event::Apply(policy))
+            }
+            _ => {
+                let app = *self.rng.pick(&APPS);
+                let name = format!("{app}-rs{}", self.rng.below(2));
+                let namespace = *self.rng.pick(&NAMESPACES);
+                let rs = self.replica_set(&name, namespace);
+                if delete {
+                    return ObjectEvent::ReplicaSet(Event::Delete(rs));
+                }
+                ObjectEvent::ReplicaSet(Event::Apply(rs))
+            }
+        }
+    }
+}
+
+fn rfc3339(secs: u64) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    k8s_openapi::jiff::Timestamp::try_from(at)
+        .expect("valid time")
+        .to_string()
+}
+
+fn attribution() -> Attribution {
+    Attribution::new(AttributionConfig {
+        node_name: "node-1".into(),
+        tombstone_grace: Duration::from_secs(30),
+        ..AttributionConfig::default()
+    })
+}
+
+/// Every address of the pools, resolved by both, at `at` and a little
+/// before (tombstones and closed tenures).
+fn assert_same_identity(inc: &Attribution, full: &Attribution, at: SystemTime, step: usize) {
+    let ips = (0..24)
+        .map(pod_ip)
+        .chain((0..5).map(service_ip))
+        .chain(["192.0.2.1".to_string()]);
+    for ip in ips {
+        let ip: IpAddr = ip.parse().unwrap();
+        for when in [
+            at,
+            at - Duration::from_secs(7),
+            at - Duration::from_secs(40),
+        ] {
+            for port in [None, Some(80), Some(8080)] {
+                assert_eq!(
+                    format!("{:?}", inc.identity().resolve(ip, port, when)),
+                    format!("{:?}", full.identity().resolve(ip, port, when)),
+                    "step {step}: {ip}:{port:?} resolves differently"
+                );
+            }
+            assert_eq!(
+                inc.identity().service_readiness(ip, 80, 6),
+                full.identity().service_readiness(ip, 80, 6),
+                "step {step}: readiness of {ip}"
+            );
+        }
+    }
+    for ns in NAMESPACES {
+        assert_eq!(
+            inc.identity().namespace_labels(ns),
+            full.identity().namespace_labels(ns),
+            "step {step}: labels of namespace {ns}"
+        );
+        let mut a: Vec<String> = inc
+            .identity()
+            .pods_in(ns)
+            .map(|p| format!("{p:?}"))
+            .collect();
+        let mut b: Vec<String> = full
+            .identity()
+            .pods_in(ns)
+            .map(|p| format!("{p:?}"))
+            .collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "step {step}: pods of namespace {ns}");
+    }
+}
+
+/// Sampled flows between pods, addresses and hypothetical pods.
+fn assert_same_verdicts(inc: &Attribution, snapshot: &ClusterSnapshot, rng: &mut Rng, step: usize) {
+    let Ok(fresh) = PolicyEngine::new(snapshot, EngineOptions::default()) else {
+        return;
+    };
+    let mut peers: Vec<Peer> = snapshot
+        .pods
+        .iter()
+        .map(|p| Peer::Pod {
+            namespace: p.metadata.namespace.clone().unwrap(),
+            name: p.metadata.name.clone().unwrap(),
+        })
+        .collect();
+    peers.extend((0..24).map(|i| Peer::Ip(pod_ip(i).parse().unwrap())));
+    peers.push(Peer::Ip("192.0.2.1".parse().unwrap()));
+    peers.push(Peer::Hypothetical {
+        namespace: "b".into(),
+        labels: [("app".to_string(), "web".to_string())].into(),
+    });
+    for _ in 0..150 {
+        let from = rng.pick(&peers).clone();
+        let to = rng.pick(&peers).clone();
+        let port = *rng.pick(&PORTS);
+        let got = inc
+            .verdict(&from, &to, None, port, Protocol::Tcp)
+            .expect("an engine");
+        let want = fresh.evaluate(&from, &to, port, Protocol::Tcp);
+        if got != want {
+            let (a, b) = (format!("{got:#?}"), format!("{want:#?}"));
+            let at = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+            let start = at.saturating_sub(600);
+            panic!(
+                "step {step}: {from} -> {to}:{port} differs:\nincremental: ...{}\nrebuilt: ...{}",
+                &a[start..(at + 300).min(a.len())],
+                &b[start..(at + 300).min(b.len())]
+            );
+        }
+        assert_eq!(got.sentence(), want.sentence());
+    }
+}
+
+fn run(seed: u64, steps: usize) -> (usize, usize) {
+    let mut cluster = Cluster {
+        rng: Rng(seed),
+        version: 0,
+        clock: 0,
+    };
+    let mut check_rng = Rng(seed ^ 0x9e37_79b9);
+    let mut writer = SnapshotWriter::default();
+    let mut snapshot = ClusterSnapshot::default();
+    // The initial lists: a re-list of every kind read here.
+    let mut initial: Vec<ObjectEvent> = Vec::new();
+    macro_rules! list {
+        ($kind:ident, $objects:expr) => {{
+            initial.push(ObjectEvent::$kind(Event::Init));
+            for o in $objects {
+                initial.push(ObjectEvent::$kind(Event::InitApply(o)));
+            }
+            initial.push(ObjectEvent::$kind(Event::InitDone));
+        }};
+    }
+    let namespaces: Vec<Namespace> = NAMESPACES.iter().map(|n| cluster.namespace(n)).collect();
+    list!(Namespace, namespaces);
+    let pods: Vec<Pod> = (0..20).map(|i| cluster.pod(&format!("pod-{i}"))).collect();
+    list!(Pod, pods);
+    let policies: Vec<NetworkPolicy> = (0..8).map(|i| cluster.policy(&format!("np-{i}"))).collect();
+    list!(NetworkPolicy, policies);
+    let services: Vec<Service> = (0..3).map(|i| cluster.service(i)).collect();
+    list!(Service, services);
+    let slices: Vec<EndpointSlice> = (0..3).map(|i| cluster.slice(i)).collect();
+    list!(EndpointSlice, slices);
+    for event in initial {
+        writer.apply(event, || &mut snapshot);
+    }
+
+    let mut inc = attribution();
+    let mut full = attribution();
+    let mut now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+    let mut applied = 0;
+    for step in 0..steps {
+        if step > 0 {
+            for _ in 0..1 + cluster.rng.below(4) {
+                if cluster.rng.chance(2) {
+                    // A re-list of pods: the incremental side rebuilds.
+                    let pods = snapshot.pods.clone();
+                    writer.apply(ObjectEvent::Pod(Event::Init), || &mut snapshot);
+                    for pod in pods {
+                        writer.apply(ObjectEvent::Pod(Event::InitApply(pod)), || &mut snapshot);
+                    }
+                    writer.apply(ObjectEvent::Pod(Event::InitDone), || &mut snapshot);
+                } else {
+                    let event = cluster.event(&snapshot);
+                    writer.apply(event, || &mut snapshot);
+                }
+            }
+        }
+        now += Duration::from_secs(1 + cluster.rng.below(10) as u64);
+        let shared = Arc::new(snapshot.clone());
+        inc.update(&shared, true, now);
+        // The same objects under a new log: a rebuild.
+        let rebuilt = ClusterSnapshot {
+            changes: ChangeLog::default(),
+            ..snapshot.clone()
+        };
+        full.update(&rebuilt, true, now);
+        applied += 1;
+        assert_same_identity(&inc, &full, now, step);
+        assert_same_verdicts(&inc, &snapshot, &mut check_rng, step);
+    }
+    let counts = inc.update_counts();
+    assert_eq!(counts.incremental + counts.rebuilds, applied as u64);
+    // Re-lists, deleted namespaces and the first snapshot rebuild; most
+    // batches must not.
+    assert!(
+        counts.incremental * 10 >= applied as u64 * 6,
+        "seed {seed}: only {} of {applied} updates were incremental",
+        counts.incremental
+    );
+    assert_eq!(full.update_counts().incremental, 0);
+    (applied, snapshot.changes.revision() as usize)
+}
+
+#[test]
+fn incremental_updates_equal_full_rebuilds_over_random_change_sequences() {
+    for seed in 1..=10u64 {
+        let (steps, changes) = run(seed * 7919, 100);
+        assert!(
+            steps == 100 && changes > 100,
+            "seed {seed}: too few changes ({changes})"
+        );
+    }
+}
