@@ -49,7 +49,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-fn cargo_build_release() -> Result<PathBuf> {
+pub(crate) fn cargo_build_release() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if !Command::new(cargo)
         .args([
@@ -65,7 +65,7 @@ fn cargo_build_release() -> Result<PathBuf> {
     {
         bail!("building the agent failed");
     }
-Ok(crate::binaries::target_dir()?.join("release/netwatch-agent"))
+    Ok(crate::binaries::target_dir()?.join("release/netwatch-agent"))
 }
 
 /// Two pods on one node, for iperf3.
