@@ -204,12 +204,13 @@ fn measure(agent: &Path, source_args: &[String], ready_line: &str) -> Result<(u6
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Settled: unchanged over 3 s (the first snapshot is applied after the
-    // ready line in API mode, and the metrics learn the pods).
+    // Settled: unchanged over 8 s (the first snapshot is applied after the
+    // ready line in API mode, and the metrics learn the pods; the daemon
+    // hands freed memory back at most every 5 s).
     let mut last = rss(pid).context("agent gone")?;
     let mut stable_since = Instant::now();
     let mut loaded = started.elapsed().as_secs_f64();
-    while stable_since.elapsed() < Duration::from_secs(3) {
+    while stable_since.elapsed() < Duration::from_secs(8) {
         std::thread::sleep(Duration::from_millis(250));
         let now = rss(pid).context("agent gone")?;
         if now.0.abs_diff(last.0) > 256 {
