@@ -193,6 +193,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut last_expire = Instant::now();
     let started = Instant::now();
     let mut warned_no_interface = false;
+    // Memory freed by snapshot updates is handed back at most every few
+    // seconds (a rollout applies many updates a second).
+    let mut trim_due = false;
+    let mut last_trim = Instant::now();
     match feed.as_mut() {
         None => warn!(
             "no identity source (--manifests or --kubeconfig, or run in a pod): flows are reported by address only"
@@ -203,6 +207,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             let complete = *f.ready.borrow_and_update();
             attribution.update(&snapshot, complete, SystemTime::now());
             outputs.cluster_pods(&snapshot);
+            f.release(&snapshot);
+            drop(snapshot);
+            release_freed_memory();
         }
     }
 
@@ -310,6 +317,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                         let complete = *f.ready.borrow_and_update();
                         attribution.update(&snapshot, complete, SystemTime::now());
                         outputs.cluster_pods(&snapshot);
+                        f.release(&snapshot);
+                        trim_due = true;
                         if attribution.is_synced() {
                             release(&mut waiting, &mut attribution, &tables, &mut outputs);
                             outputs.set_ready(true);
@@ -350,6 +359,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 // gauges (a failing kind's age grows, so every tick).
                 if let Some(status) = feed.as_ref().and_then(|f| f.api_status.as_ref()) {
                     outputs.api_status(&status.borrow());
+                }
+                if trim_due && last_trim.elapsed() > Duration::from_secs(5) {
+                    release_freed_memory();
+                    trim_due = false;
+                    last_trim = Instant::now();
                 }
                 if last_expire.elapsed() > Duration::from_secs(5) {
                     attribution.expire(now);
@@ -427,6 +441,19 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Dropping the loaded object detaches every program and link.
     drop(capture);
     Ok(())
+}
+
+/// Hands memory the allocator holds free back to the kernel. A snapshot's
+/// load frees far more than it keeps (file text, parse trees, the previous
+/// snapshot, lists as the API sent them), and glibc keeps freed memory
+/// mapped in each thread's arena: without this the agent's RSS stays at
+/// the load's peak.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Where a batch of kernel events goes: the assembler, then attribution and

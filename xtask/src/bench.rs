@@ -49,7 +49,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-fn cargo_build_release() -> Result<PathBuf> {
+pub(crate) fn cargo_build_release() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if !Command::new(cargo)
         .args([

@@ -14,6 +14,7 @@ mod binaries;
 mod demo;
 mod deploy;
 mod fuzz;
+mod memory;
 mod setup;
 mod soak;
 mod test;
@@ -79,6 +80,14 @@ enum Task {
         /// takes with zero loss, and its CPU.
         #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only", "programs"])]
         flood: bool,
+        /// Only the memory benchmark: the release agent's RSS with clusters
+        /// of these many pods (policies in proportion), from --manifests
+        /// and from an API server.
+        #[arg(long, conflicts_with_all = ["datapath_only", "criterion_only", "programs", "flood"])]
+        memory: bool,
+        /// Cluster sizes for --memory, in pods.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+        pods: Vec<usize>,
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
@@ -204,6 +213,9 @@ fn main() -> Result<()> {
             )
         }
         Task::Bench {
+            memory: true, pods, ..
+        } => memory::memory(&pods, true),
+        Task::Bench {
             seconds,
             flood: true,
             ..
@@ -227,6 +239,7 @@ fn main() -> Result<()> {
             criterion_only,
             programs: false,
             flood: false,
+            ..
         } => bench::bench(&bench::BenchOptions {
             runs,
             seconds,

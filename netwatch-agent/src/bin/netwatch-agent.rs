@@ -178,6 +178,15 @@ fn secs(v: f64, flag: &str) -> anyhow::Result<Duration> {
 }
 
 fn main() -> ExitCode {
+    // glibc gives each thread that allocates its own arena (up to 8 per
+    // core), each holding freed memory of its own; the agent's allocations
+    // are few but large (cluster snapshots built on blocking threads), so
+    // two arenas keep RSS close to the live heap at no measurable cost.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: before any thread exists; mallopt only sets a tunable.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let args = Args::parse();
     // kube's client logs an ERROR per failed request, without the kind;
     // the agent logs each kind's failure once, and its recovery. A filter

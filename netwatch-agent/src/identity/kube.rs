@@ -533,11 +533,7 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
     };
     let node = config.node_name.clone();
     let mut tasks = vec![
-        watch_kind(client.clone(), &ctx, |ns: &mut Namespace| {
-            strip_meta(&mut ns.metadata);
-            ns.spec = None;
-            ns.status = None;
-        }),
+        watch_kind(client.clone(), &ctx, strip_namespace),
         watch_kind(client.clone(), &ctx, move |pod: &mut Pod| {
             strip_pod(pod, node.as_deref())
         }),
@@ -547,55 +543,12 @@ pub fn watch_cluster(client: Client, config: KubeWatchConfig) -> KubeSnapshots {
         watch_kind(client.clone(), &ctx, strip_service),
         watch_kind(client.clone(), &ctx, strip_endpoint_slice),
         watch_kind(client.clone(), &ctx, strip_node),
-        watch_kind(client.clone(), &ctx, |d: &mut Deployment| {
-            strip_meta(&mut d.metadata);
-            d.spec = d.spec.take().map(|s| DeploymentSpec {
-                selector: s.selector,
-                ..DeploymentSpec::default()
-            });
-            d.status = None;
-        }),
-        watch_kind(client.clone(), &ctx, |r: &mut ReplicaSet| {
-            strip_meta(&mut r.metadata);
-            r.spec = r.spec.take().map(|s| ReplicaSetSpec {
-                selector: s.selector,
-                ..ReplicaSetSpec::default()
-            });
-            r.status = None;
-        }),
-        watch_kind(client.clone(), &ctx, |s: &mut StatefulSet| {
-            strip_meta(&mut s.metadata);
-            s.spec = s.spec.take().map(|s| StatefulSetSpec {
-                selector: s.selector,
-                service_name: s.service_name,
-                ..StatefulSetSpec::default()
-            });
-            s.status = None;
-        }),
-        watch_kind(client.clone(), &ctx, |d: &mut DaemonSet| {
-            strip_meta(&mut d.metadata);
-            d.spec = d.spec.take().map(|s| DaemonSetSpec {
-                selector: s.selector,
-                ..DaemonSetSpec::default()
-            });
-            d.status = None;
-        }),
-        watch_kind(client.clone(), &ctx, |j: &mut Job| {
-            strip_meta(&mut j.metadata);
-            j.spec = j.spec.take().map(|s| JobSpec {
-                selector: s.selector,
-                ..JobSpec::default()
-            });
-            j.status = None;
-        }),
-        watch_kind(client.clone(), &ctx, |c: &mut CronJob| {
-            strip_meta(&mut c.metadata);
-            c.spec = c.spec.take().map(|s| CronJobSpec {
-                schedule: s.schedule,
-                ..CronJobSpec::default()
-            });
-            c.status = None;
-        }),
+        watch_kind(client.clone(), &ctx, strip_deployment),
+        watch_kind(client.clone(), &ctx, strip_replica_set),
+        watch_kind(client.clone(), &ctx, strip_stateful_set),
+        watch_kind(client.clone(), &ctx, strip_daemon_set),
+        watch_kind(client.clone(), &ctx, strip_job),
+        watch_kind(client.clone(), &ctx, strip_cron_job),
         // The cluster policies are CRDs a cluster may not have installed.
         watch_optional_kind(client.clone(), &ctx, |p: &mut ClusterNetworkPolicy| {
             strip_meta(&mut p.metadata);
@@ -1389,6 +1342,122 @@ pub fn strip_pod(pod: &mut Pod, local_node: Option<&str>) {
             }),
         ..PodStatus::default()
     });
+}
+
+/// Keeps a namespace's name and labels.
+fn strip_namespace(ns: &mut Namespace) {
+    strip_meta(&mut ns.metadata);
+    ns.spec = None;
+    ns.status = None;
+}
+
+fn strip_deployment(d: &mut Deployment) {
+    strip_meta(&mut d.metadata);
+    d.spec = d.spec.take().map(|s| DeploymentSpec {
+        selector: s.selector,
+        ..DeploymentSpec::default()
+    });
+    d.status = None;
+}
+
+fn strip_replica_set(r: &mut ReplicaSet) {
+    strip_meta(&mut r.metadata);
+    r.spec = r.spec.take().map(|s| ReplicaSetSpec {
+        selector: s.selector,
+        ..ReplicaSetSpec::default()
+    });
+    r.status = None;
+}
+
+fn strip_stateful_set(s: &mut StatefulSet) {
+    strip_meta(&mut s.metadata);
+    s.spec = s.spec.take().map(|s| StatefulSetSpec {
+        selector: s.selector,
+        service_name: s.service_name,
+        ..StatefulSetSpec::default()
+    });
+    s.status = None;
+}
+
+fn strip_daemon_set(d: &mut DaemonSet) {
+    strip_meta(&mut d.metadata);
+    d.spec = d.spec.take().map(|s| DaemonSetSpec {
+        selector: s.selector,
+        ..DaemonSetSpec::default()
+    });
+    d.status = None;
+}
+
+fn strip_job(j: &mut Job) {
+    strip_meta(&mut j.metadata);
+    j.spec = j.spec.take().map(|s| JobSpec {
+        selector: s.selector,
+        ..JobSpec::default()
+    });
+    j.status = None;
+}
+
+fn strip_cron_job(c: &mut CronJob) {
+    strip_meta(&mut c.metadata);
+    c.spec = c.spec.take().map(|s| CronJobSpec {
+        schedule: s.schedule,
+        ..CronJobSpec::default()
+    });
+    c.status = None;
+}
+
+/// The watchers' stripping applied to a whole snapshot (the manifests
+/// source: the agent keeps what it reads, not the files' full objects).
+/// Container statuses are kept for every pod: manifests carry them only
+/// when their author wants containers named.
+pub fn strip_snapshot(s: &mut ClusterSnapshot) {
+    s.namespaces.iter_mut().for_each(strip_namespace);
+    for pod in &mut s.pods {
+        let statuses = pod
+            .status
+            .as_mut()
+            .and_then(|st| st.container_statuses.take());
+        strip_pod(pod, None);
+        if let Some(status) = pod.status.as_mut() {
+            status.container_statuses = statuses.map(|statuses| {
+                statuses
+                    .into_iter()
+                    .map(|s| ContainerStatus {
+                        name: s.name,
+                        container_id: s.container_id,
+                        ready: s.ready,
+                        ..ContainerStatus::default()
+                    })
+                    .collect()
+            });
+        }
+    }
+    for np in &mut s.network_policies {
+        strip_meta(&mut np.metadata);
+    }
+    s.services.iter_mut().for_each(strip_service);
+    s.endpoint_slices.iter_mut().for_each(strip_endpoint_slice);
+    s.nodes.iter_mut().for_each(strip_node);
+    s.deployments.iter_mut().for_each(strip_deployment);
+    s.replica_sets.iter_mut().for_each(strip_replica_set);
+    s.stateful_sets.iter_mut().for_each(strip_stateful_set);
+    s.daemon_sets.iter_mut().for_each(strip_daemon_set);
+    s.jobs.iter_mut().for_each(strip_job);
+    s.cron_jobs.iter_mut().for_each(strip_cron_job);
+    for p in &mut s.cluster_network_policies {
+        strip_meta(&mut p.metadata);
+        p.status = None;
+    }
+    for p in &mut s.admin_network_policies {
+        strip_meta(&mut p.metadata);
+        p.status = None;
+    }
+    for p in &mut s.baseline_admin_network_policies {
+        strip_meta(&mut p.metadata);
+        p.status = None;
+    }
+    s.pods.shrink_to_fit();
+    s.network_policies.shrink_to_fit();
 }
 
 /// Keeps cluster IPs, ports, selector and type.

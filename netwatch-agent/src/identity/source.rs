@@ -69,12 +69,14 @@ impl SnapshotSource {
                 let snapshot = load_blocking(paths.clone()).await?;
                 let (snapshot_tx, snapshots) = watch::channel(Arc::new(snapshot));
                 let (_ready_tx, ready) = watch::channel(true);
+                let source_copy = Some(snapshot_tx.clone());
                 let task = tokio::spawn(reload_on_change(paths, poll, stamp, snapshot_tx));
                 Ok(SnapshotFeed {
                     snapshots,
                     ready,
                     api_status: None,
                     tasks: vec![task],
+                    source_copy,
                 })
             }
             SnapshotSource::Kube { client, config } => {
@@ -84,6 +86,7 @@ impl SnapshotSource {
                     ready,
                     api_status: Some(status),
                     tasks,
+                    source_copy: None,
                 })
             }
         }
@@ -103,6 +106,28 @@ pub struct SnapshotFeed {
     /// manifests, which are always current).
     pub api_status: Option<watch::Receiver<super::kube::ApiStatus>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The manifests source's handle on the channel's value, to drop it
+    /// once applied (the API source needs its copy: it applies watch
+    /// events to it).
+    source_copy: Option<watch::Sender<Arc<ClusterSnapshot>>>,
+}
+
+impl SnapshotFeed {
+    /// The consumer has built what it needs from `applied` (the latest
+    /// snapshot): a manifests feed stops holding it, so it is freed when the
+    /// consumer drops it (one copy of the cluster in memory, the consumer's
+    /// own). Silent: receivers are not woken. A newer snapshot, sent since,
+    /// is kept.
+    pub fn release(&self, applied: &Arc<ClusterSnapshot>) {
+        if let Some(tx) = &self.source_copy {
+            tx.send_if_modified(|latest| {
+                if Arc::ptr_eq(latest, applied) {
+                    *latest = Arc::default();
+                }
+                false
+            });
+        }
+    }
 }
 
 impl Drop for SnapshotFeed {
@@ -158,7 +183,14 @@ async fn stamp_blocking(paths: Vec<PathBuf>) -> Stamp {
 }
 
 async fn load_blocking(paths: Vec<PathBuf>) -> Result<ClusterSnapshot, SourceError> {
-    match tokio::task::spawn_blocking(move || manifests::load(&paths)).await {
+    // Stripped as the API source strips: the agent keeps what it reads.
+    let load = move || {
+        manifests::load(&paths).map(|mut snapshot| {
+            super::kube::strip_snapshot(&mut snapshot);
+            snapshot
+        })
+    };
+    match tokio::task::spawn_blocking(load).await {
         Ok(result) => Ok(result?),
         // The loader panicked: a bug, but not one to take the agent down.
         Err(join) => Err(SourceError::Loader(join.to_string())),
