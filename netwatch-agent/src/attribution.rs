@@ -16,10 +16,10 @@
 //! the policies deny means the CNI does not enforce them for that pair.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::{Duration, SystemTime},
 };
 
@@ -27,14 +27,15 @@ use tracing::{debug, warn};
 
 use crate::{
     cluster::{Change, ClusterSnapshot, LogPosition},
-    flow::record::{FlowRecord, L4, StagedWhatIf, Verdict},
+    flow::record::{FlowRecord, L4, PolicyRef, StagedWhatIf, Verdict},
     identity::{
         CgroupIndex, Endpoint, IdentityCache, IdentityConfig, IpResolution, PodIdentity,
-        ServiceReadiness,
+        ServiceReadiness, Workload,
     },
     policy::{
         self, EngineOptions, FlowVerdict, Peer, PolicyEngine, Protocol, VerdictCache, VerdictKey,
     },
+    record::shared::{SharedList, SharedStr},
 };
 
 /// How attribution is set up.
@@ -66,6 +67,99 @@ impl Default for AttributionConfig {
 pub const NOT_EXPLAINED: &str =
     "not explained by NetworkPolicy: look at the CNI, host firewall or cloud security groups";
 
+static NOT_EXPLAINED_TEXT: LazyLock<SharedStr> = LazyLock::new(|| NOT_EXPLAINED.into());
+static LOST_ELSEWHERE: LazyLock<SharedStr> = LazyLock::new(|| {
+    "NetworkPolicy allows this flow: the packets were lost elsewhere (another node's \
+     firewall, a route, or the peer is down)"
+        .into()
+});
+
+/// Past this many entries a per-record cache starts over (a bound on
+/// memory; entries are cheap to rebuild).
+const RECORD_CACHE_ENTRIES: usize = 16_384;
+
+/// A pod's endpoint parts (namespace, labels, name, workloads, node, UID),
+/// built once and shared by every record that names the pod. An entry is
+/// used only while the pod still has what it was built from.
+#[derive(Default)]
+struct PodEndpoints {
+    by_pod: hashbrown::HashMap<(String, String), PodEndpoint>,
+}
+
+struct PodEndpoint {
+    uid: String,
+    identity: u32,
+    labels: BTreeMap<String, String>,
+    workload: Option<Workload>,
+    node_name: Option<String>,
+    /// The endpoint without address and port.
+    shared: Endpoint,
+}
+
+impl PodEndpoint {
+    fn built_from(&self, pod: &PodIdentity) -> bool {
+        self.identity == pod.identity
+            && self.uid == pod.uid
+            && self.labels == pod.labels
+            && self.workload == pod.workload
+            && self.node_name == pod.node_name
+    }
+}
+
+/// A pod as (namespace, name), borrowed; hashes as the owned pair does.
+#[derive(Hash)]
+struct PodName<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for PodName<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        key.0 == self.0 && key.1 == self.1
+    }
+}
+
+impl PodEndpoints {
+    fn endpoint(&mut self, pod: &PodIdentity, ip: Option<IpAddr>, port: Option<u16>) -> Endpoint {
+        let name = PodName(&pod.namespace, &pod.name);
+        let shared = match self.by_pod.get(&name) {
+            Some(e) if e.built_from(pod) => e.shared.clone(),
+            _ => {
+                if self.by_pod.len() >= RECORD_CACHE_ENTRIES {
+                    self.by_pod.clear();
+                }
+                let shared = pod.endpoint(None, None);
+                self.by_pod.insert(
+                    (pod.namespace.clone(), pod.name.clone()),
+                    PodEndpoint {
+                        uid: pod.uid.clone(),
+                        identity: pod.identity,
+                        labels: pod.labels.clone(),
+                        workload: pod.workload.clone(),
+                        node_name: pod.node_name.clone(),
+                        shared: shared.clone(),
+                    },
+                );
+                shared
+            }
+        };
+        Endpoint { ip, port, ..shared }
+    }
+}
+
+/// What a policy verdict writes into a record, shared by the records of
+/// one pair of peers (and port, protocol, and source port where rules name
+/// source ports): the sentence and near misses are written once.
+struct AppliedVerdict {
+    staged: Option<StagedWhatIf>,
+    egress_allowed_by: SharedList<PolicyRef>,
+    ingress_allowed_by: SharedList<PolicyRef>,
+    egress_denied_by: SharedList<PolicyRef>,
+    ingress_denied_by: SharedList<PolicyRef>,
+    near_misses: SharedList<String>,
+    /// When the policies deny: the sentence, and the side that drops.
+    denied: Option<(SharedStr, &'static str)>,
+}
+
+type AppliedKey = (Peer, Peer, Option<u16>, u16, Protocol);
+
 /// Identity and policy state of the agent.
 pub struct Attribution {
     config: AttributionConfig,
@@ -81,6 +175,12 @@ pub struct Attribution {
     /// Where in the snapshots' change log the state is.
     applied: Option<LogPosition>,
     updates: UpdateCounts,
+    pod_endpoints: PodEndpoints,
+    /// Verdicts as written into records, by peers (see [`AppliedVerdict`]);
+    /// emptied on every cluster update (the engine may change in place).
+    applied_verdicts: HashMap<AppliedKey, Arc<AppliedVerdict>>,
+    /// The engine generation `applied_verdicts` was filled with.
+    applied_generation: u64,
 }
 
 /// How snapshots were taken in: change by change, or by a rebuild.
@@ -109,6 +209,9 @@ impl Attribution {
             policy_error: None,
             applied: None,
             updates: UpdateCounts::default(),
+            pod_endpoints: PodEndpoints::default(),
+            applied_verdicts: HashMap::new(),
+            applied_generation: 0,
         }
     }
 
@@ -126,6 +229,9 @@ impl Attribution {
     pub fn update(&mut self, snapshot: &ClusterSnapshot, complete: bool, now: SystemTime) {
         let changes = self.applied.and_then(|at| snapshot.changes.since(at));
         self.applied = Some(snapshot.changes.position());
+        // An in-place change keeps the engine's generation: what records
+        // were given by peers must be judged again.
+        self.applied_verdicts.clear();
         if changes.is_some_and(|changes| self.apply_changes(snapshot, &changes, now)) {
             self.updates.incremental += 1;
         } else {
@@ -235,7 +341,7 @@ impl Attribution {
         if let Some(s) = &service {
             r.destination.service = Some(s.service.clone());
             if r.destination.namespace.is_empty() {
-                r.destination.namespace = s.service.namespace.clone();
+                r.destination.namespace = s.service.namespace.as_str().into();
             }
         }
 
@@ -247,7 +353,7 @@ impl Attribution {
                 .identity
                 .service_readiness(addressed.0, port, ip_protocol(proto))
         {
-            r.explanation = Some(readiness.to_string());
+            r.explanation = Some(readiness.to_string().into());
             return;
         }
 
@@ -264,10 +370,27 @@ impl Attribution {
         }
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), src_ip, at);
         let to = self.peer(&engine, &r.destination, None, dst_ip, at);
-        let verdict = self
-            .verdicts
-            .evaluate(&engine, &from, &to, sport, port, proto);
-        apply_verdict(r, &verdict);
+        if self.applied_generation != engine.generation() {
+            self.applied_verdicts.clear();
+            self.applied_generation = engine.generation();
+        }
+        let key = (from, to, engine.source_port_key(sport), port, proto);
+        let applied = match self.applied_verdicts.get(&key) {
+            Some(a) => a.clone(),
+            None => {
+                let (from, to, ..) = &key;
+                let verdict = self
+                    .verdicts
+                    .evaluate(&engine, from, to, sport, port, proto);
+                let applied = Arc::new(AppliedVerdict::new(&verdict));
+                if self.applied_verdicts.len() >= RECORD_CACHE_ENTRIES {
+                    self.applied_verdicts.clear();
+                }
+                self.applied_verdicts.insert(key, applied.clone());
+                applied
+            }
+        };
+        applied.write(r);
     }
 
     /// A completed handshake (`r` from the assembler's one-shot record):
@@ -308,9 +431,9 @@ impl Attribution {
             return None;
         }
         self.not_enforced_seen.insert(key, now);
-        apply_verdict(&mut r, &verdict);
+        AppliedVerdict::new(&verdict).write(&mut r);
         r.verdict = Verdict::PolicyNotEnforced;
-        r.explanation = Some(format!(
+        r.explanation = Some(SharedStr::from(format!(
             "{}; yet the connection was established: the CNI does not enforce NetworkPolicy for this \
              pair{}",
             verdict.sentence(),
@@ -319,7 +442,7 @@ impl Attribution {
             } else {
                 ""
             }
-        ));
+        )));
         Some(r)
     }
 
@@ -329,13 +452,21 @@ impl Attribution {
         let at: SystemTime = r.first_seen.into();
         let client_pod = r.cgroup_id.and_then(|id| self.pod_for_cgroup(id));
         r.source = match &client_pod {
-            Some(pod) => pod.endpoint(Some(r.ip.source), r.source.port),
-            None => self.identity.endpoint(r.ip.source, r.source.port, at),
+            Some(pod) => self
+                .pod_endpoints
+                .endpoint(pod, Some(r.ip.source), r.source.port),
+            None => self.endpoint(r.ip.source, r.source.port, at),
         };
-        r.destination = self
-            .identity
-            .endpoint(r.ip.destination, r.destination.port, at);
+        r.destination = self.endpoint(r.ip.destination, r.destination.port, at);
         client_pod
+    }
+
+    /// The endpoint at `ip` at `at`; a pod's parts are shared.
+    fn endpoint(&mut self, ip: IpAddr, port: Option<u16>, at: SystemTime) -> Endpoint {
+        match self.identity.resolve(ip, port, at) {
+            IpResolution::Pod(pod) => self.pod_endpoints.endpoint(pod, Some(ip), port),
+            other => other.to_endpoint(ip, port),
+        }
     }
 
     /// The pod whose container owns a cgroup.
@@ -369,8 +500,8 @@ impl Attribution {
             return Peer::Ip(ip);
         }
         let pod = Peer::Pod {
-            namespace: endpoint.namespace.clone(),
-            name: endpoint.pod_name.clone(),
+            namespace: endpoint.namespace.to_string(),
+            name: endpoint.pod_name.to_string(),
         };
         if engine.check_peer(&pod).is_ok() {
             return pod;
@@ -435,44 +566,59 @@ fn source_port(r: &FlowRecord) -> Option<u16> {
     r.source.port.filter(|_| r.aggregate.is_none())
 }
 
-fn apply_verdict(r: &mut FlowRecord, v: &FlowVerdict) {
-    r.staged = v
-        .staged
-        .as_deref()
-        .and_then(|staged| staged_what_if(&v.decision, staged));
-    r.egress_allowed_by = v.egress.allowed_by.clone();
-    r.ingress_allowed_by = v.ingress.allowed_by.clone();
-    r.egress_denied_by = v.egress.denied_by.clone();
-    r.ingress_denied_by = v.ingress.denied_by.clone();
-    r.near_misses = v
-        .egress
-        .near_misses
-        .iter()
-        .map(|m| format!("egress: {m}"))
-        .chain(
-            v.ingress
+impl AppliedVerdict {
+    fn new(v: &FlowVerdict) -> AppliedVerdict {
+        let denied = (v.verdict == policy::PolicyVerdict::Denied).then(|| {
+            // The side whose policy stops the packet: a CNI checks the
+            // source's egress before the destination's ingress, so when
+            // both deny the drop happens at egress.
+            let side = if v.egress.verdict == policy::PolicyVerdict::Denied {
+                "EGRESS"
+            } else {
+                "INGRESS"
+            };
+            (SharedStr::from(v.sentence()), side)
+        });
+        AppliedVerdict {
+            staged: v
+                .staged
+                .as_deref()
+                .and_then(|staged| staged_what_if(&v.decision, staged)),
+            egress_allowed_by: v.egress.allowed_by.clone().into(),
+            ingress_allowed_by: v.ingress.allowed_by.clone().into(),
+            egress_denied_by: v.egress.denied_by.clone().into(),
+            ingress_denied_by: v.ingress.denied_by.clone().into(),
+            near_misses: v
+                .egress
                 .near_misses
                 .iter()
-                .map(|m| format!("ingress: {m}")),
-        )
-        .collect();
-    if v.verdict == policy::PolicyVerdict::Denied {
-        r.explanation = Some(v.sentence());
-        // The side whose policy stops the packet: a CNI checks the source's
-        // egress before the destination's ingress, so when both deny the
-        // drop happens at egress.
-        if v.egress.verdict == policy::PolicyVerdict::Denied {
-            r.traffic_direction = "EGRESS".into();
-        } else {
-            r.traffic_direction = "INGRESS".into();
+                .map(|m| format!("egress: {m}"))
+                .chain(
+                    v.ingress
+                        .near_misses
+                        .iter()
+                        .map(|m| format!("ingress: {m}")),
+                )
+                .collect(),
+            denied,
         }
-    } else if r.verdict == Verdict::Dropped {
-        r.explanation = Some(NOT_EXPLAINED.into());
-    } else if r.verdict == Verdict::TimedOut {
-        r.explanation = Some(
-            "NetworkPolicy allows this flow: the packets were lost elsewhere (another node's \
-             firewall, a route, or the peer is down)"
-                .into(),
-        );
+    }
+
+    /// Write the verdict into a record.
+    fn write(&self, r: &mut FlowRecord) {
+        r.staged = self.staged.clone();
+        r.egress_allowed_by = self.egress_allowed_by.clone();
+        r.ingress_allowed_by = self.ingress_allowed_by.clone();
+        r.egress_denied_by = self.egress_denied_by.clone();
+        r.ingress_denied_by = self.ingress_denied_by.clone();
+        r.near_misses = self.near_misses.clone();
+        if let Some((sentence, side)) = &self.denied {
+            r.explanation = Some(sentence.clone());
+            r.traffic_direction = (*side).into();
+        } else if r.verdict == Verdict::Dropped {
+            r.explanation = Some(NOT_EXPLAINED_TEXT.clone());
+        } else if r.verdict == Verdict::TimedOut {
+            r.explanation = Some(LOST_ELSEWHERE.clone());
+        }
     }
 }

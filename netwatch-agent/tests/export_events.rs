@@ -156,8 +156,8 @@ async fn flows_without_a_source_pod_post_nothing_and_api_errors_are_counted() {
     let mut events =
         PacketDropEvents::start(client, "node-1", EventsConfig::default(), counts.clone());
     let mut unresolved = record("u", 8080, "NEW");
-    unresolved.source.pod_name.clear();
-    unresolved.source.namespace.clear();
+    unresolved.source.pod_name = Default::default();
+    unresolved.source.namespace = Default::default();
     events.observe(&unresolved, Instant::now());
     events.observe(&record("f", 9090, "NEW"), Instant::now());
     let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())

@@ -855,7 +855,10 @@ fn protocol_text(r: &FlowRecord) -> String {
 }
 
 fn reason_text(r: &FlowRecord) -> Option<String> {
-    r.drop_reason_desc.clone().or_else(|| r.refusal.clone())
+    r.drop_reason_desc
+        .as_ref()
+        .map(|d| d.to_string())
+        .or_else(|| r.refusal.clone())
 }
 
 fn ends(r: &FlowRecord) -> (String, String) {
@@ -1080,7 +1083,7 @@ pub fn format_dict(r: &FlowRecord, node: bool) -> String {
         r.time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
     )];
     if node {
-        rows.push(("NODE", r.node_name.clone()));
+        rows.push(("NODE", r.node_name.to_string()));
     }
     rows.push(("SOURCE", src));
     rows.push(("DESTINATION", dst));

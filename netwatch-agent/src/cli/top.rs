@@ -137,7 +137,8 @@ pub fn group_of(r: &FlowRecord) -> GroupKey {
         verdict: r.verdict.as_str().to_string(),
         reason: r
             .drop_reason_desc
-            .clone()
+            .as_ref()
+            .map(|d| d.to_string())
             .or_else(|| r.refusal.clone())
             .unwrap_or_default(),
     }

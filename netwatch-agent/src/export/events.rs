@@ -119,8 +119,8 @@ impl PacketDropEvents {
             return;
         }
         let key = EventKey {
-            namespace: src.namespace.clone(),
-            pod: src.pod_name.clone(),
+            namespace: src.namespace.to_string(),
+            pod: src.pod_name.to_string(),
             destination: r.ip.destination,
             port: r.l4.ports().map(|p| p.destination_port).unwrap_or(0),
             protocol: r.l4.protocol_name(),
@@ -197,7 +197,7 @@ pub fn packet_drop_event(r: &FlowRecord, node_name: &str) -> Event {
         "apiVersion": "v1", "kind": "Pod", "namespace": src.namespace, "name": src.pod_name,
     });
     if !src.pod_uid.is_empty() {
-        involved["uid"] = src.pod_uid.clone().into();
+        involved["uid"] = src.pod_uid.as_str().into();
     }
     let v = serde_json::json!({
         "metadata": {"generateName": format!("{}.", src.pod_name), "namespace": src.namespace},

@@ -308,7 +308,7 @@ impl EndpointMatch {
     }
 
     fn matches(&self, ep: &Endpoint, ip: IpAddr, port: Option<u16>) -> bool {
-        (self.namespaces.is_empty() || self.namespaces.contains(&ep.namespace))
+        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| *n == ep.namespace))
             && (self.pods.is_empty() || self.pods.iter().any(|p| p.matches(ep)))
             && (self.labels.is_empty() || self.labels.iter().any(|l| l.matches(ep)))
             && (self.ips.is_empty() || self.ips.iter().any(|n| n.contains(&ip)))

@@ -183,7 +183,7 @@ fn flow(r: &FlowRecord) -> Value {
     f.insert("source".into(), endpoint(&r.source));
     f.insert("destination".into(), endpoint(&r.destination));
     f.insert("Type".into(), "L3_L4".into());
-    f.insert("node_name".into(), r.node_name.clone().into());
+    f.insert("node_name".into(), r.node_name.as_str().into());
     let event_type = match drop {
         Some(name) => json!({"type": MESSAGE_TYPE_DROP, "sub_type": hubble_drop_code(name)}),
         None => json!({"type": MESSAGE_TYPE_TRACE}),
@@ -278,13 +278,13 @@ fn endpoint(ep: &Endpoint) -> Value {
     }
     e.insert("identity".into(), ep.identity.into());
     if !ep.namespace.is_empty() {
-        e.insert("namespace".into(), ep.namespace.clone().into());
+        e.insert("namespace".into(), ep.namespace.as_str().into());
     }
     if !ep.labels.is_empty() {
-        e.insert("labels".into(), ep.labels.clone().into());
+        e.insert("labels".into(), ep.labels.to_vec().into());
     }
     if !ep.pod_name.is_empty() {
-        e.insert("pod_name".into(), ep.pod_name.clone().into());
+        e.insert("pod_name".into(), ep.pod_name.as_str().into());
     }
     if !ep.workloads.is_empty() {
         e.insert(
@@ -313,7 +313,7 @@ fn policy(p: &PolicyRef) -> Value {
 /// Hubble's summary, then what Hubble's enums cannot say, after
 /// `netwatch:` as `key=value` pairs (the explanation last: it has spaces).
 pub fn summary(r: &FlowRecord) -> String {
-    let mut s = r.summary.clone();
+    let mut s = r.summary.to_string();
     let mut kv = vec![format!("verdict={}", r.verdict.as_str())];
     if let Some(reason) = &r.drop_reason_desc {
         kv.push(format!("reason={reason}"));

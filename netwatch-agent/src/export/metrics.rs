@@ -15,8 +15,10 @@
 //! end of which only deleted pods gave.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     convert::Infallible,
+    hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{
         Arc,
@@ -33,8 +35,9 @@ use prometheus::{
 
 use super::KernelStats;
 use crate::{
-    flow::record::{FlowRecord, Lifecycle, Verdict},
+    flow::record::{FlowRecord, L4, Lifecycle, Verdict},
     identity::Endpoint,
+    record::{PolicyKind, Tier, shared::SharedStr},
 };
 
 /// Errors configuring or serving metrics.
@@ -132,17 +135,16 @@ impl ContextLabel {
         Ok(out)
     }
 
-    fn value(self, ep: &Endpoint, port: Option<u16>) -> String {
+    /// The label value for one end, borrowed from the record (`port` is
+    /// the end's port already written out).
+    fn value<'a>(self, ep: &'a Endpoint, port: &'a str) -> &'a str {
         match self {
-            ContextLabel::Namespace => ep.namespace.clone(),
+            ContextLabel::Namespace => ep.namespace.as_str(),
             ContextLabel::Workload => match ep.workloads.first() {
-                Some(w) => w.name.clone(),
-                None => ep
-                    .reserved_identity()
-                    .map(|r| r.name().to_string())
-                    .unwrap_or_default(),
+                Some(w) => w.name.as_str(),
+                None => ep.reserved_identity().map(|r| r.name()).unwrap_or_default(),
             },
-            ContextLabel::Pod => ep.pod_name.clone(),
+            ContextLabel::Pod => ep.pod_name.as_str(),
             ContextLabel::App => ep
                 .labels
                 .iter()
@@ -150,10 +152,41 @@ impl ContextLabel {
                     l.strip_prefix("k8s:app=")
                         .or_else(|| l.strip_prefix("k8s:app.kubernetes.io/name="))
                 })
-                .unwrap_or_default()
-                .to_string(),
-            ContextLabel::Port => port.map(|p| p.to_string()).unwrap_or_default(),
+                .unwrap_or_default(),
+            ContextLabel::Port => port,
         }
+    }
+}
+
+/// A port as label text, without allocating (`""` when there is none).
+struct PortText {
+    buf: [u8; 5],
+    len: usize,
+}
+
+impl PortText {
+    fn new(port: Option<u16>) -> PortText {
+        let mut buf = [0u8; 5];
+        let mut len = 0;
+        if let Some(mut p) = port {
+            let mut digits = [0u8; 5];
+            loop {
+                digits[len] = b'0' + (p % 10) as u8;
+                len += 1;
+                p /= 10;
+                if p == 0 {
+                    break;
+                }
+            }
+            for i in 0..len {
+                buf[i] = digits[len - 1 - i];
+            }
+        }
+        PortText { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
@@ -249,9 +282,13 @@ pub struct MetricsRegistry {
     /// Kubernetes Events by outcome.
     pub kube_events: IntCounterVec,
     /// Per-flow state, by uuid, until its FINAL record.
-    flows: HashMap<String, FlowState>,
-    /// Context series in use: label values -> pods they name.
-    series: HashMap<(FlowMetric, Vec<String>), SeriesPods>,
+    flows: FastMap<String, FlowState>,
+    /// Context series in use, with the pods they name and their counter (so
+    /// a record finds its counter without formatting labels).
+    series: FastMap<SeriesKey, Series>,
+    /// `netwatch_policy_denials_total` series by (ingress, policy): their
+    /// number (what flows remember having counted) and counter.
+    policy_series: FastMap<PolicyKey, (u32, IntCounter)>,
     context_series: usize,
     /// Deleted pods whose series go at the deadline.
     pending_removals: Vec<(Instant, String, String)>,
@@ -277,6 +314,125 @@ impl MetricsRegistry {
     }
 }
 
+/// hashbrown's map: its hasher is faster than SipHash for these
+/// process-local keys, and it looks keys up by borrowed equivalents.
+type FastMap<K, V> = hashbrown::HashMap<K, V>;
+
+/// A context series: its metric and every label value, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SeriesKey {
+    metric: FlowMetric,
+    values: Vec<String>,
+}
+
+impl Hash for SeriesKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        hash_series(self.metric, self.values.iter().map(String::as_str), h);
+    }
+}
+
+/// A [`SeriesKey`] borrowed from a record, to find a series without
+/// allocating.
+struct SeriesQuery<'a> {
+    metric: FlowMetric,
+    first: &'a [&'a str],
+    ctx: &'a [&'a str],
+}
+
+impl<'a> SeriesQuery<'a> {
+    fn values(&self) -> impl Iterator<Item = &'a str> + use<'a> {
+        self.first.iter().chain(self.ctx).copied()
+    }
+}
+
+impl Hash for SeriesQuery<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        hash_series(self.metric, self.values(), h);
+    }
+}
+
+impl hashbrown::Equivalent<SeriesKey> for SeriesQuery<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        key.metric == self.metric
+            && key.values.len() == self.first.len() + self.ctx.len()
+            && key.values.iter().zip(self.values()).all(|(k, v)| k == v)
+    }
+}
+
+fn hash_series<'a, H: Hasher>(
+    metric: FlowMetric,
+    values: impl Iterator<Item = &'a str>,
+    h: &mut H,
+) {
+    metric.hash(h);
+    for v in values {
+        v.hash(h);
+    }
+}
+
+/// A context series in use.
+#[derive(Debug)]
+struct Series {
+    pods: SeriesPods,
+    counter: IntCounter,
+}
+
+/// A pod as (namespace, name), borrowed; hashes as the owned pair does.
+#[derive(Hash)]
+struct PodRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for PodRef<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        key.0 == self.0 && key.1 == self.1
+    }
+}
+
+/// A denying policy and the side it isolates (ingress?), without its rule.
+type PolicyKey = (bool, PolicyKind, Tier, Option<String>, String);
+
+/// A [`PolicyKey`] borrowed from a record; hashes as the owned key does.
+#[derive(Hash)]
+struct PolicyQuery<'a>(bool, PolicyKind, Tier, Option<&'a str>, &'a str);
+
+impl hashbrown::Equivalent<PolicyKey> for PolicyQuery<'_> {
+    fn equivalent(&self, key: &PolicyKey) -> bool {
+        key.0 == self.0
+            && key.1 == self.1
+            && key.2 == self.2
+            && key.3.as_deref() == self.3
+            && key.4 == self.4
+    }
+}
+
+/// At most this many context labels: five per end, no source port.
+const MAX_CONTEXT: usize = 9;
+
+/// What a record gives its context series, borrowed from it.
+struct Context<'a> {
+    values: [&'a str; MAX_CONTEXT],
+    len: usize,
+    /// Per end (source, destination) with context labels: its pod.
+    referrers: [Option<(&'a str, &'a str)>; 2],
+    /// Per end whose `pod` label names a pod: that pod.
+    named: [Option<(&'a str, &'a str)>; 2],
+}
+
+impl<'a> Context<'a> {
+    fn values(&self) -> &[&'a str] {
+        &self.values[..self.len]
+    }
+
+    /// The pods a new series is tied to.
+    fn pods(&self) -> SeriesPods {
+        let owned = |p: Option<(&str, &str)>| p.map(|(ns, pod)| (ns.to_string(), pod.to_string()));
+        SeriesPods {
+            source: owned(self.named[0]),
+            destination: owned(self.named[1]),
+            referrers: self.referrers.map(|p| owned(p).into_iter().collect()),
+        }
+    }
+}
+
 /// The pods a context series is tied to.
 #[derive(Clone, Debug, Default)]
 struct SeriesPods {
@@ -289,7 +445,7 @@ struct SeriesPods {
     /// Without this, series of labels no pod is named by (a Job's workload,
     /// a port only a deleted pod was denied on) outlived their pods and
     /// piled up to the cap.
-    referrers: [HashSet<(String, String)>; 2],
+    referrers: [hashbrown::HashSet<(String, String)>; 2],
 }
 
 #[derive(Debug, Default)]
@@ -298,17 +454,17 @@ struct FlowState {
     bytes: u64,
     /// The drop counters this flow counts into.
     drop_series: Option<DropSeries>,
-    /// Denying policies already counted: (ingress, namespace, name).
-    counted_policies: Vec<(bool, crate::record::PolicyRef)>,
+    /// Denying policies already counted (their number in `policy_series`).
+    counted_policies: Vec<u32>,
     unenriched_counted: bool,
 }
 
 /// A flow's drop counters, and what they were chosen by.
 #[derive(Debug)]
 struct DropSeries {
-    reason: Option<String>,
+    reason: Option<SharedStr>,
     identities: (u32, u32),
-    pods: (String, String),
+    pods: (SharedStr, SharedStr),
     packets: IntCounter,
     bytes: IntCounter,
 }
@@ -417,6 +573,18 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `TCP`, `UDP`, ... as a label, allocating only for unparsed protocols.
+fn protocol_label(l4: &L4) -> Cow<'static, str> {
+    match l4 {
+        L4::Tcp(_) => "TCP".into(),
+        L4::Udp(_) => "UDP".into(),
+        L4::Sctp(_) => "SCTP".into(),
+        L4::Icmpv4(_) => "ICMPv4".into(),
+        L4::Icmpv6(_) => "ICMPv6".into(),
+        L4::Other { .. } => l4.protocol_name().into(),
+    }
 }
 
 fn direction_label(r: &FlowRecord) -> &'static str {
@@ -627,8 +795,9 @@ impl MetricsRegistry {
             observer_clients,
             flow_log,
             kube_events,
-            flows: HashMap::new(),
-            series: HashMap::new(),
+            flows: FastMap::new(),
+            series: FastMap::new(),
+            policy_series: FastMap::new(),
             context_series: 0,
             pending_removals: Vec::new(),
             known_pods: None,
@@ -674,92 +843,113 @@ impl MetricsRegistry {
         &self.context_names
     }
 
-    fn context(&self, r: &FlowRecord) -> (Vec<String>, SeriesPods) {
-        let (sport, dport) = match r.l4.ports() {
-            Some(p) => (Some(p.source_port), Some(p.destination_port)),
-            None => (None, None),
+    /// A record's context label values and pods, borrowed from it; `ports`
+    /// are its source and destination ports as text.
+    fn context<'a>(&self, r: &'a FlowRecord, ports: &'a [PortText; 2]) -> Context<'a> {
+        let mut ctx = Context {
+            values: [""; MAX_CONTEXT],
+            len: 0,
+            referrers: [None; 2],
+            named: [None; 2],
         };
-        let mut values = Vec::with_capacity(self.context_names.len());
-        values.extend(
-            self.config
-                .source_context
-                .iter()
-                .map(|c| c.value(&r.source, sport)),
-        );
-        values.extend(
-            self.config
-                .destination_context
-                .iter()
-                .map(|c| c.value(&r.destination, dport)),
-        );
-        let pod = |ep: &Endpoint| {
-            (!ep.pod_name.is_empty()).then(|| (ep.namespace.clone(), ep.pod_name.clone()))
-        };
-        let end = |contexts: &[ContextLabel], ep: &Endpoint| {
-            if contexts.is_empty() {
-                HashSet::new()
-            } else {
-                pod(ep).into_iter().collect()
-            }
-        };
-        let referrers = [
-            end(&self.config.source_context, &r.source),
-            end(&self.config.destination_context, &r.destination),
+        let ends = [
+            (&self.config.source_context, &r.source, ports[0].as_str()),
+            (
+                &self.config.destination_context,
+                &r.destination,
+                ports[1].as_str(),
+            ),
         ];
-        let pods = SeriesPods {
-            referrers,
-            source: if self.config.source_context.contains(&ContextLabel::Pod) {
-                pod(&r.source)
-            } else {
-                None
-            },
-            destination: if self.config.destination_context.contains(&ContextLabel::Pod) {
-                pod(&r.destination)
-            } else {
-                None
-            },
-        };
-        (values, pods)
+        for (end, (contexts, ep, port)) in ends.into_iter().enumerate() {
+            for c in contexts.iter().take(MAX_CONTEXT - ctx.len) {
+                ctx.values[ctx.len] = c.value(ep, port);
+                ctx.len += 1;
+            }
+            let pod = (!ep.pod_name.is_empty()).then(|| (&*ep.namespace, &*ep.pod_name));
+            if !contexts.is_empty() {
+                ctx.referrers[end] = pod;
+            }
+            if contexts.contains(&ContextLabel::Pod) {
+                ctx.named[end] = pod;
+            }
+        }
+        ctx
     }
 
-    /// Label values for `metric` with `first` labels and the context,
-    /// folded into `_other` when the cap refuses a new series.
-    fn labels(
-        &mut self,
-        metric: FlowMetric,
-        first: &[&str],
-        ctx: &[String],
-        pods: &SeriesPods,
-    ) -> Vec<String> {
-        let mut values: Vec<String> = first
-            .iter()
-            .map(|s| s.to_string())
-            .chain(ctx.iter().cloned())
-            .collect();
-        if ctx.is_empty() {
-            return values;
+    fn family(&self, metric: FlowMetric) -> &IntCounterVec {
+        match metric {
+            FlowMetric::Drops => &self.drops,
+            FlowMetric::DropBytes => &self.drop_bytes,
+            FlowMetric::DeniedFlows => &self.denied_flows,
+            FlowMetric::DnsFailures => &self.dns_failures,
         }
-        let key = (metric, values.clone());
-        if let Some(known) = self.series.get_mut(&key) {
-            for (known, new) in known.referrers.iter_mut().zip(&pods.referrers) {
-                for p in new {
-                    if !known.contains(p) {
-                        known.insert(p.clone());
-                    }
+    }
+
+    /// The counter of `metric` with `first` labels and the context, folded
+    /// into `_other` when the cap refuses a new series. A known series is
+    /// found without allocating; it learns the record's pods as referrers.
+    fn counter(&mut self, metric: FlowMetric, first: &[&str], ctx: &Context) -> IntCounter {
+        let values = ctx.values();
+        if values.is_empty() {
+            return self.family(metric).with_label_values(first);
+        }
+        let query = SeriesQuery {
+            metric,
+            first,
+            ctx: values,
+        };
+        if let Some(known) = self.series.get_mut(&query) {
+            for (set, p) in known.pods.referrers.iter_mut().zip(ctx.referrers) {
+                if let Some((ns, pod)) = p
+                    && !set.contains(&PodRef(ns, pod))
+                {
+                    set.insert((ns.to_string(), pod.to_string()));
                 }
             }
-            return values;
+            return known.counter.clone();
         }
         if self.context_series >= self.config.max_series {
             self.series_overflow.inc();
-            for v in values.iter_mut().skip(first.len()) {
-                *v = OVERFLOW_LABEL.to_string();
-            }
-            return values;
+            let mut l = first.to_vec();
+            l.extend(std::iter::repeat_n(OVERFLOW_LABEL, values.len()));
+            return self.family(metric).with_label_values(&l);
         }
         self.context_series += 1;
-        self.series.insert(key, pods.clone());
-        values
+        let key = SeriesKey {
+            metric,
+            values: query.values().map(str::to_string).collect(),
+        };
+        let counter = self.family(metric).with_label_values(&key.values);
+        self.series.insert(
+            key,
+            Series {
+                pods: ctx.pods(),
+                counter: counter.clone(),
+            },
+        );
+        counter
+    }
+
+    /// The `netwatch_policy_denials_total` counter of a denying policy on
+    /// one side, and its number.
+    fn policy_counter(&mut self, ingress: bool, p: &crate::record::PolicyRef) -> (u32, IntCounter) {
+        let query = PolicyQuery(ingress, p.kind, p.tier, p.namespace.as_deref(), &p.name);
+        if let Some((n, c)) = self.policy_series.get(&query) {
+            return (*n, c.clone());
+        }
+        let direction = if ingress { "ingress" } else { "egress" };
+        let counter = self.policy_denials.with_label_values(&[
+            direction,
+            p.kind.as_str(),
+            p.namespace_or_empty(),
+            &p.name,
+        ]);
+        let n = self.policy_series.len() as u32;
+        self.policy_series.insert(
+            (ingress, p.kind, p.tier, p.namespace.clone(), p.name.clone()),
+            (n, counter.clone()),
+        );
+        (n, counter)
     }
 
     /// Count one flow record.
@@ -780,7 +970,14 @@ impl MetricsRegistry {
         state.packets = state.packets.max(r.packets);
         state.bytes = state.bytes.max(r.bytes);
 
-        let mut ctx: Option<(Vec<String>, SeriesPods)> = None;
+        let ports = match r.l4.ports() {
+            Some(p) => [
+                PortText::new(Some(p.source_port)),
+                PortText::new(Some(p.destination_port)),
+            ],
+            None => [PortText::new(None), PortText::new(None)],
+        };
+        let mut ctx: Option<Context> = None;
         if r.verdict == Verdict::Dropped && (d_packets > 0 || d_bytes > 0) {
             // Later records of a flow reuse its series unless what labels
             // them changed (identity arrived late, another drop reason).
@@ -789,17 +986,15 @@ impl MetricsRegistry {
                 .as_ref()
                 .is_some_and(|d| d.still_labels(r))
             {
-                let (c, pods) = &*ctx.get_or_insert_with(|| self.context(r));
-                let protocol = r.l4.protocol_name();
+                let c = &*ctx.get_or_insert_with(|| self.context(r, &ports));
+                let protocol = protocol_label(&r.l4);
                 let first = [
                     r.drop_reason_desc.as_deref().unwrap_or("UNKNOWN"),
                     &protocol,
                     direction_label(r),
                 ];
-                let l = self.labels(FlowMetric::Drops, &first, c, pods);
-                let packets = self.drops.with_label_values(&l);
-                let l = self.labels(FlowMetric::DropBytes, &first, c, pods);
-                let bytes = self.drop_bytes.with_label_values(&l);
+                let packets = self.counter(FlowMetric::Drops, &first, c);
+                let bytes = self.counter(FlowMetric::DropBytes, &first, c);
                 state.drop_series = Some(DropSeries::new(r, packets, bytes));
             }
             if let Some(d) = &state.drop_series {
@@ -808,18 +1003,13 @@ impl MetricsRegistry {
             }
         }
         if first_record {
-            let (c, pods) = &*ctx.get_or_insert_with(|| self.context(r));
-            let protocol = r.l4.protocol_name();
-            let l = self.labels(
-                FlowMetric::DeniedFlows,
-                &[r.verdict.as_str(), &protocol],
-                c,
-                pods,
-            );
-            self.denied_flows.with_label_values(&l).inc();
+            let c = &*ctx.get_or_insert_with(|| self.context(r, &ports));
+            let protocol = protocol_label(&r.l4);
+            self.counter(FlowMetric::DeniedFlows, &[r.verdict.as_str(), &protocol], c)
+                .inc();
             if r.is_dns {
-                let l = self.labels(FlowMetric::DnsFailures, &[r.verdict.as_str()], c, pods);
-                self.dns_failures.with_label_values(&l).inc();
+                self.counter(FlowMetric::DnsFailures, &[r.verdict.as_str()], c)
+                    .inc();
             }
         }
         let denied_by = r
@@ -829,22 +1019,10 @@ impl MetricsRegistry {
             .chain(r.ingress_denied_by.iter().map(|p| (true, p)));
         for (ingress, p) in denied_by {
             // One count per policy and side, whichever of its rules decided.
-            let policy = p.policy();
-            let seen = state
-                .counted_policies
-                .iter()
-                .any(|(i, q)| *i == ingress && *q == policy);
-            if !seen {
-                let direction = if ingress { "ingress" } else { "egress" };
-                self.policy_denials
-                    .with_label_values(&[
-                        direction,
-                        policy.kind.as_str(),
-                        policy.namespace_or_empty(),
-                        &policy.name,
-                    ])
-                    .inc();
-                state.counted_policies.push((ingress, policy));
+            let (n, counter) = self.policy_counter(ingress, p);
+            if !state.counted_policies.contains(&n) {
+                counter.inc();
+                state.counted_policies.push(n);
             }
         }
         if r.unenriched && !state.unenriched_counted {
@@ -933,10 +1111,10 @@ impl MetricsRegistry {
         let gone: HashSet<(String, String)> =
             due.into_iter().map(|(_, ns, pod)| (ns, pod)).collect();
         let names = |p: &Option<(String, String)>| p.as_ref().is_some_and(|p| gone.contains(p));
-        let doomed: Vec<(FlowMetric, Vec<String>)> = self
+        let doomed: Vec<SeriesKey> = self
             .series
             .iter_mut()
-            .filter_map(|(k, pods)| {
+            .filter_map(|(k, Series { pods, .. })| {
                 let named = names(&pods.source) || names(&pods.destination);
                 let mut orphaned = false;
                 for end in &mut pods.referrers {
@@ -948,14 +1126,8 @@ impl MetricsRegistry {
             })
             .collect();
         for key in doomed {
-            let vec = match key.0 {
-                FlowMetric::Drops => &self.drops,
-                FlowMetric::DropBytes => &self.drop_bytes,
-                FlowMetric::DeniedFlows => &self.denied_flows,
-                FlowMetric::DnsFailures => &self.dns_failures,
-            };
-            let l: Vec<&str> = key.1.iter().map(String::as_str).collect();
-            let _ = vec.remove_label_values(&l);
+            let l: Vec<&str> = key.values.iter().map(String::as_str).collect();
+            let _ = self.family(key.metric).remove_label_values(&l);
             self.series.remove(&key);
             self.context_series = self.context_series.saturating_sub(1);
         }

@@ -862,7 +862,7 @@ fn render(
         .iter()
         .max_by_key(|(_, c)| c.packets)
         .map(|(r, _)| *r);
-    let drop_reason_desc = main_reason.map(|r| reasons.name(r));
+    let drop_reason_desc = main_reason.map(|r| reasons.name(r).into());
     let drop_reasons = if f.drops.len() > 1 {
         f.drops.keys().map(|r| reasons.name(*r)).collect()
     } else {
@@ -909,7 +909,7 @@ fn render(
         original_destination: original,
         outer: f.outer.as_ref().map(outer_header),
         flow_type: "L3_L4".into(),
-        node_name: config.node_name.clone(),
+        node_name: config.node_name.as_str().into(),
         event_type,
         traffic_direction: traffic_direction.into(),
         is_reply: f.reply_dropped
@@ -925,11 +925,11 @@ fn render(
                 .flatten()
                 .unwrap_or_default(),
         }),
-        summary,
-        egress_allowed_by: Vec::new(),
-        ingress_allowed_by: Vec::new(),
-        egress_denied_by: Vec::new(),
-        ingress_denied_by: Vec::new(),
+        summary: summary.into(),
+        egress_allowed_by: Default::default(),
+        ingress_allowed_by: Default::default(),
+        egress_denied_by: Default::default(),
+        ingress_denied_by: Default::default(),
         lifecycle,
         packets,
         bytes,
@@ -942,7 +942,7 @@ fn render(
         observation_points: f.points.iter().map(|s| s.to_string()).collect(),
         cgroup_id: f.cgroup_id,
         explanation: None,
-        near_misses: Vec::new(),
+        near_misses: Default::default(),
         unenriched: false,
         aggregate: f.aggregated_flows.map(|flows| Aggregate { flows }),
         staged: None,

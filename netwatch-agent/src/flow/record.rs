@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Endpoint;
 pub use crate::record::PolicyRef;
 use crate::record::policy::{deserialize_record_list, serialize_record_list};
+use crate::record::shared::{SharedList, SharedStr};
 
 /// What happened to a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -72,7 +73,7 @@ pub struct IpInfo {
     pub source: IpAddr,
     pub destination: IpAddr,
     #[serde(rename = "ipVersion")]
-    pub ip_version: String,
+    pub ip_version: SharedStr,
 }
 
 /// TCP flags as Hubble spells them (only set flags appear).
@@ -262,7 +263,7 @@ pub struct FlowRecord {
     pub verdict: Verdict,
     /// The kernel's drop reason name (`NETFILTER_DROP`, ...), for DROPPED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drop_reason_desc: Option<String>,
+    pub drop_reason_desc: Option<SharedStr>,
     #[serde(rename = "IP")]
     pub ip: IpInfo,
     pub l4: L4,
@@ -279,47 +280,47 @@ pub struct FlowRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outer: Option<OuterHeader>,
     #[serde(rename = "Type")]
-    pub flow_type: String,
-    pub node_name: String,
+    pub flow_type: SharedStr,
+    pub node_name: SharedStr,
     pub event_type: EventType,
     /// INGRESS or EGRESS relative to the pod whose policy applies; unknown
     /// until attribution says which side denies.
-    pub traffic_direction: String,
+    pub traffic_direction: SharedStr,
     pub is_reply: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<Interface>,
     #[serde(rename = "Summary")]
-    pub summary: String,
+    pub summary: SharedStr,
     /// Hubble's `Policy` list; netwatch adds `tier` and `rule` for the
     /// cluster-scoped kinds (see [`PolicyRef`]).
     #[serde(
         default,
-        skip_serializing_if = "Vec::is_empty",
+        skip_serializing_if = "SharedList::is_empty",
         serialize_with = "serialize_record_list",
         deserialize_with = "deserialize_record_list"
     )]
-    pub egress_allowed_by: Vec<PolicyRef>,
+    pub egress_allowed_by: SharedList<PolicyRef>,
     #[serde(
         default,
-        skip_serializing_if = "Vec::is_empty",
+        skip_serializing_if = "SharedList::is_empty",
         serialize_with = "serialize_record_list",
         deserialize_with = "deserialize_record_list"
     )]
-    pub ingress_allowed_by: Vec<PolicyRef>,
+    pub ingress_allowed_by: SharedList<PolicyRef>,
     #[serde(
         default,
-        skip_serializing_if = "Vec::is_empty",
+        skip_serializing_if = "SharedList::is_empty",
         serialize_with = "serialize_record_list",
         deserialize_with = "deserialize_record_list"
     )]
-    pub egress_denied_by: Vec<PolicyRef>,
+    pub egress_denied_by: SharedList<PolicyRef>,
     #[serde(
         default,
-        skip_serializing_if = "Vec::is_empty",
+        skip_serializing_if = "SharedList::is_empty",
         serialize_with = "serialize_record_list",
         deserialize_with = "deserialize_record_list"
     )]
-    pub ingress_denied_by: Vec<PolicyRef>,
+    pub ingress_denied_by: SharedList<PolicyRef>,
 
     // ---- netwatch additions ----
     /// netwatch: NEW, UPDATE or FINAL (see [`Lifecycle`]).
@@ -346,17 +347,17 @@ pub struct FlowRecord {
     #[serde(default, skip_serializing_if = "is_false")]
     pub is_dns: bool,
     /// netwatch: the kernel hooks that saw it: `kfree_skb`, `tc`, `sock_ops`.
-    pub observation_points: Vec<String>,
+    pub observation_points: SharedList<String>,
     /// netwatch: cgroup v2 id of the connecting process (from sock_ops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
     /// netwatch: one sentence on why: which policy isolates which pod, or
     /// that NetworkPolicy does not explain it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub explanation: Option<String>,
+    pub explanation: Option<SharedStr>,
     /// netwatch: rules that almost allowed the flow, and what did not match.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub near_misses: Vec<String>,
+    #[serde(default, skip_serializing_if = "SharedList::is_empty")]
+    pub near_misses: SharedList<String>,
     /// netwatch: identity did not arrive within the enrichment deadline.
     #[serde(default, skip_serializing_if = "is_false")]
     pub unenriched: bool,
@@ -463,7 +464,7 @@ pub struct FlowLogLine {
 impl FlowLogLine {
     pub fn new(flow: FlowRecord) -> FlowLogLine {
         FlowLogLine {
-            node_name: flow.node_name.clone(),
+            node_name: flow.node_name.to_string(),
             time: flow.time,
             flow,
         }

@@ -140,14 +140,14 @@ impl PodIdentity {
     pub fn endpoint(&self, ip: Option<IpAddr>, port: Option<u16>) -> Endpoint {
         Endpoint {
             identity: self.identity,
-            namespace: self.namespace.clone(),
-            labels: self.endpoint_labels(),
-            pod_name: self.name.clone(),
+            namespace: self.namespace.as_str().into(),
+            labels: self.endpoint_labels().into(),
+            pod_name: self.name.as_str().into(),
             workloads: self.workload.iter().cloned().collect(),
-            node_name: self.node_name.clone().unwrap_or_default(),
+            node_name: self.node_name.as_deref().unwrap_or_default().into(),
             ip,
             port,
-            pod_uid: self.uid.clone(),
+            pod_uid: self.uid.as_str().into(),
             ..Endpoint::default()
         }
     }
@@ -232,7 +232,7 @@ impl ServiceIdentity {
         } else {
             Endpoint::unresolved(ip, port)
         };
-        endpoint.namespace = self.service.namespace.clone();
+        endpoint.namespace = self.service.namespace.as_str().into();
         endpoint.with_service(self.service.clone())
     }
 

@@ -10,6 +10,8 @@ use std::{fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::record::shared::{SharedList, SharedStr};
+
 /// Hubble's reserved identities, the ones a flow endpoint gets when it is not
 /// a pod.
 ///
@@ -92,7 +94,8 @@ impl fmt::Display for ServiceRef {
     }
 }
 
-/// One side of a flow: who sent or received it.
+/// One side of a flow: who sent or received it. A pod's parts are shared
+/// by the records that name it (cloning an endpoint copies no text).
 ///
 /// Serializes in Hubble's shape (`ID`, `identity`, `namespace`, `labels`,
 /// `pod_name`, `workloads`) plus netwatch's `service`, `node_name`, `ip`,
@@ -109,27 +112,27 @@ pub struct Endpoint {
     /// of one workload share it. 0 means unresolved (Cilium's `unknown`).
     #[serde(default)]
     pub identity: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
+    #[serde(default, skip_serializing_if = "SharedStr::is_empty")]
+    pub namespace: SharedStr,
     /// Sorted `k8s:key=value` labels (pod labels plus
     /// `k8s:io.kubernetes.pod.namespace=<ns>`), or one `reserved:...` label.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub labels: Vec<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub pod_name: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub workloads: Vec<Workload>,
+    #[serde(default, skip_serializing_if = "SharedList::is_empty")]
+    pub labels: SharedList<String>,
+    #[serde(default, skip_serializing_if = "SharedStr::is_empty")]
+    pub pod_name: SharedStr,
+    #[serde(default, skip_serializing_if = "SharedList::is_empty")]
+    pub workloads: SharedList<Workload>,
     /// The service the flow was addressed to, when it went through one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub node_name: String,
+    #[serde(default, skip_serializing_if = "SharedStr::is_empty")]
+    pub node_name: SharedStr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub pod_uid: String,
+    #[serde(default, skip_serializing_if = "SharedStr::is_empty")]
+    pub pod_uid: SharedStr,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -156,8 +159,8 @@ impl Endpoint {
     ) -> Self {
         Endpoint {
             identity: identity.number(),
-            labels: vec![identity.label().to_owned()],
-            node_name: node_name.unwrap_or_default().to_owned(),
+            labels: vec![identity.label().to_owned()].into(),
+            node_name: node_name.unwrap_or_default().into(),
             ip: Some(ip),
             port,
             ..Endpoint::default()
@@ -202,12 +205,14 @@ mod tests {
             labels: vec![
                 "k8s:app=payment".into(),
                 "k8s:io.kubernetes.pod.namespace=prod".into(),
-            ],
+            ]
+            .into(),
             pod_name: "payment-7d9c-abcde".into(),
             workloads: vec![Workload {
                 name: "payment".into(),
                 kind: "Deployment".into(),
-            }],
+            }]
+            .into(),
             node_name: "node-a".into(),
             ip: Some("10.0.1.7".parse().unwrap()),
             port: Some(8080),

@@ -89,7 +89,7 @@ impl PolicyEngine {
     }
 
     /// The source port as far as it can change a verdict.
-    fn source_port_key(&self, source_port: Option<u16>) -> Option<u16> {
+    pub(crate) fn source_port_key(&self, source_port: Option<u16>) -> Option<u16> {
         source_port.filter(|_| self.source_ports_used)
     }
 }

@@ -11,6 +11,7 @@
 //!   as policies, filters and records name them.
 
 pub(crate) mod policy;
+pub mod shared;
 mod traffic;
 
 pub use crate::flow::record::{

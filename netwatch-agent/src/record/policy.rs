@@ -389,9 +389,9 @@ pub(crate) fn serialize_record_list<S: serde::Serializer>(
 
 /// Reads a record's policy list: Hubble's `namespace: ""` is no namespace,
 /// a missing `kind` is NetworkPolicy.
-pub(crate) fn deserialize_record_list<'de, D: serde::Deserializer<'de>>(
+pub(crate) fn deserialize_record_list<'de, D: serde::Deserializer<'de>, L: From<Vec<PolicyRef>>>(
     d: D,
-) -> Result<Vec<PolicyRef>, D::Error> {
+) -> Result<L, D::Error> {
     #[derive(Deserialize)]
     struct Wire {
         name: String,
@@ -427,7 +427,8 @@ pub(crate) fn deserialize_record_list<'de, D: serde::Deserializer<'de>>(
                 rule: w.rule,
             }
         })
-        .collect())
+        .collect::<Vec<_>>()
+        .into())
 }
 
 #[cfg(test)]
