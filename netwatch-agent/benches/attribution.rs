@@ -260,11 +260,11 @@ fn updates(c: &mut Criterion) {
             let at = (n * 37) % snapshot.pods.len();
             let pod = &mut snapshot.pods[at];
             let labels = pod.metadata.labels.get_or_insert_default();
-            let hash = if n % 2 == 0 { "a" } else { "b" };
+            let hash = if n.is_multiple_of(2) { "a" } else { "b" };
             labels.insert("pod-template-hash".into(), hash.into());
             pod.metadata.resource_version = Some(n.to_string());
             if let Some(status) = pod.status.as_mut() {
-                status.pod_ip = if n % 2 == 0 {
+                status.pod_ip = if n.is_multiple_of(2) {
                     originals[at].clone()
                 } else {
                     Some(format!("10.200.{}.{}", at / 250, at % 250 + 1))
@@ -312,7 +312,7 @@ fn updates(c: &mut Criterion) {
             if let Some(spec) = svc.spec.as_mut()
                 && let Some(port) = spec.ports.as_mut().and_then(|p| p.first_mut())
             {
-                port.port = if n % 2 == 0 { 80 } else { 8080 };
+                port.port = if n.is_multiple_of(2) { 80 } else { 8080 };
             }
             let (namespace, name) = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
             snapshot.changes.record(Change {

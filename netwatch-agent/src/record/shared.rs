@@ -270,6 +270,7 @@ mod tests {
         assert!(Arc::ptr_eq(a.0.as_ref().unwrap(), b.0.as_ref().unwrap()));
         assert_eq!(a, SharedStr::from(String::from("web")));
         assert_eq!(a, "web");
-        assert!(a < SharedStr::from("wfb"));
+        let later = SharedStr::from("wfb");
+        assert!(a < later);
     }
 }
