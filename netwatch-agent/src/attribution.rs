@@ -179,8 +179,6 @@ pub struct Attribution {
     /// Verdicts as written into records, by peers (see [`AppliedVerdict`]);
     /// emptied on every cluster update (the engine may change in place).
     applied_verdicts: HashMap<AppliedKey, Arc<AppliedVerdict>>,
-    /// The engine generation `applied_verdicts` was filled with.
-    applied_generation: u64,
 }
 
 /// How snapshots were taken in: change by change, or by a rebuild.
@@ -211,7 +209,6 @@ impl Attribution {
             updates: UpdateCounts::default(),
             pod_endpoints: PodEndpoints::default(),
             applied_verdicts: HashMap::new(),
-            applied_generation: 0,
         }
     }
 
@@ -229,7 +226,7 @@ impl Attribution {
     pub fn update(&mut self, snapshot: &ClusterSnapshot, complete: bool, now: SystemTime) {
         let changes = self.applied.and_then(|at| snapshot.changes.since(at));
         self.applied = Some(snapshot.changes.position());
-        // An in-place change keeps the engine's generation: what records
+        // The engine changes only here (in place or rebuilt): what records
         // were given by peers must be judged again.
         self.applied_verdicts.clear();
         if changes.is_some_and(|changes| self.apply_changes(snapshot, &changes, now)) {
@@ -370,10 +367,6 @@ impl Attribution {
         }
         let from = self.peer(&engine, &r.source, client_pod.as_ref(), src_ip, at);
         let to = self.peer(&engine, &r.destination, None, dst_ip, at);
-        if self.applied_generation != engine.generation() {
-            self.applied_verdicts.clear();
-            self.applied_generation = engine.generation();
-        }
         let key = (from, to, engine.source_port_key(sport), port, proto);
         let applied = match self.applied_verdicts.get(&key) {
             Some(a) => a.clone(),
