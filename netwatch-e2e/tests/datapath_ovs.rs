@@ -363,13 +363,10 @@ fn ovs_scenario_baseline_default_deny() {
     scenario("baseline-default-deny");
 }
 
-// The agent's first record of this refused flow says DROPPED: kube-proxy's
-// REJECT drops the SYN at once, and its ICMP answer comes back through
-// ovs-vswitchd's slow path (a new megaflow) later, so the flow turns REFUSED
-// only in a later record while `netwatch_denied_flows_total` counted it as
-// DROPPED. Open (issue "Every CNI datapath family").
+// kube-proxy's REJECT drops the SYN at once, and its ICMP answer comes back
+// through ovs-vswitchd's slow path (a new megaflow) after the drop reached
+// the agent: the first record must still say REFUSED, not DROPPED.
 #[test]
-#[ignore = "metrics count the refused flow as DROPPED on OVS: the REJECT's ICMP arrives after the drop's first record"]
 fn ovs_scenario_no_ready_endpoints() {
     scenario("no-ready-endpoints");
 }

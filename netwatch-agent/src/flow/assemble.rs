@@ -47,6 +47,10 @@ pub struct AssemblerConfig {
     /// Inode of the agent's network namespace: interface indexes are only
     /// named when they are this namespace's (0: take every index as ours).
     pub own_netns: u32,
+    /// How long the first record of a connection attempt dropped by the
+    /// firewall waits for a refusal (see [`FlowAssembler::handle`]); the
+    /// wait ends at the first tick past it.
+    pub refusal_grace: Duration,
 }
 
 impl Default for AssemblerConfig {
@@ -58,6 +62,7 @@ impl Default for AssemblerConfig {
             connect_timeout: Duration::from_secs(3),
             max_flows: 65536,
             own_netns: 0,
+            refusal_grace: Duration::from_millis(200),
         }
     }
 }
@@ -135,6 +140,9 @@ struct ActiveFlow {
     last_emitted: SystemTime,
     /// Distinct flows summarised, for an entry of the kernel's drop aggregate.
     aggregated_flows: Option<u64>,
+    /// Since when its first record waits for a refusal that may follow the
+    /// drop (None: not waiting).
+    held_since: Option<SystemTime>,
 }
 
 /// Merges signals into flows and decides when records go out.
@@ -159,6 +167,8 @@ pub struct FlowAssembler {
     /// Entries of the kernel's drop aggregate, each reported as one record
     /// (bounded by the kernel table).
     aggregates: HashMap<AggKey, ActiveFlow>,
+    /// Flows whose first record waits for a refusal (see `refusal_grace`).
+    held: Vec<FlowKey>,
 }
 
 /// What the assembler wants done after a tick.
@@ -182,6 +192,7 @@ impl FlowAssembler {
             evicted: 0,
             released: HashSet::new(),
             aggregates: HashMap::new(),
+            held: Vec::new(),
         }
     }
 
@@ -195,6 +206,15 @@ impl FlowAssembler {
     }
 
     /// Take one signal; returns the records to emit now (first records).
+    ///
+    /// A new flow's first record goes out at once, except one begun by a
+    /// firewall's drop of a connection attempt: a REJECT drops the packet
+    /// and answers it, and on a datapath where the answer takes a slower
+    /// path back to the client than the drop takes to us (Open vSwitch
+    /// sends it through ovs-vswitchd when no megaflow matches yet), the
+    /// first record would say DROPPED for a flow that is REFUSED. Such a
+    /// record waits `refusal_grace` (until the next tick past it) and goes
+    /// out as soon as the refusal arrives.
     pub fn handle(
         &mut self,
         signal: Signal,
@@ -252,7 +272,17 @@ impl FlowAssembler {
                 outer,
             }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
+                let grace = self.config.refusal_grace;
                 let f = self.locate(key, NatSide::Post, time);
+                if f.last_emitted == SystemTime::UNIX_EPOCH
+                    && f.refusal.is_none()
+                    && !grace.is_zero()
+                    && !reply
+                    && opens_connection(&flow, tcp_flags)
+                    && may_be_rejected(reasons, reason)
+                {
+                    f.held_since.get_or_insert(now);
+                }
                 f.drop_keys.insert((flow, reason));
                 f.outer = f.outer.or(outer);
                 note_drop(f, reply, tcp_flags, ifindex, netns);
@@ -322,6 +352,8 @@ impl FlowAssembler {
                 // Answers reach the client reverse-NATed: its own view.
                 let f = self.locate(flow, NatSide::Pre, time);
                 f.refusal = Some(how);
+                // The refusal a held first record waited for: out now.
+                let released = f.held_since.take().map(|_| f.key);
                 f.attempts = f.attempts.max(u64::from(attempts));
                 f.points.insert("tc");
                 if flow.proto == IPPROTO_TCP {
@@ -332,6 +364,7 @@ impl FlowAssembler {
                     f.direction = direction;
                 }
                 touch(f, time);
+                self.fresh.extend(released);
             }
             Signal::Kernel(KernelEvent::SockRetransmit {
                 time,
@@ -385,6 +418,13 @@ impl FlowAssembler {
                 f.cgroup_id.get_or_insert(cgroup_id);
                 f.points.insert("sock_ops");
             }
+            if f.held_since.is_some() {
+                self.held.push(k);
+                continue;
+            }
+            if f.last_emitted != SystemTime::UNIX_EPOCH {
+                continue;
+            }
             out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
             f.dirty = false;
             f.last_emitted = now;
@@ -401,8 +441,32 @@ impl FlowAssembler {
         ifnames: &dyn Fn(u32) -> Option<String>,
     ) -> TickOutput {
         let mut out = TickOutput::default();
+        let grace = self.config.refusal_grace;
+        // First records that waited long enough for a refusal.
+        let flows = &mut self.flows;
+        let config = &self.config;
+        self.held.retain(|k| {
+            let Some(f) = flows.get_mut(k) else {
+                return false;
+            };
+            let Some(since) = f.held_since else {
+                return false;
+            };
+            if now.duration_since(since).unwrap_or_default() < grace {
+                return true;
+            }
+            f.held_since = None;
+            out.records
+                .push(render(f, config, reasons, ifnames, Lifecycle::New));
+            f.dirty = false;
+            f.last_emitted = now;
+            false
+        });
         let mut finished = Vec::new();
         for (k, f) in self.flows.iter_mut() {
+            if f.held_since.is_some() {
+                continue;
+            }
             let quiet =
                 now.duration_since(f.last_change).unwrap_or_default() >= self.config.idle_timeout;
             if quiet {
@@ -559,7 +623,26 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         dirty: true,
         last_emitted: SystemTime::UNIX_EPOCH,
         aggregated_flows: None,
+        held_since: None,
     }
+}
+
+/// Whether the dropped packet `flow` (TCP flags `tcp`) opens a connection
+/// that a REJECT would answer: a SYN, a UDP datagram, an SCTP packet.
+fn opens_connection(flow: &FlowKey, tcp: u8) -> bool {
+    match flow.proto {
+        IPPROTO_TCP => tcp & tcp_flags::SYN != 0 && tcp & tcp_flags::ACK == 0,
+        IPPROTO_UDP | IPPROTO_SCTP => true,
+        _ => false,
+    }
+}
+
+/// Whether a drop for `reason` can be a REJECT's: netfilter's drop, or a
+/// kernel that does not say (no reasons before 5.17, or none given).
+fn may_be_rejected(reasons: &DropReasons, reason: u32) -> bool {
+    reason == 0
+        || reasons.value("NETFILTER_DROP") == Some(reason)
+        || reasons.value("NOT_SPECIFIED") == Some(reason)
 }
 
 /// The flow an aggregate entry is reported as: source port 0 (for ICMP,
@@ -1123,10 +1206,122 @@ mod tests {
         assert_eq!(a.active_aggregates(), 0);
     }
 
+    fn refusal(k: FlowKey, at: SystemTime) -> Signal {
+        Signal::Kernel(KernelEvent::Refused {
+            time: at,
+            flow: k,
+            how: Refusal::IcmpUnreachable {
+                icmp_type: 3,
+                code: 3,
+            },
+            ifindex: 7,
+            direction: Crossing::ToPod,
+            attempts: 1,
+        })
+    }
+
+    #[test]
+    fn a_rejected_attempt_whose_answer_comes_after_the_drop_is_one_refused_record() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40010, 80, IPPROTO_TCP);
+        let at = t(0);
+        assert!(
+            a.handle(drop_event(k, at), at, &reasons(), &no_names)
+                .is_empty(),
+            "the first record of a firewall's drop waits for a refusal"
+        );
+        let later = at + Duration::from_millis(50);
+        let out = a.handle(refusal(k, later), later, &reasons(), &no_names);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::Refused);
+        assert_eq!(out[0].lifecycle, Lifecycle::New);
+        // Nothing more to say at the next tick: the record went out.
+        let tick = a.tick(at + Duration::from_secs(1), &reasons(), &no_names);
+        assert!(tick.records.is_empty(), "{:?}", tick.records);
+    }
+
+    #[test]
+    fn a_drop_no_refusal_follows_goes_out_at_the_first_tick_past_the_grace() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40011, 80, IPPROTO_TCP);
+        let at = t(0);
+        assert!(
+            a.handle(drop_event(k, at), at, &reasons(), &no_names)
+                .is_empty()
+        );
+        let early = a.tick(at + Duration::from_millis(100), &reasons(), &no_names);
+        assert!(early.records.is_empty(), "{:?}", early.records);
+        let due = a.tick(at + Duration::from_millis(250), &reasons(), &no_names);
+        assert_eq!(due.records.len(), 1);
+        assert_eq!(due.records[0].verdict, Verdict::Dropped);
+        assert_eq!(due.records[0].lifecycle, Lifecycle::New);
+        // A refusal after the record: an update, same flow.
+        let late = at + Duration::from_millis(300);
+        assert!(
+            a.handle(refusal(k, late), late, &reasons(), &no_names)
+                .is_empty()
+        );
+        let upd = a.tick(at + Duration::from_secs(6), &reasons(), &no_names);
+        assert_eq!(upd.records.len(), 1);
+        assert_eq!(upd.records[0].uuid, due.records[0].uuid);
+        assert_eq!(upd.records[0].verdict, Verdict::Refused);
+    }
+
+    #[test]
+    fn drops_a_reject_cannot_have_made_go_out_at_once() {
+        let reasons = DropReasons::from_pairs([
+            (12, "SKB_DROP_REASON_NETFILTER_DROP".to_string()),
+            (70, "SKB_DROP_REASON_TC_INGRESS".to_string()),
+        ]);
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        // Another reason than netfilter's.
+        let k = key(40012, 80, IPPROTO_TCP);
+        let Signal::Kernel(KernelEvent::Drop {
+            time,
+            flow,
+            ifindex,
+            netns,
+            bytes,
+            tcp_flags,
+            outer,
+            ..
+        }) = drop_event(k, t(0))
+        else {
+            unreachable!()
+        };
+        let tc = Signal::Kernel(KernelEvent::Drop {
+            time,
+            flow,
+            reason: 70,
+            ifindex,
+            netns,
+            bytes,
+            tcp_flags,
+            outer,
+        });
+        let out = a.handle(tc, t(0), &reasons, &no_names);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].drop_reason_desc.as_deref(), Some("TC_INGRESS"));
+        // Not a connection attempt: an ACK of an established connection.
+        let k = key(40013, 80, IPPROTO_TCP);
+        let ack = Signal::Kernel(KernelEvent::Drop {
+            time: t(0),
+            flow: k,
+            reason: 12,
+            ifindex: 7,
+            netns: 1,
+            bytes: 52,
+            tcp_flags: tcp_flags::ACK,
+            outer: None,
+        });
+        assert_eq!(a.handle(ack, t(0), &reasons, &no_names).len(), 1);
+    }
+
     #[test]
     fn first_drop_is_emitted_at_once_with_reason_name() {
         let mut a = FlowAssembler::new(AssemblerConfig {
             node_name: "n1".into(),
+            refusal_grace: Duration::ZERO,
             ..Default::default()
         });
         let out = a.handle(
@@ -1211,6 +1406,7 @@ mod tests {
         let mut a = FlowAssembler::new(AssemblerConfig {
             update_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),
+            refusal_grace: Duration::ZERO,
             ..Default::default()
         });
         let k = key(40000, 8080, IPPROTO_TCP);
@@ -1260,6 +1456,7 @@ mod tests {
         let cfg = AssemblerConfig {
             update_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
+            refusal_grace: Duration::ZERO,
             ..Default::default()
         };
         let mut a = FlowAssembler::new(cfg);
@@ -1397,7 +1594,10 @@ mod tests {
 
     #[test]
     fn socket_cgroup_joins_the_flow_seen_later() {
-        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            refusal_grace: Duration::ZERO,
+            ..Default::default()
+        });
         let k = key(40003, 80, IPPROTO_TCP);
         a.handle(
             Signal::Kernel(KernelEvent::SockRetransmit {
@@ -1439,6 +1639,7 @@ mod tests {
         let names = |i: u32| (i == 7).then(|| "veth0a1b2c3d".to_string());
         let config = AssemblerConfig {
             own_netns: 1,
+            refusal_grace: Duration::ZERO,
             ..Default::default()
         };
         // Index 7 in this node's namespace (the drop event's netns is 1).
