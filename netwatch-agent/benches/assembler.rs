@@ -55,6 +55,8 @@ fn dropped(n: u32) -> Signal {
 fn filled(max_flows: usize, reasons: &DropReasons) -> FlowAssembler {
     let mut a = FlowAssembler::new(AssemblerConfig {
         max_flows,
+        // Each first record rendered in `handle`, not held for a refusal.
+        refusal_grace: Duration::ZERO,
         ..AssemblerConfig::default()
     });
     for n in 0..TRACKED {

@@ -83,7 +83,11 @@ fn record(
     sport: u16,
 ) -> FlowRecord {
     // A fresh assembler: records of one client port would be one connection.
-    let mut assembler = FlowAssembler::new(AssemblerConfig::default());
+    // First records at once (not held for a refusal), as the benches take them.
+    let mut assembler = FlowAssembler::new(AssemblerConfig {
+        refusal_grace: Duration::ZERO,
+        ..AssemblerConfig::default()
+    });
     let mut k = FlowKey {
         src_port: sport,
         dst_port: 8080,

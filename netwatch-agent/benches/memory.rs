@@ -116,6 +116,7 @@ fn main() {
     let mut assembler = FlowAssembler::new(AssemblerConfig {
         max_flows: FLOWS as usize,
         idle_timeout: Duration::from_secs(3600),
+        refusal_grace: Duration::ZERO,
         ..AssemblerConfig::default()
     });
     let now = SystemTime::now();
