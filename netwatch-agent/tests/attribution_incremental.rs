@@ -451,16 +451,15 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                         .get(cluster.rng.below(snapshot.pods.len().max(1)))
                         .cloned()
                 {
-                    // A pod deleted and another (new name) taking its
-                    // address at once, as a node's IPAM reuses it.
+                    // A pod deleted and another (any name, often a new
+                    // one) taking its address in the same batch, as a
+                    // node's IPAM reuses it.
                     let name = format!("pod-{}", cluster.rng.below(30));
                     let mut new = cluster.pod(&name);
                     let address = old.status.as_ref().and_then(|s| s.pod_ip.clone());
+                    let host = new.spec.as_ref().and_then(|s| s.host_network) == Some(true);
                     if let Some(status) = new.status.as_mut()
-                        && !new
-                            .spec
-                            .as_ref()
-                            .is_some_and(|s| s.host_network == Some(true))
+                        && !host
                     {
                         status.pod_ip = address;
                     }
