@@ -13,7 +13,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use netwatch::{
     attribution::{Attribution, AttributionConfig},
     capture::{events::KernelEvent, reasons::DropReasons},
-    cluster::{Change, ChangeKind, ChangeLog, ClusterSnapshot},
+    cluster::{Change, ChangeKind, ChangeLog, ClusterSnapshot, Lineage},
     export::{ExportConfig, Exporters, flowlog::FlowLogTarget},
     flow::{
         assemble::{AssemblerConfig, FlowAssembler, Signal},
@@ -396,6 +396,40 @@ fn updates(c: &mut Criterion) {
             attribution.update(&snapshot, true, now);
         })
     });
+    // A manifest reload with a pod or two changed: the whole cluster
+    // loaded afresh, recorded as changes of the previous load by hashing
+    // every object, then applied (the load itself is not counted).
+    let mut lineage = Lineage::default();
+    let mut base = ClusterSnapshot {
+        changes: ChangeLog::default(),
+        ..snapshot.clone()
+    };
+    lineage.follow(&mut base);
+    attribution.update(&base, true, now);
+    drop(base);
+    group.sample_size(10);
+    group.bench_function(
+        "manifest reload, a pod changed (10k pods, 2k policies)",
+        |b| {
+            b.iter_batched(
+                || {
+                    n += 1;
+                    let mut loaded = ClusterSnapshot {
+                        changes: ChangeLog::default(),
+                        ..snapshot.clone()
+                    };
+                    pod_change(&mut loaded, n);
+                    loaded
+                },
+                |mut loaded| {
+                    lineage.follow(&mut loaded);
+                    attribution.update(&loaded, true, now);
+                    loaded
+                },
+                BatchSize::LargeInput,
+            )
+        },
+    );
     group.finish();
 }
 
