@@ -13,7 +13,8 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use netwatch::{
     attribution::{Attribution, AttributionConfig},
     capture::{events::KernelEvent, reasons::DropReasons},
-    cluster::{Change, ChangeKind, ChangeLog, ClusterSnapshot},
+    cluster::{Change, ChangeKind, ChangeLog, ClusterSnapshot, Lineage},
+    export::{ExportConfig, Exporters, flowlog::FlowLogTarget},
     flow::{
         assemble::{AssemblerConfig, FlowAssembler, Signal},
         record::FlowRecord,
@@ -257,33 +258,76 @@ fn updates(c: &mut Criterion) {
         .collect();
     // A rollout step: one pod gets a new template hash (a new identity the
     // first time) and another address, then back.
+    let pod_change = |snapshot: &mut ClusterSnapshot, n: usize| {
+        let at = (n * 37) % snapshot.pods.len();
+        let pod = &mut snapshot.pods[at];
+        let labels = pod.metadata.labels.get_or_insert_default();
+        let hash = if n.is_multiple_of(2) { "a" } else { "b" };
+        labels.insert("pod-template-hash".into(), hash.into());
+        pod.metadata.resource_version = Some(n.to_string());
+        if let Some(status) = pod.status.as_mut() {
+            status.pod_ip = if n.is_multiple_of(2) {
+                originals[at].clone()
+            } else {
+                Some(format!("10.200.{}.{}", at / 250, at % 250 + 1))
+            };
+        }
+        let (namespace, name) = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
+        snapshot.changes.record(Change {
+            kind: ChangeKind::Pod,
+            namespace: namespace.unwrap_or_default(),
+            name,
+            position: Some(at),
+        });
+    };
     let mut n = 0usize;
     group.bench_function("one pod change (10k pods, 2k policies)", |b| {
         b.iter(|| {
             n += 1;
-            let at = (n * 37) % snapshot.pods.len();
-            let pod = &mut snapshot.pods[at];
-            let labels = pod.metadata.labels.get_or_insert_default();
-            let hash = if n.is_multiple_of(2) { "a" } else { "b" };
-            labels.insert("pod-template-hash".into(), hash.into());
-            pod.metadata.resource_version = Some(n.to_string());
-            if let Some(status) = pod.status.as_mut() {
-                status.pod_ip = if n.is_multiple_of(2) {
-                    originals[at].clone()
-                } else {
-                    Some(format!("10.200.{}.{}", at / 250, at % 250 + 1))
-                };
-            }
-            let (namespace, name) = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
-            snapshot.changes.record(Change {
-                kind: ChangeKind::Pod,
-                namespace: namespace.unwrap_or_default(),
-                name,
-                position: Some(at),
-            });
+            pod_change(&mut snapshot, n);
             attribution.update(&snapshot, true, now);
         })
     });
+
+    // The daemon's whole update: attribution, then the exporters' list of
+    // pods (a deleted pod's metric series retire).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut outputs = runtime
+        .block_on(Exporters::start(&ExportConfig {
+            node_name: "node-1".into(),
+            flow_log: FlowLogTarget::Off,
+            metrics_addr: None,
+            ..ExportConfig::default()
+        }))
+        .expect("exporters");
+    outputs.cluster_pods(&snapshot, attribution.identity());
+    group.bench_function("one pod change, daemon (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            pod_change(&mut snapshot, n);
+            attribution.update(&snapshot, true, now);
+            outputs.cluster_pods(&snapshot, attribution.identity());
+        })
+    });
+    // The exporters' pod list from a snapshot it cannot follow by its
+    // change log: a pass over every pod, what each update did before.
+    let other = ClusterSnapshot {
+        changes: ChangeLog::default(),
+        ..snapshot.clone()
+    };
+    let mut flip = false;
+    group.bench_function("exporters' pod list, full pass (10k pods)", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let s = if flip { &other } else { &snapshot };
+            outputs.cluster_pods(s, attribution.identity());
+        })
+    });
+    drop(other);
+    outputs.cluster_pods(&snapshot, attribution.identity());
 
     let mut n = 0usize;
     group.bench_function("one namespace label change (10k pods, 2k policies)", |b| {
@@ -356,6 +400,40 @@ fn updates(c: &mut Criterion) {
             attribution.update(&snapshot, true, now);
         })
     });
+    // A manifest reload with a pod or two changed: the whole cluster
+    // loaded afresh, recorded as changes of the previous load by hashing
+    // every object, then applied (the load itself is not counted).
+    let mut lineage = Lineage::default();
+    let mut base = ClusterSnapshot {
+        changes: ChangeLog::default(),
+        ..snapshot.clone()
+    };
+    lineage.follow(&mut base);
+    attribution.update(&base, true, now);
+    drop(base);
+    group.sample_size(10);
+    group.bench_function(
+        "manifest reload, a pod changed (10k pods, 2k policies)",
+        |b| {
+            b.iter_batched(
+                || {
+                    n += 1;
+                    let mut loaded = ClusterSnapshot {
+                        changes: ChangeLog::default(),
+                        ..snapshot.clone()
+                    };
+                    pod_change(&mut loaded, n);
+                    loaded
+                },
+                |mut loaded| {
+                    lineage.follow(&mut loaded);
+                    attribution.update(&loaded, true, now);
+                    loaded
+                },
+                BatchSize::LargeInput,
+            )
+        },
+    );
     group.finish();
 }
 

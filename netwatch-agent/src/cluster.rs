@@ -13,6 +13,8 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::policy::api::calico::{CalicoCrds, CalicoManifests};
 use crate::policy::api::cluster::{
     AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
@@ -49,6 +51,180 @@ pub struct ClusterSnapshot {
     /// Which objects changed, for consumers that apply changes instead of
     /// rebuilding (see [`ChangeLog`]).
     pub changes: ChangeLog,
+}
+
+/// What a source remembers of the snapshots it published, to publish a
+/// fresh load of the whole cluster (a manifest reload) as changes of the
+/// last one: a hash of each object, and the change log. Consumers then
+/// apply what differs instead of rebuilding. About 100 bytes an object;
+/// the objects themselves are not kept.
+#[derive(Debug, Default)]
+pub struct Lineage {
+    log: ChangeLog,
+    /// (list, namespace, name) -> hash of the object.
+    objects: std::collections::HashMap<(ListKind, String, String), u64>,
+    /// Hash of the kinds not applied object by object (cluster tiers,
+    /// Calico); `None` before the first load.
+    rest: Option<u64>,
+}
+
+/// The lists of a snapshot whose objects are followed one by one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ListKind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+    Service,
+    EndpointSlice,
+    Node,
+    ReplicaSet,
+    Job,
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+    CronJob,
+}
+
+impl ListKind {
+    fn change_kind(self) -> ChangeKind {
+        match self {
+            ListKind::Namespace => ChangeKind::Namespace,
+            ListKind::Pod => ChangeKind::Pod,
+            ListKind::NetworkPolicy => ChangeKind::NetworkPolicy,
+            ListKind::Service => ChangeKind::Service,
+            ListKind::EndpointSlice => ChangeKind::EndpointSlice,
+            ListKind::Node => ChangeKind::Node,
+            ListKind::ReplicaSet | ListKind::Job => ChangeKind::PodOwner,
+            ListKind::Deployment
+            | ListKind::StatefulSet
+            | ListKind::DaemonSet
+            | ListKind::CronJob => ChangeKind::Workload,
+        }
+    }
+}
+
+/// Feeds what serde writes into a hasher, without a buffer.
+struct HashWriter(std::collections::hash_map::DefaultHasher);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::hash::Hasher::write(&mut self.0, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn digest(value: &impl serde::Serialize) -> u64 {
+    let mut w = HashWriter(Default::default());
+    // Writing to a hasher does not fail, and these kinds serialize.
+    let _ = serde_json::to_writer(&mut w, value);
+    std::hash::Hasher::finish(&w.0)
+}
+
+fn hashed<T: serde::Serialize>(
+    items: &[T],
+    meta: impl Fn(&T) -> &ObjectMeta,
+) -> Vec<(&ObjectMeta, u64)> {
+    items.iter().map(|o| (meta(o), digest(o))).collect()
+}
+
+impl Lineage {
+    /// Gives `snapshot`, loaded afresh, a change log that goes on from the
+    /// last snapshot given here, recording each object added, changed or
+    /// removed since. Kinds not applied object by object (cluster tiers,
+    /// Calico) are recorded as a re-list when they changed, which rebuilds.
+    /// The first snapshot starts the log.
+    pub fn follow(&mut self, snapshot: &mut ClusterSnapshot) {
+        let s = &*snapshot;
+        let lists = [
+            (ListKind::Namespace, hashed(&s.namespaces, |o| &o.metadata)),
+            (ListKind::Pod, hashed(&s.pods, |o| &o.metadata)),
+            (
+                ListKind::NetworkPolicy,
+                hashed(&s.network_policies, |o| &o.metadata),
+            ),
+            (ListKind::Service, hashed(&s.services, |o| &o.metadata)),
+            (
+                ListKind::EndpointSlice,
+                hashed(&s.endpoint_slices, |o| &o.metadata),
+            ),
+            (ListKind::Node, hashed(&s.nodes, |o| &o.metadata)),
+            (
+                ListKind::ReplicaSet,
+                hashed(&s.replica_sets, |o| &o.metadata),
+            ),
+            (ListKind::Job, hashed(&s.jobs, |o| &o.metadata)),
+            (
+                ListKind::Deployment,
+                hashed(&s.deployments, |o| &o.metadata),
+            ),
+            (
+                ListKind::StatefulSet,
+                hashed(&s.stateful_sets, |o| &o.metadata),
+            ),
+            (ListKind::DaemonSet, hashed(&s.daemon_sets, |o| &o.metadata)),
+            (ListKind::CronJob, hashed(&s.cron_jobs, |o| &o.metadata)),
+        ];
+        let mut objects = std::collections::HashMap::with_capacity(self.objects.len());
+        let mut changed: Vec<(ListKind, String, String, Option<usize>)> = Vec::new();
+        for (kind, items) in lists {
+            for (i, (meta, hash)) in items.into_iter().enumerate() {
+                let key = (
+                    kind,
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                );
+                if self.objects.get(&key) != Some(&hash) {
+                    changed.push((kind, key.1.clone(), key.2.clone(), Some(i)));
+                }
+                // The last object of a name wins, as in the loader.
+                objects.insert(key, hash);
+            }
+        }
+        // Removed objects, in a stable order.
+        let mut removed: Vec<&(ListKind, String, String)> = self
+            .objects
+            .keys()
+            .filter(|k| !objects.contains_key(*k))
+            .collect();
+        removed.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        changed.extend(
+            removed
+                .into_iter()
+                .map(|(kind, ns, name)| (*kind, ns.clone(), name.clone(), None)),
+        );
+        // Calico's objects do not serialize as one value: their debug form
+        // stands for them.
+        let rest = digest(&(
+            &s.cluster_network_policies,
+            &s.admin_network_policies,
+            &s.baseline_admin_network_policies,
+            format!("{:?}{:?}", s.calico, s.calico_crds),
+        ));
+        if self.rest.is_some() {
+            for (kind, namespace, name, position) in changed {
+                self.log.record(Change {
+                    kind: kind.change_kind(),
+                    namespace,
+                    name: Some(name),
+                    position,
+                });
+            }
+            if self.rest != Some(rest) {
+                self.log.record(Change {
+                    kind: ChangeKind::Other,
+                    namespace: String::new(),
+                    name: None,
+                    position: None,
+                });
+            }
+        }
+        self.objects = objects;
+        self.rest = Some(rest);
+        snapshot.changes = self.log.clone();
+    }
 }
 
 /// The kinds whose changes consumers can apply one object at a time; any
@@ -177,6 +353,70 @@ mod tests {
             name: Some(name.into()),
             position: None,
         }
+    }
+
+    fn pod_object(name: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "x"},
+            "status": {"podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_is_recorded_as_the_objects_that_differ() {
+        let mut lineage = Lineage::default();
+        let mut first = ClusterSnapshot {
+            pods: vec![pod_object("a", "10.0.0.1"), pod_object("b", "10.0.0.2")],
+            ..ClusterSnapshot::default()
+        };
+        lineage.follow(&mut first);
+        let at = first.changes.position();
+        assert_eq!(first.changes.since(at), Some(vec![]));
+        // a changed, b gone, c new; the same objects again change nothing.
+        let mut second = ClusterSnapshot {
+            pods: vec![
+                pod_object("c", "10.0.0.3"),
+                pod_object("a", "10.0.0.9"),
+                pod_object("d", "10.0.0.4"),
+            ],
+            ..ClusterSnapshot::default()
+        };
+        lineage.follow(&mut second);
+        let changes: Vec<(Option<String>, Option<usize>)> = second
+            .changes
+            .since(at)
+            .expect("the same lineage")
+            .into_iter()
+            .map(|c| {
+                assert_eq!((c.kind, c.namespace.as_str()), (ChangeKind::Pod, "x"));
+                (c.name.clone(), c.position)
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            vec![
+                (Some("c".into()), Some(0)),
+                (Some("a".into()), Some(1)),
+                (Some("d".into()), Some(2)),
+                (Some("b".into()), None),
+            ]
+        );
+        let at = second.changes.position();
+        let mut third = second.clone();
+        lineage.follow(&mut third);
+        assert_eq!(third.changes.since(at), Some(vec![]));
+        // A kind not followed object by object: a re-list, which rebuilds.
+        let mut fourth = ClusterSnapshot {
+            admin_network_policies: vec![Default::default()],
+            ..second.clone()
+        };
+        lineage.follow(&mut fourth);
+        let changes = fourth.changes.since(at).expect("the same lineage");
+        assert!(
+            matches!(changes.as_slice(), [c] if c.kind == ChangeKind::Other && c.name.is_none()),
+            "{changes:?}"
+        );
     }
 
     #[test]

@@ -206,7 +206,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             let snapshot = f.snapshots.borrow_and_update().clone();
             let complete = *f.ready.borrow_and_update();
             attribution.update(&snapshot, complete, SystemTime::now());
-            outputs.cluster_pods(&snapshot);
+            outputs.cluster_pods(&snapshot, attribution.identity());
             f.release(&snapshot);
             drop(snapshot);
             release_freed_memory();
@@ -316,7 +316,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                         let snapshot = f.snapshots.borrow_and_update().clone();
                         let complete = *f.ready.borrow_and_update();
                         attribution.update(&snapshot, complete, SystemTime::now());
-                        outputs.cluster_pods(&snapshot);
+                        outputs.cluster_pods(&snapshot, attribution.identity());
                         f.release(&snapshot);
                         trim_due = true;
                         if attribution.is_synced() {

@@ -1,7 +1,9 @@
 //! Incremental cluster updates against full rebuilds: random sequences of
 //! watch events (pods, namespaces, services, EndpointSlices,
 //! NetworkPolicies, ReplicaSets; adds, changes, deletes, occasional
-//! re-lists) go through the API source's snapshot writer, which records
+//! re-lists; addresses reused and contested from a small pool, a deleted
+//! pod's address taken by another at once, hostNetwork pods sharing the
+//! node's address, pods without one) go through the API source's snapshot writer, which records
 //! them in the snapshot's change log. One [`Attribution`] applies them
 //! change by change; another sees every snapshot as new and rebuilds.
 //! After each batch both must resolve every address alike (pods,
@@ -22,7 +24,7 @@ use k8s_openapi::api::{
 use kube::runtime::watcher::Event;
 use netwatch::{
     attribution::{Attribution, AttributionConfig},
-    cluster::{ChangeLog, ClusterSnapshot},
+    cluster::{ChangeLog, ClusterSnapshot, Lineage},
     identity::kube::{ObjectEvent, SnapshotWriter},
     policy::{EngineOptions, Peer, PolicyEngine, Protocol},
 };
@@ -63,6 +65,9 @@ fn pod_ip(i: usize) -> String {
     format!("10.1.0.{}", i % 24 + 1)
 }
 
+/// The node's address, which every hostNetwork pod has.
+const NODE_IP: &str = "10.0.0.1";
+
 fn service_ip(i: usize) -> String {
     format!("10.96.0.{}", i + 1)
 }
@@ -88,8 +93,14 @@ impl Cluster {
             labels["tier"] = json!(rng.pick(&["front", "back"]));
         }
         let phase = *rng.pick(&["Running", "Running", "Running", "Pending", "Succeeded"]);
-        let host = rng.chance(5);
-        let ip = pod_ip(rng.below(40));
+        let host = rng.chance(8);
+        // hostNetwork pods share the node's address; some pods have none
+        // yet (just scheduled).
+        let ip = if host {
+            Some(NODE_IP.to_string())
+        } else {
+            rng.chance(85).then(|| pod_ip(rng.below(40)))
+        };
         let ready = rng.chance(70);
         let owner = rng.chance(60).then(|| format!("{app}-rs{}", rng.below(2)));
         self.clock += 1;
@@ -109,10 +120,13 @@ impl Cluster {
                 "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}],
             },
             "status": {
-                "phase": phase, "podIP": ip,
+                "phase": phase,
                 "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
             },
         });
+        if let Some(ip) = ip {
+            pod["status"]["podIP"] = json!(ip);
+        }
         if let Some(owner) = owner {
             pod["metadata"]["ownerReferences"] = json!([{
                 "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner,
@@ -285,7 +299,7 @@ fn assert_same_identity(inc: &Attribution, full: &Attribution, at: SystemTime, s
     let ips = (0..24)
         .map(pod_ip)
         .chain((0..5).map(service_ip))
-        .chain(["192.0.2.1".to_string()]);
+        .chain(["192.0.2.1".to_string(), NODE_IP.to_string()]);
     for ip in ips {
         let ip: IpAddr = ip.parse().unwrap();
         for when in [
@@ -344,6 +358,7 @@ fn assert_same_verdicts(inc: &Attribution, snapshot: &ClusterSnapshot, rng: &mut
         .collect();
     peers.extend((0..24).map(|i| Peer::Ip(pod_ip(i).parse().unwrap())));
     peers.push(Peer::Ip("192.0.2.1".parse().unwrap()));
+    peers.push(Peer::Ip(NODE_IP.parse().unwrap()));
     peers.push(Peer::Hypothetical {
         namespace: "b".into(),
         labels: [("app".to_string(), "web".to_string())].into(),
@@ -370,7 +385,17 @@ fn assert_same_verdicts(inc: &Attribution, snapshot: &ClusterSnapshot, rng: &mut
     }
 }
 
-fn run(seed: u64, steps: usize) -> (usize, usize) {
+/// How the incremental side gets its snapshots.
+#[derive(Clone, Copy, PartialEq)]
+enum Feed {
+    /// As the API source publishes them, with its change log.
+    Api,
+    /// Each loaded afresh, as a manifest reload: a [`Lineage`] records
+    /// what differs from the last.
+    Reload,
+}
+
+fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
     let mut cluster = Cluster {
         rng: Rng(seed),
         version: 0,
@@ -406,6 +431,7 @@ fn run(seed: u64, steps: usize) -> (usize, usize) {
 
     let mut inc = attribution();
     let mut full = attribution();
+    let mut lineage = Lineage::default();
     let mut now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_100);
     let mut applied = 0;
     for step in 0..steps {
@@ -419,6 +445,26 @@ fn run(seed: u64, steps: usize) -> (usize, usize) {
                         writer.apply(ObjectEvent::Pod(Event::InitApply(pod)), || &mut snapshot);
                     }
                     writer.apply(ObjectEvent::Pod(Event::InitDone), || &mut snapshot);
+                } else if cluster.rng.chance(15)
+                    && let Some(old) = snapshot
+                        .pods
+                        .get(cluster.rng.below(snapshot.pods.len().max(1)))
+                        .cloned()
+                {
+                    // A pod deleted and another (any name, often a new
+                    // one) taking its address in the same batch, as a
+                    // node's IPAM reuses it.
+                    let name = format!("pod-{}", cluster.rng.below(30));
+                    let mut new = cluster.pod(&name);
+                    let address = old.status.as_ref().and_then(|s| s.pod_ip.clone());
+                    let host = new.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+                    if let Some(status) = new.status.as_mut()
+                        && !host
+                    {
+                        status.pod_ip = address;
+                    }
+                    writer.apply(ObjectEvent::Pod(Event::Delete(old)), || &mut snapshot);
+                    writer.apply(ObjectEvent::Pod(Event::Apply(new)), || &mut snapshot);
                 } else {
                     let event = cluster.event(&snapshot);
                     writer.apply(event, || &mut snapshot);
@@ -426,7 +472,17 @@ fn run(seed: u64, steps: usize) -> (usize, usize) {
             }
         }
         now += Duration::from_secs(1 + cluster.rng.below(10) as u64);
-        let shared = Arc::new(snapshot.clone());
+        let shared = match feed {
+            Feed::Api => Arc::new(snapshot.clone()),
+            Feed::Reload => {
+                let mut loaded = ClusterSnapshot {
+                    changes: ChangeLog::default(),
+                    ..snapshot.clone()
+                };
+                lineage.follow(&mut loaded);
+                Arc::new(loaded)
+            }
+        };
         inc.update(&shared, true, now);
         // The same objects under a new log: a rebuild.
         let rebuilt = ClusterSnapshot {
@@ -454,10 +510,17 @@ fn run(seed: u64, steps: usize) -> (usize, usize) {
 #[test]
 fn incremental_updates_equal_full_rebuilds_over_random_change_sequences() {
     for seed in 1..=10u64 {
-        let (steps, changes) = run(seed * 7919, 100);
+        let (steps, changes) = run(seed * 7919, 100, Feed::Api);
         assert!(
             steps == 100 && changes > 100,
             "seed {seed}: too few changes ({changes})"
         );
+    }
+}
+
+#[test]
+fn manifest_reloads_recorded_as_changes_equal_full_rebuilds() {
+    for seed in 1..=6u64 {
+        run(seed * 104_729, 80, Feed::Reload);
     }
 }

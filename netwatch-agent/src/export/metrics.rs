@@ -1095,6 +1095,27 @@ impl MetricsRegistry {
         self.known_pods = Some(now);
     }
 
+    /// Like [`sync_pods`](Self::sync_pods) for the pods that changed since
+    /// the last call, each with whether it exists now: a pod's change
+    /// costs what it touches, not a pass over every pod.
+    pub fn pods_changed(&mut self, pods: impl IntoIterator<Item = ((String, String), bool)>) {
+        let Some(known) = self.known_pods.as_mut() else {
+            // Nothing recorded yet: the set comes with the first sync.
+            return;
+        };
+        let mut gone = Vec::new();
+        for (pod, exists) in pods {
+            if exists {
+                known.insert(pod);
+            } else if known.remove(&pod) {
+                gone.push(pod);
+            }
+        }
+        for (ns, pod) in gone {
+            self.pod_deleted(&ns, &pod);
+        }
+    }
+
     /// Remove the series of deleted pods whose grace period ended by `now`.
     pub fn expire(&mut self, now: Instant) {
         if self.pending_removals.is_empty() {
@@ -1716,6 +1737,38 @@ mod tests {
         assert_eq!(
             value(&m, "netwatch_drops_total", &[("source_pod", "web-other")]),
             Some(3.0)
+        );
+    }
+
+    #[test]
+    fn pods_changed_deletes_only_the_pods_that_are_gone() {
+        let config = MetricsConfig {
+            source_context: vec![ContextLabel::Pod],
+            deleted_pod_grace: Duration::ZERO,
+            ..MetricsConfig::default()
+        };
+        let mut m = MetricsRegistry::new(config).unwrap();
+        let pod = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        m.sync_pods([pod("prod", "web-7f9c")]);
+        // A pod that appears later is known, and so deleted when it goes.
+        m.pods_changed([(pod("prod", "web-other"), true)]);
+        m.observe(&record(json!({"uuid": "a"})));
+        m.observe(&record(
+            json!({"uuid": "b", "source": {"pod_name": "web-other"}}),
+        ));
+        // A changed pod that still exists, and one gone.
+        m.pods_changed([
+            (pod("prod", "web-7f9c"), true),
+            (pod("prod", "web-other"), false),
+        ]);
+        m.expire(Instant::now() + Duration::from_secs(1));
+        assert_eq!(
+            value(&m, "netwatch_drops_total", &[("source_pod", "web-other")]),
+            None
+        );
+        assert!(
+            value(&m, "netwatch_drops_total", &[("source_pod", "web-7f9c")]).is_some(),
+            "a pod that only changed keeps its series"
         );
     }
 

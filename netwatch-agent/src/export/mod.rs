@@ -80,9 +80,7 @@ pub enum ExportError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Server(#[from] ServerError),
-    #[error(
-        "--kubernetes-events: {0}"
-    )]
+    #[error("--kubernetes-events: {0}")]
     Kube(#[from] crate::identity::kube::KubeSourceError),
 }
 
@@ -109,6 +107,8 @@ pub struct Exporters {
     events: Option<PacketDropEvents>,
     /// Where metrics are served (the bound port when port 0 was asked).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where in the snapshots' change log [`Exporters::cluster_pods`] is.
+    pods_applied: Option<crate::cluster::LogPosition>,
 }
 
 impl Exporters {
@@ -186,6 +186,7 @@ impl Exporters {
             server,
             events,
             metrics_addr,
+            pods_applied: None,
         })
     }
 
@@ -233,14 +234,49 @@ impl Exporters {
         self.metrics.pod_deleted(namespace, pod);
     }
 
-    /// The cluster as identity sees it now: pods gone since the previous
-    /// snapshot are [`Exporters::pod_deleted`].
-    pub fn cluster_pods(&mut self, snapshot: &crate::cluster::ClusterSnapshot) {
-        let pods = snapshot
-            .pods
-            .iter()
-            .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)));
-        self.metrics.sync_pods(pods);
+    /// The cluster as identity sees it now (`identity` updated with
+    /// `snapshot`): pods gone since the previous snapshot are
+    /// [`Exporters::pod_deleted`]. Pods the snapshot's change log names are
+    /// looked up in `identity`; only a new log or a re-list of pods passes
+    /// over every pod.
+    pub fn cluster_pods(
+        &mut self,
+        snapshot: &crate::cluster::ClusterSnapshot,
+        identity: &crate::identity::IdentityCache,
+    ) {
+        use crate::cluster::ChangeKind;
+        let changes = self
+            .pods_applied
+            .and_then(|at| snapshot.changes.since(at))
+            .filter(|c| {
+                c.iter()
+                    .all(|c| c.kind != ChangeKind::Pod || c.name.is_some())
+            });
+        self.pods_applied = Some(snapshot.changes.position());
+        match changes {
+            Some(changes) => {
+                let pods = changes
+                    .iter()
+                    .filter(|c| c.kind == ChangeKind::Pod)
+                    .filter_map(|c| {
+                        let name = c.name.clone()?;
+                        let namespace = if c.namespace.is_empty() {
+                            "default"
+                        } else {
+                            &c.namespace
+                        };
+                        let exists = identity.pod_by_name(namespace, &name).is_some();
+                        Some(((c.namespace.clone(), name), exists))
+                    });
+                self.metrics.pods_changed(pods);
+            }
+            None => {
+                let pods = snapshot.pods.iter().filter_map(|p| {
+                    Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?))
+                });
+                self.metrics.sync_pods(pods);
+            }
+        }
     }
 
     /// Flush buffered output (every tick and at shutdown). The flow log

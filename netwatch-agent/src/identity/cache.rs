@@ -412,6 +412,9 @@ pub struct IdentityCache {
     tombstones: HashMap<String, Tombstone>,
     /// Every pod IP's tenures, oldest first.
     tenures: HashMap<IpAddr, Vec<Tenure>>,
+    /// The live pods holding each address (keys into `pods`): who holds
+    /// an address is settled from these, without a scan of every pod.
+    claims: HashMap<IpAddr, Vec<String>>,
     /// Tombstones and closed tenures in the order they expire.
     expiry: VecDeque<(SystemTime, Expiring)>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
@@ -506,7 +509,7 @@ impl IdentityCache {
             };
             let identity = Arc::new(identity);
             changed.push(Arc::clone(&identity));
-            self.pods.insert(
+            self.insert_pod(
                 key.into_owned(),
                 PodEntry {
                     pod: identity,
@@ -524,7 +527,7 @@ impl IdentityCache {
             .map(|(key, _)| key.clone())
             .collect();
         for key in vanished {
-            let Some(entry) = self.pods.remove(&key) else {
+            let Some(entry) = self.remove_pod(&key) else {
                 continue;
             };
             let old = entry.pod;
@@ -548,41 +551,74 @@ impl IdentityCache {
                 .insert(pod.name.clone(), pod);
         }
 
-        // Which pod holds each IP now. Two live pods claiming one IP is a
-        // transient of the API (the old one not yet marked finished): the one
-        // that started last holds it.
-        let holders = self.holders(|_| true);
-        let ips: HashSet<IpAddr> = self.tenures.keys().chain(holders.keys()).copied().collect();
+        // Which pod holds each IP now (see `holder`).
+        let ips: HashSet<IpAddr> = self
+            .tenures
+            .keys()
+            .chain(self.claims.keys())
+            .copied()
+            .collect();
         for ip in ips {
-            let holder = holders.get(&ip).cloned();
+            let holder = self.holder(ip);
             self.settle_tenures(ip, holder, now);
         }
     }
 
-    /// The live pod holding each address `wanted` accepts.
-    fn holders(
-        &self,
-        wanted: impl Fn(&IpAddr) -> bool,
-    ) -> HashMap<IpAddr, (String, Arc<PodIdentity>)> {
-        let mut holders: HashMap<IpAddr, (&String, &Arc<PodIdentity>)> = HashMap::new();
-        for (key, entry) in &self.pods {
-            let pod = &entry.pod;
-            if !pod.holds_ips() {
-                continue;
-            }
-            for ip in pod.ips.iter().filter(|ip| wanted(ip)) {
-                let replace = holders
-                    .get(ip)
-                    .is_none_or(|(_, other)| pod_start(other) < pod_start(pod));
-                if replace {
-                    holders.insert(*ip, (key, pod));
+    /// Files a live pod under `key` (replacing the object there), and its
+    /// addresses under it.
+    fn insert_pod(&mut self, key: String, entry: PodEntry) {
+        if let Some(old) = self.pods.remove(&key) {
+            self.unclaim(&key, &old.pod);
+        }
+        if entry.pod.holds_ips() {
+            for ip in &entry.pod.ips {
+                let claims = self.claims.entry(*ip).or_default();
+                if !claims.contains(&key) {
+                    claims.push(key.clone());
                 }
             }
         }
-        holders
-            .into_iter()
-            .map(|(ip, (key, pod))| (ip, (key.clone(), Arc::clone(pod))))
-            .collect()
+        self.pods.insert(key, entry);
+    }
+
+    /// Forgets the live pod under `key`, and its address claims.
+    fn remove_pod(&mut self, key: &str) -> Option<PodEntry> {
+        let entry = self.pods.remove(key)?;
+        self.unclaim(key, &entry.pod);
+        Some(entry)
+    }
+
+    fn unclaim(&mut self, key: &str, pod: &PodIdentity) {
+        for ip in &pod.ips {
+            if let Some(claims) = self.claims.get_mut(ip) {
+                claims.retain(|k| k != key);
+                if claims.is_empty() {
+                    self.claims.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// The live pod holding `ip`. Two live pods claiming one IP is a
+    /// transient of the API (the old one not yet marked finished): the one
+    /// that started last holds it; a tie goes to the smaller key, so a
+    /// rebuild and a change agree.
+    fn holder(&self, ip: IpAddr) -> Option<(String, Arc<PodIdentity>)> {
+        let mut best: Option<(&String, &Arc<PodIdentity>)> = None;
+        for key in self.claims.get(&ip)? {
+            let Some(entry) = self.pods.get(key) else {
+                continue;
+            };
+            let pod = &entry.pod;
+            let replace = best.is_none_or(|(best_key, other)| {
+                (pod_start(other), std::cmp::Reverse(best_key))
+                    < (pod_start(pod), std::cmp::Reverse(key))
+            });
+            if replace {
+                best = Some((key, pod));
+            }
+        }
+        best.map(|(key, pod)| (key.clone(), Arc::clone(pod)))
     }
 
     /// Closes the tenure of a pod that no longer holds `ip`, refreshes the
@@ -869,7 +905,7 @@ impl IdentityCache {
                     current = Some(Arc::clone(&entry.pod));
                 } else if let Some(identity) = pod_identity(pod, &owners) {
                     let identity = Arc::new(identity);
-                    self.pods.insert(
+                    self.insert_pod(
                         key,
                         PodEntry {
                             pod: Arc::clone(&identity),
@@ -885,7 +921,7 @@ impl IdentityCache {
             if let Some(old) = &old {
                 let key = old.key();
                 let replaced = current.as_ref().is_none_or(|c| c.key() != key);
-                if replaced && let Some(entry) = self.pods.remove(&key) {
+                if replaced && let Some(entry) = self.remove_pod(&key) {
                     if let Some(names) = self.pods_by_name.get_mut(namespace) {
                         names.remove(name);
                         if names.is_empty() {
@@ -917,9 +953,8 @@ impl IdentityCache {
         }
         affected.sort_unstable();
         affected.dedup();
-        let holders = self.holders(|ip| affected.binary_search(ip).is_ok());
         for ip in affected {
-            let holder = holders.get(&ip).cloned();
+            let holder = self.holder(ip);
             self.settle_tenures(ip, holder, now);
         }
         host_network

@@ -12,7 +12,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::kube::{KubeWatchConfig, watch_cluster};
 use crate::{
-    cluster::ClusterSnapshot,
+    cluster::{ClusterSnapshot, Lineage},
     manifests::{self, ManifestError},
 };
 
@@ -66,11 +66,13 @@ impl SnapshotSource {
         match self {
             SnapshotSource::Manifests { paths, poll } => {
                 let stamp = stamp_blocking(paths.clone()).await;
-                let snapshot = load_blocking(paths.clone()).await?;
+                let mut snapshot = load_blocking(paths.clone()).await?;
+                let mut lineage = Lineage::default();
+                lineage.follow(&mut snapshot);
                 let (snapshot_tx, snapshots) = watch::channel(Arc::new(snapshot));
                 let (_ready_tx, ready) = watch::channel(true);
                 let source_copy = Some(snapshot_tx.clone());
-                let task = tokio::spawn(reload_on_change(paths, poll, stamp, snapshot_tx));
+                let task = tokio::spawn(reload_on_change(paths, poll, stamp, lineage, snapshot_tx));
                 Ok(SnapshotFeed {
                     snapshots,
                     ready,
@@ -201,6 +203,7 @@ async fn reload_on_change(
     paths: Vec<PathBuf>,
     poll: Duration,
     mut last: Stamp,
+    mut lineage: Lineage,
     snapshots: watch::Sender<Arc<ClusterSnapshot>>,
 ) {
     let mut ticker = tokio::time::interval(poll);
@@ -217,7 +220,10 @@ async fn reload_on_change(
         }
         last = now;
         match load_blocking(paths.clone()).await {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
+                // As changes of the previous load: consumers apply what
+                // differs instead of rebuilding.
+                lineage.follow(&mut snapshot);
                 tracing::info!(
                     pods = snapshot.pods.len(),
                     policies = snapshot.network_policies.len(),

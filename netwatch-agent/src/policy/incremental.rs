@@ -222,6 +222,16 @@ impl PolicyEngine {
                 }
             }
             if !old.host_network {
+                for ip in &old.ips {
+                    if let Some(claims) = self.model.ip_claims.get_mut(ip) {
+                        if let Some(at) = claims.iter().position(|&s| s == slot) {
+                            claims.swap_remove(at);
+                        }
+                        if claims.is_empty() {
+                            self.model.ip_claims.remove(ip);
+                        }
+                    }
+                }
                 affected.extend(old.ips.iter().copied());
             }
             let id = old.identity;
@@ -248,9 +258,11 @@ impl PolicyEngine {
             let labels = pod.metadata.labels.clone().unwrap_or_default();
             let identity = self.intern_identity(ns, &labels, host_network);
             let class = self.port_class(&ports);
-            if !host_network {
-                affected.extend(ips.iter().copied());
-            }
+            let new_ips = if host_network {
+                Vec::new()
+            } else {
+                ips.clone()
+            };
             let model = PodModel {
                 namespace: ns,
                 name: name.to_owned(),
@@ -277,39 +289,20 @@ impl PolicyEngine {
                 .entry(namespace.to_owned())
                 .or_default()
                 .insert(name.to_owned(), slot);
+            for ip in &new_ips {
+                self.model.ip_claims.entry(*ip).or_default().push(slot);
+            }
+            affected.extend(new_ips);
         }
         // An address names a pod only when exactly one pod claims it.
         affected.sort_unstable();
         affected.dedup();
-        if !affected.is_empty() {
-            let mut owners: Vec<(IpAddr, u32, usize)> =
-                affected.iter().map(|ip| (*ip, 0, 0)).collect();
-            let model = &self.model;
-            // Free slots (deleted pods, replaced duplicates) claim nothing.
-            let live = |slot: usize, p: &PodModel| {
-                model
-                    .pod_index
-                    .get(&model.namespaces[p.namespace as usize].name)
-                    .and_then(|m| m.get(&p.name))
-                    == Some(&(slot as u32))
-            };
-            for (slot, p) in model.pods.iter().enumerate() {
-                if p.host_network {
-                    continue;
-                }
-                for ip in &p.ips {
-                    if let Ok(i) = affected.binary_search(ip)
-                        && live(slot, p)
-                    {
-                        owners[i].1 = slot as u32;
-                        owners[i].2 += 1;
-                    }
-                }
-            }
-            for (ip, slot, count) in owners {
-                if count == 1 {
+        for ip in affected {
+            match self.model.ip_claims.get(&ip).map(Vec::as_slice) {
+                Some(&[slot]) => {
                     self.model.ip_index.insert(ip, slot);
-                } else {
+                }
+                _ => {
                     self.model.ip_index.remove(&ip);
                 }
             }

@@ -685,6 +685,10 @@ pub struct ClusterModel {
     pub pod_index: HashMap<String, HashMap<String, u32>>,
     /// Pod IP -> pod (host-network pods share their node's IP and are left out).
     pub ip_index: HashMap<IpAddr, u32>,
+    /// Pod IP -> every current pod claiming it (not host-network): what
+    /// `ip_index` is made of, kept so one pod's change settles its
+    /// addresses without a scan of all pods.
+    pub ip_claims: HashMap<IpAddr, Vec<u32>>,
 }
 
 impl ClusterModel {
@@ -764,6 +768,9 @@ impl ClusterModel {
             // An address two pods claim cannot name one of them.
             if owners.len() == 1 {
                 model.ip_index.insert(ip, owners[0]);
+            }
+            if !owners.is_empty() {
+                model.ip_claims.insert(ip, owners);
             }
         }
         model
