@@ -11,10 +11,7 @@ use netwatch::{
     attribution::{Attribution, AttributionConfig},
     capture::{events::KernelEvent, reasons::DropReasons},
     flow::assemble::{AssemblerConfig, FlowAssembler, Signal},
-    identity::{
-        IdentityCache, IdentityConfig,
-        kube::strip_snapshot,
-    },
+    identity::{IdentityCache, IdentityConfig, kube::strip_snapshot},
     manifests,
     policy::{EngineOptions, PolicyEngine},
 };
