@@ -182,10 +182,17 @@ fn main() -> ExitCode {
     // core), each holding freed memory of its own; the agent's allocations
     // are few but large (cluster snapshots built on blocking threads), so
     // two arenas keep RSS close to the live heap at no measurable cost.
+    // Buffers from 256 KiB up (manifest text, lists as the API sent them,
+    // vectors of typed objects, big hash tables) get mappings of their own,
+    // returned to the kernel when freed; a fixed threshold also stops glibc
+    // raising it to the largest buffer freed so far (up to 32 MiB), after
+    // which such buffers land in an arena and pin its pages under whatever
+    // small allocation follows them (RSS then depends on allocation order).
     #[cfg(target_env = "gnu")]
-    // SAFETY: before any thread exists; mallopt only sets a tunable.
+    // SAFETY: before any thread exists; mallopt only sets tunables.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
     let args = Args::parse();
     // kube's client logs an ERROR per failed request, without the kind;
