@@ -10,7 +10,7 @@
 //! Time is passed in explicitly, so everything here is deterministic.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     time::{Duration, SystemTime},
 };
 
@@ -104,14 +104,15 @@ struct DropCounters {
 
 #[derive(Clone, Debug)]
 struct ActiveFlow {
-    uuid: String,
+    /// The flow's UUID (v4), rendered into each record.
+    uuid: u128,
     key: FlowKey,
     /// A completed handshake (POLICY_NOT_ENFORCED), not a denied flow. The
     /// other verdicts follow from what was seen (see [`verdict_of`]).
     established: bool,
-    drops: BTreeMap<u32, DropCounters>,
+    drops: Drops,
     /// Kernel drop-table keys that fed this flow (to remove when it ends).
-    drop_keys: BTreeSet<(FlowKey, u32)>,
+    drop_keys: Vec<(FlowKey, u32)>,
     /// Destination as the client addressed it (a service IP, before DNAT),
     /// and as the node forwarded it (after DNAT), when they differ.
     pre_nat_dst: Option<([u8; 16], u16)>,
@@ -134,7 +135,7 @@ struct ActiveFlow {
     /// namespace, where indexes mean other interfaces; 0 for this node's.
     netns: u32,
     direction: Crossing,
-    points: BTreeSet<&'static str>,
+    points: Points,
     cgroup_id: Option<u64>,
     dirty: bool,
     last_emitted: SystemTime,
@@ -243,11 +244,11 @@ impl FlowAssembler {
                     f.ifindex = stats.ifindex;
                     f.netns = stats.netns;
                     f.direction = Crossing::FromPod;
-                    f.points.insert("kfree_skb");
+                    f.points.insert(Point::KfreeSkb);
                     f.last_emitted = SystemTime::UNIX_EPOCH;
                     f
                 });
-                let c = a.drops.entry(key.reason).or_default();
+                let c = a.drops.counters(key.reason);
                 if c.packets != stats.packets || a.aggregated_flows != Some(stats.flows) {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
@@ -283,10 +284,10 @@ impl FlowAssembler {
                 {
                     f.held_since.get_or_insert(now);
                 }
-                f.drop_keys.insert((flow, reason));
+                note_drop_key(&mut f.drop_keys, (flow, reason));
                 f.outer = f.outer.or(outer);
                 note_drop(f, reply, tcp_flags, ifindex, netns);
-                let c = f.drops.entry(reason).or_default();
+                let c = f.drops.counters(reason);
                 // The event carries the first packet; the table scan brings exact totals.
                 if c.packets == 0 {
                     c.packets = 1;
@@ -304,11 +305,11 @@ impl FlowAssembler {
             } => {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
                 let f = self.locate(fkey, NatSide::Post, first);
-                f.drop_keys.insert((key.flow, key.reason));
+                note_drop_key(&mut f.drop_keys, (key.flow, key.reason));
                 if f.outer.is_none() && stats.outer.encap != encap::NONE {
                     f.outer = Some(stats.outer);
                 }
-                let c = f.drops.entry(key.reason).or_default();
+                let c = f.drops.counters(key.reason);
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
@@ -330,7 +331,7 @@ impl FlowAssembler {
                 f.timed_out = true;
                 f.attempts = f.attempts.max(pending.packets);
                 f.attempt_bytes = f.attempt_bytes.max(pending.bytes);
-                f.points.insert("tc");
+                f.points.insert(Point::Tc);
                 f.is_dns |= pending.kind == pending_kind::DNS_QUERY;
                 if pending.kind == pending_kind::TCP_SYN {
                     f.tcp_flags |= tcp_flags::SYN;
@@ -355,7 +356,7 @@ impl FlowAssembler {
                 // The refusal a held first record waited for: out now.
                 let released = f.held_since.take().map(|_| f.key);
                 f.attempts = f.attempts.max(u64::from(attempts));
-                f.points.insert("tc");
+                f.points.insert(Point::Tc);
                 if flow.proto == IPPROTO_TCP {
                     f.tcp_flags |= tcp_flags::SYN;
                 }
@@ -374,7 +375,7 @@ impl FlowAssembler {
                 if let Some(f) = self.flows.get_mut(&flow) {
                     if f.cgroup_id.is_none() {
                         f.cgroup_id = Some(cgroup_id);
-                        f.points.insert("sock_ops");
+                        f.points.insert(Point::SockOps);
                         touch(f, time);
                     }
                 } else {
@@ -389,7 +390,7 @@ impl FlowAssembler {
             }) => {
                 if let Some(f) = self.flows.get_mut(&flow) {
                     f.cgroup_id = Some(cgroup_id);
-                    f.points.insert("sock_ops");
+                    f.points.insert(Point::SockOps);
                     touch(f, time);
                 } else if retransmits > 0 {
                     // A connect the pod interfaces never saw (a hostNetwork pod,
@@ -399,7 +400,7 @@ impl FlowAssembler {
                     f.attempts = u64::from(retransmits) + 1;
                     f.tcp_flags |= tcp_flags::SYN;
                     f.cgroup_id = Some(cgroup_id);
-                    f.points.insert("sock_ops");
+                    f.points.insert(Point::SockOps);
                     touch(f, time);
                 }
                 self.socket_cgroups.remove(&flow);
@@ -416,7 +417,7 @@ impl FlowAssembler {
             };
             if let Some((cgroup_id, _)) = self.socket_cgroups.remove(&k) {
                 f.cgroup_id.get_or_insert(cgroup_id);
-                f.points.insert("sock_ops");
+                f.points.insert(Point::SockOps);
             }
             if f.held_since.is_some() {
                 self.held.push(k);
@@ -549,7 +550,7 @@ impl FlowAssembler {
         f.attempts = 1;
         f.ifindex = ifindex;
         f.direction = direction;
-        f.points.insert("tc");
+        f.points.insert(Point::Tc);
         if key.proto == IPPROTO_TCP {
             f.tcp_flags = tcp_flags::SYN | tcp_flags::ACK;
         }
@@ -597,11 +598,11 @@ impl FlowAssembler {
 
 fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
     ActiveFlow {
-        uuid: new_uuid(),
+        uuid: uuid::Uuid::new_v4().as_u128(),
         key,
         established: false,
-        drops: BTreeMap::new(),
-        drop_keys: BTreeSet::new(),
+        drops: Drops::default(),
+        drop_keys: Vec::new(),
         pre_nat_dst: None,
         post_nat_dst: None,
         reply_dropped: false,
@@ -618,12 +619,94 @@ fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
         ifindex: 0,
         netns: 0,
         direction: Crossing::Unknown,
-        points: BTreeSet::new(),
+        points: Points::default(),
         cgroup_id: None,
         dirty: true,
         last_emitted: SystemTime::UNIX_EPOCH,
         aggregated_flows: None,
         held_since: None,
+    }
+}
+
+/// A flow's drop counters by reason, in reason order: usually one, so a
+/// vector sized to what it holds rather than a tree node per flow.
+#[derive(Clone, Debug, Default)]
+struct Drops(Vec<(u32, DropCounters)>);
+
+impl Drops {
+    /// The counters of `reason`, created at zero.
+    fn counters(&mut self, reason: u32) -> &mut DropCounters {
+        let i = match self.0.binary_search_by_key(&reason, |(r, _)| *r) {
+            Ok(i) => i,
+            Err(i) => {
+                if self.0.capacity() == self.0.len() {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, (reason, DropCounters::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &DropCounters)> {
+        self.0.iter().map(|(r, c)| (*r, c))
+    }
+}
+
+/// A kernel drop-table key that fed a flow, once.
+fn note_drop_key(keys: &mut Vec<(FlowKey, u32)>, key: (FlowKey, u32)) {
+    if !keys.contains(&key) {
+        if keys.capacity() == keys.len() {
+            keys.reserve_exact(1);
+        }
+        keys.push(key);
+    }
+}
+
+/// Where a flow was seen.
+#[derive(Clone, Copy, Debug)]
+enum Point {
+    KfreeSkb,
+    SockOps,
+    Tc,
+}
+
+impl Point {
+    const ALL: [Point; 3] = [Point::KfreeSkb, Point::SockOps, Point::Tc];
+
+    fn name(self) -> &'static str {
+        match self {
+            Point::KfreeSkb => "kfree_skb",
+            Point::SockOps => "sock_ops",
+            Point::Tc => "tc",
+        }
+    }
+}
+
+/// A set of [`Point`]s, one bit each.
+#[derive(Clone, Copy, Debug, Default)]
+struct Points(u8);
+
+impl Points {
+    fn insert(&mut self, p: Point) {
+        self.0 |= 1 << p as u8;
+    }
+
+    /// The names, in name order (as records list them).
+    fn names(self) -> impl Iterator<Item = &'static str> {
+        Point::ALL
+            .into_iter()
+            .filter(move |p| self.0 & (1 << *p as u8) != 0)
+            .map(Point::name)
     }
 }
 
@@ -742,7 +825,7 @@ fn has_ports(key: &FlowKey) -> bool {
 fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32, netns: u32) {
     f.reply_dropped |= reply;
     f.tcp_flags |= tcp;
-    f.points.insert("kfree_skb");
+    f.points.insert(Point::KfreeSkb);
     if f.ifindex == 0 {
         f.ifindex = ifindex;
         f.netns = netns;
@@ -815,10 +898,6 @@ fn drop_key((flow, reason): (FlowKey, u32)) -> DropKey {
         reason,
         _pad: 0,
     }
-}
-
-fn new_uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
 }
 
 /// The refusal's name in records.
@@ -936,7 +1015,8 @@ fn render(
         (f.attempts, f.attempt_bytes)
     } else {
         f.drops
-            .values()
+            .iter()
+            .map(|(_, c)| c)
             .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
     };
     // The main reason: the one that dropped the most packets.
@@ -944,10 +1024,10 @@ fn render(
         .drops
         .iter()
         .max_by_key(|(_, c)| c.packets)
-        .map(|(r, _)| *r);
+        .map(|(r, _)| r);
     let drop_reason_desc = main_reason.map(|r| reasons.name(r).into());
     let drop_reasons = if f.drops.len() > 1 {
-        f.drops.keys().map(|r| reasons.name(*r)).collect()
+        f.drops.iter().map(|(r, _)| reasons.name(r)).collect()
     } else {
         Vec::new()
     };
@@ -973,7 +1053,7 @@ fn render(
     };
     FlowRecord {
         time: f.last_seen.into(),
-        uuid: f.uuid.clone(),
+        uuid: uuid::Uuid::from_u128(f.uuid).to_string(),
         verdict,
         // Also on a REFUSED flow whose refusal came with a drop (a REJECT).
         drop_reason_desc,
@@ -1022,7 +1102,7 @@ fn render(
         refusal: f.refusal.as_ref().map(refusal_name),
         timed_out: f.timed_out,
         is_dns: f.is_dns,
-        observation_points: f.points.iter().map(|s| s.to_string()).collect(),
+        observation_points: f.points.names().map(str::to_string).collect(),
         cgroup_id: f.cgroup_id,
         explanation: None,
         near_misses: Default::default(),
