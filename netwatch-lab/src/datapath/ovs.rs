@@ -540,13 +540,17 @@ pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<Strin
 
 /// Service load balancing in OpenFlow, as AntreaProxy does it: a new
 /// connection to `clusterIP:port` with ready endpoints picks one by a hash
-/// of its 5-tuple (OpenFlow `multipath`; Antrea uses a select group) into
-/// reg3, with the frontend's number in reg4, and the DNAT table commits it
+/// of the client's address (OpenFlow `multipath`) into reg3, with the
+/// frontend's number in reg4, and the DNAT table commits it
 /// to conntrack DNATed to that endpoint. The policy tables then judge the
 /// endpoint's address and port, wherever it is (a pod here, another node,
 /// outside the cluster), and the entry's `ct(nat)` translates the
 /// connection's later packets and replies. Its packets leave the switch
 /// already DNATed, so the node's kube-proxy rules do not match them again.
+/// Antrea's select group hashes each connection in the kernel; `multipath`
+/// hashes in ovs-vswitchd, so a hash over the ports would make every new
+/// connection's first packet an upcall, which drops without a reason: per
+/// client, the kernel's cached flows judge its next connections.
 fn service_flows(flows: &mut Vec<String>, frontends: &[Frontend]) {
     let (s, d, e, z) = (TABLE_SERVICE, TABLE_DNAT, TABLE_EGRESS, CT_ZONE);
     let balanced = frontends
@@ -557,7 +561,7 @@ fn service_flows(flows: &mut Vec<String>, frontends: &[Frontend]) {
         let endpoints: Vec<_> = f.endpoints.iter().filter(|(ip, _)| ip.is_ipv4()).collect();
         let n = endpoints.len();
         flows.push(format!(
-            "table={s},priority={PASS_PRIORITY},ct_state=+new+trk,{l4},nw_dst={},tp_dst={},actions=load:{number}->NXM_NX_REG4[],multipath(symmetric_l4,0,modulo_n,{n},0,NXM_NX_REG3[0..15]),resubmit(,{d})",
+            "table={s},priority={PASS_PRIORITY},ct_state=+new+trk,{l4},nw_dst={},tp_dst={},actions=load:{number}->NXM_NX_REG4[],multipath(nw_src,{number},modulo_n,{n},0,NXM_NX_REG3[0..15]),resubmit(,{d})",
             f.ip, f.port
         ));
         for (link, (ip, port)) in endpoints.into_iter().enumerate() {
@@ -961,7 +965,7 @@ mod tests {
         assert!(
             balance.starts_with(&format!("table={TABLE_SERVICE},"))
                 && balance.contains(",ct_state=+new+trk,tcp,")
-                && balance.contains("multipath(symmetric_l4,0,modulo_n,2,0,NXM_NX_REG3[0..15])")
+                && balance.contains(",modulo_n,2,0,NXM_NX_REG3[0..15])")
                 && balance.ends_with(&format!("resubmit(,{TABLE_DNAT})")),
             "{balance}"
         );
@@ -978,7 +982,7 @@ mod tests {
         }
         assert!(!run(&flows, "10.244.1.2", "192.0.2.7", "tcp", 6443));
         assert!(run(&flows, "10.244.1.2", "198.51.100.1", "tcp", 6443));
-        assert!(TABLE_SERVICE < TABLE_DNAT && TABLE_DNAT < TABLE_EGRESS);
+        const { assert!(TABLE_SERVICE < TABLE_DNAT && TABLE_DNAT < TABLE_EGRESS) };
         // The Admin tier's Deny is a drop (an empty action list) above the
         // Pass, above the rest.
         let deny = flows
