@@ -318,8 +318,8 @@ fn scenario(name: &str) {
             .iter_mut()
             .flat_map(|p| p.flows.iter_mut());
         for f in scenario.spec.flows.iter_mut().chain(phases) {
-            // Service traffic too: it is judged when it comes back from the
-            // node's DNAT into the switch.
+            // Service traffic too: the switch DNATs it before its policy
+            // tables.
             if f.reason.as_deref() == Some("NETFILTER_DROP") {
                 f.reason = Some("OVS_DROP_LAST_ACTION".into());
             }
@@ -371,12 +371,10 @@ fn ovs_scenario_no_ready_endpoints() {
     scenario("no-ready-endpoints");
 }
 
-// The lab DNATs Services in the node's stack, not in the switch as
-// AntreaProxy and OVN do: a Service whose backend is outside the switch
-// (the API server here) never comes back through the OpenFlow policy, so
-// the denied call connects. Open: Service load balancing in OpenFlow.
+// The Service's endpoint is outside the switch (the API server): the
+// switch DNATs it before its egress tables, as AntreaProxy does, so the
+// denied call is dropped there, judged as the endpoint's address and port.
 #[test]
-#[ignore = "the lab's OVS does not judge Services whose backend is outside the switch"]
 fn ovs_scenario_egress_apiserver_world() {
     scenario("egress-apiserver-world");
 }

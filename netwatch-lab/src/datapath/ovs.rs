@@ -30,7 +30,8 @@ use std::{
 use super::super::{
     Lab, LabNode, PodSpec,
     enforce::{self, Action, EnforceOptions, LabCluster, MatchRule, PodFirstMatch},
-    sanitize, services,
+    sanitize,
+    services::{self, Frontend},
     system::{LabError, io, ip_batch, run, slowed},
 };
 
@@ -45,15 +46,19 @@ const GATEWAY_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 const FORWARD_PRIORITY: u16 = 100;
 /// Priority of the drops a test adds to table 0, ahead of everything.
 pub const DROP_PRIORITY: u16 = 200;
-/// OpenFlow tables: 0 (entry), conntrack then each pod's egress (the Admin
-/// tier, then below it: NetworkPolicies or the Baseline tier), then its
-/// ingress (the same two), then forwarding. Replies of an admitted
-/// connection pass on conntrack state, as every OVS CNI does.
-const TABLE_EGRESS: u8 = 1;
-const TABLE_EGRESS_BELOW: u8 = 2;
-const TABLE_INGRESS: u8 = 3;
-const TABLE_INGRESS_BELOW: u8 = 4;
-const TABLE_FORWARD: u8 = 5;
+/// OpenFlow tables: 0 (entry), conntrack (with NAT) then the Service load
+/// balancer and its DNAT (as AntreaProxy's ServiceLB and EndpointDNAT), then
+/// each pod's egress (the Admin tier, then below it: NetworkPolicies or the
+/// Baseline tier), then its ingress (the same two), then forwarding.
+/// Replies of an admitted connection pass on conntrack state, as every OVS
+/// CNI does.
+const TABLE_SERVICE: u8 = 1;
+const TABLE_DNAT: u8 = 2;
+const TABLE_EGRESS: u8 = 3;
+const TABLE_EGRESS_BELOW: u8 = 4;
+const TABLE_INGRESS: u8 = 5;
+const TABLE_INGRESS_BELOW: u8 = 6;
+const TABLE_FORWARD: u8 = 7;
 
 /// One node's Open vSwitch: its daemons, bridge and ports.
 pub struct OvsSwitch {
@@ -425,12 +430,14 @@ const RULE_PRIORITY: u16 = 30000;
 const OTHERWISE_PRIORITY: u16 = 200;
 /// A new connection admitted: committed, with whether it came from the
 /// gateway (reg0 bit 0, set in table 0) as its ct_mark; on to forwarding.
-const ADMIT: &str = "ct(commit,zone=65520,exec(move:NXM_NX_REG0[0]->NXM_NX_CT_MARK[0]),table=5)";
+const ADMIT: &str = "ct(commit,zone=65520,exec(move:NXM_NX_REG0[0]->NXM_NX_CT_MARK[0]),table=7)";
 
 /// What the OpenFlow policy needs to know besides the pods' lists.
 pub struct PolicyContext<'a> {
-    /// Service frontends: judged after the node's DNAT, on the way back.
-    pub service_ips: &'a [IpAddr],
+    /// Service frontends: those with ready endpoints are DNATed in the
+    /// switch before the policy tables; those without go up to the node's
+    /// stack unjudged, where kube-proxy's REJECT answers them.
+    pub frontends: &'a [Frontend],
     /// The nodes' own addresses: let into pods unless `police_host_to_pod`.
     pub node_ips: &'a [IpAddr],
     pub police_host_to_pod: bool,
@@ -440,7 +447,9 @@ pub struct PolicyContext<'a> {
 
 /// The OpenFlow flows enforcing `pods`' policies (the lab's own compiler,
 /// [`enforce::compile_first_match`]): every IPv4 packet goes through
-/// conntrack; a new connection passes the source pod's egress tables, then
+/// conntrack; a new connection to a Service is DNATed to an endpoint
+/// ([`service_flows`]); a new connection passes the source pod's egress
+/// tables, then
 /// the destination pod's ingress tables; established and related packets
 /// pass. Per pod and direction, the first-match list becomes descending
 /// priorities: the Admin tier's rules in the first table (Allow on to the
@@ -458,14 +467,18 @@ pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<Strin
     let z = CT_ZONE;
     let gw = cx.gateway_port;
     // Connections that entered from the node's stack (the node, other
-    // nodes, a Service after its DNAT) carry ct_mark 1, and their replies
-    // go back through it: a Service's reply must be un-DNATed there, even
-    // from a backend on the client's own node.
+    // nodes, the node's own Service traffic after its DNAT) carry ct_mark
+    // 1, and their replies go back through it: such a reply must be
+    // un-DNATed there, even from a backend on the node's own switch.
+    // `nat` in the entry's conntrack: a connection's later packets get its
+    // Service DNAT, and replies its un-DNAT, before any table looks at them.
+    let s = TABLE_SERVICE;
     let mut flows = vec![
         format!(
-            "table=0,priority=11,in_port={gw},ip,actions=load:1->NXM_NX_REG0[0],ct(zone={z},table={e})"
+            "table=0,priority=11,in_port={gw},ip,actions=load:1->NXM_NX_REG0[0],ct(zone={z},nat,table={s})"
         ),
-        format!("table=0,priority=10,ip,actions=ct(zone={z},table={e})"),
+        format!("table=0,priority=10,ip,actions=ct(zone={z},nat,table={s})"),
+        format!("table={s},priority=0,actions=goto_table:{e}"),
         format!(
             "table={f},priority={},ct_state=+trk+rpl,ct_mark=0x1/0x1,ip,actions=output:{gw}",
             FORWARD_PRIORITY + 20
@@ -477,8 +490,13 @@ pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<Strin
         format!("table={i},priority=0,actions=goto_table:{ib}"),
         format!("table={ib},priority=0,ip,actions={ADMIT}"),
     ];
-    // To a Service: up to the node's DNAT unjudged; judged on the way back.
-    for vip in cx.service_ips.iter().filter(|a| a.is_ipv4()) {
+    service_flows(&mut flows, cx.frontends);
+    // To a Service without ready endpoints (no DNAT above): up to the
+    // node's stack unjudged, where kube-proxy's REJECT answers.
+    let mut vips: Vec<IpAddr> = cx.frontends.iter().map(|f| f.ip).collect();
+    vips.sort();
+    vips.dedup();
+    for vip in vips.iter().filter(|a| a.is_ipv4()) {
         flows.push(format!(
             "table={e},priority={PASS_PRIORITY},ip,nw_dst={vip},actions=ct(commit,zone={z}),goto_table:{f}"
         ));
@@ -518,6 +536,40 @@ pub fn policy_flows(pods: &[PodFirstMatch], cx: &PolicyContext<'_>) -> Vec<Strin
         }
     }
     flows
+}
+
+/// Service load balancing in OpenFlow, as AntreaProxy does it: a new
+/// connection to `clusterIP:port` with ready endpoints picks one by a hash
+/// of the client's address (OpenFlow `multipath`) into reg3, with the
+/// frontend's number in reg4, and the DNAT table commits it
+/// to conntrack DNATed to that endpoint. The policy tables then judge the
+/// endpoint's address and port, wherever it is (a pod here, another node,
+/// outside the cluster), and the entry's `ct(nat)` translates the
+/// connection's later packets and replies. Its packets leave the switch
+/// already DNATed, so the node's kube-proxy rules do not match them again.
+/// Antrea's select group hashes each connection in the kernel; `multipath`
+/// hashes in ovs-vswitchd, so a hash over the ports would make every new
+/// connection's first packet an upcall, which drops without a reason: per
+/// client, the kernel's cached flows judge its next connections.
+fn service_flows(flows: &mut Vec<String>, frontends: &[Frontend]) {
+    let (s, d, e, z) = (TABLE_SERVICE, TABLE_DNAT, TABLE_EGRESS, CT_ZONE);
+    let balanced = frontends
+        .iter()
+        .filter(|f| f.ip.is_ipv4() && !f.endpoints.is_empty());
+    for (number, f) in balanced.enumerate() {
+        let l4 = f.protocol.nft();
+        let endpoints: Vec<_> = f.endpoints.iter().filter(|(ip, _)| ip.is_ipv4()).collect();
+        let n = endpoints.len();
+        flows.push(format!(
+            "table={s},priority={PASS_PRIORITY},ct_state=+new+trk,{l4},nw_dst={},tp_dst={},actions=load:{number}->NXM_NX_REG4[],multipath(nw_src,{number},modulo_n,{n},0,NXM_NX_REG3[0..15]),resubmit(,{d})",
+            f.ip, f.port
+        ));
+        for (link, (ip, port)) in endpoints.into_iter().enumerate() {
+            flows.push(format!(
+                "table={d},priority={PASS_PRIORITY},{l4},reg4={number},reg3={link},actions=ct(commit,zone={z},nat(dst={ip}:{port}),table={e})"
+            ));
+        }
+    }
 }
 
 /// One pod's rules in `table`, first match first: Allow does `allow`, Deny
@@ -665,14 +717,10 @@ impl Lab {
         cluster: &LabCluster,
         options: &EnforceOptions,
     ) -> Result<(), LabError> {
-        let service_ips: Vec<IpAddr> = services::frontends(cluster)
-            .map_err(|e| LabError::Spec(e.to_string()))?
-            .into_iter()
-            .map(|f| f.ip)
-            .collect();
+        let frontends = services::frontends(cluster).map_err(|e| LabError::Spec(e.to_string()))?;
         let node_ips: Vec<IpAddr> = self.nodes.iter().map(|n| IpAddr::V4(n.ip)).collect();
         let cx = PolicyContext {
-            service_ips: &service_ips,
+            frontends: &frontends,
             node_ips: &node_ips,
             police_host_to_pod: options.police_host_to_pod,
             gateway_port: 0,
@@ -859,8 +907,24 @@ mod tests {
                 otherwise: Action::Allow,
             }),
         };
+        let frontend = |vip: &str, port, protocol, endpoints: &[(&str, u16)]| Frontend {
+            service: "x/svc".into(),
+            ip: ip(vip),
+            port,
+            protocol,
+            endpoints: endpoints.iter().map(|(a, p)| (ip(a), *p)).collect(),
+        };
+        let frontends = [
+            frontend("10.96.0.10", 53, Udp, &[]),
+            frontend(
+                "10.96.0.20",
+                443,
+                Tcp,
+                &[("192.0.2.7", 6443), ("198.51.100.1", 6443)],
+            ),
+        ];
         let cx = PolicyContext {
-            service_ips: &[ip("10.96.0.10")],
+            frontends: &frontends,
             node_ips: &[ip("172.18.0.2")],
             police_host_to_pod: false,
             gateway_port: 1,
@@ -889,9 +953,36 @@ mod tests {
         assert!(!run(&flows, "10.244.1.2", "192.0.2.7", "tcp", 443));
         assert!(run(&flows, "10.244.1.2", "198.51.100.1", "tcp", 443));
         assert!(
-            run(&flows, "10.244.1.2", "10.96.0.10", "tcp", 443),
-            "a Service: judged later"
+            run(&flows, "10.244.1.2", "10.96.0.10", "udp", 53),
+            "a Service without endpoints: up to the node's REJECT"
         );
+        // A Service with endpoints: balanced over both, DNATed in the
+        // switch, then judged as the endpoint by the egress tables above.
+        let balance = flows
+            .iter()
+            .find(|f| f.contains("nw_dst=10.96.0.20,tp_dst=443"))
+            .unwrap();
+        assert!(
+            balance.starts_with(&format!("table={TABLE_SERVICE},"))
+                && balance.contains(",ct_state=+new+trk,tcp,")
+                && balance.contains(",modulo_n,2,0,NXM_NX_REG3[0..15])")
+                && balance.ends_with(&format!("resubmit(,{TABLE_DNAT})")),
+            "{balance}"
+        );
+        let number = balance
+            .split("load:")
+            .nth(1)
+            .and_then(|r| r.split("->").next())
+            .unwrap();
+        for (link, backend) in ["192.0.2.7:6443", "198.51.100.1:6443"].iter().enumerate() {
+            let dnat = format!(
+                "table={TABLE_DNAT},priority={PASS_PRIORITY},tcp,reg4={number},reg3={link},actions=ct(commit,zone={CT_ZONE},nat(dst={backend}),table={TABLE_EGRESS})"
+            );
+            assert!(flows.contains(&dnat), "{dnat} in {flows:#?}");
+        }
+        assert!(!run(&flows, "10.244.1.2", "192.0.2.7", "tcp", 6443));
+        assert!(run(&flows, "10.244.1.2", "198.51.100.1", "tcp", 6443));
+        const { assert!(TABLE_SERVICE < TABLE_DNAT && TABLE_DNAT < TABLE_EGRESS) };
         // The Admin tier's Deny is a drop (an empty action list) above the
         // Pass, above the rest.
         let deny = flows
