@@ -423,9 +423,6 @@ impl FlowAssembler {
                 self.held.push(k);
                 continue;
             }
-            if f.last_emitted != SystemTime::UNIX_EPOCH {
-                continue;
-            }
             out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
             f.dirty = false;
             f.last_emitted = now;
