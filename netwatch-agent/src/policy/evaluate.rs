@@ -660,8 +660,8 @@ impl PolicyEngine {
                 };
                 Ok(self.resolved_pod(idx, pod, None))
             }
-            Peer::Ip(ip) => match self.model.ip_index.get(ip) {
-                Some(&idx) => Ok(self.resolved_pod(idx, &self.model.pods[idx as usize], Some(*ip))),
+            Peer::Ip(ip) => match self.model.pod_at(ip) {
+                Some(idx) => Ok(self.resolved_pod(idx, &self.model.pods[idx as usize], Some(*ip))),
                 None => Ok(Resolved {
                     kind: EndpointKind::External,
                     namespace: None,

@@ -16,7 +16,6 @@
 //! caller rebuilds.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::IpAddr;
 
 use super::PolicyError;
 use super::evaluate::{PolicyEngine, SelectionIdentity};
@@ -194,7 +193,6 @@ impl PolicyEngine {
         pod: Option<&k8s_openapi::api::core::v1::Pod>,
     ) -> Invalidation {
         let mut invalidation = Invalidation::default();
-        let mut affected: Vec<IpAddr> = Vec::new();
         let existing = self
             .model
             .pod_index
@@ -232,7 +230,6 @@ impl PolicyEngine {
                         }
                     }
                 }
-                affected.extend(old.ips.iter().copied());
             }
             let id = old.identity;
             self.identity_pods[id as usize] -= 1;
@@ -258,11 +255,6 @@ impl PolicyEngine {
             let labels = pod.metadata.labels.clone().unwrap_or_default();
             let identity = self.intern_identity(ns, &labels, host_network);
             let class = self.port_class(&ports);
-            let new_ips = if host_network {
-                Vec::new()
-            } else {
-                ips.clone()
-            };
             let model = PodModel {
                 namespace: ns,
                 name: name.to_owned(),
@@ -289,21 +281,11 @@ impl PolicyEngine {
                 .entry(namespace.to_owned())
                 .or_default()
                 .insert(name.to_owned(), slot);
-            for ip in &new_ips {
-                self.model.ip_claims.entry(*ip).or_default().push(slot);
-            }
-            affected.extend(new_ips);
-        }
-        // An address names a pod only when exactly one pod claims it.
-        affected.sort_unstable();
-        affected.dedup();
-        for ip in affected {
-            match self.model.ip_claims.get(&ip).map(Vec::as_slice) {
-                Some(&[slot]) => {
-                    self.model.ip_index.insert(ip, slot);
-                }
-                _ => {
-                    self.model.ip_index.remove(&ip);
+            let model = &mut self.model;
+            let added = &model.pods[slot as usize];
+            if !added.host_network {
+                for ip in &added.ips {
+                    model.ip_claims.entry(*ip).or_default().push(slot);
                 }
             }
         }

@@ -683,15 +683,21 @@ pub struct ClusterModel {
     pub pods: Vec<PodModel>,
     /// namespace -> pod name -> index into `pods`.
     pub pod_index: HashMap<String, HashMap<String, u32>>,
-    /// Pod IP -> pod (host-network pods share their node's IP and are left out).
-    pub ip_index: HashMap<IpAddr, u32>,
-    /// Pod IP -> every current pod claiming it (not host-network): what
-    /// `ip_index` is made of, kept so one pod's change settles its
-    /// addresses without a scan of all pods.
+    /// Pod IP -> every current pod claiming it (host-network pods share
+    /// their node's IP and are left out); see [`ClusterModel::pod_at`].
     pub ip_claims: HashMap<IpAddr, Vec<u32>>,
 }
 
 impl ClusterModel {
+    /// The pod an address names: only one that a single pod claims (two
+    /// claiming it is a transient of the API, naming neither).
+    pub fn pod_at(&self, ip: &IpAddr) -> Option<u32> {
+        match self.ip_claims.get(ip).map(Vec::as_slice) {
+            Some(&[slot]) => Some(slot),
+            _ => None,
+        }
+    }
+
     /// Builds the model. Namespaces that pods or policies refer to but the
     /// snapshot does not list exist implicitly, as do the built-in ones.
     pub fn build(snapshot: &ClusterSnapshot) -> Self {
@@ -765,10 +771,6 @@ impl ClusterModel {
             .collect();
         for (ip, owners) in ip_owners {
             let owners: Vec<u32> = owners.into_iter().filter(|o| live.contains(o)).collect();
-            // An address two pods claim cannot name one of them.
-            if owners.len() == 1 {
-                model.ip_index.insert(ip, owners[0]);
-            }
             if !owners.is_empty() {
                 model.ip_claims.insert(ip, owners);
             }
