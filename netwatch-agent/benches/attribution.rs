@@ -400,6 +400,52 @@ fn updates(c: &mut Criterion) {
             attribution.update(&snapshot, true, now);
         })
     });
+    // An AdminNetworkPolicy added, then changed: its subject moves between
+    // two namespaces' pods of one app.
+    let rebuilds = attribution.update_counts().rebuilds;
+    let mut n = 0usize;
+    group.bench_function(
+        "one AdminNetworkPolicy change (10k pods, 2k policies)",
+        |b| {
+            b.iter(|| {
+                n += 1;
+                let policy = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "deny-app-0"},
+                    "spec": {
+                        "priority": 10,
+                        "subject": {"pods": {
+                            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": format!("ns-{}", n % 2)}},
+                            "podSelector": {"matchLabels": {"app": "app-0"}},
+                        }},
+                        "ingress": [{"name": "deny", "action": "Deny", "from": [{"namespaces": {}}]}],
+                    },
+                }))
+                .expect("an AdminNetworkPolicy");
+                snapshot.admin_network_policies = vec![policy];
+                snapshot.changes.record(Change {
+                    kind: ChangeKind::ClusterPolicy,
+                    namespace: String::new(),
+                    name: Some("deny-app-0".into()),
+                    position: Some(0),
+                });
+                attribution.update(&snapshot, true, now);
+            })
+        },
+    );
+    assert_eq!(
+        attribution.update_counts().rebuilds,
+        rebuilds,
+        "a cluster policy change rebuilt: the figure would not be an update's"
+    );
+    snapshot.admin_network_policies.clear();
+    snapshot.changes.record(Change {
+        kind: ChangeKind::ClusterPolicy,
+        namespace: String::new(),
+        name: Some("deny-app-0".into()),
+        position: None,
+    });
+    attribution.update(&snapshot, true, now);
+
     // A manifest reload with a pod or two changed: the whole cluster
     // loaded afresh, recorded as changes of the previous load by hashing
     // every object, then applied (the load itself is not counted).

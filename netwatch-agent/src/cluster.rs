@@ -63,8 +63,8 @@ pub struct Lineage {
     log: ChangeLog,
     /// (list, namespace, name) -> hash of the object.
     objects: std::collections::HashMap<(ListKind, String, String), u64>,
-    /// Hash of the kinds not applied object by object (cluster tiers,
-    /// Calico); `None` before the first load.
+    /// Hash of the kinds not applied object by object (Calico's); `None`
+    /// before the first load.
     rest: Option<u64>,
 }
 
@@ -83,6 +83,9 @@ enum ListKind {
     StatefulSet,
     DaemonSet,
     CronJob,
+    ClusterNetworkPolicy,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
 }
 
 impl ListKind {
@@ -99,6 +102,9 @@ impl ListKind {
             | ListKind::StatefulSet
             | ListKind::DaemonSet
             | ListKind::CronJob => ChangeKind::Workload,
+            ListKind::ClusterNetworkPolicy
+            | ListKind::AdminNetworkPolicy
+            | ListKind::BaselineAdminNetworkPolicy => ChangeKind::ClusterPolicy,
         }
     }
 }
@@ -133,8 +139,8 @@ fn hashed<T: serde::Serialize>(
 impl Lineage {
     /// Gives `snapshot`, loaded afresh, a change log that goes on from the
     /// last snapshot given here, recording each object added, changed or
-    /// removed since. Kinds not applied object by object (cluster tiers,
-    /// Calico) are recorded as a re-list when they changed, which rebuilds.
+    /// removed since. Calico's kinds, not applied object by object, are
+    /// recorded as a re-list when they changed, which rebuilds.
     /// The first snapshot starts the log.
     pub fn follow(&mut self, snapshot: &mut ClusterSnapshot) {
         let s = &*snapshot;
@@ -166,6 +172,18 @@ impl Lineage {
             ),
             (ListKind::DaemonSet, hashed(&s.daemon_sets, |o| &o.metadata)),
             (ListKind::CronJob, hashed(&s.cron_jobs, |o| &o.metadata)),
+            (
+                ListKind::ClusterNetworkPolicy,
+                hashed(&s.cluster_network_policies, |o| &o.metadata),
+            ),
+            (
+                ListKind::AdminNetworkPolicy,
+                hashed(&s.admin_network_policies, |o| &o.metadata),
+            ),
+            (
+                ListKind::BaselineAdminNetworkPolicy,
+                hashed(&s.baseline_admin_network_policies, |o| &o.metadata),
+            ),
         ];
         let mut objects = std::collections::HashMap::with_capacity(self.objects.len());
         let mut changed: Vec<(ListKind, String, String, Option<usize>)> = Vec::new();
@@ -197,12 +215,7 @@ impl Lineage {
         );
         // Calico's objects do not serialize as one value: their debug form
         // stands for them.
-        let rest = digest(&(
-            &s.cluster_network_policies,
-            &s.admin_network_policies,
-            &s.baseline_admin_network_policies,
-            format!("{:?}{:?}", s.calico, s.calico_crds),
-        ));
+        let rest = digest(&format!("{:?}{:?}", s.calico, s.calico_crds));
         if self.rest.is_some() {
             for (kind, namespace, name, position) in changed {
                 self.log.record(Change {
@@ -238,12 +251,15 @@ pub enum ChangeKind {
     /// networking.k8s.io/v1 NetworkPolicy.
     NetworkPolicy,
     Node,
+    /// policy.networking.k8s.io's cluster-scoped tiers:
+    /// ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy.
+    ClusterPolicy,
     /// ReplicaSets and Jobs: they name the workload of their pods.
     PodOwner,
     /// Deployments, StatefulSets, DaemonSets, CronJobs: nothing reads them
     /// but the workload names pods already carry.
     Workload,
-    /// Cluster-scoped tiers, Calico: consumers rebuild.
+    /// Calico's kinds: consumers rebuild.
     Other,
 }
 
@@ -406,13 +422,31 @@ mod tests {
         let mut third = second.clone();
         lineage.follow(&mut third);
         assert_eq!(third.changes.since(at), Some(vec![]));
-        // A kind not followed object by object: a re-list, which rebuilds.
+        // A cluster policy: followed object by object, as its kind.
         let mut fourth = ClusterSnapshot {
-            admin_network_policies: vec![Default::default()],
+            admin_network_policies: vec![
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "deny-all"},
+                    "spec": {"priority": 1, "subject": {"namespaces": {}}},
+                }))
+                .expect("an AdminNetworkPolicy"),
+            ],
             ..second.clone()
         };
         lineage.follow(&mut fourth);
         let changes = fourth.changes.since(at).expect("the same lineage");
+        assert!(
+            matches!(changes.as_slice(), [c] if c.kind == ChangeKind::ClusterPolicy
+                && c.name.as_deref() == Some("deny-all")),
+            "{changes:?}"
+        );
+        // A kind not followed object by object (Calico's): a re-list,
+        // which rebuilds.
+        let at = fourth.changes.position();
+        let mut fifth = fourth.clone();
+        fifth.calico.tiers.push(Default::default());
+        lineage.follow(&mut fifth);
+        let changes = fifth.changes.since(at).expect("the same lineage");
         assert!(
             matches!(changes.as_slice(), [c] if c.kind == ChangeKind::Other && c.name.is_none()),
             "{changes:?}"

@@ -840,7 +840,7 @@ impl IdentityCache {
                     }
                 }
                 ChangeKind::Workload => {}
-                ChangeKind::NetworkPolicy | ChangeKind::Other => {}
+                ChangeKind::NetworkPolicy | ChangeKind::ClusterPolicy | ChangeKind::Other => {}
             }
         }
         pods.extend(owned.iter());

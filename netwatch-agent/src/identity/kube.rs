@@ -411,6 +411,10 @@ fn change_kind<K: SnapshotKind>() -> ChangeKind {
         ("", "Node") => ChangeKind::Node,
         ("discovery.k8s.io", "EndpointSlice") => ChangeKind::EndpointSlice,
         ("networking.k8s.io", "NetworkPolicy") => ChangeKind::NetworkPolicy,
+        (
+            "policy.networking.k8s.io",
+            "ClusterNetworkPolicy" | "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy",
+        ) => ChangeKind::ClusterPolicy,
         ("apps", "ReplicaSet") | ("batch", "Job") => ChangeKind::PodOwner,
         ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "CronJob") => {
             ChangeKind::Workload

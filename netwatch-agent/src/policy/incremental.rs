@@ -5,19 +5,25 @@
 //!   selecting an identity are computed once, when it first appears, and
 //!   an identity no pod has any more is freed.
 //! - A namespace's labels: its identities' selections are recomputed (a
-//!   deleted namespace rebuilds: it may leave the model).
+//!   deleted one keeps only its name label, as pods still in it have).
 //! - A NetworkPolicy: that policy alone is compiled, and the selections of
 //!   its namespace's identities recomputed.
 //!
 //! What changes reach is returned as an [`Invalidation`], so a
 //! [`VerdictCache`](super::VerdictCache) drops only the decisions it
-//! touches. Calico's policies, cluster-scoped tiers with namespace or node
-//! changes, and re-lists are not applied here: the engine says so and the
-//! caller rebuilds.
+//! touches.
+//! - A cluster policy (ClusterNetworkPolicy, AdminNetworkPolicy,
+//!   BaselineAdminNetworkPolicy): all of them are compiled again (a
+//!   cluster has a handful) and every identity's selection recomputed.
+//! - A node: the nodes cluster policies' `nodes` peers read.
+//!
+//! Calico's policies and re-lists are not applied here: the engine says
+//! so and the caller rebuilds.
 
 use std::collections::{BTreeMap, HashSet};
 
 use super::PolicyError;
+use super::api::cluster::ClusterPolicies;
 use super::evaluate::{PolicyEngine, SelectionIdentity};
 use super::model::{
     CompiledPolicy, ContainerPortModel, NamespaceModel, PodModel, PolicyRef, compile_policy,
@@ -68,26 +74,19 @@ impl PolicyEngine {
         snapshot: &ClusterSnapshot,
         changes: &[&Change],
     ) -> Result<Result<Invalidation, Unapplied>, PolicyError> {
-        let cluster_tiers = !self.cluster.policies.is_empty();
         let applicable = self.calico.is_none()
-            && changes.iter().all(|c| {
-                c.name.is_some()
-                    && match c.kind {
-                        ChangeKind::Pod
-                        | ChangeKind::NetworkPolicy
-                        | ChangeKind::Service
-                        | ChangeKind::EndpointSlice
-                        | ChangeKind::PodOwner
-                        | ChangeKind::Workload => true,
-                        // A deleted namespace may leave the model, which
-                        // only a rebuild does.
-                        ChangeKind::Namespace => {
-                            !cluster_tiers
-                                && find(&snapshot.namespaces, c, |n| &n.metadata).is_some()
-                        }
-                        ChangeKind::Node => !cluster_tiers,
-                        ChangeKind::Other => false,
-                    }
+            && changes.iter().all(|c| match c.kind {
+                // Cluster policies are recompiled together, named or not.
+                ChangeKind::ClusterPolicy => true,
+                ChangeKind::Pod
+                | ChangeKind::NetworkPolicy
+                | ChangeKind::Service
+                | ChangeKind::EndpointSlice
+                | ChangeKind::PodOwner
+                | ChangeKind::Workload
+                | ChangeKind::Namespace
+                | ChangeKind::Node => c.name.is_some(),
+                ChangeKind::Other => false,
             });
         if !applicable {
             return Ok(Err(Unapplied::Rebuild));
@@ -111,6 +110,13 @@ impl PolicyEngine {
                     .transpose()?,
             );
         }
+        // Every cluster policy, when any changed: a handful per cluster,
+        // and their order (tier, priority, name) is global.
+        let cluster = if changes.iter().any(|c| c.kind == ChangeKind::ClusterPolicy) {
+            Some(ClusterPolicies::build(snapshot)?)
+        } else {
+            None
+        };
         let mut compiled = compiled.into_iter();
         let mut invalidation = Invalidation::default();
         for change in changes {
@@ -129,10 +135,23 @@ impl PolicyEngine {
                     let policy = compiled.next().flatten();
                     invalidation.merge(self.apply_policy(namespace, name, policy));
                 }
-                // Services, slices, nodes (without cluster tiers) and
-                // workloads are not policy inputs.
+                // Cluster policies' `nodes` peers read the nodes' labels
+                // and addresses.
+                ChangeKind::Node => {
+                    let nodes = ClusterPolicies::nodes_of(snapshot);
+                    if nodes != self.cluster.nodes {
+                        self.cluster.nodes = nodes;
+                        invalidation.all |= !self.cluster.policies.is_empty();
+                    }
+                }
+                // Services, slices and workloads are not policy inputs;
+                // cluster policies are applied below, all together.
                 _ => {}
             }
+        }
+        if let Some(cluster) = cluster {
+            self.apply_cluster_policies(cluster);
+            invalidation.all = true;
         }
         Ok(Ok(invalidation))
     }
@@ -303,7 +322,8 @@ impl PolicyEngine {
     }
 
     /// Namespace `name`'s labels are now `object`'s (`None`: deleted, so
-    /// only its name label).
+    /// only its name label, as a rebuild gives a namespace its pods or
+    /// policies still name; one nothing names stays in the model unused).
     fn apply_namespace(
         &mut self,
         name: &str,
@@ -397,18 +417,38 @@ impl PolicyEngine {
         invalidation
             .namespaces
             .insert(reference.namespace_or_empty().to_owned());
-        // What verdicts are keyed by may change with the policies.
+        invalidation.all |= self.refresh_cache_keys();
+        invalidation
+    }
+
+    /// The cluster policies are now `cluster` (nodes included): every
+    /// identity's cluster selections are recomputed (their NetworkPolicy
+    /// selections do not change).
+    fn apply_cluster_policies(&mut self, cluster: ClusterPolicies) {
+        self.cluster = cluster;
+        for ((namespace, labels, host), &id) in &self.identity_index {
+            let ns = &self.model.namespaces[*namespace as usize];
+            let (ingress, egress) = self.cluster.selecting(ns, labels, *host);
+            let identity = &mut self.identities[id as usize];
+            identity.cluster_ingress = ingress;
+            identity.cluster_egress = egress;
+        }
+        self.refresh_cache_keys();
+    }
+
+    /// Recomputes what verdicts are keyed by, which may change with the
+    /// policies; returns whether it changed.
+    fn refresh_cache_keys(&mut self) -> bool {
         let ip_sensitive = (self.options.ipblock_matches_pods
             && self.policies.iter().any(CompiledPolicy::has_ip_blocks))
             || self.cluster.uses_addresses();
         let named_ports_used = self.policies.iter().any(CompiledPolicy::has_named_ports)
             || self.cluster.uses_named_ports();
-        if ip_sensitive != self.ip_sensitive || named_ports_used != self.named_ports_used {
-            self.ip_sensitive = ip_sensitive;
-            self.named_ports_used = named_ports_used;
-            invalidation.all = true;
-        }
-        invalidation
+        let changed =
+            ip_sensitive != self.ip_sensitive || named_ports_used != self.named_ports_used;
+        self.ip_sensitive = ip_sensitive;
+        self.named_ports_used = named_ports_used;
+        changed
     }
 }
 

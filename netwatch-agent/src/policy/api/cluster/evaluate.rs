@@ -21,7 +21,7 @@ use crate::policy::verdict::{Decision, Outcome, TierStep};
 use crate::record::{PolicyKind, Tier};
 
 /// A Node as `nodes` peers see it: labels and addresses.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct NodeModel {
     pub name: String,
     pub labels: Labels,
@@ -98,7 +98,14 @@ impl ClusterPolicies {
                     &b.reference.name,
                 ))
         });
-        let nodes = snapshot
+        let nodes = Self::nodes_of(snapshot);
+        Ok(ClusterPolicies { policies, nodes })
+    }
+
+    /// The snapshot's nodes as `nodes` peers see them: name, labels and
+    /// addresses.
+    pub fn nodes_of(snapshot: &ClusterSnapshot) -> Vec<NodeModel> {
+        snapshot
             .nodes
             .iter()
             .filter_map(|n| {
@@ -113,8 +120,7 @@ impl ClusterPolicies {
                         .collect(),
                 })
             })
-            .collect();
-        Ok(ClusterPolicies { policies, nodes })
+            .collect()
     }
 
     /// Whether an address can change a verdict (networks or nodes peers).
