@@ -454,14 +454,24 @@ fn apply_event<'s, K: SnapshotKind>(
         },
         Event::InitDone => {
             let listed = index.relist.take().unwrap_or_default();
+            let relisted = index.listed;
             let snapshot = snapshot();
-            snapshot.changes.record(Change {
-                kind: change_kind::<K>(),
-                namespace: String::new(),
-                name: None,
-                position: None,
-            });
             let objects = K::objects(snapshot);
+            // A re-list after a watch gap (an expired resourceVersion, a
+            // reconnect) mostly lists what the snapshot has: the objects
+            // whose version differs, and those gone, are its changes. The
+            // first list is the kind whole.
+            let before: HashMap<String, Option<String>> = if relisted {
+                index
+                    .positions
+                    .drain()
+                    .filter_map(|(key, at)| {
+                        Some((key, objects.get(at)?.meta().resource_version.clone()))
+                    })
+                    .collect()
+            } else {
+                HashMap::new()
+            };
             objects.clear();
             index.positions.clear();
             for object in listed {
@@ -475,7 +485,49 @@ fn apply_event<'s, K: SnapshotKind>(
                 }
             }
             index.listed = true;
-            true
+            if !relisted {
+                snapshot.changes.record(Change {
+                    kind: change_kind::<K>(),
+                    namespace: String::new(),
+                    name: None,
+                    position: None,
+                });
+                return true;
+            }
+            let mut changes = Vec::new();
+            for (key, &at) in &index.positions {
+                let version = &objects[at].meta().resource_version;
+                // Without versions to compare, an object counts as changed.
+                if version.is_none() || before.get(key) != Some(version) {
+                    changes.push(Change {
+                        position: Some(at),
+                        ..change_of(&objects[at])
+                    });
+                }
+            }
+            for key in before.keys().filter(|k| !index.positions.contains_key(*k)) {
+                let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+                changes.push(Change {
+                    kind: change_kind::<K>(),
+                    namespace: namespace.to_owned(),
+                    name: Some(name.to_owned()),
+                    position: None,
+                });
+            }
+            // In list order, deletions last: the log reads the same for the
+            // same re-list.
+            changes.sort_by(|a, b| {
+                (a.position.unwrap_or(usize::MAX), &a.namespace, &a.name).cmp(&(
+                    b.position.unwrap_or(usize::MAX),
+                    &b.namespace,
+                    &b.name,
+                ))
+            });
+            let changed = !changes.is_empty();
+            for change in changes {
+                snapshot.changes.record(change);
+            }
+            changed
         }
         Event::Apply(object) => {
             let key = object_key(&object);
