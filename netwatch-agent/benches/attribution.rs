@@ -289,6 +289,45 @@ fn updates(c: &mut Criterion) {
         })
     });
 
+    // A pod deleted, then created again (the last of the list, so no other
+    // pod moves).
+    let mut gone: Option<k8s_openapi::api::core::v1::Pod> = None;
+    group.bench_function("one pod deleted or created (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            let (change_of, position) = match gone.take() {
+                Some(pod) => {
+                    snapshot.pods.push(pod);
+                    (snapshot.pods.last(), Some(snapshot.pods.len() - 1))
+                }
+                None => {
+                    gone = snapshot.pods.pop();
+                    (gone.as_ref(), None)
+                }
+            };
+            let meta = &change_of.expect("a pod").metadata;
+            let change = Change {
+                kind: ChangeKind::Pod,
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                name: meta.name.clone(),
+                position,
+            };
+            snapshot.changes.record(change);
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    if let Some(pod) = gone.take() {
+        let meta = &pod.metadata;
+        let change = Change {
+            kind: ChangeKind::Pod,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone(),
+            position: Some(snapshot.pods.len()),
+        };
+        snapshot.pods.push(pod);
+        snapshot.changes.record(change);
+        attribution.update(&snapshot, true, now);
+    }
+
     // The daemon's whole update: attribution, then the exporters' list of
     // pods (a deleted pod's metric series retire).
     let runtime = tokio::runtime::Builder::new_current_thread()

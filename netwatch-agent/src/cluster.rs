@@ -271,8 +271,43 @@ pub struct Change {
     pub namespace: String,
     pub name: Option<String>,
     /// Where the object sat in its list when it changed: a hint, checked
-    /// by name before use (later deletes move objects).
+    /// by name before use (later deletes move objects). `None` for an
+    /// object that was gone (deleted, or missing from a re-list).
     pub position: Option<usize>,
+}
+
+impl Change {
+    /// Whether the kind's objects have no namespace.
+    fn cluster_scoped(&self) -> bool {
+        matches!(
+            self.kind,
+            ChangeKind::Namespace | ChangeKind::Node | ChangeKind::ClusterPolicy
+        )
+    }
+
+    /// The object this change names, as `objects` (its kind's list in the
+    /// snapshot the change was read from) has it: at its position hint, or
+    /// found by a scan when later changes moved it; `None` when it is gone.
+    /// [`ChangeLog::since`] gives an object's last change only, so a
+    /// change without a position is an object gone, with no scan.
+    pub fn locate<'s, T>(
+        &self,
+        objects: &'s [T],
+        meta: impl Fn(&T) -> &ObjectMeta,
+    ) -> Option<&'s T> {
+        let name = self.name.as_deref()?;
+        let at = self.position?;
+        let is = |o: &&T| {
+            let m = meta(o);
+            m.name.as_deref() == Some(name)
+                && (self.cluster_scoped()
+                    || m.namespace.as_deref().unwrap_or_default() == self.namespace)
+        };
+        objects
+            .get(at)
+            .filter(is)
+            .or_else(|| objects.iter().rev().find(is))
+    }
 }
 
 static CHANGE_LOG_ORIGINS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -348,13 +383,19 @@ impl ChangeLog {
         if first > from.revision + 1 {
             return None;
         }
-        Some(
-            self.entries
-                .iter()
-                .filter(|(r, _)| *r > from.revision)
-                .map(|(_, c)| c)
-                .collect(),
-        )
+        // Each change brings its object to what the snapshot has: only an
+        // object's last change counts (see [`Change::locate`]).
+        let mut seen = std::collections::HashSet::new();
+        let mut changes: Vec<&Change> = self
+            .entries
+            .iter()
+            .rev()
+            .take_while(|(r, _)| *r > from.revision)
+            .map(|(_, c)| c)
+            .filter(|c| c.name.is_none() || seen.insert((c.kind, &c.namespace, &c.name)))
+            .collect();
+        changes.reverse();
+        Some(changes)
     }
 }
 
@@ -488,5 +529,32 @@ mod tests {
         let recent = log.position();
         log.record(pod("d"));
         assert_eq!(log.since(recent).map(names), Some(vec!["d".into()]));
+    }
+
+    #[test]
+    fn only_an_objects_last_change_is_given_and_one_without_a_position_is_gone() {
+        let mut log = ChangeLog::default();
+        let start = log.position();
+        let at = |name: &str, position| Change {
+            position,
+            ..pod(name)
+        };
+        log.record(at("a", Some(0)));
+        log.record(at("b", Some(1)));
+        log.record(at("a", None));
+        log.record(at("b", Some(0)));
+        let changes = log.since(start).expect("the same log");
+        assert_eq!(changes, vec![&at("a", None), &at("b", Some(0))]);
+        // "a" was deleted: even a pod of that name in the list (which no
+        // snapshot the log describes would have) is not scanned for.
+        let pods = [pod_object("b", "10.0.0.2"), pod_object("a", "10.0.0.1")];
+        assert!(changes[0].locate(&pods, |p| &p.metadata).is_none());
+        // "b" is at its hint; a stale hint is corrected by a scan.
+        let found = |c: &Change| {
+            c.locate(&pods, |p| &p.metadata)
+                .and_then(|p| p.metadata.name.clone())
+        };
+        assert_eq!(found(changes[1]).as_deref(), Some("b"));
+        assert_eq!(found(&at("a", Some(0))).as_deref(), Some("a"));
     }
 }

@@ -415,6 +415,9 @@ pub struct IdentityCache {
     /// The live pods holding each address (keys into `pods`): who holds
     /// an address is settled from these, without a scan of every pod.
     claims: HashMap<IpAddr, Vec<String>>,
+    /// Keys of the live hostNetwork pods, whose addresses name their
+    /// nodes: a node refresh reads these, not every pod.
+    host_network_pods: std::collections::BTreeSet<String>,
     /// Tombstones and closed tenures in the order they expire.
     expiry: VecDeque<(SystemTime, Expiring)>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
@@ -570,6 +573,11 @@ impl IdentityCache {
         if let Some(old) = self.pods.remove(&key) {
             self.unclaim(&key, &old.pod);
         }
+        if entry.pod.host_network {
+            self.host_network_pods.insert(key.clone());
+        } else {
+            self.host_network_pods.remove(&key);
+        }
         if entry.pod.holds_ips() {
             for ip in &entry.pod.ips {
                 let claims = self.claims.entry(*ip).or_default();
@@ -585,6 +593,7 @@ impl IdentityCache {
     fn remove_pod(&mut self, key: &str) -> Option<PodEntry> {
         let entry = self.pods.remove(key)?;
         self.unclaim(key, &entry.pod);
+        self.host_network_pods.remove(key);
         Some(entry)
     }
 
@@ -738,7 +747,7 @@ impl IdentityCache {
                 }
             }
         }
-        let found = find(&snapshot.services, change, |s| &s.metadata);
+        let found = change.locate(&snapshot.services, |s| &s.metadata);
         if let Some(identity) = found.and_then(service_identity) {
             let identity = Arc::new(identity);
             for ip in &identity.cluster_ips {
@@ -764,7 +773,7 @@ impl IdentityCache {
                 }
             }
         }
-        let found = find(&snapshot.endpoint_slices, change, |s| &s.metadata);
+        let found = change.locate(&snapshot.endpoint_slices, |s| &s.metadata);
         if let Some((service, summary)) = found.and_then(slice_summary) {
             apiserver_changed |= is_apiserver(&service);
             self.slice_service.insert(key, service.clone());
@@ -807,7 +816,7 @@ impl IdentityCache {
                 ChangeKind::EndpointSlice => self.apply_endpoint_slice(snapshot, change),
                 ChangeKind::Namespace => {
                     let name = change.name.as_deref().unwrap_or_default();
-                    let found = find(&snapshot.namespaces, change, |n| &n.metadata);
+                    let found = change.locate(&snapshot.namespaces, |n| &n.metadata);
                     match found {
                         Some(ns) => {
                             self.namespaces.insert(
@@ -866,7 +875,7 @@ impl IdentityCache {
         let grace = self.config.tombstone_grace;
         let found: Vec<(&Change, Option<&Pod>)> = changes
             .iter()
-            .map(|c| (*c, find(&snapshot.pods, c, |p| &p.metadata)))
+            .map(|c| (*c, c.locate(&snapshot.pods, |p| &p.metadata)))
             .collect();
         let owners = Owners::for_pods(snapshot, found.iter().filter_map(|(_, p)| *p));
         let mut affected: Vec<IpAddr> = Vec::new();
@@ -981,10 +990,10 @@ impl IdentityCache {
         // A hostNetwork pod's IP is its node's: this names nodes that have no
         // Node object in the snapshot (standalone manifests).
         for pod in self
-            .pods
-            .values()
+            .host_network_pods
+            .iter()
+            .filter_map(|key| self.pods.get(key))
             .map(|e| &e.pod)
-            .filter(|p| p.host_network)
         {
             if let Some(node) = &pod.node_name {
                 for ip in &pod.ips {
@@ -1387,26 +1396,6 @@ impl<'a> Owners<'a> {
             _ => workload(owner),
         })
     }
-}
-
-/// The object `change` names, found at its position hint or by a scan.
-fn find<'s, T>(
-    objects: &'s [T],
-    change: &Change,
-    meta: impl Fn(&T) -> &ObjectMeta,
-) -> Option<&'s T> {
-    let name = change.name.as_deref()?;
-    let cluster_scoped = matches!(change.kind, ChangeKind::Namespace | ChangeKind::Node);
-    let is = |o: &&T| {
-        let m = meta(o);
-        m.name.as_deref() == Some(name)
-            && (cluster_scoped || m.namespace.as_deref().unwrap_or_default() == change.namespace)
-    };
-    change
-        .position
-        .and_then(|at| objects.get(at))
-        .filter(is)
-        .or_else(|| objects.iter().rev().find(is))
 }
 
 /// The namespace of a changed object, as [`namespace_of`] reads it.

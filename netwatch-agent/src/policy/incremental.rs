@@ -98,7 +98,7 @@ impl PolicyEngine {
             .iter()
             .filter(|c| c.kind == ChangeKind::NetworkPolicy)
         {
-            let object = find(&snapshot.network_policies, change, |p| &p.metadata);
+            let object = change.locate(&snapshot.network_policies, |p| &p.metadata);
             compiled.push(
                 object
                     .map(|policy| {
@@ -124,11 +124,11 @@ impl PolicyEngine {
             let name = change.name.as_deref().unwrap_or_default();
             match change.kind {
                 ChangeKind::Pod => {
-                    let pod = find(&snapshot.pods, change, |p| &p.metadata);
+                    let pod = change.locate(&snapshot.pods, |p| &p.metadata);
                     invalidation.merge(self.apply_pod(namespace, name, pod));
                 }
                 ChangeKind::Namespace => {
-                    let object = find(&snapshot.namespaces, change, |n| &n.metadata);
+                    let object = change.locate(&snapshot.namespaces, |n| &n.metadata);
                     invalidation.merge(self.apply_namespace(name, object));
                 }
                 ChangeKind::NetworkPolicy => {
@@ -459,24 +459,4 @@ fn namespace_of_change(change: &Change) -> &str {
     } else {
         &change.namespace
     }
-}
-
-/// The object `change` names, found at its position hint or by a scan.
-fn find<'s, T>(
-    objects: &'s [T],
-    change: &Change,
-    meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Option<&'s T> {
-    let name = change.name.as_deref()?;
-    let is = |o: &&T| {
-        let m = meta(o);
-        m.name.as_deref() == Some(name)
-            && (change.kind == ChangeKind::Namespace
-                || m.namespace.as_deref().unwrap_or_default() == change.namespace)
-    };
-    change
-        .position
-        .and_then(|at| objects.get(at))
-        .filter(is)
-        .or_else(|| objects.iter().rev().find(is))
 }
