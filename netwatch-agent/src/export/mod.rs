@@ -266,7 +266,9 @@ impl Exporters {
                             &c.namespace
                         };
                         let exists = identity.pod_by_name(namespace, &name).is_some();
-                        Some(((c.namespace.clone(), name), exists))
+                        // Filed as the full pass files it: the loaders give
+                        // every pod a namespace, "default" when it had none.
+                        Some(((namespace.to_owned(), name), exists))
                     });
                 self.metrics.pods_changed(pods);
             }
