@@ -24,7 +24,7 @@ use k8s_openapi::api::{
 use kube::runtime::watcher::Event;
 use netwatch::{
     attribution::{Attribution, AttributionConfig},
-    cluster::{ChangeLog, ClusterSnapshot, Lineage},
+    cluster::{ChangeLog, ClusterSnapshot, Lineage, PodRecord},
     identity::kube::{ObjectEvent, SnapshotWriter},
     policy::{EngineOptions, Peer, PolicyEngine, Protocol},
 };
@@ -230,7 +230,7 @@ impl Cluster {
                 {
                     return ObjectEvent::Pod(Event::Delete(p.clone()));
                 }
-                ObjectEvent::Pod(Event::Apply(self.pod(&name)))
+                ObjectEvent::Pod(Event::Apply(self.pod(&name).into()))
             }
             4 => {
                 let name = *self.rng.pick(&NAMESPACES);
@@ -352,8 +352,8 @@ fn assert_same_verdicts(inc: &Attribution, snapshot: &ClusterSnapshot, rng: &mut
         .pods
         .iter()
         .map(|p| Peer::Pod {
-            namespace: p.metadata.namespace.clone().unwrap(),
-            name: p.metadata.name.clone().unwrap(),
+            namespace: p.namespace().to_owned(),
+            name: p.name().unwrap().to_owned(),
         })
         .collect();
     peers.extend((0..24).map(|i| Peer::Ip(pod_ip(i).parse().unwrap())));
@@ -418,7 +418,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
     let namespaces: Vec<Namespace> = NAMESPACES.iter().map(|n| cluster.namespace(n)).collect();
     list!(Namespace, namespaces);
     let pods: Vec<Pod> = (0..20).map(|i| cluster.pod(&format!("pod-{i}"))).collect();
-    list!(Pod, pods);
+    list!(Pod, pods.into_iter().map(PodRecord::from));
     let policies: Vec<NetworkPolicy> = (0..8).map(|i| cluster.policy(&format!("np-{i}"))).collect();
     list!(NetworkPolicy, policies);
     let services: Vec<Service> = (0..3).map(|i| cluster.service(i)).collect();
@@ -456,7 +456,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                     // node's IPAM reuses it.
                     let name = format!("pod-{}", cluster.rng.below(30));
                     let mut new = cluster.pod(&name);
-                    let address = old.status.as_ref().and_then(|s| s.pod_ip.clone());
+                    let address = old.pod_ip().map(|ip| ip.to_string());
                     let host = new.spec.as_ref().and_then(|s| s.host_network) == Some(true);
                     if let Some(status) = new.status.as_mut()
                         && !host
@@ -464,7 +464,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                         status.pod_ip = address;
                     }
                     writer.apply(ObjectEvent::Pod(Event::Delete(old)), || &mut snapshot);
-                    writer.apply(ObjectEvent::Pod(Event::Apply(new)), || &mut snapshot);
+                    writer.apply(ObjectEvent::Pod(Event::Apply(new.into())), || &mut snapshot);
                 } else {
                     let event = cluster.event(&snapshot);
                     writer.apply(event, || &mut snapshot);
