@@ -251,31 +251,31 @@ fn updates(c: &mut Criterion) {
     });
     group.sample_size(100);
 
-    let originals: Vec<Option<String>> = snapshot
-        .pods
-        .iter()
-        .map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
-        .collect();
+    let originals: Vec<Vec<std::net::IpAddr>> =
+        snapshot.pods.iter().map(|p| p.ips().to_vec()).collect();
     // A rollout step: one pod gets a new template hash (a new identity the
     // first time) and another address, then back.
     let pod_change = |snapshot: &mut ClusterSnapshot, n: usize| {
         let at = (n * 37) % snapshot.pods.len();
         let pod = &mut snapshot.pods[at];
-        let labels = pod.metadata.labels.get_or_insert_default();
         let hash = if n.is_multiple_of(2) { "a" } else { "b" };
-        labels.insert("pod-template-hash".into(), hash.into());
-        pod.metadata.resource_version = Some(n.to_string());
-        if let Some(status) = pod.status.as_mut() {
-            status.pod_ip = if n.is_multiple_of(2) {
-                originals[at].clone()
-            } else {
-                Some(format!("10.200.{}.{}", at / 250, at % 250 + 1))
-            };
-        }
-        let (namespace, name) = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
+        pod.labels_mut()
+            .insert("pod-template-hash".into(), hash.into());
+        pod.set_resource_version(Some(n.to_string()));
+        pod.set_ips(if n.is_multiple_of(2) {
+            originals[at].clone()
+        } else {
+            vec![std::net::IpAddr::from([
+                10,
+                200,
+                (at / 250) as u8,
+                (at % 250 + 1) as u8,
+            ])]
+        });
+        let (namespace, name) = (pod.namespace().to_owned(), pod.name().map(str::to_owned));
         snapshot.changes.record(Change {
             kind: ChangeKind::Pod,
-            namespace: namespace.unwrap_or_default(),
+            namespace,
             name,
             position: Some(at),
         });
@@ -291,7 +291,7 @@ fn updates(c: &mut Criterion) {
 
     // A pod deleted, then created again (the last of the list, so no other
     // pod moves).
-    let mut gone: Option<k8s_openapi::api::core::v1::Pod> = None;
+    let mut gone: Option<netwatch::cluster::PodRecord> = None;
     group.bench_function("one pod deleted or created (10k pods, 2k policies)", |b| {
         b.iter(|| {
             let (change_of, position) = match gone.take() {
@@ -304,11 +304,11 @@ fn updates(c: &mut Criterion) {
                     (gone.as_ref(), None)
                 }
             };
-            let meta = &change_of.expect("a pod").metadata;
+            let pod = change_of.expect("a pod");
             let change = Change {
                 kind: ChangeKind::Pod,
-                namespace: meta.namespace.clone().unwrap_or_default(),
-                name: meta.name.clone(),
+                namespace: pod.namespace().to_owned(),
+                name: pod.name().map(str::to_owned),
                 position,
             };
             snapshot.changes.record(change);
@@ -316,11 +316,10 @@ fn updates(c: &mut Criterion) {
         })
     });
     if let Some(pod) = gone.take() {
-        let meta = &pod.metadata;
         let change = Change {
             kind: ChangeKind::Pod,
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone(),
+            namespace: pod.namespace().to_owned(),
+            name: pod.name().map(str::to_owned),
             position: Some(snapshot.pods.len()),
         };
         snapshot.pods.push(pod);

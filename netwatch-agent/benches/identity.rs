@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 };
 use kube::runtime::watcher::Event;
 use netwatch::{
-    cluster::ClusterSnapshot,
+    cluster::{ClusterSnapshot, PodRecord},
     identity::{
         IdentityCache, IdentityConfig,
         kube::{
@@ -152,27 +152,32 @@ fn replica_set(deployment: usize) -> ReplicaSet {
     .expect("replica set JSON")
 }
 
-/// The cluster as the API sends it; `generation` > 0 replaces the first
-/// `CHURNED` pods by new ones on the same IPs.
-fn cluster(generation: usize) -> ClusterSnapshot {
-    ClusterSnapshot {
-        pods: (0..DEPLOYMENTS * REPLICAS)
-            .map(|i| pod(i, if i < CHURNED { generation } else { 0 }))
-            .collect(),
+/// The cluster as the API sends it: its pods, typed, and the other kinds;
+/// `generation` > 0 replaces the first `CHURNED` pods by new ones on the
+/// same IPs.
+fn cluster(generation: usize) -> (Vec<Pod>, ClusterSnapshot) {
+    let pods = (0..DEPLOYMENTS * REPLICAS)
+        .map(|i| pod(i, if i < CHURNED { generation } else { 0 }))
+        .collect();
+    let rest = ClusterSnapshot {
         services: (0..DEPLOYMENTS).map(service).collect(),
         endpoint_slices: (0..DEPLOYMENTS).map(slice).collect(),
         nodes: (0..NODES).map(node).collect(),
         replica_sets: (0..DEPLOYMENTS).map(replica_set).collect(),
         ..ClusterSnapshot::default()
-    }
+    };
+    (pods, rest)
 }
 
-/// What the agent's reflectors keep of it.
-fn stripped(mut snapshot: ClusterSnapshot) -> ClusterSnapshot {
-    snapshot
-        .pods
-        .iter_mut()
-        .for_each(|p| strip_pod(p, Some("node-0")));
+/// What the agent's reflectors keep of it: pods as records.
+fn stripped((pods, mut snapshot): (Vec<Pod>, ClusterSnapshot)) -> ClusterSnapshot {
+    snapshot.pods = pods
+        .into_iter()
+        .map(|mut p| {
+            strip_pod(&mut p, Some("node-0"));
+            PodRecord::from(p)
+        })
+        .collect();
     snapshot.services.iter_mut().for_each(strip_service);
     snapshot
         .endpoint_slices
@@ -296,7 +301,7 @@ fn benches(c: &mut Criterion) {
     for event in list {
         writer.apply(ObjectEvent::Pod(event), || &mut published);
     }
-    let changed: Vec<Pod> = stripped(cluster(2))
+    let changed: Vec<PodRecord> = stripped(cluster(2))
         .pods
         .into_iter()
         .take(CHURNED)

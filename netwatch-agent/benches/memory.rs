@@ -116,13 +116,15 @@ fn main() {
     let with_attribution = live_bytes();
     println!(
         "heap at {} pods, {} policies: snapshot as loaded {:.1} MiB, stripped {:.1} MiB \
-         (a typed Pod is {} bytes before what it points to); identity cache {:.1} MiB; \
+         (a typed Pod is {} bytes before what it points to, a pod record {}); \
+         identity cache {:.1} MiB; \
          policy engine {:.1} MiB; both in Attribution {:.1} MiB",
         snapshot.pods.len(),
         snapshot.network_policies.len(),
         mib(loaded - before),
         mib(stripped - before),
         std::mem::size_of::<k8s_openapi::api::core::v1::Pod>(),
+        std::mem::size_of::<netwatch::cluster::PodRecord>(),
         mib(with_identity - identity_before),
         mib(with_engine - with_identity),
         mib(with_attribution - attribution_before),

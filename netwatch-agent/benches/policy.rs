@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use netwatch::cluster::ClusterSnapshot;
+use netwatch::cluster::{ClusterSnapshot, PodRecord};
 use netwatch::policy::{EngineOptions, Peer, PolicyEngine, PolicyVerdict, Protocol, VerdictCache};
 
 const APPS: usize = 20;
@@ -68,7 +68,7 @@ fn cluster(namespaces: usize, pods_per_ns: usize, policies_per_ns: usize) -> Clu
         });
         for j in 0..pods_per_ns {
             let ip = format!("10.{}.{}.{}", n % 250, j / 250, j % 250 + 1);
-            s.pods.push(Pod {
+            s.pods.push(PodRecord::from(Pod {
                 metadata: ObjectMeta {
                     name: Some(format!("pod-{j}")),
                     namespace: Some(ns.clone()),
@@ -96,7 +96,7 @@ fn cluster(namespaces: usize, pods_per_ns: usize, policies_per_ns: usize) -> Clu
                     pod_ips: Some(vec![PodIP { ip }]),
                     ..Default::default()
                 }),
-            });
+            }));
         }
         for i in 0..policies_per_ns {
             let (name, spec) = match i {

@@ -8,23 +8,28 @@
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
     batch::v1::{CronJob, Job},
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+mod pod;
+
+pub use pod::{PodContainer, PodOwner, PodPort, PodRecord};
+
 use crate::policy::api::calico::{CalicoCrds, CalicoManifests};
 use crate::policy::api::cluster::{
     AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy,
 };
 
-/// Every object kind netwatch reads, as typed Kubernetes objects.
+/// Every object kind netwatch reads, as typed Kubernetes objects (pods as
+/// compact records: they are most of a cluster).
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
     pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
+    pub pods: Vec<PodRecord>,
     pub network_policies: Vec<NetworkPolicy>,
     /// policy.networking.k8s.io/v1alpha2, tiers Admin and Baseline.
     pub cluster_network_policies: Vec<ClusterNetworkPolicy>,
@@ -129,11 +134,36 @@ fn digest(value: &impl serde::Serialize) -> u64 {
     std::hash::Hasher::finish(&w.0)
 }
 
+/// (namespace, name, hash) of each object.
 fn hashed<T: serde::Serialize>(
     items: &[T],
     meta: impl Fn(&T) -> &ObjectMeta,
-) -> Vec<(&ObjectMeta, u64)> {
-    items.iter().map(|o| (meta(o), digest(o))).collect()
+) -> Vec<(&str, &str, u64)> {
+    items
+        .iter()
+        .map(|o| {
+            let m = meta(o);
+            (
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+                digest(o),
+            )
+        })
+        .collect()
+}
+
+fn hashed_pods(pods: &[PodRecord]) -> Vec<(&str, &str, u64)> {
+    pods.iter()
+        .map(|p| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(p, &mut h);
+            (
+                p.namespace(),
+                p.name().unwrap_or_default(),
+                std::hash::Hasher::finish(&h),
+            )
+        })
+        .collect()
 }
 
 impl Lineage {
@@ -146,7 +176,7 @@ impl Lineage {
         let s = &*snapshot;
         let lists = [
             (ListKind::Namespace, hashed(&s.namespaces, |o| &o.metadata)),
-            (ListKind::Pod, hashed(&s.pods, |o| &o.metadata)),
+            (ListKind::Pod, hashed_pods(&s.pods)),
             (
                 ListKind::NetworkPolicy,
                 hashed(&s.network_policies, |o| &o.metadata),
@@ -188,12 +218,8 @@ impl Lineage {
         let mut objects = std::collections::HashMap::with_capacity(self.objects.len());
         let mut changed: Vec<(ListKind, String, String, Option<usize>)> = Vec::new();
         for (kind, items) in lists {
-            for (i, (meta, hash)) in items.into_iter().enumerate() {
-                let key = (
-                    kind,
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                );
+            for (i, (namespace, name, hash)) in items.into_iter().enumerate() {
+                let key = (kind, namespace.to_owned(), name.to_owned());
                 if self.objects.get(&key) != Some(&hash) {
                     changed.push((kind, key.1.clone(), key.2.clone(), Some(i)));
                 }
@@ -308,6 +334,21 @@ impl Change {
             .filter(is)
             .or_else(|| objects.iter().rev().find(is))
     }
+
+    /// The pod this change names, as [`Change::locate`] finds an object
+    /// (the last of the name wins, as in the loader).
+    pub fn find_pod<'s>(&self, pods: &'s [PodRecord]) -> Option<&'s PodRecord> {
+        let name = self.name.as_deref()?;
+        let at = self.position?;
+        let namespace = match self.namespace.as_str() {
+            "" => "default",
+            ns => ns,
+        };
+        let is = |p: &&PodRecord| p.name() == Some(name) && p.namespace() == namespace;
+        pods.get(at)
+            .filter(is)
+            .or_else(|| pods.iter().rev().find(is))
+    }
 }
 
 static CHANGE_LOG_ORIGINS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -412,12 +453,13 @@ mod tests {
         }
     }
 
-    fn pod_object(name: &str, ip: &str) -> Pod {
-        serde_json::from_value(serde_json::json!({
+    fn pod_object(name: &str, ip: &str) -> PodRecord {
+        serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(serde_json::json!({
             "metadata": {"name": name, "namespace": "x"},
             "status": {"podIP": ip},
         }))
         .unwrap()
+        .into()
     }
 
     #[test]
@@ -548,13 +590,28 @@ mod tests {
         // "a" was deleted: even a pod of that name in the list (which no
         // snapshot the log describes would have) is not scanned for.
         let pods = [pod_object("b", "10.0.0.2"), pod_object("a", "10.0.0.1")];
-        assert!(changes[0].locate(&pods, |p| &p.metadata).is_none());
+        assert!(changes[0].find_pod(&pods).is_none());
         // "b" is at its hint; a stale hint is corrected by a scan.
-        let found = |c: &Change| {
-            c.locate(&pods, |p| &p.metadata)
-                .and_then(|p| p.metadata.name.clone())
-        };
+        let found = |c: &Change| c.find_pod(&pods).and_then(|p| p.name().map(str::to_owned));
         assert_eq!(found(changes[1]).as_deref(), Some("b"));
         assert_eq!(found(&at("a", Some(0))).as_deref(), Some("a"));
+        // Typed objects alike.
+        let namespaces: Vec<Namespace> = ["b", "a"]
+            .iter()
+            .map(|n| serde_json::from_value(serde_json::json!({"metadata": {"name": n}})).unwrap())
+            .collect();
+        let namespace = |name: &str, position| Change {
+            kind: ChangeKind::Namespace,
+            namespace: String::new(),
+            name: Some(name.into()),
+            position,
+        };
+        let locate = |c: &Change| {
+            c.locate(&namespaces, |n| &n.metadata)
+                .and_then(|n| n.metadata.name.clone())
+        };
+        assert_eq!(locate(&namespace("a", None)), None);
+        assert_eq!(locate(&namespace("a", Some(0))).as_deref(), Some("a"));
+        assert_eq!(locate(&namespace("b", Some(0))).as_deref(), Some("b"));
     }
 }

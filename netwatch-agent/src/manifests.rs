@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{ClusterSnapshot, PodRecord};
 use crate::policy;
 use crate::policy::api::calico;
 use crate::policy::api::cluster::types as cluster_types;
@@ -424,11 +424,20 @@ impl Loader {
             "Namespace" => push(&mut s.namespaces, ix, typed(value, origin, &object)?, false),
             "Node" => push(&mut s.nodes, ix, typed(value, origin, &object)?, false),
             "Pod" => {
-                let pod: k8s_openapi::api::core::v1::Pod = typed(value, origin, &object)?;
-                if let Err(p) = policy::check_pod(&pod) {
+                let mut pod: k8s_openapi::api::core::v1::Pod = typed(value, origin, &object)?;
+                default_namespace(&mut pod.metadata);
+                // Kept as a record: what netwatch reads of a pod, a tenth
+                // of the typed object.
+                let (pod, problems) = PodRecord::read(pod);
+                if let Some(p) = problems.into_iter().next() {
                     return Err(origin.invalid(&object, &p.field, p.problem, p.fix));
                 }
-                push(&mut s.pods, ix, pod, true);
+                let key = (
+                    "Pod",
+                    Some(pod.namespace().to_owned()),
+                    pod.name().map(str::to_owned),
+                );
+                push_keyed(&mut s.pods, ix, key, pod);
             }
             "NetworkPolicy" => {
                 let original = value.clone();
@@ -871,11 +880,22 @@ fn push<T: Metadata<Ty = ObjectMeta>>(
     }
     let m = object.metadata();
     let key = (T::KIND, m.namespace.clone(), m.name.clone());
+    push_keyed(list, index, key, object);
+}
+
+/// Appends `object` filed under `key` (kind, namespace, name), replacing an
+/// earlier object of that key.
+fn push_keyed<T>(
+    list: &mut Vec<T>,
+    index: &mut ObjectIndex,
+    key: (&'static str, Option<String>, Option<String>),
+    object: T,
+) {
     match index.get(&key).and_then(|&i| list.get_mut(i)) {
         Some(existing) => {
             tracing::warn!(
                 "{} {} appears twice; the later one is used",
-                T::KIND,
+                key.0,
                 describe("", key.1.as_deref(), key.2.as_deref()).trim_start()
             );
             *existing = object;
@@ -1107,7 +1127,7 @@ apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: cj, namespace: x}\nspec: {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {v: '1'}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {v: '2'}}\n";
         let s = load_str("m.yaml", text).unwrap();
         assert_eq!(s.pods.len(), 1);
-        assert_eq!(s.pods[0].metadata.labels.as_ref().unwrap()["v"], "2");
+        assert_eq!(s.pods[0].labels()["v"], "2");
     }
 
     #[test]

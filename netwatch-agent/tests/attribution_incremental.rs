@@ -26,7 +26,7 @@ use k8s_openapi::api::{
 use kube::runtime::watcher::Event;
 use netwatch::{
     attribution::{Attribution, AttributionConfig},
-    cluster::{ChangeLog, ClusterSnapshot, Lineage},
+    cluster::{ChangeLog, ClusterSnapshot, Lineage, PodRecord},
     identity::kube::{ObjectEvent, SnapshotWriter},
     policy::api::cluster::{AdminNetworkPolicy, BaselineAdminNetworkPolicy},
     policy::{EngineOptions, Peer, PolicyEngine, Protocol},
@@ -303,7 +303,7 @@ impl Cluster {
                 {
                     return ObjectEvent::Pod(Event::Delete(p.clone()));
                 }
-                ObjectEvent::Pod(Event::Apply(self.pod(&name)))
+                ObjectEvent::Pod(Event::Apply(self.pod(&name).into()))
             }
             4 => {
                 let name = *self.rng.pick(&NAMESPACES);
@@ -448,8 +448,8 @@ fn assert_same_verdicts(inc: &Attribution, snapshot: &ClusterSnapshot, rng: &mut
         .pods
         .iter()
         .map(|p| Peer::Pod {
-            namespace: p.metadata.namespace.clone().unwrap(),
-            name: p.metadata.name.clone().unwrap(),
+            namespace: p.namespace().to_owned(),
+            name: p.name().unwrap().to_owned(),
         })
         .collect();
     peers.extend((0..24).map(|i| Peer::Ip(pod_ip(i).parse().unwrap())));
@@ -515,7 +515,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
     let namespaces: Vec<Namespace> = NAMESPACES.iter().map(|n| cluster.namespace(n)).collect();
     list!(Namespace, namespaces);
     let pods: Vec<Pod> = (0..20).map(|i| cluster.pod(&format!("pod-{i}"))).collect();
-    list!(Pod, pods);
+    list!(Pod, pods.into_iter().map(PodRecord::from));
     let policies: Vec<NetworkPolicy> = (0..8).map(|i| cluster.policy(&format!("np-{i}"))).collect();
     list!(NetworkPolicy, policies);
     let services: Vec<Service> = (0..3).map(|i| cluster.service(i)).collect();
@@ -552,10 +552,9 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                             pods.remove(at);
                         } else {
                             let name = format!("pod-{}", cluster.rng.below(30));
-                            let pod = cluster.pod(&name);
+                            let pod = PodRecord::from(cluster.pod(&name));
                             match pods.iter().position(|p| {
-                                p.metadata.name == pod.metadata.name
-                                    && p.metadata.namespace == pod.metadata.namespace
+                                p.name() == pod.name() && p.namespace() == pod.namespace()
                             }) {
                                 Some(at) => pods[at] = pod,
                                 None => pods.push(pod),
@@ -578,7 +577,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                     // node's IPAM reuses it.
                     let name = format!("pod-{}", cluster.rng.below(30));
                     let mut new = cluster.pod(&name);
-                    let address = old.status.as_ref().and_then(|s| s.pod_ip.clone());
+                    let address = old.pod_ip().map(|ip| ip.to_string());
                     let host = new.spec.as_ref().and_then(|s| s.host_network) == Some(true);
                     if let Some(status) = new.status.as_mut()
                         && !host
@@ -586,7 +585,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                         status.pod_ip = address;
                     }
                     writer.apply(ObjectEvent::Pod(Event::Delete(old)), || &mut snapshot);
-                    writer.apply(ObjectEvent::Pod(Event::Apply(new)), || &mut snapshot);
+                    writer.apply(ObjectEvent::Pod(Event::Apply(new.into())), || &mut snapshot);
                 } else {
                     let event = cluster.event(&snapshot);
                     writer.apply(event, || &mut snapshot);

@@ -50,7 +50,7 @@ fn host_network_pod_resolves_by_cgroup_while_its_ip_names_the_node() {
         ..IdentityConfig::default()
     });
     let snapshot = ClusterSnapshot {
-        pods: vec![pod],
+        pods: vec![pod.into()],
         nodes: vec![node],
         ..ClusterSnapshot::default()
     };

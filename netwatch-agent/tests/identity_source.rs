@@ -40,7 +40,7 @@ fn pod_names(snapshot: &ClusterSnapshot) -> Vec<String> {
     let mut names: Vec<String> = snapshot
         .pods
         .iter()
-        .filter_map(|p| p.metadata.name.clone())
+        .filter_map(|p| p.name().map(str::to_owned))
         .collect();
     names.sort();
     names

@@ -268,15 +268,7 @@ fn service_backend(
     engine: &PolicyEngine,
     to: &Peer,
 ) -> Result<Option<(Peer, String)>, CliError> {
-    let is_pod_ip = |ip: &std::net::IpAddr| {
-        let ip = ip.to_string();
-        snapshot.pods.iter().any(|p| {
-            p.status.as_ref().is_some_and(|s| {
-                s.pod_ip.as_deref() == Some(ip.as_str())
-                    || s.pod_ips.iter().flatten().any(|i| i.ip == ip)
-            })
-        })
-    };
+    let is_pod_ip = |ip: &std::net::IpAddr| snapshot.pods.iter().any(|p| p.ips().contains(ip));
     let service = snapshot.services.iter().find(|svc| {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
         let name = svc.metadata.name.as_deref().unwrap_or_default();
@@ -309,12 +301,12 @@ fn service_backend(
     let mut backends: Vec<String> = snapshot
         .pods
         .iter()
-        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns)
+        .filter(|p| p.namespace() == ns)
         .filter(|p| {
-            let labels = p.metadata.labels.clone().unwrap_or_default();
+            let labels = p.labels();
             !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
         })
-        .filter_map(|p| p.metadata.name.clone())
+        .filter_map(|p| p.name().map(str::to_owned))
         .collect();
     backends.sort();
     let Some(first) = backends.first() else {

@@ -273,9 +273,10 @@ impl Exporters {
                 self.metrics.pods_changed(pods);
             }
             None => {
-                let pods = snapshot.pods.iter().filter_map(|p| {
-                    Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?))
-                });
+                let pods = snapshot
+                    .pods
+                    .iter()
+                    .filter_map(|p| Some((p.namespace().to_owned(), p.name()?.to_owned())));
                 self.metrics.sync_pods(pods);
             }
         }

@@ -21,16 +21,13 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use netwatch_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
-use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot, PodRecord};
 
 /// How long a vanished pod (or a pod's released IP) still resolves.
 pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(5 * 60);
@@ -467,7 +464,7 @@ impl IdentityCache {
         self.expire(now);
     }
 
-    fn update_pods(&mut self, snapshot_pods: &[Pod], owners: &Owners<'_>, now: SystemTime) {
+    fn update_pods(&mut self, snapshot_pods: &[PodRecord], owners: &Owners<'_>, now: SystemTime) {
         let grace = self.config.tombstone_grace;
         self.generation += 1;
         let generation = self.generation;
@@ -478,22 +475,20 @@ impl IdentityCache {
         // steady cluster costs a lookup per pod, not a rebuild.
         let mut changed: Vec<Arc<PodIdentity>> = Vec::new();
         for pod in snapshot_pods {
-            let meta = &pod.metadata;
-            let Some(name) = meta.name.as_deref() else {
+            let Some(name) = pod.name() else {
                 continue;
             };
-            let namespace = namespace_of(meta);
-            let key: Cow<'_, str> = match meta.uid.as_deref() {
-                Some(uid) if !uid.is_empty() => Cow::Borrowed(uid),
-                _ => Cow::Owned(format!("{namespace}/{name}")),
+            let key: Cow<'_, str> = match pod.uid() {
+                "" => Cow::Owned(format!("{}/{name}", pod.namespace())),
+                uid => Cow::Borrowed(uid),
             };
-            let version = meta.resource_version.as_deref();
+            let version = pod.resource_version();
             if let Some(entry) = self.pods.get_mut(key.as_ref())
                 && version.is_some()
                 && entry.resource_version.as_deref() == version
             {
                 entry.seen = generation;
-                let workload = owners.workload_of(namespace, meta);
+                let workload = owners.workload_of(pod);
                 let current = entry
                     .pod
                     .workload
@@ -835,14 +830,14 @@ impl IdentityCache {
                     let owner = change.name.as_deref().unwrap_or_default();
                     let namespace = change_namespace(change);
                     for (i, pod) in snapshot.pods.iter().enumerate() {
-                        if namespace_of(&pod.metadata) == namespace
-                            && controller_of(&pod.metadata).is_some_and(|o| o.name == owner)
-                            && let Some(name) = pod.metadata.name.clone()
+                        if pod.namespace() == namespace
+                            && pod.owner().is_some_and(|o| o.name == owner)
+                            && let Some(name) = pod.name()
                         {
                             owned.push(Change {
                                 kind: ChangeKind::Pod,
                                 namespace: namespace.to_owned(),
-                                name: Some(name),
+                                name: Some(name.to_owned()),
                                 position: Some(i),
                             });
                         }
@@ -873,9 +868,9 @@ impl IdentityCache {
         now: SystemTime,
     ) -> bool {
         let grace = self.config.tombstone_grace;
-        let found: Vec<(&Change, Option<&Pod>)> = changes
+        let found: Vec<(&Change, Option<&PodRecord>)> = changes
             .iter()
-            .map(|c| (*c, c.locate(&snapshot.pods, |p| &p.metadata)))
+            .map(|c| (*c, c.find_pod(&snapshot.pods)))
             .collect();
         let owners = Owners::for_pods(snapshot, found.iter().filter_map(|(_, p)| *p));
         let mut affected: Vec<IpAddr> = Vec::new();
@@ -890,17 +885,16 @@ impl IdentityCache {
                 .cloned();
             let mut current: Option<Arc<PodIdentity>> = None;
             if let Some(pod) = pod {
-                let meta = &pod.metadata;
-                let key = match meta.uid.as_deref() {
-                    Some(uid) if !uid.is_empty() => uid.to_owned(),
-                    _ => format!("{namespace}/{name}"),
+                let key = match pod.uid() {
+                    "" => format!("{namespace}/{name}"),
+                    uid => uid.to_owned(),
                 };
-                let version = meta.resource_version.as_deref();
+                let version = pod.resource_version();
                 if let Some(entry) = self.pods.get_mut(&key)
                     && version.is_some()
                     && entry.resource_version.as_deref() == version
                 {
-                    let workload = owners.workload_of(namespace, meta);
+                    let workload = owners.workload_of(pod);
                     let now_named = entry
                         .pod
                         .workload
@@ -1329,12 +1323,12 @@ impl<'a> Owners<'a> {
     }
 
     /// Like [`Owners::from_snapshot`], for the owners of `pods` only.
-    fn for_pods<'p>(snapshot: &'a ClusterSnapshot, pods: impl Iterator<Item = &'p Pod>) -> Self {
+    fn for_pods<'p>(
+        snapshot: &'a ClusterSnapshot,
+        pods: impl Iterator<Item = &'p PodRecord>,
+    ) -> Self {
         let wanted: HashSet<(String, String)> = pods
-            .filter_map(|p| {
-                let owner = controller_of(&p.metadata)?;
-                Some((namespace_of(&p.metadata).to_owned(), owner.name.clone()))
-            })
+            .filter_map(|p| Some((p.namespace().to_owned(), p.owner()?.name.clone())))
             .collect();
         let index = |metas: &mut dyn Iterator<Item = &'a ObjectMeta>| {
             metas
@@ -1363,19 +1357,17 @@ impl<'a> Owners<'a> {
     /// `<deployment>-<pod-template-hash>` and labels their pods with that
     /// hash, so stripping `-<hash>` gives the Deployment. A ReplicaSet
     /// without that suffix is reported as a ReplicaSet.
-    fn workload_of<'s>(
-        &'s self,
-        namespace: &str,
-        meta: &'s ObjectMeta,
-    ) -> Option<(&'s str, &'s str)> {
-        let owner = controller_of(meta)?;
-        let workload = |owner: &'s OwnerReference| (owner.name.as_str(), owner.kind.as_str());
+    fn workload_of<'s>(&'s self, pod: &'s PodRecord) -> Option<(&'s str, &'s str)> {
+        let namespace = pod.namespace();
+        let owner = pod.owner()?;
+        let own = (owner.name.as_str(), owner.kind.as_str());
+        let parent = |o: &'s OwnerReference| (o.name.as_str(), o.kind.as_str());
         Some(match owner.kind.as_str() {
             "ReplicaSet" => match self.replica_sets.get(&(namespace, owner.name.as_str())) {
-                Some(Some(parent)) => workload(parent),
-                Some(None) => workload(owner),
+                Some(Some(p)) => parent(p),
+                Some(None) => own,
                 None => {
-                    let hash = meta.labels.as_ref().and_then(|l| l.get(POD_TEMPLATE_HASH));
+                    let hash = pod.labels().get(POD_TEMPLATE_HASH);
                     let deployment = hash.and_then(|hash| {
                         owner
                             .name
@@ -1385,15 +1377,15 @@ impl<'a> Owners<'a> {
                     });
                     match deployment {
                         Some(name) => (name, "Deployment"),
-                        None => workload(owner),
+                        None => own,
                     }
                 }
             },
             "Job" => match self.jobs.get(&(namespace, owner.name.as_str())) {
-                Some(Some(parent)) => workload(parent),
-                _ => workload(owner),
+                Some(Some(p)) => parent(p),
+                _ => own,
             },
-            _ => workload(owner),
+            _ => own,
         })
     }
 }
@@ -1503,10 +1495,6 @@ fn namespace_of(meta: &ObjectMeta) -> &str {
         .unwrap_or("default")
 }
 
-fn time(t: &Option<Time>) -> Option<SystemTime> {
-    t.as_ref().map(|t| SystemTime::from(t.0))
-}
-
 /// When the pod started, by the earliest timestamp it has.
 fn pod_start(pod: &PodIdentity) -> Option<SystemTime> {
     match (pod.created, pod.started) {
@@ -1558,68 +1546,42 @@ pub fn pod_identity_number(namespace: &str, labels: &BTreeMap<String, String>) -
     MIN_POD_IDENTITY + (hash % span) as u32
 }
 
-fn pod_identity(pod: &Pod, owners: &Owners<'_>) -> Option<PodIdentity> {
-    let meta = &pod.metadata;
-    let name = meta.name.clone()?;
-    let namespace = namespace_of(meta).to_owned();
-    let labels = meta.labels.clone().unwrap_or_default();
-    let spec = pod.spec.as_ref();
-    let status = pod.status.as_ref();
-
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if let Some(status) = status {
-        let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-        for ip in status.pod_ip.as_deref().into_iter().chain(listed) {
-            if let Ok(ip) = ip.parse::<IpAddr>()
-                && !ips.contains(&ip)
-            {
-                ips.push(ip);
-            }
-        }
-    }
-    let container_ports = spec
-        .into_iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(ContainerPortInfo {
-                name: p.name.clone(),
-                port: u16::try_from(p.container_port).ok()?,
-                protocol: protocol_number(p.protocol.as_deref()),
-            })
+fn pod_identity(pod: &PodRecord, owners: &Owners<'_>) -> Option<PodIdentity> {
+    let name = pod.name()?.to_owned();
+    let namespace = pod.namespace().to_owned();
+    let labels = pod.labels().clone();
+    let container_ports = pod
+        .ports()
+        .iter()
+        .filter(|p| !p.init)
+        .map(|p| ContainerPortInfo {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.number(),
         })
         .collect();
-    let containers = status
-        .into_iter()
-        .flat_map(|s| s.container_statuses.iter().flatten())
+    let containers = pod
+        .containers()
+        .iter()
         .map(|c| ContainerInfo {
             name: c.name.clone(),
-            // `containerd://<id>`, `cri-o://<id>`, `docker://<id>`
-            id: c
-                .container_id
-                .as_deref()
-                .map(|id| id.split_once("://").map_or(id, |(_, id)| id).to_owned()),
+            id: c.id.clone(),
         })
         .collect();
-    let ready = status
-        .into_iter()
-        .flat_map(|s| s.conditions.iter().flatten())
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-
     Some(PodIdentity {
-        uid: meta.uid.clone().unwrap_or_default(),
+        uid: pod.uid().to_owned(),
         identity: pod_identity_number(&namespace, &labels),
-        workload: owners.workload_of(&namespace, meta).map(owned_workload),
-        node_name: spec.and_then(|s| s.node_name.clone()),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        ips,
+        workload: owners.workload_of(pod).map(owned_workload),
+        node_name: pod.node_name().map(str::to_owned),
+        host_network: pod.host_network(),
+        ips: pod.ips().to_vec(),
         container_ports,
         containers,
-        phase: status.and_then(|s| s.phase.clone()),
-        ready,
-        created: time(&meta.creation_timestamp),
-        started: status.and_then(|s| time(&s.start_time)),
-        deletion: time(&meta.deletion_timestamp),
+        phase: pod.phase().map(str::to_owned),
+        ready: pod.ready(),
+        created: pod.created(),
+        started: pod.started(),
+        deletion: pod.deletion(),
         name,
         namespace,
         labels,
@@ -1677,9 +1639,10 @@ mod tests {
     use k8s_openapi::api::{
         apps::v1::ReplicaSet,
         batch::v1::Job,
-        core::v1::{Namespace, Node},
+        core::v1::{Namespace, Node, Pod},
         discovery::v1::EndpointSlice,
     };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::{Value, json};
 
     fn t(secs: u64) -> SystemTime {
@@ -1729,7 +1692,7 @@ mod tests {
 
     fn snapshot(pods: Vec<Pod>) -> ClusterSnapshot {
         ClusterSnapshot {
-            pods,
+            pods: pods.into_iter().map(PodRecord::from).collect(),
             ..ClusterSnapshot::default()
         }
     }
@@ -1913,7 +1876,7 @@ mod tests {
             }),
         );
         let snap = ClusterSnapshot {
-            pods: vec![p],
+            pods: vec![p.into()],
             replica_sets: vec![rs],
             ..ClusterSnapshot::default()
         };
@@ -1994,11 +1957,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             workload_of(ClusterSnapshot {
-                pods: vec![owned_by(
-                    "ReplicaSet",
-                    "bare-5f7b8c9d4",
-                    json!({"pod-template-hash": "5f7b8c9d4"})
-                )],
+                pods: vec![
+                    owned_by(
+                        "ReplicaSet",
+                        "bare-5f7b8c9d4",
+                        json!({"pod-template-hash": "5f7b8c9d4"})
+                    )
+                    .into()
+                ],
                 replica_sets: vec![rs],
                 ..ClusterSnapshot::default()
             }),
@@ -2013,7 +1979,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             workload_of(ClusterSnapshot {
-                pods: vec![owned_by("Job", "backup-28930140", json!({}))],
+                pods: vec![owned_by("Job", "backup-28930140", json!({})).into()],
                 jobs: vec![job],
                 ..ClusterSnapshot::default()
             }),
@@ -2173,7 +2139,7 @@ mod tests {
             json!({"app": "web"}),
             json!({}),
         );
-        snap.pods = vec![unready.clone(), other];
+        snap.pods = vec![unready.clone().into(), other.into()];
         let mut cache = cache();
         cache.update(&snap, t(0));
         let readiness = cache
@@ -2193,7 +2159,7 @@ mod tests {
 
         let mut ready = unready;
         ready.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "True".into();
-        snap.pods[0] = ready;
+        snap.pods[0] = ready.into();
         cache.update(&snap, t(1));
         assert!(matches!(
             cache.service_readiness_by_name("prod", "payment"),
@@ -2244,7 +2210,7 @@ mod tests {
             nodes: vec![node("node-a", "192.168.0.1"), node("node-b", "192.168.0.2")],
             services: vec![kubernetes],
             endpoint_slices: vec![apiserver_slice],
-            pods: vec![host_net],
+            pods: vec![host_net.into()],
             ..ClusterSnapshot::default()
         };
         let mut cache = cache();
@@ -2300,7 +2266,7 @@ mod tests {
         manifest_pod.metadata.uid = None;
         let snap = ClusterSnapshot {
             namespaces: vec![ns],
-            pods: vec![manifest_pod],
+            pods: vec![manifest_pod.into()],
             ..ClusterSnapshot::default()
         };
         let mut cache = cache();
@@ -2327,7 +2293,7 @@ mod incremental_tests {
     //! `update` reuses identities of unchanged objects; these check that what
     //! changes still shows.
     use super::*;
-    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use k8s_openapi::api::{apps::v1::ReplicaSet, core::v1::Pod};
     use serde_json::json;
 
     fn at(secs: u64) -> SystemTime {
@@ -2347,7 +2313,7 @@ mod incremental_tests {
 
     fn snapshot(pods: Vec<Pod>, replica_sets: Vec<ReplicaSet>) -> ClusterSnapshot {
         ClusterSnapshot {
-            pods,
+            pods: pods.into_iter().map(PodRecord::from).collect(),
             replica_sets,
             ..ClusterSnapshot::default()
         }

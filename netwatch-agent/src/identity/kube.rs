@@ -65,7 +65,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot, PodRecord};
 use crate::policy::api::calico::{
     CalicoNetworkPolicy, CalicoTier, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy,
@@ -270,22 +270,79 @@ impl Drop for KubeSnapshots {
 pub trait SnapshotKind:
     Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
 {
+    /// What the snapshot keeps of an object of this kind: the object
+    /// itself, or a compact record of it (pods).
+    type Stored: StoredObject + From<Self>;
     /// The snapshot's list of this kind.
-    fn objects(snapshot: &mut ClusterSnapshot) -> &mut Vec<Self>;
+    fn objects(snapshot: &mut ClusterSnapshot) -> &mut Vec<Self::Stored>;
     /// The writer's index of this kind.
-    fn index(writer: &mut SnapshotWriter) -> &mut KindIndex<Self>;
-    /// A watcher event of this kind as an [`ObjectEvent`].
+    fn index(writer: &mut SnapshotWriter) -> &mut KindIndex<Self::Stored>;
+    /// A watcher event of this kind as an [`ObjectEvent`], its object
+    /// converted to what the snapshot keeps.
     fn wrap(event: Event<Self>) -> ObjectEvent;
 }
 
+/// What the snapshot writer reads of an object it keeps: where it is filed.
+pub trait StoredObject: Debug + Send + 'static {
+    /// (namespace, name), empty when unset.
+    fn key(&self) -> (&str, &str);
+    /// Its resourceVersion, to tell what a re-list changed.
+    fn version(&self) -> Option<&str>;
+}
+
+impl<K: Resource + Debug + Send + 'static> StoredObject for K {
+    fn key(&self) -> (&str, &str) {
+        let meta = self.meta();
+        (
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+    fn version(&self) -> Option<&str> {
+        self.meta().resource_version.as_deref()
+    }
+}
+
+impl StoredObject for PodRecord {
+    fn key(&self) -> (&str, &str) {
+        (self.namespace(), self.name().unwrap_or_default())
+    }
+    fn version(&self) -> Option<&str> {
+        self.resource_version()
+    }
+}
+
+/// `event` with its object converted.
+fn convert<A, B: From<A>>(event: Event<A>) -> Event<B> {
+    match event {
+        Event::Apply(o) => Event::Apply(o.into()),
+        Event::Delete(o) => Event::Delete(o.into()),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(o.into()),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// The type a kind's objects are kept as: the kind, or the named record.
+macro_rules! stored {
+    ($kind:ident) => {
+        $kind
+    };
+    ($kind:ident $stored:ident) => {
+        $stored
+    };
+}
+
 macro_rules! snapshot_kinds {
-    ($($kind:ident => $($field:ident).+),* $(,)?) => {
-        /// A watcher event of any kind netwatch reads.
-        // Unboxed: most events are pods, the largest variant, anyway.
+    ($($kind:ident $(as $stored:ident)? => $($field:ident).+),* $(,)?) => {
+        /// A watcher event of any kind netwatch reads, with its object as
+        /// the snapshot keeps it.
+        // Unboxed: events live only until applied, and the typed kinds are
+        // all large.
         #[allow(clippy::large_enum_variant)]
         #[derive(Debug)]
         pub enum ObjectEvent {
-            $($kind(Event<$kind>),)*
+            $($kind(Event<stored!($kind $($stored)?)>),)*
         }
 
         /// Applies watcher events to a [`ClusterSnapshot`] in place, with the
@@ -297,7 +354,7 @@ macro_rules! snapshot_kinds {
         #[allow(non_snake_case)]
         #[derive(Debug, Default)]
         pub struct SnapshotWriter {
-            $($kind: KindIndex<$kind>,)*
+            $($kind: KindIndex<stored!($kind $($stored)?)>,)*
         }
 
         impl SnapshotWriter {
@@ -322,14 +379,15 @@ macro_rules! snapshot_kinds {
         }
 
         $(impl SnapshotKind for $kind {
-            fn objects(snapshot: &mut ClusterSnapshot) -> &mut Vec<Self> {
+            type Stored = stored!($kind $($stored)?);
+            fn objects(snapshot: &mut ClusterSnapshot) -> &mut Vec<Self::Stored> {
                 &mut snapshot$(.$field)+
             }
-            fn index(writer: &mut SnapshotWriter) -> &mut KindIndex<Self> {
+            fn index(writer: &mut SnapshotWriter) -> &mut KindIndex<Self::Stored> {
                 &mut writer.$kind
             }
             fn wrap(event: Event<Self>) -> ObjectEvent {
-                ObjectEvent::$kind(event)
+                ObjectEvent::$kind(convert(event))
             }
         })*
     };
@@ -337,7 +395,7 @@ macro_rules! snapshot_kinds {
 
 snapshot_kinds! {
     Namespace => namespaces,
-    Pod => pods,
+    Pod as PodRecord => pods,
     NetworkPolicy => network_policies,
     Service => services,
     EndpointSlice => endpoint_slices,
@@ -392,13 +450,9 @@ impl<K> Default for KindIndex<K> {
     }
 }
 
-fn object_key<K: Resource>(object: &K) -> String {
-    let meta = object.meta();
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or_default(),
-        meta.name.as_deref().unwrap_or_default()
-    )
+fn object_key(object: &impl StoredObject) -> String {
+    let (namespace, name) = object.key();
+    format!("{namespace}/{name}")
 }
 
 /// How consumers of the snapshot's [`crate::cluster::ChangeLog`] file a
@@ -423,19 +477,19 @@ fn change_kind<K: SnapshotKind>() -> ChangeKind {
     }
 }
 
-fn change_of<K: SnapshotKind>(object: &K) -> Change {
-    let meta = object.meta();
+fn change_of<K: SnapshotKind>(object: &K::Stored) -> Change {
+    let (namespace, name) = object.key();
     Change {
         kind: change_kind::<K>(),
-        namespace: meta.namespace.clone().unwrap_or_default(),
-        name: Some(meta.name.clone().unwrap_or_default()),
+        namespace: namespace.to_owned(),
+        name: Some(name.to_owned()),
         position: None,
     }
 }
 
 fn apply_event<'s, K: SnapshotKind>(
     writer: &mut SnapshotWriter,
-    event: Event<K>,
+    event: Event<K::Stored>,
     snapshot: impl FnOnce() -> &'s mut ClusterSnapshot,
 ) -> bool {
     let index = K::index(writer);
@@ -450,7 +504,7 @@ fn apply_event<'s, K: SnapshotKind>(
                 false
             }
             // An InitApply outside a re-list is an apply.
-            None => apply_event(writer, Event::Apply(object), snapshot),
+            None => apply_event::<K>(writer, Event::Apply(object), snapshot),
         },
         Event::InitDone => {
             let listed = index.relist.take().unwrap_or_default();
@@ -466,7 +520,7 @@ fn apply_event<'s, K: SnapshotKind>(
                     .positions
                     .drain()
                     .filter_map(|(key, at)| {
-                        Some((key, objects.get(at)?.meta().resource_version.clone()))
+                        Some((key, objects.get(at)?.version().map(str::to_owned)))
                     })
                     .collect()
             } else {
@@ -496,12 +550,12 @@ fn apply_event<'s, K: SnapshotKind>(
             }
             let mut changes = Vec::new();
             for (key, &at) in &index.positions {
-                let version = &objects[at].meta().resource_version;
+                let version = objects[at].version();
                 // Without versions to compare, an object counts as changed.
-                if version.is_none() || before.get(key) != Some(version) {
+                if version.is_none() || before.get(key).map(Option::as_deref) != Some(version) {
                     changes.push(Change {
                         position: Some(at),
-                        ..change_of(&objects[at])
+                        ..change_of::<K>(&objects[at])
                     });
                 }
             }
@@ -531,7 +585,7 @@ fn apply_event<'s, K: SnapshotKind>(
         }
         Event::Apply(object) => {
             let key = object_key(&object);
-            let change = change_of(&object);
+            let change = change_of::<K>(&object);
             let snapshot = snapshot();
             let objects = K::objects(snapshot);
             let position = match index.positions.get(&key) {
@@ -564,7 +618,7 @@ fn apply_event<'s, K: SnapshotKind>(
             if let Some(moved) = objects.get(at) {
                 index.positions.insert(object_key(moved), at);
             }
-            snapshot.changes.record(change_of(&object));
+            snapshot.changes.record(change_of::<K>(&object));
             true
         }
     }
@@ -1468,26 +1522,7 @@ fn strip_cron_job(c: &mut CronJob) {
 /// when their author wants containers named.
 pub fn strip_snapshot(s: &mut ClusterSnapshot) {
     s.namespaces.iter_mut().for_each(strip_namespace);
-    for pod in &mut s.pods {
-        let statuses = pod
-            .status
-            .as_mut()
-            .and_then(|st| st.container_statuses.take());
-        strip_pod(pod, None);
-        if let Some(status) = pod.status.as_mut() {
-            status.container_statuses = statuses.map(|statuses| {
-                statuses
-                    .into_iter()
-                    .map(|s| ContainerStatus {
-                        name: s.name,
-                        container_id: s.container_id,
-                        ready: s.ready,
-                        ..ContainerStatus::default()
-                    })
-                    .collect()
-            });
-        }
-    }
+    s.pods.iter_mut().for_each(PodRecord::strip);
     for np in &mut s.network_policies {
         strip_meta(&mut np.metadata);
     }
@@ -1574,8 +1609,8 @@ mod tests {
             .iter()
             .map(|p| {
                 (
-                    p.metadata.name.clone().unwrap(),
-                    p.status.as_ref().unwrap().pod_ip.clone().unwrap(),
+                    p.name().unwrap().to_owned(),
+                    p.pod_ip().unwrap().to_string(),
                 )
             })
             .collect();
@@ -1588,7 +1623,7 @@ mod tests {
         snapshot: &mut ClusterSnapshot,
         event: Event<Pod>,
     ) -> bool {
-        writer.apply(ObjectEvent::Pod(event), || snapshot)
+        writer.apply(Pod::wrap(event), || snapshot)
     }
 
     #[test]

@@ -27,9 +27,9 @@ use super::api::cluster::ClusterPolicies;
 use super::evaluate::{PolicyEngine, SelectionIdentity};
 use super::model::{
     CompiledPolicy, ContainerPortModel, NamespaceModel, PodModel, PolicyRef, compile_policy,
-    read_pod,
+    pod_ports,
 };
-use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot, PodRecord};
 
 /// Which cached verdicts a change can have changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -124,7 +124,7 @@ impl PolicyEngine {
             let name = change.name.as_deref().unwrap_or_default();
             match change.kind {
                 ChangeKind::Pod => {
-                    let pod = change.locate(&snapshot.pods, |p| &p.metadata);
+                    let pod = change.find_pod(&snapshot.pods);
                     invalidation.merge(self.apply_pod(namespace, name, pod));
                 }
                 ChangeKind::Namespace => {
@@ -205,12 +205,7 @@ impl PolicyEngine {
     }
 
     /// Brings pod `namespace/name` to `pod` (`None`: gone).
-    fn apply_pod(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        pod: Option<&k8s_openapi::api::core::v1::Pod>,
-    ) -> Invalidation {
+    fn apply_pod(&mut self, namespace: &str, name: &str, pod: Option<&PodRecord>) -> Invalidation {
         let mut invalidation = Invalidation::default();
         let existing = self
             .model
@@ -265,13 +260,10 @@ impl PolicyEngine {
             // of namespace selectors.
             invalidation.all |= !self.model.namespace_index.contains_key(namespace);
             let ns = self.model.namespace_id(namespace);
-            let (ips, ports, _) = read_pod(pod);
-            let host_network = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false);
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let ips = pod.ips().to_vec();
+            let ports = pod_ports(pod);
+            let host_network = pod.host_network();
+            let labels = pod.labels().clone();
             let identity = self.intern_identity(ns, &labels, host_network);
             let class = self.port_class(&ports);
             let model = PodModel {

@@ -25,7 +25,7 @@ use super::model::{
     PolicyRef, PolicyRule, PortSpec, Protocol, compile_policy,
 };
 use super::selector::{CompiledSelector, render_labels};
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{ClusterSnapshot, PodRecord};
 
 /// How bad a finding is. Both make `netwatch lint` exit 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -203,7 +203,7 @@ pub fn lint_with(snapshot: &ClusterSnapshot, options: &LintOptions) -> Vec<Findi
 const TEMPLATE_MARK: &str = " (template)";
 
 /// A Pod for each workload pod template no Pod of the manifests stands for.
-fn template_pods(snapshot: &ClusterSnapshot) -> Vec<Pod> {
+fn template_pods(snapshot: &ClusterSnapshot) -> Vec<PodRecord> {
     use k8s_openapi::api::core::v1::PodTemplateSpec;
     let mut out = Vec::new();
     let owned_by_deployment: BTreeSet<(String, String)> = snapshot
@@ -238,11 +238,9 @@ fn template_pods(snapshot: &ClusterSnapshot) -> Vec<Pod> {
             .unwrap_or_default();
         // A Pod of the manifests with these labels already stands for it.
         let covered = snapshot.pods.iter().any(|p| {
-            p.metadata.namespace.as_deref().unwrap_or("default") == namespace
+            p.namespace() == namespace
                 && !labels.is_empty()
-                && labels
-                    .iter()
-                    .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+                && labels.iter().all(|(k, v)| p.labels().get(k) == Some(v))
         });
         if covered
             || (kind == "ReplicaSet"
@@ -250,19 +248,22 @@ fn template_pods(snapshot: &ClusterSnapshot) -> Vec<Pod> {
         {
             return;
         }
-        out.push(Pod {
-            metadata: ObjectMeta {
-                name: Some(format!(
-                    "{}/{name}{TEMPLATE_MARK}",
-                    kind.to_ascii_lowercase()
-                )),
-                namespace: Some(namespace),
-                labels: Some(labels),
-                ..Default::default()
-            },
-            spec: template.spec.clone().or_else(|| Some(PodSpec::default())),
-            status: None,
-        });
+        out.push(
+            Pod {
+                metadata: ObjectMeta {
+                    name: Some(format!(
+                        "{}/{name}{TEMPLATE_MARK}",
+                        kind.to_ascii_lowercase()
+                    )),
+                    namespace: Some(namespace),
+                    labels: Some(labels),
+                    ..Default::default()
+                },
+                spec: template.spec.clone().or_else(|| Some(PodSpec::default())),
+                status: None,
+            }
+            .into(),
+        );
     };
     for d in &snapshot.deployments {
         add(

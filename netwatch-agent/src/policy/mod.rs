@@ -72,10 +72,12 @@ pub use lint::{
     Finding, LintCheck, LintOptions, MISSING_NAMESPACE_RULE, Severity, lint, lint_with,
 };
 pub use matrix::{MatrixEntry, connectivity_matrix};
+pub(crate) use model::validate_port_name;
 pub use model::{
     BUILT_IN_NAMESPACES, Direction, FieldProblem, NAMESPACE_NAME_LABEL, PolicyRef, Protocol,
     UnknownProtocol,
 };
+pub(crate) use selector::validate_label_key;
 pub use selector::{CompiledSelector, LabelRequirement, Labels, render_labels};
 pub use suggest::{SuggestKind, Suggestion, render_suggestion, suggest, suggest_kind};
 pub use verdict::{Outcome, TierStep};
@@ -141,7 +143,11 @@ pub fn check_baseline_admin_network_policy(
 
 /// Checks what the engine reads of a pod (IPs, container ports, label keys).
 pub fn check_pod(pod: &Pod) -> Result<(), FieldProblem> {
-    match model::read_pod(pod).2.into_iter().next() {
+    match crate::cluster::PodRecord::read(pod.clone())
+        .1
+        .into_iter()
+        .next()
+    {
         Some(problem) => Err(problem),
         None => Ok(()),
     }

@@ -11,14 +11,14 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::selector::{CompiledSelector, Labels, validate_label_key};
-use crate::cluster::ClusterSnapshot;
+use super::selector::{CompiledSelector, Labels};
+use crate::cluster::{ClusterSnapshot, PodRecord};
 
 /// The label the API server sets on every namespace to its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -582,97 +582,16 @@ impl PodModel {
     }
 }
 
-/// A pod's addresses, container ports and labels, read leniently: what cannot
-/// be read is reported, with its field, for the manifest loader to refuse.
-pub(crate) fn read_pod(pod: &Pod) -> (Vec<IpAddr>, Vec<ContainerPortModel>, Vec<FieldProblem>) {
-    let mut problems = Vec::new();
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if let Some(status) = &pod.status {
-        if let Some(ip) = status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
-            match IpAddr::from_str(ip) {
-                Ok(ip) => ips.push(ip),
-                Err(_) => problems.push(FieldProblem::new(
-                    "status.podIP".into(),
-                    format!("invalid IP address {ip:?}"),
-                    "write a plain IPv4 or IPv6 address, e.g. 10.244.1.5, or remove the field"
-                        .into(),
-                )),
-            }
-        }
-        for (i, entry) in status.pod_ips.iter().flatten().enumerate() {
-            match IpAddr::from_str(&entry.ip) {
-                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-                Ok(_) => {}
-                Err(_) => problems.push(FieldProblem::new(
-                    format!("status.podIPs[{i}].ip"),
-                    format!("invalid IP address {:?}", entry.ip),
-                    "write a plain IPv4 or IPv6 address, e.g. 10.244.1.5".into(),
-                )),
-            }
-        }
-    }
-    let mut ports = Vec::new();
-    if let Some(spec) = &pod.spec {
-        let containers = spec.containers.iter().map(|c| ("containers", c));
-        let init = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .map(|c| ("initContainers", c));
-        for (ci, (list, container)) in containers.chain(init).enumerate() {
-            let ci = if list == "containers" {
-                ci
-            } else {
-                ci - spec.containers.len()
-            };
-            for (pi, port) in container.ports.iter().flatten().enumerate() {
-                let path = format!("spec.{list}[{ci}].ports[{pi}]");
-                let protocol = match port.protocol.as_deref() {
-                    None => Some(Protocol::Tcp),
-                    Some(p) => Protocol::from_api(p),
-                };
-                let Some(protocol) = protocol else {
-                    problems.push(FieldProblem::new(
-                        format!("{path}.protocol"),
-                        format!(
-                            "unknown protocol {:?}",
-                            port.protocol.as_deref().unwrap_or_default()
-                        ),
-                        "use TCP, UDP or SCTP".into(),
-                    ));
-                    continue;
-                };
-                let Some(number) = u16::try_from(port.container_port).ok().filter(|p| *p >= 1)
-                else {
-                    problems.push(FieldProblem::new(
-                        format!("{path}.containerPort"),
-                        format!("port {} is out of range", port.container_port),
-                        "use a port from 1 to 65535".into(),
-                    ));
-                    continue;
-                };
-                if let Some(name) = &port.name
-                    && let Err(p) = validate_port_name(name, &format!("{path}.name"))
-                {
-                    problems.push(p);
-                    continue;
-                }
-                ports.push(ContainerPortModel {
-                    name: port.name.clone(),
-                    protocol,
-                    port: number,
-                });
-            }
-        }
-    }
-    if let Some(labels) = &pod.metadata.labels {
-        for key in labels.keys() {
-            if let Err(p) = validate_label_key(key, &format!("metadata.labels.{key}")) {
-                problems.push(p);
-            }
-        }
-    }
-    (ips, ports, problems)
+/// A pod's container ports as policies see them.
+pub(crate) fn pod_ports(pod: &PodRecord) -> Vec<ContainerPortModel> {
+    pod.ports()
+        .iter()
+        .map(|p| ContainerPortModel {
+            name: p.name.clone(),
+            protocol: p.protocol,
+            port: p.port,
+        })
+        .collect()
 }
 
 /// Pods and namespaces, indexed for lookups by name and by IP.
@@ -723,23 +642,13 @@ impl ClusterModel {
         }
         let mut ip_owners: HashMap<IpAddr, Vec<u32>> = HashMap::new();
         for pod in &snapshot.pods {
-            let Some(name) = pod.metadata.name.clone() else {
+            let Some(name) = pod.name().map(str::to_owned) else {
                 continue;
             };
-            let namespace =
-                model.namespace_id(pod.metadata.namespace.as_deref().unwrap_or("default"));
-            let (ips, ports, problems) = read_pod(pod);
-            for p in problems {
-                tracing::warn!(
-                    "pod {}/{name}: {p}",
-                    model.namespaces[namespace as usize].name
-                );
-            }
-            let host_network = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false);
+            let namespace = model.namespace_id(pod.namespace());
+            let ips = pod.ips().to_vec();
+            let ports = pod_ports(pod);
+            let host_network = pod.host_network();
             let idx = model.pods.len() as u32;
             let ns_name = model.namespaces[namespace as usize].name.clone();
             let by_name = model.pod_index.entry(ns_name).or_default();
@@ -756,7 +665,7 @@ impl ClusterModel {
             model.pods.push(PodModel {
                 namespace,
                 name,
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                labels: pod.labels().clone(),
                 ips,
                 ports,
                 host_network,

@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
     NetworkPolicyPort, NetworkPolicySpec,
@@ -38,7 +37,7 @@ use super::evaluate::{
 use super::model::{Direction, NAMESPACE_NAME_LABEL, Protocol};
 use super::selector::Labels;
 use super::{EngineOptions, PolicyError};
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{ClusterSnapshot, PodRecord};
 use crate::record::{PolicyKind, Tier};
 
 /// Labels that differ between pods of one workload or between rollouts;
@@ -1039,7 +1038,7 @@ fn name_selector(namespace: &str) -> LabelSelector {
 /// Who owns a pod, from ownerReferences through the snapshot's workloads.
 struct Workloads<'a> {
     snapshot: &'a ClusterSnapshot,
-    pods: BTreeMap<(&'a str, &'a str), &'a Pod>,
+    pods: BTreeMap<(&'a str, &'a str), &'a PodRecord>,
 }
 
 impl<'a> Workloads<'a> {
@@ -1047,15 +1046,7 @@ impl<'a> Workloads<'a> {
         let pods = snapshot
             .pods
             .iter()
-            .filter_map(|p| {
-                Some((
-                    (
-                        p.metadata.namespace.as_deref().unwrap_or("default"),
-                        p.metadata.name.as_deref()?,
-                    ),
-                    p,
-                ))
-            })
+            .filter_map(|p| Some(((p.namespace(), p.name()?), p)))
             .collect();
         Self { snapshot, pods }
     }
@@ -1065,12 +1056,7 @@ impl<'a> Workloads<'a> {
         let (_, pod) = end.pod?;
         let ns = end.namespace.as_ref()?.name.as_str();
         let object = self.pods.get(&(ns, pod.name.as_str()))?;
-        let owner = object
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))?;
+        let owner = object.controller()?;
         if owner.kind == "ReplicaSet" {
             // Deployment -> ReplicaSet -> Pod: name the Deployment.
             let rs = self.snapshot.replica_sets.iter().find(|r| {

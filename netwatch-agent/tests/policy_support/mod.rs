@@ -103,15 +103,9 @@ pub fn step_snapshot(case: &Case, index: usize) -> ClusterSnapshot {
         let obj = snapshot
             .pods
             .iter_mut()
-            .find(|p| {
-                p.metadata.namespace.as_deref() == Some(ns)
-                    && p.metadata.name.as_deref() == Some(name)
-            })
+            .find(|p| p.namespace() == ns && p.name() == Some(name))
             .expect("pod");
-        obj.metadata
-            .labels
-            .get_or_insert_with(Default::default)
-            .extend(labels.clone());
+        obj.labels_mut().extend(labels.clone());
     }
     let policies = manifests::load_str(
         &format!("{} step {} policies", case.file, index + 1),
@@ -190,7 +184,7 @@ pub fn write_snapshot(snapshot: &ClusterSnapshot, path: &Path) {
     }
     for pod in &snapshot.pods {
         text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(pod).unwrap());
+        text.push_str(&serde_yaml::to_string(&pod.to_pod()).unwrap());
     }
     for np in &snapshot.network_policies {
         text.push_str("---\n");

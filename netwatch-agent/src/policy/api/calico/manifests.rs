@@ -13,7 +13,7 @@ use super::types::{
     CalicoNetworkPolicy, Crd, GlobalNetworkPolicy, StagedGlobalNetworkPolicy,
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier,
 };
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{ClusterSnapshot, PodRecord};
 
 /// The API versions Calico's objects are read from.
 pub const API_VERSIONS: [&str; 2] = ["projectcalico.org/v3", "crd.projectcalico.org/v1"];
@@ -168,46 +168,20 @@ pub fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint>
         .pods
         .iter()
         .map(|pod| {
-            let ns = pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let mut e = CalicoEndpoint::pod(
-                &ns,
-                pod.metadata.labels.clone().unwrap_or_default(),
-                namespace_labels(&ns),
-            );
-            e.ip = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok());
-            e.service_account = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .or_else(|| Some("default".into()));
+            let ns = pod.namespace().to_owned();
+            let name = pod.name().unwrap_or_default();
+            let mut e = CalicoEndpoint::pod(&ns, pod.labels().clone(), namespace_labels(&ns));
+            e.ip = pod.pod_ip();
+            e.service_account = Some(pod.service_account().unwrap_or("default").to_owned());
             // Calico labels every service account with its name.
             if let Some(sa) = &e.service_account {
                 e.service_account_labels
                     .insert("projectcalico.org/name".into(), sa.clone());
             }
-            for container in pod.spec.iter().flat_map(|s| &s.containers) {
-                for port in container.ports.iter().flatten() {
-                    if let Some(port_name) = &port.name {
-                        let protocol = match port.protocol.as_deref() {
-                            Some("UDP") => 17,
-                            Some("SCTP") => 132,
-                            _ => 6,
-                        };
-                        e.named_ports.push((
-                            port_name.clone(),
-                            protocol,
-                            port.container_port as u16,
-                        ));
-                    }
+            for port in pod.ports().iter().filter(|p| !p.init) {
+                if let Some(port_name) = &port.name {
+                    e.named_ports
+                        .push((port_name.clone(), port.protocol.number(), port.port));
                 }
             }
             e.services = service_backings(snapshot, pod, &ns, &e);
@@ -230,12 +204,12 @@ fn protocol_number(name: Option<&str>) -> u8 {
 /// whose EndpointSlices list its IP (Services without a selector too).
 fn service_backings(
     snapshot: &ClusterSnapshot,
-    pod: &k8s_openapi::api::core::v1::Pod,
+    pod: &PodRecord,
     namespace: &str,
     endpoint: &CalicoEndpoint,
 ) -> Vec<ServiceBacking> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let labels = pod.labels();
     let mut out: BTreeMap<(String, String), std::collections::BTreeSet<(u8, u16)>> =
         BTreeMap::new();
     for svc in &snapshot.services {
