@@ -765,6 +765,12 @@ async fn publish_snapshots(
             }
             changed
         });
+        // A list gathers thousands of events of a few KB each (the typed
+        // kinds are large): give that buffer back rather than keep it for
+        // the next burst.
+        if batch.capacity() > EVENT_QUEUE / 16 {
+            batch = Vec::new();
+        }
         if !*ready.borrow() && writer.all_listed() {
             tracing::info!("Kubernetes API: initial lists of every kind done");
             ready.send_replace(true);
