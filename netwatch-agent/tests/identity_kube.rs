@@ -143,7 +143,8 @@ fn pod(name: &str, ip: &str) -> Value {
             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4096)},
             "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
         },
-        "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "busybox", "command": ["sleep", "1d"],
+        "spec": {"nodeName": "node-a", "serviceAccountName": format!("{name}-sa"),
+                 "containers": [{"name": "app", "image": "busybox", "command": ["sleep", "1d"],
                                                          "ports": [{"name": "http", "containerPort": 8080}]}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                    "conditions": [{"type": "Ready", "status": "True"}]}
@@ -370,6 +371,8 @@ async fn watchers_list_watch_relist_after_410_and_a_forbidden_kind_holds_nothing
     let alpha = &first.pods[0];
     assert_eq!(alpha.ports()[0].port, 8080);
     assert_eq!(alpha.labels()["app"], "alpha");
+    // Calico's serviceAccountSelector and serviceAccounts match on it.
+    assert_eq!(alpha.service_account(), Some("alpha-sa"));
     let service = first.services[0].spec.as_ref().unwrap();
     assert_eq!(service.cluster_ip.as_deref(), Some("10.96.0.20"));
     assert_eq!(service.session_affinity, None);

@@ -296,12 +296,10 @@ impl PodRecord {
     }
 
     /// Drops what the agent does not read of a pod the API watcher would
-    /// have stripped (`strip_pod`): init containers' ports and the service
-    /// account.
+    /// have stripped (`strip_pod`): init containers' ports.
     pub fn strip(&mut self) {
         self.ports.retain(|p| !p.init);
         self.ports.shrink_to_fit();
-        self.service_account = None;
     }
 
     /// The labels, to change (tests and benchmarks that edit a snapshot).
@@ -588,7 +586,8 @@ mod tests {
         stripped.strip();
         assert_eq!(stripped.ports().len(), 3);
         assert!(stripped.ports().iter().all(|p| !p.init));
-        assert_eq!(stripped.service_account(), None);
+        // Calico's service account rules read it.
+        assert_eq!(stripped.service_account(), Some("web-sa"));
     }
 
     #[test]

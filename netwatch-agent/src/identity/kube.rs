@@ -1393,8 +1393,8 @@ fn strip_meta(meta: &mut ObjectMeta) {
     };
 }
 
-/// Keeps a pod's identity: labels, owners, node, host network, IPs,
-/// container ports (merged into one container entry), phase, the Ready
+/// Keeps a pod's identity: labels, owners, node, host network, service
+/// account, IPs, container ports (merged into one container entry), phase, the Ready
 /// condition, and, for pods on `local_node` only, container names and IDs
 /// (`status.containerStatuses`).
 pub fn strip_pod(pod: &mut Pod, local_node: Option<&str>) {
@@ -1424,6 +1424,8 @@ pub fn strip_pod(pod: &mut Pod, local_node: Option<&str>) {
         containers,
         node_name: spec.node_name,
         host_network: spec.host_network,
+        // Calico's serviceAccountSelector and serviceAccounts rules.
+        service_account_name: spec.service_account_name,
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|status| PodStatus {
