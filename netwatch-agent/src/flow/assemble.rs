@@ -36,7 +36,7 @@ use crate::{
         reasons::DropReasons,
     },
     identity::Endpoint,
-    record::shared::SharedStr,
+    record::shared::{SharedList, SharedStr},
 };
 
 /// Tuning of the assembler.
@@ -226,9 +226,48 @@ struct RecordParts {
     node_name: SharedStr,
     /// Drop reason names by value, as last rendered.
     reasons: HashMap<u32, SharedStr>,
+    /// Observation point lists, by set.
+    points: [Option<SharedList<String>>; 8],
+    /// Summaries without counts in them (a plain drop's), by what they
+    /// say: protocol, TCP flags, ICMP type and code, DNS.
+    summaries: HashMap<(u8, u8, (u16, u16), bool), SharedStr>,
 }
 
+/// Summaries kept at most (their keys are few in practice).
+const SUMMARIES: usize = 1024;
+
 impl RecordParts {
+    fn points(&mut self, points: Points) -> SharedList<String> {
+        let make = || points.names().map(str::to_string).collect();
+        match self.points.get_mut(usize::from(points.0)) {
+            Some(slot) => slot.get_or_insert_with(make).clone(),
+            None => make(),
+        }
+    }
+
+    /// The summary of a flow whose summary holds no counts.
+    fn plain_summary(&mut self, f: &ActiveFlow, make: impl FnOnce() -> String) -> SharedStr {
+        let icmp = if matches!(f.key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) {
+            (f.key.src_port, f.key.dst_port)
+        } else {
+            (0, 0)
+        };
+        let flags = if f.key.proto == IPPROTO_TCP {
+            f.tcp_flags
+        } else {
+            0
+        };
+        let key = (f.key.proto, flags, icmp, f.is_dns);
+        if let Some(s) = self.summaries.get(&key) {
+            return s.clone();
+        }
+        let s = SharedStr::from(make());
+        if self.summaries.len() < SUMMARIES {
+            self.summaries.insert(key, s.clone());
+        }
+        s
+    }
+
     fn reason(&mut self, reasons: &DropReasons, value: u32) -> SharedStr {
         let Some(name) = reasons.known_name(value) else {
             return reasons.name(value).into();
@@ -270,7 +309,7 @@ impl FlowAssembler {
         FlowAssembler {
             parts: RecordParts {
                 node_name: config.node_name.as_str().into(),
-                reasons: HashMap::new(),
+                ..RecordParts::default()
             },
             config,
             flows: HashMap::new(),
@@ -1184,7 +1223,12 @@ fn render(
         Vec::new()
     };
     let verdict = verdict_of(f);
-    let summary = summary(f, verdict, &l4, &flags, packets, config);
+    // A plain drop's summary names no counts: shared.
+    let summary = if verdict == Verdict::Dropped && f.aggregated_flows.is_none() && !f.timed_out {
+        parts.plain_summary(f, || summary(f, verdict, &l4, &flags, packets, config))
+    } else {
+        summary(f, verdict, &l4, &flags, packets, config).into()
+    };
     let event_type = match (verdict, main_reason) {
         (Verdict::Dropped, Some(r)) => EventType {
             kind: 1,
@@ -1240,7 +1284,7 @@ fn render(
                 .flatten()
                 .unwrap_or_default(),
         }),
-        summary: summary.into(),
+        summary,
         egress_allowed_by: Default::default(),
         ingress_allowed_by: Default::default(),
         egress_denied_by: Default::default(),
@@ -1254,7 +1298,7 @@ fn render(
         refusal: f.refusal.as_ref().map(refusal_name),
         timed_out: f.timed_out,
         is_dns: f.is_dns,
-        observation_points: f.points.names().map(str::to_string).collect(),
+        observation_points: parts.points(f.points),
         cgroup_id: f.cgroup_id,
         explanation: None,
         near_misses: Default::default(),
