@@ -158,7 +158,123 @@ struct AppliedVerdict {
     denied: Option<(SharedStr, &'static str)>,
 }
 
-type AppliedKey = (Peer, Peer, Option<u16>, u16, Protocol);
+/// The peers, source port (where rules name source ports), port and
+/// protocol an [`AppliedVerdict`] was given for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AppliedKey {
+    from: Peer,
+    to: Peer,
+    source_port: Option<u16>,
+    port: u16,
+    protocol: Protocol,
+}
+
+impl std::hash::Hash for AppliedKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        hash_applied(
+            PeerView::of(&self.from),
+            PeerView::of(&self.to),
+            (self.source_port, self.port, self.protocol),
+            h,
+        );
+    }
+}
+
+/// A peer borrowed from a record (or from a [`Peer`]): how a known pair is
+/// found without allocating its names.
+#[derive(Clone, Copy, Debug)]
+enum PeerView<'a> {
+    Pod(&'a str, &'a str),
+    Ip(IpAddr),
+    Hypothetical(&'a str, &'a BTreeMap<String, String>),
+}
+
+impl<'a> PeerView<'a> {
+    fn of(peer: &'a Peer) -> PeerView<'a> {
+        match peer {
+            Peer::Pod { namespace, name } => PeerView::Pod(namespace, name),
+            Peer::Ip(ip) => PeerView::Ip(*ip),
+            Peer::Hypothetical { namespace, labels } => PeerView::Hypothetical(namespace, labels),
+        }
+    }
+
+    fn to_peer(self) -> Peer {
+        match self {
+            PeerView::Pod(namespace, name) => Peer::Pod {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            },
+            PeerView::Ip(ip) => Peer::Ip(ip),
+            PeerView::Hypothetical(namespace, labels) => Peer::Hypothetical {
+                namespace: namespace.to_string(),
+                labels: labels.clone(),
+            },
+        }
+    }
+
+    fn is(self, peer: &Peer) -> bool {
+        match (self, PeerView::of(peer)) {
+            (PeerView::Pod(a, b), PeerView::Pod(c, d)) => a == c && b == d,
+            (PeerView::Ip(a), PeerView::Ip(b)) => a == b,
+            (PeerView::Hypothetical(a, b), PeerView::Hypothetical(c, d)) => a == c && b == d,
+            _ => false,
+        }
+    }
+}
+
+impl std::hash::Hash for PeerView<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match self {
+            PeerView::Pod(namespace, name) => {
+                h.write_u8(0);
+                namespace.hash(h);
+                name.hash(h);
+            }
+            PeerView::Ip(ip) => {
+                h.write_u8(1);
+                ip.hash(h);
+            }
+            PeerView::Hypothetical(namespace, labels) => {
+                h.write_u8(2);
+                namespace.hash(h);
+                labels.hash(h);
+            }
+        }
+    }
+}
+
+fn hash_applied<H: std::hash::Hasher>(
+    from: PeerView<'_>,
+    to: PeerView<'_>,
+    rest: (Option<u16>, u16, Protocol),
+    h: &mut H,
+) {
+    use std::hash::Hash;
+    from.hash(h);
+    to.hash(h);
+    rest.hash(h);
+}
+
+/// An [`AppliedKey`] borrowed from a record.
+struct AppliedQuery<'a> {
+    from: PeerView<'a>,
+    to: PeerView<'a>,
+    rest: (Option<u16>, u16, Protocol),
+}
+
+impl std::hash::Hash for AppliedQuery<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        hash_applied(self.from, self.to, self.rest, h);
+    }
+}
+
+impl hashbrown::Equivalent<AppliedKey> for AppliedQuery<'_> {
+    fn equivalent(&self, key: &AppliedKey) -> bool {
+        self.rest == (key.source_port, key.port, key.protocol)
+            && self.from.is(&key.from)
+            && self.to.is(&key.to)
+    }
+}
 
 /// Identity and policy state of the agent.
 pub struct Attribution {
@@ -178,7 +294,7 @@ pub struct Attribution {
     pod_endpoints: PodEndpoints,
     /// Verdicts as written into records, by peers (see [`AppliedVerdict`]);
     /// emptied on every cluster update (the engine may change in place).
-    applied_verdicts: HashMap<AppliedKey, Arc<AppliedVerdict>>,
+    applied_verdicts: hashbrown::HashMap<AppliedKey, Arc<AppliedVerdict>>,
 }
 
 /// How snapshots were taken in: change by change, or by a rebuild.
@@ -208,7 +324,7 @@ impl Attribution {
             applied: None,
             updates: UpdateCounts::default(),
             pod_endpoints: PodEndpoints::default(),
-            applied_verdicts: HashMap::new(),
+            applied_verdicts: hashbrown::HashMap::new(),
         }
     }
 
@@ -365,16 +481,24 @@ impl Attribution {
         {
             return;
         }
-        let from = self.peer(&engine, &r.source, client_pod.as_ref(), src_ip, at);
-        let to = self.peer(&engine, &r.destination, None, dst_ip, at);
-        let key = (from, to, engine.source_port_key(sport), port, proto);
-        let applied = match self.applied_verdicts.get(&key) {
+        let query = AppliedQuery {
+            from: self.peer_view(&engine, &r.source, client_pod.as_ref(), src_ip, at),
+            to: self.peer_view(&engine, &r.destination, None, dst_ip, at),
+            rest: (engine.source_port_key(sport), port, proto),
+        };
+        let applied = match self.applied_verdicts.get(&query) {
             Some(a) => a.clone(),
             None => {
-                let (from, to, ..) = &key;
+                let key = AppliedKey {
+                    from: query.from.to_peer(),
+                    to: query.to.to_peer(),
+                    source_port: query.rest.0,
+                    port,
+                    protocol: proto,
+                };
                 let verdict = self
                     .verdicts
-                    .evaluate(&engine, from, to, sport, port, proto);
+                    .evaluate(&engine, &key.from, &key.to, sport, port, proto);
                 let applied = Arc::new(AppliedVerdict::new(&verdict));
                 if self.applied_verdicts.len() >= RECORD_CACHE_ENTRIES {
                     self.applied_verdicts.clear();
@@ -474,6 +598,28 @@ impl Attribution {
             }
         };
         self.identity.pod_by_uid(&uid).cloned()
+    }
+
+    /// [`Attribution::peer`], borrowed from the record or the identity
+    /// cache.
+    fn peer_view<'a>(
+        &'a self,
+        engine: &PolicyEngine,
+        endpoint: &'a Endpoint,
+        socket_pod: Option<&PodIdentity>,
+        ip: IpAddr,
+        at: SystemTime,
+    ) -> PeerView<'a> {
+        if socket_pod.is_some_and(|p| p.host_network) || endpoint.pod_name.is_empty() {
+            return PeerView::Ip(ip);
+        }
+        if engine.knows_pod(&endpoint.namespace, &endpoint.pod_name) {
+            return PeerView::Pod(&endpoint.namespace, &endpoint.pod_name);
+        }
+        match self.identity.pod_at(ip, at) {
+            Some(p) => PeerView::Hypothetical(&p.namespace, &p.labels),
+            None => PeerView::Ip(ip),
+        }
     }
 
     /// How the engine should see one end of a flow.

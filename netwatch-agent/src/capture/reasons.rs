@@ -131,9 +131,8 @@ impl DropReasons {
                     .iter()
                     .find(|(_, n)| n.as_str() == *subsys)
                     .map(|(k, _)| *k)?;
-                (!self.modules_read.contains(&number)
-                    && dir.join(module).exists())
-                .then_some((number, *module, *enum_name))
+                (!self.modules_read.contains(&number) && dir.join(module).exists())
+                    .then_some((number, *module, *enum_name))
             })
             .collect();
         if wanted.is_empty() {
@@ -154,7 +153,9 @@ impl DropReasons {
             for t in types {
                 let Type::Enum(e) = t else { continue };
                 for m in &e.members {
-                    let Ok(name) = btf.resolve_name(m) else { continue };
+                    let Ok(name) = btf.resolve_name(m) else {
+                        continue;
+                    };
                     let v = m.val();
                     // __OVS_DROP_REASON and OVS_DROP_MAX are markers.
                     if v >> REASON_SUBSYS_SHIFT != number
@@ -207,6 +208,12 @@ impl DropReasons {
 
     /// The reason's name, or `REASON_<n>` (`<SUBSYSTEM>_REASON_<n>`) for a
     /// number this kernel does not name.
+    /// The name of `value` when the kernel's enum has one (what
+    /// [`DropReasons::name`] returns then), borrowed.
+    pub fn known_name(&self, value: u32) -> Option<&str> {
+        self.by_value.get(&value).map(String::as_str)
+    }
+
     pub fn name(&self, value: u32) -> String {
         if let Some(name) = self.by_value.get(&value) {
             return name.clone();

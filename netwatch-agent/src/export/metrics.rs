@@ -282,7 +282,7 @@ pub struct MetricsRegistry {
     /// Kubernetes Events by outcome.
     pub kube_events: IntCounterVec,
     /// Per-flow state, by uuid, until its FINAL record.
-    flows: FastMap<String, FlowState>,
+    flows: FastMap<FlowId, FlowState>,
     /// Context series in use, with the pods they name and their counter (so
     /// a record finds its counter without formatting labels).
     series: FastMap<SeriesKey, Series>,
@@ -446,6 +446,23 @@ struct SeriesPods {
     /// a port only a deleted pod was denied on) outlived their pods and
     /// piled up to the cap.
     referrers: [hashbrown::HashSet<(String, String)>; 2],
+}
+
+/// A flow's uuid as the key of its state: the 16 bytes of a hyphenated
+/// UUID (what the assembler writes; read case-insensitively), else the text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FlowId {
+    Uuid(u128),
+    Text(String),
+}
+
+impl FlowId {
+    fn of(uuid: &str) -> FlowId {
+        match uuid::Uuid::try_parse(uuid) {
+            Ok(u) if uuid.len() == 36 => FlowId::Uuid(u.as_u128()),
+            _ => FlowId::Text(uuid.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -956,7 +973,8 @@ impl MetricsRegistry {
     pub fn observe(&mut self, r: &FlowRecord) {
         // The flow's state is taken out while it is updated and put back
         // unless this is its last record.
-        let known = self.flows.get_mut(&r.uuid).map(std::mem::take);
+        let id = FlowId::of(&r.uuid);
+        let known = self.flows.get_mut(&id).map(std::mem::take);
         let first_record = known.is_none();
         if first_record && self.flows.len() >= MAX_TRACKED_FLOWS {
             // Should not happen (the assembler holds fewer flows); forget the
@@ -1030,11 +1048,11 @@ impl MetricsRegistry {
             self.unenriched.inc();
         }
         if r.lifecycle == Lifecycle::Final {
-            self.flows.remove(&r.uuid);
-        } else if let Some(slot) = self.flows.get_mut(&r.uuid) {
+            self.flows.remove(&id);
+        } else if let Some(slot) = self.flows.get_mut(&id) {
             *slot = state;
         } else {
-            self.flows.insert(r.uuid.clone(), state);
+            self.flows.insert(id, state);
         }
     }
 

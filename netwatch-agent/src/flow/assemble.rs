@@ -10,9 +10,16 @@
 //! Time is passed in explicitly, so everything here is deterministic.
 
 use std::{
-    collections::{HashMap, HashSet},
+    sync::{
+        LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
+
+// hashbrown's hasher: flow keys are process-local, and SipHash was the
+// largest cost of a new flow.
+use hashbrown::{HashMap, HashSet};
 
 use netwatch_common::{
     AggKey, AggStats, DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -29,6 +36,7 @@ use crate::{
         reasons::DropReasons,
     },
     identity::Endpoint,
+    record::shared::{SharedList, SharedStr},
 };
 
 /// Tuning of the assembler.
@@ -170,7 +178,121 @@ pub struct FlowAssembler {
     aggregates: HashMap<AggKey, ActiveFlow>,
     /// Flows whose first record waits for a refusal (see `refusal_grace`).
     held: Vec<FlowKey>,
+    uuids: UuidSource,
+    parts: RecordParts,
 }
+
+/// Version 4 UUIDs from a random seed and a counter: one `getrandom` call
+/// per assembler rather than one per flow.
+struct UuidSource {
+    seed: (u64, u64),
+    next: AtomicU64,
+}
+
+impl UuidSource {
+    fn new() -> UuidSource {
+        let seed = uuid::Uuid::new_v4().as_u64_pair();
+        UuidSource {
+            seed,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn uuid(&self) -> u128 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // splitmix64's finaliser is a bijection: distinct counters give
+        // distinct halves.
+        let hi = mix64(self.seed.0.wrapping_add(n));
+        let lo = mix64(self.seed.1 ^ n.rotate_left(32));
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&hi.to_be_bytes());
+        bytes[8..].copy_from_slice(&lo.to_be_bytes());
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .as_u128()
+    }
+}
+
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Text that many records carry, shared instead of allocated per record.
+#[derive(Default)]
+struct RecordParts {
+    node_name: SharedStr,
+    /// Drop reason names by value, as last rendered.
+    reasons: HashMap<u32, SharedStr>,
+    /// Observation point lists, by set.
+    points: [Option<SharedList<String>>; 8],
+    /// Summaries without counts in them (a plain drop's), by what they
+    /// say: protocol, TCP flags, ICMP type and code, DNS.
+    summaries: HashMap<(u8, u8, (u16, u16), bool), SharedStr>,
+}
+
+/// Summaries kept at most (their keys are few in practice).
+const SUMMARIES: usize = 1024;
+
+impl RecordParts {
+    fn points(&mut self, points: Points) -> SharedList<String> {
+        let make = || points.names().map(str::to_string).collect();
+        match self.points.get_mut(usize::from(points.0)) {
+            Some(slot) => slot.get_or_insert_with(make).clone(),
+            None => make(),
+        }
+    }
+
+    /// The summary of a flow whose summary holds no counts.
+    fn plain_summary(&mut self, f: &ActiveFlow, make: impl FnOnce() -> String) -> SharedStr {
+        let icmp = if matches!(f.key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) {
+            (f.key.src_port, f.key.dst_port)
+        } else {
+            (0, 0)
+        };
+        let flags = if f.key.proto == IPPROTO_TCP {
+            f.tcp_flags
+        } else {
+            0
+        };
+        let key = (f.key.proto, flags, icmp, f.is_dns);
+        if let Some(s) = self.summaries.get(&key) {
+            return s.clone();
+        }
+        let s = SharedStr::from(make());
+        if self.summaries.len() < SUMMARIES {
+            self.summaries.insert(key, s.clone());
+        }
+        s
+    }
+
+    fn reason(&mut self, reasons: &DropReasons, value: u32) -> SharedStr {
+        let Some(name) = reasons.known_name(value) else {
+            return reasons.name(value).into();
+        };
+        match self.reasons.get(&value) {
+            Some(s) if *s == *name => s.clone(),
+            _ => {
+                let s = SharedStr::from(name);
+                self.reasons.insert(value, s.clone());
+                s
+            }
+        }
+    }
+}
+
+static L3_L4: LazyLock<SharedStr> = LazyLock::new(|| "L3_L4".into());
+static IPV4: LazyLock<SharedStr> = LazyLock::new(|| "IPv4".into());
+static IPV6: LazyLock<SharedStr> = LazyLock::new(|| "IPv6".into());
+static DIRECTIONS: LazyLock<[SharedStr; 3]> = LazyLock::new(|| {
+    [
+        "INGRESS".into(),
+        "EGRESS".into(),
+        "TRAFFIC_DIRECTION_UNKNOWN".into(),
+    ]
+});
 
 /// What the assembler wants done after a tick.
 #[derive(Debug, Default)]
@@ -185,6 +307,10 @@ pub struct TickOutput {
 impl FlowAssembler {
     pub fn new(config: AssemblerConfig) -> FlowAssembler {
         FlowAssembler {
+            parts: RecordParts {
+                node_name: config.node_name.as_str().into(),
+                ..RecordParts::default()
+            },
             config,
             flows: HashMap::new(),
             by_client: HashMap::new(),
@@ -194,6 +320,7 @@ impl FlowAssembler {
             released: HashSet::new(),
             aggregates: HashMap::new(),
             held: Vec::new(),
+            uuids: UuidSource::new(),
         }
     }
 
@@ -239,7 +366,7 @@ impl FlowAssembler {
                 last,
             } => {
                 let a = self.aggregates.entry(key).or_insert_with(|| {
-                    let mut f = new_flow(aggregate_flow(&key), first);
+                    let mut f = new_flow(aggregate_flow(&key), first, self.uuids.uuid());
                     f.aggregated_flows = Some(0);
                     f.ifindex = stats.ifindex;
                     f.netns = stats.netns;
@@ -257,7 +384,14 @@ impl FlowAssembler {
                     touch(a, last);
                 }
                 if a.last_emitted == SystemTime::UNIX_EPOCH {
-                    out.push(render(a, &self.config, reasons, ifnames, Lifecycle::New));
+                    out.push(render(
+                        a,
+                        &self.config,
+                        &mut self.parts,
+                        reasons,
+                        ifnames,
+                        Lifecycle::New,
+                    ));
                     a.dirty = false;
                     a.last_emitted = now;
                 }
@@ -423,7 +557,14 @@ impl FlowAssembler {
                 self.held.push(k);
                 continue;
             }
-            out.push(render(f, &self.config, reasons, ifnames, Lifecycle::New));
+            out.push(render(
+                f,
+                &self.config,
+                &mut self.parts,
+                reasons,
+                ifnames,
+                Lifecycle::New,
+            ));
             f.dirty = false;
             f.last_emitted = now;
         }
@@ -443,6 +584,7 @@ impl FlowAssembler {
         // First records that waited long enough for a refusal.
         let flows = &mut self.flows;
         let config = &self.config;
+        let parts = &mut self.parts;
         self.held.retain(|k| {
             let Some(f) = flows.get_mut(k) else {
                 return false;
@@ -455,7 +597,7 @@ impl FlowAssembler {
             }
             f.held_since = None;
             out.records
-                .push(render(f, config, reasons, ifnames, Lifecycle::New));
+                .push(render(f, config, parts, reasons, ifnames, Lifecycle::New));
             f.dirty = false;
             f.last_emitted = now;
             false
@@ -471,15 +613,27 @@ impl FlowAssembler {
                 // Every flow ends with a FINAL record, also one whose last
                 // update already had its final counts: a reader waiting for
                 // the end of a flow must see it end.
-                out.records
-                    .push(render(f, &self.config, reasons, ifnames, Lifecycle::Final));
+                out.records.push(render(
+                    f,
+                    &self.config,
+                    &mut self.parts,
+                    reasons,
+                    ifnames,
+                    Lifecycle::Final,
+                ));
                 finished.push(*k);
             } else if f.dirty
                 && now.duration_since(f.last_emitted).unwrap_or_default()
                     >= self.config.update_interval
             {
-                out.records
-                    .push(render(f, &self.config, reasons, ifnames, Lifecycle::Update));
+                out.records.push(render(
+                    f,
+                    &self.config,
+                    &mut self.parts,
+                    reasons,
+                    ifnames,
+                    Lifecycle::Update,
+                ));
                 f.dirty = false;
                 f.last_emitted = now;
             }
@@ -496,15 +650,27 @@ impl FlowAssembler {
             let quiet =
                 now.duration_since(a.last_change).unwrap_or_default() >= self.config.idle_timeout;
             if quiet {
-                out.records
-                    .push(render(a, &self.config, reasons, ifnames, Lifecycle::Final));
+                out.records.push(render(
+                    a,
+                    &self.config,
+                    &mut self.parts,
+                    reasons,
+                    ifnames,
+                    Lifecycle::Final,
+                ));
                 out.finished_aggregates.push(*key);
             } else if a.dirty
                 && now.duration_since(a.last_emitted).unwrap_or_default()
                     >= self.config.update_interval
             {
-                out.records
-                    .push(render(a, &self.config, reasons, ifnames, Lifecycle::Update));
+                out.records.push(render(
+                    a,
+                    &self.config,
+                    &mut self.parts,
+                    reasons,
+                    ifnames,
+                    Lifecycle::Update,
+                ));
                 a.dirty = false;
                 a.last_emitted = now;
             }
@@ -526,7 +692,14 @@ impl FlowAssembler {
         self.by_client.clear();
         let flows = self.flows.drain().map(|(_, f)| f);
         for f in flows.chain(self.aggregates.drain().map(|(_, a)| a)) {
-            out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
+            out.push(render(
+                &f,
+                &self.config,
+                &mut self.parts,
+                reasons,
+                ifnames,
+                Lifecycle::Final,
+            ));
         }
         out
     }
@@ -542,7 +715,7 @@ impl FlowAssembler {
         reasons: &DropReasons,
         ifnames: &dyn Fn(u32) -> Option<String>,
     ) -> FlowRecord {
-        let mut f = new_flow(key, time);
+        let mut f = new_flow(key, time, self.uuids.uuid());
         f.established = true;
         f.attempts = 1;
         f.ifindex = ifindex;
@@ -551,7 +724,19 @@ impl FlowAssembler {
         if key.proto == IPPROTO_TCP {
             f.tcp_flags = tcp_flags::SYN | tcp_flags::ACK;
         }
-        render(&f, &self.config, reasons, ifnames, Lifecycle::New)
+        // Rare: no drops, so no reason names to share.
+        let mut parts = RecordParts {
+            node_name: self.parts.node_name.clone(),
+            ..RecordParts::default()
+        };
+        render(
+            &f,
+            &self.config,
+            &mut parts,
+            reasons,
+            ifnames,
+            Lifecycle::New,
+        )
     }
 
     /// The flow a signal about `key` belongs to: the same key, or the same
@@ -586,16 +771,17 @@ impl FlowAssembler {
 
     fn flow_for(&mut self, key: FlowKey, time: SystemTime) -> &mut ActiveFlow {
         let fresh = &mut self.fresh;
+        let uuids = &self.uuids;
         self.flows.entry(key).or_insert_with(|| {
             fresh.push(key);
-            new_flow(key, time)
+            new_flow(key, time, uuids.uuid())
         })
     }
 }
 
-fn new_flow(key: FlowKey, time: SystemTime) -> ActiveFlow {
+fn new_flow(key: FlowKey, time: SystemTime, uuid: u128) -> ActiveFlow {
     ActiveFlow {
-        uuid: uuid::Uuid::new_v4().as_u128(),
+        uuid,
         key,
         established: false,
         drops: Drops::default(),
@@ -768,7 +954,14 @@ impl FlowAssembler {
         for (_, k) in by_age {
             if let Some(f) = self.flows.remove(&k) {
                 self.by_client.remove(&ClientEnd::of(&f.key));
-                out.push(render(&f, &self.config, reasons, ifnames, Lifecycle::Final));
+                out.push(render(
+                    &f,
+                    &self.config,
+                    &mut self.parts,
+                    reasons,
+                    ifnames,
+                    Lifecycle::Final,
+                ));
                 self.released.extend(f.drop_keys.iter().copied());
                 self.evicted += 1;
             }
@@ -961,6 +1154,7 @@ pub fn is_pod_flow(k: &FlowKey) -> bool {
 fn render(
     f: &ActiveFlow,
     config: &AssemblerConfig,
+    parts: &mut RecordParts,
     reasons: &DropReasons,
     ifnames: &dyn Fn(u32) -> Option<String>,
     lifecycle: Lifecycle,
@@ -1022,14 +1216,19 @@ fn render(
         .iter()
         .max_by_key(|(_, c)| c.packets)
         .map(|(r, _)| r);
-    let drop_reason_desc = main_reason.map(|r| reasons.name(r).into());
+    let drop_reason_desc = main_reason.map(|r| parts.reason(reasons, r));
     let drop_reasons = if f.drops.len() > 1 {
         f.drops.iter().map(|(r, _)| reasons.name(r)).collect()
     } else {
         Vec::new()
     };
     let verdict = verdict_of(f);
-    let summary = summary(f, verdict, &l4, &flags, packets, config);
+    // A plain drop's summary names no counts: shared.
+    let summary = if verdict == Verdict::Dropped && f.aggregated_flows.is_none() && !f.timed_out {
+        parts.plain_summary(f, || summary(f, verdict, &l4, &flags, packets, config))
+    } else {
+        summary(f, verdict, &l4, &flags, packets, config).into()
+    };
     let event_type = match (verdict, main_reason) {
         (Verdict::Dropped, Some(r)) => EventType {
             kind: 1,
@@ -1042,11 +1241,11 @@ fn render(
     };
     let traffic_direction = match (verdict, f.direction) {
         // A handshake completed into the server's pod: its ingress.
-        (Verdict::PolicyNotEnforced, _) => "INGRESS",
+        (Verdict::PolicyNotEnforced, _) => 0,
         // Seen leaving a pod, or its connect never answered: the source's
         // egress, until policy attribution says which side denies.
-        (_, Crossing::FromPod | Crossing::ToPod) => "EGRESS",
-        (_, Crossing::Unknown) => "TRAFFIC_DIRECTION_UNKNOWN",
+        (_, Crossing::FromPod | Crossing::ToPod) => 1,
+        (_, Crossing::Unknown) => 2,
     };
     FlowRecord {
         time: f.last_seen.into(),
@@ -1058,9 +1257,9 @@ fn render(
             source: src,
             destination: dst,
             ip_version: if f.key.ip_version == IP_V4 {
-                "IPv4".into()
+                IPV4.clone()
             } else {
-                "IPv6".into()
+                IPV6.clone()
             },
         },
         l4,
@@ -1068,10 +1267,10 @@ fn render(
         destination: Endpoint::unresolved(dst, has_ports.then_some(f_key.dst_port)),
         original_destination: original,
         outer: f.outer.as_ref().map(outer_header),
-        flow_type: "L3_L4".into(),
-        node_name: config.node_name.as_str().into(),
+        flow_type: L3_L4.clone(),
+        node_name: parts.node_name.clone(),
         event_type,
-        traffic_direction: traffic_direction.into(),
+        traffic_direction: DIRECTIONS[traffic_direction].clone(),
         is_reply: f.reply_dropped
             && f.attempts == 0
             && !f.drops.is_empty()
@@ -1085,7 +1284,7 @@ fn render(
                 .flatten()
                 .unwrap_or_default(),
         }),
-        summary: summary.into(),
+        summary,
         egress_allowed_by: Default::default(),
         ingress_allowed_by: Default::default(),
         egress_denied_by: Default::default(),
@@ -1099,7 +1298,7 @@ fn render(
         refusal: f.refusal.as_ref().map(refusal_name),
         timed_out: f.timed_out,
         is_dns: f.is_dns,
-        observation_points: f.points.names().map(str::to_string).collect(),
+        observation_points: parts.points(f.points),
         cgroup_id: f.cgroup_id,
         explanation: None,
         near_misses: Default::default(),

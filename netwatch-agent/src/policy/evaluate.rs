@@ -1026,6 +1026,12 @@ impl PolicyEngine {
         self.resolve(peer).map(|_| ())
     }
 
+    /// Whether the snapshot has the pod `namespace`/`name` (what
+    /// [`PolicyEngine::check_peer`] accepts of a [`Peer::Pod`]).
+    pub fn knows_pod(&self, namespace: &str, name: &str) -> bool {
+        self.model.pod(namespace, name).is_some()
+    }
+
     pub(crate) fn resolve_lenient<'a>(&'a self, peer: &'a Peer) -> Resolved<'a> {
         match (peer, self.resolve(peer)) {
             (_, Ok(r)) => r,
