@@ -631,7 +631,9 @@ fn watched_kinds() -> Vec<String> {
     let body = &source[start..][..source[start..].find('}').unwrap()];
     let kinds: Vec<String> = body
         .lines()
-        .filter_map(|l| l.trim().split_once("=>").map(|(k, _)| k.trim().to_string()))
+        // `Pod as PodRecord => pods`: the watched kind, then what is kept.
+        .filter_map(|l| l.trim().split_once("=>").map(|(k, _)| k))
+        .map(|k| k.split(" as ").next().unwrap_or(k).trim().to_string())
         .collect();
     assert!(kinds.len() >= 10, "read {kinds:?} from kube.rs");
     kinds
