@@ -135,23 +135,23 @@ impl PolicyEngine {
                     let policy = compiled.next().flatten();
                     invalidation.merge(self.apply_policy(namespace, name, policy));
                 }
-                // Cluster policies' `nodes` peers read the nodes' labels
-                // and addresses.
-                ChangeKind::Node => {
-                    let nodes = ClusterPolicies::nodes_of(snapshot);
-                    if nodes != self.cluster.nodes {
-                        self.cluster.nodes = nodes;
-                        invalidation.all |= !self.cluster.policies.is_empty();
-                    }
-                }
                 // Services, slices and workloads are not policy inputs;
-                // cluster policies are applied below, all together.
+                // cluster policies and nodes are applied below, once a batch.
                 _ => {}
             }
         }
         if let Some(cluster) = cluster {
+            // Compiled with the nodes as they are now.
             self.apply_cluster_policies(cluster);
             invalidation.all = true;
+        } else if changes.iter().any(|c| c.kind == ChangeKind::Node) {
+            // Cluster policies' `nodes` peers read the nodes' labels and
+            // addresses.
+            let nodes = ClusterPolicies::nodes_of(snapshot);
+            if nodes != self.cluster.nodes {
+                self.cluster.nodes = nodes;
+                invalidation.all |= !self.cluster.policies.is_empty();
+            }
         }
         Ok(Ok(invalidation))
     }
