@@ -321,33 +321,42 @@ impl Change {
         objects: &'s [T],
         meta: impl Fn(&T) -> &ObjectMeta,
     ) -> Option<&'s T> {
-        let name = self.name.as_deref()?;
-        let at = self.position?;
-        let is = |o: &&T| {
+        self.locate_by(objects, |o| {
             let m = meta(o);
-            m.name.as_deref() == Some(name)
-                && (self.cluster_scoped()
-                    || m.namespace.as_deref().unwrap_or_default() == self.namespace)
-        };
-        objects
-            .get(at)
-            .filter(is)
-            .or_else(|| objects.iter().rev().find(is))
+            (
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+            )
+        })
     }
 
     /// The pod this change names, as [`Change::locate`] finds an object
     /// (the last of the name wins, as in the loader).
     pub fn find_pod<'s>(&self, pods: &'s [PodRecord]) -> Option<&'s PodRecord> {
+        self.locate_by(pods, |p| (p.namespace(), p.name().unwrap_or_default()))
+    }
+
+    /// [`Change::locate`] over objects read by `key`: (namespace, name).
+    fn locate_by<'s, T>(
+        &self,
+        objects: &'s [T],
+        key: impl Fn(&T) -> (&str, &str),
+    ) -> Option<&'s T> {
         let name = self.name.as_deref()?;
         let at = self.position?;
+        // Pods' records file a missing namespace under "default".
         let namespace = match self.namespace.as_str() {
-            "" => "default",
+            "" if self.kind == ChangeKind::Pod => "default",
             ns => ns,
         };
-        let is = |p: &&PodRecord| p.name() == Some(name) && p.namespace() == namespace;
-        pods.get(at)
+        let is = |o: &&T| {
+            let (ns, n) = key(o);
+            n == name && (self.cluster_scoped() || ns == namespace)
+        };
+        objects
+            .get(at)
             .filter(is)
-            .or_else(|| pods.iter().rev().find(is))
+            .or_else(|| objects.iter().rev().find(is))
     }
 }
 
