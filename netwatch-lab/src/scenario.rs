@@ -610,11 +610,16 @@ impl ScenarioRun {
     pub fn probe(&self, t: &Traffic) -> Result<ProbeResult, ScenarioError> {
         let (ip, port, _, _) = self.target(t)?;
         let to = SocketAddr::new(ip, port);
-        let timeout = Duration::from_secs(2);
-        // Clients retransmit: the kernel a SYN after 1 s, a resolver its
-        // query. On Open vSwitch the first packet of a new megaflow is
-        // judged in ovs-vswitchd, where a drop never reaches kfree_skb: the
-        // retransmission is the packet whose drop the kernel names.
+        // Clients retransmit: the kernel a SYN after 1 s (then 3 s), a
+        // resolver its query. On Open vSwitch the first packet of a new
+        // megaflow is judged in ovs-vswitchd, where a drop never reaches
+        // kfree_skb: a retransmission is the packet whose drop the kernel
+        // names. A slow switch (a loaded VM) may not have installed the
+        // megaflow by the first one, so there the probe waits for a second.
+        let timeout = match self.lab.datapath {
+            crate::Datapath::Ovs => Duration::from_secs(4),
+            _ => Duration::from_secs(2),
+        };
         let probe = match t.protocol {
             TrafficProtocol::Tcp => Probe::tcp(to, timeout),
             TrafficProtocol::Udp => Probe::udp(to, timeout),
