@@ -227,6 +227,121 @@ fn with_services(mut snapshot: ClusterSnapshot) -> ClusterSnapshot {
     snapshot
 }
 
+/// A namespace's `team` label flips.
+fn namespace_change(snapshot: &mut ClusterSnapshot, n: usize) {
+    let at = n % NAMESPACES;
+    let ns = &mut snapshot.namespaces[at];
+    let team = format!("t{}", (at + n % 2) % 10);
+    ns.metadata
+        .labels
+        .get_or_insert_default()
+        .insert("team".into(), team);
+    let name = ns.metadata.name.clone();
+    snapshot.changes.record(Change {
+        kind: ChangeKind::Namespace,
+        namespace: String::new(),
+        name,
+        position: Some(at),
+    });
+}
+
+/// A Service's port flips.
+fn service_change(snapshot: &mut ClusterSnapshot, n: usize) {
+    let at = (n * 7) % snapshot.services.len();
+    let svc = &mut snapshot.services[at];
+    if let Some(spec) = svc.spec.as_mut()
+        && let Some(port) = spec.ports.as_mut().and_then(|p| p.first_mut())
+    {
+        port.port = if n.is_multiple_of(2) { 80 } else { 8080 };
+    }
+    let (namespace, name) = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
+    snapshot.changes.record(Change {
+        kind: ChangeKind::Service,
+        namespace: namespace.unwrap_or_default(),
+        name,
+        position: Some(at),
+    });
+}
+
+/// A NetworkPolicy selects another app.
+fn policy_change(snapshot: &mut ClusterSnapshot, n: usize) {
+    let at = (n * 13) % snapshot.network_policies.len();
+    let policy = &mut snapshot.network_policies[at];
+    if let Some(spec) = policy.spec.as_mut() {
+        let app = format!("app-{}", n % APPS);
+        spec.pod_selector
+            .get_or_insert_default()
+            .match_labels
+            .get_or_insert_default()
+            .insert("app".into(), app);
+    }
+    let (namespace, name) = (
+        policy.metadata.namespace.clone(),
+        policy.metadata.name.clone(),
+    );
+    snapshot.changes.record(Change {
+        kind: ChangeKind::NetworkPolicy,
+        namespace: namespace.unwrap_or_default(),
+        name,
+        position: Some(at),
+    });
+}
+
+/// Calico's policies for the Calico benchmarks: a tier ahead of the
+/// default one with a global policy per app (its service account, the
+/// Services it backs), and a namespaced policy in each of 10 namespaces;
+/// `variant` moves one global policy's port.
+fn with_calico(snapshot: &mut ClusterSnapshot, variant: usize) {
+    let calico = &mut snapshot.calico;
+    calico.tiers = vec![
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "security"},
+            "spec": {"order": 100, "defaultAction": "Pass"},
+        }))
+        .expect("a Calico tier"),
+    ];
+    calico.global_network_policies = (0..APPS)
+        .map(|app| {
+            let port = if app == 0 { 8080 + variant % 2 } else { 8080 };
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("security.app-{app}")},
+                "spec": {
+                    "tier": "security",
+                    "order": app,
+                    "selector": format!("app == 'app-{app}'"),
+                    "types": ["Ingress", "Egress"],
+                    "ingress": [{"action": "Deny", "protocol": "TCP",
+                        "source": {"serviceAccounts": {"names": ["intruder"]}},
+                        "destination": {"ports": [port]}}],
+                    "egress": [{"action": "Pass", "protocol": "TCP",
+                        "destination": {"services": {"name": format!("app-{app}"), "namespace": "ns-0"}}}],
+                },
+            }))
+            .expect("a GlobalNetworkPolicy")
+        })
+        .collect();
+    calico.network_policies = (0..10)
+        .map(|ns| {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "allow-same-namespace", "namespace": format!("ns-{ns}")},
+                "spec": {
+                    "order": 10,
+                    "selector": "all()",
+                    "types": ["Ingress"],
+                    "ingress": [{"action": "Allow", "source": {"selector": "all()"}}],
+                },
+            }))
+            .expect("a Calico NetworkPolicy")
+        })
+        .collect();
+    snapshot.changes.record(Change {
+        kind: ChangeKind::Calico,
+        namespace: String::new(),
+        name: Some("security.app-0".into()),
+        position: Some(0),
+    });
+}
+
 /// What one change costs the agent: applied in place, against a rebuild
 /// from the snapshot, in the same run.
 fn updates(c: &mut Criterion) {
@@ -371,20 +486,7 @@ fn updates(c: &mut Criterion) {
     group.bench_function("one namespace label change (10k pods, 2k policies)", |b| {
         b.iter(|| {
             n += 1;
-            let at = n % NAMESPACES;
-            let ns = &mut snapshot.namespaces[at];
-            let team = format!("t{}", (at + n % 2) % 10);
-            ns.metadata
-                .labels
-                .get_or_insert_default()
-                .insert("team".into(), team);
-            let name = ns.metadata.name.clone();
-            snapshot.changes.record(Change {
-                kind: ChangeKind::Namespace,
-                namespace: String::new(),
-                name,
-                position: Some(at),
-            });
+            namespace_change(&mut snapshot, n);
             attribution.update(&snapshot, true, now);
         })
     });
@@ -393,20 +495,7 @@ fn updates(c: &mut Criterion) {
     group.bench_function("one service change (10k pods, 2k policies)", |b| {
         b.iter(|| {
             n += 1;
-            let at = (n * 7) % snapshot.services.len();
-            let svc = &mut snapshot.services[at];
-            if let Some(spec) = svc.spec.as_mut()
-                && let Some(port) = spec.ports.as_mut().and_then(|p| p.first_mut())
-            {
-                port.port = if n.is_multiple_of(2) { 80 } else { 8080 };
-            }
-            let (namespace, name) = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
-            snapshot.changes.record(Change {
-                kind: ChangeKind::Service,
-                namespace: namespace.unwrap_or_default(),
-                name,
-                position: Some(at),
-            });
+            service_change(&mut snapshot, n);
             attribution.update(&snapshot, true, now);
         })
     });
@@ -415,26 +504,7 @@ fn updates(c: &mut Criterion) {
     group.bench_function("one policy change (10k pods, 2k policies)", |b| {
         b.iter(|| {
             n += 1;
-            let at = (n * 13) % snapshot.network_policies.len();
-            let policy = &mut snapshot.network_policies[at];
-            if let Some(spec) = policy.spec.as_mut() {
-                let app = format!("app-{}", n % APPS);
-                spec.pod_selector
-                    .get_or_insert_default()
-                    .match_labels
-                    .get_or_insert_default()
-                    .insert("app".into(), app);
-            }
-            let (namespace, name) = (
-                policy.metadata.namespace.clone(),
-                policy.metadata.name.clone(),
-            );
-            snapshot.changes.record(Change {
-                kind: ChangeKind::NetworkPolicy,
-                namespace: namespace.unwrap_or_default(),
-                name,
-                position: Some(at),
-            });
+            policy_change(&mut snapshot, n);
             attribution.update(&snapshot, true, now);
         })
     });
@@ -518,6 +588,63 @@ fn updates(c: &mut Criterion) {
             )
         },
     );
+    group.finish();
+
+    // The same changes while Calico's tiers judge (its first object is a
+    // rebuild, then every change below is applied in place).
+    let mut group = c.benchmark_group("cluster update, Calico");
+    group.measurement_time(Duration::from_secs(5));
+    with_calico(&mut snapshot, 0);
+    attribution.update(&snapshot, true, now);
+    let rebuilds = attribution.update_counts().rebuilds;
+    let mut n = 0usize;
+    group.bench_function("one pod change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            pod_change(&mut snapshot, n);
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    group.bench_function("one namespace label change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            namespace_change(&mut snapshot, n);
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    group.bench_function("one service change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            service_change(&mut snapshot, n);
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    group.sample_size(10);
+    group.bench_function("one NetworkPolicy change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            policy_change(&mut snapshot, n);
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    group.bench_function("one Calico policy change (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            n += 1;
+            with_calico(&mut snapshot, n);
+            attribution.update(&snapshot, true, now);
+        })
+    });
+    assert_eq!(
+        attribution.update_counts().rebuilds,
+        rebuilds,
+        "a change under Calico rebuilt: the figures would not be an update's"
+    );
+    group.bench_function("full rebuild (10k pods, 2k policies)", |b| {
+        b.iter(|| {
+            snapshot.changes = ChangeLog::default();
+            attribution.update(&snapshot, true, now);
+        })
+    });
     group.finish();
 }
 

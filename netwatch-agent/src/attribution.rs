@@ -363,7 +363,7 @@ impl Attribution {
         now: SystemTime,
     ) -> bool {
         // A re-list, or an engine kept after a policy error: rebuild.
-        if changes.iter().any(|c| c.name.is_none()) || self.policy_error.is_some() {
+        if changes.iter().any(|c| c.is_relist()) || self.policy_error.is_some() {
             return false;
         }
         let Some(engine) = self.engine.as_mut().and_then(Arc::get_mut) else {

@@ -253,7 +253,7 @@ impl Lineage {
             }
             if self.rest != Some(rest) {
                 self.log.record(Change {
-                    kind: ChangeKind::Other,
+                    kind: ChangeKind::Calico,
                     namespace: String::new(),
                     name: None,
                     position: None,
@@ -285,7 +285,11 @@ pub enum ChangeKind {
     /// Deployments, StatefulSets, DaemonSets, CronJobs: nothing reads them
     /// but the workload names pods already carry.
     Workload,
-    /// Calico's kinds: consumers rebuild.
+    /// Calico's kinds (tiers, policies, staged policies, from its API
+    /// server or its CRDs), or all of them at once (a manifest reload):
+    /// the policy engine compiles Calico's policies again.
+    Calico,
+    /// A kind consumers do not apply one by one: they rebuild.
     Other,
 }
 
@@ -303,6 +307,14 @@ pub struct Change {
 }
 
 impl Change {
+    /// A whole kind that consumers follow object by object (a re-list
+    /// whose differences were not recorded): they rebuild. Calico's kinds
+    /// are compiled whole on any change, so for them it is a change like
+    /// any other.
+    pub fn is_relist(&self) -> bool {
+        self.name.is_none() && self.kind != ChangeKind::Calico
+    }
+
     /// Whether the kind's objects have no namespace.
     fn cluster_scoped(&self) -> bool {
         matches!(
@@ -540,7 +552,7 @@ mod tests {
         lineage.follow(&mut fifth);
         let changes = fifth.changes.since(at).expect("the same lineage");
         assert!(
-            matches!(changes.as_slice(), [c] if c.kind == ChangeKind::Other && c.name.is_none()),
+            matches!(changes.as_slice(), [c] if c.kind == ChangeKind::Calico && c.name.is_none()),
             "{changes:?}"
         );
     }

@@ -28,6 +28,7 @@ use netwatch::{
     attribution::{Attribution, AttributionConfig},
     cluster::{ChangeLog, ClusterSnapshot, Lineage, PodRecord},
     identity::kube::{ObjectEvent, SnapshotWriter},
+    policy::api::calico::{CalicoNetworkPolicy, CalicoTier, GlobalNetworkPolicy},
     policy::api::cluster::{AdminNetworkPolicy, BaselineAdminNetworkPolicy},
     policy::{EngineOptions, Peer, PolicyEngine, Protocol},
 };
@@ -154,6 +155,7 @@ impl Cluster {
             rng.chance(85).then(|| pod_ip(rng.below(40)))
         };
         let ready = rng.chance(70);
+        let service_account = *rng.pick(&["default", "builder", "frontend"]);
         let owner = rng.chance(60).then(|| format!("{app}-rs{}", rng.below(2)));
         self.clock += 1;
         let created = 1_700_000_000 + self.clock;
@@ -169,6 +171,7 @@ impl Cluster {
             },
             "spec": {
                 "nodeName": "node-1", "hostNetwork": host,
+                "serviceAccountName": service_account,
                 "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}],
             },
             "status": {
@@ -288,6 +291,99 @@ impl Cluster {
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment, "uid": "d", "controller": true}],
             },
         }))
+    }
+
+    /// A Calico policy's spec: selectors on pod and namespace labels,
+    /// service accounts, Services, nets and named ports, in the default
+    /// tier or one ahead of it.
+    fn calico_spec(&mut self, global: bool) -> Value {
+        let rng = &mut self.rng;
+        let action = |rng: &mut Rng| *rng.pick(&["Allow", "Deny", "Pass"]);
+        let entity = |rng: &mut Rng, egress: bool| match rng.below(if egress { 7 } else { 6 }) {
+            0 => json!({"selector": format!("app == '{}'", rng.pick(&APPS))}),
+            1 => json!({"namespaceSelector": format!("team == '{}'", rng.pick(&TEAMS))}),
+            2 => json!({"serviceAccounts": {"names": [rng.pick(&["builder", "frontend"])]}}),
+            3 => json!({"nets": ["10.1.0.0/28"]}),
+            4 => {
+                json!({"selector": format!("projectcalico.org/namespace == '{}'", rng.pick(&NAMESPACES))})
+            }
+            5 => json!({"serviceAccounts": {"selector": "projectcalico.org/name == 'default'"}}),
+            _ => json!({"services": {"name": format!("svc-{}", rng.below(4)), "namespace": "a"}}),
+        };
+        let selector = rng
+            .pick(&["all()", "app == 'web'", "has(tier)", "app in {'api', 'db'}"])
+            .to_string();
+        let port = if rng.chance(30) {
+            json!("http")
+        } else {
+            json!(rng.pick(&PORTS))
+        };
+        let mut spec = json!({
+            "tier": rng.pick(&["default", "security"]),
+            "order": rng.below(3) * 10,
+            "selector": selector,
+            "types": ["Ingress", "Egress"],
+            "ingress": [{"action": action(rng), "protocol": "TCP", "source": entity(rng, false), "destination": {"ports": [port]}}],
+            "egress": [{"action": action(rng), "protocol": "TCP", "destination": entity(rng, true)}],
+        });
+        if global && rng.chance(50) {
+            spec["namespaceSelector"] = json!(format!("team == '{}'", rng.pick(&TEAMS)));
+        }
+        if rng.chance(20) {
+            spec["serviceAccountSelector"] = json!("projectcalico.org/name == 'builder'");
+        }
+        spec
+    }
+
+    fn calico_policy(&mut self, name: &str) -> CalicoNetworkPolicy {
+        let namespace = *self.rng.pick(&NAMESPACES);
+        let spec = self.calico_spec(false);
+        // Calico names a tiered policy after its tier.
+        let name = match spec["tier"].as_str() {
+            Some("security") => format!("security.{name}"),
+            _ => name.to_string(),
+        };
+        from(json!({"metadata": {"name": name, "namespace": namespace}, "spec": spec}))
+    }
+
+    fn global_policy(&mut self, name: &str) -> GlobalNetworkPolicy {
+        let spec = self.calico_spec(true);
+        let name = match spec["tier"].as_str() {
+            Some("security") => format!("security.{name}"),
+            _ => name.to_string(),
+        };
+        from(json!({"metadata": {"name": name}, "spec": spec}))
+    }
+
+    fn tier(&mut self) -> CalicoTier {
+        let action = *self.rng.pick(&["Deny", "Pass"]);
+        from(
+            json!({"metadata": {"name": "security"}, "spec": {"order": 100, "defaultAction": action}}),
+        )
+    }
+
+    /// One random Calico event (the cluster runs Calico).
+    fn calico_event(&mut self) -> ObjectEvent {
+        let delete = self.rng.chance(25);
+        match self.rng.below(5) {
+            0 | 1 => {
+                let name = format!("cnp-{}", self.rng.below(4));
+                let policy = self.calico_policy(&name);
+                if delete {
+                    return ObjectEvent::CalicoNetworkPolicy(Event::Delete(policy));
+                }
+                ObjectEvent::CalicoNetworkPolicy(Event::Apply(policy))
+            }
+            2 | 3 => {
+                let name = format!("gnp-{}", self.rng.below(3));
+                let policy = self.global_policy(&name);
+                if delete {
+                    return ObjectEvent::GlobalNetworkPolicy(Event::Delete(policy));
+                }
+                ObjectEvent::GlobalNetworkPolicy(Event::Apply(policy))
+            }
+            _ => ObjectEvent::CalicoTier(Event::Apply(self.tier())),
+        }
     }
 
     /// One random watch event.
@@ -492,7 +588,7 @@ enum Feed {
     Reload,
 }
 
-fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
+fn run(seed: u64, steps: usize, feed: Feed, calico: bool) -> (usize, usize) {
     let mut cluster = Cluster {
         rng: Rng(seed),
         version: 0,
@@ -530,6 +626,18 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
     list!(AdminNetworkPolicy, admin);
     let baseline = vec![cluster.baseline_policy()];
     list!(BaselineAdminNetworkPolicy, baseline);
+    if calico {
+        let tiers = vec![cluster.tier()];
+        list!(CalicoTier, tiers);
+        let policies: Vec<CalicoNetworkPolicy> = (0..2)
+            .map(|i| cluster.calico_policy(&format!("cnp-{i}")))
+            .collect();
+        list!(CalicoNetworkPolicy, policies);
+        let policies: Vec<GlobalNetworkPolicy> = (0..2)
+            .map(|i| cluster.global_policy(&format!("gnp-{i}")))
+            .collect();
+        list!(GlobalNetworkPolicy, policies);
+    }
     for event in initial {
         writer.apply(event, || &mut snapshot);
     }
@@ -586,6 +694,9 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
                     }
                     writer.apply(ObjectEvent::Pod(Event::Delete(old)), || &mut snapshot);
                     writer.apply(ObjectEvent::Pod(Event::Apply(new.into())), || &mut snapshot);
+                } else if calico && cluster.rng.chance(20) {
+                    let event = cluster.calico_event();
+                    writer.apply(event, || &mut snapshot);
                 } else {
                     let event = cluster.event(&snapshot);
                     writer.apply(event, || &mut snapshot);
@@ -622,8 +733,8 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
         counts.incremental
     );
     // Only the first snapshot rebuilds (re-lists are applied as what
-    // they changed); a batch that changes a Calico kind would too, and
-    // none is generated here.
+    // they changed; Calico's tier is never deleted, so its tiers judge
+    // throughout).
     assert!(
         counts.rebuilds == 1,
         "seed {seed}: only {} of {applied} updates were incremental",
@@ -636,7 +747,7 @@ fn run(seed: u64, steps: usize, feed: Feed) -> (usize, usize) {
 #[test]
 fn incremental_updates_equal_full_rebuilds_over_random_change_sequences() {
     for seed in 1..=10u64 {
-        let (steps, changes) = run(seed * 7919, 100, Feed::Api);
+        let (steps, changes) = run(seed * 7919, 100, Feed::Api, false);
         assert!(
             steps == 100 && changes > 100,
             "seed {seed}: too few changes ({changes})"
@@ -647,6 +758,19 @@ fn incremental_updates_equal_full_rebuilds_over_random_change_sequences() {
 #[test]
 fn manifest_reloads_recorded_as_changes_equal_full_rebuilds() {
     for seed in 1..=6u64 {
-        run(seed * 104_729, 80, Feed::Reload);
+        run(seed * 104_729, 80, Feed::Reload, false);
+    }
+}
+
+/// The same with Calico's tiers judging: its policies (namespaced and
+/// global, in two tiers) change too, and pods' service accounts, Services
+/// and namespaces' labels reach Calico's endpoints.
+#[test]
+fn incremental_updates_with_calico_policies_equal_full_rebuilds() {
+    for seed in 1..=8u64 {
+        run(seed * 6151, 80, Feed::Api, true);
+    }
+    for seed in 1..=3u64 {
+        run(seed * 3571, 60, Feed::Reload, true);
     }
 }

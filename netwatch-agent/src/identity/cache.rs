@@ -797,7 +797,7 @@ impl IdentityCache {
         changes: &[&Change],
         now: SystemTime,
     ) -> bool {
-        if changes.iter().any(|c| c.name.is_none()) {
+        if changes.iter().any(|c| c.is_relist()) {
             return false;
         }
         // Pods of a changed ReplicaSet or Job, as changes of their own.
@@ -844,7 +844,10 @@ impl IdentityCache {
                     }
                 }
                 ChangeKind::Workload => {}
-                ChangeKind::NetworkPolicy | ChangeKind::ClusterPolicy | ChangeKind::Other => {}
+                ChangeKind::NetworkPolicy
+                | ChangeKind::ClusterPolicy
+                | ChangeKind::Calico
+                | ChangeKind::Other => {}
             }
         }
         pods.extend(owned.iter());

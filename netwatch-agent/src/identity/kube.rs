@@ -473,6 +473,7 @@ fn change_kind<K: SnapshotKind>() -> ChangeKind {
         ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "CronJob") => {
             ChangeKind::Workload
         }
+        ("projectcalico.org" | "crd.projectcalico.org", _) => ChangeKind::Calico,
         _ => ChangeKind::Other,
     }
 }

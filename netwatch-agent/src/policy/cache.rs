@@ -5,7 +5,9 @@
 //! An identity is what the policies can see of an endpoint: for a pod its
 //! namespace and labels, plus its IP when an ipBlock could match pods and
 //! its container ports when a policy names ports; for an address outside
-//! the pod network, the address. Replicas of one workload share entries.
+//! the pod network, the address. Replicas of one workload share entries,
+//! except under Calico's tiers, whose rules also see a pod's service
+//! account and the Services it backs: there each pod has its own.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,11 +22,14 @@ use super::{FlowVerdict, Invalidation};
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum IdentityKey {
     /// A pod of the snapshot: its selection identity (namespace + labels),
-    /// its container-port set and its IP where those can change a verdict.
+    /// its container-port set and its IP where those can change a verdict,
+    /// and under Calico the pod itself (its slot in the engine's model):
+    /// two pods of one identity may even claim one address.
     Pod {
         identity: u32,
         ports: u32,
         ip: Option<IpAddr>,
+        pod: Option<u32>,
     },
     /// A pod by namespace and labels only (hypothetical, or unknown).
     Labels { namespace: String, labels: Labels },
@@ -59,6 +64,7 @@ impl PolicyEngine {
                 } else {
                     None
                 },
+                pod: self.calico.is_some().then_some(idx),
             },
             (EndpointKind::External, _, _) | (_, _, None) => {
                 IdentityKey::External(end.given_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])))

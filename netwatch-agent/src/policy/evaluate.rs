@@ -501,10 +501,7 @@ impl PolicyEngine {
         // depend on the pod itself: cache per pod (its IP).
         let ip_sensitive = ip_sensitive || calico.is_some();
         let named_ports_used = named_ports_used || calico.is_some();
-        let source_ports_used = calico.as_deref().is_some_and(|c| {
-            c.enforced.uses_source_ports()
-                || c.staged.as_ref().is_some_and(|s| s.uses_source_ports())
-        });
+        let source_ports_used = calico.as_deref().is_some_and(|c| c.uses_source_ports());
 
         let mut engine = PolicyEngine {
             model,

@@ -17,18 +17,28 @@
 //!   cluster has a handful) and every identity's selection recomputed.
 //! - A node: the nodes cluster policies' `nodes` peers read.
 //!
-//! Calico's policies and re-lists are not applied here: the engine says
-//! so and the caller rebuilds.
+//! - With Calico's tiers in use: a Calico object or a NetworkPolicy (they
+//!   sit in Calico's default tier) compiles Calico's policies again; a
+//!   pod, its namespace's labels or its namespace's Services and
+//!   EndpointSlices recompute the Calico endpoints of the pods they reach.
+//!
+//! The first Calico object, or the last one gone, switches how flows are
+//! judged: the engine says so ([`Unapplied`]) and the caller rebuilds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::PolicyError;
+use super::api::calico::CalicoEndpoint;
+use super::api::calico::engine::CalicoPolicySets;
+use super::api::calico::manifests::{
+    NamespaceServices, endpoint_in, namespace_labels, service_backings,
+};
 use super::api::cluster::ClusterPolicies;
 use super::evaluate::{PolicyEngine, SelectionIdentity};
 use super::model::{
     CompiledPolicy, ContainerPortModel, NamespaceModel, PodModel, PolicyRef, compile_policy,
     pod_ports,
 };
+use super::{Labels, PolicyError};
 use crate::cluster::{Change, ChangeKind, ClusterSnapshot, PodRecord};
 
 /// Which cached verdicts a change can have changed.
@@ -74,20 +84,23 @@ impl PolicyEngine {
         snapshot: &ClusterSnapshot,
         changes: &[&Change],
     ) -> Result<Result<Invalidation, Unapplied>, PolicyError> {
-        let applicable = self.calico.is_none()
-            && changes.iter().all(|c| match c.kind {
-                // Cluster policies are recompiled together, named or not.
-                ChangeKind::ClusterPolicy => true,
-                ChangeKind::Pod
-                | ChangeKind::NetworkPolicy
-                | ChangeKind::Service
-                | ChangeKind::EndpointSlice
-                | ChangeKind::PodOwner
-                | ChangeKind::Workload
-                | ChangeKind::Namespace
-                | ChangeKind::Node => c.name.is_some(),
-                ChangeKind::Other => false,
-            });
+        let applicable = changes.iter().all(|c| match c.kind {
+            // Cluster policies are recompiled together, named or not,
+            // and so are Calico's when the engine judges by them (when
+            // Calico objects appear, Calico's tiers take over: that is
+            // a rebuild).
+            ChangeKind::ClusterPolicy => true,
+            ChangeKind::Calico => self.calico.is_some(),
+            ChangeKind::Pod
+            | ChangeKind::NetworkPolicy
+            | ChangeKind::Service
+            | ChangeKind::EndpointSlice
+            | ChangeKind::PodOwner
+            | ChangeKind::Workload
+            | ChangeKind::Namespace
+            | ChangeKind::Node => c.name.is_some(),
+            ChangeKind::Other => false,
+        });
         if !applicable {
             return Ok(Err(Unapplied::Rebuild));
         }
@@ -117,28 +130,58 @@ impl PolicyEngine {
         } else {
             None
         };
+        // Calico's tiers hold the NetworkPolicies too: its policies are
+        // compiled again on a change of either.
+        let calico_policies = match self.calico.is_some()
+            && changes
+                .iter()
+                .any(|c| matches!(c.kind, ChangeKind::Calico | ChangeKind::NetworkPolicy))
+        {
+            true => match CalicoPolicySets::build(snapshot)
+                .map_err(|e| PolicyError::Calico(Box::new(e)))?
+            {
+                Some(sets) => Some(sets),
+                // The last Calico object went: the Kubernetes tiers judge.
+                None => return Ok(Err(Unapplied::Rebuild)),
+            },
+            false => None,
+        };
         let mut compiled = compiled.into_iter();
         let mut invalidation = Invalidation::default();
+        let mut calico_endpoints = CalicoEndpointChanges::default();
         for change in changes {
             let namespace = namespace_of_change(change);
             let name = change.name.as_deref().unwrap_or_default();
             match change.kind {
                 ChangeKind::Pod => {
                     let pod = change.find_pod(&snapshot.pods);
+                    let before = self.model.pod(namespace, name).map(|(slot, _)| slot);
                     invalidation.merge(self.apply_pod(namespace, name, pod));
+                    if self.calico.is_some() {
+                        let after = self.model.pod(namespace, name).map(|(slot, _)| slot);
+                        calico_endpoints.pod(namespace, before, after.zip(pod));
+                    }
                 }
                 ChangeKind::Namespace => {
                     let object = change.locate(&snapshot.namespaces, |n| &n.metadata);
                     invalidation.merge(self.apply_namespace(name, object));
+                    calico_endpoints.namespace(name);
                 }
                 ChangeKind::NetworkPolicy => {
                     let policy = compiled.next().flatten();
                     invalidation.merge(self.apply_policy(namespace, name, policy));
                 }
-                // Services, slices and workloads are not policy inputs;
-                // cluster policies and nodes are applied below, once a batch.
+                // Which Services a pod backs: Calico's rules can name them.
+                ChangeKind::Service | ChangeKind::EndpointSlice => {
+                    calico_endpoints.namespace(namespace);
+                }
+                // Workloads are not policy inputs; cluster policies, nodes
+                // and Calico's policies are applied below, once a batch.
                 _ => {}
             }
+        }
+        if self.calico.is_some() {
+            invalidation.merge(self.apply_calico(snapshot, calico_endpoints, calico_policies));
         }
         if let Some(cluster) = cluster {
             // Compiled with the nodes as they are now.
@@ -445,6 +488,115 @@ impl PolicyEngine {
 }
 
 /// The namespace of a changed namespaced object, as the engine files it.
+/// The pod slots whose Calico endpoint a batch may have changed.
+#[derive(Default)]
+struct CalicoEndpointChanges<'s> {
+    /// Slots a pod left, with its namespace (emptied unless a pod took
+    /// them again).
+    emptied: Vec<(u32, &'s str)>,
+    /// Slots with a pod, as the snapshot has it now.
+    pods: Vec<(u32, &'s PodRecord)>,
+    /// Namespaces whose labels or Services changed: every pod of them.
+    namespaces: Vec<String>,
+}
+
+impl<'s> CalicoEndpointChanges<'s> {
+    fn pod(
+        &mut self,
+        namespace: &'s str,
+        before: Option<u32>,
+        after: Option<(u32, &'s PodRecord)>,
+    ) {
+        // A pod back in its own slot is compared with what it was.
+        if let Some(slot) = before.filter(|&b| after.is_none_or(|(a, _)| a != b)) {
+            self.emptied.push((slot, namespace));
+        }
+        self.pods.extend(after);
+    }
+
+    fn namespace(&mut self, name: &str) {
+        if !self.namespaces.iter().any(|n| n == name) {
+            self.namespaces.push(name.to_owned());
+        }
+    }
+}
+
+impl PolicyEngine {
+    /// Brings Calico's side up to date after a batch: its policies when
+    /// they were compiled again, and the endpoints of the pods the batch
+    /// reached. A changed endpoint (service account, Services, ports,
+    /// namespace labels) changes the verdicts with an end in its
+    /// namespace, even when the pod keeps its identity.
+    fn apply_calico(
+        &mut self,
+        snapshot: &ClusterSnapshot,
+        changes: CalicoEndpointChanges<'_>,
+        policies: Option<CalicoPolicySets>,
+    ) -> Invalidation {
+        let mut invalidation = Invalidation::default();
+        let Some(calico) = self.calico.as_deref_mut() else {
+            return invalidation;
+        };
+        if let Some(sets) = policies {
+            let source_ports = calico.uses_source_ports();
+            calico.replace_policies(sets);
+            if calico.uses_source_ports() != source_ports {
+                // Verdict keys now carry source ports, or no longer do.
+                self.source_ports_used = calico.uses_source_ports();
+            }
+            invalidation.all = true;
+        }
+        // Each namespace's labels and Services once a batch.
+        let mut namespaces: HashMap<String, (Labels, NamespaceServices<'_>)> = HashMap::new();
+        let mut context = |ns: &str| {
+            namespaces
+                .entry(ns.to_owned())
+                .or_insert_with(|| {
+                    (
+                        namespace_labels(snapshot, ns),
+                        NamespaceServices::of(snapshot, ns),
+                    )
+                })
+                .clone()
+        };
+        for &(slot, ns) in &changes.emptied {
+            if !changes.pods.iter().any(|(s, _)| *s == slot) {
+                calico.set_endpoint(slot, CalicoEndpoint::default());
+            }
+            // Its identity may live on in other pods, and a new pod of it
+            // may take its address with another service account.
+            invalidation.namespaces.insert(ns.to_owned());
+        }
+        for (slot, pod) in changes.pods {
+            let ns = pod.namespace();
+            let (labels, services) = context(ns);
+            if calico.set_endpoint(slot, endpoint_in(pod, labels, &services)) {
+                invalidation.namespaces.insert(ns.to_owned());
+            }
+        }
+        // A namespace's pods keep what is theirs (labels, address, ports,
+        // service account): only the namespace's part is computed again.
+        for ns in &changes.namespaces {
+            let Some(slots) = self.model.pod_index.get(ns.as_str()) else {
+                continue;
+            };
+            let (labels, services) = context(ns);
+            for &slot in slots.values() {
+                let Some(old) = calico.endpoints.get(slot as usize) else {
+                    continue;
+                };
+                let mut endpoint = old.clone();
+                endpoint.namespace_labels = labels.clone();
+                endpoint.services = service_backings(&services, &endpoint.labels, &endpoint);
+                if calico.set_endpoint(slot, endpoint) {
+                    invalidation.namespaces.insert(ns.clone());
+                }
+            }
+        }
+        invalidation
+    }
+}
+
 fn namespace_of_change(change: &Change) -> &str {
     if change.namespace.is_empty() {
         "default"

@@ -45,12 +45,18 @@ pub(crate) struct CalicoEngine {
     pub endpoints: Vec<CalicoEndpoint>,
 }
 
-impl CalicoEngine {
-    /// `None` when the snapshot has no Calico object.
-    pub fn build(
-        snapshot: &ClusterSnapshot,
-        pods: &[(String, String)],
-    ) -> Result<Option<Self>, CalicoError> {
+/// Calico's compiled policies: the enforced set and, when staged policies
+/// exist, the set with them applied.
+pub(crate) struct CalicoPolicySets {
+    pub enforced: CalicoPolicies,
+    pub staged: Option<CalicoPolicies>,
+}
+
+impl CalicoPolicySets {
+    /// Compiles the snapshot's Calico policies (with its Kubernetes
+    /// NetworkPolicies, which sit in Calico's default tier); `None` when
+    /// the snapshot has no Calico object.
+    pub fn build(snapshot: &ClusterSnapshot) -> Result<Option<Self>, CalicoError> {
         // The Calico API server's view, else the CRDs it stores them in
         // (both list the same objects when the API server is installed).
         let from_crds;
@@ -70,6 +76,19 @@ impl CalicoEngine {
         } else {
             None
         };
+        Ok(Some(Self { enforced, staged }))
+    }
+}
+
+impl CalicoEngine {
+    /// `None` when the snapshot has no Calico object.
+    pub fn build(
+        snapshot: &ClusterSnapshot,
+        pods: &[(String, String)],
+    ) -> Result<Option<Self>, CalicoError> {
+        let Some(CalicoPolicySets { enforced, staged }) = CalicoPolicySets::build(snapshot)? else {
+            return Ok(None);
+        };
         let mut by_name: BTreeMap<String, CalicoEndpoint> = super::endpoints(snapshot);
         let endpoints = pods
             .iter()
@@ -84,6 +103,33 @@ impl CalicoEngine {
             staged,
             endpoints,
         }))
+    }
+
+    /// Whether a rule names source ports (verdicts then depend on them).
+    pub fn uses_source_ports(&self) -> bool {
+        self.enforced.uses_source_ports()
+            || self.staged.as_ref().is_some_and(|s| s.uses_source_ports())
+    }
+
+    /// Puts newly compiled policies in place.
+    pub fn replace_policies(&mut self, sets: CalicoPolicySets) {
+        self.enforced = sets.enforced;
+        self.staged = sets.staged;
+    }
+
+    /// Sets the endpoint of pod slot `slot` (an empty slot gets an empty
+    /// endpoint); whether it changed.
+    pub fn set_endpoint(&mut self, slot: u32, endpoint: CalicoEndpoint) -> bool {
+        let slot = slot as usize;
+        if self.endpoints.len() <= slot {
+            self.endpoints
+                .resize_with(slot + 1, CalicoEndpoint::default);
+        }
+        if self.endpoints[slot] == endpoint {
+            return false;
+        }
+        self.endpoints[slot] = endpoint;
+        true
     }
 }
 

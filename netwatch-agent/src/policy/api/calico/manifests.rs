@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
@@ -14,6 +16,7 @@ use super::types::{
     StagedKubernetesNetworkPolicy, StagedNetworkPolicy, Tier,
 };
 use crate::cluster::{ClusterSnapshot, PodRecord};
+use crate::policy::Labels;
 
 /// The API versions Calico's objects are read from.
 pub const API_VERSIONS: [&str; 2] = ["projectcalico.org/v3", "crd.projectcalico.org/v1"];
@@ -154,40 +157,98 @@ impl CalicoManifests {
 /// its labels, its namespace's labels (with `kubernetes.io/metadata.name`),
 /// service account, IP and named container ports.
 pub fn endpoints(snapshot: &ClusterSnapshot) -> BTreeMap<String, CalicoEndpoint> {
-    let namespace_labels = |ns: &str| {
-        let mut labels: BTreeMap<String, String> = snapshot
-            .namespaces
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(ns))
-            .and_then(|n| n.metadata.labels.clone())
-            .unwrap_or_default();
-        labels.insert("kubernetes.io/metadata.name".into(), ns.into());
-        labels
-    };
+    // Each namespace's labels and Services once, not once per pod.
+    let mut namespaces: BTreeMap<&str, (Labels, NamespaceServices<'_>)> = BTreeMap::new();
     snapshot
         .pods
         .iter()
         .map(|pod| {
-            let ns = pod.namespace().to_owned();
+            let ns = pod.namespace();
+            let (labels, services) = namespaces.entry(ns).or_insert_with(|| {
+                (
+                    namespace_labels(snapshot, ns),
+                    NamespaceServices::of(snapshot, ns),
+                )
+            });
+            let e = endpoint_in(pod, labels.clone(), services);
             let name = pod.name().unwrap_or_default();
-            let mut e = CalicoEndpoint::pod(&ns, pod.labels().clone(), namespace_labels(&ns));
-            e.ip = pod.pod_ip();
-            e.service_account = Some(pod.service_account().unwrap_or("default").to_owned());
-            // Calico labels every service account with its name.
-            if let Some(sa) = &e.service_account {
-                e.service_account_labels
-                    .insert("projectcalico.org/name".into(), sa.clone());
-            }
-            for port in pod.ports().iter().filter(|p| !p.init) {
-                if let Some(port_name) = &port.name {
-                    e.named_ports
-                        .push((port_name.clone(), port.protocol.number(), port.port));
-                }
-            }
-            e.services = service_backings(snapshot, pod, &ns, &e);
             (format!("{ns}/{name}"), e)
         })
         .collect()
+}
+
+/// One pod as a Calico endpoint (see [`endpoints`]).
+pub fn endpoint(snapshot: &ClusterSnapshot, pod: &PodRecord) -> CalicoEndpoint {
+    let ns = pod.namespace();
+    endpoint_in(
+        pod,
+        namespace_labels(snapshot, ns),
+        &NamespaceServices::of(snapshot, ns),
+    )
+}
+
+/// A pod as an endpoint, given its namespace's labels and Services.
+pub(crate) fn endpoint_in(
+    pod: &PodRecord,
+    namespace_labels: Labels,
+    services: &NamespaceServices<'_>,
+) -> CalicoEndpoint {
+    let mut e = CalicoEndpoint::pod(pod.namespace(), pod.labels().clone(), namespace_labels);
+    e.ip = pod.pod_ip();
+    let service_account = pod.service_account().unwrap_or("default").to_owned();
+    // Calico labels every service account with its name.
+    e.service_account_labels
+        .insert("projectcalico.org/name".into(), service_account.clone());
+    e.service_account = Some(service_account);
+    for port in pod.ports().iter().filter(|p| !p.init) {
+        if let Some(port_name) = &port.name {
+            e.named_ports
+                .push((port_name.clone(), port.protocol.number(), port.port));
+        }
+    }
+    e.services = service_backings(services, pod.labels(), &e);
+    e
+}
+
+/// A namespace's labels as Calico's selectors see them: with
+/// `kubernetes.io/metadata.name`, also when the Namespace object is gone.
+pub(crate) fn namespace_labels(snapshot: &ClusterSnapshot, namespace: &str) -> Labels {
+    let mut labels: Labels = snapshot
+        .namespaces
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(namespace))
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    labels
+}
+
+/// The Services and EndpointSlices of one namespace: what decides which
+/// Services a pod of it backs (a Service only selects pods of its own
+/// namespace).
+#[derive(Clone)]
+pub(crate) struct NamespaceServices<'a> {
+    namespace: String,
+    services: Vec<&'a Service>,
+    slices: Vec<&'a EndpointSlice>,
+}
+
+impl<'a> NamespaceServices<'a> {
+    pub(crate) fn of(snapshot: &'a ClusterSnapshot, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            services: snapshot
+                .services
+                .iter()
+                .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == namespace)
+                .collect(),
+            slices: snapshot
+                .endpoint_slices
+                .iter()
+                .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == namespace)
+                .collect(),
+        }
+    }
 }
 
 fn protocol_number(name: Option<&str>) -> u8 {
@@ -198,24 +259,21 @@ fn protocol_number(name: Option<&str>) -> u8 {
     }
 }
 
-/// The Services `pod` backs, with the ports it serves each on: a Service of
-/// its namespace whose selector matches its labels (target ports resolved
-/// on the pod, named ones through its container ports), and any Service
-/// whose EndpointSlices list its IP (Services without a selector too).
-fn service_backings(
-    snapshot: &ClusterSnapshot,
-    pod: &PodRecord,
-    namespace: &str,
+/// The Services a pod with `labels` backs, with the ports it serves each
+/// on: a Service of its namespace whose selector matches its labels
+/// (target ports resolved on the pod, named ones through its container
+/// ports), and any Service whose EndpointSlices list its IP (Services
+/// without a selector too).
+pub(crate) fn service_backings(
+    services: &NamespaceServices<'_>,
+    labels: &Labels,
     endpoint: &CalicoEndpoint,
 ) -> Vec<ServiceBacking> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let labels = pod.labels();
+    let namespace = &services.namespace;
     let mut out: BTreeMap<(String, String), std::collections::BTreeSet<(u8, u16)>> =
         BTreeMap::new();
-    for svc in &snapshot.services {
-        if svc.metadata.namespace.as_deref().unwrap_or("default") != namespace {
-            continue;
-        }
+    for svc in &services.services {
         let Some(spec) = &svc.spec else { continue };
         let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
             continue;
@@ -246,7 +304,7 @@ fn service_backings(
         }
     }
     if let Some(ip) = endpoint.ip.map(|ip| ip.to_string()) {
-        for slice in &snapshot.endpoint_slices {
+        for slice in &services.slices {
             let Some(service) = slice
                 .metadata
                 .labels
@@ -255,10 +313,7 @@ fn service_backings(
             else {
                 continue;
             };
-            let slice_namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-            if slice_namespace != namespace
-                || !slice.endpoints.iter().any(|e| e.addresses.contains(&ip))
-            {
+            if !slice.endpoints.iter().any(|e| e.addresses.contains(&ip)) {
                 continue;
             }
             let ports = out
