@@ -92,9 +92,12 @@ impl LabelSet {
         None
     }
 
-    /// How many label sets are in use (held by anyone) in the process.
-    pub fn sets_in_use() -> usize {
-        table().sets.values().map(Vec::len).sum()
+    /// How many entries the table has for these labels, live or not.
+    #[cfg(test)]
+    fn entries(labels: &Labels) -> usize {
+        let table = table();
+        let hash = table.hasher.hash_one(labels);
+        table.sets.get(&hash).map_or(0, Vec::len)
     }
 
     /// Whether `a` and `b` are the same shared map, not only equal ones.
@@ -212,8 +215,11 @@ mod tests {
 
         drop(a);
         assert!(LabelSet::in_use(&web).is_some_and(|s| LabelSet::same(&s, &b)));
+        assert_eq!(LabelSet::entries(&web), 1);
         drop(b);
+        // Gone from the table too, not only unreachable.
         assert!(LabelSet::in_use(&web).is_none());
+        assert_eq!(LabelSet::entries(&web), 0);
         // A set made again is a new one, and still shared.
         let c = LabelSet::new(web.clone());
         assert!(LabelSet::same(&c, &LabelSet::new(web.clone())));
