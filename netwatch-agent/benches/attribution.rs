@@ -374,8 +374,9 @@ fn updates(c: &mut Criterion) {
         let at = (n * 37) % snapshot.pods.len();
         let pod = &mut snapshot.pods[at];
         let hash = if n.is_multiple_of(2) { "a" } else { "b" };
-        pod.labels_mut()
-            .insert("pod-template-hash".into(), hash.into());
+        let mut labels = pod.labels().clone();
+        labels.insert("pod-template-hash".into(), hash.into());
+        pod.set_labels(labels);
         pod.set_resource_version(Some(n.to_string()));
         pod.set_ips(if n.is_multiple_of(2) {
             originals[at].clone()

@@ -26,7 +26,7 @@ use std::{
 use tracing::{debug, warn};
 
 use crate::{
-    cluster::{Change, ClusterSnapshot, LogPosition},
+    cluster::{Change, ClusterSnapshot, LabelSet, LogPosition},
     flow::record::{FlowRecord, L4, PolicyRef, StagedWhatIf, Verdict},
     identity::{
         CgroupIndex, Endpoint, IdentityCache, IdentityConfig, IpResolution, PodIdentity,
@@ -89,7 +89,7 @@ struct PodEndpoints {
 struct PodEndpoint {
     uid: String,
     identity: u32,
-    labels: BTreeMap<String, String>,
+    labels: LabelSet,
     workload: Option<Workload>,
     node_name: Option<String>,
     /// The endpoint without address and port.
@@ -649,7 +649,7 @@ impl Attribution {
         match self.identity.pod_at(ip, at) {
             Some(p) => Peer::Hypothetical {
                 namespace: p.namespace.clone(),
-                labels: p.labels.clone(),
+                labels: p.labels.labels().clone(),
             },
             None => Peer::Ip(ip),
         }
@@ -759,5 +759,91 @@ impl AppliedVerdict {
         } else if r.verdict == Verdict::TimedOut {
             r.explanation = Some(LOST_ELSEWHERE.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::cluster::PodRecord;
+    use crate::identity::kube::{ObjectEvent, SnapshotWriter};
+
+    /// Labels no other test uses: the label sets in use are the process's.
+    fn cart_labels() -> BTreeMap<String, String> {
+        [("app", "label-sets-test-cart"), ("tier", "back")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    fn cart(name: &str, ip: &str) -> PodRecord {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": name, "resourceVersion": "1",
+                         "labels": cart_labels()},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": ip}
+        }))
+        .expect("valid pod");
+        PodRecord::from(pod)
+    }
+
+    #[test]
+    fn pods_identities_and_policy_models_share_one_label_set_freed_after_the_last_pod() {
+        let mut writer = SnapshotWriter::default();
+        let mut snapshot = ClusterSnapshot::default();
+        writer.apply(ObjectEvent::Pod(Event::Init), || &mut snapshot);
+        for pod in [cart("cart-1", "10.1.0.1"), cart("cart-2", "10.1.0.2")] {
+            writer.apply(ObjectEvent::Pod(Event::InitApply(pod)), || &mut snapshot);
+        }
+        writer.apply(ObjectEvent::Pod(Event::InitDone), || &mut snapshot);
+        let mut attribution = Attribution::new(AttributionConfig {
+            node_name: "node-1".into(),
+            tombstone_grace: Duration::from_secs(30),
+            ..AttributionConfig::default()
+        });
+        let mut now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        attribution.update(&snapshot, true, now);
+
+        // One map for both pods, their identities and their policy models.
+        let set = snapshot.pods[0].label_set().clone();
+        assert!(LabelSet::same(&set, snapshot.pods[1].label_set()));
+        for name in ["cart-1", "cart-2"] {
+            let identity = attribution
+                .identity()
+                .pod_by_name("shop", name)
+                .expect("identity");
+            assert!(LabelSet::same(&set, &identity.labels));
+        }
+        let engine = attribution.engine.as_ref().expect("engine");
+        assert_eq!(engine.model.pods.len(), 2);
+        assert!(
+            engine
+                .model
+                .pods
+                .iter()
+                .all(|p| LabelSet::same(&set, &p.labels))
+        );
+        drop(set);
+
+        // Deleted one by one, applied change by change.
+        for name in ["cart-1", "cart-2"] {
+            let gone = snapshot
+                .pods
+                .iter()
+                .find(|p| p.name() == Some(name))
+                .cloned()
+                .expect("listed");
+            writer.apply(ObjectEvent::Pod(Event::Delete(gone)), || &mut snapshot);
+            now += Duration::from_secs(1);
+            attribution.update(&snapshot, true, now);
+            // Tombstones keep what the pods were, for late flows.
+            assert!(LabelSet::in_use(&cart_labels()).is_some());
+        }
+        assert_eq!(attribution.update_counts().incremental, 2);
+        now += Duration::from_secs(60);
+        attribution.expire(now);
+        assert!(LabelSet::in_use(&cart_labels()).is_none());
     }
 }

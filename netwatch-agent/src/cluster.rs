@@ -15,8 +15,10 @@ use k8s_openapi::api::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+mod labels;
 mod pod;
 
+pub use labels::LabelSet;
 pub use pod::{PodContainer, PodOwner, PodPort, PodRecord};
 
 use crate::policy::api::calico::{CalicoCrds, CalicoManifests};

@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, net::IpAddr, str::FromStr, time::SystemTime};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 
+use super::LabelSet;
 use crate::policy::{FieldProblem, Protocol, validate_label_key, validate_port_name};
 
 /// A pod's identity, addresses, ports and state.
@@ -23,7 +24,8 @@ pub struct PodRecord {
     /// `metadata.uid`; empty for manifest pods written without one.
     uid: String,
     resource_version: Option<String>,
-    labels: BTreeMap<String, String>,
+    /// Shared with every pod, identity and policy model of equal labels.
+    labels: LabelSet,
     /// The controller among `metadata.ownerReferences`, else the first.
     owner: Option<PodOwner>,
     node_name: Option<String>,
@@ -188,7 +190,7 @@ impl PodRecord {
             name: meta.name.unwrap_or_default(),
             uid: meta.uid.unwrap_or_default(),
             resource_version: meta.resource_version,
-            labels,
+            labels: LabelSet::new(labels),
             owner: meta.owner_references.and_then(owner),
             node_name,
             service_account,
@@ -225,6 +227,11 @@ impl PodRecord {
     }
 
     pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    /// The labels as the shared set, for holders that keep them.
+    pub fn label_set(&self) -> &LabelSet {
         &self.labels
     }
 
@@ -302,9 +309,9 @@ impl PodRecord {
         self.ports.shrink_to_fit();
     }
 
-    /// The labels, to change (tests and benchmarks that edit a snapshot).
-    pub fn labels_mut(&mut self) -> &mut BTreeMap<String, String> {
-        &mut self.labels
+    /// Replaces the labels (tests and benchmarks that edit a snapshot).
+    pub fn set_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.labels = LabelSet::new(labels);
     }
 
     /// Sets `metadata.resourceVersion` (tests and benchmarks).
@@ -361,7 +368,7 @@ impl PodRecord {
                 name: self.name().map(str::to_owned),
                 uid: Some(self.uid.clone()).filter(|u| !u.is_empty()),
                 resource_version: self.resource_version.clone(),
-                labels: Some(self.labels.clone()).filter(|l| !l.is_empty()),
+                labels: Some(self.labels().clone()).filter(|l| !l.is_empty()),
                 owner_references: self.owner.as_ref().map(|o| {
                     vec![OwnerReference {
                         kind: o.kind.clone(),

@@ -27,7 +27,7 @@ use k8s_openapi::{
 use netwatch_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::endpoint::{Endpoint, ReservedIdentity, ServiceRef, Workload};
-use crate::cluster::{Change, ChangeKind, ClusterSnapshot, PodRecord};
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot, LabelSet, PodRecord};
 
 /// How long a vanished pod (or a pod's released IP) still resolves.
 pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(5 * 60);
@@ -113,7 +113,8 @@ pub struct PodIdentity {
     pub uid: String,
     pub namespace: String,
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    /// The pod record's set, shared with the policy model.
+    pub labels: LabelSet,
     /// Stable numeric identity from namespace and labels (see
     /// [`pod_identity_number`]).
     pub identity: u32,
@@ -1552,7 +1553,7 @@ pub fn pod_identity_number(namespace: &str, labels: &BTreeMap<String, String>) -
 fn pod_identity(pod: &PodRecord, owners: &Owners<'_>) -> Option<PodIdentity> {
     let name = pod.name()?.to_owned();
     let namespace = pod.namespace().to_owned();
-    let labels = pod.labels().clone();
+    let labels = pod.label_set().clone();
     let container_ports = pod
         .ports()
         .iter()

@@ -28,7 +28,7 @@ use super::model::{
 };
 use super::selector::Labels;
 use super::verdict::{Decision, Outcome, TierStep};
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{ClusterSnapshot, LabelSet};
 use crate::record::Tier;
 
 /// How the engine reads the parts of the API that CNIs implement differently.
@@ -367,7 +367,7 @@ pub struct PolicyEngine {
     /// (namespace, labels, host network) -> identity, and how many pods
     /// each identity has: what changes of single pods keep up to date
     /// (see [`super::incremental`]).
-    pub(crate) identity_index: HashMap<(u32, Labels, bool), u32>,
+    pub(crate) identity_index: HashMap<(u32, LabelSet, bool), u32>,
     pub(crate) identity_pods: Vec<u32>,
     /// Identities no pod has any more, and pod slots of deleted pods,
     /// for reuse.
@@ -531,7 +531,7 @@ impl PolicyEngine {
     fn index_identities(&mut self) {
         // Host-network pods are never subjects of cluster policies, so they
         // are an identity of their own.
-        let mut index: HashMap<(u32, Labels, bool), u32> = HashMap::new();
+        let mut index: HashMap<(u32, LabelSet, bool), u32> = HashMap::new();
         let mut identities = Vec::new();
         let mut counts: Vec<u32> = Vec::new();
         let mut pod_identity = Vec::with_capacity(self.model.pods.len());

@@ -39,7 +39,7 @@ use super::model::{
     pod_ports,
 };
 use super::{Labels, PolicyError};
-use crate::cluster::{Change, ChangeKind, ClusterSnapshot, PodRecord};
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot, LabelSet, PodRecord};
 
 /// Which cached verdicts a change can have changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -200,12 +200,7 @@ impl PolicyEngine {
     }
 
     /// The identity of (namespace, labels, host network), made when new.
-    fn intern_identity(
-        &mut self,
-        namespace: u32,
-        labels: &BTreeMap<String, String>,
-        host: bool,
-    ) -> u32 {
+    fn intern_identity(&mut self, namespace: u32, labels: &LabelSet, host: bool) -> u32 {
         if let Some(&id) = self.identity_index.get(&(namespace, labels.clone(), host)) {
             self.identity_pods[id as usize] += 1;
             return id;
@@ -306,7 +301,7 @@ impl PolicyEngine {
             let ips = pod.ips().to_vec();
             let ports = pod_ports(pod);
             let host_network = pod.host_network();
-            let labels = pod.labels().clone();
+            let labels = pod.label_set().clone();
             let identity = self.intern_identity(ns, &labels, host_network);
             let class = self.port_class(&ports);
             let model = PodModel {
@@ -383,7 +378,7 @@ impl PolicyEngine {
 
     /// Recomputes the selections of namespace `id`'s identities.
     fn reselect(&mut self, id: u32) {
-        let keys: Vec<(BTreeMap<String, String>, bool, u32)> = self
+        let keys: Vec<(LabelSet, bool, u32)> = self
             .identity_index
             .iter()
             .filter(|((ns, _, _), _)| *ns == id)

@@ -18,7 +18,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::selector::{CompiledSelector, Labels};
-use crate::cluster::{ClusterSnapshot, PodRecord};
+use crate::cluster::{ClusterSnapshot, LabelSet, PodRecord};
 
 /// The label the API server sets on every namespace to its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -551,7 +551,8 @@ pub struct ContainerPortModel {
 pub struct PodModel {
     pub namespace: u32,
     pub name: String,
-    pub labels: Labels,
+    /// The pod record's set, shared with the identity cache.
+    pub labels: LabelSet,
     /// `status.podIP` first, then the other `status.podIPs`.
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPortModel>,
@@ -665,7 +666,7 @@ impl ClusterModel {
             model.pods.push(PodModel {
                 namespace,
                 name,
-                labels: pod.labels().clone(),
+                labels: pod.label_set().clone(),
                 ips,
                 ports,
                 host_network,

@@ -105,7 +105,9 @@ pub fn step_snapshot(case: &Case, index: usize) -> ClusterSnapshot {
             .iter_mut()
             .find(|p| p.namespace() == ns && p.name() == Some(name))
             .expect("pod");
-        obj.labels_mut().extend(labels.clone());
+        let mut edited = obj.labels().clone();
+        edited.extend(labels.clone());
+        obj.set_labels(edited);
     }
     let policies = manifests::load_str(
         &format!("{} step {} policies", case.file, index + 1),
