@@ -10,6 +10,7 @@
 //! Time is passed in explicitly, so everything here is deterministic.
 
 use std::{
+    hash::BuildHasher,
     sync::{
         LazyLock,
         atomic::{AtomicU64, Ordering},
@@ -19,7 +20,7 @@ use std::{
 
 // hashbrown's hasher: flow keys are process-local, and SipHash was the
 // largest cost of a new flow.
-use hashbrown::{HashMap, HashSet};
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable, hash_table};
 
 use netwatch_common::{
     AggKey, AggStats, DropKey, DropStats, FlowKey, IP_V4, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -110,48 +111,249 @@ struct DropCounters {
     bytes: u64,
 }
 
+/// One tracked flow. A node may track 100,000 of them (the memory goal's
+/// load), so what most flows never have sits behind `extras`, times are
+/// `Stamp`s, booleans are bits, and the flow's key is the table's (not
+/// repeated here): see `an_active_flow_stays_small`.
 #[derive(Clone, Debug)]
 struct ActiveFlow {
-    /// The flow's UUID (v4), rendered into each record.
-    uuid: u128,
-    key: FlowKey,
-    /// A completed handshake (POLICY_NOT_ENFORCED), not a denied flow. The
-    /// other verdicts follow from what was seen (see [`verdict_of`]).
-    established: bool,
+    /// The flow's UUID (v4), rendered into each record; two halves, as a
+    /// `u128` would align the whole flow (and its table entry) to 16 bytes.
+    uuid: [u64; 2],
     drops: Drops,
-    /// Kernel drop-table keys that fed this flow (to remove when it ends).
-    drop_keys: Vec<(FlowKey, u32)>,
-    /// Destination as the client addressed it (a service IP, before DNAT),
-    /// and as the node forwarded it (after DNAT), when they differ.
-    pre_nat_dst: Option<([u8; 16], u16)>,
-    post_nat_dst: Option<([u8; 16], u16)>,
-    reply_dropped: bool,
-    /// The tunnel its packets were dropped in, when a node dropped them
-    /// encapsulated.
-    outer: Option<Outer>,
+    /// Reason of the first kernel drop-table key that fed this flow, when
+    /// that key is the flow's own or its reverse (`Marks::DROP_KEY_*`);
+    /// the others are in `Extras::drop_keys`.
+    drop_key_reason: u32,
     tcp_flags: u8,
+    marks: Marks,
     attempts: u64,
     attempt_bytes: u64,
     refusal: Option<Refusal>,
-    timed_out: bool,
-    is_dns: bool,
-    first_seen: SystemTime,
-    last_seen: SystemTime,
-    last_change: SystemTime,
+    first_seen: Stamp,
+    /// Latest signal time: both the record's `last_seen` and what idleness
+    /// is measured from.
+    last_seen: Stamp,
+    last_emitted: Stamp,
+    /// Since when its first record waits for a refusal that may follow the
+    /// drop (when `Marks::HELD`).
+    held_since: Stamp,
     ifindex: u32,
     /// Network namespace (inode) of `ifindex`: a drop may happen in a pod's
     /// namespace, where indexes mean other interfaces; 0 for this node's.
     netns: u32,
     direction: Crossing,
     points: Points,
-    cgroup_id: Option<u64>,
-    dirty: bool,
-    last_emitted: SystemTime,
+    /// The connecting socket's cgroup (when `Marks::CGROUP`).
+    cgroup_id: u64,
+    extras: Option<Box<Extras>>,
+}
+
+/// What few flows have.
+#[derive(Clone, Debug, Default)]
+struct Extras {
+    /// Destination as the client addressed it (a service IP, before DNAT),
+    /// and as the node forwarded it (after DNAT), when not the flow key's
+    /// (which `Marks::PRE_NAT_AS_KEY`/`POST_NAT_AS_KEY` say).
+    pre_nat_dst: Option<([u8; 16], u16)>,
+    post_nat_dst: Option<([u8; 16], u16)>,
+    /// The tunnel its packets were dropped in, when a node dropped them
+    /// encapsulated.
+    outer: Option<Outer>,
     /// Distinct flows summarised, for an entry of the kernel's drop aggregate.
     aggregated_flows: Option<u64>,
-    /// Since when its first record waits for a refusal that may follow the
-    /// drop (None: not waiting).
-    held_since: Option<SystemTime>,
+    /// Kernel drop-table keys that fed this flow (to remove when it ends),
+    /// after the one kept in place.
+    drop_keys: Vec<(FlowKey, u32)>,
+}
+
+/// A flow's yes/no facts, one bit each.
+#[derive(Clone, Copy, Debug, Default)]
+struct Marks(u16);
+
+impl Marks {
+    /// A completed handshake (POLICY_NOT_ENFORCED), not a denied flow. The
+    /// other verdicts follow from what was seen (see [`verdict_of`]).
+    const ESTABLISHED: u16 = 1;
+    const REPLY_DROPPED: u16 = 1 << 1;
+    const TIMED_OUT: u16 = 1 << 2;
+    const IS_DNS: u16 = 1 << 3;
+    /// Changed since its last record.
+    const DIRTY: u16 = 1 << 4;
+    /// `held_since` is set.
+    const HELD: u16 = 1 << 5;
+    /// `cgroup_id` is set.
+    const CGROUP: u16 = 1 << 6;
+    /// The destination before (after) DNAT is the flow key's.
+    const PRE_NAT_AS_KEY: u16 = 1 << 7;
+    const POST_NAT_AS_KEY: u16 = 1 << 8;
+    /// The first drop-table key is the flow key (its reverse), with reason
+    /// `drop_key_reason`.
+    const DROP_KEY_AS_KEY: u16 = 1 << 9;
+    const DROP_KEY_REVERSED: u16 = 1 << 10;
+
+    fn has(self, mark: u16) -> bool {
+        self.0 & mark != 0
+    }
+
+    fn set(&mut self, mark: u16, on: bool) {
+        if on {
+            self.0 |= mark;
+        } else {
+            self.0 &= !mark;
+        }
+    }
+}
+
+/// A point in time as nanoseconds since the Unix epoch: half a
+/// `SystemTime`, and exact for every time from 1970 to 2554 (earlier ones
+/// count as the epoch, later ones as 2554).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp(u64);
+
+impl Stamp {
+    /// `last_emitted` of a flow without a record yet.
+    const NEVER: Stamp = Stamp(0);
+
+    fn of(time: SystemTime) -> Stamp {
+        Stamp(
+            time.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        )
+    }
+
+    fn time(self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.0)
+    }
+
+    /// How long before `now` this was (zero if after it).
+    fn age(self, now: SystemTime) -> Duration {
+        now.duration_since(self.time()).unwrap_or_default()
+    }
+}
+
+impl ActiveFlow {
+    fn is(&self, mark: u16) -> bool {
+        self.marks.has(mark)
+    }
+
+    fn mark(&mut self, mark: u16) {
+        self.marks.set(mark, true);
+    }
+
+    fn extras_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    fn aggregated_flows(&self) -> Option<u64> {
+        self.extras.as_ref().and_then(|e| e.aggregated_flows)
+    }
+
+    fn outer(&self) -> Option<&Outer> {
+        self.extras.as_ref().and_then(|e| e.outer.as_ref())
+    }
+
+    fn cgroup_id(&self) -> Option<u64> {
+        self.is(Marks::CGROUP).then_some(self.cgroup_id)
+    }
+
+    fn set_cgroup_id(&mut self, id: u64) {
+        self.cgroup_id = id;
+        self.mark(Marks::CGROUP);
+    }
+
+    fn held_since(&self) -> Option<SystemTime> {
+        self.is(Marks::HELD).then(|| self.held_since.time())
+    }
+
+    /// Holds its first record from `now`, unless already held.
+    fn hold(&mut self, now: SystemTime) {
+        if !self.is(Marks::HELD) {
+            self.held_since = Stamp::of(now);
+            self.mark(Marks::HELD);
+        }
+    }
+
+    /// Ends the wait for a refusal; whether it was waiting.
+    fn release(&mut self) -> bool {
+        let held = self.is(Marks::HELD);
+        self.marks.set(Marks::HELD, false);
+        held
+    }
+
+    /// The destination seen before (`Pre`) or after (`Post`) DNAT.
+    fn nat_dst(&self, key: &FlowKey, side: NatSide) -> Option<([u8; 16], u16)> {
+        let (as_key, kept) = match side {
+            NatSide::Pre => (
+                Marks::PRE_NAT_AS_KEY,
+                self.extras.as_ref().and_then(|e| e.pre_nat_dst),
+            ),
+            NatSide::Post => (
+                Marks::POST_NAT_AS_KEY,
+                self.extras.as_ref().and_then(|e| e.post_nat_dst),
+            ),
+        };
+        if self.is(as_key) {
+            Some((key.dst_addr, key.dst_port))
+        } else {
+            kept
+        }
+    }
+
+    /// Keeps `dst` as the destination seen on `side` of DNAT, unless one is.
+    fn note_nat_dst(&mut self, key: &FlowKey, side: NatSide, dst: ([u8; 16], u16)) {
+        if self.nat_dst(key, side).is_some() {
+            return;
+        }
+        let as_key = match side {
+            NatSide::Pre => Marks::PRE_NAT_AS_KEY,
+            NatSide::Post => Marks::POST_NAT_AS_KEY,
+        };
+        if dst == (key.dst_addr, key.dst_port) {
+            self.mark(as_key);
+        } else {
+            let e = self.extras_mut();
+            match side {
+                NatSide::Pre => e.pre_nat_dst = Some(dst),
+                NatSide::Post => e.post_nat_dst = Some(dst),
+            }
+        }
+    }
+
+    /// The kernel drop-table keys that fed this flow (`key`), in the order
+    /// they came.
+    fn drop_keys(&self, key: &FlowKey) -> impl Iterator<Item = (FlowKey, u32)> {
+        let first = if self.is(Marks::DROP_KEY_AS_KEY) {
+            Some((*key, self.drop_key_reason))
+        } else if self.is(Marks::DROP_KEY_REVERSED) {
+            Some((key.reversed(), self.drop_key_reason))
+        } else {
+            None
+        };
+        let rest = self.extras.as_ref().map_or(&[][..], |e| &e.drop_keys[..]);
+        first.into_iter().chain(rest.iter().copied())
+    }
+
+    /// A kernel drop-table key that fed this flow (`key`), once.
+    fn note_drop_key(&mut self, key: &FlowKey, (flow, reason): (FlowKey, u32)) {
+        if self.drop_keys(key).any(|k| k == (flow, reason)) {
+            return;
+        }
+        let none_yet = self.drop_keys(key).next().is_none();
+        if none_yet && flow == *key {
+            self.drop_key_reason = reason;
+            self.mark(Marks::DROP_KEY_AS_KEY);
+        } else if none_yet && flow == key.reversed() {
+            self.drop_key_reason = reason;
+            self.mark(Marks::DROP_KEY_REVERSED);
+        } else {
+            let keys = &mut self.extras_mut().drop_keys;
+            if keys.capacity() == keys.len() {
+                keys.reserve_exact(1);
+            }
+            keys.push((flow, reason));
+        }
+    }
 }
 
 /// Merges signals into flows and decides when records go out.
@@ -162,7 +364,7 @@ pub struct FlowAssembler {
     /// protocol): a connection keeps its source port through DNAT, so the
     /// SYN seen at the client's interface (to a service IP) and its drop in
     /// the node's firewall (to the backend) meet here.
-    by_client: HashMap<ClientEnd, FlowKey>,
+    by_client: ClientIndex,
     /// Flows created by the signal being handled, whose first record is due.
     fresh: Vec<FlowKey>,
     /// cgroups of connecting sockets seen before any other signal of their flow.
@@ -246,18 +448,23 @@ impl RecordParts {
     }
 
     /// The summary of a flow whose summary holds no counts.
-    fn plain_summary(&mut self, f: &ActiveFlow, make: impl FnOnce() -> String) -> SharedStr {
-        let icmp = if matches!(f.key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) {
-            (f.key.src_port, f.key.dst_port)
+    fn plain_summary(
+        &mut self,
+        key: &FlowKey,
+        f: &ActiveFlow,
+        make: impl FnOnce() -> String,
+    ) -> SharedStr {
+        let icmp = if matches!(key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) {
+            (key.src_port, key.dst_port)
         } else {
             (0, 0)
         };
-        let flags = if f.key.proto == IPPROTO_TCP {
+        let flags = if key.proto == IPPROTO_TCP {
             f.tcp_flags
         } else {
             0
         };
-        let key = (f.key.proto, flags, icmp, f.is_dns);
+        let key = (key.proto, flags, icmp, f.is(Marks::IS_DNS));
         if let Some(s) = self.summaries.get(&key) {
             return s.clone();
         }
@@ -313,7 +520,7 @@ impl FlowAssembler {
             },
             config,
             flows: HashMap::new(),
-            by_client: HashMap::new(),
+            by_client: ClientIndex::default(),
             fresh: Vec::new(),
             socket_cgroups: HashMap::new(),
             evicted: 0,
@@ -366,25 +573,27 @@ impl FlowAssembler {
                 last,
             } => {
                 let a = self.aggregates.entry(key).or_insert_with(|| {
-                    let mut f = new_flow(aggregate_flow(&key), first, self.uuids.uuid());
-                    f.aggregated_flows = Some(0);
+                    let mut f = new_flow(&aggregate_flow(&key), first, self.uuids.uuid());
+                    f.extras_mut().aggregated_flows = Some(0);
                     f.ifindex = stats.ifindex;
                     f.netns = stats.netns;
                     f.direction = Crossing::FromPod;
                     f.points.insert(Point::KfreeSkb);
-                    f.last_emitted = SystemTime::UNIX_EPOCH;
+                    f.last_emitted = Stamp::NEVER;
                     f
                 });
+                let flows = a.aggregated_flows();
                 let c = a.drops.counters(key.reason);
-                if c.packets != stats.packets || a.aggregated_flows != Some(stats.flows) {
+                if c.packets != stats.packets || flows != Some(stats.flows) {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
-                    a.aggregated_flows = Some(stats.flows);
+                    a.extras_mut().aggregated_flows = Some(stats.flows);
                     a.tcp_flags |= stats.tcp_flags;
                     touch(a, last);
                 }
-                if a.last_emitted == SystemTime::UNIX_EPOCH {
+                if a.last_emitted == Stamp::NEVER {
                     out.push(render(
+                        &aggregate_flow(&key),
                         a,
                         &self.config,
                         &mut self.parts,
@@ -392,8 +601,8 @@ impl FlowAssembler {
                         ifnames,
                         Lifecycle::New,
                     ));
-                    a.dirty = false;
-                    a.last_emitted = now;
+                    a.marks.set(Marks::DIRTY, false);
+                    a.last_emitted = Stamp::of(now);
                 }
             }
             Signal::Kernel(KernelEvent::Drop {
@@ -408,18 +617,22 @@ impl FlowAssembler {
             }) => {
                 let (key, reply) = orient(&flow, tcp_flags);
                 let grace = self.config.refusal_grace;
-                let f = self.locate(key, NatSide::Post, time);
-                if f.last_emitted == SystemTime::UNIX_EPOCH
+                let (key, f) = self.locate(key, NatSide::Post, time);
+                if f.last_emitted == Stamp::NEVER
                     && f.refusal.is_none()
                     && !grace.is_zero()
                     && !reply
                     && opens_connection(&flow, tcp_flags)
                     && may_be_rejected(reasons, reason)
                 {
-                    f.held_since.get_or_insert(now);
+                    f.hold(now);
                 }
-                note_drop_key(&mut f.drop_keys, (flow, reason));
-                f.outer = f.outer.or(outer);
+                f.note_drop_key(&key, (flow, reason));
+                if let Some(outer) = outer
+                    && f.outer().is_none()
+                {
+                    f.extras_mut().outer = Some(outer);
+                }
                 note_drop(f, reply, tcp_flags, ifindex, netns);
                 let c = f.drops.counters(reason);
                 // The event carries the first packet; the table scan brings exact totals.
@@ -438,16 +651,17 @@ impl FlowAssembler {
                 last,
             } => {
                 let (fkey, reply) = orient(&key.flow, stats.tcp_flags);
-                let f = self.locate(fkey, NatSide::Post, first);
-                note_drop_key(&mut f.drop_keys, (key.flow, key.reason));
-                if f.outer.is_none() && stats.outer.encap != encap::NONE {
-                    f.outer = Some(stats.outer);
+                let (fkey, f) = self.locate(fkey, NatSide::Post, first);
+                f.note_drop_key(&fkey, (key.flow, key.reason));
+                if f.outer().is_none() && stats.outer.encap != encap::NONE {
+                    f.extras_mut().outer = Some(stats.outer);
                 }
                 let c = f.drops.counters(key.reason);
                 if c.packets != stats.packets || c.bytes != stats.bytes {
                     c.packets = stats.packets;
                     c.bytes = stats.bytes;
                     note_drop(f, reply, stats.tcp_flags, stats.ifindex, stats.netns);
+                    let first = Stamp::of(first);
                     if first < f.first_seen {
                         f.first_seen = first;
                     }
@@ -461,12 +675,14 @@ impl FlowAssembler {
                 last,
             } => {
                 let side = NatSide::of(Crossing::from(pending.direction));
-                let f = self.locate(flow, side, first);
-                f.timed_out = true;
+                let (_, f) = self.locate(flow, side, first);
+                f.mark(Marks::TIMED_OUT);
                 f.attempts = f.attempts.max(pending.packets);
                 f.attempt_bytes = f.attempt_bytes.max(pending.bytes);
                 f.points.insert(Point::Tc);
-                f.is_dns |= pending.kind == pending_kind::DNS_QUERY;
+                if pending.kind == pending_kind::DNS_QUERY {
+                    f.mark(Marks::IS_DNS);
+                }
                 if pending.kind == pending_kind::TCP_SYN {
                     f.tcp_flags |= tcp_flags::SYN;
                 }
@@ -485,10 +701,10 @@ impl FlowAssembler {
                 attempts,
             }) => {
                 // Answers reach the client reverse-NATed: its own view.
-                let f = self.locate(flow, NatSide::Pre, time);
+                let (key, f) = self.locate(flow, NatSide::Pre, time);
                 f.refusal = Some(how);
                 // The refusal a held first record waited for: out now.
-                let released = f.held_since.take().map(|_| f.key);
+                let released = f.release().then_some(key);
                 f.attempts = f.attempts.max(u64::from(attempts));
                 f.points.insert(Point::Tc);
                 if flow.proto == IPPROTO_TCP {
@@ -507,8 +723,8 @@ impl FlowAssembler {
                 cgroup_id,
             }) => {
                 if let Some(f) = self.flows.get_mut(&flow) {
-                    if f.cgroup_id.is_none() {
-                        f.cgroup_id = Some(cgroup_id);
+                    if f.cgroup_id().is_none() {
+                        f.set_cgroup_id(cgroup_id);
                         f.points.insert(Point::SockOps);
                         touch(f, time);
                     }
@@ -523,17 +739,17 @@ impl FlowAssembler {
                 retransmits,
             }) => {
                 if let Some(f) = self.flows.get_mut(&flow) {
-                    f.cgroup_id = Some(cgroup_id);
+                    f.set_cgroup_id(cgroup_id);
                     f.points.insert(Point::SockOps);
                     touch(f, time);
                 } else if retransmits > 0 {
                     // A connect the pod interfaces never saw (a hostNetwork pod,
                     // the node itself): the socket is the only witness.
-                    let f = self.locate(flow, NatSide::Pre, time);
-                    f.timed_out = true;
+                    let (_, f) = self.locate(flow, NatSide::Pre, time);
+                    f.mark(Marks::TIMED_OUT);
                     f.attempts = u64::from(retransmits) + 1;
                     f.tcp_flags |= tcp_flags::SYN;
-                    f.cgroup_id = Some(cgroup_id);
+                    f.set_cgroup_id(cgroup_id);
                     f.points.insert(Point::SockOps);
                     touch(f, time);
                 }
@@ -550,14 +766,17 @@ impl FlowAssembler {
                 continue;
             };
             if let Some((cgroup_id, _)) = self.socket_cgroups.remove(&k) {
-                f.cgroup_id.get_or_insert(cgroup_id);
+                if f.cgroup_id().is_none() {
+                    f.set_cgroup_id(cgroup_id);
+                }
                 f.points.insert(Point::SockOps);
             }
-            if f.held_since.is_some() {
+            if f.is(Marks::HELD) {
                 self.held.push(k);
                 continue;
             }
             out.push(render(
+                &k,
                 f,
                 &self.config,
                 &mut self.parts,
@@ -565,8 +784,8 @@ impl FlowAssembler {
                 ifnames,
                 Lifecycle::New,
             ));
-            f.dirty = false;
-            f.last_emitted = now;
+            f.marks.set(Marks::DIRTY, false);
+            f.last_emitted = Stamp::of(now);
         }
         self.enforce_bound(reasons, ifnames, &mut out);
         out
@@ -589,31 +808,38 @@ impl FlowAssembler {
             let Some(f) = flows.get_mut(k) else {
                 return false;
             };
-            let Some(since) = f.held_since else {
+            let Some(since) = f.held_since() else {
                 return false;
             };
             if now.duration_since(since).unwrap_or_default() < grace {
                 return true;
             }
-            f.held_since = None;
-            out.records
-                .push(render(f, config, parts, reasons, ifnames, Lifecycle::New));
-            f.dirty = false;
-            f.last_emitted = now;
+            f.release();
+            out.records.push(render(
+                k,
+                f,
+                config,
+                parts,
+                reasons,
+                ifnames,
+                Lifecycle::New,
+            ));
+            f.marks.set(Marks::DIRTY, false);
+            f.last_emitted = Stamp::of(now);
             false
         });
         let mut finished = Vec::new();
         for (k, f) in self.flows.iter_mut() {
-            if f.held_since.is_some() {
+            if f.is(Marks::HELD) {
                 continue;
             }
-            let quiet =
-                now.duration_since(f.last_change).unwrap_or_default() >= self.config.idle_timeout;
+            let quiet = f.last_seen.age(now) >= self.config.idle_timeout;
             if quiet {
                 // Every flow ends with a FINAL record, also one whose last
                 // update already had its final counts: a reader waiting for
                 // the end of a flow must see it end.
                 out.records.push(render(
+                    k,
                     f,
                     &self.config,
                     &mut self.parts,
@@ -622,11 +848,9 @@ impl FlowAssembler {
                     Lifecycle::Final,
                 ));
                 finished.push(*k);
-            } else if f.dirty
-                && now.duration_since(f.last_emitted).unwrap_or_default()
-                    >= self.config.update_interval
-            {
+            } else if f.is(Marks::DIRTY) && f.last_emitted.age(now) >= self.config.update_interval {
                 out.records.push(render(
+                    k,
                     f,
                     &self.config,
                     &mut self.parts,
@@ -634,23 +858,23 @@ impl FlowAssembler {
                     ifnames,
                     Lifecycle::Update,
                 ));
-                f.dirty = false;
-                f.last_emitted = now;
+                f.marks.set(Marks::DIRTY, false);
+                f.last_emitted = Stamp::of(now);
             }
         }
         for k in finished {
             if let Some(f) = self.flows.remove(&k) {
-                self.by_client.remove(&ClientEnd::of(&f.key));
-                out.finished_drop_keys.extend(drop_keys(&f));
+                self.by_client.remove(&ClientEnd::of(&k));
+                out.finished_drop_keys.extend(f.drop_keys(&k).map(drop_key));
             }
         }
         out.finished_drop_keys
             .extend(self.released.drain().map(drop_key));
         self.aggregates.retain(|key, a| {
-            let quiet =
-                now.duration_since(a.last_change).unwrap_or_default() >= self.config.idle_timeout;
+            let quiet = a.last_seen.age(now) >= self.config.idle_timeout;
             if quiet {
                 out.records.push(render(
+                    &aggregate_flow(key),
                     a,
                     &self.config,
                     &mut self.parts,
@@ -659,11 +883,9 @@ impl FlowAssembler {
                     Lifecycle::Final,
                 ));
                 out.finished_aggregates.push(*key);
-            } else if a.dirty
-                && now.duration_since(a.last_emitted).unwrap_or_default()
-                    >= self.config.update_interval
-            {
+            } else if a.is(Marks::DIRTY) && a.last_emitted.age(now) >= self.config.update_interval {
                 out.records.push(render(
+                    &aggregate_flow(key),
                     a,
                     &self.config,
                     &mut self.parts,
@@ -671,8 +893,8 @@ impl FlowAssembler {
                     ifnames,
                     Lifecycle::Update,
                 ));
-                a.dirty = false;
-                a.last_emitted = now;
+                a.marks.set(Marks::DIRTY, false);
+                a.last_emitted = Stamp::of(now);
             }
             !quiet
         });
@@ -690,9 +912,14 @@ impl FlowAssembler {
     ) -> Vec<FlowRecord> {
         let mut out = Vec::new();
         self.by_client.clear();
-        let flows = self.flows.drain().map(|(_, f)| f);
-        for f in flows.chain(self.aggregates.drain().map(|(_, a)| a)) {
+        let flows = self.flows.drain();
+        let aggregates = self
+            .aggregates
+            .drain()
+            .map(|(k, a)| (aggregate_flow(&k), a));
+        for (k, f) in flows.chain(aggregates) {
             out.push(render(
+                &k,
                 &f,
                 &self.config,
                 &mut self.parts,
@@ -715,8 +942,8 @@ impl FlowAssembler {
         reasons: &DropReasons,
         ifnames: &dyn Fn(u32) -> Option<String>,
     ) -> FlowRecord {
-        let mut f = new_flow(key, time, self.uuids.uuid());
-        f.established = true;
+        let mut f = new_flow(&key, time, self.uuids.uuid());
+        f.mark(Marks::ESTABLISHED);
         f.attempts = 1;
         f.ifindex = ifindex;
         f.direction = direction;
@@ -730,6 +957,7 @@ impl FlowAssembler {
             ..RecordParts::default()
         };
         render(
+            &key,
             &f,
             &self.config,
             &mut parts,
@@ -739,34 +967,33 @@ impl FlowAssembler {
         )
     }
 
-    /// The flow a signal about `key` belongs to: the same key, or the same
-    /// connection seen on the other side of DNAT; created when new.
-    fn locate(&mut self, key: FlowKey, side: NatSide, time: SystemTime) -> &mut ActiveFlow {
+    /// The flow a signal about `key` belongs to, and its key: the same
+    /// key, or the same connection seen on the other side of DNAT; created
+    /// when new.
+    fn locate(
+        &mut self,
+        key: FlowKey,
+        side: NatSide,
+        time: SystemTime,
+    ) -> (FlowKey, &mut ActiveFlow) {
         let mut target = key;
         if !self.flows.contains_key(&key)
             && let Some(existing) = self.by_client.get(&ClientEnd::of(&key))
         {
-            let close_in_time = self.flows.get(existing).is_some_and(|f| {
-                time.duration_since(f.last_change).unwrap_or_default() <= self.config.idle_timeout
-            });
+            let close_in_time = self
+                .flows
+                .get(existing)
+                .is_some_and(|f| f.last_seen.age(time) <= self.config.idle_timeout);
             if close_in_time && has_ports(&key) {
                 target = *existing;
             }
         }
         if !self.flows.contains_key(&target) && has_ports(&key) {
-            self.by_client.insert(ClientEnd::of(&key), key);
+            self.by_client.insert(key);
         }
         let f = self.flow_for(target, time);
-        let dst = (key.dst_addr, key.dst_port);
-        match side {
-            NatSide::Pre => {
-                f.pre_nat_dst.get_or_insert(dst);
-            }
-            NatSide::Post => {
-                f.post_nat_dst.get_or_insert(dst);
-            }
-        }
-        f
+        f.note_nat_dst(&target, side, (key.dst_addr, key.dst_port));
+        (target, f)
     }
 
     fn flow_for(&mut self, key: FlowKey, time: SystemTime) -> &mut ActiveFlow {
@@ -774,84 +1001,100 @@ impl FlowAssembler {
         let uuids = &self.uuids;
         self.flows.entry(key).or_insert_with(|| {
             fresh.push(key);
-            new_flow(key, time, uuids.uuid())
+            new_flow(&key, time, uuids.uuid())
         })
     }
 }
 
-fn new_flow(key: FlowKey, time: SystemTime, uuid: u128) -> ActiveFlow {
+fn new_flow(key: &FlowKey, time: SystemTime, uuid: u128) -> ActiveFlow {
+    let time = Stamp::of(time);
+    let mut marks = Marks::default();
+    marks.set(Marks::IS_DNS, is_dns(key));
+    marks.set(Marks::DIRTY, true);
     ActiveFlow {
-        uuid,
-        key,
-        established: false,
+        uuid: [(uuid >> 64) as u64, uuid as u64],
         drops: Drops::default(),
-        drop_keys: Vec::new(),
-        pre_nat_dst: None,
-        post_nat_dst: None,
-        reply_dropped: false,
-        outer: None,
+        drop_key_reason: 0,
         tcp_flags: 0,
+        marks,
         attempts: 0,
         attempt_bytes: 0,
         refusal: None,
-        timed_out: false,
-        is_dns: is_dns(&key),
         first_seen: time,
         last_seen: time,
-        last_change: time,
+        last_emitted: Stamp::NEVER,
+        held_since: Stamp::NEVER,
         ifindex: 0,
         netns: 0,
         direction: Crossing::Unknown,
         points: Points::default(),
-        cgroup_id: None,
-        dirty: true,
-        last_emitted: SystemTime::UNIX_EPOCH,
-        aggregated_flows: None,
-        held_since: None,
+        cgroup_id: 0,
+        extras: None,
     }
 }
 
-/// A flow's drop counters by reason, in reason order: usually one, so a
-/// vector sized to what it holds rather than a tree node per flow.
-#[derive(Clone, Debug, Default)]
-struct Drops(Vec<(u32, DropCounters)>);
+/// A flow's drop counters by reason, in reason order: usually one, kept in
+/// place; more in a slice sized to what it holds.
+#[derive(Clone, Debug)]
+enum Drops {
+    One(u32, DropCounters),
+    Many(Box<[(u32, DropCounters)]>),
+}
+
+impl Default for Drops {
+    fn default() -> Self {
+        Drops::Many(Box::default())
+    }
+}
 
 impl Drops {
     /// The counters of `reason`, created at zero.
     fn counters(&mut self, reason: u32) -> &mut DropCounters {
-        let i = match self.0.binary_search_by_key(&reason, |(r, _)| *r) {
-            Ok(i) => i,
-            Err(i) => {
-                if self.0.capacity() == self.0.len() {
-                    self.0.reserve_exact(1);
-                }
-                self.0.insert(i, (reason, DropCounters::default()));
-                i
+        if let Drops::One(r, c) = self
+            && *r != reason
+        {
+            *self = Drops::Many(Box::new([(*r, std::mem::take(c))]));
+        }
+        if let Drops::Many(v) = self
+            && v.is_empty()
+        {
+            *self = Drops::One(reason, DropCounters::default());
+        }
+        match self {
+            Drops::One(_, c) => c,
+            Drops::Many(v) => {
+                let i = match v.binary_search_by_key(&reason, |(r, _)| *r) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        let mut grown = std::mem::take(v).into_vec();
+                        grown.reserve_exact(1);
+                        grown.insert(i, (reason, DropCounters::default()));
+                        *v = grown.into_boxed_slice();
+                        i
+                    }
+                };
+                &mut v[i].1
             }
-        };
-        &mut self.0[i].1
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        matches!(self, Drops::Many(v) if v.is_empty())
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        match self {
+            Drops::One(..) => 1,
+            Drops::Many(v) => v.len(),
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = (u32, &DropCounters)> {
-        self.0.iter().map(|(r, c)| (*r, c))
-    }
-}
-
-/// A kernel drop-table key that fed a flow, once.
-fn note_drop_key(keys: &mut Vec<(FlowKey, u32)>, key: (FlowKey, u32)) {
-    if !keys.contains(&key) {
-        if keys.capacity() == keys.len() {
-            keys.reserve_exact(1);
-        }
-        keys.push(key);
+        let (one, many) = match self {
+            Drops::One(r, c) => (Some((*r, c)), &[][..]),
+            Drops::Many(v) => (None, &v[..]),
+        };
+        one.into_iter().chain(many.iter().map(|(r, c)| (*r, c)))
     }
 }
 
@@ -942,19 +1185,17 @@ impl FlowAssembler {
         }
         let target = self.config.max_flows - self.config.max_flows / 64;
         let excess = self.flows.len() - target;
-        let mut by_age: Vec<(SystemTime, FlowKey)> = self
-            .flows
-            .iter()
-            .map(|(k, f)| (f.last_change, *k))
-            .collect();
+        let mut by_age: Vec<(Stamp, FlowKey)> =
+            self.flows.iter().map(|(k, f)| (f.last_seen, *k)).collect();
         by_age.select_nth_unstable_by_key(excess - 1, |(t, _)| *t);
         by_age.truncate(excess);
         // Final records of the evicted flows, oldest first.
         by_age.sort_unstable_by_key(|(t, _)| *t);
         for (_, k) in by_age {
             if let Some(f) = self.flows.remove(&k) {
-                self.by_client.remove(&ClientEnd::of(&f.key));
+                self.by_client.remove(&ClientEnd::of(&k));
                 out.push(render(
+                    &k,
                     &f,
                     &self.config,
                     &mut self.parts,
@@ -962,7 +1203,7 @@ impl FlowAssembler {
                     ifnames,
                     Lifecycle::Final,
                 ));
-                self.released.extend(f.drop_keys.iter().copied());
+                self.released.extend(f.drop_keys(&k));
                 self.evicted += 1;
             }
         }
@@ -1006,6 +1247,50 @@ impl ClientEnd {
     }
 }
 
+/// Flow keys by their client's end: the keys alone, hashed by that end
+/// (a map from the end to the key would hold it twice).
+#[derive(Default)]
+struct ClientIndex {
+    keys: HashTable<FlowKey>,
+    hasher: DefaultHashBuilder,
+}
+
+impl ClientIndex {
+    fn get(&self, end: &ClientEnd) -> Option<&FlowKey> {
+        self.keys
+            .find(self.hasher.hash_one(end), |k| ClientEnd::of(k) == *end)
+    }
+
+    /// Indexes `key` by its client's end, in place of the key there.
+    fn insert(&mut self, key: FlowKey) {
+        let end = ClientEnd::of(&key);
+        let hasher = &self.hasher;
+        match self.keys.entry(
+            hasher.hash_one(end),
+            |k| ClientEnd::of(k) == end,
+            |k| hasher.hash_one(ClientEnd::of(k)),
+        ) {
+            hash_table::Entry::Occupied(mut o) => *o.get_mut() = key,
+            hash_table::Entry::Vacant(v) => {
+                v.insert(key);
+            }
+        }
+    }
+
+    fn remove(&mut self, end: &ClientEnd) {
+        if let Ok(o) = self
+            .keys
+            .find_entry(self.hasher.hash_one(end), |k| ClientEnd::of(k) == *end)
+        {
+            o.remove();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+    }
+}
+
 fn has_ports(key: &FlowKey) -> bool {
     matches!(key.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) && key.src_port != 0
 }
@@ -1013,7 +1298,9 @@ fn has_ports(key: &FlowKey) -> bool {
 /// What a drop seen by kfree_skb (as an event or in the table) says about
 /// its flow, whichever way it arrived.
 fn note_drop(f: &mut ActiveFlow, reply: bool, tcp: u8, ifindex: u32, netns: u32) {
-    f.reply_dropped |= reply;
+    if reply {
+        f.mark(Marks::REPLY_DROPPED);
+    }
     f.tcp_flags |= tcp;
     f.points.insert(Point::KfreeSkb);
     if f.ifindex == 0 {
@@ -1051,13 +1338,8 @@ fn outer_header(o: &Outer) -> OuterHeader {
 }
 
 fn touch(f: &mut ActiveFlow, time: SystemTime) {
-    f.dirty = true;
-    if time > f.last_seen {
-        f.last_seen = time;
-    }
-    if time > f.last_change {
-        f.last_change = time;
-    }
+    f.mark(Marks::DIRTY);
+    f.last_seen = f.last_seen.max(Stamp::of(time));
 }
 
 /// The initiator's orientation of a dropped packet's flow, and whether the
@@ -1076,10 +1358,6 @@ fn orient(flow: &FlowKey, tcp: u8) -> (FlowKey, bool) {
 
 fn is_dns(key: &FlowKey) -> bool {
     (key.proto == IPPROTO_UDP || key.proto == IPPROTO_TCP) && key.dst_port == 53
-}
-
-fn drop_keys(f: &ActiveFlow) -> Vec<DropKey> {
-    f.drop_keys.iter().copied().map(drop_key).collect()
 }
 
 fn drop_key((flow, reason): (FlowKey, u32)) -> DropKey {
@@ -1120,7 +1398,7 @@ pub fn refusal_name(r: &Refusal) -> String {
 /// drop that produced it (a firewall REJECT both drops and answers); then a
 /// drop on this node; else the handshake simply went unanswered.
 fn verdict_of(f: &ActiveFlow) -> Verdict {
-    if f.established {
+    if f.is(Marks::ESTABLISHED) {
         Verdict::PolicyNotEnforced
     } else if f.refusal.is_some() {
         Verdict::Refused
@@ -1152,6 +1430,7 @@ pub fn is_pod_flow(k: &FlowKey) -> bool {
 }
 
 fn render(
+    key: &FlowKey,
     f: &ActiveFlow,
     config: &AssemblerConfig,
     parts: &mut RecordParts,
@@ -1161,11 +1440,15 @@ fn render(
 ) -> FlowRecord {
     // The destination as forwarded when known (the backend), else as
     // addressed; the addressed one is kept as `original_destination`.
-    let mut key = f.key;
+    let flow_key = key;
+    let mut key = *key;
     let mut original = None;
-    if let Some((addr, port)) = f.post_nat_dst {
-        if let Some(pre) = f.pre_nat_dst.filter(|p| *p != (addr, port)) {
-            let mut pre_key = f.key;
+    if let Some((addr, port)) = f.nat_dst(flow_key, NatSide::Post) {
+        if let Some(pre) = f
+            .nat_dst(flow_key, NatSide::Pre)
+            .filter(|p| *p != (addr, port))
+        {
+            let mut pre_key = *flow_key;
             (pre_key.dst_addr, pre_key.dst_port) = pre;
             original = Some(OriginalDestination {
                 ip: addresses(&pre_key).1,
@@ -1182,7 +1465,7 @@ fn render(
         destination_port: f_key.dst_port,
         flags: None,
     };
-    let l4 = match f.key.proto {
+    let l4 = match flow_key.proto {
         IPPROTO_TCP => L4::Tcp(Ports {
             flags: Some(flags.clone()),
             ..ports
@@ -1190,18 +1473,18 @@ fn render(
         IPPROTO_UDP => L4::Udp(ports),
         IPPROTO_SCTP => L4::Sctp(ports),
         IPPROTO_ICMP => L4::Icmpv4(Icmp {
-            icmp_type: f.key.src_port as u8,
-            code: f.key.dst_port as u8,
+            icmp_type: flow_key.src_port as u8,
+            code: flow_key.dst_port as u8,
         }),
         IPPROTO_ICMPV6 => L4::Icmpv6(Icmp {
-            icmp_type: f.key.src_port as u8,
-            code: f.key.dst_port as u8,
+            icmp_type: flow_key.src_port as u8,
+            code: flow_key.dst_port as u8,
         }),
         other => L4::Other { protocol: other },
     };
     let has_ports = l4.ports().is_some();
     // An aggregate's source ports are many: its endpoint names none.
-    let source_port = (has_ports && f.aggregated_flows.is_none()).then_some(f_key.src_port);
+    let source_port = (has_ports && f.aggregated_flows().is_none()).then_some(f_key.src_port);
     let (packets, bytes) = if f.drops.is_empty() {
         (f.attempts, f.attempt_bytes)
     } else {
@@ -1224,11 +1507,15 @@ fn render(
     };
     let verdict = verdict_of(f);
     // A plain drop's summary names no counts: shared.
-    let summary = if verdict == Verdict::Dropped && f.aggregated_flows.is_none() && !f.timed_out {
-        parts.plain_summary(f, || summary(f, verdict, &l4, &flags, packets, config))
-    } else {
-        summary(f, verdict, &l4, &flags, packets, config).into()
-    };
+    let summary =
+        if verdict == Verdict::Dropped && f.aggregated_flows().is_none() && !f.is(Marks::TIMED_OUT)
+        {
+            parts.plain_summary(flow_key, f, || {
+                summary(f, verdict, &l4, &flags, packets, config)
+            })
+        } else {
+            summary(f, verdict, &l4, &flags, packets, config).into()
+        };
     let event_type = match (verdict, main_reason) {
         (Verdict::Dropped, Some(r)) => EventType {
             kind: 1,
@@ -1248,15 +1535,15 @@ fn render(
         (_, Crossing::Unknown) => 2,
     };
     FlowRecord {
-        time: f.last_seen.into(),
-        uuid: uuid::Uuid::from_u128(f.uuid).to_string(),
+        time: f.last_seen.time().into(),
+        uuid: uuid::Uuid::from_u64_pair(f.uuid[0], f.uuid[1]).to_string(),
         verdict,
         // Also on a REFUSED flow whose refusal came with a drop (a REJECT).
         drop_reason_desc,
         ip: IpInfo {
             source: src,
             destination: dst,
-            ip_version: if f.key.ip_version == IP_V4 {
+            ip_version: if flow_key.ip_version == IP_V4 {
                 IPV4.clone()
             } else {
                 IPV6.clone()
@@ -1266,12 +1553,12 @@ fn render(
         source: Endpoint::unresolved(src, source_port),
         destination: Endpoint::unresolved(dst, has_ports.then_some(f_key.dst_port)),
         original_destination: original,
-        outer: f.outer.as_ref().map(outer_header),
+        outer: f.outer().map(outer_header),
         flow_type: L3_L4.clone(),
         node_name: parts.node_name.clone(),
         event_type,
         traffic_direction: DIRECTIONS[traffic_direction].clone(),
-        is_reply: f.reply_dropped
+        is_reply: f.is(Marks::REPLY_DROPPED)
             && f.attempts == 0
             && !f.drops.is_empty()
             && f.tcp_flags & tcp_flags::SYN == 0,
@@ -1292,18 +1579,18 @@ fn render(
         lifecycle,
         packets,
         bytes,
-        first_seen: f.first_seen.into(),
-        last_seen: f.last_seen.into(),
+        first_seen: f.first_seen.time().into(),
+        last_seen: f.last_seen.time().into(),
         drop_reasons,
         refusal: f.refusal.as_ref().map(refusal_name),
-        timed_out: f.timed_out,
-        is_dns: f.is_dns,
+        timed_out: f.is(Marks::TIMED_OUT),
+        is_dns: f.is(Marks::IS_DNS),
         observation_points: parts.points(f.points),
-        cgroup_id: f.cgroup_id,
+        cgroup_id: f.cgroup_id(),
         explanation: None,
         near_misses: Default::default(),
         unenriched: false,
-        aggregate: f.aggregated_flows.map(|flows| Aggregate { flows }),
+        aggregate: f.aggregated_flows().map(|flows| Aggregate { flows }),
         staged: None,
     }
 }
@@ -1326,18 +1613,18 @@ fn summary(
         ),
         other => other.protocol_name(),
     };
-    if f.is_dns {
+    if f.is(Marks::IS_DNS) {
         s = format!("DNS query ({s})");
     }
     match verdict {
         Verdict::Dropped => {
-            if let Some(flows) = f.aggregated_flows {
+            if let Some(flows) = f.aggregated_flows() {
                 s.push_str(&format!(
                     "; {flows} flow{} from any source port, {packets} packets dropped",
                     if flows == 1 { "" } else { "s" }
                 ));
             }
-            if f.timed_out {
+            if f.is(Marks::TIMED_OUT) {
                 s.push_str(&format!("; {packets} packets dropped, never answered"));
             }
         }
@@ -2136,6 +2423,146 @@ mod tests {
                 .any(|k| k.flow == old && k.reason == 12),
             "the evicted flow's kernel entry is handed back: {:?}",
             out.finished_drop_keys
+        );
+    }
+
+    /// The memory goal (issue 13: 64 MiB of RSS with 100,000 tracked
+    /// flows) rests on a small state per flow: the flow table holds its key
+    /// and this in each entry, with up to twice the entries' room. It was
+    /// 336 bytes (four `SystemTime`s, `Option`s and the key inline, aligned
+    /// to 16 by a `u128`); whatever grows it costs that much per tracked
+    /// flow, so measure it first (`cargo bench -p netwatch-agent --bench memory`).
+    #[test]
+    fn an_active_flow_stays_small() {
+        assert!(
+            size_of::<ActiveFlow>() <= 128,
+            "an ActiveFlow is {} bytes",
+            size_of::<ActiveFlow>()
+        );
+        assert_eq!(
+            align_of::<ActiveFlow>(),
+            8,
+            "no 16-byte alignment padding each table entry"
+        );
+        // The client-end index holds only the flow's key.
+        assert_eq!(size_of::<FlowKey>(), 40);
+    }
+
+    #[test]
+    fn every_drop_table_key_that_fed_a_flow_is_handed_back_once_in_order() {
+        let finished = |signals: Vec<Signal>| {
+            let mut a = FlowAssembler::new(AssemblerConfig::default());
+            for s in signals {
+                a.handle(s, t(0), &reasons(), &no_names);
+            }
+            let out = a.tick(t(100), &reasons(), &no_names);
+            assert_eq!(a.active_flows(), 0);
+            out.finished_drop_keys
+                .iter()
+                .map(|k| (k.flow, k.reason))
+                .collect::<Vec<_>>()
+        };
+        let synack = |k: FlowKey, reason: u32| {
+            Signal::Kernel(KernelEvent::Drop {
+                time: t(0),
+                flow: k.reversed(),
+                reason,
+                ifindex: 7,
+                netns: 1,
+                bytes: 60,
+                tcp_flags: tcp_flags::SYN | tcp_flags::ACK,
+                outer: None,
+            })
+        };
+        let k = key(40100, 80, IPPROTO_TCP);
+        let other_reason = match drop_event(k, t(0)) {
+            Signal::Kernel(KernelEvent::Drop {
+                time,
+                flow,
+                ifindex,
+                netns,
+                bytes,
+                tcp_flags,
+                outer,
+                ..
+            }) => Signal::Kernel(KernelEvent::Drop {
+                time,
+                flow,
+                reason: 13,
+                ifindex,
+                netns,
+                bytes,
+                tcp_flags,
+                outer,
+            }),
+            other => other,
+        };
+        let stats = DropStats {
+            packets: 2,
+            bytes: 120,
+            tcp_flags: tcp_flags::SYN,
+            ..DropStats::default()
+        };
+        // Its own key (twice: event and table), its reply's, another reason.
+        assert_eq!(
+            finished(vec![
+                drop_event(k, t(0)),
+                drop_counts(k, stats, t(0), t(0)),
+                synack(k, 12),
+                other_reason,
+            ]),
+            vec![(k, 12), (k.reversed(), 12), (k, 13)]
+        );
+        // Only its reply was dropped.
+        assert_eq!(finished(vec![synack(k, 12)]), vec![(k.reversed(), 12)]);
+        // Seen before DNAT, dropped after it (to the backend), both ways.
+        let mut svc = key(40101, 80, IPPROTO_TCP);
+        svc.dst_addr[..4].copy_from_slice(&[10, 96, 0, 10]);
+        let mut backend = key(40101, 8080, IPPROTO_TCP);
+        backend.dst_addr[..4].copy_from_slice(&[10, 0, 0, 9]);
+        let unanswered = Signal::Unanswered {
+            flow: svc,
+            pending: PendingConn {
+                packets: 2,
+                kind: pending_kind::TCP_SYN,
+                direction: netwatch_common::direction::FROM_POD,
+                ..PendingConn::default()
+            },
+            first: t(0),
+            last: t(0),
+        };
+        assert_eq!(
+            finished(vec![
+                unanswered,
+                drop_event(backend, t(0)),
+                synack(backend, 12)
+            ]),
+            vec![(backend, 12), (backend.reversed(), 12)]
+        );
+    }
+
+    #[test]
+    fn records_keep_the_nanoseconds_of_signal_times() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        let k = key(40102, 80, IPPROTO_TCP);
+        let first = t(0) + Duration::from_nanos(123_456_789);
+        let last = t(2) + Duration::from_nanos(987_654_321);
+        let stats = DropStats {
+            packets: 2,
+            bytes: 120,
+            tcp_flags: tcp_flags::SYN,
+            ..DropStats::default()
+        };
+        a.handle(
+            drop_counts(k, stats, first, last),
+            t(3),
+            &reasons(),
+            &no_names,
+        );
+        let r = &a.finish_all(&reasons(), &no_names)[0];
+        assert_eq!(
+            (r.first_seen, r.last_seen, r.time),
+            (first.into(), last.into(), last.into())
         );
     }
 }
