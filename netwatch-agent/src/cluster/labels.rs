@@ -10,15 +10,14 @@
 //! holder drops it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt,
     hash::{BuildHasher, Hash, Hasher, RandomState},
     ops::Deref,
     sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak},
 };
 
-/// Labels as the API writes them, sorted by key.
-pub type Labels = BTreeMap<String, String>;
+pub use crate::policy::Labels;
 
 /// A shared label map: cloning it is a reference count.
 #[derive(Clone)]
