@@ -132,19 +132,20 @@ impl PolicyEngine {
         };
         // Calico's tiers hold the NetworkPolicies too: its policies are
         // compiled again on a change of either.
-        let calico_policies = match self.calico.is_some()
+        let recompile_calico = self.calico.is_some()
             && changes
                 .iter()
-                .any(|c| matches!(c.kind, ChangeKind::Calico | ChangeKind::NetworkPolicy))
-        {
-            true => match CalicoPolicySets::build(snapshot)
-                .map_err(|e| PolicyError::Calico(Box::new(e)))?
-            {
-                Some(sets) => Some(sets),
-                // The last Calico object went: the Kubernetes tiers judge.
-                None => return Ok(Err(Unapplied::Rebuild)),
-            },
-            false => None,
+                .any(|c| matches!(c.kind, ChangeKind::Calico | ChangeKind::NetworkPolicy));
+        let calico_policies = if recompile_calico {
+            let sets =
+                CalicoPolicySets::build(snapshot).map_err(|e| PolicyError::Calico(Box::new(e)))?;
+            // None: the last Calico object went, the Kubernetes tiers judge.
+            let Some(sets) = sets else {
+                return Ok(Err(Unapplied::Rebuild));
+            };
+            Some(sets)
+        } else {
+            None
         };
         let mut compiled = compiled.into_iter();
         let mut invalidation = Invalidation::default();
@@ -533,12 +534,9 @@ impl PolicyEngine {
             return invalidation;
         };
         if let Some(sets) = policies {
-            let source_ports = calico.uses_source_ports();
             calico.replace_policies(sets);
-            if calico.uses_source_ports() != source_ports {
-                // Verdict keys now carry source ports, or no longer do.
-                self.source_ports_used = calico.uses_source_ports();
-            }
+            // Verdict keys carry source ports only while a rule names them.
+            self.source_ports_used = calico.uses_source_ports();
             invalidation.all = true;
         }
         // Each namespace's labels and Services once a batch.
