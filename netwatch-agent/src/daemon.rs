@@ -69,6 +69,8 @@ pub struct DaemonConfig {
     pub connect_timeout: Duration,
     pub update_interval: Duration,
     pub idle_timeout: Duration,
+    /// Flows tracked at once; past it the quietest are finalised early.
+    pub max_flows: usize,
     pub capture: CaptureConfig,
     /// Stop after this long (tests, demos); `None` runs until SIGINT/SIGTERM.
     pub run_for: Option<Duration>,
@@ -226,6 +228,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         idle_timeout: config.idle_timeout,
         connect_timeout: config.connect_timeout,
         own_netns: capture.own_netns,
+        max_flows: config.max_flows,
         ..AssemblerConfig::default()
     });
     let connect_timeout_ns = config.connect_timeout.as_nanos() as u64;
@@ -387,6 +390,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                     undecodable_events: reader.undecodable,
                     evicted_flows: assembler.evicted,
                     aggregate_entries: assembler.active_aggregates(),
+                    tracked_flows: assembler.active_flows(),
                 });
                 outputs.flush();
             }

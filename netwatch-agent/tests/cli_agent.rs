@@ -41,6 +41,10 @@ fn bad_capture_values_are_named_before_privileges_are_needed() {
         ),
         (&["--drop-reasons", ""][..], "--drop-reasons is empty"),
         (
+            &["--max-flows", "0"][..],
+            "--max-flows 0: the agent must track at least one flow",
+        ),
+        (
             &["--connect-timeout", "0"][..],
             "--connect-timeout 0: must be a positive number",
         ),

@@ -232,3 +232,84 @@ fn flood_beyond_the_flow_table_is_reported_whole_as_dropped_and_nothing_is_lost(
         "{metrics}"
     );
 }
+
+/// `--max-flows` bounds what the agent tracks in user space: a flood of
+/// 600 new flows against a bound of 100 is still reported whole (the
+/// quietest flows get their final record early, counted as evicted), and
+/// `netwatch_tracked_flows` says how many are tracked.
+#[test]
+fn the_user_space_flow_bound_finalises_early_and_loses_nothing() {
+    let lab = lab(LAB);
+    let mut agent = Agent::start(
+        &lab,
+        "node-1",
+        2,
+        &[
+            "--max-flows",
+            "100",
+            "--metrics-addr",
+            METRICS,
+            "--idle-timeout",
+            "600",
+        ],
+    );
+    let flood = Flood {
+        to: "10.244.1.3".parse().unwrap(),
+        first_port: 8080,
+        ports: 1,
+        flows: 600,
+        rate: 5_000,
+    };
+    let client = lab.pod("prod/client").unwrap();
+    let out = lab
+        .in_pod(client, &helper())
+        .args(["flood", "--json", &serde_json::to_string(&flood).unwrap()])
+        .output()
+        .expect("run the flood");
+    assert!(
+        out.status.success(),
+        "flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wait = slowed(Duration::from_secs(60));
+    let deadline = Instant::now() + wait;
+    while totals(&agent.lines())
+        .get(&8080)
+        .is_none_or(|t| t.flows() < flood.flows)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "after {wait:?}: {:?}\n{}",
+            totals(&agent.lines()).get(&8080),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let metrics = node_http_get(&lab, "node-1", &format!("http://{METRICS}/metrics"));
+    let lines = agent.stop();
+    let t = &totals(&lines)[&8080];
+    assert_eq!(
+        t.single.len() as u64,
+        flood.flows,
+        "one record per flow: {t:?}"
+    );
+    assert_eq!(t.aggregates, 0, "the kernel's table had room: {t:?}");
+    for f in latest_to_target(&lines) {
+        assert_eq!(f["verdict"], "DROPPED", "{f:#}");
+    }
+    let tracked = metric_sum(&metrics, "netwatch_tracked_flows").expect("tracked gauge");
+    assert!(
+        (1.0..=100.0).contains(&tracked),
+        "tracked {tracked} with --max-flows 100\n{metrics}"
+    );
+    let evicted = metric_sum(&metrics, "netwatch_evicted_flows_total").unwrap_or(0.0);
+    assert!(
+        evicted >= (flood.flows - 100) as f64,
+        "at least 500 of 600 flows finalised early, {evicted} counted\n{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "netwatch_lost_events_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+}

@@ -81,6 +81,12 @@ struct Args {
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     idle_timeout: f64,
 
+    /// Flows tracked at once in user space (each until its final record).
+    /// Past it the quietest flows get their final record early (counted in
+    /// netwatch_evicted_flows_total). About 275 bytes per flow.
+    #[arg(long, default_value_t = 65536, value_name = "N")]
+    max_flows: usize,
+
     /// Entries of each in-kernel flow table.
     #[arg(long, default_value_t = 16384, value_name = "N")]
     table_entries: u32,
@@ -247,6 +253,9 @@ fn validate(args: &Args) -> anyhow::Result<()> {
             "--drop-reasons is empty: give `default`, `all`, reason names, or `-NAME` to remove one"
         );
     }
+    if args.max_flows == 0 {
+        anyhow::bail!("--max-flows 0: the agent must track at least one flow");
+    }
     for (flag, v) in [
         ("connect-timeout", args.connect_timeout),
         ("update-interval", args.update_interval),
@@ -342,6 +351,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         update_interval: secs(args.update_interval, "update-interval")?,
         idle_timeout: secs(args.idle_timeout, "idle-timeout")?,
+        max_flows: args.max_flows,
         capture: CaptureConfig {
             btf_path: args.btf,
             drop_reasons: args.drop_reasons,

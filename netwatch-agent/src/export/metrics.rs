@@ -270,6 +270,7 @@ pub struct MetricsRegistry {
     evicted_flows: IntCounter,
     /// Entries of the kernel's drop aggregate being reported.
     aggregate_entries: IntGauge,
+    tracked_flows: IntGauge,
     /// New drops whose ring buffer event did not fit (reported from the table).
     deferred_drop_events: IntCounter,
     series_overflow: IntCounter,
@@ -717,6 +718,10 @@ impl MetricsRegistry {
             "netwatch_drop_aggregate_entries",
             "Entries of the kernel's drop aggregate: (source, destination, port, protocol, reason) summaries of new dropped flows that found the per-flow drop table full (a flood). Each is reported as a record with `aggregate.flows`.",
         )?;
+        let tracked_flows = gauge(
+            "netwatch_tracked_flows",
+            "Flows the agent tracks now (each until its final record). Bounded by --max-flows: at the bound the quietest flows are finalised early (netwatch_evicted_flows_total).",
+        )?;
         let deferred_drop_events = counter(
             "netwatch_deferred_drop_events_total",
             "New drops whose ring buffer event did not fit; not lost: the drop table's scan reports them moments later.",
@@ -806,6 +811,7 @@ impl MetricsRegistry {
             api_forbidden,
             evicted_flows,
             aggregate_entries,
+            tracked_flows,
             deferred_drop_events,
             series_overflow,
             observer_dropped,
@@ -1087,6 +1093,7 @@ impl MetricsRegistry {
         }
         self.last_deferred = deferred;
         self.aggregate_entries.set(stats.aggregate_entries as i64);
+        self.tracked_flows.set(stats.tracked_flows as i64);
         self.attached.set(stats.attached_interfaces as i64);
         self.expire(Instant::now());
     }
@@ -1795,6 +1802,7 @@ mod tests {
         let mut m = MetricsRegistry::new(MetricsConfig::default()).unwrap();
         let mut stats = KernelStats {
             attached_interfaces: 4,
+            tracked_flows: 17,
             ..KernelStats::default()
         };
         stats.losses.0[0] = 5;
@@ -1827,6 +1835,7 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(value(&m, "netwatch_attached_interfaces", &[]), Some(4.0));
+        assert_eq!(value(&m, "netwatch_tracked_flows", &[]), Some(17.0));
     }
 
     #[test]

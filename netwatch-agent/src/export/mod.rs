@@ -96,6 +96,8 @@ pub struct KernelStats {
     pub evicted_flows: u64,
     /// Entries of the kernel's drop aggregate being reported.
     pub aggregate_entries: usize,
+    /// Flows the assembler tracks now (bounded by `--max-flows`).
+    pub tracked_flows: usize,
 }
 
 /// The agent's outputs.
