@@ -628,10 +628,25 @@ fn updates(c: &mut Criterion) {
             attribution.update(&snapshot, true, now);
         })
     });
+    // The two versions of one GlobalNetworkPolicy the change alternates
+    // between (made before timing: a watch event brings the object made).
+    let versions: Vec<_> = (0..2)
+        .map(|variant| {
+            let mut s = ClusterSnapshot::default();
+            with_calico(&mut s, variant);
+            s.calico.global_network_policies[0].clone()
+        })
+        .collect();
     group.bench_function("one Calico policy change (10k pods, 2k policies)", |b| {
         b.iter(|| {
             n += 1;
-            with_calico(&mut snapshot, n);
+            snapshot.calico.global_network_policies[0] = versions[n % 2].clone();
+            snapshot.changes.record(Change {
+                kind: ChangeKind::Calico,
+                namespace: String::new(),
+                name: Some("security.app-0".into()),
+                position: Some(0),
+            });
             attribution.update(&snapshot, true, now);
         })
     });

@@ -17,9 +17,10 @@
 //!   cluster has a handful) and every identity's selection recomputed.
 //! - A node: the nodes cluster policies' `nodes` peers read.
 //!
-//! - With Calico's tiers in use: a Calico object or a NetworkPolicy (they
-//!   sit in Calico's default tier) compiles Calico's policies again; a
-//!   pod, its namespace's labels or its namespace's Services and
+//! - With Calico's tiers in use: a Calico policy or a NetworkPolicy (they
+//!   sit in Calico's default tier) is compiled alone and put in its place
+//!   in its tier; a tier or a staged policy compiles Calico's policies
+//!   again. A pod, its namespace's labels or its namespace's Services and
 //!   EndpointSlices recompute the Calico endpoints of the pods they reach.
 //!
 //! The first Calico object, or the last one gone, switches how flows are
@@ -28,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::api::calico::CalicoEndpoint;
-use super::api::calico::engine::CalicoPolicySets;
+use super::api::calico::engine::CalicoPolicyUpdate;
 use super::api::calico::manifests::{
     NamespaceServices, endpoint_in, namespace_labels, service_backings,
 };
@@ -130,22 +131,26 @@ impl PolicyEngine {
         } else {
             None
         };
-        // Calico's tiers hold the NetworkPolicies too: its policies are
-        // compiled again on a change of either.
-        let recompile_calico = self.calico.is_some()
-            && changes
-                .iter()
-                .any(|c| matches!(c.kind, ChangeKind::Calico | ChangeKind::NetworkPolicy));
-        let calico_policies = if recompile_calico {
-            let sets =
-                CalicoPolicySets::build(snapshot).map_err(|e| PolicyError::Calico(Box::new(e)))?;
-            // None: the last Calico object went, the Kubernetes tiers judge.
-            let Some(sets) = sets else {
-                return Ok(Err(Unapplied::Rebuild));
-            };
-            Some(sets)
-        } else {
-            None
+        // Calico's tiers hold the NetworkPolicies too: a change of either
+        // compiles the changed policies (or, for tiers and staged ones,
+        // all of them) into them.
+        let calico_changes: Vec<&Change> = changes
+            .iter()
+            .copied()
+            .filter(|c| matches!(c.kind, ChangeKind::Calico | ChangeKind::NetworkPolicy))
+            .collect();
+        let calico_policies = match self.calico.as_deref() {
+            Some(calico) if !calico_changes.is_empty() => {
+                match calico
+                    .update(snapshot, &calico_changes)
+                    .map_err(|e| PolicyError::Calico(Box::new(e)))?
+                {
+                    // The Kubernetes tiers judge again.
+                    CalicoPolicyUpdate::Gone => return Ok(Err(Unapplied::Rebuild)),
+                    update => Some(update),
+                }
+            }
+            _ => None,
         };
         let mut compiled = compiled.into_iter();
         let mut invalidation = Invalidation::default();
@@ -527,17 +532,33 @@ impl PolicyEngine {
         &mut self,
         snapshot: &ClusterSnapshot,
         changes: CalicoEndpointChanges<'_>,
-        policies: Option<CalicoPolicySets>,
+        policies: Option<CalicoPolicyUpdate>,
     ) -> Invalidation {
         let mut invalidation = Invalidation::default();
         let Some(calico) = self.calico.as_deref_mut() else {
             return invalidation;
         };
-        if let Some(sets) = policies {
-            calico.replace_policies(sets);
+        if let Some(update) = policies {
+            let keyed_by_source_ports = self.source_ports_used;
+            match update {
+                CalicoPolicyUpdate::InPlace {
+                    prepared,
+                    namespaces,
+                    global,
+                } => {
+                    calico.enforced.apply(prepared);
+                    invalidation.all |= global;
+                    invalidation.namespaces.extend(namespaces);
+                }
+                CalicoPolicyUpdate::Recompiled(sets) => {
+                    calico.replace_policies(sets);
+                    invalidation.all = true;
+                }
+                CalicoPolicyUpdate::Gone => {}
+            }
             // Verdict keys carry source ports only while a rule names them.
             self.source_ports_used = calico.uses_source_ports();
-            invalidation.all = true;
+            invalidation.all |= self.source_ports_used != keyed_by_source_ports;
         }
         // Each namespace's labels and Services once a batch.
         let mut namespaces: HashMap<String, (Labels, NamespaceServices<'_>)> = HashMap::new();

@@ -23,9 +23,10 @@ use std::collections::BTreeMap;
 
 use super::evaluate::{
     CalicoEndpoint, CalicoError, CalicoFlow, CalicoKind, CalicoOutcome, CalicoPolicies,
-    CalicoPolicyRef, CalicoTierStep, Direction as CalicoDirection,
+    CalicoPolicyChange, CalicoPolicyRef, CalicoTierStep, Direction as CalicoDirection,
+    PreparedPolicies,
 };
-use crate::cluster::ClusterSnapshot;
+use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
 use crate::policy::evaluate::{
     DirectionVerdict, EndpointKind, Flow, PolicyDecision, PolicyEngine, PolicyVerdict, Resolved,
 };
@@ -43,6 +44,8 @@ pub(crate) struct CalicoEngine {
     /// The Calico endpoint of every pod of the model (by pod index; IP
     /// filled in per flow).
     pub endpoints: Vec<CalicoEndpoint>,
+    /// Which view of the snapshot the policies were compiled from.
+    pub source: CalicoSource,
 }
 
 /// Calico's compiled policies: the enforced set and, when staged policies
@@ -50,6 +53,43 @@ pub(crate) struct CalicoEngine {
 pub(crate) struct CalicoPolicySets {
     pub enforced: CalicoPolicies,
     pub staged: Option<CalicoPolicies>,
+    pub source: CalicoSource,
+}
+
+/// Which of the snapshot's two views of Calico's objects policies come
+/// from: the Calico API server's (`projectcalico.org/v3`) when it lists
+/// anything, else the CRDs it stores them in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CalicoSource {
+    Api,
+    Crds,
+}
+
+impl CalicoSource {
+    fn of(snapshot: &ClusterSnapshot) -> Self {
+        if snapshot.calico.is_empty() {
+            CalicoSource::Crds
+        } else {
+            CalicoSource::Api
+        }
+    }
+}
+
+/// What a batch of changes does to Calico's compiled policies.
+pub(crate) enum CalicoPolicyUpdate {
+    /// Some policies changed, nothing else: they alone were compiled. A
+    /// changed namespaced policy reaches only flows with an end in its
+    /// namespace (it selects no other endpoint); a global one, all.
+    InPlace {
+        prepared: PreparedPolicies,
+        namespaces: Vec<String>,
+        global: bool,
+    },
+    /// Compiled again whole (a tier or a staged policy changed, or the
+    /// changes did not say which object).
+    Recompiled(CalicoPolicySets),
+    /// The last Calico object is gone.
+    Gone,
 }
 
 impl CalicoPolicySets {
@@ -76,7 +116,11 @@ impl CalicoPolicySets {
         } else {
             None
         };
-        Ok(Some(Self { enforced, staged }))
+        Ok(Some(Self {
+            enforced,
+            staged,
+            source: CalicoSource::of(snapshot),
+        }))
     }
 }
 
@@ -86,7 +130,12 @@ impl CalicoEngine {
         snapshot: &ClusterSnapshot,
         pods: &[(String, String)],
     ) -> Result<Option<Self>, CalicoError> {
-        let Some(CalicoPolicySets { enforced, staged }) = CalicoPolicySets::build(snapshot)? else {
+        let Some(CalicoPolicySets {
+            enforced,
+            staged,
+            source,
+        }) = CalicoPolicySets::build(snapshot)?
+        else {
             return Ok(None);
         };
         let mut by_name: BTreeMap<String, CalicoEndpoint> = super::endpoints(snapshot);
@@ -102,6 +151,116 @@ impl CalicoEngine {
             enforced,
             staged,
             endpoints,
+            source,
+        }))
+    }
+
+    /// What `changes` (those of kind Calico or NetworkPolicy) do to the
+    /// compiled policies, compiled but not yet applied: only the changed
+    /// policies when the changes name them and neither tiers nor staged
+    /// policies are involved, else everything again.
+    pub fn update(
+        &self,
+        snapshot: &ClusterSnapshot,
+        changes: &[&Change],
+    ) -> Result<CalicoPolicyUpdate, CalicoError> {
+        if let Some(update) = self.in_place(snapshot, changes)? {
+            return Ok(update);
+        }
+        Ok(match CalicoPolicySets::build(snapshot)? {
+            Some(sets) => CalicoPolicyUpdate::Recompiled(sets),
+            None => CalicoPolicyUpdate::Gone,
+        })
+    }
+
+    /// `None` when the changes cannot be applied policy by policy.
+    fn in_place(
+        &self,
+        snapshot: &ClusterSnapshot,
+        changes: &[&Change],
+    ) -> Result<Option<CalicoPolicyUpdate>, CalicoError> {
+        let source = CalicoSource::of(snapshot);
+        let (empty, staged) = match source {
+            CalicoSource::Api => (snapshot.calico.is_empty(), snapshot.calico.has_staged()),
+            CalicoSource::Crds => (
+                snapshot.calico_crds.is_empty(),
+                snapshot.calico_crds.has_staged(),
+            ),
+        };
+        if source != self.source || empty || staged || self.staged.is_some() {
+            return Ok(None);
+        }
+        let (api, crds) = (&snapshot.calico, &snapshot.calico_crds);
+        let mut list = Vec::with_capacity(changes.len());
+        let mut namespaces = Vec::new();
+        let mut global = false;
+        for change in changes {
+            let Some(name) = change.name.as_deref() else {
+                return Ok(None);
+            };
+            let namespace = change.namespace.as_str();
+            list.push(match change.kind {
+                ChangeKind::NetworkPolicy => {
+                    let namespace = if namespace.is_empty() {
+                        "default"
+                    } else {
+                        namespace
+                    };
+                    namespaces.push(namespace.to_owned());
+                    CalicoPolicyChange::Kubernetes {
+                        namespace,
+                        name,
+                        now: change.locate(&snapshot.network_policies, |p| &p.metadata),
+                    }
+                }
+                // Cluster-scoped: a tier or a global policy.
+                ChangeKind::Calico if namespace.is_empty() => {
+                    let tier_now = match source {
+                        CalicoSource::Api => change.locate(&api.tiers, |t| &t.metadata).is_some(),
+                        CalicoSource::Crds => {
+                            change.locate(&crds.tiers, |t| &t.0.metadata).is_some()
+                        }
+                    };
+                    if tier_now || self.enforced.tiers().iter().any(|(t, _, _)| *t == name) {
+                        return Ok(None);
+                    }
+                    global = true;
+                    CalicoPolicyChange::GlobalNetworkPolicy {
+                        name,
+                        now: match source {
+                            CalicoSource::Api => {
+                                change.locate(&api.global_network_policies, |p| &p.metadata)
+                            }
+                            CalicoSource::Crds => change
+                                .locate(&crds.global_network_policies, |p| &p.0.metadata)
+                                .map(|p| &p.0),
+                        },
+                    }
+                }
+                // Namespaced: with no staged policy, a NetworkPolicy.
+                ChangeKind::Calico => {
+                    namespaces.push(namespace.to_owned());
+                    CalicoPolicyChange::NetworkPolicy {
+                        namespace,
+                        name,
+                        now: match source {
+                            CalicoSource::Api => {
+                                change.locate(&api.network_policies, |p| &p.metadata)
+                            }
+                            CalicoSource::Crds => change
+                                .locate(&crds.network_policies, |p| &p.0.metadata)
+                                .map(|p| &p.0),
+                        },
+                    }
+                }
+                _ => continue,
+            });
+        }
+        let prepared = self.enforced.prepare(&list)?;
+        Ok(Some(CalicoPolicyUpdate::InPlace {
+            prepared,
+            namespaces,
+            global,
         }))
     }
 
@@ -115,6 +274,7 @@ impl CalicoEngine {
     pub fn replace_policies(&mut self, sets: CalicoPolicySets) {
         self.enforced = sets.enforced;
         self.staged = sets.staged;
+        self.source = sets.source;
     }
 
     /// Sets the endpoint of pod slot `slot` (an empty slot gets an empty

@@ -562,6 +562,31 @@ pub struct EmptySelection {
     pub selector: String,
 }
 
+/// One changed policy of Calico's tiers, as it is now (`None`: deleted).
+#[derive(Clone, Copy, Debug)]
+pub enum CalicoPolicyChange<'a> {
+    NetworkPolicy {
+        namespace: &'a str,
+        name: &'a str,
+        now: Option<&'a CalicoNetworkPolicy>,
+    },
+    GlobalNetworkPolicy {
+        name: &'a str,
+        now: Option<&'a GlobalNetworkPolicy>,
+    },
+    /// A Kubernetes NetworkPolicy (in Calico's default tier).
+    Kubernetes {
+        namespace: &'a str,
+        name: &'a str,
+        now: Option<&'a NetworkPolicy>,
+    },
+}
+
+/// Changed policies compiled by [`CalicoPolicies::prepare`]: (kind,
+/// namespace, name, the policy now).
+#[derive(Debug)]
+pub struct PreparedPolicies(Vec<(CalicoKind, Option<String>, String, Option<CompiledPolicy>)>);
+
 /// Compiled Calico tiers, ready to judge flows.
 #[derive(Clone, Debug, Default)]
 pub struct CalicoPolicies {
@@ -677,29 +702,113 @@ impl CalicoPolicies {
         }
         for policy in policies {
             let Some(tier) = tiers.get_mut(&policy.reference.tier) else {
-                return Err(CalicoError::Field {
-                    kind: policy.reference.kind,
-                    name: policy.reference.name.clone(),
-                    field: "spec.tier".into(),
-                    problem: format!(
-                        "tier {:?} does not exist: add a projectcalico.org/v3 Tier",
-                        policy.reference.tier
-                    ),
-                });
+                return Err(missing_tier(&policy));
             };
             tier.policies.push(policy);
         }
         let mut tiers: Vec<CompiledTier> = tiers.into_values().collect();
         tiers.sort_by(|a, b| order_key(a.order, &a.name).cmp(&order_key(b.order, &b.name)));
         for tier in &mut tiers {
-            tier.policies.sort_by(|a, b| {
-                let (na, nb) = (felix_name(&a.reference), felix_name(&b.reference));
-                order_key(a.order, &na)
-                    .cmp(&order_key(b.order, &nb))
-                    .then_with(|| a.reference.cmp(&b.reference))
-            });
+            tier.policies.sort_by(policy_order);
         }
         Ok(Self { tiers })
+    }
+
+    /// Compiles changed policies (tiers unchanged, no staged policies),
+    /// ready for [`CalicoPolicies::apply`]; fails, changing nothing, on one
+    /// the Calico API server would refuse or whose tier does not exist.
+    pub fn prepare(
+        &self,
+        changes: &[CalicoPolicyChange<'_>],
+    ) -> Result<PreparedPolicies, CalicoError> {
+        let mut out = Vec::with_capacity(changes.len());
+        for change in changes {
+            let (kind, namespace, name, compiled) = match *change {
+                CalicoPolicyChange::NetworkPolicy {
+                    namespace,
+                    name,
+                    now,
+                } => (
+                    CalicoKind::CalicoNetworkPolicy,
+                    Some(namespace),
+                    name,
+                    now.map(|p| {
+                        compile_policy(
+                            CalicoKind::CalicoNetworkPolicy,
+                            Some(namespace.to_owned()),
+                            name.to_owned(),
+                            &p.spec,
+                        )
+                    })
+                    .transpose()?,
+                ),
+                CalicoPolicyChange::GlobalNetworkPolicy { name, now } => (
+                    CalicoKind::CalicoGlobalNetworkPolicy,
+                    None,
+                    name,
+                    now.map(|p| {
+                        compile_policy(
+                            CalicoKind::CalicoGlobalNetworkPolicy,
+                            None,
+                            name.to_owned(),
+                            &p.spec,
+                        )
+                    })
+                    .transpose()?,
+                ),
+                CalicoPolicyChange::Kubernetes {
+                    namespace,
+                    name,
+                    now,
+                } => (
+                    CalicoKind::KubernetesNetworkPolicy,
+                    Some(namespace),
+                    name,
+                    now.map(compile_kubernetes_policy).transpose()?,
+                ),
+            };
+            if let Some(policy) = &compiled
+                && !self.tiers.iter().any(|t| t.name == policy.reference.tier)
+            {
+                return Err(missing_tier(policy));
+            }
+            out.push((
+                kind,
+                namespace.map(str::to_owned),
+                name.to_owned(),
+                compiled,
+            ));
+        }
+        Ok(PreparedPolicies(out))
+    }
+
+    /// Puts prepared policies in place of the ones of the same kind,
+    /// namespace and name (adding or removing), where a full build would
+    /// have them: the same tiers, in the same order.
+    pub fn apply(&mut self, prepared: PreparedPolicies) {
+        for (kind, namespace, name, compiled) in prepared.0 {
+            for tier in &mut self.tiers {
+                tier.policies.retain(|p| {
+                    !(p.reference.kind == kind
+                        && p.reference.namespace == namespace
+                        && p.reference.name == name)
+                });
+            }
+            let Some(policy) = compiled else {
+                continue;
+            };
+            // `prepare` found the tier.
+            if let Some(tier) = self
+                .tiers
+                .iter_mut()
+                .find(|t| t.name == policy.reference.tier)
+            {
+                let at = tier
+                    .policies
+                    .partition_point(|p| policy_order(p, &policy).is_lt());
+                tier.policies.insert(at, policy);
+            }
+        }
     }
 
     /// Judges one direction of a flow.
@@ -1143,6 +1252,26 @@ fn felix_name(r: &CalicoPolicyRef) -> String {
     match &r.namespace {
         Some(ns) => format!("{ns}/{name}"),
         None => name,
+    }
+}
+
+/// Felix's order of the policies of one tier: by order, then name.
+fn policy_order(a: &CompiledPolicy, b: &CompiledPolicy) -> std::cmp::Ordering {
+    let (na, nb) = (felix_name(&a.reference), felix_name(&b.reference));
+    order_key(a.order, &na)
+        .cmp(&order_key(b.order, &nb))
+        .then_with(|| a.reference.cmp(&b.reference))
+}
+
+fn missing_tier(policy: &CompiledPolicy) -> CalicoError {
+    CalicoError::Field {
+        kind: policy.reference.kind,
+        name: policy.reference.name.clone(),
+        field: "spec.tier".into(),
+        problem: format!(
+            "tier {:?} does not exist: add a projectcalico.org/v3 Tier",
+            policy.reference.tier
+        ),
     }
 }
 

@@ -60,6 +60,21 @@ impl CalicoCrds {
             staged_kubernetes_network_policies: inner(&self.staged_kubernetes_network_policies),
         }
     }
+
+    /// Whether there is no Calico object at all.
+    pub fn is_empty(&self) -> bool {
+        self.tiers.is_empty()
+            && self.network_policies.is_empty()
+            && self.global_network_policies.is_empty()
+            && !self.has_staged()
+    }
+
+    /// Whether any staged policy exists.
+    pub fn has_staged(&self) -> bool {
+        !(self.staged_network_policies.is_empty()
+            && self.staged_global_network_policies.is_empty()
+            && self.staged_kubernetes_network_policies.is_empty())
+    }
 }
 
 /// The Calico objects of some manifests.
