@@ -864,7 +864,7 @@ impl FlowAssembler {
         }
         for k in finished {
             if let Some(f) = self.flows.remove(&k) {
-                self.by_client.remove(&ClientEnd::of(&k));
+                self.by_client.remove(&k);
                 out.finished_drop_keys.extend(f.drop_keys(&k).map(drop_key));
             }
         }
@@ -970,6 +970,13 @@ impl FlowAssembler {
     /// The flow a signal about `key` belongs to, and its key: the same
     /// key, or the same connection seen on the other side of DNAT; created
     /// when new.
+    ///
+    /// Another key of the same client end (address, port, protocol) is that
+    /// connection when the flow was not seen on this side of DNAT, or was
+    /// seen there with this destination: a client port reused towards
+    /// another destination (a scan, a retry storm, or simply the kernel's
+    /// port choice, which is per destination) seen on the same side is
+    /// another connection.
     fn locate(
         &mut self,
         key: FlowKey,
@@ -980,11 +987,12 @@ impl FlowAssembler {
         if !self.flows.contains_key(&key)
             && let Some(existing) = self.by_client.get(&ClientEnd::of(&key))
         {
-            let close_in_time = self
-                .flows
-                .get(existing)
-                .is_some_and(|f| f.last_seen.age(time) <= self.config.idle_timeout);
-            if close_in_time && has_ports(&key) {
+            let other_side = self.flows.get(existing).is_some_and(|f| {
+                f.last_seen.age(time) <= self.config.idle_timeout
+                    && f.nat_dst(existing, side)
+                        .is_none_or(|seen| seen == (key.dst_addr, key.dst_port))
+            });
+            if other_side && has_ports(&key) {
                 target = *existing;
             }
         }
@@ -1193,7 +1201,7 @@ impl FlowAssembler {
         by_age.sort_unstable_by_key(|(t, _)| *t);
         for (_, k) in by_age {
             if let Some(f) = self.flows.remove(&k) {
-                self.by_client.remove(&ClientEnd::of(&k));
+                self.by_client.remove(&k);
                 out.push(render(
                     &k,
                     &f,
@@ -1277,10 +1285,12 @@ impl ClientIndex {
         }
     }
 
-    fn remove(&mut self, end: &ClientEnd) {
+    /// Forgets `key` (a finished flow's), not another key its client end
+    /// indexes now.
+    fn remove(&mut self, key: &FlowKey) {
         if let Ok(o) = self
             .keys
-            .find_entry(self.hasher.hash_one(end), |k| ClientEnd::of(k) == *end)
+            .find_entry(self.hasher.hash_one(ClientEnd::of(key)), |k| k == key)
         {
             o.remove();
         }
@@ -2308,6 +2318,31 @@ mod tests {
             ("10.96.0.10".to_string(), 80)
         );
         assert_eq!(r.l4.ports().map(|p| p.destination_port), Some(8080));
+    }
+
+    /// A client port reused towards other destinations, each dropped on
+    /// the same side of DNAT (a scan from few source ports), is one flow
+    /// per destination, not one connection seen through DNAT.
+    #[test]
+    fn a_client_port_reused_towards_other_destinations_is_other_flows() {
+        let mut a = FlowAssembler::new(AssemblerConfig::default());
+        for port in [8080, 8081, 8082] {
+            a.handle(
+                drop_event(key(40010, port, IPPROTO_TCP), t(0)),
+                t(1),
+                &reasons(),
+                &no_names,
+            );
+        }
+        assert_eq!(a.active_flows(), 3, "one flow per destination port");
+        let out = a.finish_all(&reasons(), &no_names);
+        let mut ports: Vec<u16> = out
+            .iter()
+            .filter_map(|r| r.l4.ports().map(|p| p.destination_port))
+            .collect();
+        ports.sort_unstable();
+        assert_eq!(ports, [8080, 8081, 8082]);
+        assert!(out.iter().all(|r| r.original_destination.is_none()));
     }
 
     #[test]
