@@ -547,7 +547,7 @@ fn throughput(lab: &Lab, seconds: u64) -> Result<f64> {
 
 /// The flood lab: a client and a target pod, the node's firewall dropping
 /// every TCP port from 10000 of the target.
-const FLOOD_LAB: &str = r#"
+pub(crate) const FLOOD_LAB: &str = r#"
 nodes:
   - name: node-1
     nftables: |
@@ -562,7 +562,7 @@ pods:
   - { name: target, namespace: bench, node: node-1, ip: 10.244.9.3 }
 "#;
 
-const FLOOD_METRICS: &str = "127.0.0.1:9464";
+pub(crate) const FLOOD_METRICS: &str = "127.0.0.1:9464";
 
 /// New denied flows per second tried, in order.
 const FLOOD_RATES: [u64; 7] = [25_000, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000];

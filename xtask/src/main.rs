@@ -88,6 +88,14 @@ enum Task {
         /// Cluster sizes for --memory, in pods.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
         pods: Vec<usize>,
+        /// For --memory: also measure with this many tracked flows (a SYN
+        /// flood of distinct denied flows in a lab node), at the cluster
+        /// sizes of --flows-at; 0 skips it.
+        #[arg(long, default_value_t = 100_000)]
+        flows: u64,
+        /// Cluster sizes (pods) at which --flows is measured.
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        flows_at: Vec<usize>,
     },
     /// Build a lab node from a scenario file and keep it up until Ctrl-C.
     Lab {
@@ -213,8 +221,12 @@ fn main() -> Result<()> {
             )
         }
         Task::Bench {
-            memory: true, pods, ..
-        } => memory::memory(&pods, true),
+            memory: true,
+            pods,
+            flows,
+            flows_at,
+            ..
+        } => memory::memory(&pods, true, flows, &flows_at),
         Task::Bench {
             seconds,
             flood: true,

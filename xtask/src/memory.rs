@@ -7,6 +7,12 @@
 //! its `--interfaces`, so it attaches to nothing); once it has the cluster,
 //! its VmRSS is sampled until it stops changing, then VmRSS and VmHWM
 //! (the peak) are printed.
+//!
+//! With `--flows N` (100,000 by default) the agent is also measured holding
+//! N tracked flows: it runs in the flood lab's node (the lab's two pods
+//! added to the cluster), a SYN flood sends N distinct flows to ports the
+//! node drops, and RSS is sampled once `netwatch_tracked_flows` says all N
+//! are tracked (the idle timeout is an hour, so none leaves meanwhile).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -121,7 +127,11 @@ struct Netns;
 
 impl Netns {
     fn new() -> Result<Netns> {
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+        // One left by an interrupted run (usually none: quiet).
+        let _ = Command::new("ip")
+            .args(["netns", "del", NETNS])
+            .stderr(Stdio::null())
+            .status();
         if !Command::new("ip")
             .args(["netns", "add", NETNS])
             .status()?
@@ -158,39 +168,38 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// Starts the agent with `source_args`, waits for `ready_line` in its log,
-/// then for its RSS to settle; returns (VmRSS, VmHWM) in KiB and the load
-/// time.
-fn measure(agent: &Path, source_args: &[String], ready_line: &str) -> Result<(u64, u64, f64)> {
-    let dir = std::env::temp_dir();
-    let log = dir.join(format!("netwatch-memory-{}.log", std::process::id()));
-    let socket = dir.join(format!("netwatch-memory-{}.sock", std::process::id()));
+/// Args every measured agent gets: no flow log, an API socket of its own.
+fn agent_args(cmd: &mut Command, socket: &Path) {
+    cmd.args([
+        "--node-name",
+        "node-1",
+        "--own-netns-only",
+        "--flow-log",
+        "none",
+        "--cgroup-root",
+        "none",
+        "--api-socket",
+    ])
+    .arg(socket)
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null());
+}
+
+/// Starts `cmd` (the agent, its args given), waits for `ready_line` in its
+/// log, runs `loaded` (which may load the agent further: flows), then waits
+/// for its RSS to settle; returns (VmRSS, VmHWM) in KiB and the time until
+/// it settled.
+fn measure(
+    mut cmd: Command,
+    ready_line: &str,
+    loaded: &mut dyn FnMut() -> Result<()>,
+) -> Result<(u64, u64, f64)> {
+    let log = std::env::temp_dir().join(format!("netwatch-memory-{}.log", std::process::id()));
     let started = Instant::now();
-    let child = Command::new("ip")
-        .args(["netns", "exec", NETNS])
-        .arg(agent)
-        .args([
-            "--node-name",
-            "node-1",
-            "--interfaces",
-            "nwmem-none*",
-            "--own-netns-only",
-            "--flow-log",
-            "none",
-            "--cgroup-root",
-            "none",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--api-socket",
-        ])
-        .arg(&socket)
-        .args(source_args)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
+    let child = cmd.stderr(std::fs::File::create(&log)?).spawn()?;
     let guard = ChildGuard(child);
-    // `ip netns exec` execs the agent: the child's pid is the agent's.
+    // `ip netns exec` execs the agent, and the lab enters the namespace
+    // before exec: the child's pid is the agent's.
     let pid = guard.0.id();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -204,18 +213,23 @@ fn measure(agent: &Path, source_args: &[String], ready_line: &str) -> Result<(u6
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    if let Err(e) = loaded() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        return Err(e.context(format!("agent log:\n{text}")));
+    }
     // Settled: unchanged over 8 s (the first snapshot is applied after the
     // ready line in API mode, and the metrics learn the pods; the daemon
     // hands freed memory back at most every 5 s).
     let mut last = rss(pid).context("agent gone")?;
     let mut stable_since = Instant::now();
-    let mut loaded = started.elapsed().as_secs_f64();
+    let mut settled = started.elapsed().as_secs_f64();
     while stable_since.elapsed() < Duration::from_secs(8) {
         std::thread::sleep(Duration::from_millis(250));
         let now = rss(pid).context("agent gone")?;
         if now.0.abs_diff(last.0) > 256 {
             stable_since = Instant::now();
-            loaded = started.elapsed().as_secs_f64();
+            settled = started.elapsed().as_secs_f64();
         }
         last = now;
         if Instant::now() > deadline {
@@ -224,8 +238,7 @@ fn measure(agent: &Path, source_args: &[String], ready_line: &str) -> Result<(u6
     }
     drop(guard);
     let _ = std::fs::remove_file(&log);
-    let _ = std::fs::remove_file(&socket);
-    Ok((last.0, last.1, loaded))
+    Ok((last.0, last.1, settled))
 }
 
 /// Serves the cluster's pods, namespaces and policies (and an empty list
@@ -237,7 +250,8 @@ struct ApiServer {
 }
 
 impl ApiServer {
-    fn start(c: &Cluster) -> Result<ApiServer> {
+    /// Listens in the network namespace `netns` (a name under /run/netns).
+    fn start(c: &Cluster, netns: &str) -> Result<ApiServer> {
         let list = |kind: &str, api: &str, items: &[Value]| -> Arc<Vec<u8>> {
             Arc::new(
                 serde_json::to_vec(&json!({
@@ -251,7 +265,7 @@ impl ApiServer {
         let pods = list("PodList", "v1", &c.pods);
         let namespaces = list("NamespaceList", "v1", &c.namespaces);
         let policies = list("NetworkPolicyList", "networking.k8s.io/v1", &c.policies);
-        let netns = PathBuf::from("/run/netns").join(NETNS);
+        let netns = PathBuf::from("/run/netns").join(netns);
         let listener = std::thread::spawn(move || -> Result<TcpListener> {
             let ns = std::fs::File::open(&netns)?;
             // SAFETY: setns on this short-lived thread only.
@@ -365,75 +379,169 @@ fn serve(
 struct Row {
     pods: usize,
     policies: usize,
+    flows: u64,
     mode: &'static str,
     rss_kib: u64,
     hwm_kib: u64,
     seconds: f64,
 }
 
-pub fn memory(sizes: &[usize], api: bool) -> Result<()> {
+/// Where the measured agent learns the cluster.
+#[derive(Clone, Copy)]
+enum Source {
+    Manifests,
+    Api,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Manifests => "manifests",
+            Source::Api => "api",
+        }
+    }
+
+    /// The log line after which the agent holds the cluster.
+    fn ready_line(self) -> &'static str {
+        match self {
+            Source::Manifests => "netwatch-agent capturing",
+            Source::Api => "initial lists of every kind done",
+        }
+    }
+}
+
+/// The cluster given to the agent in one of both ways; the API server (if
+/// any) lives as long as this.
+struct Given {
+    args: Vec<String>,
+    _server: Option<ApiServer>,
+}
+
+fn give(c: &Cluster, source: Source, netns: &str, dir: &Path) -> Result<Given> {
+    Ok(match source {
+        Source::Manifests => {
+            let file = dir.join("cluster.yaml");
+            write_manifests(c, &file)?;
+            Given {
+                args: vec!["--manifests".into(), file.display().to_string()],
+                _server: None,
+            }
+        }
+        Source::Api => {
+            let server = ApiServer::start(c, netns)?;
+            let kubeconfig = dir.join("kubeconfig");
+            server.kubeconfig(&kubeconfig)?;
+            Given {
+                args: vec!["--kubeconfig".into(), kubeconfig.display().to_string()],
+                _server: Some(server),
+            }
+        }
+    })
+}
+
+pub fn memory(sizes: &[usize], api: bool, flows: u64, flows_at: &[usize]) -> Result<()> {
     // NETWATCH_AGENT_BIN: measure another build (a comparison with an
     // older commit) instead of building this tree's.
     let agent = match std::env::var_os("NETWATCH_AGENT_BIN") {
         Some(bin) => PathBuf::from(bin),
         None => crate::bench::cargo_build_release()?,
     };
-    let _netns = Netns::new()?;
     let dir = std::env::temp_dir().join(format!("netwatch-memory-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("api.sock");
+    let sources: &[Source] = if api {
+        &[Source::Manifests, Source::Api]
+    } else {
+        &[Source::Manifests]
+    };
     let mut rows = Vec::new();
-    // The agent with an empty cluster: what the cluster state adds is above it.
-    for &pods in std::iter::once(&0).chain(sizes) {
-        let c = cluster(pods);
-        let file = dir.join(format!("cluster-{pods}.yaml"));
-        let bytes = write_manifests(&c, &file)?;
-        eprintln!(
-            "memory: {pods} pods, {} policies ({:.1} MB of YAML): --manifests",
-            c.policies.len(),
-            bytes as f64 / 1e6
-        );
-        let (rss_kib, hwm_kib, seconds) = measure(
-            &agent,
-            &["--manifests".into(), file.display().to_string()],
-            "netwatch-agent capturing",
-        )?;
-        rows.push(Row {
-            pods,
-            policies: c.policies.len(),
-            mode: "manifests",
-            rss_kib,
-            hwm_kib,
-            seconds,
-        });
-        let _ = std::fs::remove_file(&file);
-        if api {
-            eprintln!("memory: {pods} pods: API");
-            let server = ApiServer::start(&c)?;
-            let kubeconfig = dir.join("kubeconfig");
-            server.kubeconfig(&kubeconfig)?;
-            let (rss_kib, hwm_kib, seconds) = measure(
-                &agent,
-                &["--kubeconfig".into(), kubeconfig.display().to_string()],
-                "initial lists of every kind done",
-            )?;
-            rows.push(Row {
-                pods,
-                policies: c.policies.len(),
-                mode: "api",
-                rss_kib,
-                hwm_kib,
-                seconds,
-            });
+    {
+        let _netns = Netns::new()?;
+        // The agent with an empty cluster: what the cluster state adds is above it.
+        for &pods in std::iter::once(&0).chain(sizes) {
+            let c = cluster(pods);
+            for &source in sources {
+                eprintln!(
+                    "memory: {pods} pods, {} policies: {}",
+                    c.policies.len(),
+                    source.name()
+                );
+                let given = give(&c, source, NETNS, &dir)?;
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", NETNS]).arg(&agent);
+                agent_args(&mut cmd, &socket);
+                cmd.args([
+                    "--interfaces",
+                    "nwmem-none*",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                ])
+                .args(&given.args);
+                let (rss_kib, hwm_kib, seconds) =
+                    measure(cmd, source.ready_line(), &mut || Ok(()))?;
+                rows.push(Row {
+                    pods,
+                    policies: c.policies.len(),
+                    flows: 0,
+                    mode: source.name(),
+                    rss_kib,
+                    hwm_kib,
+                    seconds,
+                });
+            }
+        }
+    }
+    if flows > 0 && !flows_at.is_empty() {
+        let spec: netwatch_lab::LabSpec = serde_yaml::from_str(crate::bench::FLOOD_LAB)?;
+        let lab = netwatch_lab::Lab::up(&spec, &crate::binaries::build()?.helper)?;
+        let netns = lab.node("node-1")?.netns.clone();
+        for &pods in flows_at {
+            let mut c = cluster(pods);
+            with_flood_pods(&mut c);
+            for &source in sources {
+                eprintln!(
+                    "memory: {pods} pods, {} policies, {flows} flows: {}",
+                    c.policies.len(),
+                    source.name()
+                );
+                let given = give(&c, source, &netns, &dir)?;
+                let mut cmd = lab.on_node("node-1", &agent)?;
+                agent_args(&mut cmd, &socket);
+                // Room for every flow in the kernel's per-flow tables (not
+                // the aggregate) and in user space, and no flow finishes
+                // while RSS is sampled.
+                let table = (flows + flows / 4).next_power_of_two();
+                cmd.args(["--interfaces", "cali*", "--metrics-addr"])
+                    .arg(crate::bench::FLOOD_METRICS)
+                    .args(["--idle-timeout", "3600", "--max-flows"])
+                    .arg((flows + flows / 4).to_string())
+                    .arg("--table-entries")
+                    .arg(table.to_string())
+                    .args(&given.args);
+                let (rss_kib, hwm_kib, seconds) = measure(cmd, source.ready_line(), &mut || {
+                    flood_and_track(&lab, flows)
+                })?;
+                rows.push(Row {
+                    pods,
+                    policies: c.policies.len(),
+                    flows,
+                    mode: source.name(),
+                    rss_kib,
+                    hwm_kib,
+                    seconds,
+                });
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("| pods | policies | source | VmRSS | VmHWM (peak) | settled after |");
-    println!("| ---: | ---: | --- | ---: | ---: | ---: |");
+    println!("| pods | policies | tracked flows | source | VmRSS | VmHWM (peak) | settled after |");
+    println!("| ---: | ---: | ---: | --- | ---: | ---: | ---: |");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} s |",
+            "| {} | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} s |",
             r.pods,
             r.policies,
+            r.flows,
             r.mode,
             r.rss_kib as f64 / 1024.0,
             r.hwm_kib as f64 / 1024.0,
@@ -441,4 +549,86 @@ pub fn memory(sizes: &[usize], api: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The flood lab's client and target as pods of the cluster, so the
+/// flood's flows are attributed (both ends named, policies judged) as on a
+/// node.
+fn with_flood_pods(c: &mut Cluster) {
+    c.namespaces.push(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "bench", "resourceVersion": "1"},
+    }));
+    for (name, ip) in [("client", "10.244.9.2"), ("target", "10.244.9.3")] {
+        c.pods.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": name, "namespace": "bench", "uid": format!("u-bench-{name}"),
+                "resourceVersion": "1", "labels": {"app": name},
+            },
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]},
+            "status": {
+                "phase": "Running", "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }));
+    }
+}
+
+/// Sends `flows` distinct denied flows from the lab's client, then waits
+/// until the agent tracks all of them (`netwatch_tracked_flows`).
+fn flood_and_track(lab: &netwatch_lab::Lab, flows: u64) -> Result<()> {
+    let flood = netwatch_lab::flood::Flood {
+        to: "10.244.9.3".parse()?,
+        first_port: 10000,
+        ports: flows.div_ceil(netwatch_lab::flood::SOURCE_PORTS) as u16,
+        flows,
+        rate: 25_000,
+    };
+    let helper = crate::binaries::beside_xtask("netwatch-lab")?;
+    let out = lab
+        .in_pod(lab.pod("bench/client")?, &helper)
+        .args(["flood", "--json", &serde_json::to_string(&flood)?])
+        .output()?;
+    if !out.status.success() {
+        bail!("flood: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut metrics = String::new();
+    while Instant::now() < deadline {
+        let out = lab
+            .on_node("node-1", &helper)?
+            .args([
+                "fetch",
+                &format!("http://{}/metrics", crate::bench::FLOOD_METRICS),
+            ])
+            .output()?;
+        metrics = String::from_utf8_lossy(&out.stdout).into_owned();
+        let tracked = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("netwatch_tracked_flows "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        if tracked >= flows {
+            eprintln!("memory: the agent tracks {tracked} flows");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let counters: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && (l.starts_with("netwatch_tracked")
+                    || l.starts_with("netwatch_lost")
+                    || l.starts_with("netwatch_evicted")
+                    || l.starts_with("netwatch_drop_aggregate")
+                    || l.starts_with("netwatch_deferred")
+                    || l.starts_with("netwatch_denied_flows"))
+        })
+        .collect();
+    bail!(
+        "the agent does not track all {flows} flows after 120 s:\n{}",
+        counters.join("\n")
+    )
 }
