@@ -336,10 +336,20 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
                 let now = SystemTime::now();
                 let names = |i: u32| attacher.name_of(i).map(str::to_string);
-                for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-                    let records = assembler.handle(s, now, &capture.reasons, &names);
-                    route(records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
-                }
+                let has_source = feed.is_some();
+                let read = scan_tables(
+                    &mut tables,
+                    &clock,
+                    connect_timeout_ns,
+                    config.idle_timeout,
+                    &mut |s, tables| {
+                        let records = assembler.handle(s, now, &capture.reasons, &names);
+                        route(records, &mut attribution, &mut waiting, tables, &mut outputs, has_source);
+                    },
+                );
+                // Under a flood the records of a large scan come and go:
+                // hand the memory they freed back.
+                trim_due |= read >= LARGE_SCAN;
                 let out = assembler.tick(now, &capture.reasons, &names);
                 route(out.records, &mut attribution, &mut waiting, &tables, &mut outputs, feed.is_some());
                 // Records that waited long enough for identities go out as they are.
@@ -421,9 +431,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let names = |i: u32| attacher.name_of(i).map(str::to_string);
     let now = SystemTime::now();
     let mut records = Vec::new();
-    for s in scan_tables(&mut tables, &clock, connect_timeout_ns, config.idle_timeout) {
-        records.extend(assembler.handle(s, now, &capture.reasons, &names));
-    }
+    scan_tables(
+        &mut tables,
+        &clock,
+        connect_timeout_ns,
+        config.idle_timeout,
+        &mut |s, _| records.extend(assembler.handle(s, now, &capture.reasons, &names)),
+    );
     records.extend(assembler.finish_all(&capture.reasons, &names));
     route(
         records,
@@ -446,6 +460,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     drop(capture);
     Ok(())
 }
+
+/// Table entries read in one scan past which the memory freed after it is
+/// handed back to the kernel (at most every 5 s, as after cluster loads).
+const LARGE_SCAN: usize = 4096;
 
 /// Hands memory the allocator holds free back to the kernel. A snapshot's
 /// load frees far more than it keeps (file text, parse trees, the previous
@@ -565,67 +583,90 @@ fn release(
 
 /// Read the kernel tables: exact drop counts, and handshakes unanswered for
 /// longer than the connect timeout (removed from the table once reported).
+/// Each entry's signal goes to `each` as it is read (with the tables, for
+/// lookups); returns how many entries were read.
 fn scan_tables(
     tables: &mut KernelTables,
     clock: &KernelClock,
     connect_timeout_ns: u64,
     idle_timeout: Duration,
-) -> Vec<Signal> {
-    let mut out = Vec::new();
+    each: &mut dyn FnMut(Signal, &KernelTables),
+) -> usize {
+    let mut read = 0;
     let now_ns = monotonic_ns();
-    match tables.drops() {
-        Ok(drops) => {
-            let stale_ns = (idle_timeout + Duration::from_secs(10)).as_nanos() as u64;
-            for (key, stats) in drops {
-                out.push(Signal::DropCounts {
+    let stale_ns = (idle_timeout + Duration::from_secs(10)).as_nanos() as u64;
+    // Entries the assembler no longer tracks (it handed them back, or the
+    // flow was evicted) must not fill the tables.
+    let mut stale_drops = Vec::new();
+    let mut stale_aggregates = Vec::new();
+    let mut unanswered = Vec::new();
+    {
+        let t: &KernelTables = tables;
+        let drops = t.for_each_drop(|key, stats| {
+            read += 1;
+            each(
+                Signal::DropCounts {
                     key,
                     stats,
                     first: clock.to_wall(stats.first_ns),
                     last: clock.to_wall(stats.last_ns),
-                });
-                // Entries the assembler no longer tracks (it handed them back,
-                // or the flow was evicted) must not fill the table.
-                if now_ns.saturating_sub(stats.last_ns) > stale_ns {
-                    tables.remove_drop(&key);
-                }
+                },
+                t,
+            );
+            if now_ns.saturating_sub(stats.last_ns) > stale_ns {
+                stale_drops.push(key);
             }
+        });
+        if let Err(e) = drops {
+            warn!("{e}");
         }
-        Err(e) => warn!("{e}"),
-    }
-    match tables.aggregates() {
-        Ok(aggregates) => {
-            let stale_ns = (idle_timeout + Duration::from_secs(10)).as_nanos() as u64;
-            for (key, stats) in aggregates {
-                out.push(Signal::AggregateCounts {
+        let aggregates = t.for_each_aggregate(|key, stats| {
+            read += 1;
+            each(
+                Signal::AggregateCounts {
                     key,
                     stats,
                     first: clock.to_wall(stats.first_ns),
                     last: clock.to_wall(stats.last_ns),
-                });
-                if now_ns.saturating_sub(stats.last_ns) > stale_ns {
-                    tables.remove_aggregate(&key);
-                }
+                },
+                t,
+            );
+            if now_ns.saturating_sub(stats.last_ns) > stale_ns {
+                stale_aggregates.push(key);
             }
+        });
+        if let Err(e) = aggregates {
+            warn!("{e}");
         }
-        Err(e) => warn!("{e}"),
-    }
-    match tables.pending() {
-        Ok(pending) => {
-            for (flow, p) in pending {
-                if now_ns.saturating_sub(p.first_ns) >= connect_timeout_ns {
-                    tables.remove_pending(&flow);
-                    out.push(Signal::Unanswered {
+        let pending = t.for_each_pending(|flow, p| {
+            read += 1;
+            if now_ns.saturating_sub(p.first_ns) >= connect_timeout_ns {
+                unanswered.push(flow);
+                each(
+                    Signal::Unanswered {
                         flow,
                         pending: p,
                         first: clock.to_wall(p.first_ns),
                         last: clock.to_wall(p.last_ns),
-                    });
-                }
+                    },
+                    t,
+                );
             }
+        });
+        if let Err(e) = pending {
+            warn!("{e}");
         }
-        Err(e) => warn!("{e}"),
+    }
+    for key in &stale_drops {
+        tables.remove_drop(key);
+    }
+    for key in &stale_aggregates {
+        tables.remove_aggregate(key);
+    }
+    for flow in &unanswered {
+        tables.remove_pending(flow);
     }
     // Sockets whose close we never saw.
     let _ = tables.expire_sockets(now_ns.saturating_sub(600_000_000_000));
-    out
+    read
 }

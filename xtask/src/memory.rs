@@ -187,13 +187,12 @@ fn agent_args(cmd: &mut Command, socket: &Path) {
 
 /// Starts `cmd` (the agent, its args given), waits for `ready_line` in its
 /// log, runs `loaded` (which may load the agent further: flows), then waits
-/// for its RSS to settle; returns (VmRSS, VmHWM) in KiB and the time until
-/// it settled.
+/// for its RSS to settle (a minute at most), then reads its range over 10 s.
 fn measure(
     mut cmd: Command,
     ready_line: &str,
     loaded: &mut dyn FnMut() -> Result<()>,
-) -> Result<(u64, u64, f64)> {
+) -> Result<Measured> {
     let log = std::env::temp_dir().join(format!("netwatch-memory-{}.log", std::process::id()));
     let started = Instant::now();
     let child = cmd.stderr(std::fs::File::create(&log)?).spawn()?;
@@ -221,10 +220,13 @@ fn measure(
     // Settled: unchanged over 8 s (the first snapshot is applied after the
     // ready line in API mode, and the metrics learn the pods; the daemon
     // hands freed memory back at most every 5 s).
+    // An agent that never settles (under a flood it frees and hands back
+    // memory at every large table scan) is read over a minute at most.
+    let limit = (Instant::now() + Duration::from_secs(60)).min(deadline);
     let mut last = rss(pid).context("agent gone")?;
     let mut stable_since = Instant::now();
     let mut settled = started.elapsed().as_secs_f64();
-    while stable_since.elapsed() < Duration::from_secs(8) {
+    while stable_since.elapsed() < Duration::from_secs(8) && Instant::now() < limit {
         std::thread::sleep(Duration::from_millis(250));
         let now = rss(pid).context("agent gone")?;
         if now.0.abs_diff(last.0) > 256 {
@@ -232,13 +234,37 @@ fn measure(
             settled = started.elapsed().as_secs_f64();
         }
         last = now;
-        if Instant::now() > deadline {
-            break;
-        }
+    }
+    // Then the range VmRSS moves in over 10 s.
+    let (mut low, mut high) = (last.0, last.0);
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = rss(pid).context("agent gone")?;
+        (low, high) = (low.min(now.0), high.max(now.0));
+        last = now;
     }
     drop(guard);
     let _ = std::fs::remove_file(&log);
-    Ok((last.0, last.1, settled))
+    Ok(Measured {
+        rss_kib: last.0,
+        low_kib: low,
+        high_kib: high,
+        hwm_kib: last.1,
+        seconds: settled,
+        settled: stable_since.elapsed() >= Duration::from_secs(8),
+    })
+}
+
+/// What [`measure`] read, in KiB.
+struct Measured {
+    rss_kib: u64,
+    /// The lowest and highest VmRSS over the last 10 s.
+    low_kib: u64,
+    high_kib: u64,
+    hwm_kib: u64,
+    /// Until RSS stopped moving, or the minute given up after.
+    seconds: f64,
+    settled: bool,
 }
 
 /// Serves the cluster's pods, namespaces and policies (and an empty list
@@ -381,9 +407,7 @@ struct Row {
     policies: usize,
     flows: u64,
     mode: &'static str,
-    rss_kib: u64,
-    hwm_kib: u64,
-    seconds: f64,
+    measured: Measured,
 }
 
 /// Where the measured agent learns the cluster.
@@ -477,16 +501,13 @@ pub fn memory(sizes: &[usize], api: bool, flows: u64, flows_at: &[usize]) -> Res
                     "127.0.0.1:0",
                 ])
                 .args(&given.args);
-                let (rss_kib, hwm_kib, seconds) =
-                    measure(cmd, source.ready_line(), &mut || Ok(()))?;
+                let measured = measure(cmd, source.ready_line(), &mut || Ok(()))?;
                 rows.push(Row {
                     pods,
                     policies: c.policies.len(),
                     flows: 0,
                     mode: source.name(),
-                    rss_kib,
-                    hwm_kib,
-                    seconds,
+                    measured,
                 });
             }
         }
@@ -518,7 +539,7 @@ pub fn memory(sizes: &[usize], api: bool, flows: u64, flows_at: &[usize]) -> Res
                     .arg("--table-entries")
                     .arg(table.to_string())
                     .args(&given.args);
-                let (rss_kib, hwm_kib, seconds) = measure(cmd, source.ready_line(), &mut || {
+                let measured = measure(cmd, source.ready_line(), &mut || {
                     flood_and_track(&lab, flows)
                 })?;
                 rows.push(Row {
@@ -526,26 +547,34 @@ pub fn memory(sizes: &[usize], api: bool, flows: u64, flows_at: &[usize]) -> Res
                     policies: c.policies.len(),
                     flows,
                     mode: source.name(),
-                    rss_kib,
-                    hwm_kib,
-                    seconds,
+                    measured,
                 });
             }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("| pods | policies | tracked flows | source | VmRSS | VmHWM (peak) | settled after |");
-    println!("| ---: | ---: | ---: | --- | ---: | ---: | ---: |");
+    println!(
+        "| pods | policies | tracked flows | source | VmRSS | VmRSS over 10 s | VmHWM (peak) | settled after |"
+    );
+    println!("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |");
+    let mib = |kib: u64| kib as f64 / 1024.0;
     for r in &rows {
+        let m = &r.measured;
         println!(
-            "| {} | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} s |",
+            "| {} | {} | {} | {} | {:.1} MiB | {:.1}-{:.1} MiB | {:.1} MiB | {} |",
             r.pods,
             r.policies,
             r.flows,
             r.mode,
-            r.rss_kib as f64 / 1024.0,
-            r.hwm_kib as f64 / 1024.0,
-            r.seconds
+            mib(m.rss_kib),
+            mib(m.low_kib),
+            mib(m.high_kib),
+            mib(m.hwm_kib),
+            if m.settled {
+                format!("{:.1} s", m.seconds)
+            } else {
+                "did not settle".into()
+            }
         );
     }
     Ok(())

@@ -90,12 +90,18 @@ impl KernelTables {
         )
     }
 
-    /// Every dropped flow the kernel is counting.
-    pub fn drops(&self) -> Result<Vec<(DropKey, DropStats)>, TableError> {
-        self.drops
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(err("DROPS"))
+    /// Every dropped flow the kernel is counting, one entry at a time: a
+    /// flood fills the table, and a copy of it all would be tens of MB
+    /// allocated and freed at every scan.
+    pub fn for_each_drop(
+        &self,
+        mut each: impl FnMut(DropKey, DropStats),
+    ) -> Result<(), TableError> {
+        for entry in self.drops.iter() {
+            let (key, stats) = entry.map_err(err("DROPS"))?;
+            each(key, stats);
+        }
+        Ok(())
     }
 
     pub fn drop_stats(&self, key: &DropKey) -> Result<Option<DropStats>, TableError> {
@@ -111,12 +117,16 @@ impl KernelTables {
     }
 
     /// Every entry of the drop aggregate (drops of flows the drop table had
-    /// no room for).
-    pub fn aggregates(&self) -> Result<Vec<(AggKey, AggStats)>, TableError> {
-        self.drop_aggregate
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(err("DROP_AGG"))
+    /// no room for), one at a time.
+    pub fn for_each_aggregate(
+        &self,
+        mut each: impl FnMut(AggKey, AggStats),
+    ) -> Result<(), TableError> {
+        for entry in self.drop_aggregate.iter() {
+            let (key, stats) = entry.map_err(err("DROP_AGG"))?;
+            each(key, stats);
+        }
+        Ok(())
     }
 
     pub fn remove_aggregate(&mut self, key: &AggKey) {
@@ -124,11 +134,16 @@ impl KernelTables {
     }
 
     /// Every handshake still waiting for an answer.
-    pub fn pending(&self) -> Result<Vec<(FlowKey, PendingConn)>, TableError> {
-        self.pending
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(err("PENDING"))
+    /// Every handshake waiting for an answer, one at a time.
+    pub fn for_each_pending(
+        &self,
+        mut each: impl FnMut(FlowKey, PendingConn),
+    ) -> Result<(), TableError> {
+        for entry in self.pending.iter() {
+            let (key, conn) = entry.map_err(err("PENDING"))?;
+            each(key, conn);
+        }
+        Ok(())
     }
 
     pub fn remove_pending(&mut self, key: &FlowKey) {
