@@ -100,6 +100,23 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
+/// Sends `flood` from the lab's client; every packet went out.
+fn send(lab: &netwatch_lab::Lab, flood: &Flood) {
+    let client = lab.pod("prod/client").unwrap();
+    let out = lab
+        .in_pod(client, &helper())
+        .args(["flood", "--json", &serde_json::to_string(flood).unwrap()])
+        .output()
+        .expect("run the flood");
+    assert!(
+        out.status.success(),
+        "flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: Sent = serde_json::from_slice(&out.stdout).expect("flood output");
+    assert_eq!(sent.packets, flood.flows);
+}
+
 #[test]
 fn flood_beyond_the_flow_table_is_reported_whole_as_dropped_and_nothing_is_lost() {
     let lab = lab(LAB);
@@ -125,19 +142,7 @@ fn flood_beyond_the_flow_table_is_reported_whole_as_dropped_and_nothing_is_lost(
         flows: 3000,
         rate: 20_000,
     };
-    let client = lab.pod("prod/client").unwrap();
-    let out = lab
-        .in_pod(client, &helper())
-        .args(["flood", "--json", &serde_json::to_string(&flood).unwrap()])
-        .output()
-        .expect("run the flood");
-    assert!(
-        out.status.success(),
-        "flood: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sent: Sent = serde_json::from_slice(&out.stdout).expect("flood output");
-    assert_eq!(sent.packets, flood.flows);
+    send(&lab, &flood);
     let ports: Vec<u16> = (8080..8083).collect();
 
     // Wait (generously) until every flow is accounted for.
@@ -260,17 +265,7 @@ fn the_user_space_flow_bound_finalises_early_and_loses_nothing() {
         flows: 600,
         rate: 5_000,
     };
-    let client = lab.pod("prod/client").unwrap();
-    let out = lab
-        .in_pod(client, &helper())
-        .args(["flood", "--json", &serde_json::to_string(&flood).unwrap()])
-        .output()
-        .expect("run the flood");
-    assert!(
-        out.status.success(),
-        "flood: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    send(&lab, &flood);
     let wait = slowed(Duration::from_secs(60));
     let deadline = Instant::now() + wait;
     while totals(&agent.lines())
