@@ -388,6 +388,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 for k in &out.finished_aggregates {
                     tables.remove_aggregate(k);
                 }
+                for k in &out.finished_pending_keys {
+                    tables.remove_pending(k);
+                }
                 if let Ok(l) = tables.losses() {
                     if l.total_lost() > last_losses.total_lost() {
                         warn!(lost = ?l.by_source(), "the kernel could not deliver or track some events");

@@ -375,6 +375,9 @@ pub struct FlowAssembler {
     /// them back for removal. Their counts were reported, so until then a
     /// table scan must not make a new flow of them.
     released: HashSet<(FlowKey, u32)>,
+    /// Handshakes of evicted dropped flows, until the kernel's handshake
+    /// table has forgotten them (the next tick).
+    released_pending: HashSet<FlowKey>,
     /// Entries of the kernel's drop aggregate, each reported as one record
     /// (bounded by the kernel table).
     aggregates: HashMap<AggKey, ActiveFlow>,
@@ -509,6 +512,10 @@ pub struct TickOutput {
     pub finished_drop_keys: Vec<DropKey>,
     /// Kernel drop-aggregate entries whose final record went out, to remove.
     pub finished_aggregates: Vec<AggKey>,
+    /// Kernel handshake-table entries of dropped flows evicted before their
+    /// connect timeout, to remove: their final record said DROPPED, and
+    /// the unanswered handshake must not come back as a TIMED_OUT flow.
+    pub finished_pending_keys: Vec<FlowKey>,
 }
 
 impl FlowAssembler {
@@ -525,6 +532,7 @@ impl FlowAssembler {
             socket_cgroups: HashMap::new(),
             evicted: 0,
             released: HashSet::new(),
+            released_pending: HashSet::new(),
             aggregates: HashMap::new(),
             held: Vec::new(),
             uuids: UuidSource::new(),
@@ -668,6 +676,8 @@ impl FlowAssembler {
                     touch(f, last);
                 }
             }
+            // The handshake of a dropped flow evicted meanwhile, reported.
+            Signal::Unanswered { flow, .. } if self.released_pending.contains(&flow) => {}
             Signal::Unanswered {
                 flow,
                 pending,
@@ -870,6 +880,8 @@ impl FlowAssembler {
         }
         out.finished_drop_keys
             .extend(self.released.drain().map(drop_key));
+        out.finished_pending_keys
+            .extend(self.released_pending.drain());
         self.aggregates.retain(|key, a| {
             let quiet = a.last_seen.age(now) >= self.config.idle_timeout;
             if quiet {
@@ -1211,7 +1223,20 @@ impl FlowAssembler {
                     ifnames,
                     Lifecycle::Final,
                 ));
+                let before = self.released.len();
                 self.released.extend(f.drop_keys(&k));
+                if self.released.len() > before && has_ports(&k) {
+                    // Its handshake, as the client's interface saw it
+                    // (before DNAT) and as the flow is keyed.
+                    self.released_pending.insert(k);
+                    if let Some((addr, port)) = f.nat_dst(&k, NatSide::Pre) {
+                        self.released_pending.insert(FlowKey {
+                            dst_addr: addr,
+                            dst_port: port,
+                            ..k
+                        });
+                    }
+                }
                 self.evicted += 1;
             }
         }
@@ -2379,6 +2404,49 @@ mod tests {
         }
         assert_eq!(a.active_flows(), 2);
         assert_eq!(a.evicted, 3);
+    }
+
+    /// A dropped flow evicted before its connect timeout was reported
+    /// DROPPED: its unanswered handshake (5.10's drop hook leaves it in the
+    /// kernel's table) does not come back as a TIMED_OUT flow, and the
+    /// tick hands the handshake's entry back for removal.
+    #[test]
+    fn an_evicted_dropped_flow_does_not_come_back_timed_out() {
+        let mut a = FlowAssembler::new(AssemblerConfig {
+            max_flows: 2,
+            ..Default::default()
+        });
+        for p in 0..5 {
+            a.handle(
+                drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))),
+                t(u64::from(p)),
+                &reasons(),
+                &no_names,
+            );
+        }
+        let evicted = key(41000, 80, IPPROTO_TCP);
+        let pending = PendingConn {
+            packets: 1,
+            kind: pending_kind::TCP_SYN,
+            direction: netwatch_common::direction::FROM_POD,
+            ..PendingConn::default()
+        };
+        let records = a.handle(
+            Signal::Unanswered {
+                flow: evicted,
+                pending,
+                first: t(0),
+                last: t(0),
+            },
+            t(6),
+            &reasons(),
+            &no_names,
+        );
+        assert!(records.is_empty(), "{records:?}");
+        assert_eq!(a.active_flows(), 2, "no flow made again");
+        let out = a.tick(t(7), &reasons(), &no_names);
+        assert!(out.finished_pending_keys.contains(&evicted));
+        assert!(out.records.iter().all(|r| r.verdict != Verdict::TimedOut));
     }
     #[test]
     fn a_full_table_evicts_the_quietest_flows_in_a_batch() {
