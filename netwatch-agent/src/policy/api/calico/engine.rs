@@ -26,6 +26,7 @@ use super::evaluate::{
     CalicoPolicyChange, CalicoPolicyRef, CalicoTierStep, Direction as CalicoDirection,
     PreparedPolicies,
 };
+use super::types::Crd;
 use crate::cluster::{Change, ChangeKind, ClusterSnapshot};
 use crate::policy::evaluate::{
     DirectionVerdict, EndpointKind, Flow, PolicyDecision, PolicyEngine, PolicyVerdict, Resolved,
@@ -34,6 +35,7 @@ use crate::policy::model::{Direction, Protocol};
 use crate::policy::tiers::PolicyTier;
 use crate::policy::verdict::{Outcome, TierStep};
 use crate::record::{PolicyKind, PolicyRef, RuleRef, Tier};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The Calico side of an engine.
 #[derive(Debug)]
@@ -215,26 +217,21 @@ impl CalicoEngine {
                 }
                 // Cluster-scoped: a tier or a global policy.
                 ChangeKind::Calico if namespace.is_empty() => {
-                    let tier_now = match source {
-                        CalicoSource::Api => change.locate(&api.tiers, |t| &t.metadata).is_some(),
-                        CalicoSource::Crds => {
-                            change.locate(&crds.tiers, |t| &t.0.metadata).is_some()
-                        }
-                    };
+                    let tier_now =
+                        located(change, source, &api.tiers, &crds.tiers, |t| &t.metadata).is_some();
                     if tier_now || self.enforced.tiers().iter().any(|(t, _, _)| *t == name) {
                         return Ok(None);
                     }
                     global = true;
                     CalicoPolicyChange::GlobalNetworkPolicy {
                         name,
-                        now: match source {
-                            CalicoSource::Api => {
-                                change.locate(&api.global_network_policies, |p| &p.metadata)
-                            }
-                            CalicoSource::Crds => change
-                                .locate(&crds.global_network_policies, |p| &p.0.metadata)
-                                .map(|p| &p.0),
-                        },
+                        now: located(
+                            change,
+                            source,
+                            &api.global_network_policies,
+                            &crds.global_network_policies,
+                            |p| &p.metadata,
+                        ),
                     }
                 }
                 // Namespaced: with no staged policy, a NetworkPolicy.
@@ -243,14 +240,13 @@ impl CalicoEngine {
                     CalicoPolicyChange::NetworkPolicy {
                         namespace,
                         name,
-                        now: match source {
-                            CalicoSource::Api => {
-                                change.locate(&api.network_policies, |p| &p.metadata)
-                            }
-                            CalicoSource::Crds => change
-                                .locate(&crds.network_policies, |p| &p.0.metadata)
-                                .map(|p| &p.0),
-                        },
+                        now: located(
+                            change,
+                            source,
+                            &api.network_policies,
+                            &crds.network_policies,
+                            |p| &p.metadata,
+                        ),
                     }
                 }
                 _ => continue,
@@ -290,6 +286,21 @@ impl CalicoEngine {
         }
         self.endpoints[slot] = endpoint;
         true
+    }
+}
+
+/// The object `change` names, in the view of Calico's objects `source`
+/// says: the API server's list or the CRDs'.
+fn located<'s, T>(
+    change: &Change,
+    source: CalicoSource,
+    api: &'s [T],
+    crds: &'s [Crd<T>],
+    meta: impl Fn(&T) -> &ObjectMeta,
+) -> Option<&'s T> {
+    match source {
+        CalicoSource::Api => change.locate(api, meta),
+        CalicoSource::Crds => change.locate(crds, |c| meta(&c.0)).map(|c| &c.0),
     }
 }
 
