@@ -2388,8 +2388,9 @@ mod tests {
         assert!(r.summary.contains("SYN, ACK"));
     }
 
-    #[test]
-    fn table_is_bounded() {
+    /// An assembler bounded at 2 flows, after dropped flows from 5 client
+    /// ports (41000 to 41004, one second apart): the first 3 evicted.
+    fn bounded_by_two_after_five_drops() -> FlowAssembler {
         let mut a = FlowAssembler::new(AssemblerConfig {
             max_flows: 2,
             ..Default::default()
@@ -2402,6 +2403,12 @@ mod tests {
                 &no_names,
             );
         }
+        a
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let a = bounded_by_two_after_five_drops();
         assert_eq!(a.active_flows(), 2);
         assert_eq!(a.evicted, 3);
     }
@@ -2412,18 +2419,7 @@ mod tests {
     /// tick hands the handshake's entry back for removal.
     #[test]
     fn an_evicted_dropped_flow_does_not_come_back_timed_out() {
-        let mut a = FlowAssembler::new(AssemblerConfig {
-            max_flows: 2,
-            ..Default::default()
-        });
-        for p in 0..5 {
-            a.handle(
-                drop_event(key(41000 + p, 80, IPPROTO_TCP), t(u64::from(p))),
-                t(u64::from(p)),
-                &reasons(),
-                &no_names,
-            );
-        }
+        let mut a = bounded_by_two_after_five_drops();
         let evicted = key(41000, 80, IPPROTO_TCP);
         let pending = PendingConn {
             packets: 1,
